@@ -17,7 +17,6 @@ hook) and :func:`default_schemes`.
 from __future__ import annotations
 
 import copy
-import math
 import re
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
@@ -38,6 +37,15 @@ from .estimation import Estimate
 from .estimation.data_buffers import probe_data_buffers
 from .estimation.estimate import MomentAccumulator
 from .estimation.linear_factors import LayerProgram
+from .estimation.output_reads import (
+    PROBE_RECORDS,
+    OutputShape,
+    OutputTree,
+    flat_record,
+    output_numel,
+    shift_outputs,
+    sort_outputs,
+)
 from .estimation.per_sample import (
     BatchFn,
     LossFn,
@@ -121,6 +129,7 @@ class _HookProgram(LossProgram):
         object.__setattr__(shell, "forward", forward)
         self._shell = shell
         self._factors_checked = False
+        self._hook_layout: OutputShape | None = None  # a tuple / dict output's sorted leaves (output_shape)
 
     def data_dependent_buffers(self, inputs: Any, b: int) -> tuple[list[str], dict[str, Any] | None]:
         """As :meth:`LossProgram.data_dependent_buffers`, each copy run through its hook (the
@@ -217,24 +226,32 @@ class _HookProgram(LossProgram):
             return functional_call(self._shell, ({**self.fixed, **params}, self.buffers), (inputs,))
 
     # -- the model's own output inside the hook (Gauss-Newton factors for the leverages) -----
-    def _through_output(self, params: dict[str, Tensor], batch: Any,
-                        shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def _through_output(self, params: dict[str, Tensor], batch: Any, shift: Tensor | None = None,
+                        replace: Any = None, any_output: bool = False) -> tuple[Tensor, Any]:
         """``(losses, output)``: the hook's losses and the one output of the model's own
         ``__call__`` inside it (captured by a forward hook), the output moved by ``shift``
-        first when given (so that the loss is a function of the output alone).
+        first when given (so that the loss is a function of the output alone; a tuple / dict
+        output's kept leaves moved, :func:`~.estimation.output_reads.shift_outputs`), or
+        ``replace`` in its place (the sorting of a tuple / dict output's leaves).
 
         Raises:
             ValueError: the hook calls the model other than exactly once, or its output is
-                not one tensor (the factors are then unavailable; method.md section 4).
+                neither one tensor nor a pytree whose leaves were sorted (``any_output``: any
+                output; the factors are then unavailable; method.md section 4).
         """
         seen: list[Any] = []
+        layout = self._hook_layout
 
         def capture(module: nn.Module, args: Any, out: Any) -> Any:
             if module is self._shell:  # the shallow copy shares the model's hook dict
                 return None
             seen.append(out)
+            if replace is not None:
+                return replace
             if shift is not None and isinstance(out, Tensor):
                 return out + shift.reshape(out.shape).to(out.dtype)
+            if shift is not None and isinstance(layout, OutputTree):
+                return shift_outputs(out, shift, layout)
             return None
 
         handle = self.model.register_forward_hook(capture)
@@ -242,26 +259,48 @@ class _HookProgram(LossProgram):
             losses = self.outputs(params, batch)
         finally:
             handle.remove()
-        if len(seen) != 1 or not isinstance(seen[0], Tensor):
+        if len(seen) != 1 or not (any_output or isinstance(seen[0], Tensor) or isinstance(layout, OutputTree)):
             what = f"{len(seen)} time(s)" if len(seen) != 1 else f"with a {type(seen[0]).__name__} output"
             raise ValueError(f"{HOOK_NAME} calls the model {what}; the leverages need one call "
                              "returning one tensor")
         return losses, seen[0]
 
-    def output_shape(self, inputs: Any) -> tuple[int, ...]:
+    def output_shape(self, inputs: Any) -> OutputShape:
+        """The per-record shape of the model's output inside the hook: a tensor's, or the
+        :class:`~.estimation.output_reads.OutputTree` of a tuple / dict output, its leaves
+        sorted by what the hook's loss reads (once, on these inputs' first records).
+
+        Raises:
+            ValueError: as :meth:`_through_output`; a kept leaf that is not a floating tensor.
+        """
         first = torch.utils._pytree.tree_map(lambda t: t[:1] if isinstance(t, Tensor) else t, inputs)
         with torch.no_grad():
-            _, out = self._through_output(self.params, first)
-        return tuple(out.shape[1:])
+            _, out = self._through_output(self.params, first, any_output=True)
+        if isinstance(out, Tensor):
+            return tuple(out.shape[1:])
+        if self._hook_layout is None:
+            b = _batch_size(inputs)
+            head = torch.utils._pytree.tree_map(
+                lambda t: t[:PROBE_RECORDS] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t, inputs)
+            layout = sort_outputs(lambda x: self._through_output(self.params, x, any_output=True)[1],
+                                  lambda o, _y: self._through_output(self.params, head, replace=o, any_output=True)[0],
+                                  inputs, torch.zeros(b, dtype=self.dtype, device=self.device), b)
+            leaves = torch.utils._pytree.tree_leaves(out)
+            if not isinstance(layout, OutputTree) or any(
+                    k and not (isinstance(t, Tensor) and t.is_floating_point()) for t, k in zip(leaves, layout.kept)):
+                raise ValueError(f"{HOOK_NAME} calls the model with a {type(out).__name__} output holding more "
+                                 "than floating tensors; the leverages need them")
+            self._hook_layout = layout
+        return self._hook_layout
 
-    def loss_output_hessians(self, inputs: Any, targets: Any, out_shape: tuple[int, ...]) -> Tensor:
+    def loss_output_hessians(self, inputs: Any, targets: Any, out_shape: OutputShape) -> Tensor:
         """As :meth:`LossProgram.loss_output_hessians`, the model's output taken inside the hook
         (the hook's loss differentiated in a shift of that output).
 
         Raises:
             ValueError: as :meth:`_through_output`.
         """
-        c = int(math.prod(out_shape)) if out_shape else 1
+        c = output_numel(out_shape)
 
         def loss(delta: Tensor, x: Any) -> Tensor:
             return self._through_output(self.params, _unsqueeze(x), delta)[0].reshape(())
@@ -269,7 +308,7 @@ class _HookProgram(LossProgram):
         zero = torch.zeros(_batch_size(inputs), c, dtype=self.dtype, device=self.device)
         return vmap(jacrev(grad(loss)))(zero, inputs)  # reverse-over-reverse (torch.func.hessian's matrix without torch's first forward-AD use, ~0.4 s once per process; pf28, pf29)
 
-    def gauss_newton_factors(self, inputs: Any, targets: Any, out_shape: tuple[int, ...]) -> tuple[dict[str, Tensor], Tensor]:
+    def gauss_newton_factors(self, inputs: Any, targets: Any, out_shape: OutputShape) -> tuple[dict[str, Tensor], Tensor]:
         """As :meth:`LossProgram.gauss_newton_factors`, the model's output taken inside the hook.
 
         Raises:
@@ -277,10 +316,10 @@ class _HookProgram(LossProgram):
                 gradients are not ``J' dl/do`` (the hook's loss depends on the parameters other
                 than through the model's output, e.g. a penalty): the factors would be wrong.
         """
-        c = int(math.prod(out_shape)) if out_shape else 1
+        c = output_numel(out_shape)
 
         def output(p: dict[str, Tensor], x: Any) -> Tensor:
-            return self._through_output(p, _unsqueeze(x))[1].reshape(-1)
+            return flat_record(self._through_output(p, _unsqueeze(x))[1], out_shape)
 
         def loss(delta: Tensor, x: Any) -> Tensor:
             return self._through_output(self.params, _unsqueeze(x), delta)[0].reshape(())

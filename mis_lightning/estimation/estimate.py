@@ -77,16 +77,15 @@ from .linear_factors import (
     per_layer_parameters,
     standardised_influence,
 )
+from .output_reads import OutputShape, flat_outputs, output_numel
 from .per_sample import (
     RECURRENT_LAYERS,
     BatchFn,
     ComputeDtypeLoss,
     LossFn,
     LossProgram,
-    OutputShape,
     default_batch_fn,
     load_forward_ad_decompositions,
-    output_numel,
     vmap_fallback_quiet,
 )
 from .records import (
@@ -4376,15 +4375,6 @@ RESIDUAL_BLOCK_RTOL = 1e-8  # |R_BB v| / |R v| above this on the first batch: th
 RESIDUAL_TANGENT_CHUNK = 32
 
 
-def _batch_outputs(out: Any) -> Tensor:
-    """A batched model output as ``[B, C]``, each row flattened as :func:`_flatten_record` flattens
-    one record (a tensor reshaped, a pytree's leaves joined in leaf order)."""
-    if isinstance(out, Tensor):
-        return out.reshape(out.shape[0], -1)
-    leaves = torch.utils._pytree.tree_leaves(out)
-    return torch.cat([t.reshape(t.shape[0], -1) for t in leaves], 1)
-
-
 def _residual_weights(program: LossProgram, inputs: Any, targets: Any, names: list[str]) -> tuple[Callable[[dict[str, Tensor]], Tensor], Tensor]:
     """``(outputs, e)``: the batch's outputs ``[B, C]`` as a function of the parameters in
     ``names`` (the others held at their values; one batched forward, as the exact Hessian's loss
@@ -4392,15 +4382,17 @@ def _residual_weights(program: LossProgram, inputs: Any, targets: Any, names: li
     term ``R`` of the summed-loss Hessian is the Hessian of ``Phi(theta) = sum(e * outputs(theta))``."""
     base = {k: program.params[k] for k in names}
 
+    layout = program.output_layout  # the outputs the loss reads (output_reads), as the Jacobians see them
+
     def outputs(params: dict[str, Tensor]) -> Tensor:
-        return _batch_outputs(program.outputs({**base, **params}, inputs))
+        return flat_outputs(program.outputs({**base, **params}, inputs), layout)
 
     with torch.no_grad():
         raw = program.outputs(base, inputs)
     # dl_i/do_i for every record at once: the gradient of the summed (per-sample) loss in the
     # batched outputs, as the exact Hessian's loss sums them (no per-record loss Hessians)
-    e = _batch_outputs(torch.func.grad(lambda o: program.loss_fn(o, targets).sum())(raw))
-    return outputs, e.detach().to(_batch_outputs(raw).dtype)
+    e = flat_outputs(torch.func.grad(lambda o: program.loss_fn(o, targets).sum())(raw), layout)
+    return outputs, e.detach().to(flat_outputs(raw, layout).dtype)
 
 
 def _residual_columns(program: LossProgram, inputs: Any, targets: Any, names: list[str],

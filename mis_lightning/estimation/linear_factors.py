@@ -38,6 +38,7 @@ from .._precision import full_float32
 from .._warning_filters import ignoring
 from ..functional import gather as _gather
 from ..functional.versions import tensor_version
+from .output_reads import OutputShape, flat_outputs, layout_of, record_shape, unflat_record
 from .per_sample import LossFn, cast_tensor_attributes, default_dtype, record_loss_derivatives
 from .record_draws import record_labels, record_signs
 from .records import record_keys
@@ -143,10 +144,15 @@ class FactoredProgram:
         self.capture = _Capture(self.model, list(layout))
         self._verified = False
         self.scratch = Scratch()
+        self._shape: OutputShape | None = None  # the output's layout, sorted on the first batch
 
-    def _forward(self, inputs: Any, b: int) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """``(out, f [b], the layers' outputs)`` of one forward with the layout's checks."""
-        out = self.model(inputs)
+    def _forward(self, inputs: Any, targets: Any, b: int) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """``(out [b, C], f [b], the layers' outputs)`` of one forward with the layout's checks;
+        ``out`` holds the outputs the loss reads (:func:`~.output_reads.flat_outputs`; a pytree
+        output's leaves sorted at the first forward)."""
+        raw = self.model(inputs)
+        self._shape = layout_of(raw, self._shape, self.loss_fn, inputs, targets, b)
+        out = flat_outputs(raw, self._shape)
         if out.numel() != b:
             raise NotImplementedError("the factored path needs one output per record")
         for m in self.layout:
@@ -154,17 +160,17 @@ class FactoredProgram:
                 raise NotImplementedError(f"layer {m!r} is not called once on [B, in] inputs")
         return out, out.reshape(b), [self.capture.outputs[m] for m in self.layout]
 
-    def _verify_first(self, inputs: Any, b: int) -> None:
+    def _verify_first(self, inputs: Any, targets: Any, b: int) -> None:
         """:meth:`_verify` on the first :data:`VERIFY_RECORDS` records of the first batch, in a
         forward and backward of their own (es33: the whole merged batch's weight gradients and
         factored products were ~0.25 s of the 1e7 MLP's first call; a weight used outside its
         layer adds its terms on any record)."""
         r = min(b, VERIFY_RECORDS)
-        first = torch.utils._pytree.tree_map(
-            lambda t: t[:r] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t, inputs)
+        first, first_y = torch.utils._pytree.tree_map(
+            lambda t: t[:r] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t, (inputs, targets))
         self.capture.reset()
         with torch.enable_grad(), default_dtype(self.dtype):
-            _, f, outs = self._forward(first, r)
+            _, f, outs = self._forward(first, first_y, r)
             mp = dict(self.model.named_parameters())
             pnames = [n for n in self.names if n in mp]
             got = torch.autograd.grad(f.sum(), outs + [mp[n] for n in pnames])
@@ -174,17 +180,18 @@ class FactoredProgram:
     def batch(self, inputs: Any, targets: Any, b: int) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
         inputs, targets = _cast(inputs, self.dtype), _cast(targets, self.dtype)
         if not self._verified:
-            self._verify_first(inputs, b)
+            self._verify_first(inputs, targets, b)
         self.capture.reset()
         with torch.enable_grad(), default_dtype(self.dtype):
-            out, f, outs = self._forward(inputs, b)
+            out, f, outs = self._forward(inputs, targets, b)
             deltas = torch.autograd.grad(f.sum(), outs)
         fd = f.detach()
-        shape = tuple(out.shape[1:])
+        shape = self._shape
+        assert shape is not None
 
         def one(o: Tensor, y: Any) -> Tensor:
             y1 = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, y)
-            return self.loss_fn(o.reshape((1, *shape)), y1).reshape(())
+            return self.loss_fn(unflat_record(o, shape), y1).reshape(())
 
         # dl/df [B], d2l/df2 [B] by autograd through vmap(one) (torch.func's grad imports
         # torch._dynamo at its first call, ~1 s in a process that never ran an optimizer; pf30)
@@ -2188,7 +2195,8 @@ class LayerProgram:
         self.ggn_choice: str | None = None
         self.ggn_directions = 0
         self._ce_hessian_checked = False  # the loss's Hessian in the outputs matched diag(p) - p p' once
-        self._shape: tuple[int, ...] = ()
+        self._shape: OutputShape = ()
+        self._layout: OutputShape | None = None  # the output's layout, sorted on the first batch
         self.num_records, self.group_budget = 1, 1 << 25  # set by the accumulator
         self._inputs: dict[str, Any] = {}
         self._outputs: dict[str, Any] = {}
@@ -2262,9 +2270,10 @@ class LayerProgram:
             return torch.cat([x.detach().reshape(b, -1, x.shape[-1]) for x, _ in calls], 1), [o for _, o in calls]
         return tuple(x.detach() for x, _ in calls), [o for _, o in calls]
 
-    def _forward(self, inputs: Any, b: int) -> tuple[dict[str, tuple[Any, list[Tensor]]], Tensor, tuple[int, ...]]:
+    def _forward(self, inputs: Any, targets: Any, b: int) -> tuple[dict[str, tuple[Any, list[Tensor]]], Tensor, OutputShape]:
         """One forward pass (grad enabled by the caller): per layer its input (detached) and
-        output(s) (in the graph), the outputs ``[B, C]`` and their per-record shape."""
+        output(s) (in the graph), the outputs ``[B, C]`` the loss reads and their per-record
+        layout (:mod:`~.output_reads`; a pytree output's leaves sorted at the first forward)."""
         self._inputs.clear(), self._outputs.clear(), self._calls.clear(), self._repeated.clear()
         for mod in self._mods.values():
             if isinstance(mod, _MHA):
@@ -2300,16 +2309,20 @@ class LayerProgram:
                                                   f"{tuple(self._outputs[m].shape[2:])} is no output padding's")
                 taps[m] = (x.detach() if isinstance(x, Tensor) else x, [self._outputs[m]])
         self._inputs.clear(), self._outputs.clear(), self._repeated.clear()
-        if out.shape[0] != b:
+        if isinstance(out, Tensor) and (out.dim() == 0 or out.shape[0] != b):
             raise NotImplementedError("the model's output has no batch dimension first")
-        return taps, out.reshape(b, -1), tuple(out.shape[1:])
+        self._layout = layout_of(out, self._layout, self.loss_fn, inputs, targets, b)
+        flat = flat_outputs(out, self._layout)  # the outputs the loss reads (output_reads)
+        if flat.shape[0] != b:
+            raise NotImplementedError("the model's output has no batch dimension first")
+        return taps, flat, self._layout
 
-    def _loss_derivatives(self, fd: Tensor, targets: Any, shape: tuple[int, ...], second: bool
+    def _loss_derivatives(self, fd: Tensor, targets: Any, shape: OutputShape, second: bool
                           ) -> tuple[Tensor, Tensor | None]:
         """Per record ``dl/do [B, C]`` and (``second``) ``d2l/do2 [B, C, C]``."""
         def one(o: Tensor, y: Any) -> Tensor:
             y1 = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, y)
-            return self.loss_fn(o.reshape((1, *shape)), y1).reshape(())
+            return self.loss_fn(unflat_record(o, shape), y1).reshape(())
 
         def derivatives(hessian: bool) -> tuple[Tensor, Tensor | None]:
             # autograd through vmap(one), not torch.func's grad: its first call imports
@@ -2365,7 +2378,7 @@ class LayerProgram:
         # the program's dtype (float32 for large models; the records are stored in the
         # accumulator's dtype): floating inputs and targets cast, indices kept
         inputs, targets = _cast(inputs, self.dtype), _cast(targets, self.dtype)
-        taps, f, shape = self._forward(inputs, b)
+        taps, f, shape = self._forward(inputs, targets, b)
         self._shape = shape
         self._forward_taps = taps  # the layer outputs, for the backward passes of more directions
         e, L = self._loss_derivatives(f.detach(), targets, shape, second)
@@ -2631,7 +2644,7 @@ class LayerProgram:
         equal ``p - onehot(y)`` to :data:`CE_TOLERANCE` on class labels ``[B]`` (softmax
         cross-entropy; its entries are at most 1), else ``None``."""
         if not (isinstance(targets, Tensor) and targets.dim() == 1 and not targets.is_floating_point()
-                and len(self._shape) == 1 and fd.shape[1] > 1 and targets.shape[0] == fd.shape[0]):
+                and len(record_shape(self._shape) or ()) == 1 and fd.shape[1] > 1 and targets.shape[0] == fd.shape[0]):
             return None
         if int(targets.min()) < 0 or int(targets.max()) >= fd.shape[1]:
             return None

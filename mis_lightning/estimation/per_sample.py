@@ -23,6 +23,7 @@ from .._user_warnings import warn
 from .._warning_filters import ignoring
 from .data_buffers import probe_data_buffers
 from .norm_derivatives import WrittenOutLayerNorm
+from .output_reads import OutputShape, OutputTree, flat_record, layout_of, unflat_record
 
 LossFn = Callable[[Any, Any], Tensor]
 BatchFn = Callable[[Any], tuple[Any, Any]]
@@ -568,45 +569,6 @@ def _to(tree: Any, device: torch.device, dtype: torch.dtype | None = None) -> An
     return torch.utils._pytree.tree_map(move, tree)
 
 
-@dataclass(frozen=True)
-class OutputTree:
-    """Per-record shape of a model output that is a pytree of floating tensors (a tuple, dict or
-    namedtuple of them): its structure and each leaf's shape without the batch dim. The
-    Gauss-Newton factors see the leaves flattened per record, in leaf order, into one vector."""
-
-    spec: Any  # torch.utils._pytree.TreeSpec
-    shapes: tuple[tuple[int, ...], ...]
-
-
-OutputShape = tuple[int, ...] | OutputTree
-
-
-def output_numel(shape: OutputShape | None) -> int:
-    """Outputs per record (``C``) of an :meth:`LossProgram.output_shape`."""
-    if isinstance(shape, OutputTree):
-        return sum(math.prod(s) for s in shape.shapes)
-    return int(math.prod(shape)) if shape else 1
-
-
-def _flatten_record(out: Any) -> Tensor:
-    """One record's output (batch dim 1) as ``[C]``: a tensor reshaped, a pytree's leaves joined."""
-    if isinstance(out, Tensor):
-        return out.reshape(-1)
-    return torch.cat([t.reshape(-1) for t in torch.utils._pytree.tree_leaves(out)])
-
-
-def _unflatten_record(o: Tensor, shape: OutputShape) -> Any:
-    """``[C]`` back to one record's output with batch dim 1 (the inverse of :func:`_flatten_record`)."""
-    if not isinstance(shape, OutputTree):
-        return o.reshape((1, *shape))
-    parts, a = [], 0
-    for sh in shape.shapes:
-        k = math.prod(sh)
-        parts.append(o[a: a + k].reshape((1, *sh)))
-        a += k
-    return torch.utils._pytree.tree_unflatten(parts, shape.spec)
-
-
 @contextmanager
 def default_dtype(dtype: torch.dtype) -> Iterator[None]:
     """torch's default floating dtype set to the compute dtype for the block (restored after,
@@ -795,6 +757,7 @@ class LossProgram:
                       for n, p in named.items() if n not in self.params}
         self.buffers = {n: private(b) for n, b in self.model.named_buffers()}
         self._checked = False
+        self.output_layout: OutputShape | None = None  # set on the first batch (prepare)
         # records one at a time where the forward holds a recurrent layer (frozen or not): torch's
         # RNN kernels do not batch under a vmap over the records ("output with shape [1, H] doesn't
         # match the broadcast shape [B, 1, H]"); vmaps over tangents or directions of one record do
@@ -836,7 +799,7 @@ class LossProgram:
         return self.loss_fn(out, _unsqueeze(y)).reshape(())
 
     def _one_output(self, params: dict[str, Tensor], x: Any) -> Tensor:
-        return _flatten_record(self.outputs(params, _unsqueeze(x)))
+        return flat_record(self.outputs(params, _unsqueeze(x)), self.output_layout)
 
     def prepare(self, batch: Any) -> tuple[Any, Any, int]:
         """Split and move a batch; check once that ``loss_fn`` is per-sample."""
@@ -847,7 +810,7 @@ class LossProgram:
         if not self._checked:
             check_record_dimension(inputs, targets, f"{type(self.model).__name__}'s training batches")
             self.check_swap(inputs)
-            self.check_per_sample(inputs, targets, b)
+            self.check_per_sample(inputs, targets, b)  # sets output_layout
             self._checked = True
         return inputs, targets, b
 
@@ -878,7 +841,8 @@ class LossProgram:
                       "the library's substitution")
 
     def check_per_sample(self, inputs: Any, targets: Any, b: int, records: int = 8) -> None:
-        """Check that ``loss_fn`` returns one loss per record, each depending on that record only.
+        """Check that ``loss_fn`` returns one loss per record, each depending on that record only;
+        set :attr:`output_layout` (the output leaves the loss reads, :mod:`~.output_reads`).
 
         The batch's losses must have shape ``[B]``, and ``loss_fn`` applied to the outputs and
         targets of each of the first ``records`` records alone (rows of the batch's outputs, so
@@ -919,6 +883,9 @@ class LossProgram:
             check_loss_batches(self.loss_fn, out, targets, what)
             check_record_outputs(lambda x: self.outputs(self.params, x), inputs, out,
                                  f"model {type(self.model).__name__}")
+            # which output leaves the loss reads (output_reads), from this forward's output: the
+            # Jacobians and flattened outputs see those only
+            self.output_layout = layout_of(out, None, self.loss_fn, inputs, targets, b)
         self.check_finite_gradients(inputs, targets, b, what, records)
 
     def check_finite_gradients(self, inputs: Any, targets: Any, b: int, what: str, records: int = 8) -> None:
@@ -1178,7 +1145,7 @@ class LossProgram:
         outputs ``[B, C]``; ``out_shape`` from :meth:`output_shape`."""
 
         def one(o: Tensor, y: Any) -> Tensor:
-            return self.loss_fn(_unflatten_record(o, out_shape), _unsqueeze(y)).reshape(())
+            return self.loss_fn(unflat_record(o, out_shape), _unsqueeze(y)).reshape(())
 
         # reverse-over-reverse by autograd (torch.func.hessian's matrix without torch's first
         # forward-AD use, ~0.4 s once per process, pf28, pf29; nor torch.func's grad, whose
@@ -1202,7 +1169,7 @@ class LossProgram:
                 out = vmap(self._one_output, in_dims=(None, 0))(self.params, inputs)
 
         def one(o: Tensor, y: Any) -> Tensor:
-            return self.loss_fn(_unflatten_record(o, out_shape), _unsqueeze(y)).reshape(())
+            return self.loss_fn(unflat_record(o, out_shape), _unsqueeze(y)).reshape(())
 
         # Reverse-over-reverse by plain autograd (record_loss_derivatives), not torch.func: the
         # same matrix for this count, without torch's first forward-AD use (jvp decompositions
@@ -1255,25 +1222,30 @@ class LossProgram:
             return {n: torch.stack([r[n] for r in rows]) for n in directions}
 
     def output_shape(self, inputs: Any) -> OutputShape:
-        """Per-record shape of the model's output: a tensor's shape without the batch dim, or an
-        :class:`OutputTree` for a tuple / dict / namedtuple of floating tensors.
+        """Per-record shape of the model's output: a tensor's shape without the batch dim, or the
+        :class:`~.output_reads.OutputTree` of a tuple / dict / namedtuple of floating tensors
+        sorted on the first batch (:meth:`prepare`): the leaves the loss reads only.
 
         Raises:
-            ValueError: an output holding something other than floating tensors (the
-                Gauss-Newton factors differentiate the loss in every output entry).
+            ValueError: a kept output leaf that is not a floating tensor with the batch in dim 0
+                (the Gauss-Newton factors differentiate the loss in every kept output entry).
         """
         with torch.no_grad():
             out = self.outputs(self.params, _unsqueeze(torch.utils._pytree.tree_map(
                 lambda t: t[0] if isinstance(t, Tensor) else t, inputs)))
         if isinstance(out, Tensor):
             return tuple(out.shape[1:])
-        leaves, spec = torch.utils._pytree.tree_flatten(out)
-        bad = [type(t).__name__ if not isinstance(t, Tensor) else str(t.dtype) for t in leaves
-               if not (isinstance(t, Tensor) and t.is_floating_point() and t.dim() >= 1 and t.shape[0] == 1)]
+        leaves = torch.utils._pytree.tree_leaves(out)
+        layout = self.output_layout
+        if not isinstance(layout, OutputTree) or len(layout.kept) != len(leaves):
+            raise RuntimeError(f"the model's output is a {type(out).__name__}: its layout is sorted on the first "
+                               "batch (prepare) before its shape is read")
+        bad = [type(t).__name__ if not isinstance(t, Tensor) else str(t.dtype) for t, k in zip(leaves, layout.kept)
+               if k and not (isinstance(t, Tensor) and t.is_floating_point() and t.dim() >= 1 and t.shape[0] == 1)]
         if not leaves or bad:
             raise ValueError(f"the model's output is a {type(out).__name__} holding {bad or 'no tensor'}; the "
                              "Gauss-Newton factors need floating tensors with the batch in dim 0")
-        return OutputTree(spec, tuple(tuple(t.shape[1:]) for t in leaves))
+        return layout
 
     def mean_loss(self, params: dict[str, Tensor], inputs: Any, targets: Any) -> Tensor:
         return self.loss_fn(self.outputs(params, inputs), targets).mean()

@@ -1,0 +1,225 @@
+"""Which parts of a model's output the per-sample loss reads, and the outputs flattened per record.
+
+A ``forward`` may return more than the logits: ``{"logits": ..., "features": h}`` (Hugging Face
+style), ``(logits, embedding)``. Every quantity the estimation takes of "the model's outputs" --
+the output Jacobians ``J_i`` whose row span projects the leverages' curvature (method.md
+section 4, "Per-record factors"), the Gauss-Newton factors ``J' L J``, the residual term, the
+factored / per-layer programs' one-output-per-record layout -- must see only the outputs the loss
+reads: an output the loss never reads has ``dl/do = 0`` and ``d2l/do2 = 0``, so it contributes
+nothing to the loss as a function of the parameters, but its Jacobian rows widened the span the
+leverage projects onto (nux52's finding: +18-20% leakage for a 5-10-3 classifier returning its
+hidden features beside the logits, max leverage 0.65 -> 2.27).
+
+Each floating, batched leaf of the output is sorted once per program, on the first records of the
+first batch, into
+
+* *read*: the loss differentiates it (autograd reaches it from the summed losses);
+* *dropped*: the loss neither differentiates it nor reads its value (the losses are bitwise the
+  same with zeros in its place, that leaf alone zeroed): left out of the flattened vector, zeros in its place where a
+  flattened record is handed back to the loss;
+* *value-read*: not differentiated, but the losses change with its value (a weight or mask taken
+  from it under ``detach``): kept in the flattened vector (its values reach the loss) but
+  detached, so its Jacobian rows are zero.
+
+Any other leaf (an integer, a tensor without the batch dimension, a non-tensor) is kept as it
+was; :meth:`LossProgram.output_shape` refuses such outputs for the Gauss-Newton factors as before.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_tree = torch.utils._pytree
+
+# first records of the first batch the sorting reads (the loss is per record: checked before)
+PROBE_RECORDS = 8
+
+
+@dataclass(frozen=True)
+class OutputTree:
+    """Per-record layout of a model output that is a pytree (a tuple, dict or namedtuple of
+    tensors): its structure, each leaf's shape without the batch dim, and which leaves the
+    flattened vector holds. The Gauss-Newton factors see the kept leaves flattened per record,
+    in leaf order, into one vector of ``C`` entries.
+
+    Attributes:
+        spec: the ``torch.utils._pytree`` TreeSpec of the output.
+        shapes: every leaf's per-record shape (``()`` for a leaf that is not a batched tensor).
+        kept: per leaf, whether it is in the flattened vector (read, value-read or unsorted).
+        live: per leaf, whether the loss differentiates it (a kept leaf that is not live is
+            detached where the output is flattened).
+        fills: per dropped leaf its dtype (the zeros in its place), ``None`` for kept leaves.
+    """
+
+    spec: Any
+    shapes: tuple[tuple[int, ...], ...]
+    kept: tuple[bool, ...] = ()
+    live: tuple[bool, ...] = ()
+    fills: tuple[torch.dtype | None, ...] = ()
+
+    def __post_init__(self) -> None:
+        n = len(self.shapes)
+        if not self.kept:  # every leaf kept and differentiated (the layout before the sorting)
+            object.__setattr__(self, "kept", (True,) * n)
+            object.__setattr__(self, "live", (True,) * n)
+            object.__setattr__(self, "fills", (None,) * n)
+
+    @property
+    def dropped(self) -> int:
+        """Leaves left out of the flattened vector."""
+        return sum(not k for k in self.kept)
+
+
+OutputShape = tuple[int, ...] | OutputTree
+
+
+def output_numel(shape: OutputShape | None) -> int:
+    """Outputs per record (``C``) of an :meth:`LossProgram.output_shape`: the kept leaves' entries."""
+    if isinstance(shape, OutputTree):
+        return sum(math.prod(s) for s, k in zip(shape.shapes, shape.kept) if k)
+    return int(math.prod(shape)) if shape else 1
+
+
+def record_shape(shape: OutputShape | None) -> tuple[int, ...] | None:
+    """The per-record shape of the one tensor the loss reads: a tensor output's, or the one kept
+    (and differentiated) leaf's of an :class:`OutputTree`; ``None`` otherwise."""
+    if not isinstance(shape, OutputTree):
+        return shape
+    kept = [(s, live) for s, k, live in zip(shape.shapes, shape.kept, shape.live) if k]
+    return kept[0][0] if len(kept) == 1 and kept[0][1] else None
+
+
+def _batched_float(t: Any, b: int) -> bool:
+    return isinstance(t, Tensor) and t.is_floating_point() and t.dim() >= 1 and t.shape[0] == b
+
+
+def sort_outputs(forward: Callable[[Any], Any] | None, loss_fn: Callable[[Any, Any], Tensor], inputs: Any,
+                 targets: Any, b: int, outputs: Any = None) -> OutputShape:
+    """The output layout of ``forward`` under ``loss_fn``, from its first :data:`PROBE_RECORDS`
+    records: a tensor output's per-record shape, or an :class:`OutputTree` with its leaves sorted
+    (module docstring). One forward without grad, one backward of the losses in the outputs, and
+    one more loss evaluation per leaf the loss does not differentiate (zeros in its place).
+
+    Args:
+        forward: ``inputs -> outputs`` (the model or its functional call).
+        loss_fn: ``(outputs, targets) -> [B]`` per-sample losses.
+        b: the records in ``inputs`` and ``targets`` (dim 0).
+        outputs: the forward's output on ``inputs`` when already computed (its first records
+            are read, detached; ``forward`` is then not called).
+
+    Returns:
+        ``tuple`` (a tensor output's shape without the batch dim) or :class:`OutputTree`.
+    """
+    r = min(b, PROBE_RECORDS)
+
+    def head(tree: Any) -> Any:
+        return _tree.tree_map(lambda t: t[:r] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t, tree)
+
+    x, y = head(inputs), head(targets)
+    if outputs is not None:
+        out = _tree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, head(outputs))
+    else:
+        assert forward is not None
+        with torch.no_grad():
+            out = forward(x)
+    if isinstance(out, Tensor):
+        return tuple(out.shape[1:])
+    leaves, spec = _tree.tree_flatten(out)
+    shapes = tuple(tuple(t.shape[1:]) if isinstance(t, Tensor) and t.dim() else () for t in leaves)
+    cand = [i for i, t in enumerate(leaves) if _batched_float(t, r)]
+    with torch.inference_mode(False), torch.enable_grad():
+        # clones: a validation loop's inference tensors cannot enter a graph
+        probe = [t.detach().clone().requires_grad_(True) if i in cand else t for i, t in enumerate(leaves)]
+        losses = loss_fn(_tree.tree_unflatten(probe, spec), y)
+        grads: tuple[Tensor | None, ...] = (None,) * len(cand)
+        if isinstance(losses, Tensor) and losses.requires_grad and cand:
+            grads = torch.autograd.grad(losses.sum(), [probe[i] for i in cand], allow_unused=True)
+    live = {i for i, g in zip(cand, grads) if g is not None}
+    silent = [i for i in cand if i not in live]
+    drop: set[int] = set()
+    if silent and live:  # (a loss that differentiates no output: every leaf kept, as before)
+        with torch.no_grad():
+            base = loss_fn(out, y)
+            for j in silent:  # one leaf at a time: a value-read leaf does not keep the others
+                zeroed = [torch.zeros_like(t) if i == j else t for i, t in enumerate(leaves)]
+                moved = loss_fn(_tree.tree_unflatten(zeroed, spec), y)
+                if isinstance(base, Tensor) and isinstance(moved, Tensor) and torch.equal(base, moved):
+                    drop.add(j)
+    n = len(leaves)
+    return OutputTree(spec, shapes, kept=tuple(i not in drop for i in range(n)),
+                      live=tuple(i in live or i not in cand for i in range(n)),
+                      fills=tuple(leaves[i].dtype if i in drop else None for i in range(n)))
+
+
+def layout_of(out: Any, known: OutputShape | None, loss_fn: Callable[[Any, Any], Tensor], inputs: Any,
+              targets: Any, b: int) -> OutputShape:
+    """``known``, else the layout of ``out`` (the forward's output on ``inputs``): a tensor's
+    per-record shape at no cost, a pytree's :func:`sort_outputs` (no forward of its own)."""
+    if known is not None:
+        return known
+    if isinstance(out, Tensor):
+        return tuple(out.shape[1:])
+    return sort_outputs(None, loss_fn, inputs, targets, b, outputs=out)
+
+
+def flat_outputs(out: Any, shape: OutputShape | None) -> Tensor:
+    """A batched model output as ``[B, C]``: a tensor reshaped, a pytree's kept leaves joined in
+    leaf order (value-read leaves detached, dropped ones left out; :class:`OutputTree`).
+
+    Raises:
+        RuntimeError: a pytree output without its :class:`OutputTree` (the layout is sorted on
+            the first batch, before any flattening).
+    """
+    if isinstance(out, Tensor):
+        return out.reshape(out.shape[0], -1)
+    if not isinstance(shape, OutputTree):
+        raise RuntimeError(f"the model's output is a {type(out).__name__}: its layout must be sorted "
+                           "(output_reads.sort_outputs) before it is flattened")
+    leaves = _tree.tree_leaves(out)
+    if len(leaves) != len(shape.kept):
+        raise RuntimeError(f"the model's output has {len(leaves)} leaves here, {len(shape.kept)} on the first batch")
+    return torch.cat([(t if live else t.detach()).reshape(t.shape[0], -1)
+                      for t, k, live in zip(leaves, shape.kept, shape.live) if k], 1)
+
+
+def flat_record(out: Any, shape: OutputShape | None) -> Tensor:
+    """One record's output (batch dim 1) as ``[C]`` (:func:`flat_outputs`)."""
+    return flat_outputs(out, shape).reshape(-1)
+
+
+def unflat_record(o: Tensor, shape: OutputShape) -> Any:
+    """``[C]`` back to one record's output with batch dim 1 (the inverse of :func:`flat_record`;
+    zeros in place of the dropped leaves, which the loss does not read)."""
+    if not isinstance(shape, OutputTree):
+        return o.reshape((1, *shape))
+    o = o.reshape(-1)
+    parts, a = [], 0
+    for sh, k, fill in zip(shape.shapes, shape.kept, shape.fills):
+        if k:
+            m = math.prod(sh)
+            parts.append(o[a: a + m].reshape((1, *sh)))
+            a += m
+        else:
+            parts.append(torch.zeros((1, *sh), dtype=fill, device=o.device))
+    return _tree.tree_unflatten(parts, shape.spec)
+
+
+def shift_outputs(out: Any, shift: Tensor, shape: OutputTree) -> Any:
+    """A pytree output (batch dim 1) with ``shift [C]`` added to its kept leaves, in
+    :func:`flat_record`'s order (the loss's derivatives in the flattened outputs, taken where the
+    output cannot be rebuilt from them: inside a loss hook)."""
+    leaves = _tree.tree_leaves(out)
+    shift, parts, a = shift.reshape(-1), [], 0
+    for t, sh, k in zip(leaves, shape.shapes, shape.kept):
+        if k:
+            m = math.prod(sh)
+            t = t + shift[a: a + m].reshape(t.shape).to(t.dtype)
+            a += m
+        parts.append(t)
+    return _tree.tree_unflatten(parts, shape.spec)
