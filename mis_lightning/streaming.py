@@ -45,6 +45,7 @@ from .estimation.output_reads import (
     output_numel,
     shift_outputs,
     sort_outputs,
+    with_shapes,
 )
 from .estimation.per_sample import (
     BatchFn,
@@ -291,7 +292,7 @@ class _HookProgram(LossProgram):
                 raise ValueError(f"{HOOK_NAME} calls the model with a {type(out).__name__} output holding more "
                                  "than floating tensors; the leverages need them")
             self._hook_layout = layout
-        return self._hook_layout
+        return with_shapes(self._hook_layout, out)  # these inputs' shapes (padded per batch)
 
     def loss_output_hessians(self, inputs: Any, targets: Any, out_shape: OutputShape) -> Tensor:
         """As :meth:`LossProgram.loss_output_hessians`, the model's output taken inside the hook

@@ -218,3 +218,35 @@ def test_sort_outputs_keeps_the_leaves_the_loss_reads():
     assert torch.equal(back["b"], torch.zeros(1, 3))
     assert torch.allclose(loss(back, y[2:3]), loss(out, y)[2:3], rtol=1e-6)
     assert sort_outputs(lambda inp: lin(inp), loss, x, y, 6) == (3,)  # a tensor output: its shape
+
+
+class _Tokens(nn.Module):
+    """A token model ``[B, T] -> [B, T, 5]`` (or a dict with its features beside), T per batch."""
+
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        self.emb, self.head, self.as_dict = nn.Embedding(10, 4), nn.Linear(4, 5), as_dict
+
+    def forward(self, x):
+        h = torch.tanh(self.emb(x))
+        return {"logits": self.head(h), "features": h} if self.as_dict else self.head(h)
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_each_batch_flattens_its_own_sequence_length(as_dict):
+    """A sequence output padded per batch has another length in each batch: the layout's sorting
+    is the first batch's, its shapes each batch's own (rv52b: the per-layer program kept the first
+    batch's shape, and a later batch's outputs failed to reshape, a plain tensor output too)."""
+    from mis_lightning.estimation.linear_factors import LayerProgram
+    from mis_lightning.estimation.per_sample import LossProgram
+
+    def loss(out, y):
+        o = out["logits"] if isinstance(out, dict) else out
+        return F.cross_entropy(o.transpose(1, 2), y, reduction="none").mean(-1)
+
+    torch.manual_seed(0)
+    m = _Tokens(as_dict).double()
+    names = [n for n, _ in m.named_parameters()]
+    lp = LayerProgram(m, loss, names, torch.float64, reference=LossProgram(m, loss, names, dtype=torch.float64))
+    for t in (6, 9):
+        lp.batch(torch.randint(0, 10, (8, t)), torch.randint(0, 5, (8, t)), 8)

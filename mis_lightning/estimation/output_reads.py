@@ -27,6 +27,7 @@ was; :meth:`LossProgram.output_shape` refuses such outputs for the Gauss-Newton 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -161,11 +162,25 @@ def layout_of(out: Any, known: OutputShape | None, loss_fn: Callable[[Any, Any],
               targets: Any, b: int) -> OutputShape:
     """``known``, else the layout of ``out`` (the forward's output on ``inputs``): a tensor's
     per-record shape at no cost, a pytree's :func:`sort_outputs` (no forward of its own)."""
-    if known is not None:
-        return known
-    if isinstance(out, Tensor):
+    if isinstance(out, Tensor):  # this batch's own shape (a sequence padded per batch: its own T)
         return tuple(out.shape[1:])
+    if known is not None:
+        return with_shapes(known, out)
     return sort_outputs(None, loss_fn, inputs, targets, b, outputs=out)
+
+
+def with_shapes(layout: OutputShape, out: Any) -> OutputShape:
+    """``layout`` with the per-record leaf shapes of ``out`` (a batch's output): the sorting (which
+    leaves are kept, differentiated) is the first batch's, the shapes each batch's own (a sequence
+    output padded per batch has another length in each). ``layout`` unchanged where ``out`` is not
+    a pytree of as many leaves."""
+    if not isinstance(layout, OutputTree) or isinstance(out, Tensor):
+        return layout
+    leaves = _tree.tree_leaves(out)
+    if len(leaves) != len(layout.shapes):
+        return layout
+    shapes = tuple(tuple(t.shape[1:]) if isinstance(t, Tensor) and t.dim() else () for t in leaves)
+    return layout if shapes == layout.shapes else dataclasses.replace(layout, shapes=shapes)
 
 
 def flat_outputs(out: Any, shape: OutputShape | None) -> Tensor:

@@ -23,7 +23,7 @@ from .._user_warnings import warn
 from .._warning_filters import ignoring
 from .data_buffers import probe_data_buffers
 from .norm_derivatives import WrittenOutLayerNorm
-from .output_reads import OutputShape, OutputTree, flat_record, layout_of, unflat_record
+from .output_reads import OutputShape, OutputTree, flat_record, layout_of, unflat_record, with_shapes
 
 LossFn = Callable[[Any, Any], Tensor]
 BatchFn = Callable[[Any], tuple[Any, Any]]
@@ -1245,7 +1245,7 @@ class LossProgram:
         if not leaves or bad:
             raise ValueError(f"the model's output is a {type(out).__name__} holding {bad or 'no tensor'}; the "
                              "Gauss-Newton factors need floating tensors with the batch in dim 0")
-        return layout
+        return with_shapes(layout, out)  # these inputs' shapes (a sequence padded per batch)
 
     def mean_loss(self, params: dict[str, Tensor], inputs: Any, targets: Any) -> Tensor:
         return self.loss_fn(self.outputs(params, inputs), targets).mean()
