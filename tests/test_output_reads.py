@@ -250,3 +250,39 @@ def test_each_batch_flattens_its_own_sequence_length(as_dict):
     lp = LayerProgram(m, loss, names, torch.float64, reference=LossProgram(m, loss, names, dtype=torch.float64))
     for t in (6, 9):
         lp.batch(torch.randint(0, 10, (8, t)), torch.randint(0, 5, (8, t)), 8)
+
+
+@pytest.mark.parametrize("probe", [None, 8])
+def test_a_leaf_read_on_later_records_of_the_first_batch_is_kept(monkeypatch, probe):
+    """rv52b: a multi-task loss reads a regression head only where a record has its label; the first
+    batch's first 8 records lack it. Sorted on the whole first batch (``PROBE_RECORDS = None``) the head
+    is read (kept, differentiated) and a labelled record's loss through the flattened layout is its own
+    (float64, exactly the same arithmetic: 1e-12); sorted on the first 8 only (the path before) the head
+    was dropped and that loss read with zeros in its place (asserted to differ)."""
+    from mis_lightning.estimation import output_reads as R
+
+    monkeypatch.setattr(R, "PROBE_RECORDS", probe)
+    torch.manual_seed(0)
+
+    def loss(out, y):
+        lo = torch.nn.functional.cross_entropy(out["logits"], y["cls"], reduction="none")
+        m = ~torch.isnan(y["reg"])
+        if m.any():
+            lo = lo + torch.where(m, (out["reg"].squeeze(-1) - y["reg"].nan_to_num()) ** 2, torch.zeros_like(lo))
+        return lo
+
+    b = 16
+    out = {"logits": torch.randn(b, 3, dtype=torch.float64), "reg": torch.randn(b, 1, dtype=torch.float64) + 3}
+    y = {"cls": torch.randint(0, 3, (b,)), "reg": torch.randn(b, dtype=torch.float64)}
+    y["reg"][:8] = float("nan")
+    lay = R.sort_outputs(None, loss, None, y, b, outputs=out)
+    i = 10
+    o1 = {k: v[i:i + 1] for k, v in out.items()}
+    y1 = {k: v[i:i + 1] for k, v in y.items()}
+    seen = loss(R.unflat_record(R.flat_outputs(o1, lay).reshape(-1), lay), y1).item()
+    if probe is None:
+        assert all(lay.kept) and all(lay.live)
+        assert seen == pytest.approx(loss(o1, y1).item(), rel=1e-12)
+    else:
+        assert not all(lay.kept)
+        assert abs(seen - loss(o1, y1).item()) > 1e-3

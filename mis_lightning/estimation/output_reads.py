@@ -38,8 +38,11 @@ from torch import Tensor
 
 _tree = torch.utils._pytree
 
-# first records of the first batch the sorting reads (the loss is per record: checked before)
-PROBE_RECORDS = 8
+# records of the first batch the sorting reads: None, all of them (rv52b: on the first 8 only, a loss
+# reading a leaf for some records -- a multi-task head whose labels those 8 lacked, a value-read weight
+# below its threshold there -- had the leaf dropped for the whole run, later records' losses read with
+# zeros in its place); an int: the first that many (A/B)
+PROBE_RECORDS: int | None = None
 
 
 @dataclass(frozen=True)
@@ -102,9 +105,8 @@ def _batched_float(t: Any, b: int) -> bool:
 
 def sort_outputs(forward: Callable[[Any], Any] | None, loss_fn: Callable[[Any, Any], Tensor], inputs: Any,
                  targets: Any, b: int, outputs: Any = None) -> OutputShape:
-    """The output layout of ``forward`` under ``loss_fn``, from its first :data:`PROBE_RECORDS`
-    records: a tensor output's per-record shape, or an :class:`OutputTree` with its leaves sorted
-    (module docstring). One forward without grad, one backward of the losses in the outputs, and
+    """The output layout of ``forward`` under ``loss_fn``, from its records (:data:`PROBE_RECORDS`): a
+    tensor output's per-record shape, or an :class:`OutputTree` with its leaves sorted (module docstring). One forward without grad, one backward of the losses in the outputs, and
     one more loss evaluation per leaf the loss does not differentiate (zeros in its place).
 
     Args:
@@ -117,7 +119,7 @@ def sort_outputs(forward: Callable[[Any], Any] | None, loss_fn: Callable[[Any, A
     Returns:
         ``tuple`` (a tensor output's shape without the batch dim) or :class:`OutputTree`.
     """
-    r = min(b, PROBE_RECORDS)
+    r = b if PROBE_RECORDS is None else min(b, PROBE_RECORDS)
 
     def head(tree: Any) -> Any:
         return _tree.tree_map(lambda t: t[:r] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t, tree)

@@ -23,7 +23,14 @@ from .._user_warnings import warn
 from .._warning_filters import ignoring
 from .data_buffers import probe_data_buffers
 from .norm_derivatives import WrittenOutLayerNorm
-from .output_reads import OutputShape, OutputTree, flat_record, layout_of, unflat_record, with_shapes
+from .output_reads import (
+    OutputShape,
+    OutputTree,
+    flat_record,
+    layout_of,
+    unflat_record,
+    with_shapes,
+)
 
 LossFn = Callable[[Any, Any], Tensor]
 BatchFn = Callable[[Any], tuple[Any, Any]]
