@@ -286,3 +286,28 @@ def test_a_leaf_read_on_later_records_of_the_first_batch_is_kept(monkeypatch, pr
     else:
         assert not all(lay.kept)
         assert abs(seen - loss(o1, y1).item()) > 1e-3
+
+
+def test_a_sequence_model_padded_per_batch_is_refused_clearly_by_the_exact_estimator_and_read_by_the_diagonal():
+    """rv52b #6: a token model ``[B, T] -> [B, T, V]`` whose batches have different T. The exact
+    estimator's stored per-record leverage factors ``[g | J | L]`` need one output size per record: it
+    failed with torch's bare ``shape '[16, 1, 6, 5]' is invalid``; now a ValueError naming the cause and
+    the cures. The diagonal estimator reads every batch with its own shape."""
+    torch.manual_seed(0)
+
+    class Tok(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 5)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.emb(x)))
+
+    def loss(out, y):
+        return torch.nn.functional.cross_entropy(out.transpose(1, 2), y, reduction="none").mean(-1)
+
+    batches = [(torch.randint(0, 10, (16, t)), torch.randint(0, 5, (16, t))) for t in (6, 9, 7, 6)]
+    with pytest.raises(ValueError, match="outputs per record change between batches.*pad every batch"):
+        ml.assess(Tok(), ["none"], batches, loss, estimation="exact", strict=True)
+    r = ml.assess(Tok(), ["none", "int8_weight_only"], batches, loss, estimation="diagonal", strict=True)
+    assert all(0.0 <= s.leakage <= 1.0 for s in r.schemes.values())

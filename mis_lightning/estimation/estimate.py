@@ -1464,10 +1464,12 @@ class MomentAccumulator:
         """Per-sample gradient sums (and ``g g^T`` in exact mode), stored records, and with
         ``hessian="ggn"`` the Gauss-Newton diagonal from the per-sample output Jacobians."""
         program, names, d, ggn = self.program, self.names, self.d, self.hessian in ("ggn", "ggn_residual")
-        if ggn and self._out_shape is None:
-            self._out_shape = program.output_shape(inputs)
+        if ggn:
+            # each batch's own shape (one record's forward): a sequence model padded per batch has
+            # another T in each (rv52b: the first batch's shape failed the second's reshape)
+            first, self._out_shape = self._out_shape is None, program.output_shape(inputs)
             c = output_numel(self._out_shape)
-            if c > GGN_MAX_OUTPUTS * 64:
+            if first and c > GGN_MAX_OUTPUTS * 64:
                 raise ValueError(f"hessian='ggn' needs few outputs per record; this model has {c}")
         out_shape = self._out_shape
         c_out = output_numel(out_shape)
@@ -1523,6 +1525,16 @@ class MomentAccumulator:
                 if self.num_records * (self.d + self._c_out * (self.d + self._c_out)) > self.budget:
                     raise ValueError(f"{self._c_out} outputs x {self.d} weights x {self.num_records} records "
                                      f"exceed budget={self.budget}")
+            else:
+                shape = self.program.output_shape(x)
+                if output_numel(shape) != self._c_out:
+                    # the stored rows [g | J | L] have one width for every record (rv52b)
+                    raise ValueError(
+                        f"the model's outputs per record change between batches ({self._c_out} on the first, "
+                        f"{output_numel(shape)} here: e.g. a sequence model padded per batch): the exact "
+                        "estimator's per-record leverage factors need one output size; pad every batch to one "
+                        "length (e.g. the collate function's max_length), or use estimation='diagonal'")
+                self._lev_shape = shape  # (the same size, this batch's leaf shapes)
             jac, L = self.program.gauss_newton_factors(x, y, self._lev_shape)
         except Exception as exc:  # a model whose outputs are not one tensor, or too many of them
             if not first:  # the first batch had them: a real error
