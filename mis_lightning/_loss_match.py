@@ -27,7 +27,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ._modelcopy import SharedWeights, private_copy
-from .assess import _running_statistics_layers
+from .assess import _running_statistics_layers, _shown
 from .evaluation import evaluate_utility
 from .streaming import HOOK_NAME
 
@@ -96,9 +96,8 @@ def loss_mismatch_note(pl_module: nn.Module, kept: TrainingLosses, resolved: dic
     shown = ", ".join(f"{a:.4g} vs {t:.4g}" for a, t in pairs)
     norms = _running_statistics_layers(pl_module)
     # early in training a BatchNorm's running statistics (eval mode) can be far from the batches' own
-    norm_cause = (f"; or, early in training, the running statistics of {norms[0]!r}"
-                  + (f" and {len(norms) - 1} more" if len(norms) > 1 else "")
-                  + " (eval mode) still far from the batches' own (train mode)") if norms else ""
+    norm_cause = (f"; or, early in training, the running statistics of {_shown(norms, 1)}"
+                  " (eval mode) still far from the batches' own (train mode)") if norms else ""
     return (f"the assessed loss does not match the module's training loss: on the last {len(pairs)} training "
             f"batches the loss the assessment computes ({how}, eval mode) is {min(a / t for a, t in pairs):.3g} "
             f"times or more the loss training_step returned ({shown}): the assessment does not see the model as "
