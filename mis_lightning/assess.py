@@ -2591,6 +2591,14 @@ CAST_DRAWS_BOUNDED = True
 # ~0.16 sd (fp16) of 0)
 CAST_DRAWS_TOL = 1e-4
 _CAST_BOUND_PROBE = 512  # elements whose bound is tried first (a chunk beyond the tolerance: bf16's at 2e-6)
+# The bound of a chunk's moving elements formed once (p53c): at most CAST_BOUND_ONCE_MAX of them in one call
+# (the probe above pays a call's fixed cost for little: a sample of the 1e7 MLP's second layer holds
+# ~1,000 live weights, and a chunk the bound covers took a second call over the probe's elements
+# again), more after a probe passes on the elements past it alone. The bound is element-wise
+# (settled_drift_bound), so the same mask; the draws bitwise as before. False: the probe, then
+# every element, as before (A/B)
+CAST_BOUND_ONCE = True
+CAST_BOUND_ONCE_MAX = 4 * _CAST_BOUND_PROBE
 
 
 _TINY64 = torch.finfo(torch.float64).tiny
@@ -2810,8 +2818,16 @@ def _table_position_free(grid: ParamGrid, sg: Tensor, a: int, b: int, draws: int
                                        k_main.index_select(0, jj).to(torch.float64), grid.values) <= CAST_DRAWS_TOL
 
         # (all or nothing: a first slice the bound does not cover spares the chunk's bound)
-        if bool((scale.index_select(0, ii) == 1).all()) and all_set(covered(ii[:_CAST_BOUND_PROBE])):
+        unit = bool((scale.index_select(0, ii) == 1).all())
+        if unit and CAST_BOUND_ONCE and ii.numel() <= CAST_BOUND_ONCE_MAX:
+            # (a sample's few live weights, ~1,000 on the 1e7 MLP's second layer: one call over all)
             fixed[ii] = covered(ii)
+        elif unit and all_set(covered(ii[:_CAST_BOUND_PROBE])):
+            # (the probe's elements, covered, not bounded again: the bound is element-wise)
+            rest = ii[_CAST_BOUND_PROBE:] if CAST_BOUND_ONCE else ii
+            fixed[rest] = covered(rest)
+            if CAST_BOUND_ONCE:
+                fixed[ii[:_CAST_BOUND_PROBE]] = True
     if not bool(fixed.all()):
         return None
     return fixed.unsqueeze(0).expand(draws, -1)
@@ -2983,6 +2999,8 @@ def _draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main:
     free, still = _draw_freedom(grid, th, sg, a, b, pos, k_main)
     half = (D + 1) // 2
     if still:  # no element's kappa moves: every change exactly 0 (what the evaluations gave)
+        if DRAWS_STILL_FLAGGED and DRAWS_STILL_EXPANDED:  # (StillParts' zeros are read, never written)
+            return StillParts((_zeros(1 + half, c), _built_mix(D), _zeros(D, c)))
         out = (torch.zeros(1 + half, c, dtype=torch.float64), _built_mix(D), torch.zeros(D, c, dtype=torch.float64))
         return StillParts(out) if DRAWS_STILL_FLAGGED else out
     kap, _ = _evaluated_draws(grid, th, sg, a, b, k_main, pos, policy, table_at_once=table_at_once,
@@ -3376,6 +3394,10 @@ def _draw_sample(c: int, unit: int, gen: torch.Generator) -> tuple[Tensor, Tenso
 # Horvitz-Thompson scaling, groups' fill or the draws' sums' scan of their zeros): the same sums,
 # the parts moving no row either way (p51d). False: the zeros scaled and scanned as before
 DRAWS_STILL_FLAGGED = True
+# ... and _draw_parts' flagged zeros one value expanded (as the sampled draws' above), not two fills of
+# [1 + D / 2, c] and [D, c] float64 (fresh pages: ~0.2 ms a chunk sample, 0.01-0.02 s of the 1e7 call's
+# casts, p53c): the same values. False: filled, as before
+DRAWS_STILL_EXPANDED = True
 
 
 class StillParts(tuple):
