@@ -112,6 +112,15 @@ rows growing with the elements, per-element work. Then each whole call's ATen op
 elements their outputs hold per element of the call (views included): how many element-wise
 passes an element's moments take.
 
+``faultsby`` (p53b): where a first scoring call's fresh heap pages come from: in ``first``'s process
+(torchao imported before), ``--calls`` scoring calls under a ``sys.setprofile`` hook that reads the
+process's minor page faults at every call and return of a ``mis_lightning`` function and charges
+each difference to the innermost such function then running (exclusive) and to every one on the
+stack (inclusive, outermost recursion level): the 25 / 30 largest of each, per call. Faults only
+(the hook's own time is not reported; time the calls without it).
+
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/fixed_costs.py faultsby /tmp/m1e5.pt --calls 2
+
 ``tol``: the wide-sd closed form's gate (``functional.wide.WIDE_TOL``, 1e-9) against ``--tol``
 (``assess.UNIT_KAPPA_TOL`` and the series' ``functional.wide_series.SERIES_TOL`` kept): steady
 scoring calls alternating (``--calls`` pairs, CPU s) and the reports' largest change of each
@@ -361,6 +370,54 @@ def _scaling(path: str, calls: int) -> None:
         print(f"{big} {kind} grid of {cells} values, {scales} scale(s), {'pool / kappa only' if ko else 'main'}: "
               + ", ".join(row) + f" ms; the whole call {outs.ops:,} operators returning {outs.elements / b:.0f}"
               " elements per element")
+    print(f"load {os.getloadavg()[0]:.1f}")
+
+
+def _faults_by(path: str, calls: int) -> None:
+    from mis_lightning.quantization.torchao_backend import _import_torchao_quantization
+
+    A, est, model, schemes, sc_cfg = _setup(path, adam=True)
+    _import_torchao_quantization()
+    excl: collections.Counter = collections.Counter()
+    incl: collections.Counter = collections.Counter()
+    stack: list[tuple[str, int]] = []  # (function, faults at its call)
+    last = [0]
+
+    def faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    def hook(frame: Any, event: str, arg: Any) -> None:
+        if event not in ("call", "return") or "mis_lightning" not in frame.f_code.co_filename:
+            return
+        f = faults()
+        if stack:
+            excl[stack[-1][0]] += f - last[0]
+        last[0] = f
+        co = frame.f_code
+        key = f"{co.co_filename.rsplit('mis_lightning/', 1)[-1]}:{co.co_firstlineno} {co.co_name}"
+        if event == "call":
+            stack.append((key, f))
+        elif stack:
+            k, f0 = stack.pop()
+            if all(k != s[0] for s in stack):  # the outermost level of a recursion only
+                incl[k] += f - f0
+
+    for call in range(1, calls + 1):
+        excl.clear()
+        incl.clear()
+        stack.clear()
+        f0 = last[0] = faults()
+        sys.setprofile(hook)
+        try:
+            A.score_schemes(est, model, schemes, scoring_config=sc_cfg)
+        finally:
+            sys.setprofile(None)
+        print(f"call {call}: {faults() - f0:,} minor faults; by the innermost mis_lightning function (exclusive):")
+        for k, v in excl.most_common(25):
+            print(f"  {v:8,}  {k}")
+        print("  inclusive:")
+        for k, v in incl.most_common(30):
+            print(f"  {v:8,}  {k}")
     print(f"load {os.getloadavg()[0]:.1f}")
 
 
@@ -819,10 +876,10 @@ def _tol(path: str, tol: float, calls: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("import", "aoparts", "first", "params", "est", "heap", "tol", "once", "faults",
-                                     "ops", "split", "scaling", "_faults_child"))
+                                     "ops", "split", "scaling", "faultsby", "_faults_child"))
     ap.add_argument("path", nargs="?", help="a model saved by first_call.py train (first, params)")
     ap.add_argument("--rounds", type=int, default=3, help="fresh processes per case (import)")
-    ap.add_argument("--calls", type=int, default=6, help="steady calls (params, tol); scoring calls (once, split)")
+    ap.add_argument("--calls", type=int, default=6, help="steady calls (params, tol); scoring calls (once, split, faultsby)")
     ap.add_argument("--small", type=int, default=4096, help="the small parameters' most weights (params)")
     ap.add_argument("--tol", type=float, default=1e-11, help="the other closed-form gate (tol)")
     ap.add_argument("--prefault", action="store_true", help=argparse.SUPPRESS)  # (faults' child)
@@ -847,7 +904,7 @@ def main(argv: list[str] | None = None) -> None:
     run = {"first": _first, "params": lambda p: _params(p, args.calls, args.small), "est": _est, "heap": _heap,
            "tol": lambda p: _tol(p, args.tol, args.calls), "once": lambda p: _once(p, args.calls),
            "faults": lambda p: _faults(p, args.rounds), "ops": _ops, "_faults_child": lambda p: _faults_child(p, args.prefault),
-           "split": lambda p: _split(p, args.calls), "scaling": lambda p: _scaling(p, args.calls)}
+           "split": lambda p: _split(p, args.calls), "faultsby": lambda p: _faults_by(p, args.calls), "scaling": lambda p: _scaling(p, args.calls)}
     run[args.what](args.path)
 
 
