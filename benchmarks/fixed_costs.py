@@ -42,7 +42,8 @@ Linux with glibc only.
 ``once`` (p48c): in ``first``'s process (torchao imported before), ``--calls`` scoring calls, each
 with the CPU ms of the one-time builds it ran (inclusive, outermost; the count in brackets): the
 registry's first load, the float grids' value tables (``casts``), the value tables' layouts and
-cores (``functional.table``: ``TableLayout``, ``_CoreRules`` and their quadrature rules, computed
+cores (``functional.table``: ``TableLayout``, the 16-bit casts' bit-pattern tables
+``TableLayout.pattern_cells`` (p53b), ``_CoreRules`` and their quadrature rules, computed
 on first use of each core), the series, run, cube and interpolation tables; then the
 ``mis_lightning`` modules the first call imported and the CPU ms of compiling their sources (what
 the call pays where no bytecode is cached, under ``PYTHONDONTWRITEBYTECODE=1``).
@@ -496,6 +497,7 @@ _ONCE = (("mis_lightning.quantization.registry", "_load_backends"),
          ("mis_lightning.quantization.casts", "representable_values"),
          ("mis_lightning.quantization.casts", "cast_cell_values"),
          ("mis_lightning.functional.table", "TableLayout.__init__"),
+         ("mis_lightning.functional.table", "TableLayout.pattern_cells"),
          ("mis_lightning.functional.table", "_CoreRules.__init__"),
          ("mis_lightning.functional.table", "_CoreRules.prepare"),
          ("mis_lightning.functional.wide_table", "SeriesTable.__init__"),
