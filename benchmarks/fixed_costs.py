@@ -42,7 +42,8 @@ Linux with glibc only.
 ``once`` (p48c): in ``first``'s process (torchao imported before), ``--calls`` scoring calls, each
 with the CPU ms of the one-time builds it ran (inclusive, outermost; the count in brackets): the
 registry's first load, the float grids' value tables (``casts``), the value tables' layouts and
-cores (``functional.table``: ``TableLayout``, ``_CoreRules`` and their quadrature rules, computed
+cores (``functional.table``: ``TableLayout``, the 16-bit casts' bit-pattern tables
+``TableLayout.pattern_cells`` (p53b), ``_CoreRules`` and their quadrature rules, computed
 on first use of each core), the series, run, cube and interpolation tables; then the
 ``mis_lightning`` modules the first call imported and the CPU ms of compiling their sources (what
 the call pays where no bytecode is cached, under ``PYTHONDONTWRITEBYTECODE=1``).
@@ -111,6 +112,24 @@ of its elements: CPU ms per call (the least of ``--calls``). Flat rows would be 
 rows growing with the elements, per-element work. Then each whole call's ATen operators and the
 elements their outputs hold per element of the call (views included): how many element-wise
 passes an element's moments take.
+
+``faultsby`` (p53b): where a first scoring call's fresh heap pages come from: in ``first``'s process
+(torchao imported before), ``--calls`` scoring calls under a ``sys.setprofile`` hook that reads the
+process's minor page faults at every call and return of a ``mis_lightning`` function and charges
+each difference to the innermost such function then running (exclusive) and to every one on the
+stack (inclusive, outermost recursion level): the 25 / 30 largest of each, per call. Faults only
+(the hook's own time is not reported; time the calls without it).
+
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/fixed_costs.py faultsby /tmp/m1e5.pt --calls 2
+
+``window`` (p53b): the 1e5 line's timed window in one fresh process as scale.py's child has it
+(lightning_fabric imported, Adam epochs on a copy of the model: the unit, the least of epochs 2-3
+in CPU s), then the default "assess" estimation, the first and a second scoring call, each in user
+and system CPU ms and minor page faults, the interpreter's collections by generation inside the
+window (estimation and first call; count and CPU ms, from ``gc.callbacks``) and the window in
+epochs; ``--apart``: torchao imported before the window, timed apart (the window without it).
+
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/fixed_costs.py window /tmp/m1e5.pt [--apart]
 
 ``tol``: the wide-sd closed form's gate (``functional.wide.WIDE_TOL``, 1e-9) against ``--tol``
 (``assess.UNIT_KAPPA_TOL`` and the series' ``functional.wide_series.SERIES_TOL`` kept): steady
@@ -364,6 +383,115 @@ def _scaling(path: str, calls: int) -> None:
     print(f"load {os.getloadavg()[0]:.1f}")
 
 
+def _faults_by(path: str, calls: int) -> None:
+    from mis_lightning.quantization.torchao_backend import _import_torchao_quantization
+
+    A, est, model, schemes, sc_cfg = _setup(path, adam=True)
+    _import_torchao_quantization()
+    excl: collections.Counter = collections.Counter()
+    incl: collections.Counter = collections.Counter()
+    stack: list[tuple[str, int]] = []  # (function, faults at its call)
+    last = [0]
+
+    def faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    def hook(frame: Any, event: str, arg: Any) -> None:
+        if event not in ("call", "return") or "mis_lightning" not in frame.f_code.co_filename:
+            return
+        f = faults()
+        if stack:
+            excl[stack[-1][0]] += f - last[0]
+        last[0] = f
+        co = frame.f_code
+        key = f"{co.co_filename.rsplit('mis_lightning/', 1)[-1]}:{co.co_firstlineno} {co.co_name}"
+        if event == "call":
+            stack.append((key, f))
+        elif stack:
+            k, f0 = stack.pop()
+            if all(k != s[0] for s in stack):  # the outermost level of a recursion only
+                incl[k] += f - f0
+
+    for call in range(1, calls + 1):
+        excl.clear()
+        incl.clear()
+        stack.clear()
+        f0 = last[0] = faults()
+        sys.setprofile(hook)
+        try:
+            A.score_schemes(est, model, schemes, scoring_config=sc_cfg)
+        finally:
+            sys.setprofile(None)
+        print(f"call {call}: {faults() - f0:,} minor faults; by the innermost mis_lightning function (exclusive):")
+        for k, v in excl.most_common(25):
+            print(f"  {v:8,}  {k}")
+        print("  inclusive:")
+        for k, v in incl.most_common(30):
+            print(f"  {v:8,}  {k}")
+    print(f"load {os.getloadavg()[0]:.1f}")
+
+
+def _window(path: str, apart: bool) -> None:
+    import copy
+    import gc
+
+    import lightning_fabric.utilities.seed  # noqa: F401 - a Lightning user's process has it
+    import torch
+
+    from benchmarks.first_call import load_saved
+    from benchmarks.scale import COMMON_SCHEMES
+
+    A = importlib.import_module("mis_lightning.assess")
+    # (after the library's import: beyond_linear puts its checkout first on sys.path)
+    from benchmarks.beyond_linear import epoch as adam_epoch
+
+    saved, model, loader, loss_fn, est_cfg, sc_cfg = load_saved(path)
+    twin = copy.deepcopy(model)  # the unit: Adam epochs of a copy, the least of epochs 2-3
+    opt = torch.optim.Adam(twin.parameters(), lr=1e-3)
+    epoch = min([adam_epoch(twin, loader, loss_fn, opt, cpu=True) for _ in range(3)][1:])
+
+    def usage() -> tuple[float, float, int]:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime, r.ru_stime, r.ru_minflt
+
+    def part(label: str, a: tuple, b: tuple) -> None:
+        print(f"{label:<32} user {1e3 * (b[0] - a[0]):6.0f} ms, system {1e3 * (b[1] - a[1]):4.0f} ms, "
+              f"{b[2] - a[2]:7,} minor faults")
+
+    if apart:
+        from mis_lightning.quantization.torchao_backend import _import_torchao_quantization
+
+        u0 = usage()
+        _import_torchao_quantization()
+        part("torchao's import (apart)", u0, usage())
+    gcs: dict[int, list[float]] = {0: [0, 0.0], 1: [0, 0.0], 2: [0, 0.0]}
+    began = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            began[0] = time.process_time()
+        else:
+            gcs[info["generation"]][0] += 1
+            gcs[info["generation"]][1] += time.process_time() - began[0]
+
+    gc.callbacks.append(on_gc)
+    u0, c0 = usage(), time.process_time()
+    est = A.run_estimation(model, loader, loss_fn, est_cfg)
+    u1, c1 = usage(), time.process_time()
+    A.score_schemes(est, model, COMMON_SCHEMES, scoring_config=sc_cfg)
+    u2, c2 = usage(), time.process_time()
+    gc.callbacks.remove(on_gc)
+    A.score_schemes(est, model, COMMON_SCHEMES, scoring_config=sc_cfg)
+    u3 = usage()
+    part("estimation", u0, u1)
+    part("first scoring call", u1, u2)
+    part("second scoring call", u2, u3)
+    print("collections in the window: " + ", ".join(f"generation {g}: {n} ({1e3 * t:.1f} ms)"
+                                                     for g, (n, t) in gcs.items()))
+    print(f"epoch {epoch:.4f} s CPU; window (estimation + first call) {c2 - c0:.3f} s = {(c2 - c0) / epoch:.1f} epochs "
+          f"(estimation {(c1 - c0) / epoch:.1f}){' without torchao import' if apart else ''}; load {os.getloadavg()[0]:.1f}")
+
+
 def _setup(path: str, adam: bool) -> tuple[Any, ...]:
     if adam:
         _adam_step()
@@ -439,6 +567,7 @@ _ONCE = (("mis_lightning.quantization.registry", "_load_backends"),
          ("mis_lightning.quantization.casts", "representable_values"),
          ("mis_lightning.quantization.casts", "cast_cell_values"),
          ("mis_lightning.functional.table", "TableLayout.__init__"),
+         ("mis_lightning.functional.table", "TableLayout.pattern_cells"),
          ("mis_lightning.functional.table", "_CoreRules.__init__"),
          ("mis_lightning.functional.table", "_CoreRules.prepare"),
          ("mis_lightning.functional.wide_table", "SeriesTable.__init__"),
@@ -819,13 +948,14 @@ def _tol(path: str, tol: float, calls: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("import", "aoparts", "first", "params", "est", "heap", "tol", "once", "faults",
-                                     "ops", "split", "scaling", "_faults_child"))
+                                     "ops", "split", "scaling", "faultsby", "window", "_faults_child"))
     ap.add_argument("path", nargs="?", help="a model saved by first_call.py train (first, params)")
     ap.add_argument("--rounds", type=int, default=3, help="fresh processes per case (import)")
-    ap.add_argument("--calls", type=int, default=6, help="steady calls (params, tol); scoring calls (once, split)")
+    ap.add_argument("--calls", type=int, default=6, help="steady calls (params, tol); scoring calls (once, split, faultsby)")
     ap.add_argument("--small", type=int, default=4096, help="the small parameters' most weights (params)")
     ap.add_argument("--tol", type=float, default=1e-11, help="the other closed-form gate (tol)")
     ap.add_argument("--prefault", action="store_true", help=argparse.SUPPRESS)  # (faults' child)
+    ap.add_argument("--apart", action="store_true", help="window: torchao imported before the window, timed apart")
     ap.add_argument("--trainer", action="store_true", help="aoparts: a lightning.pytorch Trainer built first")
     ap.add_argument("--off", action="append", default=None, metavar="MODULE.FLAG",
                     help="set the switch mis_lightning.MODULE.FLAG False before the calls (repeatable)")
@@ -847,7 +977,8 @@ def main(argv: list[str] | None = None) -> None:
     run = {"first": _first, "params": lambda p: _params(p, args.calls, args.small), "est": _est, "heap": _heap,
            "tol": lambda p: _tol(p, args.tol, args.calls), "once": lambda p: _once(p, args.calls),
            "faults": lambda p: _faults(p, args.rounds), "ops": _ops, "_faults_child": lambda p: _faults_child(p, args.prefault),
-           "split": lambda p: _split(p, args.calls), "scaling": lambda p: _scaling(p, args.calls)}
+           "split": lambda p: _split(p, args.calls), "faultsby": lambda p: _faults_by(p, args.calls),
+           "window": lambda p: _window(p, args.apart), "scaling": lambda p: _scaling(p, args.calls)}
     run[args.what](args.path)
 
 

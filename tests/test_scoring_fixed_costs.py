@@ -365,3 +365,47 @@ def test_layout_searches_equal_the_full_scans(monkeypatch):
             assert all(bool((a == b).all()) if hasattr(a, "shape") else a == b for a, b in zip(g0, g1))
     # the cases are not vacuous: some tables have a wide span, some none, some a guide
     assert any(w is None for w in wides) and sum(w is not None for w in wides) >= 4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pattern_cells_through_the_guide_equal_the_binary_search(dtype, monkeypatch):
+    """p53b: ``TableLayout.pattern_cells`` finds the cells of the 65,536 bit patterns of a 16-bit
+    cast's table through the layout's bucket guide (``PATTERN_CELLS_BY_GUIDE``) and gives bit for
+    bit the edges of the binary search (switch off) and of an independent reference (Python's
+    ``bisect_right`` over the edges, then the padded edges; NaN patterns NaN), on every pattern:
+    both zeros, subnormals, the largest finite values, the infinities and every NaN payload; no
+    ``torch.searchsorted`` runs with the switch on."""
+    import bisect
+
+    from mis_lightning.quantization.casts import cast_cell_values
+
+    values = cast_cell_values(dtype)
+    got = {}
+    real = torch.searchsorted
+    searches: list[int] = []
+    monkeypatch.setattr(torch, "searchsorted", lambda *a, **k: searches.append(1) or real(*a, **k))
+    for flag in (False, True):
+        monkeypatch.setattr(T, "PATTERN_CELLS_BY_GUIDE", flag)
+        lay = T.TableLayout(values, torch.device("cpu"))  # a fresh layout: nothing cached
+        assert lay._guide is not None
+        searches.clear()
+        got[flag] = lay.pattern_cells()
+        assert bool(searches) is not flag  # the guide replaces the search
+    monkeypatch.setattr(torch, "searchsorted", real)
+    for a, b in zip(got[False], got[True]):
+        assert torch.equal(a.view(torch.int64), b.view(torch.int64))  # bits: NaN and -0.0 too
+    # the reference: the cell k = bisect_right(mids, v) of each pattern's value, edges padded[k], padded[k + 1]
+    v = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(dtype).to(F64).tolist()
+    mids = lay.mids.tolist()
+    padded = [-math.inf, *mids, math.inf]
+    lo, hi = got[True][0].tolist(), got[True][1].tolist()
+    special = 0
+    for p, x in enumerate(v):
+        if math.isnan(x):
+            assert math.isnan(lo[p]) and math.isnan(hi[p])
+            continue
+        k = bisect.bisect_right(mids, x)
+        assert (lo[p], hi[p]) == (padded[k], padded[k + 1]), (p, x)
+        special += math.isinf(x) or x == 0.0
+    assert special == 4  # +-0 and +-inf were among them
+

@@ -149,7 +149,10 @@ class TableLayout:
                 return None
             v = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(dt).to(torch.float64)
             dev = self.mids.device
-            k = torch.searchsorted(self.mids.cpu(), v, right=True)
+            # the layout's bucket guide where it has one (cells: searchsorted's answer exactly, on
+            # every float64 including +-inf and NaN; ~10x fewer ns per element on 65k patterns)
+            k = self.cells(v) if PATTERN_CELLS_BY_GUIDE and self._guide is not None \
+                else torch.searchsorted(self.mids.cpu(), v, right=True)
             nan = torch.isnan(v)
             lo = torch.where(nan, math.nan, self.padded.cpu()[k])
             hi = torch.where(nan, math.nan, self.padded.cpu()[(k + 1).clamp_(max=self.padded.numel() - 1)])
@@ -227,6 +230,12 @@ def _format_dtype(values: Tensor) -> torch.dtype | None:
         if torch.equal(values.cpu(), want):
             return dt
     return None
+
+
+# TableLayout.pattern_cells finds its 65,536 patterns' cells through the layout's bucket guide
+# (TableLayout.cells) instead of a binary search over ~65k edges: the same indices (p53b; a
+# first call's one-time build, twice: bf16 and fp16). False: torch.searchsorted (tests, A/B)
+PATTERN_CELLS_BY_GUIDE = True
 
 
 # values in a format's table: the finite ones (+0 and -0 merged; the casts' two overflow ends too)
