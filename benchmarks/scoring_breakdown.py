@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
 
     qb.ParamGrid.moments = T.wrap(mom0, mom_label)
     if hasattr(A, "_cast_live_kappa"):  # (p53a's casts on their live weights: main, then pool)
-        def live_label(g: Any, th: Any, sg: Any, a: int, *rest: Any, **k: Any) -> str:
-            key = ("live", id(g), a)
+        def live_label(g: Any, th: Any, *rest: Any, **k: Any) -> str:
+            key = ("live", id(g), id(th))  # (the chunk's live weights: one tensor for its main and pool calls)
             seen[key] = seen.get(key, 0) + 1
             return f"{owner.get(id(g), 'storage/other')}: moments {'main' if seen[key] % 2 == 1 else 'pool'} live"
 

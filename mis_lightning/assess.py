@@ -2707,14 +2707,14 @@ def _zero_sd_inert(reader: _InfluenceReader, sg: Tensor, a: int, b: int, still: 
 # the call's other elements, _elementwise_table) main and pool kappa-only calls in a chunk whose sd-0
 # weights are all inert (_zero_sd_inert: never moved and without influence) evaluate the chunk's
 # live weights alone (sd > 0, or NaN: what ParamGrid._own_moments sends to the table path) and give
-# the inert ones kappa 1: no point-mass proof, sd-0 split or ties' moments over the chunk (the 1e7
-# MLP's second layer, 94% such weights: ~0.3 s of a ~2.9 s steady call, docs/benchmarks.md "p53a").
-# No output reads an inert weight's kappa (INERT_ZERO_SD_UNIT's reasoning: d_eff counts never-moved
-# weights 0 and the pinned share 1 whatever their kappa, the power sums multiply it by an exact 0,
-# the draws keep the main kappa at sd 0). The live weights' kappa is bitwise the old call's; the power
-# sums move by the float32 GEMMs' rounding over other column values (each side within
-# POWER_SUMS_F32_RTOL of the exact sums), d_eff by its float sum's rounding. False: the whole chunk's
-# cell-moment calls, as before (A/B)
+# the inert ones kappa 0 (a point mass's, what most of them had): no point-mass proof, sd-0 split,
+# ties' moments or per-element grid over the chunk (the 1e7 MLP's second layer, 94% such weights:
+# ~0.3 s of a ~3 s steady call, docs/benchmarks.md "p53a"). No output reads an inert weight's kappa
+# (INERT_ZERO_SD_UNIT's reasoning: d_eff counts never-moved weights 0 and the pinned share 1 whatever
+# their kappa, the power sums multiply it by an exact 0, the draws keep the main kappa at sd 0). The
+# live weights' kappa is bitwise the old call's; the power sums move by the float32 GEMMs' rounding
+# over other column values (each side within POWER_SUMS_F32_RTOL of the exact sums), d_eff by its
+# float sum's rounding. False: the whole chunk's cell-moment calls, as before (A/B)
 CAST_LIVE_ONLY = True
 
 
@@ -2722,35 +2722,35 @@ def _cast_live_applies(g: ParamGrid) -> bool:
     """Whether :data:`CAST_LIVE_ONLY` may evaluate grid ``g``'s chunks on their live weights alone: a
     16-bit cast's table (:func:`_elementwise_table`, every scale exactly 1), no release bounds, no
     revealed elements, rounding to nearest."""
-    return (CAST_LIVE_ONLY and g.rounding == "nearest" and _elementwise_table(g) and g.support is None
-            and g.revealed is None and g._unit_scale())
+    return (CAST_LIVE_ONLY and g.kind == "table" and g.rounding == "nearest" and _elementwise_table(g)
+            and g.support is None and g.revealed is None and g._unit_scale())
 
 
 def _cast_live_facts(reader: _InfluenceReader, sg: Tensor, a: int, b: int, still: Tensor, th_c: Tensor,
-                     sg_c: Tensor, sg_pool: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """``(live [m], theta, sd, pool sd)`` of chunk ``a:b`` (float64 ``[m]`` each: ``th_c``, ``sg_c``,
-    ``sg_pool`` ``[c]`` at the live indices, ``~still`` ascending) where some weight is never moved
-    (``still [c]`` bool) and every sd-0 one is inert (:func:`_zero_sd_inert`; ``sg`` the estimate's
-    ``[c]``), else ``None``: :data:`CAST_LIVE_ONLY`'s chunk facts, once for every cast and call."""
+                     sg_c: Tensor, sg_pool: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
+    """``(live [m], theta, sd, pool sd, ones)`` of chunk ``a:b`` (float64 ``[m]`` each: ``th_c``,
+    ``sg_c``, ``sg_pool`` ``[c]`` at the live indices, ``~still`` ascending; the live weights' unit
+    scale) where some weight is never moved (``still [c]`` bool) and every sd-0 one is inert
+    (:func:`_zero_sd_inert`; ``sg`` the estimate's ``[c]``), else ``None``: :data:`CAST_LIVE_ONLY`'s
+    chunk facts, once for every cast and call (the same tensors: the table path's own-cell facts
+    of the main call serve the pool's)."""
     if not any_set(still) or not _zero_sd_inert(reader, sg, a, b, still):
         return None
     live = torch.nonzero(~still).squeeze(-1)
-    return live, th_c.index_select(0, live), sg_c.index_select(0, live), sg_pool.index_select(0, live)
+    return (live, th_c.index_select(0, live), sg_c.index_select(0, live), sg_pool.index_select(0, live),
+            torch.ones(live.numel(), dtype=torch.float64))
 
 
-def _cast_live_kappa(g: ParamGrid, th_l: Tensor, sg_l: Tensor, a: int, b: int, live: Tensor,
+def _cast_live_kappa(g: ParamGrid, th_l: Tensor, sg_l: Tensor, ones_l: Tensor, live: Tensor, c: int,
                      policy: F.CompilePolicy | None) -> Tensor:
-    """``[b - a]`` float64 kappa of a cast's chunk ``a:b`` (:data:`CAST_LIVE_ONLY`): 1 on the inert
-    weights, the table path's kappa (``kappa_only``) on the live ones, ``live [m]`` (ascending
-    chunk-relative indices) with ``th_l`` / ``sg_l`` ``[m]`` their float64 weights and sd: the
-    values :meth:`ParamGrid.moments` gives them (their moments never read the call's other
-    elements; a grid :func:`_cast_live_applies` to)."""
-    scale, zp, code, dead, bounds = g._chunk_grid(a, b)
-    assert dead is None and bounds is None
-    sel = lambda t: t.index_select(0, live)  # noqa: E731
-    sub = g._path_moments(th_l, sg_l, sel(scale), sel(zp), None if code is None else sel(code), None, policy,
-                          True)
-    kappa = torch.ones(b - a, dtype=torch.float64)
+    """``[c]`` float64 kappa of a cast's chunk of ``c`` weights (:data:`CAST_LIVE_ONLY`): 0 on the
+    inert weights, the table path's kappa (``kappa_only``) on the live ones, ``live [m]`` (ascending
+    chunk-relative indices) with ``th_l`` / ``sg_l`` ``[m]`` their float64 weights and sd and
+    ``ones_l`` ``[m]`` their scale (1: a grid :func:`_cast_live_applies` to): the values
+    :meth:`ParamGrid.moments` gives them (their moments never read the call's other elements; a
+    value table's path reads no zero point or code without bounds)."""
+    sub = g._path_moments(th_l, sg_l, ones_l, torch.zeros_like(ones_l), None, None, policy, True)
+    kappa = torch.zeros(c, dtype=torch.float64)
     return kappa.index_copy_(0, live, sub.kappa.to(torch.float64))
 
 
@@ -3878,7 +3878,7 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             exact_cols: _DeficitColumns | None = None
             unit_sums: dict[int, tuple[float, int]] = {}  # id(unit column) -> (its sum, its count below FROZEN_KAPPA)
             # (CAST_LIVE_ONLY: the chunk's live weights, once a chunk: False until asked)
-            cast_live: tuple[Tensor, Tensor, Tensor, Tensor] | None | bool = False
+            cast_live: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None | bool = False
             state: dict[int, tuple] = {}  # per scheme kept (keep4): the moments state right after its main moments
             for j, prep in enumerate(active):
                 k_c = m4_c = kp_c = None
@@ -3937,9 +3937,9 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                                         reader, sg[a:b], a, b, still_c, th_c, sg_c, sg_pool)) is not None) \
                                 and cast_live is not None:
                             # a cast on a chunk whose sd-0 weights are inert: its live weights alone
-                            live_c, th_l, sg_l, sgp_l = cast_live
-                            k_c = _cast_live_kappa(g, th_l, sg_l, a, b, live_c, policy)
-                            kp_c = _cast_live_kappa(g, th_l, sgp_l, a, b, live_c, policy)
+                            live_c, th_l, sg_l, sgp_l, ones_l = cast_live
+                            k_c = _cast_live_kappa(g, th_l, sg_l, ones_l, live_c, c, policy)
+                            kp_c = _cast_live_kappa(g, th_l, sgp_l, ones_l, live_c, c, policy)
                             m4_c = lam_c = _NAN64.expand(c)  # (kappa-only: unread, as the kappa-only stand-ins)
                         else:
                             if g.rounding == "nearest":
