@@ -2,8 +2,8 @@
 weights alone (``assess.CAST_LIVE_ONLY``, p53a).
 
 Tolerances. The live weights' kappa: none (bit for bit the whole chunk's call, the path before: a
-cast's cell moments of an element never read its call's other elements). The joint pass, switch on against off: frozen
-(pinned) counts exact (an inert weight is never moved: pinned whatever its kappa); d_eff within
+cast's cell moments of an element never read its call's other elements). The joint pass, switch on
+against off: frozen (pinned) counts exact (an inert weight is never moved: pinned whatever its kappa); d_eff within
 1e-12 relative (its float64 sum over another set of kappa values: ~c ulps at most); every power sum
 within ``2 rtol / (1 - rtol)`` relative, ``rtol = POWER_SUMS_F32_RTOL`` (an inert weight's terms are
 exact zeros whatever its kappa, so both sides are float32-path sums of the same exact sums, each
@@ -20,39 +20,18 @@ import math
 
 import pytest
 import torch
+from _joint_switch import joint_pass_on_off  # tests/_joint_switch.py
 from _nets import trained_relu_mlp  # tests/_nets.py
+from test_sd_zero_apart import _cast_chunk  # p52c's chunk: ties, near-edge weights
 from torch.utils.data import DataLoader, TensorDataset
 
 from mis_lightning.config import stage_configs
-from mis_lightning.functional import table as T
 from mis_lightning.quantization import get_scheme
 
 A = importlib.import_module("mis_lightning.assess")
 LF = importlib.import_module("mis_lightning.estimation.linear_factors")
 qb = importlib.import_module("mis_lightning.quantization.base")
 F64 = torch.float64
-
-
-def _cast_chunk(scheme: str):
-    """A cast's grid on a seeded Linear(128, 512): 7 rows in 8 sd 0 (dead units), among them ties
-    (on an edge of their own cell) and weights one float32 ulp off an edge; the live rows' sd from
-    far below a cell to past fp16's top, one live weight of NaN sd."""
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(128, 512)
-    g = get_scheme(scheme).apply(torch.nn.Sequential(lin)).grids["0.weight"]
-    theta = lin.weight.detach().reshape(-1).to(F64).clone()
-    c = theta.numel()
-    layout = T.table_layout(g.values, torch.device("cpu"))
-    dead = torch.nonzero((torch.arange(512) % 8 != 3).repeat_interleave(128)).squeeze(-1)
-    edge = layout.padded[layout.cells(theta)]  # the own cell's lower edge
-    on, near = dead[::61], dead[30::67]
-    theta[on] = edge[on]
-    theta[near] = torch.nextafter(edge[near].float(), torch.tensor(float("inf"))).double()
-    live = (torch.arange(512) % 8 == 3).repeat_interleave(128)
-    gen = torch.Generator().manual_seed(1)
-    sigma = torch.where(live, torch.exp(torch.empty(c, dtype=F64).uniform_(-12.0, 12.0, generator=gen)),
-                        torch.zeros_like(theta))
-    return g, theta, sigma
 
 
 @pytest.mark.parametrize("scheme", ["fp16", "bf16"])
@@ -110,22 +89,7 @@ def test_joint_pass_casts_on_live_weights(monkeypatch, mark):
             est._v_diag[name] = v
     schemes = ["fp16", "bf16", "int8_weight_only"]
     monkeypatch.setattr(A, "FOURTH_KEEP_BYTES", 0)  # (the large-model regime: main calls kappa-only)
-    live_calls = {True: 0, False: 0}
-    live_kappa = A._cast_live_kappa
-    out = {}
-    for flag in (True, False):
-        monkeypatch.setattr(A, "CAST_LIVE_ONLY", flag)
-
-        def counted(*args, flag=flag, **kwargs):
-            live_calls[flag] += 1
-            return live_kappa(*args, **kwargs)
-
-        monkeypatch.setattr(A, "_cast_live_kappa", counted)
-        qb.release_chunk_facts()
-        prepared = [A._prepare_scheme(est, model, get_scheme(s), 16) for s in schemes]
-        sums = A._joint_sums(est, prepared, 1 << 18, 0, keep_moments=False)
-        out[flag] = (sums, [(p.d_eff, p.frozen, {k: (v.d_eff, v.pinned_fraction) for k, v in p.layers.items()})
-                            for p in prepared])
+    out, live_calls = joint_pass_on_off(monkeypatch, est, model, schemes, "CAST_LIVE_ONLY", "_cast_live_kappa")
     assert live_calls[False] == 0
     if mark == "finite":
         assert live_calls[True] == 0
