@@ -2714,7 +2714,8 @@ def _zero_sd_inert(reader: _InfluenceReader, sg: Tensor, a: int, b: int, still: 
 # their kappa, the power sums multiply it by an exact 0, the draws keep the main kappa at sd 0). The
 # live weights' kappa is bitwise the old call's; the power sums move by the float32 GEMMs' rounding
 # over other column values (each side within POWER_SUMS_F32_RTOL of the exact sums), d_eff by its
-# float sum's rounding. False: the whole chunk's cell-moment calls, as before (A/B)
+# float sum's rounding (the 1e5, 1e6 and 1e7 MLPs' reports: bitwise). False: the whole chunk's
+# cell-moment calls, as before (A/B)
 CAST_LIVE_ONLY = True
 
 
