@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     mc = importlib.import_module("mis_lightning._modelcopy")
     T = Timer()
     owner: dict[int, str] = {}  # id(grid) -> scheme name (and the parameter's, --by-layer)
-    seen: dict[tuple[int, int], int] = {}  # (grid, chunk start) -> moments calls from _joint_sums
+    seen: dict[tuple, int] = {}  # (grid, chunk start) -> moments calls from _joint_sums
 
     prep0 = A._prepare_scheme
 
@@ -185,6 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         return f"{who}: moments from {caller}"
 
     qb.ParamGrid.moments = T.wrap(mom0, mom_label)
+    if hasattr(A, "_cast_live_kappa"):  # (p53a's casts on their live weights: main, then pool)
+        def live_label(g: Any, th: Any, *rest: Any, **k: Any) -> str:
+            key = ("live", id(g), id(th))  # (the chunk's live weights: one tensor for its main and pool calls)
+            seen[key] = seen.get(key, 0) + 1
+            return f"{owner.get(id(g), 'storage/other')}: moments {'main' if seen[key] % 2 == 1 else 'pool'} live"
+
+        A._cast_live_kappa = T.wrap(A._cast_live_kappa, live_label)
+        A._cast_live_facts = T.wrap(A._cast_live_facts, "joint pass: _cast_live_facts")
     for n in ("_draw_parts", "_sampled_draw_parts"):  # (a subset grid's inner call: its caller's owner)
         setattr(A, n, T.wrap(getattr(A, n), lambda g, *a, **k: f"{owner.get(id(g)) or T.labels[-1].split(':')[0]}: draws"))
     for n in ("_requantized_moments", "_joint_exact_fourth", "_record_correlation", "_floor_sensitivity"):

@@ -2602,6 +2602,7 @@ CAST_BOUND_ONCE_MAX = 4 * _CAST_BOUND_PROBE
 
 
 _TINY64 = torch.finfo(torch.float64).tiny
+_NAN64 = torch.full((1,), math.nan, dtype=torch.float64)  # (one value, expanded as a stand-in: read, never written)
 # A unit column's (0 or 1 per weight: _unit_columns, the baseline's ones) count of never-moved
 # weights at or above FROZEN_KAPPA read off its dot product with them (exact: a count below
 # 2^53), not by a comparison, an and and a count over the chunk (p50c). False: counted
@@ -2708,6 +2709,58 @@ def _zero_sd_inert(reader: _InfluenceReader, sg: Tensor, a: int, b: int, still: 
     # (V > V_NONE and finite on a never-moved weight: an influence; V infinite, the rounding
     # gradients' mark, or at most V_NONE: none, the power sums' terms exact zeros either way)
     return not any_set(still & (v > V_NONE) & (v < math.inf))
+
+
+# A 16-bit cast's (bf16 / fp16: a value table at scale 1 whose cell moments of an element never read
+# the call's other elements, _elementwise_table) main and pool kappa-only calls in a chunk whose sd-0
+# weights are all inert (_zero_sd_inert: never moved and without influence) evaluate the chunk's
+# live weights alone (sd > 0, or NaN: what ParamGrid._own_moments sends to the table path) and give
+# the inert ones kappa 0 (a point mass's, what most of them had): no point-mass proof, sd-0 split,
+# ties' moments or per-element grid over the chunk (the 1e7 MLP's second layer, 94% such weights:
+# ~0.3 s of a ~3 s steady call, docs/benchmarks.md "p53a"). No output reads an inert weight's kappa
+# (INERT_ZERO_SD_UNIT's reasoning: d_eff counts never-moved weights 0 and the pinned share 1 whatever
+# their kappa, the power sums multiply it by an exact 0, the draws keep the main kappa at sd 0). The
+# live weights' kappa is bitwise the old call's; the power sums move by the float32 GEMMs' rounding
+# over other column values (each side within POWER_SUMS_F32_RTOL of the exact sums), d_eff by its
+# float sum's rounding (the 1e5, 1e6 and 1e7 MLPs' reports: bitwise). False: the whole chunk's
+# cell-moment calls, as before (A/B)
+CAST_LIVE_ONLY = True
+
+
+def _cast_live_applies(g: ParamGrid) -> bool:
+    """Whether :data:`CAST_LIVE_ONLY` may evaluate grid ``g``'s chunks on their live weights alone: a
+    16-bit cast's table (:func:`_elementwise_table`, every scale exactly 1), no release bounds, no
+    revealed elements, rounding to nearest."""
+    return (CAST_LIVE_ONLY and g.kind == "table" and g.rounding == "nearest" and _elementwise_table(g)
+            and g.support is None and g.revealed is None and g._unit_scale())
+
+
+def _cast_live_facts(reader: _InfluenceReader, sg: Tensor, a: int, b: int, still: Tensor, th_c: Tensor,
+                     sg_c: Tensor, sg_pool: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
+    """``(live [m], theta, sd, pool sd, ones)`` of chunk ``a:b`` (float64 ``[m]`` each: ``th_c``,
+    ``sg_c``, ``sg_pool`` ``[c]`` at the live indices, ``~still`` ascending; the live weights' unit
+    scale) where some weight is never moved (``still [c]`` bool) and every sd-0 one is inert
+    (:func:`_zero_sd_inert`; ``sg`` the estimate's ``[c]``), else ``None``: :data:`CAST_LIVE_ONLY`'s
+    chunk facts, once for every cast and call (the same tensors: the table path's own-cell facts
+    of the main call serve the pool's)."""
+    if not any_set(still) or not _zero_sd_inert(reader, sg, a, b, still):
+        return None
+    live = torch.nonzero(~still).squeeze(-1)
+    return (live, th_c.index_select(0, live), sg_c.index_select(0, live), sg_pool.index_select(0, live),
+            torch.ones(live.numel(), dtype=torch.float64))
+
+
+def _cast_live_kappa(g: ParamGrid, th_l: Tensor, sg_l: Tensor, ones_l: Tensor, live: Tensor, c: int,
+                     policy: F.CompilePolicy | None) -> Tensor:
+    """``[c]`` float64 kappa of a cast's chunk of ``c`` weights (:data:`CAST_LIVE_ONLY`): 0 on the
+    inert weights, the table path's kappa (``kappa_only``) on the live ones, ``live [m]`` (ascending
+    chunk-relative indices) with ``th_l`` / ``sg_l`` ``[m]`` their float64 weights and sd and
+    ``ones_l`` ``[m]`` their scale (1: a grid :func:`_cast_live_applies` to): the values
+    :meth:`ParamGrid.moments` gives them (their moments never read the call's other elements; a
+    value table's path reads no zero point or code without bounds)."""
+    sub = g._path_moments(th_l, sg_l, ones_l, torch.zeros_like(ones_l), None, None, policy, True)
+    kappa = torch.zeros(c, dtype=torch.float64)
+    return kappa.index_copy_(0, live, sub.kappa.to(torch.float64))
 
 
 def _unit_columns(g: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int,
@@ -3847,6 +3900,8 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             exact: dict[int, tuple[Tensor, Any, Tensor, Tensor]] = {}
             exact_cols: _DeficitColumns | None = None
             unit_sums: dict[int, tuple[float, int]] = {}  # id(unit column) -> (its sum, its count below FROZEN_KAPPA)
+            # (CAST_LIVE_ONLY: the chunk's live weights, once a chunk: False until asked)
+            cast_live: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None | bool = False
             state: dict[int, tuple] = {}  # per scheme kept (keep4): the moments state right after its main moments
             for j, prep in enumerate(active):
                 k_c = m4_c = kp_c = None
@@ -3899,6 +3954,16 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                             assert ucols is not None
                             k_c, m4_c = ucols
                             lam_c, kp_c = None, k_c
+                        elif main_kappa_only[j] and est.d != 1 and sgrid is None and not keep \
+                                and still_c is not None and _cast_live_applies(g) and (
+                                    cast_live is not False or (cast_live := _cast_live_facts(
+                                        reader, sg[a:b], a, b, still_c, th_c, sg_c, sg_pool)) is not None) \
+                                and cast_live is not None:
+                            # a cast on a chunk whose sd-0 weights are inert: its live weights alone
+                            live_c, th_l, sg_l, sgp_l, ones_l = cast_live
+                            k_c = _cast_live_kappa(g, th_l, sg_l, ones_l, live_c, c, policy)
+                            kp_c = _cast_live_kappa(g, th_l, sgp_l, ones_l, live_c, c, policy)
+                            m4_c = lam_c = _NAN64.expand(c)  # (kappa-only: unread, as the kappa-only stand-ins)
                         else:
                             if g.rounding == "nearest":
                                 mm = g.moments(th_c, sg_c, a, b, compile_policy=policy,

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from _joint_switch import joint_pass_on_off  # tests/_joint_switch.py
 from _nets import trained_relu_mlp  # tests/_nets.py
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -727,21 +728,7 @@ def test_inert_zero_sd_unit_chunks_skip_the_point_masses(monkeypatch, mark):
         est.sigma[name] = sg
     schemes = SCHEMES + ["float8_weight_only"]
     monkeypatch.setattr(A, "FOURTH_KEEP_BYTES", 0)  # (kept fourth-power columns skip the unit-kappa test)
-    calls = {True: 0, False: 0}
-    unit_columns = A._unit_columns
-    out = {}
-    for flag in (True, False):
-        monkeypatch.setattr(A, "INERT_ZERO_SD_UNIT", flag)
-
-        def counted(*args, flag=flag, **kwargs):
-            calls[flag] += 1
-            return unit_columns(*args, **kwargs)
-
-        monkeypatch.setattr(A, "_unit_columns", counted)
-        prepared = [A._prepare_scheme(est, model, get_scheme(s), 16) for s in schemes]
-        sums = A._joint_sums(est, prepared, 1 << 18, 0, keep_moments=False)
-        out[flag] = (sums, [(p.d_eff, p.frozen, {k: (v.d_eff, v.pinned_fraction) for k, v in p.layers.items()})
-                            for p in prepared])
+    out, calls = joint_pass_on_off(monkeypatch, est, model, schemes, "INERT_ZERO_SD_UNIT", "_unit_columns")
     assert calls[False] > 0  # (the fixture has unit chunks with point masses)
     assert calls[True] == (calls[False] if mark == "finite" else 0)
     f32 = LF.POWER_SUMS_F32_RTOL
