@@ -23,10 +23,10 @@ _ABBREVIATIONS = ("e.g", "i.e", "cf", "vs", "etc", "approx", "resp", "incl", "se
 _OPEN, _CLOSE = "([{", ")]}"
 
 
-def _boundaries(text: str, commas: bool, brackets: bool = False) -> list[int]:
+def _boundaries(text: str, commas: bool, brackets: bool = False, clauses: bool = True) -> list[int]:
     """The ends of the clauses of ``text`` outside brackets: before ``". "``, ``": "``,
-    ``"; "``, ``" -- "`` (and ``", "`` where ``commas``; before ``" ("`` where ``brackets``), in
-    order."""
+    ``"; "``, ``" -- "`` (and ``", "`` where ``commas``; before ``" ("`` where ``brackets``;
+    only ``". "``, the sentences' ends, where not ``clauses``), in order."""
     out, depth = [], 0
     for i, c in enumerate(text):
         if c in _OPEN:
@@ -36,21 +36,23 @@ def _boundaries(text: str, commas: bool, brackets: bool = False) -> list[int]:
         elif c in _CLOSE:
             depth = max(depth - 1, 0)
         elif depth == 0 and text[i + 1:i + 2] == " ":
-            if c in ":;" or (commas and c == ","):
+            if clauses and (c in ":;" or (commas and c == ",")):
                 out.append(i)
             elif c == "." and i > 0 and not text[:i].rsplit(" ", 1)[-1].lower().endswith(_ABBREVIATIONS):
                 out.append(i)
-            elif c == " " and text[i:i + 4] == " -- ":
+            elif clauses and c == " " and text[i:i + 4] == " -- ":
                 out.append(i)
     return out
 
 
 def warning_line(text: str, width: int = WARNING_LINE_WIDTH) -> str:
-    """The console line of a warning ``text``: its first clause (up to the first ``.``, ``:``,
-    ``;`` or `` -- `` outside brackets), with the next clause (to its next ``,``) when the first is
-    shorter than 40 characters ("saddle not excluded: the Hessian's lowest eigenvalue reads ...");
+    """The console line of a warning ``text``: its first sentence (up to the first ``". "``
+    outside brackets) where that fits in ``width`` characters, else its first clause (up to the
+    first ``.``, ``:``, ``;`` or `` -- `` outside brackets), with the next clause (to its next
+    ``,``) when the first is shorter than 40 characters ("saddle not excluded: the Hessian's lowest eigenvalue reads ...");
     when longer than ``width`` characters, cut at the last ``", "`` or ``" ("`` outside brackets
-    before it (a bracket is kept whole or left out), else at the last space. The text itself
+    between 40 characters and ``width`` (a bracket kept whole or left out), else at the last
+    space before ``width`` (inside a bracket: the culprits it names are kept). The text itself
     when it fits and has one clause; else the line, a prefix of ``text``, ends in :data:`MORE`.
 
     Raises:
@@ -59,9 +61,12 @@ def warning_line(text: str, width: int = WARNING_LINE_WIDTH) -> str:
     if width < _SHORT:
         raise ValueError(f"width must be >= {_SHORT}, got {width}")
     text = " ".join(text.split())  # one line
+    sentence = next(iter(_boundaries(text, commas=False, clauses=False)), len(text))
     ends = _boundaries(text, commas=False)
     end = ends[0] if ends else len(text)
-    if end < _SHORT and end < len(text):  # "saddle not excluded": the next clause says what it is
+    if sentence <= width:  # the first sentence, whole, where it fits
+        end = sentence
+    elif end < _SHORT:  # "saddle not excluded": the next clause says what it is
         end = next((e for e in _boundaries(text, commas=True) if e > end + 2), len(text))
     if end > width:
         fits = [e for e in _boundaries(text, commas=True, brackets=True) if _SHORT <= e <= width]

@@ -75,6 +75,8 @@ def _t(x: float) -> Tensor:
 #: a report warning is raised again by a later ``compute`` only if its opening (this many
 #: characters, before the figures it quotes) differs from every one raised before
 WARNING_KEY_CHARS = 60
+#: appended to the last of ``compute``'s one-line warnings that leaves text out (nux51 #9)
+IN_FULL = "; these warnings in full: print(metric.report.warnings_text())"
 
 
 def report_summary(report: Report) -> dict[str, dict[str, Any]]:
@@ -271,7 +273,7 @@ class MISIndicator(EstimationMetric):
                     said.append(warning_line(msg))
         cut = [i for i, line in enumerate(said) if line.endswith(MORE)]
         if cut:  # the last line that leaves text out says where it is (the INFO log is not shown by default)
-            said[cut[-1]] += "; these warnings in full: print(metric.report.warnings_text())"
+            said[cut[-1]] += IN_FULL
         for line in said:
             warn(f"MISIndicator: {line}", rank_zero=rank_zero_only)
         return report_summary(self.report)
@@ -291,13 +293,16 @@ class MISIndicator(EstimationMetric):
             torch.distributed.is_initialized() else 1
         if read < stated and world > 1 and not getattr(self, "sync_on_compute", True):
             causes = f"sync_on_compute=False: this process's updates alone, of {world} processes"
+        # the likely cause first, short: the console shows the first sentence (warning_line)
         elif read > stated:
-            causes = ("the updates fed records more than once (an update every epoch, or every validation run, "
-                      "without reset(): call reset() before each pass over the training records), or "
-                      "num_training_records is not every process's records together, padding included")
+            causes = ("records fed more than once (updates without reset()?). An update every epoch, or every "
+                      "validation run, without reset() feeds them again: call reset() before each pass over the "
+                      "training records; or num_training_records is not every process's records together, padding "
+                      "included")
         else:
-            causes = ("the updates left records out (a loader with drop_last=True, a sampler over part of the "
-                      "data), or num_training_records is not every process's records together")
+            causes = ("the updates left records out (drop_last=True? a sampler?). A loader with drop_last=True or a "
+                      "sampler over part of the data leaves records out; or num_training_records is not every "
+                      "process's records together")
         return records_read_note(read, stated, "num_training_records", causes=causes)
 
     def plot(self, val: Any = None, ax: Any = None) -> Any:

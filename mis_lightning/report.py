@@ -546,8 +546,8 @@ class Report:
             text += "\n\nnotes:\n" + "\n".join(f"  - {w}" for w in self.notes)
         if said:
             lines = said if verbose else [warning_line(w) for w in said]
-            cut = f" ({MORE.strip()}: in full in {warnings_in_full})" if lines != said else ""
-            text += f"\n\nwarnings{cut}:\n" + "\n".join(f"  - {w}" for w in lines)
+            cut = f" ({MORE.strip()}: the rest in {warnings_in_full})" if lines != said else ""
+            text += f"\n\nwarnings:{cut}\n" + "\n".join(f"  - {w}" for w in lines)
         return text
 
     def plot(self, path: str | Path | None = None, utility_key: str | None = None):
