@@ -175,11 +175,15 @@ ALL_SCHEMES_AT = ("all {n} scheme names: mis_lightning.quantization.available_sc
 
 def _unknown_names_message(unknown: Sequence[str]) -> str:
     """The error of unknown scheme names: each with up to 3 close registered names
-    (:func:`_close_names`), then where the full list is (:data:`ALL_SCHEMES_AT`), not the list."""
+    (:func:`_close_names`; where none is close, the 3 nearest by difflib's ratio), then where the
+    full list is (:data:`ALL_SCHEMES_AT`), not the list."""
     parts = []
     for spec in unknown:
         close = _close_names(spec)
-        parts.append(f"{spec!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        # nothing close ('int9'): the 3 nearest registered names all the same, the list not being printed
+        nearest = [] if close else close_names(spec, _FACTORIES, n=3, cutoff=0.0, fold_case=True)
+        parts.append(f"{spec!r}" + (f" (did you mean {', '.join(close)}?)" if close else
+                                    f" (nothing close; nearest: {', '.join(nearest)})" if nearest else ""))
     what = "unknown quantization scheme" if len(unknown) == 1 else f"{len(unknown)} unknown quantization schemes:"
     return f"{what} {'; '.join(parts)}; {ALL_SCHEMES_AT.format(n=len(_FACTORIES))}"
 
