@@ -18,8 +18,9 @@ WARNING_LINE_WIDTH = 160
 _SHORT = 40
 #: appended to a line that leaves text out
 MORE = " [...]"
-#: words whose period does not end a sentence
-_ABBREVIATIONS = ("e.g", "i.e", "cf", "vs", "etc", "approx", "resp", "incl", "sec", "eq", "fig", "no")
+#: words whose period does not end a sentence (the word before the period, opening brackets and
+#: quotes left out)
+_ABBREVIATIONS = frozenset({"e.g", "i.e", "cf", "vs", "etc", "approx", "resp", "incl", "sec", "eq", "fig", "no"})
 _OPEN, _CLOSE = "([{", ")]}"
 
 
@@ -38,7 +39,7 @@ def _boundaries(text: str, commas: bool, brackets: bool = False, clauses: bool =
         elif depth == 0 and text[i + 1:i + 2] == " ":
             if clauses and (c in ":;" or (commas and c == ",")):
                 out.append(i)
-            elif c == "." and i > 0 and not text[:i].rsplit(" ", 1)[-1].lower().endswith(_ABBREVIATIONS):
+            elif c == "." and i > 0 and text[:i].rsplit(" ", 1)[-1].lstrip("([{'\"").lower() not in _ABBREVIATIONS:
                 out.append(i)
             elif clauses and c == " " and text[i:i + 4] == " -- ":
                 out.append(i)

@@ -33,6 +33,9 @@ LEVERAGE = ("finite-sample (leverage) correction: mean leverage 0.106 (max 0.294
     (LOADER, LOADER),
     (LEVERAGE, "finite-sample (leverage) correction: mean leverage 0.106 (max 0.294) of the stored records" + MORE),
     ("d / n is large (e.g. 0.3 here). Act", "d / n is large (e.g. 0.3 here)" + MORE),
+    ("assess fewer weights, e.g. a head over a frozen encoder, or more records. Then", "assess fewer weights, "
+     "e.g. a head over a frozen encoder, or more records" + MORE),
+    ("the weights of a casino. Then more", "the weights of a casino" + MORE),  # "no" is a word, not a suffix
     # one short sentence: itself, nothing appended
     ("the model interpolates its training data", "the model interpolates its training data"),
 ])
