@@ -1278,6 +1278,18 @@ def _batch_statistics_cause(model: nn.Module) -> str:
             + "the objective assessed) before assessing, else read the figures as indicative. Otherwise, ")
 
 
+def _not_at_minimum_suspects(model: nn.Module) -> str:
+    """The not-at-a-minimum warning's likely causes, short: its first sentence is what the console
+    shows (:func:`~mis_lightning._warning_lines.warning_line`, nux51 #9); the warning's text after
+    it says each in full (:func:`_batch_statistics_cause` for the layers named here)."""
+    norms, drops = _running_statistics_layers(model), _stochastic_layers(model)
+    if norms or drops:
+        what = " and ".join([*([f"running statistics {_shown(norms, 2)}"] if norms else []),
+                             *([f"dropout {_shown(drops, 2)}"] if drops else [])])
+        return f"likely: {what} trained in train mode, assessed in eval mode"
+    return "not converged, another loss or weight decay, or records other than the ones it was trained on"
+
+
 def _running_statistics_note(model: nn.Module) -> str | None:
     """The warning for :func:`_running_statistics_layers`; ``None`` where there is none."""
     names = _running_statistics_layers(model)
@@ -1807,7 +1819,8 @@ def score_schemes(
         report.warnings.append(decay_hint)
     if diagnostics.get("not_at_minimum"):
         report.warnings.append(
-            f"the model is not at a minimum of the training loss: {_not_at_minimum_criterion(diagnostics)}"
+            f"the model is not at a minimum of the training loss ({_not_at_minimum_suspects(model)}): "
+            f"{_not_at_minimum_criterion(diagnostics)}"
             + "; the M-estimator analysis may not apply; " + _batch_statistics_cause(model)
             + "train to convergence, with the weight decay and "
             "loss you assess -- or, if the model is converged, pass the objective it was trained on: the "

@@ -29,6 +29,7 @@ from ._loss_match import TrainingLosses, loss_mismatch_note
 from ._reloads import TrainingSets
 from ._rng import isolated_rng
 from ._user_warnings import rank_zero_warn
+from ._warning_lines import warning_line
 from .assess import (
     SchemeSpec,
     check_schemes,
@@ -506,7 +507,10 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                 rank_zero_info(f"MISCallback: fast_dev_run: assessed {len(report.schemes)} scheme(s) on "
                                f"n={report.n} records in {time.perf_counter() - t0:.1f} s; no report written")
             elif zero:
-                for w in report.warnings:  # failed schemes, float layers, d_eff/n, not at a minimum, ...
+                # failed schemes, float layers, d_eff/n, not at a minimum, ...: one line each, the
+                # full text in the report (nux51 #9: 7 warnings printed 4,870 characters)
+                lines = [warning_line(w) for w in report.warnings]
+                for w in lines:
                     rank_zero_warn(f"MISCallback: {w}")
                 for w in report.notes:  # information (layers quantized by another method): logged, not warned
                     if w != getattr(self, "_decay_info", None):  # said at the start of fit (nux52 #7)
@@ -520,7 +524,9 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                 rank_zero_info(f"MISCallback: assessed {len(report.schemes) - failed} scheme(s)"
                                + (f" ({failed} failed: see the warnings)" if failed else "")
                                + f" on n={report.n} records in {time.perf_counter() - t0:.1f} s; "
-                               f"report: {self.report_path}")
+                               f"report: {self.report_path}"
+                               + ("; the warnings above in full: print(callback.report.warnings_text())"
+                                  if lines != report.warnings else ""))
                 ties = ties_line(report.rows())  # the figures' order where the intervals do not resolve it
                 if ties:
                     rank_zero_info(f"MISCallback: {ties}")

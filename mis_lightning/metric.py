@@ -46,6 +46,7 @@ from torchmetrics.utilities.prints import rank_zero_only
 
 from ._precision import full_float32
 from ._user_warnings import warn
+from ._warning_lines import MORE, warning_line
 from .assess import (
     SchemeSpec,
     check_schemes,
@@ -74,6 +75,8 @@ def _t(x: float) -> Tensor:
 #: a report warning is raised again by a later ``compute`` only if its opening (this many
 #: characters, before the figures it quotes) differs from every one raised before
 WARNING_KEY_CHARS = 60
+#: appended to the last of ``compute``'s one-line warnings that leaves text out (nux51 #9)
+IN_FULL = "; these warnings in full: print(metric.report.warnings_text())"
 
 
 def report_summary(report: Report) -> dict[str, dict[str, Any]]:
@@ -239,7 +242,9 @@ class MISIndicator(EstimationMetric):
     def compute(self) -> dict[str, dict[str, Any]]:  # type: ignore[override]
         """Score every scheme from the synced estimate; ``{scheme: {figure: 0-d tensor}}``.
         The report's warnings (``self.report.warnings``) are raised as ``UserWarning``s prefixed
-        ``MISIndicator:`` on rank zero, each caveat once per Metric (:data:`WARNING_KEY_CHARS`),
+        ``MISIndicator:`` on rank zero, each by its first sentence
+        (:func:`~mis_lightning._warning_lines.warning_line`; in full:
+        ``self.report.warnings_text()``), each caveat once per Metric (:data:`WARNING_KEY_CHARS`),
         shown at the caller's line (``metric.compute()``); its notes (``self.report.notes``:
         information) are logged instead (INFO, logger ``mis_lightning.metric``).
 
@@ -257,14 +262,20 @@ class MISIndicator(EstimationMetric):
             self.report.warnings.insert(0, counted)
         # the figures' caveats (not at a minimum, d / n not small, weights left in float, ...) are
         # raised as warnings, as the callback prints them: the returned tensors carry none of them
+        said: list[str] = []
         for msg in [*self.report.warnings, *self.report.notes]:
             if msg[:WARNING_KEY_CHARS] not in self._warned:
                 self._warned.add(msg[:WARNING_KEY_CHARS])
                 if msg in self.report.notes:  # information, not a problem: logged (INFO), as the callback does
                     if rank_zero_only.rank == 0:
                         log.info("MISIndicator: %s", msg)
-                else:
-                    warn(f"MISIndicator: {msg}", rank_zero=rank_zero_only)
+                else:  # one line, the full text in the report (nux51 #9)
+                    said.append(warning_line(msg))
+        cut = [i for i, line in enumerate(said) if line.endswith(MORE)]
+        if cut:  # the last line that leaves text out says where it is (the INFO log is not shown by default)
+            said[cut[-1]] += IN_FULL
+        for line in said:
+            warn(f"MISIndicator: {line}", rank_zero=rank_zero_only)
         return report_summary(self.report)
 
     def _records_note(self, est: Any) -> str | None:
@@ -282,13 +293,16 @@ class MISIndicator(EstimationMetric):
             torch.distributed.is_initialized() else 1
         if read < stated and world > 1 and not getattr(self, "sync_on_compute", True):
             causes = f"sync_on_compute=False: this process's updates alone, of {world} processes"
+        # the likely cause first, short: the console shows the first sentence (warning_line)
         elif read > stated:
-            causes = ("the updates fed records more than once (an update every epoch, or every validation run, "
-                      "without reset(): call reset() before each pass over the training records), or "
-                      "num_training_records is not every process's records together, padding included")
+            causes = ("records fed more than once (updates without reset()?). An update every epoch, or every "
+                      "validation run, without reset() feeds them again: call reset() before each pass over the "
+                      "training records; or num_training_records is not every process's records together, padding "
+                      "included")
         else:
-            causes = ("the updates left records out (a loader with drop_last=True, a sampler over part of the "
-                      "data), or num_training_records is not every process's records together")
+            causes = ("the updates left records out (drop_last=True? a sampler?). A loader with drop_last=True or a "
+                      "sampler over part of the data leaves records out; or num_training_records is not every "
+                      "process's records together")
         return records_read_note(read, stated, "num_training_records", causes=causes)
 
     def plot(self, val: Any = None, ax: Any = None) -> Any:

@@ -13,10 +13,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ._warning_lines import MORE, warning_line
+
 # Renamed report fields: old name -> new name (old JSON keys load, old attributes still read).
 RENAMED = {"frozen_fraction": "pinned_fraction", "sparsity": "zero_fraction"}
 #: default utility tolerance of the table's verdict, relative to the best scheme's utility
 UTILITY_TOLERANCE = 0.01
+#: where :meth:`Report.table`'s one-line warnings say their full text is
+WARNINGS_IN_FULL = "report.warnings_text(), table(verbose=True) or the JSON report"
 
 
 def _renamed(old: str, new: str) -> tuple[Any, Any]:
@@ -452,9 +456,17 @@ class Report:
             wr.writeheader()
             wr.writerows(rows)
 
+    def warnings_text(self) -> str:
+        """Every warning of :attr:`warnings` in full, one ``"  - "`` line each (a failed scheme's
+        too), under ``warnings:``; ``""`` when there is none. The console (the callback's and the
+        Metric's ``UserWarning``, :meth:`table`) shows each by its first sentence
+        (:func:`~mis_lightning._warning_lines.warning_line`), which is a prefix of its line here."""
+        return "warnings:\n" + "\n".join(f"  - {w}" for w in self.warnings) if self.warnings else ""
+
     def table(self, utility_key: str | None = None, utility_tolerance: float | None = None,
               with_verdict: bool = True, legend_columns: str | None = None,
-              verdict_note: str | None = None) -> str:
+              verdict_note: str | None = None, verbose: bool = False,
+              warnings_in_full: str = WARNINGS_IN_FULL) -> str:
         """Plain-text table: scheme, bits/weight, share of assessed weights left in float,
         utility, leakage and its 80% interval (``pos.``: position-dominated), MIS, baseline;
         then a legend of the columns (:func:`legend`), the estimator that ran (``estimation``), the verdict (:func:`verdict`: the safest
@@ -463,8 +475,12 @@ class Report:
         where a planner's budgeted choice follows), the schemes whose order by leakage the
         figures do not resolve (:func:`ties_line`: "not ranked beyond their intervals", with or
         without the verdict), the notes (:attr:`notes`: information, under ``notes:``) and every
-        warning in full (an assumption that failed must be read next to the numbers, not only in
-        the JSON). ``legend_columns``: one line in place of the
+        warning (an assumption that failed must be read next to the numbers, not only in the
+        JSON): one line each, its first sentence naming what failed
+        (:func:`~mis_lightning._warning_lines.warning_line`; ``[...]`` where text is left out, and
+        then the header says where the full text is: ``warnings_in_full``), or in full where
+        ``verbose`` (files that keep the table: the app's ``report.md``, the trackers' text).
+        ``legend_columns``: one line in place of the
         legend's entries for the columns every table has (:func:`legend`'s ``columns``).
         ``verdict_note``: a line printed in place of the verdict (a sweep's job that assessed
         one scheme has no choice to make: :func:`mis_lightning.app.job.sweep_verdict_note`);
@@ -529,7 +545,9 @@ class Report:
         if self.notes:
             text += "\n\nnotes:\n" + "\n".join(f"  - {w}" for w in self.notes)
         if said:
-            text += "\n\nwarnings:\n" + "\n".join(f"  - {w}" for w in said)
+            lines = said if verbose else [warning_line(w) for w in said]
+            cut = f" ({MORE.strip()}: the rest in {warnings_in_full})" if lines != said else ""
+            text += f"\n\nwarnings:{cut}\n" + "\n".join(f"  - {w}" for w in lines)
         return text
 
     def plot(self, path: str | Path | None = None, utility_key: str | None = None):

@@ -280,7 +280,7 @@ def publish_report(out: Path, report: Report, loggers: Iterable[Any], *, step: i
                    pixels=pixels)
     finally:
         plt.close(fig)
-    table = report.table()
+    table = report.table(verbose=True)  # the trackers keep the warnings in full
     for lg in loggers:  # the JSON report next to the figure in trackers that keep files
         log_files(lg, [report_path], table=table, step=step)
     return report_path, figure_path

@@ -21,6 +21,7 @@ from torch.utils.data import (
 
 from mis_lightning import MISCallback
 from mis_lightning._augmentation import random_records_note
+from mis_lightning._warning_lines import warning_line
 
 pytestmark = pytest.mark.usefixtures("layout_only_figures")
 SCHEMES = ["rtn_int8"]
@@ -99,7 +100,9 @@ def test_a_curriculum_of_reloaded_datasets_is_said_in_the_report(tmp_path, how):
     assert "rebuilt over 3 different training sets (datasets, or samplers drawing other records; of 128, 128, " \
            "128 records)" in notes[0]
     assert "only the last one's records are assessed (n=128)" in notes[0]
-    assert notes[0] in cb.report.table()  # printed under the table
+    assert notes[0] in cb.report.table(verbose=True)  # printed under the table: in full where verbose,
+    assert f"  - {warning_line(notes[0])}" in cb.report.table().splitlines()  # else one line (nux51 #9)
+    assert "rebuilt over 3 different training sets" in warning_line(notes[0])
     import pickle
 
     again = pickle.loads(pickle.dumps(cb))  # the callback pickles after the fit (weak references dropped)

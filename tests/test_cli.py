@@ -145,7 +145,9 @@ def test_single_run_writes_reports_and_prints_table(app_runs):
     # the sweep aggregate reads from result.json
     back = Report.from_json(out / "report.json")
     assert back.to_json() == (out / "report.json").read_text()
-    assert back.table() + "\n" == (out / "report.md").read_text() and back.table() in proc.stdout
+    # report.md keeps the warnings in full, the console one line each pointing to it (nux51 #9)
+    assert back.table(verbose=True) + "\n" == (out / "report.md").read_text()
+    assert back.table(warnings_in_full=str(out / "report.md")) in proc.stdout
     assert json.loads(json.dumps(to_plain(back.rows()))) == res["rows"]
     # the csv logger got the report's metrics
     metrics = (out / "csv" / "metrics.csv").read_text()
@@ -352,7 +354,7 @@ def test_multirun_one_job_per_scheme_and_a_failing_job_aggregates_the_others_and
     assert (sweep / "frontier.png").stat().st_size > 0
     assert "Aggregated 6 jobs (3 failed)" in proc.stdout
     # the legend of the columns once, under job 0's table; the other jobs point to it (ux29: one
-    # legend a job before the aggregate), their tables and warnings printed in full
+    # legend a job before the aggregate), their tables and warnings printed (one line each: nux51 #9)
     assert proc.stdout.count("legend: leakage = advantage of the best membership-inference attack") == 1
     assert proc.stdout.count("legend: the columns as under job 0's table") == 2  # jobs 2 and 4
     assert proc.stdout.index("legend: leakage = ") < proc.stdout.index("legend: the columns as under job 0")
@@ -362,7 +364,7 @@ def test_multirun_one_job_per_scheme_and_a_failing_job_aggregates_the_others_and
         assert f"verdict: none in this job, which assessed one scheme ({n})" in (
             sweep / f"{i}_{n}" / "report.md").read_text()
         # fu32: the job's report.json loads back to the same table, not a "verdict: safest" over one scheme
-        assert Report.from_json(sweep / f"{i}_{n}" / "report.json").table() + "\n" == (
+        assert Report.from_json(sweep / f"{i}_{n}" / "report.json").table(verbose=True) + "\n" == (
             sweep / f"{i}_{n}" / "report.md").read_text()
     assert "verdict: safest" not in proc.stdout
     # the aggregate command says so too

@@ -13,6 +13,7 @@ import torch
 from _nets import ridge_linear  # tests/_nets.py
 
 from mis_lightning import Report, assess
+from mis_lightning._warning_lines import warning_line
 
 
 def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -36,7 +37,8 @@ def test_a_skipped_cutoff_check_is_said_once(monkeypatch):
     assert len(hit) == 1, rep.warnings
     assert "rtn_int8, rtn_int2:" in hit[0] and "none" not in hit[0].split(":")[0]
     assert "d = 20 weights, above assess.CUTOFF_CHECK_MAX_D = 10" in hit[0]
-    assert hit[0] in rep.table()  # the table prints it with the figures
+    assert hit[0] in rep.table(verbose=True)  # the table prints it with the figures: in full where verbose,
+    assert f"  - {warning_line(hit[0])}" in rep.table().splitlines()  # else its first sentence (nux51 #9)
     assert all(rep.schemes[k].cutoff_sensitivity is None for k in rep.schemes)
     assert [k for k, s in rep.schemes.items() if s.cutoff_check_skipped] == ["rtn_int8", "rtn_int2"]
     assert Report.from_dict(json.loads(rep.to_json())).schemes["rtn_int2"].cutoff_check_skipped

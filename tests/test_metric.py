@@ -10,7 +10,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from mis_lightning import MISIndicator, assess
+from mis_lightning._warning_lines import warning_line
 from mis_lightning.estimation import estimate
+from mis_lightning.metric import IN_FULL
 
 SCHEMES = ["rtn_int8", "rtn_int4", "rtn_int2"]
 
@@ -424,7 +426,10 @@ def test_compute_raises_the_report_s_caveats_once():
     # nux47: records that are not the training set (a test set passed by mistake) read as "not at
     # a minimum" at best (nothing else can tell them apart): the message must name that cause too
     assert any("not at a minimum" in w and "the ones it was trained on" in w for w in ours), ours
-    assert {w[len("MISIndicator: "):] for w in ours} >= set(met.report.warnings)
+    # one line each (nux51 #9): the first sentence, the last cut one saying where the full text is
+    assert {w[len("MISIndicator: "):].removesuffix(IN_FULL) for w in ours} >= {warning_line(w) for w in met.report.warnings}
+    assert sum(w.endswith(IN_FULL) for w in ours) == 1
+    assert met.report.warnings_text().splitlines() == ["warnings:", *(f"  - {w}" for w in met.report.warnings)]
     with warnings.catch_warnings(record=True) as second:
         warnings.simplefilter("always")
         met.compute()

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 pytest.importorskip("rdkit")  # the molecular extra (pip install "mis-lightning[chem]")
 
 from mis_lightning import MISCallback, MISIndicator, assess  # noqa: E402
+from mis_lightning._warning_lines import warning_line
 from mis_lightning.data import (  # noqa: E402
     ChEMBLDataModule,
     ChEMBLGraphDataModule,
@@ -184,7 +185,8 @@ def test_assess_and_mis_indicator_on_graph_batches(trained, chembl):
            "influences and the unquantized baseline (d_eff = ")
     regime = [w for w in rep.warnings if w.startswith(msg)]
     assert len(regime) == 1, rep.warnings
-    assert regime[0] in rep.table()
+    assert regime[0] in rep.table(verbose=True)  # in full where verbose, else its first sentence (nux51 #9)
+    assert f"  - {warning_line(regime[0])}" in rep.table().splitlines() and warning_line(regime[0]).startswith(msg[:30])
     # the baseline's d_eff: d, or d less the weights no record moves (de49: the table's figure)
     m = re.match(r"\(d_eff = (d|([\d,]+): d less the ([\d,]+) weights no record moves)\) come from a normal "
                  "approximation", regime[0][len(msg) - len("(d_eff = "):])

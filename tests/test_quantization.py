@@ -146,11 +146,18 @@ def test_group_size_not_dividing_in_features_is_skipped_with_reason(name):
             assert lname in res.grids
 
 
-def test_unknown_scheme_lists_known_names():
+def test_unknown_scheme_names_close_or_nearest_names_and_where_the_list_is():
+    """The close names, else the nearest (nothing close: 'int9'), then where the 56 names are, not
+    the names (nux51 #9: 1,658 characters)."""
     with pytest.raises(KeyError) as err:
         get_scheme("int3_tinygemm_nope")
     msg = str(err.value)
-    assert "int3_tinygemm_nope" in msg and "intx_weight_only_int4_g32" in msg and "float8_weight_only" in msg
+    assert msg.startswith("unknown quantization scheme 'int3_tinygemm_nope' (did you mean int4_weight_only_tinygemm?); ")
+    assert msg.endswith("mis_lightning.quantization.available_schemes() (table: docs/quantization.md, \"The schemes\")")
+    assert "float8_weight_only" not in msg  # not the list
+    with pytest.raises(KeyError) as err:
+        get_scheme("int9")
+    assert str(err.value).startswith("unknown quantization scheme 'int9' (nothing close; nearest: rtn_int8, ")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: int4_weight_only_tinygemm may run")

@@ -16,6 +16,7 @@ import torch
 from _nets import ridge_linear  # tests/_nets.py
 
 from mis_lightning import assess
+from mis_lightning._warning_lines import warning_line
 from mis_lightning.app import aggregate as agg
 from mis_lightning.assess import D_EFF_OVER_N_MAX
 
@@ -52,7 +53,9 @@ def test_one_regime_warning_names_the_schemes_whose_d_eff_over_n_is_still_large(
     # ... and the d / n warning's own: every figure indicative, the action last
     assert "Every figure, low d_eff included, is therefore indicative only" in w
     assert w.endswith("To act: assess fewer weights (e.g. a head over a frozen encoder) or use more records")
-    assert f"  - {w}" in report.table()  # the table prints it in full
+    assert f"  - {w}" in report.table(verbose=True)  # the verbose table prints it in full
+    assert f"  - {warning_line(w)}" in report.table().splitlines()  # the console's one line (nux51 #9)
+    assert warning_line(w).startswith("d / n = ") and "is not small" in warning_line(w)
 
 
 def test_the_sweep_aggregate_says_the_regime_warning_once_with_each_jobs_schemes(report, tmp_path):

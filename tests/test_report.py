@@ -10,8 +10,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import mis_lightning as ml
+from mis_lightning._warning_lines import MORE, warning_line
 from mis_lightning.quantization import QuantizationScheme, SchemeUnavailableError
-from mis_lightning.report import format_table, short_error
+from mis_lightning.report import WARNINGS_IN_FULL, format_table, short_error
 
 LONG = ("scheme 'needs_gpu' is unavailable: its kernel needs a CUDA GPU with compute capability "
         "8.0 or newer and this machine has none; on CPU use 'int4_weight_only' instead")
@@ -148,19 +149,33 @@ def test_renamed_fields_old_json_keys_load_and_old_names_warn():
     assert rep.rows()[0]["pinned_fraction"] == 0.375
 
 
-def test_table_prints_every_warning_in_full():
+def test_table_prints_every_warning_one_line_each_and_in_full_where_verbose():
     """A failed assumption is read next to the numbers: Report.table() ends with every warning,
-    uncut (the callback also emits each one as a UserWarning; the app prints the table)."""
+    one line each (its first sentence, nux51 #9: seven warnings filled 6,740 characters under the
+    table), with where the rest is; ``verbose=True`` (the files: report.md, the trackers) and
+    ``warnings_text()`` print them uncut."""
     m, dl = _model_and_data()
     rep = ml.assess(m, [_NeedsGPU(), "rtn_int8"], dl, mse, num_records=64, uncertainty_draws=0,
                     strict=False)
-    rep.warnings.append("d_eff / n is not small for every scheme " + "x" * 300)
-    text = rep.table()
-    tail = text.split("\n\nwarnings:\n", 1)[1].splitlines()
+    rep.warnings.append("d_eff / n is not small for every scheme assessed here: " + "x " * 300)
+    rep.warnings.append("a warning of one short sentence")
     # all but the failed scheme's, whose full message is under "errors:" (nux48: said twice)
     failed = f"scheme 'needs_gpu' failed, no figures: SchemeUnavailableError: {LONG}"
-    assert failed in rep.warnings and "  needs_gpu: SchemeUnavailableError: " + LONG in text.splitlines()
-    assert tail == [f"  - {w}" for w in rep.warnings if w != failed] and len(tail) >= 2
+    said = [w for w in rep.warnings if w != failed]
+    full = rep.table(verbose=True)
+    assert failed in rep.warnings and "  needs_gpu: SchemeUnavailableError: " + LONG in full.splitlines()
+    assert full.split("\n\nwarnings:\n", 1)[1].splitlines() == [f"  - {w}" for w in said] and len(said) >= 3
+    short = rep.table()
+    assert short.split("\n\nwarnings:")[0] == full.split("\n\nwarnings:")[0]  # the rest as in full
+    head, *tail = short.split("\n\nwarnings:", 1)[1].splitlines()
+    assert head == f" ({MORE.strip()}: the rest in {WARNINGS_IN_FULL})"
+    assert tail == [f"  - {warning_line(w)}" for w in said]
+    assert "  - d_eff / n is not small for every scheme assessed here [...]" in tail
+    assert tail[-1] == "  - a warning of one short sentence"  # whole: nothing cut
+    assert rep.table(warnings_in_full="report.md").split("\n\nwarnings:", 1)[1].splitlines()[0] == " ([...]: the rest in report.md)"
+    assert rep.warnings_text() == "warnings:\n" + "\n".join(f"  - {w}" for w in rep.warnings)  # the failed one too
+    rep.warnings[:] = [failed]
+    assert "warnings:" not in rep.table() and "\n  - " + failed in rep.warnings_text()
 
 
 def test_identical_results_share_one_labelled_point():

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import mis_lightning as ml
 from mis_lightning import MISCallback, MISIndicator
 from mis_lightning._user_warnings import user_stacklevel, warn
+from mis_lightning._warning_lines import MORE, WARNING_LINE_WIDTH, warning_line
 from mis_lightning.planning import plan
 
 torch.set_num_threads(1)
@@ -163,6 +164,13 @@ def test_callback_warns_at_fit_and_logs_its_notes(tmp_path, caplog):
     assert note.startswith("MISCallback: ") and "Conv1d by the library's round-to-nearest" in note
     assert cb.report.notes == [note.removeprefix("MISCallback: ")]
     assert not any("besides" in w for w in cb.report.warnings)
+    # nux51 #9: each of the report's warnings once on the console, one line (its first sentence),
+    # and the line that names the report says where their full text is
+    lines = [warning_line(w) for w in cb.report.warnings]
+    assert sorted(str(w.message) for w in ours) == sorted(f"MISCallback: {w}" for w in lines)
+    assert any(w.endswith(MORE) for w in lines) and all(len(w) <= WARNING_LINE_WIDTH + len(MORE) for w in lines)
+    (said,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("MISCallback: assessed ")]
+    assert said.endswith(f"report: {cb.report_path}; the warnings above in full: print(callback.report.warnings_text())")
     table = cb.report.table()
     assert "\nnotes:\n  - " + cb.report.notes[0] in table and "not at a minimum" in table.split("warnings:")[1]
     # the notes are in the JSON and back

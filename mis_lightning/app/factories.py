@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from mis_lightning.quantization import QuantizationScheme, available_schemes, get_scheme
-from mis_lightning.quantization.registry import deprecated_aliases, on_register
+from mis_lightning.quantization.registry import ALL_SCHEMES_AT, deprecated_aliases, on_register
 
 __all__ = ["granularity", "mapping_type", "resolve_schemes", "scheme", "store_quantizer_group",
            "torch_dtype", "torchao_config"]
@@ -148,7 +148,7 @@ def scheme(name: str, **kwargs: Any) -> QuantizationScheme:
     converted as in :func:`torchao_config`); without them the scheme's ``name`` is ``name``.
 
     Raises:
-        KeyError: ``name`` is not registered; the message lists the available schemes.
+        KeyError: ``name`` is not registered; the message names close ones and where the list is.
     """
     kw = {k: _convert(k, v) for k, v in kwargs.items()}
     return get_scheme(name, **kw)
@@ -224,6 +224,6 @@ def resolve_schemes(specs: Iterable[Any]) -> list[QuantizationScheme]:
         else:
             raise TypeError(
                 f"a scheme entry is a registry name or a mapping, got {type(spec).__name__}: {spec!r}"
-                f" (available schemes: {', '.join(available_schemes())})"
+                f" ({ALL_SCHEMES_AT.format(n=len(available_schemes()))})"
             )
     return out

@@ -679,17 +679,26 @@ def sweep_verdict_note(report: Report, info: Mapping[str, Any]) -> str | None:
             "aggregate.md and frontier.png in the sweep dir (written when the sweep ends)")
 
 
+def warnings_in_full(out: Path, names: Any) -> str:
+    """Where the job's printed table says its one-line warnings are in full
+    (``Report.table``'s ``warnings_in_full``): the job's ``report.md`` (``output.report_table``),
+    else its ``report.json``."""
+    return str(out / (names.get("report_table") or names.report_json))
+
+
 def sweep_table(report: Report, table: str, info: Mapping[str, Any], *, with_verdict: bool = True,
-                table_file: str | None = None) -> str:
-    """The table a job prints: ``table`` (``report.table(with_verdict=...)``, which the job's
-    files keep) in a single run and in a sweep's first job; in its other jobs the legend's entries
-    for the columns every table has are one line pointing to job 0's (a sweep printed them once
-    per job: six legends before the aggregate, ux29). ``info``: :func:`job_info`."""
+                table_file: str | None = None, warnings_in_full: str | None = None) -> str:
+    """The table a job prints: ``table`` (``report.table(with_verdict=...)``) in a single run and
+    in a sweep's first job; in its other jobs the legend's entries for the columns every table has
+    are one line pointing to job 0's (a sweep printed them once per job: six legends before the
+    aggregate, ux29). ``info``: :func:`job_info`. ``warnings_in_full``: where the one-line
+    warnings are in full (``Report.table``'s; ``None``: its default)."""
     if not info.get("multirun") or info.get("num") in (None, 0):
         return table
     where = f"; in full in each job's {table_file}" if table_file else ""
+    full = {} if warnings_in_full is None else {"warnings_in_full": warnings_in_full}
     return report.table(with_verdict=with_verdict, verdict_note=sweep_verdict_note(report, info),
-                        legend_columns=f"legend: the columns as under job 0's table{where}.")
+                        legend_columns=f"legend: the columns as under job 0's table{where}.", **full)
 
 
 def check_launched_paths(cfg: DictConfig) -> None:
@@ -995,15 +1004,15 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             report.to_json(out / names.report_json)
             report.to_csv(out / names.report_csv)
             # the table as printed below (mode=plan: the plan's budgeted choice replaces the verdict)
-            table = report.table(with_verdict=plan_cfg is None)
-            if names.get("report_table"):
-                (out / names.report_table).write_text(table + "\n")
+            if names.get("report_table"):  # the file keeps the warnings in full, the console one line each
+                (out / names.report_table).write_text(report.table(with_verdict=plan_cfg is None, verbose=True) + "\n")
+            table = report.table(with_verdict=plan_cfg is None, warnings_in_full=warnings_in_full(out, names))
             fig = report.plot()
             # drawn once, for the file and the loggers (TensorBoard logs its pixels: fx33)
             pixels = draw_figure(fig, out / names.figure)
             log_report(job_loggers, report, step=step, figure=fig, epoch=epoch, pixels=pixels)
             for lg in job_loggers:  # the JSON next to the figure in trackers that keep files
-                log_files(lg, [out / names.report_json], table=report.table(), step=step)
+                log_files(lg, [out / names.report_json], table=report.table(verbose=True), step=step)
             import matplotlib.pyplot as plt
 
             plt.close(fig)
@@ -1054,8 +1063,8 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
           # hd51's undet. (cor52): the first line a user reads says it too
           + (" undet.: the headline is undetermined, no figure ranks a scheme" if undetermined_headline(report.rows()) else "")
           + ")")
-    print(sweep_table(report, table, info, with_verdict=plan_cfg is None,
-                      table_file=names.get("report_table")))  # the warnings in full below the table
+    print(sweep_table(report, table, info, with_verdict=plan_cfg is None,  # the warnings one line each
+                      table_file=names.get("report_table"), warnings_in_full=warnings_in_full(out, names)))
     if plan_cfg is not None:
         print(f"\nplan (candidates {[s.name for s in schemes]}):")
         print(planned.table(report_warnings=False))  # the report's warnings are printed above

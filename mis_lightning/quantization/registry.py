@@ -167,13 +167,25 @@ def _close_names(spec: str) -> list[str]:
     return list(dict.fromkeys(_ALIASES[m][0] if m in _ALIASES else m for m in same_case + word + close))[:3]
 
 
+#: where an unknown scheme name's error points for the full list (nux51 #9: the message listed all
+#: 56 names, 1,658 characters, after the close ones)
+ALL_SCHEMES_AT = ("all {n} scheme names: mis_lightning.quantization.available_schemes() "
+                  "(table: docs/quantization.md, \"The schemes\")")
+
+
 def _unknown_names_message(unknown: Sequence[str]) -> str:
+    """The error of unknown scheme names: each with up to 3 close registered names
+    (:func:`_close_names`; where none is close, the 3 nearest by difflib's ratio), then where the
+    full list is (:data:`ALL_SCHEMES_AT`), not the list."""
     parts = []
     for spec in unknown:
         close = _close_names(spec)
-        parts.append(f"{spec!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        # nothing close ('int9'): the 3 nearest registered names all the same, the list not being printed
+        nearest = [] if close else close_names(spec, _FACTORIES, n=3, cutoff=0.0, fold_case=True)
+        parts.append(f"{spec!r}" + (f" (did you mean {', '.join(close)}?)" if close else
+                                    f" (nothing close; nearest: {', '.join(nearest)})" if nearest else ""))
     what = "unknown quantization scheme" if len(unknown) == 1 else f"{len(unknown)} unknown quantization schemes:"
-    return f"{what} {'; '.join(parts)}; available schemes: {', '.join(sorted(_FACTORIES))}"
+    return f"{what} {'; '.join(parts)}; {ALL_SCHEMES_AT.format(n=len(_FACTORIES))}"
 
 
 def check_scheme_names(specs: Iterable[Any]) -> None:
@@ -182,7 +194,8 @@ def check_scheme_names(specs: Iterable[Any]) -> None:
     several misspelt names is corrected in one try (fu31).
 
     Raises:
-        KeyError: the unknown names, each with up to 3 close registered names, then the list.
+        KeyError: the unknown names, each with up to 3 close registered names, then where the
+            list is.
     """
     _load_backends()
     unknown = [s for s in specs if isinstance(s, str) and s not in _FACTORIES and s not in _ALIASES]

@@ -1,0 +1,65 @@
+"""A warning's one console line (nux51 #9): its first sentence, or first clause, naming the culprit;
+a prefix of the full text; `[...]` where text is left out."""
+
+from __future__ import annotations
+
+import pytest
+
+from mis_lightning._warning_lines import MORE, WARNING_LINE_WIDTH, warning_line
+
+# warnings as the library words them (nux51's CNN fit, session 51), figures as printed there
+SADDLE = ("saddle not excluded: the Hessian's lowest eigenvalue reads -0.22 of the largest, within the precision this "
+          "gradient allows (0.37 of the largest: gradient norm ratio 0.367), so whether the weights are at a minimum "
+          "or near a saddle is not resolved; the figures use its magnitude either way; train further")
+STATS = ("the release holds the running statistics of 1 normalisation layer(s) ('body.1'): float buffers "
+         "(running_mean, running_var) computed from the training batches, released with every scheme and not scored, "
+         "so every figure here is a lower bound for the release. They leak membership too")
+REGIME = ("d / n = 0.193 is not small (58 assessed weights, 300 records): sigma, the influences and the unquantized "
+          "baseline (d_eff = d) come from a normal approximation of the trained weights that needs d << n. To act: "
+          "assess fewer weights (e.g. a head over a frozen encoder) or use more records")
+LOADER = ("the training loader is shuffled with drop_last=True: each epoch leaves other records out; n counts every "
+          "record it can draw (4000)")
+LEVERAGE = ("finite-sample (leverage) correction: mean leverage 0.106 (max 0.294) of the stored records. Their "
+            "influences are the leave-one-out shifts")
+
+
+@pytest.mark.parametrize("text,line", [
+    # the first clause where the first sentence is too long
+    (STATS, "the release holds the running statistics of 1 normalisation layer(s) ('body.1')" + MORE),
+    (REGIME, "d / n = 0.193 is not small (58 assessed weights, 300 records)" + MORE),
+    # a first clause under 40 characters takes in the next one, to its comma
+    (SADDLE, "saddle not excluded: the Hessian's lowest eigenvalue reads -0.22 of the largest" + MORE),
+    # the first sentence, whole, where it fits (its colons included); "e.g." ends no sentence
+    (LOADER, LOADER),
+    (LEVERAGE, "finite-sample (leverage) correction: mean leverage 0.106 (max 0.294) of the stored records" + MORE),
+    ("d / n is large (e.g. 0.3 here). Act", "d / n is large (e.g. 0.3 here)" + MORE),
+    ("assess fewer weights, e.g. a head over a frozen encoder, or more records. Then", "assess fewer weights, "
+     "e.g. a head over a frozen encoder, or more records" + MORE),
+    ("the weights of a casino. Then more", "the weights of a casino" + MORE),  # "no" is a word, not a suffix
+    # one short sentence: itself, nothing appended
+    ("the model interpolates its training data", "the model interpolates its training data"),
+])
+def test_the_line_is_the_first_sentence_or_clause(text, line):
+    assert warning_line(text) == line
+
+
+def test_a_long_first_clause_is_cut_outside_brackets_and_is_a_prefix():
+    names = ", ".join(f"'layer_{i}.weight' (kind {i})" for i in range(12))
+    text = f"schemes leave layers in float: {names}; scored as unprotected"
+    line = warning_line("the weights of " + names + " are left in float: every one")
+    assert len(line) <= WARNING_LINE_WIDTH + len(MORE) and line.endswith(MORE)
+    body = line.removesuffix(MORE)
+    assert ("the weights of " + names).startswith(body) and body.count("(") == body.count(")")  # no bracket cut
+    # under 40 characters: the next clause to its comma
+    assert warning_line(text) == "schemes leave layers in float: 'layer_0.weight' (kind 0)" + MORE
+    # one unbroken word: cut at the width
+    assert warning_line("x" * 400) == "x" * WARNING_LINE_WIDTH + MORE
+
+
+def test_whitespace_and_newlines_read_as_one_line_and_the_width_is_checked():
+    assert warning_line("a warning\n  over two lines") == "a warning over two lines"
+    # no clause end outside brackets between 40 characters and the width: cut at a space (the
+    # culprits a bracket names are kept rather than the bracket left out)
+    assert warning_line(REGIME, width=60) == "d / n = 0.193 is not small (58 assessed weights, 300" + MORE
+    with pytest.raises(ValueError, match="width must be >= 40, got 39"):
+        warning_line(REGIME, width=39)
