@@ -98,6 +98,36 @@ def test_bad_indices_raise_as_indexing_does():
 INDEX_OPS = ("aten::index", "aten::index_put_", "aten::index_select", "aten::index_copy_")
 
 
+def test_the_raw_operator_counts_are_the_parsed_profilers(monkeypatch):
+    """``tests/_op_counts.op_counts`` (the profiler's raw events, t53) counts what the parsed
+    ``prof.events()`` counts for the operators these tests read, on indexing calls of both settings
+    and a small grid's cell moments (the parsed list is the reference: ~50 us an event)."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    g, theta = _grid("rtn_int4", 4, 64)
+    c = theta.numel()
+    sigma = g._chunk_grid(0, c)[0].to(F64) * torch.exp(
+        torch.empty(c, dtype=F64).uniform_(-2.3, 9.2, generator=torch.Generator().manual_seed(1)))
+    t, idx = torch.randn(600, dtype=F64), torch.arange(0, 600, 7)
+    monkeypatch.setattr(fastpath, "RECHECK_EVERY", 1 << 40)
+    for flag in (True, False):
+        monkeypatch.setattr(G, "INDEX_SELECT_GATHERS", flag)
+        for fn in (lambda: (G.take(t, idx), G.put(t.clone(), idx, t[: idx.numel()].clone())),
+                   lambda: g.moments(theta, sigma, 0, c)):
+            qb.release_chunk_facts()
+            fn()  # first-use self-checks of the fast paths (their own indexing) out of the counted calls
+            qb.release_chunk_facts()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            parsed = Counter(e.name for e in prof.events() if e.name in INDEX_OPS)
+            qb.release_chunk_facts()
+            got = op_counts(fn, INDEX_OPS)
+            assert got == parsed and sum(got.values()) > 0, (flag, got, parsed)
+    qb.release_chunk_facts()
+
+
 def test_the_switch_runs_index_select_not_index(monkeypatch):
     t = torch.randn(4096, dtype=F64)
     idx = torch.arange(0, 4096, 3)
