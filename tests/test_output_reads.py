@@ -31,10 +31,7 @@ from mis_lightning.estimation.output_reads import (
     unflat_record,
 )
 
-# Every scheme reads the one estimation the output's pytree could move (sigma, the leverages):
-# the unquantized baseline and two RTN grids (t53: torchao's int8_weight_only, a fourth, left out:
-# the same estimation read through another grid, and ~1 CPU s of its import in this file)
-SCHEMES = ["none", "rtn_int4", "rtn_int2"]
+SCHEMES = ["none", "int8_weight_only", "rtn_int4", "rtn_int2"]
 SAME_DRAWS = dict(covariance="independent", mc_draws=1024)
 KINDS = ("dict", "tuple", "list", "dict1", "tuple_detached")
 REL = 1e-9
