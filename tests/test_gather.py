@@ -11,11 +11,11 @@ on (fails where the sites index as before).
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import mis_lightning.functional.fastpath as fastpath
 import mis_lightning.functional.gather as G
 import mis_lightning.quantization.base as qb
+from tests._op_counts import op_counts
 from tests.test_wide_sd import _grid  # a torch.nn.Linear's weights (x3) and the scheme's grid
 
 F64 = torch.float64
@@ -95,13 +95,37 @@ def test_bad_indices_raise_as_indexing_does():
         G.put(t, torch.tensor([7]), torch.tensor([1.0], dtype=F64))
 
 
-def _op_counts(fn) -> dict[str, int]:
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    counts: dict[str, int] = {}
-    for e in prof.events():
-        counts[e.name] = counts.get(e.name, 0) + 1
-    return counts
+INDEX_OPS = ("aten::index", "aten::index_put_", "aten::index_select", "aten::index_copy_")
+
+
+def test_the_raw_operator_counts_are_the_parsed_profilers(monkeypatch):
+    """``tests/_op_counts.op_counts`` (the profiler's raw events, t53) counts what the parsed
+    ``prof.events()`` counts for the operators these tests read, on indexing calls of both settings
+    and a small grid's cell moments (the parsed list is the reference: ~50 us an event)."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    g, theta = _grid("rtn_int4", 4, 64)
+    c = theta.numel()
+    sigma = g._chunk_grid(0, c)[0].to(F64) * torch.exp(
+        torch.empty(c, dtype=F64).uniform_(-2.3, 9.2, generator=torch.Generator().manual_seed(1)))
+    t, idx = torch.randn(600, dtype=F64), torch.arange(0, 600, 7)
+    monkeypatch.setattr(fastpath, "RECHECK_EVERY", 1 << 40)
+    for flag in (True, False):
+        monkeypatch.setattr(G, "INDEX_SELECT_GATHERS", flag)
+        for fn in (lambda: (G.take(t, idx), G.put(t.clone(), idx, t[: idx.numel()].clone())),
+                   lambda: g.moments(theta, sigma, 0, c)):
+            qb.release_chunk_facts()
+            fn()  # first-use self-checks of the fast paths (their own indexing) out of the counted calls
+            qb.release_chunk_facts()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            parsed = Counter(e.name for e in prof.events() if e.name in INDEX_OPS)
+            qb.release_chunk_facts()
+            got = op_counts(fn, INDEX_OPS)
+            assert got == parsed and sum(got.values()) > 0, (flag, got, parsed)
+    qb.release_chunk_facts()
 
 
 def test_the_switch_runs_index_select_not_index(monkeypatch):
@@ -109,11 +133,11 @@ def test_the_switch_runs_index_select_not_index(monkeypatch):
     idx = torch.arange(0, 4096, 3)
     out = torch.zeros(4096, dtype=F64)
     monkeypatch.setattr(G, "INDEX_SELECT_GATHERS", True)
-    on = _op_counts(lambda: (G.take(t, idx), G.put(out, idx, t[: idx.numel()].clone())))
+    on = op_counts(lambda: (G.take(t, idx), G.put(out, idx, t[: idx.numel()].clone())), INDEX_OPS)
     assert on.get("aten::index", 0) == 0 and on.get("aten::index_put_", 0) == 0
     assert on.get("aten::index_select", 0) >= 1 and on.get("aten::index_copy_", 0) >= 1
     monkeypatch.setattr(G, "INDEX_SELECT_GATHERS", False)
-    off = _op_counts(lambda: (G.take(t, idx), G.put(out, idx, t[: idx.numel()].clone())))
+    off = op_counts(lambda: (G.take(t, idx), G.put(out, idx, t[: idx.numel()].clone())), INDEX_OPS)
     assert off.get("aten::index", 0) >= 1 and off.get("aten::index_put_", 0) >= 1
 
 
@@ -144,7 +168,7 @@ def test_cell_moments_bitwise_the_same_and_fewer_index_ops(scheme, kappa_only, m
         qb.release_chunk_facts()
         got[flag] = g.moments(theta, sigma, 0, c, kappa_only=kappa_only)
         qb.release_chunk_facts()
-        n = _op_counts(lambda: g.moments(theta, sigma, 0, c, kappa_only=kappa_only))
+        n = op_counts(lambda: g.moments(theta, sigma, 0, c, kappa_only=kappa_only), INDEX_OPS)
         counts[flag] = n.get("aten::index", 0) + n.get("aten::index_put_", 0)
         qb.release_chunk_facts()
     fields = ("kappa",) if kappa_only else ("kappa", "mean_abs", "m4", "coverage")

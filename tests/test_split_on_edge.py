@@ -14,11 +14,11 @@ import math
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import mis_lightning.functional.bounds as B
 import mis_lightning.functional.fastpath as fp
 import mis_lightning.quantization.base as qb
+from tests._op_counts import op_counts
 from tests.test_wide_sd import _grid  # a torch.nn.Linear's weights (x3) and the scheme's grid
 
 F64 = torch.float64
@@ -44,9 +44,7 @@ def test_edge_delta_is_the_general_split_at_b_equal_e_bit_for_bit():
 
 
 def _ndtr_count(fn) -> int:
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(1 for ev in prof.events() if ev.name == "aten::special_ndtr")
+    return op_counts(fn, ["aten::special_ndtr"])["aten::special_ndtr"]
 
 
 @pytest.mark.parametrize("scheme", ["int8_weight_only", "intx_weight_only_int4", "intx_weight_only_int4_g32"])
