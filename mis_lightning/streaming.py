@@ -43,6 +43,7 @@ from .estimation.output_reads import (
     OutputTree,
     flat_record,
     output_numel,
+    read_later,
     shift_outputs,
     sort_outputs,
     with_shapes,
@@ -292,6 +293,15 @@ class _HookProgram(LossProgram):
                 raise ValueError(f"{HOOK_NAME} calls the model with a {type(out).__name__} output holding more "
                                  "than floating tensors; the leverages need them")
             self._hook_layout = layout
+        elif isinstance(self._hook_layout, OutputTree) and self._hook_layout.dropped:
+            # a leaf the first batch dropped and these records' losses read: put back (output_reads.read_later)
+            b = _batch_size(inputs)
+            with torch.no_grad():
+                _, whole = self._through_output(self.params, inputs, any_output=True)
+            self._hook_layout = read_later(
+                self._hook_layout, whole,
+                lambda o, _y: self._through_output(self.params, inputs, replace=o, any_output=True)[0],
+                torch.zeros(b, dtype=self.dtype, device=self.device), b)
         return with_shapes(self._hook_layout, out)  # these inputs' shapes (padded per batch)
 
     def loss_output_hessians(self, inputs: Any, targets: Any, out_shape: OutputShape) -> Tensor:

@@ -28,6 +28,7 @@ from .output_reads import (
     OutputTree,
     flat_record,
     layout_of,
+    read_later,
     unflat_record,
     with_shapes,
 )
@@ -819,6 +820,12 @@ class LossProgram:
             self.check_swap(inputs)
             self.check_per_sample(inputs, targets, b)  # sets output_layout
             self._checked = True
+        elif isinstance(self.output_layout, OutputTree) and self.output_layout.dropped:
+            # a leaf the first batch dropped and these losses read is put back (output_reads.read_later):
+            # one forward of the batch without grad, for outputs that drop a leaf only
+            with torch.no_grad():
+                out = self.outputs(self.params, inputs)
+            self.output_layout = read_later(self.output_layout, out, self.loss_fn, targets, b)
         return inputs, targets, b
 
     def data_dependent_buffers(self, inputs: Any, b: int) -> tuple[list[str], dict[str, Any] | None]:
