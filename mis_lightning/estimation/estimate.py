@@ -1042,6 +1042,8 @@ class MomentAccumulator:
         self._factors_possible = self.keep_w
         self.keep_factors = mode == "exact" and self._factors_possible
         self._c_out: int | None = None
+        # output leaves other DDP processes put back (EstimationMetric's sync): the report names them too
+        self.late_elsewhere: tuple[str, ...] = ()
         # why the leverages fell back to the Gauss-Newton factors J' L J (no per-record second
         # derivatives); None: each record's exact Hessian on its output-gradient span (_record_curvature)
         self._leverage_ggn: str | None = None
@@ -1566,6 +1568,14 @@ class MomentAccumulator:
                 return torch.cat([Q.reshape(b, -1), S.reshape(b, -1)], 1)
         return torch.cat([J.to(torch.float64).reshape(b, -1), L.reshape(b, -1).to(torch.float64)], 1)
 
+    def late_leaves(self) -> list[str]:
+        """The output leaves the first batch dropped and a later batch read, put back
+        (:func:`~.output_reads.read_later`), by any of this accumulator's programs or, after a
+        DDP sync, any process's (:attr:`late_elsewhere`)."""
+        return sorted({leaf for prog in (self.program, self.factored, getattr(self, "_kron_side", None))
+                       for attr in ("output_layout", "_hook_layout", "_shape", "_layout")
+                       for leaf in _late(getattr(prog, attr, None))} | set(self.late_elsewhere))
+
     def _update_exact_hessian(self, st: dict[str, Any], inputs: Any, targets: Any) -> None:
         """The batch's autograd Hessian: whole (exact mode) or its diagonal. A layer without a
         second derivative in torch (``EmbeddingBag``) gets the Gauss-Newton Hessian ``J' L J``
@@ -1854,9 +1864,7 @@ class MomentAccumulator:
             # the decay as told (finalize used it scaled by (n + n_void) / n), and the records left out
             est.diagnostics.update(_decay_diagnostics(self._decay_told))
             est.diagnostics["records_without_loss"] = {"count": n_void, "read": est.n + n_void}
-        late = sorted({leaf for prog in (self.program, self.factored, getattr(self, "_kron_side", None))
-                       for attr in ("output_layout", "_hook_layout", "_shape", "_layout")
-                       for leaf in _late(getattr(prog, attr, None))})
+        late = self.late_leaves()
         if late:  # output leaves the first batch dropped and a later one read (output_reads.read_later)
             est.diagnostics["output_leaves_read_late"] = late
         if self._repeated:
@@ -1981,6 +1989,9 @@ class MomentAccumulator:
                 # a function of the loss of the parameters; "gauss_newton": J' L J at the model's
                 # output (no per-record second derivatives), which depends on where the output ends
                 diagnostics["leverage_curvature"] = "exact" if self._leverage_ggn is None else "gauss_newton"
+                unread, c_all = int(getattr(self.program, "unread_outputs", 0) or 0), self._c_out
+                if unread and c_all:  # (output_reads.unread_entries: the leverages' span holds their gradients too)
+                    diagnostics["outputs_read_in_part"] = [c_all - unread, c_all]
                 if self._leverage_ggn is not None:
                     diagnostics["leverage_curvature_reason"] = self._leverage_ggn
             records: dict[str, Tensor] = {}
@@ -2845,6 +2856,15 @@ def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
     (``"kfac_order_dependent"``, :meth:`MomentAccumulator._kfac_order_note`), and Hutchinson's
     Hessian diagonal when its median relative standard error exceeds the same bound."""
     out = []
+    part = diagnostics.get("outputs_read_in_part")
+    if part:  # MomentAccumulator._finalize (output_reads.unread_entries)
+        out.append(
+            f"the loss reads {part[0]} of the model's {part[1]} outputs per record (on the first batch no record's loss "
+            "depends on the others): the exact estimator's leverages project each record's curvature onto the span of "
+            f"all {part[1]} outputs' gradients, which raises the leverages and every figure (the safe side; a 5-10-3 "
+            "classifier returning its 10 hidden features in the same tensor read 5-22% higher, docs/benchmarks.md ux53); to read "
+            "them as the loss does, return the outputs the loss does not read as another leaf of a dict or tuple "
+            "({'logits': ..., 'features': ...}: left out) or not at all")
     late = diagnostics.get("output_leaves_read_late")
     if late:  # MomentAccumulator.finalize (output_reads.read_later)
         out.append(

@@ -30,6 +30,7 @@ from .output_reads import (
     layout_of,
     read_later,
     unflat_record,
+    unread_entries,
     with_shapes,
 )
 
@@ -766,6 +767,7 @@ class LossProgram:
         self.buffers = {n: private(b) for n, b in self.model.named_buffers()}
         self._checked = False
         self.output_layout: OutputShape | None = None  # set on the first batch (prepare)
+        self.unread_outputs = 0  # entries per record of a tensor output the loss does not read (prepare)
         # records one at a time where the forward holds a recurrent layer (frozen or not): torch's
         # RNN kernels do not batch under a vmap over the records ("output with shape [1, H] doesn't
         # match the broadcast shape [B, 1, H]"); vmaps over tangents or directions of one record do
@@ -900,6 +902,8 @@ class LossProgram:
             # which output leaves the loss reads (output_reads), from this forward's output: the
             # Jacobians and flattened outputs see those only
             self.output_layout = layout_of(out, None, self.loss_fn, inputs, targets, b)
+            # entries of a tensor output no record's loss reads (out[:, :3] of 13): named in the report
+            self.unread_outputs = unread_entries(out, self.loss_fn, targets, b)
         self.check_finite_gradients(inputs, targets, b, what, records)
 
     def check_finite_gradients(self, inputs: Any, targets: Any, b: int, what: str, records: int = 8) -> None:
