@@ -1042,6 +1042,8 @@ class MomentAccumulator:
         self._factors_possible = self.keep_w
         self.keep_factors = mode == "exact" and self._factors_possible
         self._c_out: int | None = None
+        # whether a train-mode forward is random (LossProgram.random_in_train_mode; the first batch)
+        self._train_random: bool | None = None
         # output leaves other DDP processes put back (EstimationMetric's sync): the report names them too
         self.late_elsewhere: tuple[str, ...] = ()
         # why the leverages fell back to the Gauss-Newton factors J' L J (no per-record second
@@ -1272,6 +1274,9 @@ class MomentAccumulator:
         st = self.state if state is None else state
         program = self.program
         inputs, targets, b = program.prepare(batch)
+        if self._train_random is None:  # dropout written in a forward (the not-at-a-minimum warning's cause, ux53)
+            probe = getattr(program, "random_in_train_mode", None)
+            self._train_random = bool(probe(inputs, b)) if probe is not None else False
         if self._data_buffers is None and b >= 2:  # (one record cannot be split: the next batch tells)
             self._data_buffers, self._data_buffers_unchecked = program.data_dependent_buffers(inputs, b)
         if self._input_stats is False:
@@ -1864,6 +1869,8 @@ class MomentAccumulator:
             # the decay as told (finalize used it scaled by (n + n_void) / n), and the records left out
             est.diagnostics.update(_decay_diagnostics(self._decay_told))
             est.diagnostics["records_without_loss"] = {"count": n_void, "read": est.n + n_void}
+        if self._train_random:  # named by the not-at-a-minimum warning where no dropout layer explains it
+            est.diagnostics["random_in_train_mode"] = True
         late = self.late_leaves()
         if late:  # output leaves the first batch dropped and a later one read (output_reads.read_later)
             est.diagnostics["output_leaves_read_late"] = late

@@ -64,10 +64,17 @@ def eval_mode(*roots: nn.Module) -> Iterator[None]:
     which also update the running statistics in place). The flags are set directly (not via
     ``train()``, which a subclass may override) and restored exactly, even on error.
     """
+    with _mode(False, *roots):
+        yield
+
+
+@contextmanager
+def _mode(training: bool, *roots: nn.Module) -> Iterator[None]:
+    """Every submodule of ``roots`` with ``training`` for the block, each flag restored after (:func:`eval_mode`)."""
     flags = [(m, m.training) for r in roots for m in r.modules()]
     try:
         for m, _ in flags:
-            m.training = False
+            m.training = training
         yield
     finally:
         for m, t in reversed(flags):  # reversed: a module reached twice gets its first flag
@@ -829,6 +836,32 @@ class LossProgram:
                 out = self.outputs(self.params, inputs)
             self.output_layout = read_later(self.output_layout, out, self.loss_fn, targets, b)
         return inputs, targets, b
+
+    def random_in_train_mode(self, inputs: Any, b: int, records: int = 4) -> bool:
+        """Whether a train-mode forward of the first ``records`` records is random: two forwards
+        from two random states give different outputs. The module tree's dropout layers are
+        named by :func:`~mis_lightning.assess._stochastic_layers`; this finds the randomness a
+        forward writes itself (``F.dropout(x, p, self.training)``, ``torch.dropout``, noise under
+        ``if self.training``), which no layer shows (ux53). Runs the program's private model on
+        copies of its buffers (a BatchNorm's running statistics are not moved), without grad, each
+        forward inside an isolated random state (the caller's streams untouched); ``False`` where a
+        train-mode forward fails (nothing is told then)."""
+        from .._rng import isolated_rng
+
+        x = torch.utils._pytree.tree_map(
+            lambda t: t[:records] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t, inputs)
+        outs = []
+        for seed in (1, 2):
+            with isolated_rng(seed=seed), torch.no_grad(), _mode(True, self.model), default_dtype(self.dtype), \
+                    mha_fastpath_off():
+                try:
+                    outs.append(functional_call(self.model, ({**self.fixed, **self.params},
+                                                             {n: t.clone() for n, t in self.buffers.items()}), (x,)))
+                except Exception:  # noqa: BLE001 - a forward that fails in train mode: not told
+                    return False
+        pairs = zip(torch.utils._pytree.tree_leaves(outs[0]), torch.utils._pytree.tree_leaves(outs[1]))
+        return any(isinstance(a, Tensor) and isinstance(c, Tensor) and a.shape == c.shape and not torch.equal(a, c)
+                   for a, c in pairs)
 
     def data_dependent_buffers(self, inputs: Any, b: int) -> tuple[list[str], dict[str, Any] | None]:
         """The persistent floating buffers one train-mode forward sets from the records, and the
