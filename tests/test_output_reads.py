@@ -439,7 +439,7 @@ def test_unread_entries_of_one_tensor():
 def test_an_output_read_in_part_is_named_by_the_exact_estimator(trained, estimation):
     """ux53: a forward returning ``cat([logits, h], 1)`` ([B, 13]) to a loss reading ``[:, :3]``: the exact
     estimator's leverages take all 13 outputs' gradients into each record's span (its figures above the
-    logits-only twin's: 0.1553 vs 0.1476 for ``none`` on one draw, 5-22% over four; the safe side, not
+    logits-only twin's: 0.1553 vs 0.1476 for ``none`` on one draw, 2-9% over four; the safe side, not
     corrected) -- now said in the report. The diagonal estimator's figures equal the twin's (its loss
     directions count the loss Hessian's rank, which unread columns do not raise): no warning."""
     body, head, loader = trained
