@@ -1559,6 +1559,10 @@ class MomentAccumulator:
             return None
         c = self._c_out
         J = torch.cat([jac[k].reshape(b, c, -1) for k in self.names], 2)
+        rows = getattr(self.program, "read_rows", lambda _c: None)(c)
+        if rows is not None:  # entries of one output tensor no record's loss reads: out of the span (ux53)
+            rows = rows.to(J.device)
+            J, L = J[:, rows], L[:, rows][:, :, rows]
         if self._leverage_ggn is None:
             try:
                 Q, S = _record_curvature(self.program, x, y, J, self.names, self.offsets)
@@ -1996,9 +2000,6 @@ class MomentAccumulator:
                 # a function of the loss of the parameters; "gauss_newton": J' L J at the model's
                 # output (no per-record second derivatives), which depends on where the output ends
                 diagnostics["leverage_curvature"] = "exact" if self._leverage_ggn is None else "gauss_newton"
-                unread, c_all = int(getattr(self.program, "unread_outputs", 0) or 0), self._c_out
-                if unread and c_all:  # (output_reads.unread_entries: the leverages' span holds their gradients too)
-                    diagnostics["outputs_read_in_part"] = [c_all - unread, c_all]
                 if self._leverage_ggn is not None:
                     diagnostics["leverage_curvature_reason"] = self._leverage_ggn
             records: dict[str, Tensor] = {}
@@ -2863,15 +2864,6 @@ def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
     (``"kfac_order_dependent"``, :meth:`MomentAccumulator._kfac_order_note`), and Hutchinson's
     Hessian diagonal when its median relative standard error exceeds the same bound."""
     out = []
-    part = diagnostics.get("outputs_read_in_part")
-    if part:  # MomentAccumulator._finalize (output_reads.unread_entries)
-        out.append(
-            f"the loss reads {part[0]} of the model's {part[1]} outputs per record (on the first batch no record's loss "
-            "depends on the others): the exact estimator's leverages project each record's curvature onto the span of "
-            f"all {part[1]} outputs' gradients, which raises the leverages and every figure (the safe side; a 5-10-3 "
-            "classifier returning its 10 hidden features in the same tensor read 2-9% higher over four label draws, docs/benchmarks.md ux53); to read "
-            "them as the loss does, return the outputs the loss does not read as another leaf of a dict or tuple "
-            "({'logits': ..., 'features': ...}: left out) or not at all")
     late = diagnostics.get("output_leaves_read_late")
     if late:  # MomentAccumulator.finalize (output_reads.read_later)
         out.append(

@@ -199,32 +199,33 @@ def read_later(layout: OutputShape, out: Any, loss_fn: Callable[[Any, Any], Tens
         late=layout.late + tuple(layout.names[i] if layout.names else str(i) for i in back))
 
 
-def unread_entries(out: Any, loss_fn: Callable[[Any, Any], Tensor], targets: Any, b: int) -> int:
-    """How many entries per record of a tensor output ``out [b, ...]`` no record's loss reads: every
-    record's loss has a derivative of exactly 0 in them (autograd, one backward of the summed losses
-    in the outputs), and the losses are bitwise unchanged with them replaced by random values (a
-    fixed generator; the global RNG untouched), which a loss reading them at a flat spot
-    (``(o - t)^2`` at ``o = t``) fails: then none is counted (one test for all candidates: this
-    count only words a warning, it changes no figure). ``0`` for a pytree output (sorted per leaf,
-    :func:`sort_outputs`) or an output the loss does not differentiate.
+def unread_entries(out: Any, loss_fn: Callable[[Any, Any], Tensor], targets: Any, b: int) -> Tensor | None:
+    """The entries per record of a tensor output ``out [b, ...]`` that no record's loss reads, as a
+    bool ``[C]`` over the flattened entries (``None`` where there is none): every record's loss has
+    a derivative of exactly 0 in them (autograd, one backward of the summed losses in the outputs),
+    and the losses are bitwise unchanged with them replaced by random values (a fixed generator;
+    the global RNG untouched), which a loss reading one at a flat spot (``(o - t)^2`` at ``o = t``)
+    fails: then none is taken (one test for all candidates). ``None`` for a pytree output (sorted
+    per leaf, :func:`sort_outputs`) or an output the loss does not differentiate.
 
-    A loss that reads 3 of 13 columns (``out[:, :3]``) leaves the other 10 in every record's output
-    Jacobian ``J_i``, whose row span the exact estimator's leverages project onto (method.md section 4,
-    "Per-record factors"): the over-read of :mod:`output_reads`, within one tensor.
+    A loss that reads 3 of 13 columns (``out[:, :3]``) left the other 10 in every record's output
+    Jacobian ``J_i``, whose row span the exact estimator's leverages project onto (method.md
+    section 4, "Per-record factors"): the over-read of this module, within one tensor (ux53: 2-9%
+    high). The estimator leaves these rows out of its per-record factors (``LossProgram.read_rows``).
     """
     if not (isinstance(out, Tensor) and out.is_floating_point() and out.dim() >= 1 and out.shape[0] == b):
-        return 0
+        return None
     with torch.inference_mode(False), torch.enable_grad():
         probe = out.detach().clone().requires_grad_(True)
         losses = loss_fn(probe, targets)
         if not (isinstance(losses, Tensor) and losses.requires_grad):
-            return 0
+            return None
         (g,) = torch.autograd.grad(losses.sum(), [probe], allow_unused=True)
     if g is None:
-        return 0
+        return None
     cand = (g.reshape(b, -1) == 0).all(0)
     if not bool(cand.any()):
-        return 0
+        return None
     with torch.no_grad():
         # (a seed of its own: seed 0 draws the very values a test's torch.randn(..., seed 0) output holds)
         noise = torch.randn(out.reshape(b, -1).shape, generator=torch.Generator().manual_seed(UNREAD_SEED),
@@ -232,7 +233,7 @@ def unread_entries(out: Any, loss_fn: Callable[[Any, Any], Tensor], targets: Any
         moved = torch.where(cand, noise, out.detach().reshape(b, -1)).reshape(out.shape)
         base, other = loss_fn(out.detach(), targets), loss_fn(moved, targets)
     same = isinstance(base, Tensor) and isinstance(other, Tensor) and torch.equal(base, other)
-    return int(cand.sum()) if same else 0
+    return cand.cpu() if same else None
 
 
 def layout_of(out: Any, known: OutputShape | None, loss_fn: Callable[[Any, Any], Tensor], inputs: Any,

@@ -774,7 +774,8 @@ class LossProgram:
         self.buffers = {n: private(b) for n, b in self.model.named_buffers()}
         self._checked = False
         self.output_layout: OutputShape | None = None  # set on the first batch (prepare)
-        self.unread_outputs = 0  # entries per record of a tensor output the loss does not read (prepare)
+        # entries of a tensor output no record's loss has read so far (output_reads.unread_entries), None: all read
+        self.unread_mask: Tensor | None = None
         # records one at a time where the forward holds a recurrent layer (frozen or not): torch's
         # RNN kernels do not batch under a vmap over the records ("output with shape [1, H] doesn't
         # match the broadcast shape [B, 1, H]"); vmaps over tangents or directions of one record do
@@ -829,6 +830,12 @@ class LossProgram:
             self.check_swap(inputs)
             self.check_per_sample(inputs, targets, b)  # sets output_layout
             self._checked = True
+        elif self.unread_mask is not None:
+            # an entry no earlier record read and these losses read is read from now on (as read_later)
+            with torch.no_grad():
+                now = unread_entries(self.outputs(self.params, inputs), self.loss_fn, targets, b)
+            self.unread_mask = self.unread_mask & now if now is not None and now.shape == self.unread_mask.shape \
+                else None
         elif isinstance(self.output_layout, OutputTree) and self.output_layout.dropped:
             # a leaf the first batch dropped and these losses read is put back (output_reads.read_later):
             # one forward of the batch without grad, for outputs that drop a leaf only
@@ -836,6 +843,13 @@ class LossProgram:
                 out = self.outputs(self.params, inputs)
             self.output_layout = read_later(self.output_layout, out, self.loss_fn, targets, b)
         return inputs, targets, b
+
+    def read_rows(self, c: int) -> Tensor | None:
+        """The rows of a ``C = c`` output Jacobian the loss reads (bool ``[c]``), ``None`` for all:
+        the complement of :attr:`unread_mask` where it has ``c`` entries (a per-batch length that
+        differs: all)."""
+        mask = self.unread_mask
+        return None if mask is None or mask.numel() != c else ~mask
 
     def random_in_train_mode(self, inputs: Any, b: int, records: int = 4) -> bool:
         """Whether a train-mode forward of the first ``records`` records is random: two forwards
@@ -935,8 +949,8 @@ class LossProgram:
             # which output leaves the loss reads (output_reads), from this forward's output: the
             # Jacobians and flattened outputs see those only
             self.output_layout = layout_of(out, None, self.loss_fn, inputs, targets, b)
-            # entries of a tensor output no record's loss reads (out[:, :3] of 13): named in the report
-            self.unread_outputs = unread_entries(out, self.loss_fn, targets, b)
+            # entries of a tensor output no record's loss reads (out[:, :3] of 13): out of the leverages' factors
+            self.unread_mask = unread_entries(out, self.loss_fn, targets, b)
         self.check_finite_gradients(inputs, targets, b, what, records)
 
     def check_finite_gradients(self, inputs: Any, targets: Any, b: int, what: str, records: int = 8) -> None:
