@@ -6,6 +6,9 @@ Usage (from the repo root):
     python benchmarks/output_leaves.py assess [exact|diagonal]   # every output kind through assess()
     python benchmarks/output_leaves.py callback                   # MISCallback, d = 3,491 ("auto": diagonal)
     python benchmarks/output_leaves.py hook [exact|diagonal]      # mis_per_sample_loss on a dict output
+    python benchmarks/output_leaves.py late                       # a leaf first read after the first batch (ux53)
+    python benchmarks/output_leaves.py columns [DRAWS]            # 3 of 13 columns of one tensor read (ux53)
+    python benchmarks/output_leaves.py probes                     # ux53's first-batch probes' CPU time
 
 ``assess``: a 5-10-3 tanh classifier (L-BFGS + L2 1e-3, n = 1000, d = 93) returning ``tensor``
 (the logits), ``dict`` ({"logits", "features": h}), ``tuple`` ((logits, h)), ``dict1``
@@ -13,12 +16,23 @@ Usage (from the repo root):
 line per kind: each scheme's leakage, the max leverage and the records capped (exact), the
 warnings' count, and whether every leakage equals the tensor's bitwise. ``callback`` and ``hook``:
 the tensor and dict twins trained in one process (same seed), their leakages side by side.
+
+``late`` (ux53): tests/test_output_reads.py's ``ScoredNet`` (a classifier beside a fixed scoring head
+whose output the loss reads as a weight, 4 for records scored above 0.5, the last ones), 240 records
+in one batch (the leaf read from the first batch: the reference) and in batches of 40 (the first
+reads no score), under the exact, diagonal and ggn-diagonal estimators: each scheme's leakage, the
+relative difference to the one batch, and whether the report names the leaf. ``columns`` (ux53): the
+``assess`` classifier trained at n = 400 returning ``cat([logits, h], 1)`` ([B, 13]) to a loss reading
+``[:, :3]`` against the logits-only twin, under the exact estimator, for DRAWS label draws (default 4).
+``probes``: the CPU time of ``LossProgram.random_in_train_mode`` and ``output_reads.unread_entries`` on a
+1.2e7-weight MLP's batch of 256 against one training step of it (one thread).
 """
 
 from __future__ import annotations
 
 import sys
 import tempfile
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -131,6 +145,94 @@ def run_lightning(hook: bool, estimation: str) -> None:
               f"estimator {rep.estimation.get('estimator')!r} leverage_correction {rep.diagnostics.get('leverage_correction')}")
 
 
+def run_late() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_output_reads import scored_case, scored_loss  # the tests' model: one definition
+
+    model, x, y, above = scored_case()
+    print(f"records read as weighted (score above the threshold): {above} of 240, all after the first 40")
+    schemes = ["none", "rtn_int4", "rtn_int2"]
+    for name, kw in (("exact", {"estimation": "exact"}), ("diagonal", {"estimation": "diagonal"}),
+                     ("ggn", {"estimation": "diagonal", "hessian": "ggn"})):
+        ref = None
+        for bs in (240, 40):
+            rep = ml.assess(model, schemes, [(x[a:a + bs], y[a:a + bs]) for a in range(0, 240, bs)], scored_loss,
+                            weight_decay=1e-3, uncertainty_draws=0, **kw)
+            leak = [rep.schemes[s].leakage for s in schemes]
+            ref = leak if ref is None else ref
+            named = any("did not read the model's output ['aux']" in w for w in rep.warnings)
+            print(f"{name:8s} batch {bs:3d} " + " ".join(f"{v:.5f}" for v in leak),
+                  "rel. to one batch " + " ".join(f"{v / r - 1:+.1e}" for v, r in zip(leak, ref)), f"leaf named {named}")
+
+
+class Wide(nn.Module):
+    """The logits and the hidden features in one tensor ``[B, 3 + 10]`` (``wide``), or the logits alone."""
+
+    def __init__(self, body: nn.Module, head: nn.Module, wide: bool) -> None:
+        super().__init__()
+        self.body, self.head, self.wide = body, head, wide
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        return torch.cat([self.head(h), h], 1) if self.wide else self.head(h)
+
+
+def run_columns(draws: int) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from _nets import fit_lbfgs_ce
+
+    def ce3(o, t):
+        return F.cross_entropy(o[:, :3], t, reduction="none")
+
+    for draw in range(draws):
+        torch.manual_seed(draw)  # the labels' draw
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(400, 5, generator=g)
+        y = torch.distributions.Categorical(logits=2 * x @ torch.randn(5, 3, generator=g)).sample()
+        torch.manual_seed(0)
+        body, head = nn.Sequential(nn.Linear(5, 10), nn.Tanh()), nn.Linear(10, 3)
+        fit_lbfgs_ce(nn.Sequential(body, head).double(), x.double(), y, 1e-3, 3)  # tests/_nets.py
+        body.float(), head.float()
+        out = []
+        for wide in (False, True):
+            rep = ml.assess(Wide(body, head, wide), SCHEMES, DataLoader(TensorDataset(x, y), batch_size=100), ce3,
+                            weight_decay=1e-3, estimation="exact", uncertainty_draws=0, covariance="independent",
+                            mc_draws=1024)
+            out.append(([rep.schemes[s].leakage for s in SCHEMES], rep.diagnostics.get("max_leverage")))
+        (a, la), (b, lb) = out
+        print(f"draw {draw}: 3 outputs " + " / ".join(f"{v:.4f}" for v in a) + f" (max leverage {la:.3g}); 13 outputs "
+              + " / ".join(f"{v:.4f}" for v in b) + f" (max leverage {lb:.3g}); ratio "
+              + " / ".join(f"{v / r:.3f}" for v, r in zip(b, a)) + f"; equal to 1e-9 {all(abs(v / r - 1) < 1e-9 for v, r in zip(b, a))}")
+
+
+def run_probes() -> None:
+    import time
+
+    from mis_lightning.estimation.output_reads import unread_entries
+    from mis_lightning.estimation.per_sample import LossProgram
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(1000, 3000), nn.Tanh(), nn.Linear(3000, 3000), nn.Tanh(), nn.Linear(3000, 10))
+    x, y = torch.randn(256, 1000), torch.randint(0, 10, (256,))
+    prog = LossProgram(m, ce, [n for n, _ in m.named_parameters()])
+    out = m(x).detach()
+
+    def clock(f, k=5):
+        f()
+        t = time.process_time()
+        for _ in range(k):
+            f()
+        return (time.process_time() - t) / k
+
+    def step():
+        m.zero_grad()
+        ce(m(x), y).mean().backward()
+
+    print(f"training step {clock(step) * 1e3:.1f} ms; random_in_train_mode "
+          f"{clock(lambda: prog.random_in_train_mode(x, 256)) * 1e3:.2f} ms; unread_entries "
+          f"{clock(lambda: unread_entries(out, ce, y, 256)) * 1e3:.2f} ms")
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     what = sys.argv[1] if len(sys.argv) > 1 else "assess"
@@ -139,5 +241,11 @@ if __name__ == "__main__":
         run_assess(mode)
     elif what in ("callback", "hook"):
         run_lightning(what == "hook", mode)
+    elif what == "late":
+        run_late()
+    elif what == "columns":
+        run_columns(int(sys.argv[2]) if len(sys.argv) > 2 else 4)
+    elif what == "probes":
+        run_probes()
     else:
         raise SystemExit(__doc__)

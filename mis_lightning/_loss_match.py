@@ -24,11 +24,13 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ._modelcopy import SharedWeights, private_copy
 from .assess import _running_statistics_layers, _shown
 from .evaluation import evaluate_utility
+from .functional.versions import tensor_version
 from .streaming import HOOK_NAME
 
 # assessed / trained above this on every kept batch: not noise (dropout, BatchNorm batch
@@ -36,18 +38,48 @@ from .streaming import HOOK_NAME
 # figure up); standardising inputs of scale 50 moved it 100-fold (nux52 s5)
 RATIO_LIMIT = 4.0
 KEPT = 2  # batches compared (more than one: a single odd batch does not decide)
+# the two batches' ratios within this of each other: the note says a constant factor may be all (a
+# per-record loss summing over T tokens where training_step averages them reads T-fold on every batch)
+SAME_RATIO = 0.05
+_tree = torch.utils._pytree
+
+
+def _versions(batch: Any) -> list[int | None]:
+    """The version counters of a batch's tensors (an in-place write moves them; free to read)."""
+    return [tensor_version(t) for t in _tree.tree_leaves(batch) if isinstance(t, Tensor)]
 
 
 class TrainingLosses:
-    """The last :data:`KEPT` training batches and the loss ``training_step`` returned on each."""
+    """The last :data:`KEPT` training batches and the loss ``training_step`` returned on each.
+
+    A ``training_step`` that transforms its batch in place (``x.sub_(mu)``) leaves the batch it was
+    given transformed: kept by reference it would show the check the inputs training saw, while the
+    assessment reads the loader's, and the mismatch went unseen (ux52b, left). :meth:`start` reads the
+    batch's version counters before the step; where :meth:`see` finds them moved, that batch is not
+    kept and every later batch is kept as a copy taken before its step (the cost falls on such
+    modules only: one copy of each batch)."""
 
     def __init__(self) -> None:
         self.kept: deque[tuple[Tensor, Any]] = deque(maxlen=KEPT)
+        self.copies = False  # a training_step has written into its batch: keep copies from now on
+        self._before: tuple[list[int | None], Any] | None = None
+
+    def start(self, batch: Any) -> None:
+        """``on_train_batch_start``: note ``batch``'s versions (and copy it once copies are kept)."""
+        self._before = (_versions(batch), _tree.tree_map(
+            lambda t: t.detach().clone() if isinstance(t, Tensor) else t, batch) if self.copies else None)
 
     def see(self, trainer: Any, outputs: Any, batch: Any) -> None:
         """Keep ``batch`` with its loss from ``on_train_batch_end``'s ``outputs`` (a tensor, or a
         mapping's ``"loss"``; Lightning divides it by ``accumulate_grad_batches``, undone here).
-        Nothing is kept without a scalar loss (manual optimization returning None)."""
+        Nothing is kept without a scalar loss (manual optimization returning None), nor a batch the
+        step wrote into without a copy of it from before (:meth:`start`)."""
+        before, self._before = self._before, None
+        if before is not None and before[0] != _versions(batch):  # written in place by the step
+            self.copies = True
+            if before[1] is None:
+                return
+            batch = before[1]
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.dtype.is_floating_point:
             return
@@ -55,10 +87,11 @@ class TrainingLosses:
 
     def clear(self) -> None:
         self.kept.clear()
+        self._before = None
 
 
 def loss_mismatch_note(pl_module: nn.Module, kept: TrainingLosses, resolved: dict[str, Any],
-                       batch_fn: Any, user_loss: bool) -> str | None:
+                       batch_fn: Any, user_loss: bool, decay: float = 0.0) -> str | None:
     """A warning when the assessment's mean per-sample loss on each kept training batch exceeds
     :data:`RATIO_LIMIT` times the loss ``training_step`` returned on it; else ``None``.
 
@@ -67,6 +100,14 @@ def loss_mismatch_note(pl_module: nn.Module, kept: TrainingLosses, resolved: dic
     on the kept batches (the caller holds the RNG isolated). Skipped
     (``None``) with fewer than :data:`KEPT` batches, a training loss that is not positive and
     finite, or a loss that fails here (the assessment itself reports such failures).
+
+    Where the ratio is the same on both batches (within :data:`SAME_RATIO`) the note adds that a
+    constant factor may be all, harmless to the figures without weight decay (``decay``, the
+    coefficient the assessment used: the sandwich ``H^-1 G H^-1`` does not change when the loss is
+    scaled, method.md section 2), and not with it. It stays a warning, every figure marked: two
+    scalars cannot tell a scale from a transformation (full-batch training keeps one batch twice,
+    large batches make any ratio steady), and a false "harmless" would leave a wrong figure
+    unmarked, where a false mark is only caution.
     """
     if len(kept.kept) < KEPT:
         return None
@@ -94,16 +135,28 @@ def loss_mismatch_note(pl_module: nn.Module, kept: TrainingLosses, resolved: dic
     how = (f"{name}.{HOOK_NAME}(batch)" if hook else
            ("loss_fn(model(inputs), targets)" if user_loss else f"{name}.per_sample_loss(model(inputs), targets)"))
     shown = ", ".join(f"{a:.4g} vs {t:.4g}" for a, t in pairs)
+    ratios = [a / t for a, t in pairs]
+    scale = ""
+    if max(ratios) <= (1 + SAME_RATIO) * min(ratios):
+        with_decay = (f"with the weight decay used here ({decay:.3g}) it is not: the decay's weight against "
+                      "the loss is off by that factor, and so is every figure" if decay > 0 else
+                      "no weight decay is used here, so then only the utility's scale is off")
+        scale = (f" The ratio is the same on both batches ({min(ratios):.3g}-{max(ratios):.3g}): if training_step's "
+                 f"loss is the assessed one times a constant (a per-record loss summing over T tokens where "
+                 f"training_step averages them reads T times training's), the figures do not depend on that "
+                 f"factor without weight decay (the sandwich H^-1 G H^-1 is unchanged by a scale of the loss); "
+                 f"{with_decay}. Two batches cannot tell a scale from transformed inputs, so the figures stay "
+                 f"marked until the losses match.")
     norms = _running_statistics_layers(pl_module)
     # early in training a BatchNorm's running statistics (eval mode) can be far from the batches' own
     norm_cause = (f"; or, early in training, the running statistics of {_shown(norms, 1)}"
                   " (eval mode) still far from the batches' own (train mode)") if norms else ""
     return (f"the assessed loss does not match the module's training loss: on the last {len(pairs)} training "
-            f"batches the loss the assessment computes ({how}, eval mode) is {min(a / t for a, t in pairs):.3g} "
+            f"batches the loss the assessment computes ({how}, eval mode) is {min(ratios):.3g} "
             f"times or more the loss training_step returned ({shown}): the assessment does not see the model as "
             f"training does, so every figure and utility here is about another model or objective. Likely cause: "
             f"the inputs are transformed inside training_step (standardisation, a reshape or an embedding lookup "
             f"that forward does not do), or training_step's loss is not the one assessed (another loss, "
             f"reduction or scale){norm_cause}. Cure: move the preprocessing into forward, or define {HOOK_NAME}(self, batch) "
             f"-> per-sample losses [B] on {name} computing the loss exactly as training_step does "
-            f"(docs/lightning.md)")
+            f"(docs/lightning.md).{scale}")

@@ -1250,7 +1250,7 @@ def _shown(names: list[str], k: int = 3) -> str:
     return ", ".join(repr(n) for n in names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
-def _batch_statistics_cause(model: nn.Module) -> str:
+def _batch_statistics_cause(model: nn.Module, diagnostics: Mapping[str, Any] | None = None) -> str:
     """The not-at-a-minimum warning's clause for a model with layers that compute another function
     in train mode than in eval mode: running-statistics normalisation
     (:func:`_running_statistics_layers`; trained with batch statistics, assessed with the running
@@ -1259,33 +1259,42 @@ def _batch_statistics_cause(model: nn.Module) -> str:
     the one assessed in eval mode, whose minimum no amount of train-mode training reaches (nux50
     #3, BatchNorm: 4.50 sd after 4 L-BFGS rounds, 4.53 after 20, 1.16 after as many in eval mode;
     nux52 #3, Dropout(0.3): 3.0 sd after 400 Adam steps, 4.7 after 1,600, at a minimum after 300
-    more in eval mode). ``""`` without such layers."""
+    more in eval mode). A forward random in train mode without such a layer
+    (``diagnostics["random_in_train_mode"]``, the estimation's first batch:
+    :meth:`~.estimation.per_sample.LossProgram.random_in_train_mode`) has dropout written in it
+    (``F.dropout(x, p, self.training)``), named as such (ux53). ``""`` without any of them."""
     norms, drops = _running_statistics_layers(model), _stochastic_layers(model)
-    if not norms and not drops:
+    written = not drops and bool((diagnostics or {}).get("random_in_train_mode"))
+    if not norms and not drops and not written:
         return ""
     what = []
     if norms:
         what.append(f"normalises with running statistics ({_shown(norms)}): trained in train mode it minimised the "
                     "loss with each batch's statistics, while the assessment evaluates it in eval mode with the "
                     "running ones")
-    if drops:
-        what.append(f"has dropout ({_shown(drops)}): trained in train mode it minimised the loss averaged over random "
+    if drops or written:
+        where = (_shown(drops) if drops else "written in its forward: a train-mode forward is random though no dropout "
+                 "layer is, e.g. F.dropout(x, p, self.training) or torch.dropout")
+        what.append(f"has dropout ({where}): trained in train mode it minimised the loss averaged over random "
                     "dropout masks, while the assessment evaluates it in eval mode, without them")
     return (f"the likely cause here: the model {'; and it '.join(what)}: a different objective whose minimum longer "
             "training in train mode does not reach (training longer does not remove this warning); to assess at "
             "the minimum, end training with steps in eval mode (model.eval(): "
-            + ("the running statistics frozen, " if norms else "") + ("dropout off, " if drops else "")
+            + ("the running statistics frozen, " if norms else "") + ("dropout off, " if drops or written else "")
             + "the objective assessed) before assessing, else read the figures as indicative. Otherwise, ")
 
 
-def _not_at_minimum_suspects(model: nn.Module) -> str:
+def _not_at_minimum_suspects(model: nn.Module, diagnostics: Mapping[str, Any] | None = None) -> str:
     """The not-at-a-minimum warning's likely causes, short: its first sentence is what the console
     shows (:func:`~mis_lightning._warning_lines.warning_line`, nux51 #9); the warning's text after
-    it says each in full (:func:`_batch_statistics_cause` for the layers named here)."""
+    it says each in full (:func:`_batch_statistics_cause` for the layers named here, and dropout
+    written in the forward, found as :func:`_batch_statistics_cause` finds it)."""
     norms, drops = _running_statistics_layers(model), _stochastic_layers(model)
-    if norms or drops:
+    written = not drops and bool((diagnostics or {}).get("random_in_train_mode"))
+    if norms or drops or written:
         what = " and ".join([*([f"running statistics {_shown(norms, 2)}"] if norms else []),
-                             *([f"dropout {_shown(drops, 2)}"] if drops else [])])
+                             *([f"dropout {_shown(drops, 2)}"] if drops else []),
+                             *(["dropout written in its forward"] if written else [])])
         return f"likely: {what} trained in train mode, assessed in eval mode"
     return "not converged, another loss or weight decay, or records other than the ones it was trained on"
 
@@ -1819,9 +1828,9 @@ def score_schemes(
         report.warnings.append(decay_hint)
     if diagnostics.get("not_at_minimum"):
         report.warnings.append(
-            f"the model is not at a minimum of the training loss ({_not_at_minimum_suspects(model)}): "
+            f"the model is not at a minimum of the training loss ({_not_at_minimum_suspects(model, diagnostics)}): "
             f"{_not_at_minimum_criterion(diagnostics)}"
-            + "; the M-estimator analysis may not apply; " + _batch_statistics_cause(model)
+            + "; the M-estimator analysis may not apply; " + _batch_statistics_cause(model, diagnostics)
             + "train to convergence, with the weight decay and "
             "loss you assess -- or, if the model is converged, pass the objective it was trained on: the "
             "loss_fn and weight_decay given here must be its (class weights, label smoothing, a penalty or "

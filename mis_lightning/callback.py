@@ -345,6 +345,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
 
     @names_callback
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if (losses := getattr(self, "_train_losses", None)) is not None:
+            losses.start(batch)  # its version counters (a training_step writing into its batch: ux53)
         if self._batch_unchecked:
             self._batch_unchecked = False
             res = self._loss(trainer, pl_module)
@@ -465,7 +467,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                 self._kept = {}
                 report = self._assess(trainer, pl_module)
                 if (losses := getattr(self, "_train_losses", None)) is not None and (mismatch := loss_mismatch_note(
-                        pl_module, losses, self._loss(trainer, pl_module), self.batch_fn, self.loss_fn is not None)):
+                        pl_module, losses, self._loss(trainer, pl_module), self.batch_fn, self.loss_fn is not None,
+                        float(report.diagnostics.get("weight_decay", 0.0) or 0.0))):
                     report.warnings.insert(0, mismatch)  # first: it outweighs every other caveat
                     report.diagnostics["loss_mismatch"] = True  # every figure "*", the verdict says so
                 if stage == "fit_end" and (best_note := lt.best_checkpoint_note(trainer)):

@@ -78,6 +78,8 @@ def metric_workloads(rank: int, out_dir: str) -> None:
         json.dump(padded_workload(rank), fh)
     with open(os.path.join(out_dir, f"classes_rank{rank}.json"), "w") as fh:
         json.dump(multiclass_workload(rank), fh)
+    with open(os.path.join(out_dir, f"leaves_rank{rank}.json"), "w") as fh:
+        json.dump(output_leaves_workload(rank), fh)
 
 
 EMPTY_CASES = {
@@ -367,3 +369,59 @@ def test_metric_over_several_classes_two_processes_equal_one(world):
             assert r[name][2:] == single[name][2:], (name, k)
             assert r[name][0] == pytest.approx(single[name][0], rel=1e-9), (name, k)
             assert r[name][1] == pytest.approx(single[name][1], rel=1e-9), (name, k)
+
+
+# -- output leaves sorted apart on the ranks (ux53) ---------------------------------------------
+LEAF_CASES = {"exact": {"estimation": "exact"}, "ggn": {"estimation": "diagonal", "hessian": "ggn"}}
+# each split: rank 0's records, rank 1's (in the order read). "later": neither rank's first batch of 40
+# reads the score leaf, rank 1's last batch does; "first": rank 1 reads its shard from the end, its
+# first batch reads the leaf, rank 0's never does
+LEAF_SPLITS = {"later": (range(0, 120), range(120, 240)), "first": (range(0, 120), range(239, 119, -1))}
+
+
+def output_leaves_workload(rank: int | None) -> dict:
+    """tests/test_output_reads.py's ``ScoredNet`` (a dict output whose ``"aux"`` leaf the loss reads,
+    as a weight, only where a record's score exceeds a threshold: the last records) on the splits of
+    ``LEAF_SPLITS``, batches of 40; ``rank=None``: all 240 records in one batch. Each case of
+    ``LEAF_CASES`` x split -> ``[leakage of rtn_int4, of rtn_int2, n, whether the report names the leaf]``."""
+    from test_output_reads import scored_case, scored_loss
+
+    model, X, y, _ = scored_case()
+    res = {}
+    for split, shards in LEAF_SPLITS.items():
+        idx = torch.arange(240) if rank is None else torch.tensor(list(shards[rank]))
+        bs = 240 if rank is None else 40
+        for name, kw in LEAF_CASES.items():
+            met = MISIndicator(model, scored_loss, ["rtn_int4", "rtn_int2"], num_records=240, uncertainty_draws=0,
+                               weight_decay=1e-3, num_training_records=240, **kw)
+            for a in range(0, len(idx), bs):
+                met.update(X[idx[a:a + bs]], y[idx[a:a + bs]])
+            out = met.compute()
+            res[f"{split}/{name}"] = [float(out["rtn_int4"]["leakage"]), float(out["rtn_int2"]["leakage"]),
+                                      met.report.n, any("'aux'" in w for w in met.report.warnings)]
+    return res
+
+
+def test_output_leaves_sorted_apart_on_the_ranks(world):
+    """ux53: each rank sorts its own first batch, so the ranks can disagree on which output leaves the
+    loss reads (here rank 0 never reads the score leaf; rank 1 reads it from its first batch, or from
+    its last). Before, a leaf one rank dropped and read later was read with zeros in its place on that
+    rank, and the exact estimator's stored per-record factor rows, of another width on each rank,
+    failed the final ``torch.cat`` (or, of one width, mixed silently). Now each rank puts such a leaf
+    back where its records read it (``output_reads.read_later``) and the rows are widened to one width
+    (``estimate._widened_rows``: each record's factor unchanged), so two ranks equal one process that
+    read the leaf from its first batch (1e-9 exact, 1e-7 with the diagonal's float32 passes:
+    test_output_reads' tolerance). The loss directions per record (the diagonal leverage), measured on
+    each rank's own first batch, are the first rank's on every rank: before, rank 1 read 1.94 against
+    rank 0's 1.81 and its rtn_int4 leakage 0.1242 against 0.1229. A leaf one rank put back is named in
+    every rank's report."""
+    single = output_leaves_workload(None)
+    for k in range(2):
+        r = json.loads((world.path / "metric" / f"leaves_rank{k}.json").read_text())
+        for key, want in single.items():
+            rel = 1e-9 if key.endswith("exact") else 1e-7
+            assert r[key][2] == want[2] == 240, (key, k)
+            assert r[key][0] == pytest.approx(want[0], rel=rel), (key, k)
+            assert r[key][1] == pytest.approx(want[1], rel=rel), (key, k)
+            # rank 1 put the leaf back in the "later" split: both ranks' reports say so
+            assert r[key][3] is key.startswith("later") and want[3] is False, (key, k)

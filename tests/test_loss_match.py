@@ -136,3 +136,57 @@ def test_the_note_directly_one_sided_two_batches_and_batchnorm_named():
     note = loss_mismatch_note(net, kept(assessed / 10, assessed / 10), resolved, None, True)
     assert note is not None and "10 times or more" in note and "running statistics of '1'" in note
     assert net.training and all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # untouched
+
+
+class InPlace(Standardised):
+    """Standardises the batch's inputs IN PLACE inside training_step (``x.sub_(MU).div_(SD)``);
+    forward reads raw inputs, as with "step"."""
+
+    def training_step(self, batch, i):
+        x, y = batch
+        x.sub_(MU).div_(SD)
+        return mse(self(x), y).mean()
+
+    def validation_step(self, batch, i):
+        x, y = batch
+        self.log("val_loss", mse(self((x - MU) / SD), y).mean())
+
+
+def test_inputs_standardised_in_place_in_training_step_are_said(tmp_path):
+    """ux53: ``x.sub_(MU).div_(SD)`` in training_step left the kept batch standardised (kept by
+    reference): the check computed the assessed loss on the inputs training saw and said nothing,
+    while the assessment read the loader's raw inputs (utility far above val_loss). The batch's version
+    counters, read before the step, show the write: later batches are kept as copies taken before
+    their step, and the mismatch is warned as for "step"."""
+    report, val_loss = _fit(tmp_path, InPlace("step"))
+    assert report.schemes["none"].utility["loss"] > 4 * val_loss
+    (w,) = _mismatch(report)
+    assert report.diagnostics["loss_mismatch"] is True and "training_step" in w
+
+
+def test_the_note_says_a_constant_ratio_may_be_a_harmless_scale_only_without_decay():
+    """ux53: a per-record loss summing over T tokens where training_step averages them reads T times
+    training's on every batch: harmless to the figures without weight decay (the sandwich is unchanged
+    by a scale of the loss), not with it. Same ratio on both batches (within 5%): the note says so,
+    naming the decay used; different ratios: no such sentence. Still a warning either way."""
+    from mis_lightning._loss_match import TrainingLosses, loss_mismatch_note
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    batches = [(torch.randn(16, 4), torch.randn(16)) for _ in range(2)]
+    with torch.no_grad():
+        assessed = [float(mse(net(x), y).mean()) for x, y in batches]
+    resolved = {"hook": False, "loss_fn": mse}
+
+    def kept(*factors):
+        k = TrainingLosses()
+        for (x, y), a, f in zip(batches, assessed, factors):
+            k.see(None, {"loss": torch.tensor(a / f)}, (x, y))
+        return k
+
+    plain = loss_mismatch_note(net, kept(10, 10.2), resolved, None, True, 0.0)
+    assert "The ratio is the same on both batches" in plain and "no weight decay is used here" in plain
+    decayed = loss_mismatch_note(net, kept(10, 10.2), resolved, None, True, 1e-3)
+    assert "with the weight decay used here (0.001) it is not" in decayed
+    apart = loss_mismatch_note(net, kept(10, 20), resolved, None, True, 0.0)
+    assert apart is not None and "same on both batches" not in apart

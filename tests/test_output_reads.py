@@ -57,6 +57,8 @@ class _Outputs(nn.Module):
             return {"logits": logits}
         if self.kind == "tuple_detached":
             return logits, h.detach()
+        if self.kind == "cat":  # one tensor [B, 3 + 10], the loss reading its first 3 columns (ux53)
+            return torch.cat([logits, h], 1)
         return logits
 
 
@@ -311,3 +313,175 @@ def test_a_sequence_model_padded_per_batch_is_refused_clearly_by_the_exact_estim
         ml.assess(Tok(), ["none"], batches, loss, estimation="exact", strict=True)
     r = ml.assess(Tok(), ["none", "int8_weight_only"], batches, loss, estimation="diagonal", strict=True)
     assert all(0.0 <= s.leakage <= 1.0 for s in r.schemes.values())
+
+
+# -- a leaf the first batch does not read (ux53) --------------------------------------------------
+THR, HEAVY = 0.5, 4.0
+
+
+class ScoredNet(nn.Module):
+    """A classifier beside a fixed scoring head (not trained, not assessed): the loss weighs a record
+    ``HEAVY`` times where its (detached) score is above ``THR``, so the ``"aux"`` leaf is value-read
+    (kept, zero Jacobian rows) on a batch holding such a record and dropped on one without."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.cls, self.aux = nn.Sequential(nn.Linear(5, 8), nn.Tanh()), nn.Linear(8, 3), nn.Linear(5, 1)
+        self.aux.requires_grad_(False)
+
+    def forward(self, x):
+        return {"logits": self.cls(self.body(x)), "aux": self.aux(x)}
+
+
+def scored_loss(out, y):
+    w = 1.0 + (HEAVY - 1.0) * (out["aux"].detach().squeeze(-1) > THR).to(out["logits"].dtype)
+    return w * F.cross_entropy(out["logits"], y, reduction="none")
+
+
+def scored_case() -> tuple[nn.Module, torch.Tensor, torch.Tensor, int]:
+    """``(model, X [240, 5], y, above)``: trained (L-BFGS, L2 1e-3), its records ordered so that the
+    ``above`` ones whose score exceeds ``THR`` come last (a first batch of 40 reads no score)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(240, 5, generator=g)
+    y = (x[:, :3] + 0.5 * torch.randn(240, 3, generator=g)).argmax(1)
+    torch.manual_seed(0)
+    model = ScoredNet()
+    with torch.no_grad():
+        hot = (model.aux(x).squeeze(-1) > THR).to(torch.int64)
+    order = torch.argsort(hot, stable=True)
+    x, y = x[order], y[order]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.LBFGS(trained, max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        obj = scored_loss(model(x), y).mean() + 0.5e-3 * sum((p ** 2).sum() for p in trained)
+        obj.backward()
+        return obj
+
+    opt.step(closure)
+    return model, x, y, int(hot.sum())
+
+
+@pytest.mark.parametrize("estimation", ["exact", "diagonal", "ggn"])
+def test_a_leaf_first_read_after_the_first_batch_is_put_back(estimation):
+    """ux53: the first batch of 40 holds no record whose score the loss reads, so the sorting drops
+    ``"aux"``; 19 later records are weighed by it. Before, those records' losses were read with zeros
+    in its place for the whole run (weight 1, not 4), silently: the diagonal estimators' figures
+    moved (rtn_int2 0.0952 vs 0.0958 at weight 2); the exact estimator's did not (its per-record
+    gradients and Hessians take the loss on the model's own output) but nothing said so. Now each later
+    batch is checked (``output_reads.read_later``) and the leaf put back: the figures equal those of
+    one batch of all 240 records (the leaf kept from the start; the same records, another batch
+    composition: 1e-9 relative for the exact estimator, 1e-7 for the diagonal ones, whose float32
+    passes move rtn_int2 by up to 1.2e-9 between batches of 40 and 240 with no leaf put back --
+    the 240 records reversed, the leaf read from the first batch), and a warning names the leaf."""
+    model, x, y, above = scored_case()
+    assert 10 <= above <= 60
+    kw = dict(estimation="diagonal", hessian="ggn") if estimation == "ggn" else dict(estimation=estimation)
+
+    def run(bs):
+        batches = [(x[a:a + bs], y[a:a + bs]) for a in range(0, 240, bs)]
+        return ml.assess(model, ["none", "rtn_int4", "rtn_int2"], batches, scored_loss, weight_decay=1e-3,
+                         uncertainty_draws=0, **kw)
+
+    whole, split = run(240), run(40)
+    rel = REL if estimation == "exact" else 1e-7
+    for s in ("none", "rtn_int4", "rtn_int2"):
+        assert split.schemes[s].leakage == pytest.approx(whole.schemes[s].leakage, rel=rel), s
+    assert not any("first batch" in w for w in whole.warnings)
+    assert any("did not read the model's output ['aux'] on the first batch" in w for w in split.warnings)
+
+
+def test_widened_rows_keep_each_records_factor():
+    """``estimate._widened_rows``: stored rows ``[g | Q (K d) | S (K^2)]`` of K = 2 and 4 made one
+    width: each record's ``g``, ``Q' S Q`` and the span of its ``Q`` rows unchanged (exact: zero rows
+    and columns added, nothing rounded)."""
+    from mis_lightning.estimation.estimate import _widened_rows
+
+    g = torch.Generator().manual_seed(0)
+    d = 6
+    chunks = []
+    for m, k in ((3, 2), (2, 4)):
+        q, s = torch.randn(m, k, d, generator=g, dtype=torch.float64), torch.randn(m, k, k, generator=g,
+                                                                                  dtype=torch.float64)
+        chunks.append(torch.cat([torch.randn(m, d, generator=g, dtype=torch.float64), q.reshape(m, -1),
+                                 s.reshape(m, -1)], 1))
+    out = _widened_rows(chunks, d)
+    assert [t.shape[1] for t in out] == [d + 4 * d + 16] * 2 and out[1] is chunks[1]
+    for t, w in zip(chunks, out):
+        k = 2 if t.shape[1] == d + 2 * d + 4 else 4
+        q, s = t[:, d:d + k * d].reshape(-1, k, d), t[:, d + k * d:].reshape(-1, k, k)
+        q2, s2 = w[:, d:d + 4 * d].reshape(-1, 4, d), w[:, d + 4 * d:].reshape(-1, 4, 4)
+        assert torch.equal(w[:, :d], t[:, :d])
+        assert torch.equal(q2.transpose(1, 2) @ s2 @ q2, q.transpose(1, 2) @ s @ q)
+        assert torch.equal(torch.linalg.matrix_rank(q2), torch.linalg.matrix_rank(q))
+    assert _widened_rows(chunks[:1], d) is not None and _widened_rows(chunks[:1], d)[0] is chunks[0]
+
+
+def test_unread_entries_of_one_tensor():
+    """ux53: ``output_reads.unread_entries`` marks the columns of a tensor output no record's loss
+    reads (zero derivative in every record and the losses bitwise unchanged with them replaced); with a
+    column read at a flat spot among them (``(o - t)^2`` with ``t = o``: zero derivative, but replaced
+    values move the loss) none is marked; nor any of a loss reading them all, nor a pytree (sorted per
+    leaf)."""
+    from mis_lightning.estimation.output_reads import unread_entries
+
+    g = torch.Generator().manual_seed(0)
+    out, y = torch.randn(16, 13, generator=g), torch.randint(0, 3, (16,), generator=g)
+    mask = unread_entries(out, lambda o, t: F.cross_entropy(o[:, :3], t, reduction="none"), y, 16)
+    assert mask.tolist() == [False] * 3 + [True] * 10
+    assert unread_entries(out, lambda o, t: F.cross_entropy(o, t, reduction="none"), y, 16) is None
+    t2 = out[:, :2] + 1
+    assert int(unread_entries(out, lambda o, t: ((o[:, :2] - t) ** 2).sum(1), t2, 16).sum()) == 11
+    t2[:, 1] = out[:, 1]  # column 1 read where its derivative is exactly 0
+    assert unread_entries(out, lambda o, t: ((o[:, :2] - t) ** 2).sum(1), t2, 16) is None
+    assert unread_entries({"a": out}, lambda o, t: o["a"][:, 0], y, 16) is None
+
+
+def _ce3(o, y):
+    return F.cross_entropy(o[:, :3], y, reduction="none")
+
+
+@pytest.mark.parametrize("estimation", ["exact", "diagonal"])
+def test_an_output_read_in_part_reads_as_its_twin(trained, estimation):
+    """ux53: a forward returning ``cat([logits, h], 1)`` ([B, 13]) to a loss reading ``[:, :3]``: the exact
+    estimator's leverages took all 13 outputs' gradients into each record's span (before: 2-9% above
+    the logits-only twin over four label draws, 0.1553 vs 0.1476 for ``none`` on one; max leverage 2.34
+    vs 1.16). The 10 unread columns are now left out of the per-record factors, so every figure and
+    leverage equals the twin's (the same float64 arithmetic on the same rows: 1e-9); the diagonal
+    estimator's already did (its loss directions count the loss Hessian's rank)."""
+    body, head, loader = trained
+    ref, rep = (ml.assess(_Outputs(body, head, k), SCHEMES, loader, _ce3, estimation=estimation, weight_decay=1e-3,
+                          **SAME_DRAWS) for k in ("tensor", "cat"))
+    _assert_same(rep, ref, estimation)
+
+
+def test_an_entry_read_after_the_first_batch_is_read_from_then_on():
+    """ux53: a [B, 4] output whose column 3 a multi-task loss reads only where a record has its label
+    (``torch.where``: a derivative of exactly 0 and no effect on the loss elsewhere); the first batch has
+    none, so the column is left out of the leverages' factors (``LossProgram.read_rows``); the next
+    batch's labelled records read it, and from that batch on it is in (``LossProgram.prepare``): left
+    out for the run, their factors would miss its rows (the leverage read low, the unsafe side)."""
+    from mis_lightning.estimation.per_sample import LossProgram
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4))
+
+    def loss(o, t):
+        lab = ~torch.isnan(t[:, 1])
+        reg = torch.where(lab, (o[:, 3] - t[:, 1].nan_to_num()) ** 2, torch.zeros_like(o[:, 3]))
+        return F.cross_entropy(o[:, :3], t[:, 0].long(), reduction="none") + reg
+
+    def batch(labelled):
+        t = torch.stack([torch.randint(0, 3, (20,)).double(), torch.randn(20, dtype=torch.float64)], 1)
+        if not labelled:
+            t[:, 1] = float("nan")
+        return torch.randn(20, 5, dtype=torch.float64), t
+
+    prog = LossProgram(net, loss, [n for n, _ in net.named_parameters()])
+    prog.prepare(batch(False))
+    assert prog.read_rows(4).tolist() == [True, True, True, False]
+    prog.prepare(batch(False))
+    assert prog.read_rows(4).tolist() == [True, True, True, False]
+    prog.prepare(batch(True))
+    assert prog.read_rows(4) is None

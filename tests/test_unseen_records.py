@@ -134,7 +134,18 @@ def test_not_at_minimum_names_batch_statistics_on_a_batchnorm_model():
     assert "running statistics" not in without and "train to convergence" in without, without
 
 
-def _dropout_or_not(p: float):
+class _FunctionalDropout(nn.Module):
+    """nn.Sequential(Linear, Tanh, Dropout(p), Linear) with the dropout written in forward."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.a, self.b, self.p = nn.Linear(5, 12), nn.Linear(12, 1), p
+
+    def forward(self, x):
+        return self.b(F.dropout(torch.tanh(self.a(x)), self.p, training=self.training))
+
+
+def _dropout_or_not(p: float, functional: bool = False):
     # nux52 #3 (s4_dropout.py): full-batch Adam with coupled decay, converged in train mode; with
     # dropout the eval-mode objective assessed is not the one minimised (3.0 sd after 400 steps, 4.7
     # after 1,600), without it the same run is at a minimum
@@ -142,7 +153,8 @@ def _dropout_or_not(p: float):
     x = torch.randn(2000, 5, generator=g)
     y = (torch.rand(2000, generator=g) < torch.sigmoid(1.5 * x[:, 0] - x[:, 1] + 0.8 * x[:, 2] * x[:, 3])).float()
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Dropout(p), nn.Linear(12, 1))
+    m = _FunctionalDropout(p) if functional else nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Dropout(p),
+                                                               nn.Linear(12, 1))
     opt = torch.optim.Adam(m.parameters(), lr=1e-2, weight_decay=1e-3)
     for _ in range(400):
         opt.zero_grad()
@@ -161,6 +173,24 @@ def test_not_at_minimum_names_dropout_and_eval_mode_steps():
     assert "has dropout ('2')" in w and "model.eval(): dropout off" in w and "training longer does not" in w, w
     assert "running statistics" not in w, w
     assert _dropout_or_not(0.0) == (False, [])  # the same run without dropout: at a minimum, no warning
+
+
+def test_not_at_minimum_names_dropout_written_in_forward():
+    """ux53: ``F.dropout(h, p, training=self.training)`` in forward: no dropout layer to find, so the
+    cause named only BatchNorm-like layers (none here) and the warning said "train to convergence",
+    which longer training does not reach. A train-mode forward of the first batch's records from two
+    random states differs (the estimation's first batch): the dropout is named as written in forward,
+    with the eval-mode cure; p = 0 (deterministic in train mode): at a minimum, no warning."""
+    flagged, hits = _dropout_or_not(0.3, functional=True)
+    assert flagged and len(hits) == 1, hits
+    w = hits[0]
+    assert "has dropout (written in its forward" in w and "F.dropout(x, p, self.training)" in w, w
+    assert "model.eval(): dropout off" in w and "running statistics" not in w, w
+    from mis_lightning._warning_lines import warning_line
+
+    # the console's one line (cv53) names it too, not the generic causes
+    assert "likely: dropout written in its forward" in warning_line(w), warning_line(w)
+    assert _dropout_or_not(0.0, functional=True) == (False, [])
 
 
 def test_stochastic_layers_named():

@@ -77,7 +77,7 @@ from .linear_factors import (
     per_layer_parameters,
     standardised_influence,
 )
-from .output_reads import OutputShape, flat_outputs, output_numel
+from .output_reads import OutputShape, OutputTree, flat_outputs, output_numel
 from .per_sample import (
     RECURRENT_LAYERS,
     BatchFn,
@@ -1042,6 +1042,10 @@ class MomentAccumulator:
         self._factors_possible = self.keep_w
         self.keep_factors = mode == "exact" and self._factors_possible
         self._c_out: int | None = None
+        # whether a train-mode forward is random (LossProgram.random_in_train_mode; the first batch)
+        self._train_random: bool | None = None
+        # output leaves other DDP processes put back (EstimationMetric's sync): the report names them too
+        self.late_elsewhere: tuple[str, ...] = ()
         # why the leverages fell back to the Gauss-Newton factors J' L J (no per-record second
         # derivatives); None: each record's exact Hessian on its output-gradient span (_record_curvature)
         self._leverage_ggn: str | None = None
@@ -1270,6 +1274,9 @@ class MomentAccumulator:
         st = self.state if state is None else state
         program = self.program
         inputs, targets, b = program.prepare(batch)
+        if self._train_random is None:  # dropout written in a forward (the not-at-a-minimum warning's cause, ux53)
+            probe = getattr(program, "random_in_train_mode", None)
+            self._train_random = bool(probe(inputs, b)) if probe is not None else False
         if self._data_buffers is None and b >= 2:  # (one record cannot be split: the next batch tells)
             self._data_buffers, self._data_buffers_unchecked = program.data_dependent_buffers(inputs, b)
         if self._input_stats is False:
@@ -1527,6 +1534,10 @@ class MomentAccumulator:
                                      f"exceed budget={self.budget}")
             else:
                 shape = self.program.output_shape(x)
+                if output_numel(shape) != self._c_out and _late(shape) != _late(self._lev_shape):
+                    # a leaf the first batch dropped read here (output_reads.read_later): this record's
+                    # factor in its own width, the stored rows widened to one at finalize (_widened_rows)
+                    self._c_out = output_numel(shape)
                 if output_numel(shape) != self._c_out:
                     # the stored rows [g | J | L] have one width for every record (rv52b)
                     raise ValueError(
@@ -1548,6 +1559,10 @@ class MomentAccumulator:
             return None
         c = self._c_out
         J = torch.cat([jac[k].reshape(b, c, -1) for k in self.names], 2)
+        rows = getattr(self.program, "read_rows", lambda _c: None)(c)
+        if rows is not None:  # entries of one output tensor no record's loss reads: out of the span (ux53)
+            rows = rows.to(J.device)
+            J, L = J[:, rows], L[:, rows][:, :, rows]
         if self._leverage_ggn is None:
             try:
                 Q, S = _record_curvature(self.program, x, y, J, self.names, self.offsets)
@@ -1561,6 +1576,14 @@ class MomentAccumulator:
             else:
                 return torch.cat([Q.reshape(b, -1), S.reshape(b, -1)], 1)
         return torch.cat([J.to(torch.float64).reshape(b, -1), L.reshape(b, -1).to(torch.float64)], 1)
+
+    def late_leaves(self) -> list[str]:
+        """The output leaves the first batch dropped and a later batch read, put back
+        (:func:`~.output_reads.read_later`), by any of this accumulator's programs or, after a
+        DDP sync, any process's (:attr:`late_elsewhere`)."""
+        return sorted({leaf for prog in (self.program, self.factored, getattr(self, "_kron_side", None))
+                       for attr in ("output_layout", "_hook_layout", "_shape", "_layout")
+                       for leaf in _late(getattr(prog, attr, None))} | set(self.late_elsewhere))
 
     def _update_exact_hessian(self, st: dict[str, Any], inputs: Any, targets: Any) -> None:
         """The batch's autograd Hessian: whole (exact mode) or its diagonal. A layer without a
@@ -1850,6 +1873,11 @@ class MomentAccumulator:
             # the decay as told (finalize used it scaled by (n + n_void) / n), and the records left out
             est.diagnostics.update(_decay_diagnostics(self._decay_told))
             est.diagnostics["records_without_loss"] = {"count": n_void, "read": est.n + n_void}
+        if self._train_random:  # named by the not-at-a-minimum warning where no dropout layer explains it
+            est.diagnostics["random_in_train_mode"] = True
+        late = self.late_leaves()
+        if late:  # output leaves the first batch dropped and a later one read (output_reads.read_later)
+            est.diagnostics["output_leaves_read_late"] = late
         if self._repeated:
             # copies of a record scored as independent members (fu27): said in the report's warnings
             est.diagnostics["duplicate_records"] = self._repeated[0]
@@ -1915,6 +1943,10 @@ class MomentAccumulator:
                         "depend on the weights: they are not counted")
             raise ValueError(f"n (number of training records) must be >= 2 (>= 4 to score schemes), got {n}{why}")
         self._repeated = None
+        if self.keep_w and isinstance(st.get("rec_grad"), list):
+            # rows of several factor widths (an output leaf put back mid-run, or processes whose
+            # first batches sorted the outputs apart): one width, each record's factor unchanged
+            st = {**st, "rec_grad": _widened_rows(st["rec_grad"], self.d)}
         if self.selection == "hash":
             st = {k: (list(v) if isinstance(v, list) else v) for k, v in st.items()}
             prune_bottom_k(st, self.num_records)
@@ -2832,6 +2864,14 @@ def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
     (``"kfac_order_dependent"``, :meth:`MomentAccumulator._kfac_order_note`), and Hutchinson's
     Hessian diagonal when its median relative standard error exceeds the same bound."""
     out = []
+    late = diagnostics.get("output_leaves_read_late")
+    if late:  # MomentAccumulator.finalize (output_reads.read_later)
+        out.append(
+            f"the loss did not read the model's output {', '.join(late)} on the first batch, so it was left out of the "
+            "outputs the estimation differentiates; a later batch's losses read it (e.g. a head whose labels the "
+            "first batch lacked), and it was put back from that batch on: every record's factors hold the outputs "
+            "its own loss reads (none is read with zeros in its place); records after that batch whose loss does "
+            "not read it count its rows too, which can only raise their leverage (the safe side)")
     void = diagnostics.get("records_without_loss")
     if void:  # MomentAccumulator._update / LossProgram.void_rows (sm45)
         members = void["read"] - void["count"]
@@ -4293,6 +4333,49 @@ def _batch_hessian(program: LossProgram, inputs: Any, targets: Any, names: list[
             with ignoring(("There is a performance drop", Warning)):  # functorch's "no batching rule" notes
                 H = torch.func.jacrev(torch.func.grad(f), chunk_size=chunk if chunk < d else None)(flat0)
     return H.to(torch.float64).reshape(d, d)
+
+
+def _late(shape: OutputShape | None) -> tuple[str, ...]:
+    """The output leaves put back after the first batch (:func:`~.output_reads.read_later`)."""
+    return shape.late if isinstance(shape, OutputTree) else ()
+
+
+def _factor_width(width: int, d: int) -> int | None:
+    """``K`` of a stored row ``[g (d) | Q or J (K d) | S or L (K^2)]`` of ``width`` floats; ``None``
+    where the width is not of that form (no factors kept)."""
+    extra = width - d
+    if extra <= 0:
+        return None
+    k = round((math.sqrt(d * d + 4 * extra) - d) / 2)
+    return k if k * d + k * k == extra else None
+
+
+def _widened_rows(chunks: list[Any], d: int) -> list[Any]:
+    """Stored per-record rows (``rec_grad`` chunks ``[m, d + K d + K^2]``) of several ``K`` as rows
+    of the largest: each record's ``Q_i`` (or ``J_i``) gets rows of zeros and its ``S_i`` (or
+    ``L_i``) zero rows and columns, which leave ``Q_i' S_i Q_i`` (``J_i' L_i J_i``) and the span
+    of its rows -- the leverage's projector, method.md section 4 "Per-record factors" -- as they
+    were. Rows of one width (or not of that form) are returned as they are.
+
+    Several widths arise where records' factors were taken in different output layouts, each
+    holding every output leaf that record's loss reads: a leaf the first batch dropped and a later
+    one read (:func:`~.output_reads.read_later`), or DDP processes whose first batches sorted the
+    leaves apart (their rows gathered at their own widths by the sync's ragged path); before,
+    ``torch.cat`` failed on them, or, of one ``K``, nothing noticed."""
+    ks = [_factor_width(int(t.shape[1]), d) if isinstance(t, Tensor) and t.dim() == 2 else None for t in chunks]
+    if len({*ks}) < 2 or None in ks:
+        return chunks
+    top, out = max(k for k in ks if k is not None), []
+    for t, k in zip(chunks, ks):
+        if k == top:
+            out.append(t)
+            continue
+        m = t.shape[0]
+        q = t[:, d: d + k * d].reshape(m, k, d)
+        s = t[:, d + k * d:].reshape(m, k, k)
+        out.append(torch.cat([t[:, :d], torch.nn.functional.pad(q, (0, 0, 0, top - k)).reshape(m, -1),
+                              torch.nn.functional.pad(s, (0, top - k, 0, top - k)).reshape(m, -1)], 1))
+    return out
 
 
 def _record_curvature(program: LossProgram, inputs: Any, targets: Any, J: Tensor, names: list[str],

@@ -43,6 +43,7 @@ _tree = torch.utils._pytree
 # below its threshold there -- had the leaf dropped for the whole run, later records' losses read with
 # zeros in its place); an int: the first that many (A/B)
 PROBE_RECORDS: int | None = None
+UNREAD_SEED = 53_2026  # the random values unread_entries puts in place of the entries it tests
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class OutputTree:
         live: per leaf, whether the loss differentiates it (a kept leaf that is not live is
             detached where the output is flattened).
         fills: per dropped leaf its dtype (the zeros in its place), ``None`` for kept leaves.
+        names: every leaf's path in the output (``"['aux']"``, ``"[1]"``), for messages.
+        late: the paths of leaves the first batch dropped and a later batch read (:func:`read_later`):
+            kept from that batch on.
     """
 
     spec: Any
@@ -66,6 +70,8 @@ class OutputTree:
     kept: tuple[bool, ...] = ()
     live: tuple[bool, ...] = ()
     fills: tuple[torch.dtype | None, ...] = ()
+    names: tuple[str, ...] = ()
+    late: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.shapes)
@@ -133,7 +139,8 @@ def sort_outputs(forward: Callable[[Any], Any] | None, loss_fn: Callable[[Any, A
             out = forward(x)
     if isinstance(out, Tensor):
         return tuple(out.shape[1:])
-    leaves, spec = _tree.tree_flatten(out)
+    paths, spec = _tree.tree_flatten_with_path(out)
+    leaves = [t for _, t in paths]
     shapes = tuple(tuple(t.shape[1:]) if isinstance(t, Tensor) and t.dim() else () for t in leaves)
     cand = [i for i, t in enumerate(leaves) if _batched_float(t, r)]
     with torch.inference_mode(False), torch.enable_grad():
@@ -157,7 +164,76 @@ def sort_outputs(forward: Callable[[Any], Any] | None, loss_fn: Callable[[Any, A
     n = len(leaves)
     return OutputTree(spec, shapes, kept=tuple(i not in drop for i in range(n)),
                       live=tuple(i in live or i not in cand for i in range(n)),
-                      fills=tuple(leaves[i].dtype if i in drop else None for i in range(n)))
+                      fills=tuple(leaves[i].dtype if i in drop else None for i in range(n)),
+                      names=tuple(_tree.keystr(k) for k, _ in paths))
+
+
+def read_later(layout: OutputShape, out: Any, loss_fn: Callable[[Any, Any], Tensor], targets: Any,
+               b: int) -> OutputShape:
+    """``layout`` with every leaf it dropped that this batch's losses read put back (kept, and
+    differentiated where they differentiate it; its path added to ``late``); ``layout`` itself
+    where it drops nothing or this batch reads none of its dropped leaves.
+
+    The first batch's sorting is a sample: a loss that reads a leaf only for some batches (a
+    multi-task head whose labels the first batch lacks, ``if mask.any(): ...``) had it dropped for
+    the whole run, later records' losses read with zeros in its place, silently. Checked here on
+    every later batch by the first batch's own tests (:func:`sort_outputs` on ``out``, this
+    batch's output: one backward of the losses in the outputs, one loss call per leaf not
+    differentiated), so every record's factors are taken in a layout holding every leaf its loss
+    reads: the records before the leaf was put back did not read it (their layout is theirs,
+    exactly), those after it get its rows (where their own loss does not read it, the over-read
+    rows of a leaf kept from the first batch: the safe side). No cost where nothing is dropped.
+    """
+    if not isinstance(layout, OutputTree) or not layout.dropped or isinstance(out, Tensor):
+        return layout
+    now = sort_outputs(None, loss_fn, None, targets, b, outputs=out)
+    if not isinstance(now, OutputTree) or len(now.kept) != len(layout.kept):
+        return layout
+    back = [i for i, (was, k) in enumerate(zip(layout.kept, now.kept)) if not was and k]
+    if not back:
+        return layout
+    return dataclasses.replace(
+        layout, kept=tuple(k or i in back for i, k in enumerate(layout.kept)),
+        live=tuple(now.live[i] if i in back else v for i, v in enumerate(layout.live)),
+        fills=tuple(None if i in back else f for i, f in enumerate(layout.fills)),
+        late=layout.late + tuple(layout.names[i] if layout.names else str(i) for i in back))
+
+
+def unread_entries(out: Any, loss_fn: Callable[[Any, Any], Tensor], targets: Any, b: int) -> Tensor | None:
+    """The entries per record of a tensor output ``out [b, ...]`` that no record's loss reads, as a
+    bool ``[C]`` over the flattened entries (``None`` where there is none): every record's loss has
+    a derivative of exactly 0 in them (autograd, one backward of the summed losses in the outputs),
+    and the losses are bitwise unchanged with them replaced by random values (a fixed generator;
+    the global RNG untouched), which a loss reading one at a flat spot (``(o - t)^2`` at ``o = t``)
+    fails: then none is taken (one test for all candidates). ``None`` for a pytree output (sorted
+    per leaf, :func:`sort_outputs`) or an output the loss does not differentiate.
+
+    A loss that reads 3 of 13 columns (``out[:, :3]``) left the other 10 in every record's output
+    Jacobian ``J_i``, whose row span the exact estimator's leverages project onto (method.md
+    section 4, "Per-record factors"): the over-read of this module, within one tensor (ux53: 2-9%
+    high). The estimator leaves these rows out of its per-record factors (``LossProgram.read_rows``).
+    """
+    if not (isinstance(out, Tensor) and out.is_floating_point() and out.dim() >= 1 and out.shape[0] == b):
+        return None
+    with torch.inference_mode(False), torch.enable_grad():
+        probe = out.detach().clone().requires_grad_(True)
+        losses = loss_fn(probe, targets)
+        if not (isinstance(losses, Tensor) and losses.requires_grad):
+            return None
+        (g,) = torch.autograd.grad(losses.sum(), [probe], allow_unused=True)
+    if g is None:
+        return None
+    cand = (g.reshape(b, -1) == 0).all(0)
+    if not bool(cand.any()):
+        return None
+    with torch.no_grad():
+        # (a seed of its own: seed 0 draws the very values a test's torch.randn(..., seed 0) output holds)
+        noise = torch.randn(out.reshape(b, -1).shape, generator=torch.Generator().manual_seed(UNREAD_SEED),
+                            dtype=out.dtype).to(out.device)
+        moved = torch.where(cand, noise, out.detach().reshape(b, -1)).reshape(out.shape)
+        base, other = loss_fn(out.detach(), targets), loss_fn(moved, targets)
+    same = isinstance(base, Tensor) and isinstance(other, Tensor) and torch.equal(base, other)
+    return cand.cpu() if same else None
 
 
 def layout_of(out: Any, known: OutputShape | None, loss_fn: Callable[[Any, Any], Tensor], inputs: Any,
@@ -166,8 +242,8 @@ def layout_of(out: Any, known: OutputShape | None, loss_fn: Callable[[Any, Any],
     per-record shape at no cost, a pytree's :func:`sort_outputs` (no forward of its own)."""
     if isinstance(out, Tensor):  # this batch's own shape (a sequence padded per batch: its own T)
         return tuple(out.shape[1:])
-    if known is not None:
-        return with_shapes(known, out)
+    if known is not None:  # (a leaf the first batch dropped and these losses read: put back)
+        return read_later(with_shapes(known, out), out, loss_fn, targets, b)
     return sort_outputs(None, loss_fn, inputs, targets, b, outputs=out)
 
 

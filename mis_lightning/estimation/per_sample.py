@@ -28,7 +28,9 @@ from .output_reads import (
     OutputTree,
     flat_record,
     layout_of,
+    read_later,
     unflat_record,
+    unread_entries,
     with_shapes,
 )
 
@@ -62,10 +64,17 @@ def eval_mode(*roots: nn.Module) -> Iterator[None]:
     which also update the running statistics in place). The flags are set directly (not via
     ``train()``, which a subclass may override) and restored exactly, even on error.
     """
+    with _mode(False, *roots):
+        yield
+
+
+@contextmanager
+def _mode(training: bool, *roots: nn.Module) -> Iterator[None]:
+    """Every submodule of ``roots`` with ``training`` for the block, each flag restored after (:func:`eval_mode`)."""
     flags = [(m, m.training) for r in roots for m in r.modules()]
     try:
         for m, _ in flags:
-            m.training = False
+            m.training = training
         yield
     finally:
         for m, t in reversed(flags):  # reversed: a module reached twice gets its first flag
@@ -765,6 +774,8 @@ class LossProgram:
         self.buffers = {n: private(b) for n, b in self.model.named_buffers()}
         self._checked = False
         self.output_layout: OutputShape | None = None  # set on the first batch (prepare)
+        # entries of a tensor output no record's loss has read so far (output_reads.unread_entries), None: all read
+        self.unread_mask: Tensor | None = None
         # records one at a time where the forward holds a recurrent layer (frozen or not): torch's
         # RNN kernels do not batch under a vmap over the records ("output with shape [1, H] doesn't
         # match the broadcast shape [B, 1, H]"); vmaps over tangents or directions of one record do
@@ -819,7 +830,52 @@ class LossProgram:
             self.check_swap(inputs)
             self.check_per_sample(inputs, targets, b)  # sets output_layout
             self._checked = True
+        elif self.unread_mask is not None:
+            # an entry no earlier record read and these losses read is read from now on (as read_later)
+            with torch.no_grad():
+                now = unread_entries(self.outputs(self.params, inputs), self.loss_fn, targets, b)
+            self.unread_mask = self.unread_mask & now if now is not None and now.shape == self.unread_mask.shape \
+                else None
+        elif isinstance(self.output_layout, OutputTree) and self.output_layout.dropped:
+            # a leaf the first batch dropped and these losses read is put back (output_reads.read_later):
+            # one forward of the batch without grad, for outputs that drop a leaf only
+            with torch.no_grad():
+                out = self.outputs(self.params, inputs)
+            self.output_layout = read_later(self.output_layout, out, self.loss_fn, targets, b)
         return inputs, targets, b
+
+    def read_rows(self, c: int) -> Tensor | None:
+        """The rows of a ``C = c`` output Jacobian the loss reads (bool ``[c]``), ``None`` for all:
+        the complement of :attr:`unread_mask` where it has ``c`` entries (a per-batch length that
+        differs: all)."""
+        mask = self.unread_mask
+        return None if mask is None or mask.numel() != c else ~mask
+
+    def random_in_train_mode(self, inputs: Any, b: int, records: int = 4) -> bool:
+        """Whether a train-mode forward of the first ``records`` records is random: two forwards
+        from two random states give different outputs. The module tree's dropout layers are
+        named by :func:`~mis_lightning.assess._stochastic_layers`; this finds the randomness a
+        forward writes itself (``F.dropout(x, p, self.training)``, ``torch.dropout``, noise under
+        ``if self.training``), which no layer shows (ux53). Runs the program's private model on
+        copies of its buffers (a BatchNorm's running statistics are not moved), without grad, each
+        forward inside an isolated random state (the caller's streams untouched); ``False`` where a
+        train-mode forward fails (nothing is told then)."""
+        from .._rng import isolated_rng
+
+        x = torch.utils._pytree.tree_map(
+            lambda t: t[:records] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t, inputs)
+        outs = []
+        for seed in (1, 2):
+            with isolated_rng(seed=seed), torch.no_grad(), _mode(True, self.model), default_dtype(self.dtype), \
+                    mha_fastpath_off():
+                try:
+                    outs.append(functional_call(self.model, ({**self.fixed, **self.params},
+                                                             {n: t.clone() for n, t in self.buffers.items()}), (x,)))
+                except Exception:  # noqa: BLE001 - a forward that fails in train mode: not told
+                    return False
+        pairs = zip(torch.utils._pytree.tree_leaves(outs[0]), torch.utils._pytree.tree_leaves(outs[1]))
+        return any(isinstance(a, Tensor) and isinstance(c, Tensor) and a.shape == c.shape and not torch.equal(a, c)
+                   for a, c in pairs)
 
     def data_dependent_buffers(self, inputs: Any, b: int) -> tuple[list[str], dict[str, Any] | None]:
         """The persistent floating buffers one train-mode forward sets from the records, and the
@@ -893,6 +949,8 @@ class LossProgram:
             # which output leaves the loss reads (output_reads), from this forward's output: the
             # Jacobians and flattened outputs see those only
             self.output_layout = layout_of(out, None, self.loss_fn, inputs, targets, b)
+            # entries of a tensor output no record's loss reads (out[:, :3] of 13): out of the leverages' factors
+            self.unread_mask = unread_entries(out, self.loss_fn, targets, b)
         self.check_finite_gradients(inputs, targets, b, what, records)
 
     def check_finite_gradients(self, inputs: Any, targets: Any, b: int, what: str, records: int = 8) -> None:
