@@ -485,3 +485,20 @@ def test_an_entry_read_after_the_first_batch_is_read_from_then_on():
     assert prog.read_rows(4).tolist() == [True, True, True, False]
     prog.prepare(batch(True))
     assert prog.read_rows(4) is None
+
+
+@pytest.mark.parametrize("estimation", ["exact", "diagonal"])
+def test_unread_entries_searched_where_the_exact_factors_read_them_only(trained, estimation, monkeypatch):
+    """rv53: ``unread_entries`` costs ~4 copies of the first batch's whole output and a backward
+    (a [16, 256, 8000] float32 output: +0.5 GB peak RSS, 1.1 s CPU), and only the exact estimator's
+    kept factors read its mask (``LossProgram.read_rows``). Searched in exact mode; not run in
+    diagonal mode (before: run there too, and on every later batch while the mask was set)."""
+    from mis_lightning.estimation import per_sample
+
+    body, head, loader = trained
+    calls = []
+    real = per_sample.unread_entries
+    monkeypatch.setattr(per_sample, "unread_entries", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ml.assess(_Outputs(body, head, "cat"), ["none"], loader, _ce3, estimation=estimation, weight_decay=1e-3,
+              uncertainty_draws=0, **SAME_DRAWS)
+    assert (len(calls) > 0) is (estimation == "exact"), calls

@@ -1041,6 +1041,7 @@ class MomentAccumulator:
         # output is taken inside the hook) or they do not fit the budget.
         self._factors_possible = self.keep_w
         self.keep_factors = mode == "exact" and self._factors_possible
+        self.program.count_unread = self.keep_factors  # (output_reads.unread_entries: read with the factors only)
         self._c_out: int | None = None
         # whether a train-mode forward is random (LossProgram.random_in_train_mode; the first batch)
         self._train_random: bool | None = None
@@ -1093,6 +1094,7 @@ class MomentAccumulator:
             self.factored = self._fast_program(FactoredProgram)
         # The leverages' factors are kept only where the (re)chosen estimator is exact.
         self.keep_factors = self.mode == "exact" and self._factors_possible
+        self.program.count_unread = self.keep_factors
         self._set_kron_side()
         self.state = self.empty_state()
 
@@ -1184,6 +1186,7 @@ class MomentAccumulator:
     def reset_program(self) -> None:
         """Re-read the model's current weights (for a new pass after the model changed)."""
         self.program = self.program_cls(self.model, self.loss_fn, self.param_names, self.batch_fn, self.dtype)
+        self.program.count_unread = self.keep_factors
         self._out_shape = None
         if self.factored is not None:
             kind = type(self.factored)
