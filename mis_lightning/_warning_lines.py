@@ -10,6 +10,8 @@ the full text stays in the report (``Report.warnings``, the JSON, :meth:`Report.
 
 from __future__ import annotations
 
+import re
+
 __all__ = ["MORE", "WARNING_LINE_WIDTH", "warning_line"]
 
 #: the most characters of a warning's console line (before :data:`MORE`)
@@ -22,6 +24,10 @@ MORE = " [...]"
 #: quotes left out)
 _ABBREVIATIONS = frozenset({"e.g", "i.e", "cf", "vs", "etc", "approx", "resp", "incl", "sec", "eq", "fig", "no"})
 _OPEN, _CLOSE = "([{", ")]}"
+#: a failed scheme's warning (:func:`mis_lightning.report.failure_warning`): one message whose cause
+#: is its end ("... failed, no figures: SchemeUnavailableError: ... needs a CUDA GPU ..."), so its line
+#: is cut by words at the width, not after the error's class (rv53)
+_FAILURE = re.compile(r"scheme '[^']*' failed, no figures: ")
 
 
 def _boundaries(text: str, commas: bool, brackets: bool = False, clauses: bool = True) -> list[int]:
@@ -55,6 +61,8 @@ def warning_line(text: str, width: int = WARNING_LINE_WIDTH) -> str:
     between 40 characters and ``width`` (a bracket kept whole or left out), else at the last
     space before ``width`` (inside a bracket: the culprits it names are kept). The text itself
     when it fits and has one clause; else the line, a prefix of ``text``, ends in :data:`MORE`.
+    A failed scheme's warning (``"scheme 'x' failed, no figures: <error>"``) is cut by words at
+    ``width``: its cause is the error's message, after the error's class.
 
     Raises:
         ValueError: ``width`` below 40 (no first clause would fit).
@@ -62,6 +70,8 @@ def warning_line(text: str, width: int = WARNING_LINE_WIDTH) -> str:
     if width < _SHORT:
         raise ValueError(f"width must be >= {_SHORT}, got {width}")
     text = " ".join(text.split())  # one line
+    if _FAILURE.match(text) and len(text) > width:
+        return text[:text.rfind(" ", 0, width + 1)].rstrip(" ,;:.") + MORE
     sentence = next(iter(_boundaries(text, commas=False, clauses=False)), len(text))
     ends = _boundaries(text, commas=False)
     end = ends[0] if ends else len(text)

@@ -63,3 +63,18 @@ def test_whitespace_and_newlines_read_as_one_line_and_the_width_is_checked():
     assert warning_line(REGIME, width=60) == "d / n = 0.193 is not small (58 assessed weights, 300" + MORE
     with pytest.raises(ValueError, match="width must be >= 40, got 39"):
         warning_line(REGIME, width=39)
+
+
+def test_a_failed_schemes_line_keeps_the_errors_cause():
+    """rv53: the first-clause rule cut a failed scheme's warning after the error's class
+    ("scheme 'needs_gpu' failed, no figures: SchemeUnavailableError [...]"): the console did not say
+    why (the table's ``errors:`` did). Its line is cut by words at the width."""
+    from mis_lightning.report import failure_warning
+
+    error = ("SchemeUnavailableError: scheme 'needs_gpu' is unavailable: its kernel needs a CUDA GPU with compute "
+             "capability 8.0 or newer and this machine has none; on CPU use 'int4_weight_only' instead")
+    text = failure_warning("needs_gpu", error)
+    line = warning_line(text)
+    assert "needs a CUDA GPU" in line and line.endswith(MORE) and len(line) <= WARNING_LINE_WIDTH + len(MORE), line
+    assert text.startswith(line[: -len(MORE)]), line
+    assert warning_line(failure_warning("x", "ValueError: bad")) == "scheme 'x' failed, no figures: ValueError: bad"
