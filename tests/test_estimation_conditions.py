@@ -180,6 +180,15 @@ def test_loss_mixing_records_through_its_gradient_only_is_refused_on_the_first_b
         ml.MISIndicator(m, mixed, ["rtn_int8"]).update(X[:16], y[:16])
     for legit in (tokens, lambda o, t: tokens(o, t, label_smoothing=0.1)):
         ml.assess(m, ["rtn_int8"], dl, legit, uncertainty_draws=0)
+    # low precision: a per-record loss's cross terms are exactly 0 in any dtype; the mixing (here
+    # 0.13 of the largest entry in bfloat16) is refused although it is near bfloat16's 16 eps
+    from mis_lightning.estimation.per_sample import check_record_gradients
+
+    for dtype in (torch.bfloat16, torch.float16):
+        out = m(X[:16]).to(dtype)
+        check_record_gradients(tokens, out, y[:16], "tokens")
+        with pytest.raises(ValueError, match="mixes the records through its gradient"):
+            check_record_gradients(mixed, out, y[:16], "mixed")
 
 
 def test_broadcasting_loss_is_refused_on_the_first_batch():
