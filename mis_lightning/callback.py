@@ -51,11 +51,13 @@ from .streaming import default_schemes
 from .tracking import (  # noqa: F401
     FIGURE_NAME,
     REPORT_NAME,
+    free_version,
     history_summary,
     metric_keys,
     publish_failure,
     publish_report,
     report_metrics,
+    versioned,
 )
 
 __all__ = ["MISCallback", "lightning_callback"]  # LightningMISCallback: lazy, needs `lightning`
@@ -89,26 +91,26 @@ def _plan_config(plan: PlanConfig | Mapping[str, Any] | None, metrics: Mapping[s
     return plan
 
 
-def lt_write_plan_failure(out: Path, exc: BaseException) -> Path:
+def lt_write_plan_failure(out: Path, exc: BaseException, version: str = "") -> Path:
     """``<out>/mis_plan.json`` holding the planner's error (``error``, ``traceback``), and the error
-    in ``mis_plan.md``."""
+    in ``mis_plan.md`` (names with ``version``: :func:`~mis_lightning.tracking.free_version`)."""
     import json
     import traceback
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "mis_plan.png").unlink(missing_ok=True)  # an earlier fit's frontier is not this one's
+    (out / versioned("mis_plan.png", version)).unlink(missing_ok=True)  # an earlier fit's frontier is not this one's
     # an earlier fit's table is not this one's: the error instead (it names the budget no plan meets)
-    (out / "mis_plan.md").write_text(f"planning failed: {type(exc).__name__}: {exc}\n")
-    path = out / "mis_plan.json"
+    (out / versioned("mis_plan.md", version)).write_text(f"planning failed: {type(exc).__name__}: {exc}\n")
+    path = out / versioned("mis_plan.json", version)
     path.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}",
                                 "traceback": "".join(traceback.format_exception(exc))}, indent=2))
     return path
 
 
-def lt_write_plan(out: Path, result: PlanResult) -> Path:
+def lt_write_plan(out: Path, result: PlanResult, version: str = "") -> Path:
     """``<out>/mis_plan.json`` (:meth:`PlanResult.to_dict`), ``mis_plan.md`` (:meth:`PlanResult.table`:
     the rows' roles, a plan over its budget marked and warned under it, as the app's ``plan.md``) and
-    ``mis_plan.png`` (the frontier)."""
+    ``mis_plan.png`` (the frontier); names with ``version`` (:func:`~mis_lightning.tracking.free_version`)."""
     import json
 
     import matplotlib.pyplot as plt
@@ -116,11 +118,11 @@ def lt_write_plan(out: Path, result: PlanResult) -> Path:
     from .report import to_plain
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "mis_plan.png").unlink(missing_ok=True)  # an earlier fit's frontier is not this one's
-    path = out / "mis_plan.json"
+    (out / versioned("mis_plan.png", version)).unlink(missing_ok=True)  # an earlier fit's frontier is not this one's
+    path = out / versioned("mis_plan.json", version)
     path.write_text(json.dumps(to_plain(result.to_dict()), indent=2))
-    (out / "mis_plan.md").write_text(result.table() + "\n")  # pl44: not only JSON
-    plt.close(result.figure(str(out / "mis_plan.png")))
+    (out / versioned("mis_plan.md", version)).write_text(result.table() + "\n")  # pl44: not only JSON
+    plt.close(result.figure(str(out / versioned("mis_plan.png", version))))
     return path
 
 
@@ -206,6 +208,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         self._stage = stage  # a checkpoint restored for validate/test/predict does not rewind the runs
         if stage != "fit":
             return
+        self._version: str | None = None  # this fit's file names, chosen at its first write (_out_version)
         # A module that builds its layers in ``configure_model`` (Lightning's pattern for large
         # models; Lightning calls it after this hook) has no parameter yet: its checks wait for
         # on_train_start, still before the first step (nu43: refused here, "no parameter selected")
@@ -448,6 +451,15 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                         utility_fn=kept["utility_fn"], metrics=self.utility_metrics, config=self.plan_config,
                         scoring_config=self.scoring_config, batch_fn=self.batch_fn)
 
+    def _out_version(self, out: Path) -> str:
+        """This fit's suffix of the file names in ``out`` (:func:`~mis_lightning.tracking.free_version`),
+        chosen at the fit's first write: its later runs (mid-training, fit end) rewrite its own
+        files, never an earlier run's (nux53: ``logger=False`` writes to ``default_root_dir``, the
+        working directory by default, where a second run overwrote the first's report silently)."""
+        if getattr(self, "_version", None) is None:
+            self._version = free_version(out)
+        return self._version or ""
+
     def _run(self, trainer: Any, pl_module: Any, stage: str) -> None:
         t0, zero = time.perf_counter(), trainer.is_global_zero
         # each module's own flag (a BatchNorm the user keeps in eval mode while training stays so)
@@ -459,6 +471,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             epoch -= 1
         where = {"lightning": {"stage": stage, "epoch": epoch, "global_step": step}}
         out = lt.report_dir(trainer, self.dirpath)
+        version = self._out_version(out) if zero else ""
         self._last_weights = lt.weights_fingerprint(pl_module) if stage != "fit_end" else None
         try:
             # the trainer's loaders' own generators too: the assessment reads them
@@ -522,12 +535,14 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                     out, report, trainer.loggers, step=step, prefix=self.prefix, log_figure=self.log_figure,
                     extra=where, epoch=epoch,
                     # one copy per mid-training run (several per epoch with val_check_interval)
-                    copy_name=None if stage == "fit_end" else f"mis_report_epoch={epoch}-step={step}.json")
+                    copy_name=None if stage == "fit_end" else versioned(f"mis_report_epoch={epoch}-step={step}.json",
+                                                                        version), version=version)
                 failed = sum(1 for r in report.schemes.values() if r.error)
                 rank_zero_info(f"MISCallback: assessed {len(report.schemes) - failed} scheme(s)"
                                + (f" ({failed} failed: see the warnings)" if failed else "")
                                + f" on n={report.n} records in {time.perf_counter() - t0:.1f} s; "
                                f"report: {self.report_path}"
+                               + (f" ({REPORT_NAME} there is an earlier run's, kept)" if version else "")
                                + ("; the warnings above in full: print(callback.report.warnings_text())"
                                   if lines != report.warnings else ""))
                 ties = ties_line(report.rows())  # the figures' order where the intervals do not resolve it
@@ -536,19 +551,19 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                 if plan_exc is not None:
                     rank_zero_warn(f"MISCallback: planning failed ({self.plan_error}); the assessment's report is "
                                    "kept (strict=True raises instead)")
-                    self.plan_path = lt_write_plan_failure(out, plan_exc)
+                    self.plan_path = lt_write_plan_failure(out, plan_exc, version)
                 if self.plan_result is not None and stage == "fit_end":
                     for w in self.plan_result.warnings:  # a plan missing its budget, proxy off by > 2%
                         if w not in report.warnings:
                             rank_zero_warn(f"MISCallback: plan: {w}")
-                    self.plan_path = lt_write_plan(out, self.plan_result)
+                    self.plan_path = lt_write_plan(out, self.plan_result, version)
                     pr = self.plan_result
                     line = (f"MISCallback: plan {pr.scheme.describe()['assignment']} (leakage {pr.leakage:.4g}"
                             + ("" if pr.within_budget else f", OUTSIDE the budget {pr.budget_text()} once "
                                "re-assessed: see the warnings")
                             # hd51's undet.: the leakage that chose it is set by the rank rule (cor52)
                             + (f"; not ranked: {pr.undetermined}" if pr.undetermined else "")
-                            + f"); {self.plan_path}, table in mis_plan.md")
+                            + f"); {self.plan_path}, table in {versioned('mis_plan.md', version)}")
                     (rank_zero_info if pr.within_budget and not pr.undetermined
                      else rank_zero_warn)(line)
         except Exception as exc:
@@ -565,7 +580,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                 rank_zero_warn(f"MISCallback: the assessment failed ({self.last_error}); training's "
                                "results and checkpoints are kept (strict=True raises instead)")
                 self.report_path = publish_failure(out, exc, trainer.loggers, step=step, prefix=self.prefix, extra=where,
-                                                   epoch=epoch)
+                                                   epoch=epoch, version=version)
         finally:
             for m, t in reversed(flags):
                 m.training = t

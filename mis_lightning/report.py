@@ -531,8 +531,9 @@ class Report:
                      "release (see warnings)")
         verdict_note = verdict_note if verdict_note is not None else self.verdict_note
         if with_verdict:
-            text += "\n" + (verdict(rows, utility_key, utility_tolerance, modes=modes)
-                             if verdict_note is None else verdict_note)
+            # wrapped as the legend's entries (one line was 290-545 characters: cv53); the words unchanged
+            text += "\n" + wrap_entry(verdict(rows, utility_key, utility_tolerance, modes=modes)
+                                       if verdict_note is None else verdict_note)
         elif utility_tolerance < 0:
             raise ValueError(f"utility_tolerance must be >= 0, got {utility_tolerance}")
         ties = ties_line(rows)  # also without the verdict: the table's figures still invite an order
@@ -1175,9 +1176,14 @@ def legend(rows: list[dict[str, Any]], utility_key: str | None = None, columns: 
     if notes:
         lines.append("  " + "; ".join(f"({n}): {ROW_NOTES[n]}" for n in notes) + ".")
     lines += marks_legend(rows)
-    # terminal width: each entry wrapped at 100 characters, continuation lines indented
-    return "\n".join(textwrap.fill(ln, 100, subsequent_indent="    ", break_on_hyphens=False)
-                     for ln in lines)
+    return "\n".join(wrap_entry(ln) for ln in lines)
+
+
+def wrap_entry(line: str, width: int = 100) -> str:
+    """``line`` wrapped at ``width`` characters for a terminal, continuation lines indented four
+    spaces, words (a scheme's name, a path) never broken: the legend's entries and the verdict.
+    ``" ".join(text.split())`` gives the words back on one line."""
+    return textwrap.fill(line, width, subsequent_indent="    ", break_on_hyphens=False, break_long_words=False)
 
 
 def leakage_marks(row: dict[str, Any]) -> str:

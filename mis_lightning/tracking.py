@@ -219,6 +219,26 @@ FIGURE_NAME = "mis_privacy_utility.png"
 FIGURE_DPI = 120  # the report figure's resolution (Report.plot's savefig)
 
 
+def versioned(name: str, version: str) -> str:
+    """``name`` with ``version`` (``""`` or ``"-v<k>"``) before its extension:
+    ``versioned("mis_report.json", "-v1") == "mis_report-v1.json"``."""
+    stem, dot, ext = name.rpartition(".")
+    return f"{stem}{version}{dot}{ext}" if dot else name + version
+
+
+def free_version(out: Path) -> str:
+    """``""`` where ``<out>/mis_report.json`` does not exist, else ``"-v<k>"`` with the least
+    ``k >= 1`` whose report name is free: a fit's files are kept apart from an earlier run's in
+    the same folder, named as Lightning's ``ModelCheckpoint`` names a checkpoint whose name is
+    taken (``STARTING_VERSION = 1``, ``"-v1"``; nux53: a second run overwrote the first's report)."""
+    if not (out / REPORT_NAME).exists():
+        return ""
+    k = 1
+    while (out / versioned(REPORT_NAME, f"-v{k}")).exists():
+        k += 1
+    return f"-v{k}"
+
+
 def draw_figure(figure: Any, path: str | Path, dpi: float = FIGURE_DPI) -> Any:
     """Draw ``figure`` once at ``dpi``, write it to ``path`` as PNG (what
     ``figure.savefig(path, dpi=dpi)`` writes: the same pixels, through the same
@@ -250,9 +270,10 @@ def draw_figure(figure: Any, path: str | Path, dpi: float = FIGURE_DPI) -> Any:
 
 def publish_report(out: Path, report: Report, loggers: Iterable[Any], *, step: int = 0,
                    prefix: str = "mis", log_figure: bool = True, extra: dict[str, Any] | None = None,
-                   copy_name: str | None = None, epoch: int | None = None) -> tuple[Path, Path]:
+                   copy_name: str | None = None, epoch: int | None = None, version: str = "") -> tuple[Path, Path]:
     """Write ``<out>/mis_report.json`` (plus ``extra`` keys, and a copy as ``copy_name``) and
-    the privacy-utility figure ``<out>/mis_privacy_utility.png``, and log the report (and the
+    the privacy-utility figure ``<out>/mis_privacy_utility.png`` (both names with ``version``
+    before the extension: :func:`free_version`), and log the report (and the
     figure, with ``log_figure``) to every logger at ``step`` (and ``epoch``: :func:`log_report`);
     the JSON goes to the loggers that keep files (:func:`log_files`). Returns ``(report, figure)``
     paths.
@@ -266,11 +287,11 @@ def publish_report(out: Path, report: Report, loggers: Iterable[Any], *, step: i
     data = json.loads(report.to_json())
     data.update(extra or {})
     text = json.dumps(data, indent=2)
-    report_path = out / REPORT_NAME
+    report_path = out / versioned(REPORT_NAME, version)
     report_path.write_text(text)
     if copy_name:
         (out / copy_name).write_text(text)
-    figure_path = out / FIGURE_NAME
+    figure_path = out / versioned(FIGURE_NAME, version)
     fig = report.plot()
     loggers = list(loggers)
     try:
@@ -287,10 +308,10 @@ def publish_report(out: Path, report: Report, loggers: Iterable[Any], *, step: i
 
 
 def publish_failure(out: Path, exc: BaseException, loggers: Iterable[Any], *, step: int = 0,
-                    prefix: str = "mis", extra: dict[str, Any] | None = None, epoch: int | None = None
-                    ) -> Path | None:
-    """Record a failed assessment: ``<out>/mis_report.json`` with the error and traceback (plus
-    ``extra``), and ``<prefix>/failed = 1`` (with ``epoch`` when given) in every logger at ``step``.
+                    prefix: str = "mis", extra: dict[str, Any] | None = None, epoch: int | None = None,
+                    version: str = "") -> Path | None:
+    """Record a failed assessment: ``<out>/mis_report.json`` (``version`` before the extension)
+    with the error and traceback (plus ``extra``), and ``<prefix>/failed = 1`` (with ``epoch`` when given) in every logger at ``step``.
     Returns the JSON's path (``None``
     when recording failed: that is only warned about, so that reporting never breaks training).
 
@@ -298,16 +319,16 @@ def publish_failure(out: Path, exc: BaseException, loggers: Iterable[Any], *, st
         Nothing: a failure to record is a ``UserWarning``.
     """
     try:
-        return _publish_failure(out, exc, loggers, step, prefix, extra, epoch)
+        return _publish_failure(out, exc, loggers, step, prefix, extra, epoch, version)
     except Exception as exc2:  # noqa: BLE001 - never let reporting break training
         warn(f"MISCallback: could not record the failure: {exc2}", UserWarning)
         return None
 
 
 def _publish_failure(out: Path, exc: BaseException, loggers: Iterable[Any], step: int, prefix: str,
-                     extra: dict[str, Any] | None, epoch: int | None) -> Path:
+                     extra: dict[str, Any] | None, epoch: int | None, version: str = "") -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    path = out / REPORT_NAME
+    path = out / versioned(REPORT_NAME, version)
     path.write_text(json.dumps({
         "error": f"{type(exc).__name__}: {exc}",
         "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),

@@ -551,6 +551,12 @@ def mixing_loss(out, t):
     return ((out.unsqueeze(-1) - t) ** 2).mean(-1)
 
 
+def gradient_mixing_loss(out, t):
+    """[B] losses whose values are per-record but whose gradients mix the records (nux53)."""
+    loss = mse(out, t)
+    return loss - loss.mean() + loss.mean().detach()
+
+
 def int_loss(o, t):
     return ((o - t) ** 2).round().long()
 
@@ -604,6 +610,10 @@ def test_loss_and_params_mistakes_raise_before_training(tmp_path):
          r"it must return per-sample losses of shape \[32\] \(a trailing dimension of 1"),
         (dict(loss_fn=mixing_loss), ValueError,
          r"MISCallback: loss_fn mixing_loss is not per-sample: the loss of record 0 computed alone is"),
+        # nux53: per-record values, mixed gradients (failed after the training: "sigma 0")
+        (dict(loss_fn=gradient_mixing_loss), ValueError,
+         r"MISCallback: loss_fn gradient_mixing_loss mixes the records through its gradient: the loss of record 0 "
+         r"has a gradient in the outputs of record \d+"),
         # raised by a check the callback shares with assess: named as the callback's (sm45)
         (dict(loss_fn=mse, params=["net.0.wieght"]), KeyError, r"MISCallback: params not in the model: \['net.0.wieght'\]"),
         (dict(loss_fn=int_loss), ValueError, r"MISCallback: loss_fn int_loss returned int64 losses: per-sample "

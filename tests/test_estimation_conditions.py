@@ -152,6 +152,45 @@ def test_train_mode_model_above_exact_size_factored_path():
 
 
 # -- item 3: losses that broadcast --------------------------------------------------------------
+def test_loss_mixing_records_through_its_gradient_only_is_refused_on_the_first_batch():
+    """nux53: ``l - l.mean() + l.mean().detach()`` has per-record values (a record alone gives
+    its entry) but each record's gradient alone is 0; refused on the first batch, naming the
+    mixing. Per-record losses with label smoothing, ``ignore_index`` and a mean over each
+    record's tokens pass (their cross-record gradients are exactly 0)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 6)).eval()
+    X, y = torch.randn(64, 4), torch.randint(0, 3, (64, 2))
+    y[::5, 0] = -100  # ignored tokens
+    dl = DataLoader(TensorDataset(X, y), batch_size=16)
+
+    def tokens(o, t, **kw):  # two tokens of 3 classes per record, the mean over a record's kept tokens
+        each = F.cross_entropy(o.reshape(-1, 2, 3).transpose(1, 2), t, reduction="none", **kw)
+        return each.sum(-1) / (t != -100).sum(-1).clamp_min(1)
+
+    def mixed(o, t):
+        loss = tokens(o, t)
+        return loss - loss.mean() + loss.mean().detach()
+
+    msg = (r"loss_fn '.*mixed' \(model outputs \[16, 6\], targets \[16, 2\]\) mixes the records through its "
+           r"gradient: the loss of record 0 has a gradient in the outputs of record \d+ .* without batch statistics")
+    for estimation in ("exact", "diagonal"):
+        with pytest.raises(ValueError, match=msg):
+            ml.assess(m, ["rtn_int8"], dl, mixed, estimation=estimation, uncertainty_draws=0)
+    with pytest.raises(ValueError, match=msg):
+        ml.MISIndicator(m, mixed, ["rtn_int8"]).update(X[:16], y[:16])
+    for legit in (tokens, lambda o, t: tokens(o, t, label_smoothing=0.1)):
+        ml.assess(m, ["rtn_int8"], dl, legit, uncertainty_draws=0)
+    # low precision: a per-record loss's cross terms are exactly 0 in any dtype; the mixing (here
+    # 0.13 of the largest entry in bfloat16) is refused although it is near bfloat16's 16 eps
+    from mis_lightning.estimation.per_sample import check_record_gradients
+
+    for dtype in (torch.bfloat16, torch.float16):
+        out = m(X[:16]).to(dtype)
+        check_record_gradients(tokens, out, y[:16], "tokens")
+        with pytest.raises(ValueError, match="mixes the records through its gradient"):
+            check_record_gradients(mixed, out, y[:16], "mixed")
+
+
 def test_broadcasting_loss_is_refused_on_the_first_batch():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 1)).eval()

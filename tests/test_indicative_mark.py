@@ -17,6 +17,7 @@ import json
 import pytest
 import torch
 from _nets import ridge_linear  # tests/_nets.py
+from _table_lines import entry  # tests/_table_lines.py
 
 from mis_lightning import Report, assess
 from mis_lightning.app import aggregate as agg
@@ -57,7 +58,7 @@ def test_d_over_n_marks_every_row_the_legend_and_the_verdict(small_n, tmp_path):
     for scheme in ("rtn_int8", "rtn_int2"):
         assert " *" in _row_line(table, scheme)
     assert "*: indicative only: an assumption of the analysis fails for this figure (d / n = 0.13" in table
-    verdict = next(ln for ln in table.splitlines() if ln.startswith("verdict:"))
+    verdict = entry(table, "verdict:")  # wrapped at 100 columns
     assert verdict.endswith("indicative only (*): every figure is outside the analysis's assumptions (see warnings)")
     # derived from what the file keeps: the same after a round trip through JSON
     small_n.to_json(tmp_path / "r.json")

@@ -4,8 +4,10 @@ several training loaders. Each used to fail late, miscount or drop a figure sile
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -266,3 +268,42 @@ def test_names_of_a_compiled_submodule_are_taken_with_or_without_orig_mod():
         select_params(model, ["backbone.wieght"])
     with pytest.raises(KeyError, match=r"'backbone.wieght': did you mean 'backbone._orig_mod.weight'"):
         check_decay_names({"backbone.wieght": 1e-2}, model)
+
+
+class WithValidationStep(NoValidationStep):
+    def validation_step(self, batch, batch_idx):
+        return mse(self(batch[0]), batch[1]).mean()
+
+
+def test_a_second_run_in_the_same_folder_keeps_the_first_runs_report(caplog):
+    """nux53: with ``logger=False, enable_checkpointing=False`` and no ``dirpath`` the report goes to
+    the Trainer's ``default_root_dir`` (the working directory), where a second run overwrote the
+    first's ``mis_report.json`` silently. Each fit now writes its files under a name no earlier run
+    holds, as ``ModelCheckpoint`` does (``-v1``), and says so; a fit's own runs (mid-training, then
+    the end of fit) rewrite its own files."""
+    reports = []
+    for run in range(3):
+        cb = MISCallback(["rtn_int4"], loss_fn=mse, every_n_val_epochs=1 if run == 1 else None, **FAST)
+        with warnings.catch_warnings(), caplog.at_level(logging.INFO):
+            warnings.simplefilter("ignore")
+            caplog.clear()
+            pl.Trainer(max_epochs=2, callbacks=[cb], logger=False, enable_checkpointing=False,
+                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0).fit(
+                WithValidationStep(), DataLoader(TensorDataset(X, Y), batch_size=32),
+                DataLoader(TensorDataset(X, Y), batch_size=48))
+        assert cb.last_error is None
+        reports.append(cb.report_path)
+        if run == 0:
+            first = cb.report_path.read_text()
+        said = [r.getMessage() for r in caplog.records if "report: " in r.getMessage()]
+        assert said and all(str(cb.report_path) in s for s in said)
+        assert all(("mis_report.json there is an earlier run's, kept" in s) == (run > 0) for s in said)
+    assert [p.name for p in reports] == ["mis_report.json", "mis_report-v1.json", "mis_report-v2.json"]
+    assert all(p.parent.resolve() == Path.cwd().resolve() for p in reports)  # Lightning's default_root_dir
+    assert {p.name for p in Path.cwd().glob("mis_privacy_utility*.png")} == {
+        "mis_privacy_utility.png", "mis_privacy_utility-v1.png", "mis_privacy_utility-v2.png"}
+    # run 1's mid-training copies carry its suffix; no file of run 0 was rewritten after it ended
+    assert sorted(p.name for p in Path.cwd().glob("mis_report_epoch=*")) == [
+        "mis_report_epoch=0-step=3-v1.json", "mis_report_epoch=1-step=6-v1.json"]
+    assert reports[0].read_text() == first
+    assert json.loads(reports[1].read_text())["lightning"]["epoch"] == 1  # run 1's last run, in its own file

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 from _nets import fit_lbfgs  # tests/_nets.py
+from _table_lines import entry  # tests/_table_lines.py
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -351,7 +352,7 @@ def test_assess_scores_calibrated_schemes_and_warns_about_the_factors(monkeypatc
     assert " +" not in hqq
     # ... and never the verdict's pick: a lower bound cannot show a scheme safer (the app's
     # verdict called AWQ "clearly safer than every other scheme" on its lower bound)
-    line = [ln for ln in table.splitlines() if ln.startswith("verdict:")][0]
+    line = entry(table, "verdict:")  # wrapped at 100 columns
     assert "safest" in line and line.split(";")[0].split(": ")[-1].split(" (")[0] not in (
         "awq_int8_weight_only", "smooth_quant_int8_dynamic_activation_int8_weight")
     assert "not ranked (leakage a lower bound, +): awq_int8_weight_only, " \

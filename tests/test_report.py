@@ -297,6 +297,28 @@ def test_table_ends_with_legend_and_verdict():
             "n = 100 training records, d = 5 assessed weights\nverdict:") in rep.table()
 
 
+def test_table_wraps_the_verdict_at_100_columns_keeping_its_words():
+    """cv53: the verdict was one line of 290-545 characters in the printed table (the legend
+    above it wrapped at 100); now wrapped as the legend's entries, continuation lines indented,
+    the words (scheme names never broken) as :func:`verdict` gives them."""
+    from mis_lightning.report import Report, SchemeResult, verdict
+
+    names = ["intx_weight_only_int4_g32", "intx_weight_only_int8", "native_int8_dynamic", "rtn_int8", "bf16"]
+    schemes = {n: SchemeResult(name=n, leakage=0.05 + 0.001 * i, mis=0.95, baseline_leakage=0.06, d_eff=3.0, d=5,
+                               zero_fraction=0.0, pinned_fraction=0.0, bits_per_weight=8.0, method="clt",
+                               interval=(0.04, 0.06 + 0.001 * i), quantized_fraction=1.0, utility={"loss": 0.5})
+               for i, n in enumerate(names)}
+    rep = Report(n=100, d=5, estimation={}, diagnostics={}, schemes=schemes, baseline_leakage=0.06,
+                 baseline_mis=0.94, warnings=[])
+    said = verdict(rep.rows())
+    assert len(said) > 200
+    lines = rep.table().split("\nverdict: ", 1)[1].splitlines()
+    block = ["verdict: " + lines[0]] + [ln for ln in lines[1:] if ln.startswith("    ")]
+    assert len(block) > 2 and max(len(ln) for ln in block) <= 100
+    assert " ".join(" ".join(block).split()) == " ".join(said.split())
+    assert all(any(n in ln for ln in block) for n in names if n in said)  # names whole on a line
+
+
 def _verdict_rows(spec: list[tuple], baseline: float, utility: str) -> list[dict]:
     """Rows ``(scheme, leakage, p10, p90, utility)`` with one baseline and utility metric."""
     rows = []
