@@ -553,6 +553,11 @@ def test_assess_mode_scores_a_saved_checkpoint_without_training(tmp_path, capsys
     ckpt = tmp_path / "train" / "model.ckpt"
     trained = json.loads((tmp_path / "train" / "report.json").read_text())
     assert trained["n"] == 400
+    from mis_lightning.app.checkpoint_fit import ORIGIN_KEY
+
+    origin = torch.load(ckpt, weights_only=False)[ORIGIN_KEY]  # nux53 #13: what mode=assess names on a mismatch
+    assert origin["model"] == "mis_lightning.models.linear.LinearRegression"
+    assert origin["data"] == "mis_lightning.data.SyntheticRegressionDataModule"
 
     again = ["data=synthetic_linear", "model=linear", "logger=csv", "progress=false",
              "mis.estimation.num_records=128", "mis.scoring.uncertainty_draws=2",
@@ -604,6 +609,49 @@ def test_assess_mode_errors_name_the_option(tmp_path):
                        r"model=mis_lightning.models.LinearRegression and data=mis_lightning.data."
                        r"SyntheticRegressionDataModule: pass the model= and data= options"):
         run_job(_compose([*base, "mode=assess", f"ckpt_path={tmp_path}/other.ckpt"], tmp_path / "o"))
+
+
+def test_assess_mode_names_the_checkpoints_model_and_the_options_to_pass(tmp_path):
+    """nux53 #13: a sweep's model.ckpt of the user's own model (config groups data=tokbin
+    model=toknet) assessed without repeating data= / model= poured the checkpoint's ``hidden=8``
+    into the default mlp_probe and crashed (``TypeError: 'int' object is not iterable``) after
+    reading the default data. The checkpoint's origin (its own key, or its run's result.json
+    beside it) is refused before any data is read, naming its model class and the options to
+    pass; without an origin the build's failure is the same documented message."""
+    from mis_lightning.app.checkpoint_fit import ORIGIN_KEY
+    from mis_lightning.app.job import run_job
+
+    base = [a for a in FAST if a != "model=linear"] + ["logger=none", "schemes=[rtn_int8]", "mode=assess"]
+    saved = {"state_dict": {"emb.weight": torch.zeros(3, 6)}, "hyper_parameters": {"hidden": 8, "emb": 6}}
+    head = ("does not fit the model MLPProbe built from model=mis_lightning.models.MLPProbe and "
+            "data=mis_lightning.data.SyntheticRegressionDataModule: pass the model= and data= options of the "
+            "run that trained it (")
+    # the run's result.json beside it (a checkpoint written before the origin key)
+    run = tmp_path / "0_int8_weight_only"
+    run.mkdir()
+    torch.save(saved, run / "model.ckpt")
+    (run / "result.json").write_text(json.dumps({
+        "mode": "train", "model": "TokenNet", "data": "nux53pkg.TokenBinary",
+        "job": {"choices": {"data": "tokbin", "model": "toknet", "mis": "default"}},
+        "files": {"checkpoint": str(run / "model.ckpt")}}))
+    with pytest.raises(ValueError) as info:
+        run_job(_compose([*base, f"ckpt_path={run / 'model.ckpt'}"], tmp_path / "a"))
+    assert str(info.value) == (f"ckpt_path {run / 'model.ckpt'} {head}the checkpoint holds a TokenNet trained on "
+                               f"data nux53pkg.TokenBinary ({run / 'result.json'}); pass data=tokbin model=toknet)")
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["result.json"]  # nothing read
+    # the origin in the checkpoint itself (the app writes it)
+    torch.save({**saved, ORIGIN_KEY: {"model": "nux53pkg.TokenNet", "data": "nux53pkg.TokenBinary",
+                                      "choices": {"data": "tokbin", "model": "toknet"}}}, tmp_path / "own.ckpt")
+    with pytest.raises(ValueError) as info:
+        run_job(_compose([*base, f"ckpt_path={tmp_path / 'own.ckpt'}"], tmp_path / "b"))
+    assert str(info.value) == (f"ckpt_path {tmp_path / 'own.ckpt'} {head}the checkpoint holds a TokenNet trained "
+                               "on data nux53pkg.TokenBinary; pass data=tokbin model=toknet)")
+    # no origin (a bare checkpoint): its options break the build, said as the same mismatch
+    torch.save(saved, tmp_path / "bare.ckpt")
+    with pytest.raises(ValueError) as info:
+        run_job(_compose([*base, f"ckpt_path={tmp_path / 'bare.ckpt'}"], tmp_path / "c"))
+    assert str(info.value).startswith(f"ckpt_path {tmp_path / 'bare.ckpt'} {head}its options hidden from the "
+                                      "checkpoint do not build it: TypeError: ")
 
 
 def test_own_tdc_csv_runs_and_its_skipped_rows_reach_the_report(app_runs):
