@@ -325,12 +325,16 @@ def test_multirun_one_job_per_scheme_and_a_failing_job_aggregates_the_others_and
     assert "3 job(s) of the sweep failed (job 1, 3, 5)" in proc.stderr
     ok, bad = [2 * i for i in range(3)], [2 * i + 1 for i in range(3)]  # the model varies fastest
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert jobs == sorted(f"{j}_{n}" for n, a, b in zip(names, ok, bad) for j in (a, b))
+
+    def folder(j, n):  # the scheme, then the other swept option (nux53 #13: the number alone told them apart)
+        return f"{j}_{n}_model-{'linear' if j in ok else 'logistic'}"
+
+    assert jobs == sorted(folder(j, n) for n, a, b in zip(names, ok, bad) for j in (a, b))
     errors = []
     for n, i, j in zip(names, ok, bad):
-        res = json.loads((sweep / f"{i}_{n}" / "result.json").read_text())
+        res = json.loads((sweep / folder(i, n) / "result.json").read_text())
         assert res["job"]["num"] == i and [r["scheme"] for r in res["rows"]] == [n]
-        failed = json.loads((sweep / f"{j}_{n}" / "result.json").read_text())
+        failed = json.loads((sweep / folder(j, n) / "result.json").read_text())
         assert failed["status"] == "failed" and failed["stage"] == "configuration"
         assert failed["error"].startswith("ValueError: model LogisticRegression is a 'binary' model")
         assert "Traceback" in failed["traceback"] and failed["job"]["num"] == j
@@ -359,13 +363,13 @@ def test_multirun_one_job_per_scheme_and_a_failing_job_aggregates_the_others_and
     assert proc.stdout.count("legend: the columns as under job 0's table") == 2  # jobs 2 and 4
     assert proc.stdout.index("legend: leakage = ") < proc.stdout.index("legend: the columns as under job 0")
     for i, n in zip(ok, names):
-        assert (sweep / f"{i}_{n}" / "report.md").read_text().count("legend: leakage = advantage") == 1
+        assert (sweep / folder(i, n) / "report.md").read_text().count("legend: leakage = advantage") == 1
         # ux31 (fu30): no verdict over one scheme in a job: a pointer to the aggregate
         assert f"verdict: none in this job, which assessed one scheme ({n})" in (
-            sweep / f"{i}_{n}" / "report.md").read_text()
+            sweep / folder(i, n) / "report.md").read_text()
         # fu32: the job's report.json loads back to the same table, not a "verdict: safest" over one scheme
-        assert Report.from_json(sweep / f"{i}_{n}" / "report.json").table(verbose=True) + "\n" == (
-            sweep / f"{i}_{n}" / "report.md").read_text()
+        assert Report.from_json(sweep / folder(i, n) / "report.json").table(verbose=True) + "\n" == (
+            sweep / folder(i, n) / "report.md").read_text()
     assert "verdict: safest" not in proc.stdout
     # the aggregate command says so too
     assert agg.main([str(sweep), "--quiet"]) == 1
@@ -373,7 +377,7 @@ def test_multirun_one_job_per_scheme_and_a_failing_job_aggregates_the_others_and
     # re-run the aggregation on the sweep dir without the failed jobs (the mis-lightning-aggregate
     # command): status 0
     for n, j in zip(names, bad):
-        shutil.rmtree(sweep / f"{j}_{n}")
+        shutil.rmtree(sweep / folder(j, n))
     for f in ("aggregate.csv", "aggregate.md", "frontier.png"):
         (sweep / f).unlink()
     assert agg.main([str(sweep), "--quiet"]) == 0
