@@ -46,7 +46,7 @@ from .planning import PlanConfig, PlanResult, check_size_budget, lower_is_better
 from .planning import plan as run_plan
 from .quantization import check_float_model
 from .quantization.registry import scheme_list
-from .report import NOT_TRAINED, ties_line
+from .report import not_trained_warning, ties_line
 from .streaming import default_schemes
 from .tracking import (  # noqa: F401
     FIGURE_NAME,
@@ -579,17 +579,13 @@ def not_trained_note(trainer: Any) -> str | None:
     ``limit_train_batches=0``, and no checkpoint with steps resumed), else ``None``: the weights
     never saw the training records, so their true membership advantage is 0, while the estimator
     reads weights far from any minimum (nux53 #3: a fresh model read 0.70 and a "safest" scheme).
-    Begins with :data:`~mis_lightning.report.NOT_TRAINED`, the verdict's reason for choosing none."""
+    Begins with :data:`~mis_lightning.report.NOT_TRAINED`, the verdict's reason for choosing none
+    (:func:`~mis_lightning.report.not_trained_warning`)."""
     progress = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "batch_progress", None)
     batches = int(progress.total.completed) if progress is not None else 0
     if int(trainer.global_step) != 0 or batches != 0:
         return None
-    return (f"{NOT_TRAINED}. trainer.global_step is 0 and no training batch ran in this fit (max_epochs=0, "
-            "limit_train_batches=0, or a fit stopped before its first step): the weights never saw the training "
-            "records, so their true membership advantage is 0, while the figures read the curvature and gradient "
-            "spread of weights that are at no minimum of the loss; no scheme is ranked. To assess a model trained "
-            "elsewhere, pass it to mis_lightning.assess with the records and the loss it was trained on")
-
+    return not_trained_warning("trainer.global_step is 0 and no training batch ran in this fit")
 
 class MISCallback(_MISCallbackImpl, pl.Callback):
     __doc__ = ("Membership-inference security of quantized releases, assessed during ``fit`` "

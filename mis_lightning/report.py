@@ -1423,6 +1423,17 @@ def baseline_marks(row: Mapping[str, Any]) -> str:
 NOT_TRAINED = "the model was not trained in this fit (no optimizer step): the figures are not membership leakage"
 
 
+def not_trained_warning(how: str) -> str:
+    """The report's first warning where the fit assessed took no optimizer step, ``how`` saying
+    how that is known (e.g. ``"trainer.global_step is 0 and no training batch ran in this fit"``):
+    begins with :data:`NOT_TRAINED`, then why the figures mean nothing and what to do instead."""
+    return (f"{NOT_TRAINED}. {how} (max_epochs=0, limit_train_batches=0, or a fit stopped before its first "
+            "step): the weights never saw the training records, so their true membership advantage is 0, while "
+            "the figures read the curvature and gradient spread of weights that are at no minimum of the loss; "
+            "no scheme is ranked. To assess a model trained elsewhere, pass it to mis_lightning.assess with the "
+            "records and the loss it was trained on")
+
+
 def undetermined_headline(rows: Iterable[Mapping[str, Any]]) -> str | None:
     """Why no figure of these rows ranks anything, in the words every front end uses (the
     verdict, the planner's choice, the callback's line): :data:`NOT_TRAINED` where a scored row

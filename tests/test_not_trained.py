@@ -105,3 +105,33 @@ def test_a_fit_with_steps_and_a_resumed_finished_checkpoint_are_not_flagged(tmp_
     assert t2.global_step == trainer.global_step
     assert cb2.report is not None, cb2.last_error
     assert "not_trained" not in cb2.report.diagnostics
+
+
+def test_the_app_says_a_run_without_a_step_first_and_ranks_nothing(tmp_path):
+    """The app's own fit (``trainer.max_epochs=0``) and its checkpoint assessed again
+    (``global_step`` 0 in it): the same first warning and no verdict, in report.json and report.md."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import open_dict
+
+    from mis_lightning.app.job import run_job
+
+    def run(overrides, out):
+        with initialize_config_module("mis_lightning.conf", version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+        with open_dict(cfg):
+            cfg.output_dir = str(out)
+        run_job(cfg)
+        return json.loads((out / "report.json").read_text()), (out / "report.md").read_text()
+
+    base = ["data=synthetic_linear", "data.n_train=300", "data.n_val=100", "data.batch_size=300", "model=linear",
+            "mis.estimation.num_records=128", "mis.scoring.uncertainty_draws=2", "logger=none", "progress=false",
+            "mis.scoring.covariance=independent", "schemes=[rtn_int8,rtn_int2]"]
+    for overrides, out in ((["trainer.max_epochs=0", f"trainer.default_root_dir={tmp_path / 'train'}"],
+                            tmp_path / "train"),
+                           (["mode=assess", f"ckpt_path={tmp_path / 'train' / 'model.ckpt'}"], tmp_path / "assess")):
+        report, md = run([*base, *overrides], out)
+        assert report["warnings"][0].startswith(NOT_TRAINED), report["warnings"][0]
+        assert report["diagnostics"]["not_trained"] is True
+        assert f"verdict: none: {NOT_TRAINED}; no scheme is ranked (see warnings)" in md
+        assert "safest" not in md
+    assert "the checkpoint's global_step is 0" in report["warnings"][0]

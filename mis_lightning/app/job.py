@@ -70,7 +70,13 @@ from mis_lightning.planning import PlanConfig, PlanResult, check_size_budget, pl
 from mis_lightning.progress import ProgressDisplay, ProgressFn
 from mis_lightning.quantization import QuantizationScheme, SchemeUnavailableError
 from mis_lightning.record_count import check_enough_records
-from mis_lightning.report import UTILITY_TOLERANCE, Report, to_plain, undetermined_headline
+from mis_lightning.report import (
+    UTILITY_TOLERANCE,
+    Report,
+    not_trained_warning,
+    to_plain,
+    undetermined_headline,
+)
 
 __all__ = ["assess_schemes", "check_schemes_available", "job_info", "output_dir", "run_job",
            "stage_configs_of"]
@@ -1010,6 +1016,13 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             times["assess" if plan_cfg is None else "plan"] = round(time.perf_counter() - t0, 3)
             if wd_note:  # kept with the figures it concerns
                 report.warnings.append(wd_note)
+            # a fit (or the checkpoint's) without an optimizer step: first, no verdict (nux53 #3);
+            # a checkpoint without its step count (Lightning's own keep one) is not judged
+            if step == 0 and (trainer is not None or "global_step" in ckpt):
+                report.warnings.insert(0, not_trained_warning(
+                    "the training took no optimizer step" if trainer is not None
+                    else f"the checkpoint's global_step is 0 ({cfg.ckpt_path})"))
+                report.diagnostics["not_trained"] = True
             skipped = list(getattr(dm, "skipped", None) or [])
             if skipped:  # the data behind n: the rows the data module could not use (stderr alone lost them)
                 first = skipped[0]
