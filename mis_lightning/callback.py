@@ -46,7 +46,7 @@ from .planning import PlanConfig, PlanResult, check_size_budget, lower_is_better
 from .planning import plan as run_plan
 from .quantization import check_float_model
 from .quantization.registry import scheme_list
-from .report import ties_line
+from .report import not_trained_warning, ties_line
 from .streaming import default_schemes
 from .tracking import (  # noqa: F401
     FIGURE_NAME,
@@ -484,6 +484,9 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                         float(report.diagnostics.get("weight_decay", 0.0) or 0.0))):
                     report.warnings.insert(0, mismatch)  # first: it outweighs every other caveat
                     report.diagnostics["loss_mismatch"] = True  # every figure "*", the verdict says so
+                if (untrained := not_trained_note(trainer)) is not None:
+                    report.warnings.insert(0, untrained)  # first: no other caveat matters where nothing was trained
+                    report.diagnostics["not_trained"] = True  # every figure "*", no verdict (undetermined_headline)
                 if stage == "fit_end" and (best_note := lt.best_checkpoint_note(trainer)):
                     report.warnings.append(best_note)
                 if (sets := getattr(self, "_sets", None)) and (sets_note := sets.note(trainer, report.n)):
@@ -587,6 +590,20 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             self._last_step = step
             self._kept = {}  # the estimate is large: not kept past the run
 
+
+def not_trained_note(trainer: Any) -> str | None:
+    """The report's first warning where the fit assessed took no optimizer step
+    (``trainer.global_step == 0``, with no training batch completed either: ``max_epochs=0``,
+    ``limit_train_batches=0``, and no checkpoint with steps resumed), else ``None``: the weights
+    never saw the training records, so their true membership advantage is 0, while the estimator
+    reads weights far from any minimum (nux53 #3: a fresh model read 0.70 and a "safest" scheme).
+    Begins with :data:`~mis_lightning.report.NOT_TRAINED`, the verdict's reason for choosing none
+    (:func:`~mis_lightning.report.not_trained_warning`)."""
+    progress = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "batch_progress", None)
+    batches = int(progress.total.completed) if progress is not None else 0
+    if int(trainer.global_step) != 0 or batches != 0:
+        return None
+    return not_trained_warning("trainer.global_step is 0 and no training batch ran in this fit")
 
 class MISCallback(_MISCallbackImpl, pl.Callback):
     __doc__ = ("Membership-inference security of quantized releases, assessed during ``fit`` "

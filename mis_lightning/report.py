@@ -406,6 +406,7 @@ class Report:
         # for every row, carried on each so that every table (a sweep's aggregate too) can mark it
         base_cut = (self.diagnostics or {}).get("baseline_cutoff_sensitivity")
         unranked = (self.diagnostics or {}).get("headline_unranked")  # assess.headline_unranked
+        not_trained = bool((self.diagnostics or {}).get("not_trained"))  # the callback's fit took no step
         for name, s in self.schemes.items():
             row = {
                 "scheme": name, "bits_per_weight": s.bits_per_weight, "leakage": s.leakage,
@@ -423,6 +424,8 @@ class Report:
                 row["cutoff_sensitivity"] = s.cutoff_sensitivity["move"]
             if base_cut is not None and not s.error:
                 row["baseline_cutoff_sensitivity"] = base_cut["move"]
+            if not_trained and not s.error:  # carried on each row as the baseline's check is: every table sees it
+                row["not_trained"] = True
             if float_determined(s):  # the float weights fix the quantized ones: "=" in the table (cr49)
                 row["float_determined"] = True
             if unranked and not s.error and s.leakage_independent is not None:
@@ -1329,7 +1332,8 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
     diagonal sandwich whose K-FAC correction a refused layer lost (``diagnostics["kfac_lost"]``: e.g. a
     transposed convolution called twice per forward; docs/benchmarks.md, "nu49", "tw51"). So is a
     callback's loss several-fold above the one ``training_step`` returned on the same batches
-    (``diagnostics["loss_mismatch"]``: :mod:`mis_lightning._loss_match`)."""
+    (``diagnostics["loss_mismatch"]``: :mod:`mis_lightning._loss_match`), and a model the callback's
+    fit took no optimizer step on (``diagnostics["not_trained"]``: :data:`NOT_TRAINED`)."""
     diagnostics = diagnostics or {}
     out = []
     if n > 0 and d / n > D_EFF_OVER_N_MAX:
@@ -1342,6 +1346,8 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
         # nux51 #2: the callback reads the training loader itself: then only the other cause remains
         out.append("not at a minimum (stiff directions)" if diagnostics.get("records_from_training_loader")
                    else "records not trained on, or not at a minimum")
+    if diagnostics.get("not_trained"):  # nux53 #3: no optimizer step in the fit assessed
+        out.append("not trained in this fit")
     if diagnostics.get("loss_mismatch"):  # nux52 #2: the callback's loss is not training_step's
         out.append("assessed loss not the training loss")
     if diagnostics.get("negative_curvature"):
@@ -1416,12 +1422,34 @@ def baseline_marks(row: Mapping[str, Any]) -> str:
     return " undet." if headline_undetermined(row) else " ~" if baseline_unstable(row) else ""
 
 
+#: Why a model the callback's fit took no optimizer step on has no verdict (nux53 #3: a freshly
+#: initialised model read 0.70 with "safest: intx_weight_only_int4"): its weights never saw the
+#: records, so their true advantage is 0, yet the estimator reads the curvature and gradient spread
+#: of a model far from any minimum. ``diagnostics["not_trained"]``, ``row["not_trained"]``.
+NOT_TRAINED = "the model was not trained in this fit (no optimizer step): the figures are not membership leakage"
+
+
+def not_trained_warning(how: str) -> str:
+    """The report's first warning where the fit assessed took no optimizer step, ``how`` saying
+    how that is known (e.g. ``"trainer.global_step is 0 and no training batch ran in this fit"``):
+    begins with :data:`NOT_TRAINED`, then why the figures mean nothing and what to do instead."""
+    return (f"{NOT_TRAINED}. {how} (max_epochs=0, limit_train_batches=0, or a fit stopped before its first "
+            "step): the weights never saw the training records, so their true membership advantage is 0, while "
+            "the figures read the curvature and gradient spread of weights that are at no minimum of the loss; "
+            "no scheme is ranked. To assess a model trained elsewhere, pass it to mis_lightning.assess with the "
+            "records and the loss it was trained on")
+
+
 def undetermined_headline(rows: Iterable[Mapping[str, Any]]) -> str | None:
     """Why no figure of these rows ranks anything, in the words every front end uses (the
-    verdict, the planner's choice, the callback's line): ``"the headline is undetermined (undet.:
-    the unquantized figure moves 23% when the rank rule it is read with is set 100x finer)"``
-    where a scored row's baseline is :func:`headline_undetermined`, else ``None``."""
-    row = next((r for r in rows if not r.get("error") and headline_undetermined(r)), None)
+    verdict, the planner's choice, the callback's line): :data:`NOT_TRAINED` where a scored row
+    is ``not_trained`` (the callback's fit took no optimizer step), else ``"the headline is
+    undetermined (undet.: the unquantized figure moves 23% when the rank rule it is read with is
+    set 100x finer)"`` where a scored row's baseline is :func:`headline_undetermined`, else ``None``."""
+    rows = [r for r in rows if not r.get("error")]
+    if any(r.get("not_trained") for r in rows):
+        return NOT_TRAINED
+    row = next((r for r in rows if headline_undetermined(r)), None)
     if row is None:
         return None
     return (f"the headline is undetermined (undet.: the unquantized figure moves "

@@ -52,6 +52,30 @@ def test_long_job_folder_names_are_cut_at_an_override_and_marked():
     assert job_subdir(5, "int8_weight_only", overrides) == "5_int8_weight_only"
 
 
+def test_job_folders_of_a_scheme_carry_the_other_swept_overrides(monkeypatch):
+    """nux53 #13: `-m quantizer=int8_weight_only seed=0,1 data=tokbin` named its jobs
+    `0_int8_weight_only` and `1_int8_weight_only`: the seed that tells them apart was in neither.
+    The scheme is followed by the job's swept overrides (read from the command line by Hydra's
+    parser) as `<key>-<value>`, not by the fixed ones; a sweep over schemes alone keeps `<num>_<scheme>`."""
+    import sys
+
+    from mis_lightning.app.resolvers import job_subdir, swept_keys
+
+    argv = ["-m", "quantizer=int8_weight_only", "seed=0,1", "data=tokbin", "model.hidden=range(2,4)",
+            "hydra.searchpath=[file:///x]"]
+    assert swept_keys(argv) == {"seed", "model.hidden"}
+    assert swept_keys(["quantizer=a,b", "data=x"]) == {"quantizer"}
+    assert swept_keys(["x=[unclosed"]) is None  # not a Hydra command line: nothing known
+    job = "batch_fn=pkg.xy,data=tokbin,model.hidden=3,quantizer=int8_weight_only,seed=1"
+    monkeypatch.setattr(sys, "argv", ["mis-lightning", *argv])  # the resolver's own reading
+    assert job_subdir(1, "int8_weight_only", job) == "1_int8_weight_only_model.hidden-3_seed-1"
+    # no "=" or ",": the printed `mode=assess ckpt_path=<folder>/model.ckpt` parses (a "," would read as a sweep)
+    assert swept_keys([f"ckpt_path=/m/{job_subdir(1, 'int8_weight_only', job)}/model.ckpt"]) == set()
+    assert job_subdir(0, "bf16", "quantizer=bf16,x=[a,b]", swept={"x"}) == "0_bf16_x-a-b"
+    assert job_subdir(1, "int8_weight_only", job, swept={"quantizer"}) == "1_int8_weight_only"
+    assert job_subdir(2, None, "seed=1,data.d=16", swept={"seed"}) == "2_seed=1,data.d=16"  # no scheme: unchanged
+
+
 def test_sweep_end_aggregate_counts_this_sweeps_jobs_only(tmp_path, monkeypatch):
     """W6: a sweep re-run into the same sweep dir counted the earlier sweep's jobs: its
     aggregate said "3 jobs (1 failed)" and it exited 1 for a stale failed job. The jobs record

@@ -325,12 +325,16 @@ def test_multirun_one_job_per_scheme_and_a_failing_job_aggregates_the_others_and
     assert "3 job(s) of the sweep failed (job 1, 3, 5)" in proc.stderr
     ok, bad = [2 * i for i in range(3)], [2 * i + 1 for i in range(3)]  # the model varies fastest
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert jobs == sorted(f"{j}_{n}" for n, a, b in zip(names, ok, bad) for j in (a, b))
+
+    def folder(j, n):  # the scheme, then the other swept option (nux53 #13: the number alone told them apart)
+        return f"{j}_{n}_model-{'linear' if j in ok else 'logistic'}"
+
+    assert jobs == sorted(folder(j, n) for n, a, b in zip(names, ok, bad) for j in (a, b))
     errors = []
     for n, i, j in zip(names, ok, bad):
-        res = json.loads((sweep / f"{i}_{n}" / "result.json").read_text())
+        res = json.loads((sweep / folder(i, n) / "result.json").read_text())
         assert res["job"]["num"] == i and [r["scheme"] for r in res["rows"]] == [n]
-        failed = json.loads((sweep / f"{j}_{n}" / "result.json").read_text())
+        failed = json.loads((sweep / folder(j, n) / "result.json").read_text())
         assert failed["status"] == "failed" and failed["stage"] == "configuration"
         assert failed["error"].startswith("ValueError: model LogisticRegression is a 'binary' model")
         assert "Traceback" in failed["traceback"] and failed["job"]["num"] == j
@@ -359,13 +363,13 @@ def test_multirun_one_job_per_scheme_and_a_failing_job_aggregates_the_others_and
     assert proc.stdout.count("legend: the columns as under job 0's table") == 2  # jobs 2 and 4
     assert proc.stdout.index("legend: leakage = ") < proc.stdout.index("legend: the columns as under job 0")
     for i, n in zip(ok, names):
-        assert (sweep / f"{i}_{n}" / "report.md").read_text().count("legend: leakage = advantage") == 1
+        assert (sweep / folder(i, n) / "report.md").read_text().count("legend: leakage = advantage") == 1
         # ux31 (fu30): no verdict over one scheme in a job: a pointer to the aggregate
         assert f"verdict: none in this job, which assessed one scheme ({n})" in (
-            sweep / f"{i}_{n}" / "report.md").read_text()
+            sweep / folder(i, n) / "report.md").read_text()
         # fu32: the job's report.json loads back to the same table, not a "verdict: safest" over one scheme
-        assert Report.from_json(sweep / f"{i}_{n}" / "report.json").table(verbose=True) + "\n" == (
-            sweep / f"{i}_{n}" / "report.md").read_text()
+        assert Report.from_json(sweep / folder(i, n) / "report.json").table(verbose=True) + "\n" == (
+            sweep / folder(i, n) / "report.md").read_text()
     assert "verdict: safest" not in proc.stdout
     # the aggregate command says so too
     assert agg.main([str(sweep), "--quiet"]) == 1
@@ -373,7 +377,7 @@ def test_multirun_one_job_per_scheme_and_a_failing_job_aggregates_the_others_and
     # re-run the aggregation on the sweep dir without the failed jobs (the mis-lightning-aggregate
     # command): status 0
     for n, j in zip(names, bad):
-        shutil.rmtree(sweep / f"{j}_{n}")
+        shutil.rmtree(sweep / folder(j, n))
     for f in ("aggregate.csv", "aggregate.md", "frontier.png"):
         (sweep / f).unlink()
     assert agg.main([str(sweep), "--quiet"]) == 0
@@ -553,6 +557,11 @@ def test_assess_mode_scores_a_saved_checkpoint_without_training(tmp_path, capsys
     ckpt = tmp_path / "train" / "model.ckpt"
     trained = json.loads((tmp_path / "train" / "report.json").read_text())
     assert trained["n"] == 400
+    from mis_lightning.app.checkpoint_fit import ORIGIN_KEY
+
+    origin = torch.load(ckpt, weights_only=False)[ORIGIN_KEY]  # nux53 #13: what mode=assess names on a mismatch
+    assert origin["model"] == "mis_lightning.models.linear.LinearRegression"
+    assert origin["data"] == "mis_lightning.data.SyntheticRegressionDataModule"
 
     again = ["data=synthetic_linear", "model=linear", "logger=csv", "progress=false",
              "mis.estimation.num_records=128", "mis.scoring.uncertainty_draws=2",
@@ -604,6 +613,49 @@ def test_assess_mode_errors_name_the_option(tmp_path):
                        r"model=mis_lightning.models.LinearRegression and data=mis_lightning.data."
                        r"SyntheticRegressionDataModule: pass the model= and data= options"):
         run_job(_compose([*base, "mode=assess", f"ckpt_path={tmp_path}/other.ckpt"], tmp_path / "o"))
+
+
+def test_assess_mode_names_the_checkpoints_model_and_the_options_to_pass(tmp_path):
+    """nux53 #13: a sweep's model.ckpt of the user's own model (config groups data=tokbin
+    model=toknet) assessed without repeating data= / model= poured the checkpoint's ``hidden=8``
+    into the default mlp_probe and crashed (``TypeError: 'int' object is not iterable``) after
+    reading the default data. The checkpoint's origin (its own key, or its run's result.json
+    beside it) is refused before any data is read, naming its model class and the options to
+    pass; without an origin the build's failure is the same documented message."""
+    from mis_lightning.app.checkpoint_fit import ORIGIN_KEY
+    from mis_lightning.app.job import run_job
+
+    base = [a for a in FAST if a != "model=linear"] + ["logger=none", "schemes=[rtn_int8]", "mode=assess"]
+    saved = {"state_dict": {"emb.weight": torch.zeros(3, 6)}, "hyper_parameters": {"hidden": 8, "emb": 6}}
+    head = ("does not fit the model MLPProbe built from model=mis_lightning.models.MLPProbe and "
+            "data=mis_lightning.data.SyntheticRegressionDataModule: pass the model= and data= options of the "
+            "run that trained it (")
+    # the run's result.json beside it (a checkpoint written before the origin key)
+    run = tmp_path / "0_int8_weight_only"
+    run.mkdir()
+    torch.save(saved, run / "model.ckpt")
+    (run / "result.json").write_text(json.dumps({
+        "mode": "train", "model": "TokenNet", "data": "nux53pkg.TokenBinary",
+        "job": {"choices": {"data": "tokbin", "model": "toknet", "mis": "default"}},
+        "files": {"checkpoint": str(run / "model.ckpt")}}))
+    with pytest.raises(ValueError) as info:
+        run_job(_compose([*base, f"ckpt_path={run / 'model.ckpt'}"], tmp_path / "a"))
+    assert str(info.value) == (f"ckpt_path {run / 'model.ckpt'} {head}the checkpoint holds a TokenNet trained on "
+                               f"data nux53pkg.TokenBinary ({run / 'result.json'}); pass data=tokbin model=toknet)")
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["result.json"]  # nothing read
+    # the origin in the checkpoint itself (the app writes it)
+    torch.save({**saved, ORIGIN_KEY: {"model": "nux53pkg.TokenNet", "data": "nux53pkg.TokenBinary",
+                                      "choices": {"data": "tokbin", "model": "toknet"}}}, tmp_path / "own.ckpt")
+    with pytest.raises(ValueError) as info:
+        run_job(_compose([*base, f"ckpt_path={tmp_path / 'own.ckpt'}"], tmp_path / "b"))
+    assert str(info.value) == (f"ckpt_path {tmp_path / 'own.ckpt'} {head}the checkpoint holds a TokenNet trained "
+                               "on data nux53pkg.TokenBinary; pass data=tokbin model=toknet)")
+    # no origin (a bare checkpoint): its options break the build, said as the same mismatch
+    torch.save(saved, tmp_path / "bare.ckpt")
+    with pytest.raises(ValueError) as info:
+        run_job(_compose([*base, f"ckpt_path={tmp_path / 'bare.ckpt'}"], tmp_path / "c"))
+    assert str(info.value).startswith(f"ckpt_path {tmp_path / 'bare.ckpt'} {head}its options hidden from the "
+                                      "checkpoint do not build it: TypeError: ")
 
 
 def test_own_tdc_csv_runs_and_its_skipped_rows_reach_the_report(app_runs):

@@ -50,6 +50,12 @@ from mis_lightning.app.batches import (
     check_first_batches,
     check_model_api,
 )
+from mis_lightning.app.checkpoint_fit import (
+    ORIGIN_KEY,
+    check_checkpoint_fits,
+    misfit_error,
+    origin_of,
+)
 from mis_lightning.app.factories import resolve_schemes
 from mis_lightning.app.launchers import check_main_module_paths
 from mis_lightning.assess import (
@@ -64,7 +70,13 @@ from mis_lightning.planning import PlanConfig, PlanResult, check_size_budget, pl
 from mis_lightning.progress import ProgressDisplay, ProgressFn
 from mis_lightning.quantization import QuantizationScheme, SchemeUnavailableError
 from mis_lightning.record_count import check_enough_records
-from mis_lightning.report import UTILITY_TOLERANCE, Report, to_plain, undetermined_headline
+from mis_lightning.report import (
+    UTILITY_TOLERANCE,
+    Report,
+    not_trained_warning,
+    to_plain,
+    undetermined_headline,
+)
 
 __all__ = ["assess_schemes", "check_schemes_available", "job_info", "output_dir", "run_job",
            "stage_configs_of"]
@@ -401,10 +413,7 @@ def _load_weights(model: torch.nn.Module, ckpt: dict[str, Any], cfg: DictConfig)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
-        raise ValueError(
-            f"ckpt_path {cfg.ckpt_path} does not fit the model {type(model).__name__} built from "
-            f"model={cfg.model._target_} and data={cfg.data._target_}: pass the model= and data= "
-            f"options of the run that trained it ({' '.join(str(exc).split())})") from exc
+        raise misfit_error(cfg, type(model).__name__, " ".join(str(exc).split())) from exc
 
 
 def _build_callbacks(cfg: DictConfig, batch_fn: Callable | None = None) -> list[Any]:
@@ -784,10 +793,12 @@ def _from_checkpoint(node: DictConfig, saved: Any, what: str) -> dict[str, Any]:
 
 
 def save_checkpoint(path: Path, model: pl.LightningModule, dm: Any, global_step: int,
-                    epoch: int | None = None) -> None:
+                    epoch: int | None = None, origin: dict[str, Any] | None = None) -> None:
     """A Lightning-format checkpoint of the trained model (``state_dict``, ``hyper_parameters``,
     ``datamodule_hyper_parameters``, ``global_step``, and ``epoch``: the last epoch trained,
-    0-based, when known): what ``mode=assess`` reads, and what
+    0-based, when known) and ``origin`` (:func:`~mis_lightning.app.checkpoint_fit.origin_of`:
+    the model class and data= / model= choices, named by ``mode=assess`` when another model or
+    data is configured): what ``mode=assess`` reads, and what
     ``type(model).load_from_checkpoint`` loads. Written from the main process (also after
     ``ddp_spawn``, whose trained weights are back in ``model``)."""
     torch.save({
@@ -795,6 +806,8 @@ def save_checkpoint(path: Path, model: pl.LightningModule, dm: Any, global_step:
         "datamodule_hyper_parameters": dict(getattr(dm, "hparams", {}) or {}),
         "global_step": int(global_step), "pytorch-lightning_version": pl.__version__,
         **({"epoch": int(epoch)} if epoch is not None else {}),
+        # the model class, data target and group choices: mode=assess names them on a mismatch
+        **({ORIGIN_KEY: origin} if origin is not None else {}),
     }, path)
 
 
@@ -888,6 +901,8 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     for w in unavailable:
         print(f"warning: {w}", file=sys.stderr)
     ckpt = load_checkpoint_of(cfg)  # mode=assess: a bad ckpt_path fails before the data is read
+    if ckpt is not None:  # ... and one of another model or data than the config builds (nux53 #13)
+        check_checkpoint_fits(cfg, ckpt)
     show = bool(cfg.get("progress", True))
 
     # mode=plan re-assesses the candidates and at most `reassess` + `reassess_near_budget` plans
@@ -915,8 +930,19 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
         check_datamodule(dm)
         check_validation_set(dm)
         check_plan_metric(plan_cfg, task)
-        model = _build_model(cfg, dm.num_features, task, None if ckpt is None else _from_checkpoint(
-            cfg.model, ckpt.get("hyper_parameters"), "model"))
+        saved = None if ckpt is None else _from_checkpoint(cfg.model, ckpt.get("hyper_parameters"), "model")
+        try:
+            model = _build_model(cfg, dm.num_features, task, saved)
+        except Exception as exc:
+            # Hydra wraps the constructor's error (InstantiationException, the cause chained)
+            cause = exc.__cause__ if type(exc).__name__ == "InstantiationException" and exc.__cause__ else exc
+            if not saved or not isinstance(cause, TypeError):
+                raise
+            # the checkpoint's options poured into another model's config (its origin unknown:
+            # check_checkpoint_fits said nothing): the model= / data= of its run are missing
+            raise misfit_error(cfg, str(cfg.model._target_).rsplit(".", 1)[-1],
+                               f"its options {', '.join(sorted(saved))} from the checkpoint do not build it: "
+                               f"{type(cause).__name__}: {cause}") from exc
         if ckpt is not None:
             _load_weights(model, ckpt, cfg)
         check_model_api(model)  # per_sample_loss, which the assessment calls
@@ -962,7 +988,8 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
                     trainer.fit(model, datamodule=dm)
                 step, epoch, job_loggers = trained_step(trainer), trained_epoch(trainer), trainer.loggers
                 if cfg.output.get("checkpoint"):
-                    save_checkpoint(out / cfg.output.checkpoint, model, dm, step, epoch)
+                    save_checkpoint(out / cfg.output.checkpoint, model, dm, step, epoch,
+                                    origin_of(model, cfg.data.get("_target_"), job_info()["choices"]))
             else:  # mode=assess: the checkpoint's weights, logged at its step
                 step, job_loggers = int(ckpt.get("global_step", 0)), loggers
                 epoch = checkpoint_epoch(ckpt)
@@ -989,6 +1016,13 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             times["assess" if plan_cfg is None else "plan"] = round(time.perf_counter() - t0, 3)
             if wd_note:  # kept with the figures it concerns
                 report.warnings.append(wd_note)
+            # a fit (or the checkpoint's) without an optimizer step: first, no verdict (nux53 #3);
+            # a checkpoint without its step count (Lightning's own keep one) is not judged
+            if step == 0 and (trainer is not None or "global_step" in ckpt):
+                report.warnings.insert(0, not_trained_warning(
+                    "the training took no optimizer step" if trainer is not None
+                    else f"the checkpoint's global_step is 0 ({cfg.ckpt_path})"))
+                report.diagnostics["not_trained"] = True
             skipped = list(getattr(dm, "skipped", None) or [])
             if skipped:  # the data behind n: the rows the data module could not use (stderr alone lost them)
                 first = skipped[0]

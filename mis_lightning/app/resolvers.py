@@ -2,7 +2,8 @@
 
 ``${mis_job_subdir:${hydra.job.num},${hydra.runtime.choices.quantizer},${hydra.job.override_dirname}}``
 names a multirun job's folder (and ``${mis_run_name:...}``, the same arguments after the job's
-name, its tracker run: :func:`run_name`): ``<num>_<scheme>`` when the sweep selects a ``quantizer``,
+name, its tracker run: :func:`run_name`): ``<num>_<scheme>`` when the sweep selects a ``quantizer``
+(followed by the job's other swept overrides, ``1_int8_weight_only_seed-1``: :func:`swept_keys`),
 else ``<num>_<overrides>`` (``/`` replaced), else ``<num>``. A label longer than
 :data:`MAX_LABEL` characters is cut after a whole override and marked ``+<k>more_<hash>``
 (``k`` overrides left out; ``hash``: 8 hex digits of the full label), so that no value is
@@ -19,7 +20,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 __all__ = ["MAX_LABEL", "MLFLOW_ARTIFACTS", "MLFLOW_DB", "job_subdir", "mlflow_artifacts", "mlflow_store",
-           "register_resolvers", "run_name"]
+           "register_resolvers", "run_name", "swept_keys"]
 
 #: the longest label of a job folder (file systems allow 255 bytes per path component)
 MAX_LABEL = 120
@@ -63,10 +64,39 @@ def _shorten(label: str, limit: int = MAX_LABEL) -> str:
     return ",".join([*kept, mark])
 
 
-def job_subdir(num: Any, scheme: Any = None, overrides: Any = None) -> str:
-    """``0_int4_weight_only``, ``3_seed=1,data.d=16`` or ``5`` (safe as one path component;
-    long override lists cut at an override, see the module docstring)."""
+def swept_keys(argv: list[str] | None = None) -> set[str] | None:
+    """The keys the command line sweeps (``seed=0,1``, ``seed=range(3)``, ``x=choice(a,b)``: Hydra's
+    own parser), of ``argv`` (``None``: ``sys.argv[1:]``); ``None`` where it does not parse as Hydra
+    overrides (not Hydra's command line: a test's, a launcher's worker)."""
+    import sys
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides=args)
+    except Exception:  # noqa: BLE001 - not a Hydra command line: no sweep known
+        return None
+    return {o.key_or_group for o in parsed if o.is_sweep_override()}
+
+
+#: the characters of a swept value kept in a scheme job's folder name (others: "-")
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def job_subdir(num: Any, scheme: Any = None, overrides: Any = None, swept: set[str] | None = None) -> str:
+    """``0_int4_weight_only``, ``1_int8_weight_only_seed-1``, ``3_seed=1,data.d=16`` or ``5`` (safe
+    as one path component; long override lists cut at an override, see the module docstring). With
+    a scheme, the other swept overrides of the job (``swept``: the keys swept; ``None``: read from
+    the command line, :func:`swept_keys`) follow it: nux53 #13's ``quantizer=int8_weight_only seed=0,1``
+    named two jobs ``0_int8_weight_only`` and ``1_int8_weight_only``."""
     label = scheme if scheme not in (None, "", "None", "null") else overrides
+    if label == scheme and overrides:
+        swept = swept_keys() if swept is None else swept
+        pairs = [(k.lstrip("+~"), v) for k, _, v in (o.partition("=") for o in _split_overrides(str(overrides)))]
+        # <key>-<value>, "_"-joined, no "=" or ",": the folder stays a path Hydra's ckpt_path=... parses unquoted
+        label = "_".join([str(scheme), *(f"{k}-{_SAFE.sub('-', v).strip('-')}" for k, v in pairs
+                                         if k in (swept or ()) and k != "quantizer")])
     label = _shorten(re.sub(r"[/\\\s]+", "_", str(label or "")).strip("_"))
     return f"{num}_{label}" if label else str(num)
 
