@@ -1087,19 +1087,20 @@ def utility_noise_note(ranked: list[dict[str, Any]], utility_key: str | None, ut
     gaps = [abs(float(r[uk]) - edge) for r in deciding if r is not best]
     out = ""
 
-    def fmt(v: float) -> str:
-        return _fmt(float(v), extra)
+    def fmt(v: float, digits: int = extra) -> str:  # accuracies as the verdict prints them
+        return _fmt(float(v), digits)
     if gaps and min(gaps) < se:
         out += (f"; the utility band's choice rests on {metric} gaps below its standard error (down to "
-                f"{fmt(min(gaps))} from the band's edge; se {fmt(se)} on {records:,} validation records, "
+                f"{fmt(min(gaps), 0)} from the band's edge; se {fmt(se, 0)} on {records:,} validation records, "
                 "sqrt(p(1-p)/m); a paired difference on the same records can be finer)")
     k = (classes or {}).get(metric)
     if k:
         chance = 1.0 / k
         if p <= chance + CHANCE_SE * se:
-            at = "at" if p >= chance - CHANCE_SE * se else "below"
-            out += (f"; the model's accuracy is {at} chance: the best {metric} {fmt(p)} is within {CHANCE_SE:g} se "
-                    f"({fmt(se)}) of 1/{k} = {fmt(chance)} or below it: no scheme's utility is told from guessing")
+            where = ("at chance: the best {m} {p} is within {c:g} se ({se}) of" if p >= chance - CHANCE_SE * se
+                     else "below chance: the best {m} {p} is more than {c:g} se ({se}) below")
+            out += ("; the model's accuracy is " + where.format(m=metric, p=fmt(p), c=CHANCE_SE, se=fmt(se, 0))
+                    + f" 1/{k} = {fmt(chance)}: no scheme's utility is told from guessing")
     return out
 
 

@@ -48,6 +48,12 @@ def test_a_band_decided_within_the_noise_and_an_accuracy_at_chance_are_said_noth
             "from the band's edge; se 0.0096 on 2,000 validation records") in line, line
     assert ("; the model's accuracy is at chance: the best acc 0.2465 is within 2 se (0.0096) of 1/4 = 0.2500"
             in line), line
+    # far below chance (an accuracy of 0.05 on 4 classes): said as such
+    low = [{**r, "utility_acc": r["utility_acc"] - 0.2} for r in rows]
+    # (the accuracies at 5 decimals, as the verdict's band needs them: utility_digits; the errors at 4)
+    assert ("; the model's accuracy is below chance: the best acc 0.04650 is more than 2 se (0.0047) below "
+            "1/4 = 0.25000: no scheme's utility is told from guessing") in verdict(low, "acc", records=2000,
+                                                                                 classes={"acc": 4})
     # without the class count: the noise clause only; without the record count: nothing
     assert "chance" not in verdict(rows, "acc", records=2000)
     assert verdict(rows, "acc", records=None, classes={"acc": 4}) == before
