@@ -1507,6 +1507,7 @@ def score_schemes(
     storage = storage_grids(model, est.names)
     prepared: list[_Prepared] = []
     failures: dict[str, str] = {}
+    utility_records: int | None = None
     shared_facts: list = []  # the scale facts the schemes reveal alike (scale_facts_shared)
     for scheme in scheme_objs:
         try:
@@ -1518,11 +1519,15 @@ def score_schemes(
             prep.requant_seed = seed + 104729  # one seed for all schemes: common random numbers
             try:  # a quantized weight used outside its module: named (nux50)
                 with release_forward(prep.qmodel, scheme.name):
+                    values = None
                     if utility_fn is not None:
-                        prep.utility = {k: float(v) for k, v in utility_fn(prep.qmodel).items()}
+                        values = utility_fn(prep.qmodel)
+                        prep.utility = {k: float(v) for k, v in values.items()}
                     elif val_dataloader is not None and loss_fn is not None:
-                        prep.utility = evaluate_utility(prep.qmodel, val_dataloader, loss_fn, metrics,
-                                                        batch_fn=batch_fn, output_transform=output_transform)
+                        values = prep.utility = evaluate_utility(prep.qmodel, val_dataloader, loss_fn, metrics,
+                                                                 batch_fn=batch_fn, output_transform=output_transform)
+                    # the validation records counted (evaluate_utility's; a user's utility_fn: unknown)
+                    utility_records = getattr(values, "records", None) or utility_records
             except ReleaseForwardError as exc:  # the leakage is the weights': kept, the utility fails
                 if strict:
                     raise
@@ -1873,6 +1878,8 @@ def score_schemes(
         report.warnings[at] += ". " + cause
     report.utility_modes = utility_modes(report, metrics, cfg)
     report.utility_key, report.utility_tolerance = cfg.utility_key, cfg.utility_tolerance
+    report.utility_records = utility_records
+    report.utility_classes = utility_classes(metrics)
     return report
 
 
@@ -1985,6 +1992,18 @@ def utility_modes(report: Report, metrics: Mapping[str, Any] | None, cfg: Scorin
                            cfg.utility_mode if declared is not None and metric_name(name) == declared else None)
         if mode is not None:
             out[name] = mode
+    return out
+
+
+def utility_classes(metrics: Mapping[str, Any] | None) -> dict[str, int]:
+    """``{utility metric name: number of classes}`` for each metric object that exposes an integer
+    ``num_classes`` (torchmetrics' multiclass metrics): what :attr:`Report.utility_classes` records,
+    so the verdict can tell an accuracy at chance (1 / num_classes; nux53 #10)."""
+    out: dict[str, int] = {}
+    for name, m in (metrics or {}).items():
+        k = getattr(m, "num_classes", None)
+        if isinstance(k, int) and not isinstance(k, bool) and k >= 2:
+            out[name] = k
     return out
 
 

@@ -18,7 +18,15 @@ from .estimation.per_sample import BatchFn, LossFn, default_batch_fn
 OutputTransform = Callable[[Any, Any], tuple[Any, Any]]
 BatchLoss = Callable[[nn.Module, Any], Tensor]
 
-__all__ = ["BatchLoss", "OutputTransform", "evaluate_utility", "named_error", "to_device"]
+__all__ = ["BatchLoss", "OutputTransform", "UtilityValues", "evaluate_utility", "named_error", "to_device"]
+
+
+class UtilityValues(dict):
+    """:func:`evaluate_utility`'s ``{name: value}`` (a plain ``dict`` to every reader) that also
+    carries ``records``: the number of held-out records the values were measured on (per-sample
+    losses counted), so the verdict can set an accuracy's gaps against its sampling error (nux53 #10)."""
+
+    records: int | None = None
 
 
 def to_device(tree: Any, device: torch.device | str) -> Any:
@@ -69,7 +77,8 @@ def evaluate_utility(
             see ``model(inputs)`` with ``(inputs, targets) = batch_fn(batch)``.
 
     Returns:
-        ``{"loss": mean per-sample loss, **{name: metric value}}`` (floats).
+        ``{"loss": mean per-sample loss, **{name: metric value}}`` (floats), a
+        :class:`UtilityValues` whose ``records`` is the number of records evaluated.
 
     Raises:
         ValueError: neither ``loss_fn`` nor ``batch_loss`` is given.
@@ -121,7 +130,8 @@ def evaluate_utility(
     finally:
         for m, t in reversed(flags):  # not model.train(flag): a user's module left in eval stays so
             m.training = t
-    out = {"loss": total / max(count, 1)}
+    out = UtilityValues(loss=total / max(count, 1))
+    out.records = count
     for k, m in ms.items():
         out[k] = float(m.compute())
     return out

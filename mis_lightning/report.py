@@ -263,6 +263,12 @@ class Report:
         rmse, auroc, accuracy, loss). utility_tolerance: the verdict's utility band, relative
         to the best scheme's (``ScoringConfig.utility_tolerance``; in the JSON where it is not
         the default :data:`UTILITY_TOLERANCE`).
+        utility_records: the number of validation records the utility was measured on
+        (:class:`~mis_lightning.evaluation.UtilityValues`; ``None``: unknown, e.g. a user's
+        ``utility_fn``); utility_classes: ``{utility metric name: num_classes}`` of the metric
+        objects that expose it (torchmetrics' multiclass metrics). Both only let the verdict set
+        an accuracy's gaps against its sampling error and tell an accuracy at chance
+        (:func:`utility_noise_note`); in the JSON only where set.
         verdict_note: a line :meth:`table` prints in place of the verdict (``None``: the
         verdict), kept in the JSON so that a loaded report prints what its front end printed: a
         sweep's job that assessed one scheme has no choice to make
@@ -290,6 +296,8 @@ class Report:
     verdict_note: str | None = None
     notes: list[str] = field(default_factory=list)
     utility_tolerance: float = UTILITY_TOLERANCE
+    utility_records: int | None = None
+    utility_classes: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         # the keys only where set: reports without a note keep their JSON as before
@@ -298,6 +306,10 @@ class Report:
             note["notes"] = list(self.notes)
         if self.utility_tolerance != UTILITY_TOLERANCE:
             note["utility_tolerance"] = self.utility_tolerance
+        if self.utility_records is not None:
+            note["utility_records"] = self.utility_records
+        if self.utility_classes:
+            note["utility_classes"] = dict(self.utility_classes)
         return {
             "n": self.n,
             "d": self.d,
@@ -365,6 +377,8 @@ class Report:
             utility_modes=dict(data.get("utility_modes") or {}), utility_key=data.get("utility_key"),
             verdict_note=data.get("verdict_note"), notes=list(data.get("notes") or []),
             utility_tolerance=float(data.get("utility_tolerance", UTILITY_TOLERANCE)),
+            utility_records=None if data.get("utility_records") is None else int(data["utility_records"]),
+            utility_classes={k: int(v) for k, v in (data.get("utility_classes") or {}).items()},
         )
 
     @classmethod
@@ -535,7 +549,8 @@ class Report:
         verdict_note = verdict_note if verdict_note is not None else self.verdict_note
         if with_verdict:
             # wrapped as the legend's entries (one line was 290-545 characters: cv53); the words unchanged
-            text += "\n" + wrap_entry(verdict(rows, utility_key, utility_tolerance, modes=modes)
+            text += "\n" + wrap_entry(verdict(rows, utility_key, utility_tolerance, modes=modes,
+                                               records=self.utility_records, classes=self.utility_classes)
                                        if verdict_note is None else verdict_note)
         elif utility_tolerance < 0:
             raise ValueError(f"utility_tolerance must be >= 0, got {utility_tolerance}")
@@ -986,14 +1001,19 @@ def ties_line(rows: Sequence[dict[str, Any]], label: str = "scheme") -> str | No
 
 
 def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
-            utility_tolerance: float = UTILITY_TOLERANCE, modes: Mapping[str, str] | None = None) -> str:
+            utility_tolerance: float = UTILITY_TOLERANCE, modes: Mapping[str, str] | None = None,
+            records: int | None = None, classes: Mapping[str, int] | None = None) -> str:
     """One line: the safest scheme (lowest leakage) among those whose utility is within
     ``utility_tolerance`` (relative, e.g. 0.01 = 1%) of the best scheme's, and which schemes it
     is not clearly different from (80% intervals overlap). Without utility: the safest scheme.
     A row whose leakage is only a lower bound (``unscored``: a part of the release the figure
     does not score, marked ``+``) is not ranked; the line names it.
 
-    ``modes``: the utility metrics' directions (:attr:`Report.utility_modes`).
+    ``modes``: the utility metrics' directions (:attr:`Report.utility_modes`). ``records``,
+    ``classes``: the validation records and the metrics' class counts
+    (:attr:`Report.utility_records`, :attr:`Report.utility_classes`): where given, an accuracy's
+    band decided by gaps below its standard error, or an accuracy at chance, is said
+    (:func:`utility_noise_note`); neither changes the scheme chosen or a figure.
 
     Raises:
         ValueError: ``utility_tolerance`` is negative; the utility metric's direction is unknown.
@@ -1021,7 +1041,8 @@ def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
     if not ranked:
         return f"verdict: no scheme ranked: every leakage is a lower bound (+): {name_list(bounded)}"
     extra = utility_digits(ok, utility_key, utility_tolerance, modes)  # as the table's column
-    text = _ranked_verdict(ranked, utility_key, utility_tolerance, extra, modes) + note
+    text = (_ranked_verdict(ranked, utility_key, utility_tolerance, extra, modes)
+            + utility_noise_note(ranked, utility_key, utility_tolerance, modes, records, classes, extra) + note)
     marked = [str(r["scheme"]) for r in ranked if r.get("indicative")]
     if marked and len(marked) == len(ranked):
         # every figure outside the analysis's assumptions: an order, not a measured ranking
@@ -1029,6 +1050,62 @@ def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
     if marked:
         text += f"; indicative only (*): {brief_list(marked)}"
     return text
+
+
+#: utility names (:func:`metric_name`) that are a share of the validation records (top-1
+#: accuracy): their sampling error is the binomial sqrt(p (1 - p) / m) and chance is 1 / classes
+ACCURACY_NAMES = frozenset({"accuracy", "acc", "top1", "top1_acc", "top1_accuracy", "top_1_accuracy"})
+#: standard errors within which the best accuracy counts as at chance (about a 95% two-sided band)
+CHANCE_SE = 2.0
+
+
+def utility_noise_note(ranked: list[dict[str, Any]], utility_key: str | None, utility_tolerance: float,
+                       modes: Mapping[str, str] | None = None, records: int | None = None,
+                       classes: Mapping[str, int] | None = None, extra: int = 0) -> str:
+    """The verdict's clause on the validation set's sampling noise (nux53 #10): ``""`` unless the
+    utility is a top-1 accuracy (:data:`ACCURACY_NAMES`, larger is better, values in [0, 1]) and
+    ``records`` (m, the validation records) is known. Its standard error at the best scheme's
+    accuracy p is se = sqrt(p (1 - p) / m) (binomial). Says (a) when the choice rests on a gap below
+    se: the safest scheme in the band, or one reading lower leakage outside it, within se of the
+    band's edge; (b) with ``classes[name]`` = K known, when p <= 1/K + :data:`CHANCE_SE` se: the
+    model's accuracy is at (or below) chance. se is each accuracy's own error; the difference of two
+    schemes on the same records is paired and can be resolved more finely. Nothing chosen changes.
+    ``ranked``: the verdict's ranked rows (:func:`_ranked_rows`)."""
+    if not records or records <= 0:
+        return ""
+    uk = pick_utility_key(ranked, utility_key, modes)
+    if not uk or metric_name(uk) not in ACCURACY_NAMES or not higher_is_better(uk, modes):
+        return ""
+    best, eligible = _utility_band(ranked, uk, utility_tolerance, modes)
+    if best is None or not all(0.0 <= float(r[uk]) <= 1.0 for r in eligible):
+        return ""
+    metric = uk.removeprefix("utility_")
+    p = float(best[uk])
+    se = math.sqrt(p * (1.0 - p) / records)
+    edge = p - utility_tolerance * abs(p)
+    safest = min(eligible, key=lambda r: float(r["leakage"]))
+    inside = {id(r) for r in eligible}
+    # the rows whose side of the band's edge decides the choice: the safest in it, lower leakage outside
+    deciding = [safest] + [r for r in ranked if id(r) not in inside and r.get(uk) is not None
+                           and math.isfinite(float(r[uk])) and float(r["leakage"]) < float(safest["leakage"])]
+    gaps = [abs(float(r[uk]) - edge) for r in deciding if r is not best]
+    out = ""
+
+    def fmt(v: float, digits: int = extra) -> str:  # accuracies as the verdict prints them
+        return _fmt(float(v), digits)
+    if gaps and min(gaps) < se:
+        out += (f"; the utility band's choice rests on {metric} gaps below its standard error (down to "
+                f"{fmt(min(gaps), 0)} from the band's edge; se {fmt(se, 0)} on {records:,} validation records, "
+                "sqrt(p(1-p)/m); a paired difference on the same records can be finer)")
+    k = (classes or {}).get(metric)
+    if k:
+        chance = 1.0 / k
+        if p <= chance + CHANCE_SE * se:
+            where = ("at chance: the best {m} {p} is within {c:g} se ({se}) of" if p >= chance - CHANCE_SE * se
+                     else "below chance: the best {m} {p} is more than {c:g} se ({se}) below")
+            out += ("; the model's accuracy is " + where.format(m=metric, p=fmt(p), c=CHANCE_SE, se=fmt(se, 0))
+                    + f" 1/{k} = {fmt(chance)}: no scheme's utility is told from guessing")
+    return out
 
 
 def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_tolerance: float,

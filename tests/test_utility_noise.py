@@ -1,0 +1,111 @@
+"""nux53 #10: the verdict's utility band set against the validation set's sampling noise.
+
+The leakage side carries 80% intervals; the utility that decides the band carried none: a model
+with random labels (accuracy 0.242-0.2465 for 4 classes, chance 0.25, 2,000 validation records)
+read "safest with acc within 1% of the best (0.2465, bf16): intx_weight_only_int2" with nothing
+saying that the gaps deciding the band (0.002-0.0045) are below each accuracy's standard error
+sqrt(p(1-p)/m) = 0.0096, nor that the model is at chance. The clause is added; the scheme chosen
+and every figure stay as they were.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mis_lightning.report import Report, verdict
+
+
+def _row(name: str, leak: float, acc: float) -> dict:
+    return {"scheme": name, "leakage": leak, "leakage_p10": leak - 0.008, "leakage_p90": leak + 0.008,
+            "baseline_leakage": 0.19, "utility_acc": acc}
+
+
+def _chance_rows() -> list[dict]:
+    """The newcomer's random-label run (a_rand3000.log): int2 reads the lowest leakage."""
+    return [_row("bf16", 0.1899, 0.2465), _row("int8_weight_only", 0.1898, 0.2460),
+            _row("intx_weight_only_int4", 0.1850, 0.2445), _row("intx_weight_only_int2", 0.1725, 0.2445),
+            _row("intx_weight_only_int3", 0.1790, 0.2420)]
+
+
+def test_a_band_decided_within_the_noise_and_an_accuracy_at_chance_are_said_nothing_chosen_changes():
+    rows = _chance_rows()
+    before = verdict(rows, "acc")
+    line = verdict(rows, "acc", records=2000, classes={"acc": 4})
+    se = math.sqrt(0.2465 * 0.7535 / 2000)  # 0.00964: the binomial error at the best accuracy
+    assert f"{se:.4f}" == "0.0096"
+    # the scheme chosen and its figures: the line without the clause, unchanged
+    assert line.startswith(before), (before, line)
+    assert before.startswith("verdict: safest with acc within 1% of the best (0.2465, bf16): "
+                             "intx_weight_only_int2 (leakage 0.1725)"), before
+    # the choice turns on int2 (the safest in the band): its 0.2445 is 0.00046 above the band's edge
+    # 0.2465 * 0.99 = 0.24404; int3 (0.2420, outside) reads a higher leakage and does not decide it
+    gap = 0.2445 - 0.2465 * 0.99
+    assert (f"; the utility band's choice rests on acc gaps below its standard error (down to {gap:.3e} "
+            "from the band's edge; se 0.0096 on 2,000 validation records") in line, line
+    assert ("; the model's accuracy is at chance: the best acc 0.2465 is within 2 se (0.0096) of 1/4 = 0.2500"
+            in line), line
+    # far below chance (an accuracy of 0.05 on 4 classes): said as such
+    low = [{**r, "utility_acc": r["utility_acc"] - 0.2} for r in rows]
+    # (the accuracies at 5 decimals, as the verdict's band needs them: utility_digits; the errors at 4)
+    assert ("; the model's accuracy is below chance: the best acc 0.04650 is more than 2 se (0.0047) below "
+            "1/4 = 0.25000: no scheme's utility is told from guessing") in verdict(low, "acc", records=2000,
+                                                                                 classes={"acc": 4})
+    # without the class count: the noise clause only; without the record count: nothing
+    assert "chance" not in verdict(rows, "acc", records=2000)
+    assert verdict(rows, "acc", records=None, classes={"acc": 4}) == before
+
+
+def test_a_band_resolved_beyond_the_noise_and_other_metrics_get_no_clause():
+    rows = [_row("int8_weight_only", 0.19, 0.91), _row("intx_weight_only_int4", 0.18, 0.9095),
+            _row("intx_weight_only_int2", 0.10, 0.70)]
+    line = verdict(rows, "acc", records=2000, classes={"acc": 4})
+    assert line == verdict(rows, "acc"), line  # int4 0.0086 above the edge 0.9009, int2 0.20 below it: se 0.0064
+    assert "standard error" not in line and "chance" not in line
+    # the same gaps on 20 records: within the noise (se 0.064)
+    assert "rests on acc gaps below its standard error" in verdict(rows, "acc", records=20)
+    # an rmse (not a share of records): no binomial error, no clause
+    rmse = [{**r, "utility_rmse": 1 - r.pop("utility_acc")} for r in _chance_rows()]
+    assert verdict(rmse, "rmse", records=2000, classes={"rmse": 4}) == verdict(rmse, "rmse")
+
+
+def test_assess_records_the_validation_count_and_classes_and_the_table_says_chance(tmp_path):
+    """End to end: a classifier trained on random labels (4 classes), its accuracy measured on
+    m validation records by a torchmetrics MulticlassAccuracy: the report carries m (counted here
+    from the loader) and the class count, the JSON keeps them, and the table's verdict says the
+    accuracy is at chance."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    import mis_lightning as ml
+
+    g = torch.Generator().manual_seed(0)
+    n, m, k = 256, 300, 4
+    x, y = torch.randn(n, 8, generator=g), torch.randint(0, k, (n,), generator=g)
+    xv, yv = torch.randn(m, 8, generator=g), torch.randint(0, k, (m,), generator=g)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, k))
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=50)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y) + 1e-3 * sum((p ** 2).sum() for p in model.parameters())
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    val = DataLoader(TensorDataset(xv, yv), batch_size=64)
+    report = ml.assess(model, ["int8_weight_only", "intx_weight_only_int2"], DataLoader(TensorDataset(x, y), batch_size=64),
+                       lambda o, t: nn.functional.cross_entropy(o, t, reduction="none"), val_dataloader=val,
+                       metrics={"acc": MulticlassAccuracy(num_classes=k, average="micro")})
+    assert report.utility_records == sum(len(b[1]) for b in val) == m
+    assert report.utility_classes == {"acc": k}
+    back = Report.from_json(report.to_json(tmp_path / "r.json") and tmp_path / "r.json")
+    assert (back.utility_records, back.utility_classes) == (m, {"acc": k})
+    best = max(s.utility["acc"] for s in report.schemes.values())
+    se = math.sqrt(best * (1 - best) / m)
+    text = report.table(utility_key="acc")
+    at_chance = best <= 1 / k + 2 * se
+    assert at_chance, best  # random labels: the held-out accuracy is chance's within 2 se
+    assert "the model's accuracy is at chance" in text, text
