@@ -633,3 +633,24 @@ def test_mlflow_store_and_artifacts_follow_the_run_folder(tmp_path, monkeypatch,
     assert mlflow_artifacts("sqlite:///a/b/m.db") == str(cwd / "a" / "b" / MLFLOW_ARTIFACTS)
     assert mlflow_artifacts("sqlite:////x/m.db") == f"/x/{MLFLOW_ARTIFACTS}"
     assert mlflow_artifacts("http://server:5000") is None and mlflow_artifacts("file:///x/mlruns") is None
+
+
+def test_a_hydra_config_left_set_without_a_job_reads_as_no_output_dir(tmp_path, monkeypatch):
+    """lead53: a Hydra config left set in the process by an app run that stopped before its job
+    (``runtime.output_dir`` still ``???``) made ``run_job(cfg)`` with ``cfg.output_dir`` raise
+    ``MissingMandatoryValue: hydra.runtime.output_dir`` (tests/test_not_trained.py's app test, after
+    another file's in-process CLI run on the same xdist worker). It reads as unset: ``cfg.output_dir``."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from mis_lightning.app.job import output_dir
+    from mis_lightning.app.resolvers import mlflow_store
+
+    hc = OmegaConf.create({"mode": "RUN", "runtime": {"output_dir": "???"}, "sweep": {"dir": "???"}})
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hc))
+    assert output_dir(OmegaConf.create({"output_dir": str(tmp_path)})) == tmp_path
+    monkeypatch.chdir(tmp_path)
+    assert mlflow_store() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    hc.runtime.output_dir = str(tmp_path / "run")  # a job's: read as before
+    assert output_dir(OmegaConf.create({"output_dir": "elsewhere"})) == tmp_path / "run"

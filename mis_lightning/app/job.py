@@ -194,10 +194,17 @@ def _hydra_config() -> Any | None:
 
 
 def output_dir(cfg: DictConfig | None = None) -> Path:
-    """The job's output dir: Hydra's ``runtime.output_dir``, else ``cfg.output_dir``, else cwd."""
+    """The job's output dir: Hydra's ``runtime.output_dir``, else ``cfg.output_dir``, else cwd.
+
+    A Hydra config left set without a job (``runtime.output_dir`` still ``???``: an app run in this
+    process that stopped before its job, Hydra's ``--cfg``/``--info`` paths) counts as unset.
+    """
+    from omegaconf import OmegaConf
+
     hc = _hydra_config()
-    if hc is not None and hc.runtime.output_dir:
-        return Path(hc.runtime.output_dir)
+    hydra_dir = OmegaConf.select(hc, "runtime.output_dir", default=None) if hc is not None else None
+    if hydra_dir:
+        return Path(hydra_dir)
     if cfg is not None and cfg.get("output_dir"):
         return Path(cfg.output_dir)
     return Path.cwd()

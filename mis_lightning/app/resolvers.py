@@ -135,7 +135,10 @@ def mlflow_store() -> str:
     folder = Path.cwd()
     if HydraConfig.initialized():
         hc = HydraConfig.get()
-        folder = Path(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else hc.runtime.output_dir).absolute()
+        # (a config left set without a job reads runtime.output_dir "???": the working directory then)
+        run_dir = OmegaConf.select(hc, "runtime.output_dir", default=None)
+        if hc.mode == RunMode.MULTIRUN or run_dir:
+            folder = Path(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else run_dir).absolute()
     return f"sqlite:///{folder / MLFLOW_DB}"
 
 
