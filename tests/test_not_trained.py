@@ -17,10 +17,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from _table_lines import entry  # tests/_table_lines.py
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _table_lines import entry  # tests/_table_lines.py
 from mis_lightning import MISCallback
 from mis_lightning.report import NOT_TRAINED, Report, undetermined_headline, verdict
 from mis_lightning.tracking import report_metrics
