@@ -1522,10 +1522,11 @@ def score_schemes(
                     values = None
                     if utility_fn is not None:
                         values = utility_fn(prep.qmodel)
-                        prep.utility = {k: float(v) for k, v in values.items()}
                     elif val_dataloader is not None and loss_fn is not None:
-                        values = prep.utility = evaluate_utility(prep.qmodel, val_dataloader, loss_fn, metrics,
-                                                                 batch_fn=batch_fn, output_transform=output_transform)
+                        values = evaluate_utility(prep.qmodel, val_dataloader, loss_fn, metrics,
+                                                  batch_fn=batch_fn, output_transform=output_transform)
+                    if values is not None:  # a plain dict in the report (torch.load(weights_only=True) reads it)
+                        prep.utility = {k: float(v) for k, v in values.items()}
                     # the validation records counted (evaluate_utility's; a user's utility_fn: unknown)
                     utility_records = getattr(values, "records", None) or utility_records
             except ReleaseForwardError as exc:  # the leakage is the weights': kept, the utility fails

@@ -109,3 +109,22 @@ def test_assess_records_the_validation_count_and_classes_and_the_table_says_chan
     at_chance = best <= 1 / k + 2 * se
     assert at_chance, best  # random labels: the held-out accuracy is chance's within 2 se
     assert "the model's accuracy is at chance" in text, text
+
+
+def test_the_reports_utilities_are_plain_dicts_torch_load_weights_only_reads(tmp_path):
+    """rv53b: ``evaluate_utility`` returns a :class:`UtilityValues` (a dict subclass carrying the
+    record count); the report's per-scheme utilities stay plain ``dict`` s of floats, as before, so
+    ``torch.load``'s default ``weights_only=True`` reads a file holding them (it refuses the
+    subclass: "Unsupported global: mis_lightning.evaluation.UtilityValues")."""
+    import mis_lightning as ml
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 4, generator=g), torch.randint(0, 3, (64,), generator=g)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    dl = DataLoader(TensorDataset(x, y), batch_size=16)
+    report = ml.assess(model, ["rtn_int8"], dl, lambda o, t: nn.functional.cross_entropy(o, t, reduction="none"),
+                       val_dataloader=dl, uncertainty_draws=0)
+    utility = report.schemes["rtn_int8"].utility
+    assert type(utility) is dict and report.utility_records == 64, (type(utility), report.utility_records)
+    torch.save({"utility": utility}, tmp_path / "u.pt")
+    assert torch.load(tmp_path / "u.pt", weights_only=True) == {"utility": utility}
