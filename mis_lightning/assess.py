@@ -1998,11 +1998,15 @@ def utility_modes(report: Report, metrics: Mapping[str, Any] | None, cfg: Scorin
 
 def utility_classes(metrics: Mapping[str, Any] | None) -> dict[str, int]:
     """``{utility metric name: number of classes}`` for each metric object that exposes an integer
-    ``num_classes`` (torchmetrics' multiclass metrics): what :attr:`Report.utility_classes` records,
-    so the verdict can tell an accuracy at chance (1 / num_classes; nux53 #10)."""
+    ``num_classes`` (torchmetrics' multiclass metrics) and no ``top_k`` above 1 (whose chance is
+    top_k / num_classes): what :attr:`Report.utility_classes` records, so the verdict can tell an
+    accuracy at chance (1 / num_classes; nux53 #10)."""
     out: dict[str, int] = {}
     for name, m in (metrics or {}).items():
         k = getattr(m, "num_classes", None)
+        top_k = getattr(m, "top_k", None)
+        if top_k not in (None, 1):  # a top-k accuracy's chance is k / K, not 1 / K: no class count told (rv53b)
+            continue
         if isinstance(k, int) and not isinstance(k, bool) and k >= 2:
             out[name] = k
     return out

@@ -141,3 +141,14 @@ def test_the_reports_utilities_are_plain_dicts_torch_load_weights_only_reads(tmp
     assert type(utility) is dict and report.utility_records == 64, (type(utility), report.utility_records)
     torch.save({"utility": utility}, tmp_path / "u.pt")
     assert torch.load(tmp_path / "u.pt", weights_only=True) == {"utility": utility}
+
+
+def test_a_top_k_accuracy_gets_no_class_count():
+    """rv53b: ``MulticlassAccuracy(num_classes=10, top_k=5)`` is at chance at 5/10, not 1/10: no
+    class count is recorded for it (the verdict's chance clause would compare with 1/10)."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from mis_lightning.assess import utility_classes
+
+    assert utility_classes({"acc": MulticlassAccuracy(num_classes=10)}) == {"acc": 10}
+    assert utility_classes({"acc": MulticlassAccuracy(num_classes=10, top_k=5)}) == {}
