@@ -1522,10 +1522,11 @@ def score_schemes(
                     values = None
                     if utility_fn is not None:
                         values = utility_fn(prep.qmodel)
-                        prep.utility = {k: float(v) for k, v in values.items()}
                     elif val_dataloader is not None and loss_fn is not None:
-                        values = prep.utility = evaluate_utility(prep.qmodel, val_dataloader, loss_fn, metrics,
-                                                                 batch_fn=batch_fn, output_transform=output_transform)
+                        values = evaluate_utility(prep.qmodel, val_dataloader, loss_fn, metrics,
+                                                  batch_fn=batch_fn, output_transform=output_transform)
+                    if values is not None:  # a plain dict in the report (torch.load(weights_only=True) reads it)
+                        prep.utility = {k: float(v) for k, v in values.items()}
                     # the validation records counted (evaluate_utility's; a user's utility_fn: unknown)
                     utility_records = getattr(values, "records", None) or utility_records
             except ReleaseForwardError as exc:  # the leakage is the weights': kept, the utility fails
@@ -1997,11 +1998,15 @@ def utility_modes(report: Report, metrics: Mapping[str, Any] | None, cfg: Scorin
 
 def utility_classes(metrics: Mapping[str, Any] | None) -> dict[str, int]:
     """``{utility metric name: number of classes}`` for each metric object that exposes an integer
-    ``num_classes`` (torchmetrics' multiclass metrics): what :attr:`Report.utility_classes` records,
-    so the verdict can tell an accuracy at chance (1 / num_classes; nux53 #10)."""
+    ``num_classes`` (torchmetrics' multiclass metrics) and no ``top_k`` above 1 (whose chance is
+    top_k / num_classes): what :attr:`Report.utility_classes` records, so the verdict can tell an
+    accuracy at chance (1 / num_classes; nux53 #10)."""
     out: dict[str, int] = {}
     for name, m in (metrics or {}).items():
         k = getattr(m, "num_classes", None)
+        top_k = getattr(m, "top_k", None)
+        if top_k not in (None, 1):  # a top-k accuracy's chance is k / K, not 1 / K: no class count told (rv53b)
+            continue
         if isinstance(k, int) and not isinstance(k, bool) and k >= 2:
             out[name] = k
     return out

@@ -1067,8 +1067,9 @@ def utility_noise_note(ranked: list[dict[str, Any]], utility_key: str | None, ut
     ``records`` (m, the validation records) is known. Its standard error at the best scheme's
     accuracy p is se = sqrt(p (1 - p) / m) (binomial). Says (a) when the choice rests on a gap below
     se: the safest scheme in the band, or one reading lower leakage outside it, within se of the
-    band's edge; (b) with ``classes[name]`` = K known, when p <= 1/K + :data:`CHANCE_SE` se: the
-    model's accuracy is at (or below) chance. se is each accuracy's own error; the difference of two
+    band's edge; (b) with ``classes[name]`` = K known, when |p - 1/K| <= :data:`CHANCE_SE` se0 (se0 =
+    sqrt(c (1 - c) / m) at c = 1/K, guessing's own error): the model's accuracy is at chance (below
+    it under 1/K - CHANCE_SE se0). se is each accuracy's own error; the difference of two
     schemes on the same records is paired and can be resolved more finely. Nothing chosen changes.
     ``ranked``: the verdict's ranked rows (:func:`_ranked_rows`)."""
     if not records or records <= 0:
@@ -1100,10 +1101,14 @@ def utility_noise_note(ranked: list[dict[str, Any]], utility_key: str | None, ut
     k = (classes or {}).get(metric)
     if k:
         chance = 1.0 / k
-        if p <= chance + CHANCE_SE * se:
-            where = ("at chance: the best {m} {p} is within {c:g} se ({se}) of" if p >= chance - CHANCE_SE * se
+        # the error of guessing's accuracy (the null's, sqrt(c(1-c)/m)), not the best's: at p above
+        # chance that is larger and called 0.04 "at chance" of 1/1000 on 50 records (2 hits where
+        # guessing expects 0.05: rv53b)
+        se0 = math.sqrt(chance * (1.0 - chance) / records)
+        if p <= chance + CHANCE_SE * se0:
+            where = ("at chance: the best {m} {p} is within {c:g} se ({se}) of" if p >= chance - CHANCE_SE * se0
                      else "below chance: the best {m} {p} is more than {c:g} se ({se}) below")
-            out += ("; the model's accuracy is " + where.format(m=metric, p=fmt(p), c=CHANCE_SE, se=fmt(se, 0))
+            out += ("; the model's accuracy is " + where.format(m=metric, p=fmt(p), c=CHANCE_SE, se=fmt(se0, 0))
                     + f" 1/{k} = {fmt(chance)}: no scheme's utility is told from guessing")
     return out
 

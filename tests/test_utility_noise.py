@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+from _table_lines import entry  # tests/_table_lines.py
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -46,17 +47,30 @@ def test_a_band_decided_within_the_noise_and_an_accuracy_at_chance_are_said_noth
     gap = 0.2445 - 0.2465 * 0.99
     assert (f"; the utility band's choice rests on acc gaps below its standard error (down to {gap:.3e} "
             "from the band's edge; se 0.0096 on 2,000 validation records") in line, line
-    assert ("; the model's accuracy is at chance: the best acc 0.2465 is within 2 se (0.0096) of 1/4 = 0.2500"
+    # chance's own error on 2,000 records: sqrt(0.25 * 0.75 / 2000) = 0.00968
+    assert ("; the model's accuracy is at chance: the best acc 0.2465 is within 2 se (0.0097) of 1/4 = 0.2500"
             in line), line
     # far below chance (an accuracy of 0.05 on 4 classes): said as such
     low = [{**r, "utility_acc": r["utility_acc"] - 0.2} for r in rows]
     # (the accuracies at 5 decimals, as the verdict's band needs them: utility_digits; the errors at 4)
-    assert ("; the model's accuracy is below chance: the best acc 0.04650 is more than 2 se (0.0047) below "
+    assert ("; the model's accuracy is below chance: the best acc 0.04650 is more than 2 se (0.0097) below "
             "1/4 = 0.25000: no scheme's utility is told from guessing") in verdict(low, "acc", records=2000,
                                                                                  classes={"acc": 4})
     # without the class count: the noise clause only; without the record count: nothing
     assert "chance" not in verdict(rows, "acc", records=2000)
     assert verdict(rows, "acc", records=None, classes={"acc": 4}) == before
+
+
+def test_chance_is_judged_by_guessings_own_error_not_the_best_accuracys():
+    """rv53b: 0.04 on 50 records of 1,000 classes is 2 hits where guessing expects 0.05 (a
+    binomial tail of 1.2e-3): not at chance. The error at p, sqrt(0.04 * 0.96 / 50) = 0.028, put
+    1/1000 + 2 se = 0.056 above it and said "at chance"; guessing's own, sqrt(0.001 * 0.999 / 50)
+    = 0.0045, does not. 0.003 (within 2 of guessing's errors) is still said."""
+    rows = [_row("int8_weight_only", 0.19, 0.04), _row("intx_weight_only_int4", 0.18, 0.04)]
+    assert "chance" not in verdict(rows, "acc", records=50, classes={"acc": 1000})
+    near = [{**r, "utility_acc": 0.003} for r in rows]
+    assert ("the model's accuracy is at chance: the best acc 0.003000 is within 2 se (0.0045) of 1/1000"
+            in verdict(near, "acc", records=50, classes={"acc": 1000}))
 
 
 def test_a_band_resolved_beyond_the_noise_and_other_metrics_get_no_clause():
@@ -108,4 +122,34 @@ def test_assess_records_the_validation_count_and_classes_and_the_table_says_chan
     text = report.table(utility_key="acc")
     at_chance = best <= 1 / k + 2 * se
     assert at_chance, best  # random labels: the held-out accuracy is chance's within 2 se
-    assert "the model's accuracy is at chance" in text, text
+    assert "the model's accuracy is at chance" in entry(text, "verdict:"), text  # wrapped at 100 columns: joined
+
+
+def test_the_reports_utilities_are_plain_dicts_torch_load_weights_only_reads(tmp_path):
+    """rv53b: ``evaluate_utility`` returns a :class:`UtilityValues` (a dict subclass carrying the
+    record count); the report's per-scheme utilities stay plain ``dict`` s of floats, as before, so
+    ``torch.load``'s default ``weights_only=True`` reads a file holding them (it refuses the
+    subclass: "Unsupported global: mis_lightning.evaluation.UtilityValues")."""
+    import mis_lightning as ml
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 4, generator=g), torch.randint(0, 3, (64,), generator=g)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    dl = DataLoader(TensorDataset(x, y), batch_size=16)
+    report = ml.assess(model, ["rtn_int8"], dl, lambda o, t: nn.functional.cross_entropy(o, t, reduction="none"),
+                       val_dataloader=dl, uncertainty_draws=0)
+    utility = report.schemes["rtn_int8"].utility
+    assert type(utility) is dict and report.utility_records == 64, (type(utility), report.utility_records)
+    torch.save({"utility": utility}, tmp_path / "u.pt")
+    assert torch.load(tmp_path / "u.pt", weights_only=True) == {"utility": utility}
+
+
+def test_a_top_k_accuracy_gets_no_class_count():
+    """rv53b: ``MulticlassAccuracy(num_classes=10, top_k=5)`` is at chance at 5/10, not 1/10: no
+    class count is recorded for it (the verdict's chance clause would compare with 1/10)."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from mis_lightning.assess import utility_classes
+
+    assert utility_classes({"acc": MulticlassAccuracy(num_classes=10)}) == {"acc": 10}
+    assert utility_classes({"acc": MulticlassAccuracy(num_classes=10, top_k=5)}) == {}

@@ -436,10 +436,13 @@ def check_record_losses(loss_fn: Any, outputs: Any, targets: Any, losses: Tensor
 
 
 # check_record_gradients: a record's gradient in another record's outputs, relative to its largest
-# entry, above which the loss mixes records. A per-record loss gives exactly 0 there (not rounding:
-# no path in the graph), so the bound does not scale with the dtype's eps: bf16's 16 eps = 0.125
-# would pass a batch mean over the 8 records checked (1/8)
+# entry, above which the loss mixes records. A per-record loss gives exactly 0 there where no path
+# in the graph joins the records; a path whose gradient cancels analytically (a shift by the batch's
+# max, o - o.max(), under a softmax) leaves rounding there: 0.4 eps in bfloat16 (rv53b), hence
+# CROSS_GRADIENT_EPS of the dtype's eps where that is larger, 4 eps: bf16's 0.031, 4x under the 1/8
+# of a batch mean over the 8 records checked (16 eps, 0.125, would pass it)
 CROSS_GRADIENT_TOL = 1e-6
+CROSS_GRADIENT_EPS = 4
 
 
 def _off_row_gradient(loss_fn: Any, outputs: Any, targets: Any, records: int,
@@ -475,7 +478,8 @@ def _off_row_gradient(loss_fn: Any, outputs: Any, targets: Any, records: int,
             off = torch.stack([g.abs().reshape(b, -1).amax(1) for g in grads]).amax(0)
             off[i] = 0
             j = int(off.argmax())
-            if float(off[j]) > CROSS_GRADIENT_TOL * scale:
+            tol = max(CROSS_GRADIENT_TOL, CROSS_GRADIENT_EPS * max(torch.finfo(g.dtype).eps for g in grads))
+            if float(off[j]) > tol * scale:
                 return i, j, float(off[j]) / scale
     return None
 
@@ -492,7 +496,9 @@ def check_record_gradients(loss_fn: Any, outputs: Any, targets: Any, what: str, 
     whole training (nux53). A per-record loss reads record ``j``'s outputs only for record ``j``,
     so autograd's cross terms are exactly 0 (label smoothing, masks and reductions over a
     record's tokens, ``ignore_index`` included); the threshold, ``CROSS_GRADIENT_TOL = 1e-6`` of the
-    largest entry of that record's gradient, only keeps clear of rounding-level noise. Skipped where the loss cannot be
+    largest entry of that record's gradient (``CROSS_GRADIENT_EPS = 4`` of the dtype's eps where
+    larger: 16-bit outputs), only keeps clear of rounding-level noise (a gradient-neutral shift by
+    the batch's max, ``o - o.max()``, leaves 0.4 eps in bfloat16). Skipped where the loss cannot be
     differentiated in the outputs (:func:`_off_row_gradient`).
 
     Raises:
