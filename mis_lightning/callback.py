@@ -594,9 +594,9 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
 def not_trained_note(trainer: Any) -> str | None:
     """The report's first warning where the fit assessed took no optimizer step
     (``trainer.global_step == 0``, with no training batch completed either: ``max_epochs=0``,
-    ``limit_train_batches=0``, and no checkpoint with steps resumed), else ``None``: the weights
-    never saw the training records, so their true membership advantage is 0, while the estimator
-    reads weights far from any minimum (nux53 #3: a fresh model read 0.70 and a "safest" scheme).
+    ``limit_train_batches=0``, and no checkpoint with steps resumed), else ``None``: this fit
+    never trained the weights on its records (an untrained model's true membership advantage is 0),
+    while the estimator reads them as at a minimum of its loss (nux53 #3: a fresh model read 0.70 and a "safest" scheme).
     Begins with :data:`~mis_lightning.report.NOT_TRAINED`, the verdict's reason for choosing none
     (:func:`~mis_lightning.report.not_trained_warning`)."""
     progress = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "batch_progress", None)

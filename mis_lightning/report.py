@@ -1516,8 +1516,9 @@ def not_trained_warning(how: str) -> str:
     how that is known (e.g. ``"trainer.global_step is 0 and no training batch ran in this fit"``):
     begins with :data:`NOT_TRAINED`, then why the figures mean nothing and what to do instead."""
     return (f"{NOT_TRAINED}. {how} (max_epochs=0, limit_train_batches=0, or a fit stopped before its first "
-            "step): the weights never saw the training records, so their true membership advantage is 0, while "
-            "the figures read the curvature and gradient spread of weights that are at no minimum of the loss; "
+            "step): this fit never trained the weights on these records (untrained, they leak nothing of them; "
+            "trained elsewhere, on other records or with another loss), while the figures read the curvature and "
+            "gradient spread as at a minimum of this loss on these records; "
             "no scheme is ranked. To assess a model trained elsewhere, pass it to mis_lightning.assess with the "
             "records and the loss it was trained on")
 
