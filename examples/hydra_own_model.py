@@ -145,7 +145,7 @@ if __name__ == "__main__":
     assert "## Across seeds" in md and "verdict across jobs 0, 2 (seed=0)" in md, md
     print(md.split("## Across seeds")[1].split("## Warnings")[0])
     # the seed=1 job's model (job 1: int8_weight_only, seed=1) under other schemes, without training
-    app(*common, "mode=assess", f"ckpt_path={out / 'sweep' / '1_int8_weight_only' / 'model.ckpt'}",
+    app(*common, "mode=assess", f"ckpt_path={out / 'sweep' / '1_int8_weight_only_seed-1' / 'model.ckpt'}",
         "schemes=[intx_weight_only_int4,bf16]", f"hydra.run.dir={out / 'assess'}")
     assert (out / "assess" / "report.json").is_file()
     print(f"sweep: {out / 'sweep'}  assessment of a checkpoint: {out / 'assess'}")
