@@ -643,13 +643,14 @@ def test_a_hydra_config_left_set_without_a_job_reads_as_no_output_dir(tmp_path, 
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from mis_lightning.app.job import output_dir
+    from mis_lightning.app.job import job_info, output_dir
     from mis_lightning.app.resolvers import mlflow_store
 
     hc = OmegaConf.create({"mode": "RUN", "runtime": {"output_dir": "???"}, "sweep": {"dir": "???"}})
     monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
     monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hc))
     assert output_dir(OmegaConf.create({"output_dir": str(tmp_path)})) == tmp_path
+    assert job_info()["num"] is None and "output_dir" not in job_info()  # no job's: as outside Hydra
     monkeypatch.chdir(tmp_path)
     assert mlflow_store() == f"sqlite:///{tmp_path / 'mlflow.db'}"
     hc.runtime.output_dir = str(tmp_path / "run")  # a job's: read as before

@@ -187,24 +187,26 @@ def write_plan(planned: PlanResult, out: Path, names: Any) -> None:
     (out / names.get("plan", "plan.json")).write_text(json.dumps(to_plain(planned.to_dict()), indent=2))
     (out / "plan.md").write_text(planned.table() + "\n")
     plt.close(planned.figure(str(out / names.get("plan_figure", "plan_frontier.png"))))
+
+
 def _hydra_config() -> Any | None:
+    """The running Hydra job's config, ``None`` outside one. A config Hydra left set in the process
+    without a job (``runtime.output_dir`` still ``???``: an app run here that stopped before its job,
+    Hydra's ``--cfg``/``--info`` paths) is no job's: ``run_job(cfg)`` called after it read
+    ``MissingMandatoryValue: hydra.runtime.output_dir`` (lead53, under xdist)."""
     from hydra.core.hydra_config import HydraConfig
 
-    return HydraConfig.get() if HydraConfig.initialized() else None
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return hc if OmegaConf.select(hc, "runtime.output_dir", default=None) else None
 
 
 def output_dir(cfg: DictConfig | None = None) -> Path:
-    """The job's output dir: Hydra's ``runtime.output_dir``, else ``cfg.output_dir``, else cwd.
-
-    A Hydra config left set without a job (``runtime.output_dir`` still ``???``: an app run in this
-    process that stopped before its job, Hydra's ``--cfg``/``--info`` paths) counts as unset.
-    """
-    from omegaconf import OmegaConf
-
+    """The job's output dir: Hydra's ``runtime.output_dir``, else ``cfg.output_dir``, else cwd."""
     hc = _hydra_config()
-    hydra_dir = OmegaConf.select(hc, "runtime.output_dir", default=None) if hc is not None else None
-    if hydra_dir:
-        return Path(hydra_dir)
+    if hc is not None:
+        return Path(hc.runtime.output_dir)
     if cfg is not None and cfg.get("output_dir"):
         return Path(cfg.output_dir)
     return Path.cwd()
