@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["MORE", "WARNING_LINE_WIDTH", "warning_line"]
+__all__ = ["FAILED_SCHEME", "MORE", "WARNING_LINE_WIDTH", "warning_line"]
 
 #: the most characters of a warning's console line (before :data:`MORE`)
 WARNING_LINE_WIDTH = 160
@@ -24,10 +24,11 @@ MORE = " [...]"
 #: quotes left out)
 _ABBREVIATIONS = frozenset({"e.g", "i.e", "cf", "vs", "etc", "approx", "resp", "incl", "sec", "eq", "fig", "no"})
 _OPEN, _CLOSE = "([{", ")]}"
-#: a failed scheme's warning (:func:`mis_lightning.report.failure_warning`): one message whose cause
-#: is its end ("... failed, no figures: SchemeUnavailableError: ... needs a CUDA GPU ..."), so its line
-#: is cut by words at the width, not after the error's class (rv53)
-_FAILURE = re.compile(r"scheme '[^']*' failed, no figures: ")
+#: the lead of a failed scheme's warning (:func:`mis_lightning.report.failure_warning` writes it): one
+#: message whose cause is its end ("... failed, no figures: SchemeUnavailableError: ... needs a CUDA
+#: GPU ..."), so its line is cut by words at the width, not after the error's class (rv53)
+FAILED_SCHEME = "scheme {name!r} failed, no figures: "
+_FAILURE = re.compile(re.escape(FAILED_SCHEME).replace(re.escape("{name!r}"), "'[^']*'"))
 
 
 def _boundaries(text: str, commas: bool, brackets: bool = False, clauses: bool = True) -> list[int]:

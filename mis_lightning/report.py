@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ._warning_lines import MORE, warning_line
+from ._warning_lines import FAILED_SCHEME, MORE, warning_line
 
 # Renamed report fields: old name -> new name (old JSON keys load, old attributes still read).
 RENAMED = {"frozen_fraction": "pinned_fraction", "sparsity": "zero_fraction"}
@@ -604,7 +604,7 @@ UTILITY_FAILED = "failed"
 def failure_warning(name: str, error: str) -> str:
     """The report's warning for a scheme that failed (``error``: its ``SchemeResult.error``);
     :meth:`Report.table` leaves it out of its warnings, the message being under ``errors:``."""
-    return f"scheme {name!r} failed, no figures: {error}"
+    return FAILED_SCHEME.format(name=name) + error
 
 
 def merge_scheme_warnings(lines: Sequence[tuple[str, str]]) -> list[str]:
