@@ -3522,25 +3522,77 @@ def _sampled_draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int,
     A sample whose kappa cannot move (every sampled weight of sd 0) returns :class:`StillParts`
     (zeros, flagged)."""
     elem, grp, pi = sample
-    if DRAWS_KEEP_STILL and not any_set(sg.index_select(0, elem).ne(0)):
+    sg_s = sg.index_select(0, elem)
+    moving = sg_s.ne(0)
+    if DRAWS_KEEP_STILL and not any_set(moving):
         # every sampled weight has sd 0 (the 1e7 MLP's dead units): each draw's position is
         # theta-hat itself, so every kappa change is exactly 0 (what the 8 evaluations returned)
         zero = torch.zeros((), dtype=torch.float64)  # one value expanded: no chunk-sized fill
         m = elem.numel()
         return StillParts((zero.expand(1 + (draws + 1) // 2, m), _built_mix(draws), zero.expand(DRAW_SAMPLE_GROUPS, m)))
     sub = _subset_grid(grid, a, b, elem)
-    got = _draw_parts(sub, th.index_select(0, elem), sg.index_select(0, elem), 0, elem.numel(),
-                      k_main.index_select(0, elem), xi if xi_on_sample else xi.index_select(1, elem), draws, policy,
-                      table_at_once=True)
+    th_s, k_s = th.index_select(0, elem), k_main.index_select(0, elem)
+    xi_s = xi if xi_on_sample else xi.index_select(1, elem)
+    m = elem.numel()
+    live = _sample_live(grid, moving)
+    if live is not None:  # (the cast's sd-0 sampled weights: exact zeros, not evaluated)
+        sub = _live_subset_grid(sub, live)
+        th_s, sg_s, k_s, xi_s = (th_s.index_select(0, live), sg_s.index_select(0, live), k_s.index_select(0, live),
+                                 xi_s.index_select(1, live))
+    got = _draw_parts(sub, th_s, sg_s, 0, th_s.numel(), k_s, xi_s, draws, policy, table_at_once=True)
     if isinstance(got, StillParts):  # no sampled kappa moves (a cast's chunk under its bound): as sd 0 above
         zero = torch.zeros((), dtype=torch.float64)
-        m = elem.numel()
         return StillParts((zero.expand(1 + (draws + 1) // 2, m), got[1], zero.expand(DRAW_SAMPLE_GROUPS, m)))
     part, mix, _ = got
+    if live is not None:  # the sd-0 weights' changes: exact zeros
+        part = torch.zeros(part.shape[0], m, dtype=torch.float64).index_copy_(1, live, part)
     basis = torch.cat([part[:1] / pi, part[1:] / math.sqrt(pi)])
     groups = torch.zeros(DRAW_SAMPLE_GROUPS, elem.numel(), dtype=torch.float64)
     groups[grp, torch.arange(elem.numel())] = basis[0]
     return basis, mix, groups
+
+
+# The 16-bit casts' sampled draws (_sampled_draw_parts) evaluate the sample's weights of non-zero sd
+# alone and write their kappa changes into a column of zeros, where at most DRAWS_SAMPLE_LIVE_MAX of
+# the sample moves (p54c: the 1e7 MLP's second layer, whose sampled rows are ~90% dead units: the
+# positions, the freedom test, the rule's arithmetic and the parts over ~16k columns for ~1-2k live
+# ones). An sd-0 weight's every position is theta-hat itself, so its change is exactly 0 in the full
+# evaluation too (the freedom test fixes it: k_main kept, 0 - 0 through the rule), and a cast's cell
+# moments of an element never read the call's other elements (_elementwise_table: no interpolation
+# table, no stored cells, no bounds), so the live columns are the full evaluation's bit for bit, the
+# freedom test's all-or-nothing answer the same (the sd-0 ones are fixed either way); only a zero's
+# sign may differ (+0 for the sd * zeta of an sd-0 weight, -0 where zeta < 0), which no sum reads.
+# Other grids (float8's interpolation table, the affine kernel: their path depends on the chunk's
+# size) evaluate the whole sample. False: the whole sample, as before (A/B).
+DRAWS_SAMPLE_LIVE_ONLY = True
+DRAWS_SAMPLE_LIVE_MAX = 0.5
+
+
+def _sample_live(grid: ParamGrid, moving: Tensor) -> Tensor | None:
+    """``[n]`` int64 ascending: the positions of ``moving`` (``[m]`` bool, the sampled weights of
+    non-zero sd) where :data:`DRAWS_SAMPLE_LIVE_ONLY` applies (a 16-bit cast's value table,
+    :func:`_elementwise_table`, with at most :data:`DRAWS_SAMPLE_LIVE_MAX` of the sample moving);
+    else ``None`` (the whole sample is evaluated)."""
+    if not (DRAWS_SAMPLE_LIVE_ONLY and DRAWS_KEEP_STILL and grid.storage_dtype is None and _elementwise_table(grid)):
+        return None
+    if int(moving.count_nonzero()) > DRAWS_SAMPLE_LIVE_MAX * moving.numel():
+        return None
+    return torch.nonzero(moving).squeeze(-1)
+
+
+def _live_subset_grid(sub: _SubsetGrid, live: Tensor) -> _SubsetGrid:
+    """The view ``sub`` (:func:`_subset_grid`) on its elements ``live`` (``[n]`` ascending), indexed
+    ``0 .. n``: its per-element grid, bounds and revealed mask gathered; its kernel path the
+    view's own size (only on an element-wise table, :func:`_sample_live`, where no path reads it)."""
+    out = copy.copy(sub)
+    scale, zp, code = sub._sel_grid
+    out._sel_grid = (scale.index_select(0, live), zp.index_select(0, live),
+                     None if code is None else code.index_select(0, live))
+    out._sel_bounds = None if sub._sel_bounds is None else tuple(t.index_select(0, live) for t in sub._sel_bounds)
+    if sub.revealed is not None:
+        out.revealed = sub.revealed.index_select(0, live)
+    out._chunk_elements = live.numel()
+    return out
 
 
 def _requantized_moments(est: Estimate, prep: _Prepared, name: str, chunk: int,
