@@ -4307,6 +4307,13 @@ JOINT_DRAW_SUMS = True
 JOINT_DRAW_NONZERO_COLUMNS = True
 
 
+# ... and a subsampled part's basis and groups are gathered on the union's rows each, then joined,
+# not joined over the whole sample first (p54c: [9 + 8, ~16k] float64 a part and chunk on the 1e7
+# MLP's second layer, of which the rows some draw moved are a few): the same columns, the same
+# values. False: joined first, as before (A/B).
+JOINT_DRAW_ROWS_FIRST = True
+
+
 def _joint_draw_sums(reader: _InfluenceReader, a: int, b: int,
                      deltas: list[tuple[Tensor, Tensor, Tensor | None] | None],
                      sample: tuple[Tensor, Tensor, float] | None) -> dict[int, Tensor | None]:
@@ -4332,7 +4339,7 @@ def _joint_draw_sums(reader: _InfluenceReader, a: int, b: int,
             cols.append(basis)
             continue
         moved.append(any_along(any_along((basis != 0).reshape(basis.shape[0], -1, u), -1), 0))  # rows (of the sample)
-        cols.append(basis if grp is None else torch.cat([basis, grp]))
+        cols.append(basis if grp is None else (basis, grp) if JOINT_DRAW_ROWS_FIRST else torch.cat([basis, grp]))
     union = torch.stack(moved).any(0)
     if not any_set(union):
         return dict.fromkeys(distinct)
@@ -4347,8 +4354,9 @@ def _joint_draw_sums(reader: _InfluenceReader, a: int, b: int,
     # with a non-zero element on the union's rows: an all-zero column sums to exactly 0 (finite
     # influences, as _distinct_list_sums), so it need not reach the GEMMs (ps35: at 1e7 half the
     # first layer's columns, those of the schemes whose draws moved nothing there, ~70% of the second's)
-    live = [(key, c) for key, c in zip(distinct, cols) if key not in out or not JOINT_DRAW_NONZERO_COLUMNS]
-    dsub = torch.cat([c.reshape(c.shape[0], -1, u)[:, local].reshape(c.shape[0], -1) for _, c in live])
+    live = [(key, c if isinstance(c, tuple) else (c,)) for key, c in zip(distinct, cols)
+            if key not in out or not JOINT_DRAW_NONZERO_COLUMNS]
+    dsub = torch.cat([t.reshape(t.shape[0], -1, u)[:, local].reshape(t.shape[0], -1) for _, c in live for t in c])
     nz = dsub.ne(0).any(1) if JOINT_DRAW_NONZERO_COLUMNS else None
     if nz is not None and not bool(nz.all()):
         ps = torch.zeros(reader.est.num_records, dsub.shape[0], dtype=torch.float64)
@@ -4357,9 +4365,10 @@ def _joint_draw_sums(reader: _InfluenceReader, a: int, b: int,
         ps = reader.sums(a, b, {2: dsub.T.contiguous()}, rows=rows)[2]
     o = 0
     for key, c in live:
+        width = sum(t.shape[0] for t in c)
         if key not in out:  # (switched off: a part that moved no row is summed with the others, still None)
-            out[key] = ps[:, o: o + c.shape[0]]
-        o += c.shape[0]
+            out[key] = ps[:, o: o + width]
+        o += width
     return out
 
 
