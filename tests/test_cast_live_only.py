@@ -111,3 +111,27 @@ def test_joint_pass_casts_on_live_weights(monkeypatch, mark):
                 else:
                     assert torch.allclose(u, w, rtol=rtol, atol=0.0), float(((u - w).abs() / w.abs()).max())
     qb.release_chunk_facts()
+
+
+def test_inertness_checked_once_a_chunk(monkeypatch):
+    """``assess.INERT_CHECK_ONCE`` (p54c): on the factored estimate with one row in three of every
+    parameter at sd 0 and ``V`` infinite, an integer scheme's unit chunks and the casts' live facts
+    both ask whether a chunk's sd-0 weights are inert: on, ``_zero_sd_inert`` runs once a chunk (one
+    chunk a parameter here), off once per asker; every sum, d_eff and frozen count bitwise."""
+    model, est = copy.deepcopy(_factored())
+    for name in est.names:
+        sg = est.sigma[name].clone()
+        sg.reshape(sg.shape[0], -1)[::3] = 0.0
+        est.sigma[name] = sg
+        v = est._v_diag[name].clone()
+        v.reshape(v.shape[0], -1)[::3] = math.inf
+        est._v_diag[name] = v
+    monkeypatch.setattr(A, "FOURTH_KEEP_BYTES", 0)  # (the large-model regime: main calls kappa-only)
+    out, calls = joint_pass_on_off(monkeypatch, est, model, ["int8_weight_only", "fp16", "bf16"],
+                                   "INERT_CHECK_ONCE", "_zero_sd_inert")
+    assert calls[True] == len(est.names) and calls[False] == 2 * len(est.names)
+    assert out[True][1] == out[False][1]
+    for name in est.names:
+        for x, y in zip(out[True][0][name], out[False][0][name]):
+            assert torch.equal(x.s2, y.s2) and torch.equal(x.s4, y.s4)
+    qb.release_chunk_facts()
