@@ -3540,7 +3540,8 @@ def _sampled_draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int,
     in one call, the interpolated table from ``2^15`` elements on). ``xi_on_sample``: ``xi`` is
     ``[rows, m]``, the positions of the sampled elements only (the scoring pass draws no others).
     A sample whose kappa cannot move (every sampled weight of sd 0) returns :class:`StillParts`
-    (zeros, flagged)."""
+    (zeros, flagged). A 16-bit cast's sample mostly of sd-0 weights evaluates its other weights
+    alone (:data:`DRAWS_SAMPLE_LIVE_ONLY`: the same parts)."""
     elem, grp, pi = sample
     sg_s = sg.index_select(0, elem)
     moving = sg_s.ne(0)
