@@ -35,8 +35,9 @@ from .assess import _check_model_matches_estimate, select_params
 from .config import EstimationConfig, check_user_functions, unexpected_options
 from .estimation import Estimate
 from .estimation.data_buffers import probe_data_buffers
-from .estimation.estimate import MomentAccumulator
+from .estimation.estimate import LOSS_RANK_RECORDS, MomentAccumulator
 from .estimation.linear_factors import LayerProgram
+from .estimation.loss_directions import merge_counts
 from .estimation.output_reads import (
     PROBE_RECORDS,
     OutputShape,
@@ -644,7 +645,7 @@ class EstimationMetric(Metric):
         first = None if empty else {
             "resolved": not acc._probe_pending and (bool(acc._reused) or acc._forward_floats is not None),
             "choice": (list(acc._reused), acc._forward_floats, acc._choice_outputs),
-            "residual": (acc._residual_skip, acc._residual_info), "loss_directions": acc._loss_directions,
+            "residual": (acc._residual_skip, acc._residual_info), "loss_directions": acc.loss_direction_counts(),
             "normalised": None if acc._normalised_probe else acc._normalised,
             "data_buffers": acc._data_buffers, "data_buffers_unchecked": acc._data_buffers_unchecked,
             "late": acc.late_leaves()}
@@ -669,12 +670,12 @@ class EstimationMetric(Metric):
         # an output leaf any process put back (output_reads.read_later) is named in every process's report
         acc.late_elsewhere = tuple(sorted({leaf for g in gathered if g is not None and g[1] is not None
                                            for leaf in g[1].get("late", ())}))
-        if seen is not None and seen["loss_directions"] is not None:
-            # the loss directions per record are measured on each process's own first batch: every
-            # process takes the first one's (the records one process reading them in rank order
-            # measures), so all report the same figures (ux53: 1.81 vs 1.94 directions moved
-            # rank 1's rtn_int4 leakage 1% off rank 0's)
-            acc._loss_directions = seen["loss_directions"]
+        if seen is not None:
+            # the loss directions per record: the bottom-k records by content key over every process's
+            # sample, which one process reading all the records finds too (ux53: each process's own
+            # first batch gave 1.81 vs 1.94 directions, rank 1's rtn_int4 leakage 1% off rank 0's)
+            acc.directions_synced = merge_counts(
+                [g[1]["loss_directions"] for g in gathered if g is not None and g[1] is not None], LOSS_RANK_RECORDS)
         if empty and seen is not None:
             if seen["resolved"] and acc._probe_pending:
                 acc.resolve(*seen["choice"])
