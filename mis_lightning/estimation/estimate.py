@@ -984,6 +984,7 @@ class MomentAccumulator:
         # the inputs' per-feature / per-channel statistics for the buffers that could hold them (a
         # standardiser fitted before training: the probe does not see it; vb46); False until the first batch
         self._input_stats: InputStatistics | None | bool = False
+        self._batch_rerun = False  # a batch rerun on another program after its first one refused the model
         self._weight_normed = weight_normed(model, self.param_names)
         # the attention heads' query/key and value/output symmetries: the exact estimator's flat
         # directions from the model's structure (flat_directions' known)
@@ -1039,9 +1040,11 @@ class MomentAccumulator:
         # one output per record has one (rank(L_i) <= 1, counted as 1) and holds no sample
         self._loss_rank = LossDirectionSample(self._loss_ranks, LOSS_RANK_RECORDS)
         self._one_output: bool | None = None
-        # the count over every DDP process's records (EstimationMetric's sync, merge_counts); None
-        # outside a sync, and again at this process's next batch
+        # the count over every DDP process's records (EstimationMetric's sync, merge_counts), and the
+        # input statistics likewise (InputStatistics.merged); None outside a sync, and again at this
+        # process's next batch
         self.directions_synced: tuple[float, str, int] | None = None
+        self.input_stats_synced: InputStatistics | None = None
         # trainable weights left out of the assessment (a norm or bias kept in float): they fit
         # the data too, but neither estimator's leverage counts them (reported, method.md section 4)
         self._unassessed = sum(p.numel() for k, p in named.items() if p.requires_grad and k not in param_names)
@@ -1286,6 +1289,7 @@ class MomentAccumulator:
     def _update(self, batch: Any, state: dict[str, Any] | None) -> int:
         st = self.state if state is None else state
         program = self.program
+        self.directions_synced = self.input_stats_synced = None  # (a sync's merge: stale from this record on)
         inputs, targets, b = program.prepare(batch)
         if self._train_random is None:  # dropout written in a forward (the not-at-a-minimum warning's cause, ux53)
             probe = getattr(program, "random_in_train_mode", None)
@@ -1297,8 +1301,10 @@ class MomentAccumulator:
             self._input_stats = InputStatistics(self.model, names, inputs, b) if names else None
             if self._input_stats is not None and not self._input_stats.sums:
                 self._input_stats = None
-        if self._input_stats:
-            self._input_stats.update(inputs, b)  # every record read, those left out of n too
+        if self._input_stats and not self._batch_rerun:
+            # every record read, those left out of n too; a first batch rerun on another program once
+            # (ux54a: counted twice before, a standardiser's ddof-1 sd then matched no statistic)
+            self._input_stats.update(inputs, b)
         if self._normalised_probe:
             self._normalised_probe = False
             if int(st["n"]) == 0 and self._request[0] != "exact":  # the exact sandwich projects them out
@@ -1352,7 +1358,6 @@ class MomentAccumulator:
             inputs, targets, b = slice_rows(inputs, keep), slice_rows(targets, keep), int(keep.numel())
         self._draw_keys = _LazyKeys(batch, b, keys)
         if self.mode != "exact":
-            self.directions_synced = None
             self._sample_loss_directions(inputs, targets)
         if self.factored is not None:
             kron_rows: dict[str, int] | None = None
@@ -1380,7 +1385,11 @@ class MomentAccumulator:
                 self.factored = self._fast_program(LayerProgram) if kind is FactoredProgram else None
                 if self.factored is None:  # the convolutions' K-FAC factors from a side program
                     self._set_kron_side()
-                return self.update(batch, state)
+                self._batch_rerun = True  # (the batch's records are read once by what counts them)
+                try:
+                    return self.update(batch, state)
+                finally:
+                    self._batch_rerun = False
             else:
                 self._settle_ggn()
                 if not self.records_per_update:
@@ -1931,8 +1940,9 @@ class MomentAccumulator:
             est.diagnostics["estimator_with_n"] = other
         if self._data_buffers:  # released with the weights, not scored: the report's warning (nu45)
             est.diagnostics["data_dependent_buffers"] = list(self._data_buffers)
-        if self._input_stats:  # a standardiser fitted on the training inputs before training (vb46)
-            fitted = {k: v for k, v in self._input_stats.matches(self.model).items()
+        stats = self.input_stats_synced or self._input_stats  # (every DDP process's records, at a sync)
+        if stats:  # a standardiser fitted on the training inputs before training (vb46)
+            fitted = {k: v for k, v in stats.matches(self.model).items()
                       if k not in (self._data_buffers or [])}
             if fitted:
                 est.diagnostics["fitted_buffers"] = fitted

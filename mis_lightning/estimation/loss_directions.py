@@ -106,15 +106,19 @@ class LossDirectionSample:
         cand = cand[first]
         if cand.numel() > self.records:  # at most k of one batch can enter
             cand = cand[torch.sort(keys[cand], stable=True).indices[: self.records]]
-        x, y = slice_rows(inputs, cand), slice_rows(targets, cand)
-        lay = _layout((x, y))
-        new = _Group(keys[cand].clone(), x, y, lay)
-        same = next((g for g in self.groups if g.layout == lay and g.ranks is None), None)
-        if same is not None:
-            same.keys = torch.cat([same.keys, new.keys])
-            same.inputs, same.targets = _cat(same.inputs, x), _cat(same.targets, y)
-        else:
-            self.groups.append(new)
+        try:
+            x, y = slice_rows(inputs, cand), slice_rows(targets, cand)
+            lay = _layout((x, y))
+            same = next((g for g in self.groups if g.layout == lay and g.ranks is None), None)
+            if same is not None:
+                same.inputs, same.targets = _cat(same.inputs, x), _cat(same.targets, y)
+                same.keys = torch.cat([same.keys, keys[cand]])
+            else:
+                self.groups.append(_Group(keys[cand].clone(), x, y, lay))
+        except Exception as exc:  # records that are not rows of tensors (a graph batch's edge list)
+            self.fixed, self.groups = (1.0, f"the records cannot be taken as rows ({type(exc).__name__}: {exc}); "
+                                            "one loss direction per record assumed (the largest correction)"), []
+            return
         self._prune()
 
     def _held_keys(self) -> Tensor:
