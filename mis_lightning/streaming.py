@@ -382,6 +382,19 @@ TORCHMETRICS_OPTIONS = ("compute_on_cpu", "compute_with_cache", "dist_sync_fn", 
                         "distributed_available_fn", "process_group", "sync_on_compute")
 
 
+def first_batch_facts(acc: MomentAccumulator) -> dict[str, Any]:
+    """What a process's first batches decided ("auto"'s choice and the facts it measured), gathered
+    at the sync for :func:`_align_first_batches` and for a process that saw no record."""
+    return {
+        "resolved": not acc._probe_pending and (bool(acc._reused) or acc._forward_floats is not None),
+        "choice": (list(acc._reused), acc._forward_floats, acc._choice_outputs),
+        "residual": (acc._residual_skip, acc._residual_info), "loss_directions": acc.loss_direction_counts(),
+        "normalised": None if acc._normalised_probe else acc._normalised,
+        "data_buffers": acc._data_buffers, "data_buffers_unchecked": acc._data_buffers_unchecked,
+        "late": acc.late_leaves(), "estimator": (acc.mode, acc.hessian, acc.estimator),
+        "train_random": bool(acc._train_random), "input_stats": acc._input_stats or None}
+
+
 def _align_first_batches(acc: MomentAccumulator, facts: list[dict[str, Any]]) -> None:
     """Every process's report from every process's first-batch decisions (``facts``: those of the
     processes that saw records, in rank order, as gathered by
@@ -690,14 +703,7 @@ class EstimationMetric(Metric):
         # what a process's first batch decided ("auto"'s choice and the facts it measured), for a
         # process that saw no record (its figures are then those of the others: the same sums)
         empty = int(self._states()["n"]) == 0
-        first = None if empty else {
-            "resolved": not acc._probe_pending and (bool(acc._reused) or acc._forward_floats is not None),
-            "choice": (list(acc._reused), acc._forward_floats, acc._choice_outputs),
-            "residual": (acc._residual_skip, acc._residual_info), "loss_directions": acc.loss_direction_counts(),
-            "normalised": None if acc._normalised_probe else acc._normalised,
-            "data_buffers": acc._data_buffers, "data_buffers_unchecked": acc._data_buffers_unchecked,
-            "late": acc.late_leaves(), "estimator": (acc.mode, acc.hessian, acc.estimator),
-            "train_random": bool(acc._train_random), "input_stats": acc._input_stats or None}
+        first = None if empty else first_batch_facts(acc)
         gathered: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(gathered, (local, first, layout), group=group)
         metas = [g[0] if g is not None else None for g in gathered]

@@ -498,3 +498,26 @@ def test_the_ranks_reduce_their_first_batch_decisions(world):
         r = json.loads((world.path / "metric" / f"shards_rank{k}.json").read_text())
         assert r[1:] == single[1:], k
         assert r[0] == pytest.approx(single[0], rel=1e-9), k
+
+
+def test_ranks_whose_first_batches_chose_different_estimators_are_refused():
+    """A rank's "auto" estimator is chosen on its own first batch (a measured cost; sequences of other
+    lengths on each rank can fall either side of a threshold): sums of two estimators cannot be
+    combined, so the sync refuses them, naming each rank's and the argument that makes them one.
+    Stood in for here by two processes' facts (``first_batch_facts``) from an exact and a diagonal
+    accumulator, without a world: ``_align_first_batches`` is what every rank runs on the gathered
+    facts (all raise alike); the same estimator passes."""
+    from mis_lightning.streaming import _align_first_batches, first_batch_facts
+
+    X, y, model = _setup()
+    mets = []
+    for kw in ({"estimation": "exact"}, {"estimation": "diagonal", "hessian": "ggn"}, {"estimation": "exact"}):
+        met = MISIndicator(model, mse, ["rtn_int4"], uncertainty_draws=0, **kw)
+        met.update(X[:20], y[:20])
+        mets.append(met)
+    facts = [first_batch_facts(m.accumulator) for m in mets]
+    with pytest.raises(ValueError, match=r"chose different estimators .*process 1: diagonal sandwich .*"
+                                         r"estimation='exact', hessian='exact'"):
+        _align_first_batches(mets[0].accumulator, facts[:2])
+    _align_first_batches(mets[0].accumulator, [facts[0], facts[2]])
+    assert mets[0].accumulator.directions_synced is None  # (the exact estimator counts no directions)
