@@ -4,10 +4,13 @@ by L-BFGS; ``assess`` with the exact estimator, the diagonal one and the diagona
 Gauss-Newton Hessian, the records in one batch ("whole"), in batches of 40 ("split") and reversed in
 batches of 40 ("rev40"). Prints each scheme's leakage and its relative difference to "whole", and
 the diagonal estimators' count of loss directions. Run from the repository root with ``PYTHONPATH`` at
-the checkout to measure: ``PYTHONPATH=$PWD python benchmarks/loss_directions_order.py``."""
+the checkout to measure: ``PYTHONPATH=$PWD python benchmarks/loss_directions_order.py``; ``--records 240``
+sets ``estimate.LOSS_RANK_RECORDS`` so that the count is the mean over every record."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import os
 
 import torch
@@ -38,6 +41,11 @@ def mt_loss(o: dict[str, torch.Tensor], t: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--records", type=int, default=None, help="estimate.LOSS_RANK_RECORDS (default: the package's)")
+    args = ap.parse_args()
+    if args.records is not None:
+        importlib.import_module("mis_lightning.estimation.estimate").LOSS_RANK_RECORDS = args.records
     torch.manual_seed(3)
     g = torch.Generator().manual_seed(5)
     X = torch.randn(240, 5, generator=g)
