@@ -35,8 +35,9 @@ from .assess import _check_model_matches_estimate, select_params
 from .config import EstimationConfig, check_user_functions, unexpected_options
 from .estimation import Estimate
 from .estimation.data_buffers import probe_data_buffers
-from .estimation.estimate import MomentAccumulator
+from .estimation.estimate import LOSS_RANK_RECORDS, MomentAccumulator
 from .estimation.linear_factors import LayerProgram
+from .estimation.loss_directions import merge_counts
 from .estimation.output_reads import (
     PROBE_RECORDS,
     OutputShape,
@@ -381,6 +382,67 @@ TORCHMETRICS_OPTIONS = ("compute_on_cpu", "compute_with_cache", "dist_sync_fn", 
                         "distributed_available_fn", "process_group", "sync_on_compute")
 
 
+def first_batch_facts(acc: MomentAccumulator) -> dict[str, Any]:
+    """What a process's first batches decided ("auto"'s choice and the facts it measured), gathered
+    at the sync for :func:`_align_first_batches` and for a process that saw no record."""
+    return {
+        "resolved": not acc._probe_pending and (bool(acc._reused) or acc._forward_floats is not None),
+        "choice": (list(acc._reused), acc._forward_floats, acc._choice_outputs),
+        "residual": (acc._residual_skip, acc._residual_info), "loss_directions": acc.loss_direction_counts(),
+        "normalised": None if acc._normalised_probe else acc._normalised,
+        "data_buffers": acc._data_buffers, "data_buffers_unchecked": acc._data_buffers_unchecked,
+        "late": acc.late_leaves(), "estimator": (acc.mode, acc.hessian, acc.estimator),
+        "train_random": bool(acc._train_random), "input_stats": acc._input_stats or None}
+
+
+def _align_first_batches(acc: MomentAccumulator, facts: list[dict[str, Any]]) -> None:
+    """Every process's report from every process's first-batch decisions (``facts``: those of the
+    processes that saw records, in rank order, as gathered by
+    :meth:`EstimationMetric._shape_empty_cat_states`): each process took them on its own first batch,
+    and those that differ between shards are reduced over all of them, as one process reading every
+    shard decides them.
+
+    * the loss directions per record: the bottom-k records by content key over every process's sample
+      (:func:`~.estimation.loss_directions.merge_counts`; ux53: each process's own first batch read
+      1.81 vs 1.94 directions, rank 1's ``rtn_int4`` leakage 1% off rank 0's);
+    * an output leaf any process put back (``output_reads.read_later``) is named by all;
+    * a forward random in train mode on any process's probe is said by all (``random_in_train_mode``);
+    * the buffers a forward sets from the records: those any process's probe found (a process whose
+      batches held one record each could not split one: "unchecked" only where none could);
+    * the input statistics that tell a standardiser fitted on the training inputs, over every
+      process's records (each shard's alone matches no buffer fitted on all of them);
+    * the normalised layers (a structural probe): the first process's.
+
+    Raises:
+        ValueError: the processes chose different estimators (``"auto"``'s cost, or the per-layer
+            program's Gauss-Newton directions, measured on each one's first batch; sequences of
+            other lengths on each): their sums are not of one estimator, and no figure can be formed.
+    """
+    if not facts:
+        return
+    chosen = [f["estimator"] for f in facts]
+    if len({c[:2] for c in chosen}) > 1:
+        raise ValueError(
+            "the DDP processes chose different estimators at their first batches ("
+            + "; ".join(f"process {i}: {c[2]}" for i, c in enumerate(chosen))
+            + "): their sums cannot be combined into one estimate. Pass the estimator explicitly "
+            f"(estimation={chosen[0][0]!r}, hessian={chosen[0][1]!r}) so that every process uses it")
+    acc.directions_synced = merge_counts([f["loss_directions"] for f in facts], LOSS_RANK_RECORDS)
+    acc.late_elsewhere = tuple(sorted({leaf for f in facts for leaf in f.get("late", ())}))
+    if any(f["train_random"] for f in facts):
+        acc._train_random = True
+    checked = [f["data_buffers"] for f in facts if f["data_buffers"] is not None]
+    if checked:
+        acc._data_buffers = list(dict.fromkeys(name for names in checked for name in names))
+        acc._data_buffers_unchecked = None
+    elif acc._data_buffers is None:
+        acc._data_buffers_unchecked = facts[0]["data_buffers_unchecked"]
+    if facts[0]["normalised"] is not None:
+        acc._normalised, acc._normalised_probe = facts[0]["normalised"], False
+    stats = [f["input_stats"] for f in facts if f["input_stats"] is not None]
+    acc.input_stats_synced = stats[0].merged([(t.sums, t.eps) for t in stats[1:]]) if stats else None
+
+
 class EstimationMetric(Metric):
     """The estimation pass over streamed batches, with torchmetrics' states and sync.
 
@@ -641,13 +703,7 @@ class EstimationMetric(Metric):
         # what a process's first batch decided ("auto"'s choice and the facts it measured), for a
         # process that saw no record (its figures are then those of the others: the same sums)
         empty = int(self._states()["n"]) == 0
-        first = None if empty else {
-            "resolved": not acc._probe_pending and (bool(acc._reused) or acc._forward_floats is not None),
-            "choice": (list(acc._reused), acc._forward_floats, acc._choice_outputs),
-            "residual": (acc._residual_skip, acc._residual_info), "loss_directions": acc._loss_directions,
-            "normalised": None if acc._normalised_probe else acc._normalised,
-            "data_buffers": acc._data_buffers, "data_buffers_unchecked": acc._data_buffers_unchecked,
-            "late": acc.late_leaves()}
+        first = None if empty else first_batch_facts(acc)
         gathered: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(gathered, (local, first, layout), group=group)
         metas = [g[0] if g is not None else None for g in gathered]
@@ -665,26 +721,14 @@ class EstimationMetric(Metric):
             setattr(self, a, [torch.cat(padded) if padded else
                               torch.empty((0, *widest), dtype=dtype, device=self.device)])
             ragged[a] = (mine, layouts)
-        seen = next((g[1] for g in gathered if g is not None and g[1] is not None), None)
-        # an output leaf any process put back (output_reads.read_later) is named in every process's report
-        acc.late_elsewhere = tuple(sorted({leaf for g in gathered if g is not None and g[1] is not None
-                                           for leaf in g[1].get("late", ())}))
-        if seen is not None and seen["loss_directions"] is not None:
-            # the loss directions per record are measured on each process's own first batch: every
-            # process takes the first one's (the records one process reading them in rank order
-            # measures), so all report the same figures (ux53: 1.81 vs 1.94 directions moved
-            # rank 1's rtn_int4 leakage 1% off rank 0's)
-            acc._loss_directions = seen["loss_directions"]
+        facts = [g[1] for g in gathered if g is not None and g[1] is not None]  # (processes with records)
+        seen = facts[0] if facts else None
+        _align_first_batches(acc, facts)
         if empty and seen is not None:
             if seen["resolved"] and acc._probe_pending:
                 acc.resolve(*seen["choice"])
                 acc._residual_skip, acc._residual_info = seen["residual"]
             acc._probe_pending = False
-            if seen["normalised"] is not None:
-                acc._normalised, acc._normalised_probe = seen["normalised"], False
-            if acc._data_buffers is None:
-                acc._data_buffers = seen["data_buffers"]
-                acc._data_buffers_unchecked = seen["data_buffers_unchecked"]
         held = set(self._state_names.values())
         for m in metas:
             for a, meta in (m or {}).items():

@@ -152,7 +152,7 @@ def test_candidates_the_probe_cannot_check_are_named_as_unchecked():
     assert "data_buffers_unchecked" not in report.diagnostics
 
 
-def test_the_callback_names_them_and_the_unchecked_ones():
+def test_the_callback_names_them_and_the_unchecked_ones(tmp_path):
     """The callback's path (its first-batch facts, then the shared scoring) names the standardiser's
     buffers, and a model whose train-mode forward fails on half a batch gets the "could not check"
     warning instead (vb45 left the callback untested; fails without either warning)."""
@@ -179,7 +179,8 @@ def test_the_callback_names_them_and_the_unchecked_ones():
             return torch.optim.Adam(self.parameters(), lr=1e-2)
 
     def fit(module):
-        cb = MISCallback(["rtn_int4"], loss_fn=mse, estimation="diagonal", **FAST)
+        # (its report in tmp_path: without a logger the working directory, the repository root in CI)
+        cb = MISCallback(["rtn_int4"], loss_fn=mse, estimation="diagonal", dirpath=tmp_path, **FAST)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_checkpointing=False,

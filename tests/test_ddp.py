@@ -80,6 +80,8 @@ def metric_workloads(rank: int, out_dir: str) -> None:
         json.dump(multiclass_workload(rank), fh)
     with open(os.path.join(out_dir, f"leaves_rank{rank}.json"), "w") as fh:
         json.dump(output_leaves_workload(rank), fh)
+    with open(os.path.join(out_dir, f"shards_rank{rank}.json"), "w") as fh:
+        json.dump(first_batches_workload(rank), fh)
 
 
 EMPTY_CASES = {
@@ -415,10 +417,10 @@ def test_output_leaves_sorted_apart_on_the_ranks(world):
     back where its records read it (``output_reads.read_later``) and the rows are widened to one width
     (``estimate._widened_rows``: each record's factor unchanged), so two ranks equal one process that
     read the leaf from its first batch (1e-9 exact, 1e-7 with the diagonal's float32 passes:
-    test_output_reads' tolerance). The loss directions per record (the diagonal leverage), measured on
-    each rank's own first batch, are the first rank's on every rank: before, rank 1 read 1.94 against
-    rank 0's 1.81 and its rtn_int4 leakage 0.1242 against 0.1229. A leaf one rank put back is named in
-    every rank's report."""
+    test_output_reads' tolerance). The loss directions per record (the diagonal leverage) are the
+    whole world's sample (``test_the_ranks_reduce_their_first_batch_decisions``): before ux53, rank 1
+    read 1.94 against rank 0's 1.81 and its rtn_int4 leakage 0.1242 against 0.1229. A leaf one rank
+    put back is named in every rank's report."""
     single = output_leaves_workload(None)
     for k in range(2):
         r = json.loads((world.path / "metric" / f"leaves_rank{k}.json").read_text())
@@ -429,3 +431,93 @@ def test_output_leaves_sorted_apart_on_the_ranks(world):
             assert r[key][1] == pytest.approx(want[1], rel=rel), (key, k)
             # rank 1 put the leaf back in the "later" split: both ranks' reports say so
             assert r[key][3] is key.startswith("later") and want[3] is False, (key, k)
+
+
+# -- first-batch decisions that differ between the ranks' shards (ux54a) ---------------------------
+class _Shards(nn.Module):
+    """A 3-class head beside a regression head read only for records that carry its label (so
+    ``rank(L_i)`` is 3 for those, 2 else), a standardiser fitted on all 60 training inputs (buffers
+    ``mean``, ``std``) and a buffer the train-mode forward sets from the records (``ema``)."""
+
+    def __init__(self, X: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", X.mean(0))
+        self.register_buffer("std", X.std(0))
+        self.register_buffer("ema", torch.zeros(X.shape[1], dtype=X.dtype))
+        torch.manual_seed(3)
+        self.body = nn.Sequential(nn.Linear(5, 6), nn.Tanh())
+        self.a, self.b = nn.Linear(6, 3), nn.Linear(6, 1)
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.training:
+            with torch.no_grad():
+                self.ema.lerp_(x.mean(0), 0.1)
+        h = self.body((x - self.mean) / self.std)
+        return {"a": self.a(h), "b": self.b(h)}
+
+
+def _shards_loss(o: dict[str, torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+    y, v, m = t[:, 0].long(), t[:, 1:2], t[:, 2:3]
+    return torch.nn.functional.cross_entropy(o["a"], y, reduction="none") + (m * (o["b"] - v) ** 2).squeeze(-1)
+
+
+def first_batches_workload(rank: int | None) -> list:
+    """``_Shards`` on 60 records: rank 0 reads records 0-39 (no second label: 2 loss directions each)
+    in batches of 20, rank 1 records 40-59 (labelled: 3 each) one record per batch (no batch of 2 to
+    split: its buffer probe cannot run); ``rank=None``: all 60 shuffled, one batch. ``[leakage of
+    rtn_int4, n, loss directions, data_dependent_buffers, fitted_buffers (names)]``."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(60, 5, generator=g, dtype=torch.float64)
+    t = torch.stack([X[:, :3].argmax(1).double(), 0.7 * X[:, 3], (torch.arange(60) >= 40).double()], 1)
+    model = _Shards(X).eval()
+    idx = {None: torch.randperm(60, generator=g), 0: torch.arange(40), 1: torch.arange(40, 60)}[rank]
+    bs = {None: 60, 0: 20, 1: 1}[rank]
+    met = MISIndicator(model, _shards_loss, ["rtn_int4"], estimation="diagonal", hessian="ggn", uncertainty_draws=0,
+                       weight_decay=1e-3, num_training_records=60)
+    for a in range(0, 60 if rank is None else len(idx), bs):
+        met.update(X[idx[a:a + bs]], t[idx[a:a + bs]])
+    out = met.compute()
+    dg = met.report.diagnostics
+    return [float(out["rtn_int4"]["leakage"]), met.report.n, dg["leverage_directions"],
+            dg.get("data_dependent_buffers"), sorted(dg.get("fitted_buffers", {}))]
+
+
+def test_the_ranks_reduce_their_first_batch_decisions(world):
+    """ux54a: what each rank decides on its own first batches is reduced over the ranks at the sync
+    (``streaming._align_first_batches``), so both ranks report what one process reading all the
+    records (shuffled, one batch) reports: the loss directions per record, 2 + 20 / 60 (the bottom-k
+    sample by content key of the world: every record here; before, the first rank's first batch, 2,
+    and every figure ~5% off), the buffer a forward sets from the records (rank 1, one record per
+    batch, could not split one: before, its report said the buffers were unchecked), and the
+    standardiser fitted on all 60 inputs (no shard's own statistics match it: before, named by
+    neither rank). Leakage to 1e-9 (float64 sums in another order)."""
+    single = first_batches_workload(None)
+    assert single[1:] == [60, pytest.approx(2 + 20 / 60, rel=1e-12), ["ema"], ["mean", "std"]]
+    for k in range(2):
+        r = json.loads((world.path / "metric" / f"shards_rank{k}.json").read_text())
+        assert r[1:] == single[1:], k
+        assert r[0] == pytest.approx(single[0], rel=1e-9), k
+
+
+def test_ranks_whose_first_batches_chose_different_estimators_are_refused():
+    """A rank's "auto" estimator is chosen on its own first batch (a measured cost; sequences of other
+    lengths on each rank can fall either side of a threshold): sums of two estimators cannot be
+    combined, so the sync refuses them, naming each rank's and the argument that makes them one.
+    Stood in for here by two processes' facts (``first_batch_facts``) from an exact and a diagonal
+    accumulator, without a world: ``_align_first_batches`` is what every rank runs on the gathered
+    facts (all raise alike); the same estimator passes."""
+    from mis_lightning.streaming import _align_first_batches, first_batch_facts
+
+    X, y, model = _setup()
+    mets = []
+    for kw in ({"estimation": "exact"}, {"estimation": "diagonal", "hessian": "ggn"}, {"estimation": "exact"}):
+        met = MISIndicator(model, mse, ["rtn_int4"], uncertainty_draws=0, **kw)
+        met.update(X[:20], y[:20])
+        mets.append(met)
+    facts = [first_batch_facts(m.accumulator) for m in mets]
+    with pytest.raises(ValueError, match=r"chose different estimators .*process 1: diagonal sandwich .*"
+                                         r"estimation='exact', hessian='exact'"):
+        _align_first_batches(mets[0].accumulator, facts[:2])
+    _align_first_batches(mets[0].accumulator, [facts[0], facts[2]])
+    assert mets[0].accumulator.directions_synced is None  # (the exact estimator counts no directions)

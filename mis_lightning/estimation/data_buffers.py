@@ -15,6 +15,7 @@ weights only, come out equal and are not named).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -151,6 +152,19 @@ FITTED_RTOL = 1e-4
 FITTED_EPS = 2.0
 
 
+def _merge_into(acc: list[Any], part: list[Any]) -> None:
+    """Add the statistics ``part`` (``[n, mean, M2, min, max]``) to ``acc`` in place (Chan et al.'s
+    pairwise update of the mean and the centred sum of squares)."""
+    n, k = acc[0], part[0]
+    if n == 0:
+        acc[:] = list(part)
+        return
+    delta = part[1] - acc[1]
+    acc[1] = acc[1] + delta * (k / (n + k))
+    acc[2] = acc[2] + part[2] + delta ** 2 * (n * k / (n + k))
+    acc[3], acc[4], acc[0] = torch.minimum(acc[3], part[3]), torch.maximum(acc[4], part[4]), n + k
+
+
 class InputStatistics:
     """Per-feature and per-channel statistics of the model's input tensors over every record
     read, for the persistent floating buffers whose size is one input's record size (per
@@ -212,15 +226,22 @@ class InputStatistics:
             k, mean = x.shape[0], x.mean(0)
             m2 = ((x - mean) ** 2).sum(0).to(torch.float64)
             lo, hi = x.amin(0).to(torch.float64), x.amax(0).to(torch.float64)  # (aminmax along 0: 4x slower)
-            mean = mean.to(torch.float64)
-            n = acc[0]
-            if n == 0:
-                acc[:] = [k, mean, m2, lo, hi]
-                continue
-            delta = mean - acc[1]
-            acc[1] = acc[1] + delta * (k / (n + k))
-            acc[2] = acc[2] + m2 + delta ** 2 * (n * k / (n + k))
-            acc[3], acc[4], acc[0] = torch.minimum(acc[3], lo), torch.maximum(acc[4], hi), n + k
+            _merge_into(acc, [k, mean.to(torch.float64), m2, lo, hi])
+
+    def merged(self, others: list[tuple[dict[tuple[int, str], list[Any]], dict[tuple[int, str], float]]]) -> InputStatistics:
+        """A copy whose statistics are over this one's records and those of ``others`` (other
+        processes' ``(sums, eps)``, of the same candidates: the first batch's input layout), merged as
+        the batches are: every DDP process then tells a standardiser fitted on all the training
+        inputs, which no process's shard alone matches."""
+        out = copy.copy(self)
+        out.sums = {key: list(acc) for key, acc in self.sums.items()}
+        out.eps = dict(self.eps)
+        for sums, eps in others:
+            for key, acc in sums.items():
+                if key in out.sums and acc[0]:
+                    _merge_into(out.sums[key], acc)
+                    out.eps[key] = max(out.eps.get(key, 0.0), eps.get(key, 0.0))
+        return out
 
     @staticmethod
     def _statistic(acc: list[Any], what: str) -> Tensor:

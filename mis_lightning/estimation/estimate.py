@@ -77,6 +77,7 @@ from .linear_factors import (
     per_layer_parameters,
     standardised_influence,
 )
+from .loss_directions import LossDirectionSample, merge_counts
 from .output_reads import OutputShape, OutputTree, flat_outputs, output_numel
 from .per_sample import (
     RECURRENT_LAYERS,
@@ -95,6 +96,7 @@ from .records import (
     record_keys,
     repeated_records,
     slice_rows,
+    slice_tree,
     split_batch,
     storable_rows,
     store_records,
@@ -210,10 +212,13 @@ GGN_MAX_OUTPUTS = 16  # "auto" uses the Gauss-Newton diagonal up to this many ou
 # against a damped or sign-flipped Hessian.
 LEVERAGE_CAP = 0.95
 # The diagonal estimator's count of loss directions per record (rank(L_i), the denominator of its
-# mean leverage per direction; method.md section 4, "Finite-sample (leverage) correction"): measured
-# on this many records of the first batch, from the loss Hessian in the outputs where a record has
-# at most LOSS_RANK_MAX_OUTPUTS outputs (C x C each); above, every output counts as one direction.
-LOSS_RANK_RECORDS = 16
+# mean leverage per direction; method.md section 4, "Finite-sample (leverage) correction"): the mean
+# over this many records, those with the smallest content keys of the whole pass (a sample that
+# does not depend on the loader's order nor on the split over processes: loss_directions.py), from
+# the loss Hessian in the outputs where a record has at most LOSS_RANK_MAX_OUTPUTS outputs (C x C
+# each); above, every output counts as one direction. Measured LOSS_RANK_BLOCK records at a time.
+LOSS_RANK_RECORDS = 64
+LOSS_RANK_BLOCK = 16
 LOSS_RANK_MAX_OUTPUTS = 1024
 LOSS_DIRECTIONS_RTOL = 1e-4
 LeverageOption = bool | Literal["auto"]
@@ -979,6 +984,7 @@ class MomentAccumulator:
         # the inputs' per-feature / per-channel statistics for the buffers that could hold them (a
         # standardiser fitted before training: the probe does not see it; vb46); False until the first batch
         self._input_stats: InputStatistics | None | bool = False
+        self._batch_rerun = False  # a batch rerun on another program after its first one refused the model
         self._weight_normed = weight_normed(model, self.param_names)
         # the attention heads' query/key and value/output symmetries: the exact estimator's flat
         # directions from the model's structure (flat_directions' known)
@@ -1029,9 +1035,16 @@ class MomentAccumulator:
         if not (isinstance(leverage_correction, bool) or leverage_correction == "auto"):
             raise ValueError(f"leverage_correction must be True, False or 'auto', got {leverage_correction!r}")
         self.leverage_correction = leverage_correction
-        # The diagonal estimator's loss directions per record (mean rank(L_i) over a few records of
-        # the first batch) and how they were had (_measure_loss_rank); None until then.
-        self._loss_directions: tuple[float, str] | None = None
+        # The diagonal estimator's loss directions per record: mean rank(L_i) over a content-keyed
+        # sample of the pass's records (loss_directions.py; _loss_ranks measures them); a model with
+        # one output per record has one (rank(L_i) <= 1, counted as 1) and holds no sample
+        self._loss_rank = LossDirectionSample(self._loss_ranks, LOSS_RANK_RECORDS)
+        self._one_output: bool | None = None
+        # the count over every DDP process's records (EstimationMetric's sync, merge_counts), and the
+        # input statistics likewise (InputStatistics.merged); None outside a sync, and again at this
+        # process's next batch
+        self.directions_synced: tuple[float, str, int] | None = None
+        self.input_stats_synced: InputStatistics | None = None
         # trainable weights left out of the assessment (a norm or bias kept in float): they fit
         # the data too, but neither estimator's leverage counts them (reported, method.md section 4)
         self._unassessed = sum(p.numel() for k, p in named.items() if p.requires_grad and k not in param_names)
@@ -1276,6 +1289,7 @@ class MomentAccumulator:
     def _update(self, batch: Any, state: dict[str, Any] | None) -> int:
         st = self.state if state is None else state
         program = self.program
+        self.directions_synced = self.input_stats_synced = None  # (a sync's merge: stale from this record on)
         inputs, targets, b = program.prepare(batch)
         if self._train_random is None:  # dropout written in a forward (the not-at-a-minimum warning's cause, ux53)
             probe = getattr(program, "random_in_train_mode", None)
@@ -1287,8 +1301,10 @@ class MomentAccumulator:
             self._input_stats = InputStatistics(self.model, names, inputs, b) if names else None
             if self._input_stats is not None and not self._input_stats.sums:
                 self._input_stats = None
-        if self._input_stats:
-            self._input_stats.update(inputs, b)  # every record read, those left out of n too
+        if self._input_stats and not self._batch_rerun:
+            # every record read, those left out of n too; a first batch rerun on another program once
+            # (ux54a: counted twice before, a standardiser's ddof-1 sd then matched no statistic)
+            self._input_stats.update(inputs, b)
         if self._normalised_probe:
             self._normalised_probe = False
             if int(st["n"]) == 0 and self._request[0] != "exact":  # the exact sandwich projects them out
@@ -1341,8 +1357,8 @@ class MomentAccumulator:
             keys = (record_keys(batch, None, b) if keys is None else keys)[keep]
             inputs, targets, b = slice_rows(inputs, keep), slice_rows(targets, keep), int(keep.numel())
         self._draw_keys = _LazyKeys(batch, b, keys)
-        if self._loss_directions is None and self.mode != "exact":
-            self._loss_directions = self._measure_loss_rank(inputs, targets, b)
+        if self.mode != "exact":
+            self._sample_loss_directions(inputs, targets)
         if self.factored is not None:
             kron_rows: dict[str, int] | None = None
             back = None
@@ -1369,7 +1385,11 @@ class MomentAccumulator:
                 self.factored = self._fast_program(LayerProgram) if kind is FactoredProgram else None
                 if self.factored is None:  # the convolutions' K-FAC factors from a side program
                     self._set_kron_side()
-                return self.update(batch, state)
+                self._batch_rerun = True  # (the batch's records are read once by what counts them)
+                try:
+                    return self.update(batch, state)
+                finally:
+                    self._batch_rerun = False
             else:
                 self._settle_ggn()
                 if not self.records_per_update:
@@ -1402,43 +1422,73 @@ class MomentAccumulator:
             keys = self._draw_keys()
             prog.draw_keys = keys if rows is None else keys[rows]
 
-    def _measure_loss_rank(self, inputs: Any, targets: Any, b: int) -> tuple[float, str]:
-        """``(mean rank(L_i), how)`` over the first :data:`LOSS_RANK_RECORDS` records of a batch:
-        the loss directions per record that the diagonal estimator's mean leverage is spread over
-        (method.md section 4, "Finite-sample (leverage) correction"; ``rank(L_i)`` with eigenvalues
-        below :data:`LOSS_DIRECTIONS_RTOL` of the largest left out). ``how`` is ``"measured"``, else why not: above
+    def _sample_loss_directions(self, inputs: Any, targets: Any) -> None:
+        """Offer a batch's records to the loss directions' sample (:attr:`_loss_rank`, by their
+        content keys), except on a model with one output per record (the first batch's: its
+        ``rank(L_i)`` is at most 1, counted as 1, and no key is hashed)."""
+        if self._one_output is None:
+            try:
+                self._one_output = output_numel(self.program.output_shape(slice_tree(inputs, 0, 1))) == 1
+            except Exception:  # (the sample's measure says why no L_i is formed)
+                self._one_output = False
+        if not self._one_output:
+            assert self._draw_keys is not None  # (set by _update for this batch)
+            self._loss_rank.add(self._draw_keys(), inputs, targets)
+
+    def loss_direction_counts(self) -> tuple[list[int], list[float], list[str], tuple[float, str] | None]:
+        """This process's sample of ``rank(L_i)`` (:meth:`LossDirectionSample.counts`; a model
+        with one output per record: a fixed count of 1), for :func:`merge_counts` over processes."""
+        return ([], [], [], (1.0, "measured")) if self._one_output else self._loss_rank.counts()
+
+    def loss_directions(self) -> tuple[float, str, int] | None:
+        """``(r, how, records)``: the mean ``rank(L_i)`` the diagonal leverage is spread over, how
+        it was had (``"measured"``, else why not) and over how many records (0: not sampled); the
+        whole DDP world's where :attr:`directions_synced` holds it; ``None`` where no record was seen
+        (:mod:`~.loss_directions`)."""
+        if self.directions_synced is not None:
+            return self.directions_synced
+        return merge_counts([self.loss_direction_counts()], LOSS_RANK_RECORDS) \
+            if self._one_output or self._loss_rank.groups or self._loss_rank.fixed else None
+
+    def _loss_ranks(self, inputs: Any, targets: Any, k: int) -> tuple[Tensor, str]:
+        """``([k] rank(L_i), how)`` of ``k`` records: the loss directions per record that the diagonal
+        estimator's mean leverage is spread over (method.md section 4, "Finite-sample (leverage)
+        correction"; ``rank(L_i)`` with eigenvalues below :data:`LOSS_DIRECTIONS_RTOL` of the
+        largest left out, at least 1). ``how`` is ``""`` where measured, else why not: above
         :data:`LOSS_RANK_MAX_OUTPUTS` outputs each output is one direction (the rank of a
         softmax over ``V`` classes is ``V - 1`` per position: the leverage then reads low by
         ``1/V``); where the loss Hessian in the outputs cannot be formed (an output that is not
-        floating tensors, a hook calling the model twice), one direction per record (the
-        largest correction: the leverage then reads high where there are more)."""
-        k = max(1, min(b, LOSS_RANK_RECORDS))
-        rows = torch.arange(k)
-        x, y = slice_rows(inputs, rows), slice_rows(targets, rows)
+        floating tensors, a hook calling the model twice), no ranks (``[0]``): one direction per
+        record (the largest correction: the leverage then reads high where there are more)."""
         try:
-            shape = self.program.output_shape(x)
+            shape = self.program.output_shape(inputs)
             c = output_numel(shape)
             if c > LOSS_RANK_MAX_OUTPUTS:
-                return float(c), (f"{c} outputs per record, above {LOSS_RANK_MAX_OUTPUTS}: each output counted as "
-                                  "one loss direction, the rank of their loss Hessian not measured")
-            L = self.program.loss_output_hessians(x, y, shape).reshape(k, c, c).to(torch.float64)
-            L = 0.5 * (L + L.transpose(1, 2))
-            # a structural count: directions below LOSS_DIRECTIONS_RTOL of the record's largest
-            # carry no leverage worth counting, and a loss evaluated in float32 (ComputeDtypeLoss:
-            # a closure holding float32 class weights) reads a softmax's null direction up to ~1e-5
-            rank = torch.linalg.matrix_rank(L, rtol=LOSS_DIRECTIONS_RTOL).clamp_min(1).to(torch.float64)
-            return float(rank.mean()), "measured"
+                return torch.full((k,), float(c), dtype=torch.float64), (
+                    f"{c} outputs per record, above {LOSS_RANK_MAX_OUTPUTS}: each output counted as "
+                    "one loss direction, the rank of their loss Hessian not measured")
+            ranks = []
+            for x, y in split_batch(inputs, targets, k, LOSS_RANK_BLOCK):
+                L = self.program.loss_output_hessians(x, y, shape).reshape(-1, c, c).to(torch.float64)
+                L = 0.5 * (L + L.transpose(1, 2))
+                # a structural count: directions below LOSS_DIRECTIONS_RTOL of the record's largest
+                # carry no leverage worth counting, and a loss evaluated in float32 (ComputeDtypeLoss:
+                # a closure holding float32 class weights) reads a softmax's null direction up to ~1e-5
+                ranks.append(torch.linalg.matrix_rank(L, rtol=LOSS_DIRECTIONS_RTOL, hermitian=True).clamp_min(1))
+            return torch.cat(ranks).to(torch.float64), ""
         except Exception as exc:  # outputs without a loss Hessian: the conservative count
             log.info("estimation: rank of the loss Hessian not measured (%s)", exc)
-            return 1.0, (f"the loss Hessian in the outputs is not available ({type(exc).__name__}: {exc}); one "
-                         "loss direction per record assumed (the largest correction)")
+            return torch.empty(0, dtype=torch.float64), (
+                f"the loss Hessian in the outputs is not available ({type(exc).__name__}: {exc}); one "
+                "loss direction per record assumed (the largest correction)")
 
     def _diagonal_leverage(self, trace: float, n: int, diagnostics: dict[str, Any]) -> float:
         """The diagonal estimator's mean leverage per loss direction, applied or not
         (:func:`diagonal_leverage`); ``0.0`` where :attr:`leverage_correction` is ``False``."""
-        rank, how = self._loss_directions if self._loss_directions is not None else (
-            1.0, "no record was seen by this process: one loss direction per record assumed")
+        rank, how, sampled = self.loss_directions() or (
+            1.0, "no record was seen by this process: one loss direction per record assumed", 0)
         h = diagonal_leverage(trace, n, rank, diagnostics, correct=self.leverage_correction is not False)
+        diagnostics["leverage_directions_records"] = sampled  # (0: one output per record, or not measured)
         # at most 1 each to the trace: what they could add to the mean leverage per direction
         diagnostics.update(leverage_unassessed_weights=self._unassessed,
                            leverage_unassessed_bound=self._unassessed / (n * max(rank, 1.0)))
@@ -1890,8 +1940,9 @@ class MomentAccumulator:
             est.diagnostics["estimator_with_n"] = other
         if self._data_buffers:  # released with the weights, not scored: the report's warning (nu45)
             est.diagnostics["data_dependent_buffers"] = list(self._data_buffers)
-        if self._input_stats:  # a standardiser fitted on the training inputs before training (vb46)
-            fitted = {k: v for k, v in self._input_stats.matches(self.model).items()
+        stats = self.input_stats_synced or self._input_stats  # (every DDP process's records, at a sync)
+        if stats:  # a standardiser fitted on the training inputs before training (vb46)
+            fitted = {k: v for k, v in stats.matches(self.model).items()
                       if k not in (self._data_buffers or [])}
             if fitted:
                 est.diagnostics["fitted_buffers"] = fitted

@@ -1,0 +1,191 @@
+"""The diagonal estimator's loss directions per record, ``r = mean_i rank(L_i)``, on a sample of
+records that depends on their contents only.
+
+The diagonal estimator's mean leverage per loss direction is ``h_bar = T / (n r)`` (method.md
+section 4, "Finite-sample (leverage) correction", the diagonal estimator): ``n r = sum_i rank(L_i)``
+is the training set's count of loss directions, so ``r`` is a mean over *every* training record.
+Where ``rank(L_i)`` is the same for every record (a softmax over ``C`` classes: ``C - 1``; least
+squares on ``C`` outputs: ``C``) any record gives it; where it differs between records (a second
+head read only for records that carry its label, masked or ``ignore_index`` targets) a fixed set of
+*first* records made the figures depend on the loader's order (rv53: 4-6% on a two-head model whose
+labelled records came last or first). Every record's ``rank(L_i)`` would cost a forward and a
+``C x C`` eigendecomposition per record (seconds per record at ``C`` ~ 1,000), so ``r`` is the mean
+over a *bottom-k* sample by content key (:func:`~mis_lightning.estimation.records.record_keys`:
+the records with the ``k`` smallest keys of the whole pass): a simple random sample without
+replacement of the records (an unbiased estimate of the mean, standard error
+``sd(rank) / sqrt(k)``; exact where the pass holds at most ``k`` records), the same whatever the
+loader's order, batch sizes and the split over processes (the bottom-k of a union is the bottom-k of
+the parts' bottom-k: :func:`merge_counts`). The sampled records' rows are held (``k`` records)
+and measured once, when the count is read (:meth:`LossDirectionSample.value`): a record evicted by
+a smaller key later costs nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .records import slice_rows
+
+_tree = torch.utils._pytree
+
+# ``measure(inputs, targets, rows) -> (ranks [rows] float64, note)``: the records' rank(L_i), and
+# ``""`` where measured, else why not (then ``ranks`` holds the count used instead)
+Measure = Callable[[Any, Any, int], tuple[Tensor, str]]
+
+
+def _layout(x: Any) -> tuple[Any, ...]:
+    """The trailing shapes and dtypes of a pytree's tensor leaves and its structure: rows of one
+    layout concatenate."""
+    leaves, spec = _tree.tree_flatten(x)
+    return (str(spec), *((tuple(t.shape[1:]), t.dtype) if isinstance(t, Tensor) else repr(t) for t in leaves))
+
+
+def _cat(a: Any, b: Any) -> Any:
+    """Two pytrees of one layout, row-concatenated (non-tensor leaves taken from ``a``)."""
+    return _tree.tree_map(lambda s, t: torch.cat([s, t]) if isinstance(s, Tensor) else s, a, b)
+
+
+def _first_of_each(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """``(unique keys, the index of each one's first occurrence)`` of a ``[m]`` key tensor."""
+    uniq, inv = torch.unique(keys, return_inverse=True)
+    first = torch.full((uniq.numel(),), keys.numel(), dtype=torch.int64)
+    first.scatter_reduce_(0, inv, torch.arange(keys.numel()), reduce="amin")
+    return uniq, first
+
+
+@dataclass
+class _Group:
+    """Held records of one row layout: their keys ``[m]``, rows, and ranks once measured."""
+
+    keys: Tensor
+    inputs: Any
+    targets: Any
+    layout: tuple[Any, ...]
+    ranks: Tensor | None = None
+    note: str = ""
+
+
+@dataclass
+class LossDirectionSample:
+    """The bottom-``records`` records by content key of everything :meth:`add` saw, and their
+    ``rank(L_i)`` measured by ``measure`` when :meth:`value` or :meth:`counts` is read.
+
+    Args:
+        measure: ``(inputs, targets, rows) -> (ranks [rows] float64, note)`` (``note`` ``""`` where
+            measured; else why not, ``ranks`` then the count used instead).
+        records: ``k``, the sample's size.
+    """
+
+    measure: Measure
+    records: int
+    groups: list[_Group] = field(default_factory=list)
+    fixed: tuple[float, str] | None = None  # a count taken without measuring (an error: no L_i)
+
+    def add(self, keys: Tensor, inputs: Any, targets: Any) -> None:
+        """Offer a batch's records (``keys [b]`` int64 of :func:`record_keys`, their rows in dim 0 of
+        every tensor leaf of ``inputs`` / ``targets``): those among the ``records`` smallest keys so
+        far are held (copied rows), the others dropped; nothing is measured here."""
+        if self.fixed is not None or keys.numel() == 0:
+            return
+        keys = keys.to("cpu", torch.int64)
+        held = self._held_keys()
+        # a key already held is not taken again: a batch offered twice (the first batch rerun on
+        # another program) or a record repeated (a DDP sampler's padding) counts once
+        fresh = ~torch.isin(keys, held)
+        if held.numel() >= self.records:
+            fresh &= keys < held.max()
+        cand = fresh.nonzero().squeeze(1)
+        if cand.numel() == 0:
+            return
+        _, first = _first_of_each(keys[cand])
+        cand = cand[first]
+        if cand.numel() > self.records:  # at most k of one batch can enter
+            cand = cand[torch.sort(keys[cand], stable=True).indices[: self.records]]
+        try:
+            x, y = slice_rows(inputs, cand), slice_rows(targets, cand)
+            lay = _layout((x, y))
+            same = next((g for g in self.groups if g.layout == lay and g.ranks is None), None)
+            if same is not None:
+                same.inputs, same.targets = _cat(same.inputs, x), _cat(same.targets, y)
+                same.keys = torch.cat([same.keys, keys[cand]])
+            else:
+                self.groups.append(_Group(keys[cand].clone(), x, y, lay))
+        except Exception as exc:  # records that are not rows of tensors (a graph batch's edge list)
+            self.fixed, self.groups = (1.0, f"the records cannot be taken as rows ({type(exc).__name__}: {exc}); "
+                                            "one loss direction per record assumed (the largest correction)"), []
+            return
+        self._prune()
+
+    def _held_keys(self) -> Tensor:
+        return torch.cat([g.keys for g in self.groups]) if self.groups else torch.empty(0, dtype=torch.int64)
+
+    def _prune(self) -> None:
+        """Keep the ``records`` smallest keys over the groups (held keys are distinct)."""
+        held = self._held_keys()
+        if held.numel() <= self.records:
+            return
+        keep = torch.zeros(held.numel(), dtype=torch.bool)
+        keep[torch.sort(held, stable=True).indices[: self.records]] = True
+        out, a = [], 0
+        for g in self.groups:
+            m = keep[a: a + g.keys.numel()]
+            a += g.keys.numel()
+            if bool(m.all()):
+                out.append(g)
+            elif bool(m.any()):
+                rows = m.nonzero().squeeze(1)
+                out.append(_Group(g.keys[rows], slice_rows(g.inputs, rows), slice_rows(g.targets, rows), g.layout,
+                                  None if g.ranks is None else g.ranks[rows], g.note))
+        self.groups = out
+
+    def _measure(self) -> None:
+        """Measure every held group not yet measured; an error (no ``L_i``) fixes the count."""
+        for g in self.groups:
+            if g.ranks is not None:
+                continue
+            ranks, note = self.measure(g.inputs, g.targets, int(g.keys.numel()))
+            if note and ranks.numel() == 0:  # not measurable for this model: one count for all
+                self.fixed, self.groups = (1.0, note), []
+                return
+            g.ranks, g.note = ranks.to(torch.float64).reshape(-1), note
+            g.inputs = g.targets = None  # measured: the rows are no longer needed
+
+    def counts(self) -> tuple[list[int], list[float], list[str], tuple[float, str] | None]:
+        """``(keys, ranks, notes, fixed)`` of the sample, measured (for :func:`merge_counts`)."""
+        self._measure()
+        if self.fixed is not None:
+            return [], [], [], self.fixed
+        keys = self._held_keys()
+        ranks = torch.cat([g.ranks for g in self.groups if g.ranks is not None]) if self.groups else keys.double()
+        return keys.tolist(), ranks.tolist(), sorted({g.note for g in self.groups if g.note}), None
+
+    def value(self) -> tuple[float, str, int] | None:
+        """``(r, how, records)``: the sample's mean ``rank(L_i)``, ``"measured"`` or why not, and the
+        records it is the mean of; ``None`` where no record was added."""
+        return merge_counts([self.counts()], self.records)
+
+
+def merge_counts(parts: Sequence[tuple[list[int], list[float], list[str], tuple[float, str] | None] | None],
+                 records: int) -> tuple[float, str, int] | None:
+    """The count of the union of several samples' records (the processes of a DDP world): the
+    ``records`` smallest keys over all parts, their mean ``rank(L_i)`` -- the one process reading
+    every part's records finds the same. Where a part could not measure ``L_i`` at all, its count
+    (one direction per record, the largest correction) with its reason. ``None`` where no part
+    saw a record."""
+    fixed = [p[3] for p in parts if p is not None and p[3] is not None]
+    if fixed:
+        return (*min(fixed), 0)
+    keys = [k for p in parts if p is not None for k in p[0]]
+    if not keys:
+        return None
+    ranks = torch.tensor([r for p in parts if p is not None for r in p[1]], dtype=torch.float64)
+    # a record two processes hold (a sampler's padding repeats records) counts once, as in one process
+    uniq, first = _first_of_each(torch.tensor(keys, dtype=torch.int64))
+    notes = sorted({n for p in parts if p is not None for n in p[2]})
+    mean = float(ranks[first[:records]].mean())  # (unique keys come sorted: the smallest first)
+    return mean, ("measured" if not notes else "; ".join(notes)), int(min(records, uniq.numel()))
