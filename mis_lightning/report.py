@@ -1423,7 +1423,12 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
     elif n > 0 and d_eff is not None and math.isfinite(float(d_eff)) and float(d_eff) / n > D_EFF_OVER_N_MAX:
         out.append(f"d_eff / n = {float(d_eff) / n:.2g}")
     if diagnostics.get("not_at_minimum"):
-        out.append("not at a minimum")
+        # ux54b (nux53 #14): which of its causes the diagnostics single out, as its warning says
+        unseen = (diagnostics.get("records_unlike_training") and not diagnostics.get("interpolating")
+                  and not diagnostics.get("records_from_training_loader"))
+        held = diagnostics.get("offset_decay_held")
+        out.append("records not trained on, or not at a minimum" if unseen and held
+                   else "not at a minimum (near-flat directions only)" if held else "not at a minimum")
     elif diagnostics.get("records_unlike_training") and not diagnostics.get("interpolating"):  # nux50: a held-out set's figures, 1.9x the members'
         # nux51 #2: the callback reads the training loader itself: then only the other cause remains
         out.append("not at a minimum (stiff directions)" if diagnostics.get("records_from_training_loader")

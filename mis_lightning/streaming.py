@@ -50,11 +50,15 @@ from .estimation.output_reads import (
     with_shapes,
 )
 from .estimation.per_sample import (
+    GRADIENT_CHECK_RECORDS,
     BatchFn,
     LossFn,
     LossProgram,
     _batch_size,
     _unsqueeze,
+    check_record_gradients,
+    check_record_outputs,
+    check_record_values,
     default_batch_fn,
     default_dtype,
     eval_mode,
@@ -133,6 +137,68 @@ class _HookProgram(LossProgram):
         self._shell = shell
         self._factors_checked = False
         self._hook_layout: OutputShape | None = None  # a tuple / dict output's sorted leaves (output_shape)
+
+    @property
+    def callee(self) -> nn.Module:
+        """The shell whose forward is the hook (:meth:`LossProgram.random_in_train_mode` runs it)."""
+        return self._shell
+
+    def loss_what(self, outputs: Any, targets: Any) -> str:
+        return f"{type(self.model).__name__}.{HOOK_NAME}(batch)"
+
+    def check_records(self, inputs: Any, targets: Any, outputs: Any, losses: Tensor, what: str,
+                      records: int = 8) -> None:
+        """As :meth:`LossProgram.check_records`, for the hook, whose loss and model call are one
+        function of the batch (ux53b left it unchecked; ux54b): the hook on each of the first
+        ``records`` records alone must give its entry (:func:`check_record_values`; where it does
+        not, a model output that itself mixes the records is named as such first,
+        :func:`check_record_outputs` on the model's output inside the hook), and each record's
+        loss must have no gradient in another record's model output
+        (:func:`check_record_gradients` on the hook's losses as a function of a shift of that
+        output, :meth:`_through_output`: a backward through the loss only, the model run once on
+        the first 8 records). Skipped: the value check where a tensor of the batch does not hold
+        the records in dim 0 (it cannot be cut into records); the gradient check where the hook
+        does not call the model exactly once returning one floating tensor.
+
+        Raises:
+            ValueError: naming the hook, the record and the cure.
+        """
+        leaves = [t for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
+        b = int(losses.shape[0])
+        if leaves and all(t.dim() and t.shape[0] == b for t in leaves):
+            try:
+                check_record_values(lambda x, _y: self.outputs(self.params, x).reshape(-1), inputs, targets,
+                                    losses, what, records)
+            except ValueError:
+                self._check_model_records(inputs)  # the model's own output mixing the records: named so
+                raise
+        head = torch.utils._pytree.tree_map(
+            lambda t: t[:GRADIENT_CHECK_RECORDS] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t,
+            inputs)
+        try:
+            with torch.no_grad():
+                out = self._through_output(self.params, head)[1]
+        except Exception:  # noqa: BLE001 - not one call returning one tensor: the output cannot be shifted
+            return
+        k = min(b, GRADIENT_CHECK_RECORDS)
+        if isinstance(out, Tensor) and out.is_floating_point() and out.dim() and out.shape[0] == k:
+            check_record_gradients(lambda shift, _y: self._through_output(self.params, head, shift)[0].reshape(-1),
+                                   torch.zeros_like(out), targets[:k], what, min(records, 2))
+
+    def _check_model_records(self, inputs: Any) -> None:
+        """:func:`check_record_outputs` on the model's own output inside the hook (nothing where
+        the hook does not call the model exactly once).
+
+        Raises:
+            ValueError: the model's output for a record alone differs from its row in the batch.
+        """
+        try:
+            with torch.no_grad():
+                out = self._through_output(self.params, inputs, any_output=True)[1]
+        except ValueError:
+            return
+        check_record_outputs(lambda x: self._through_output(self.params, x, any_output=True)[1], inputs, out,
+                             f"model {type(self.model).__name__}")
 
     def data_dependent_buffers(self, inputs: Any, b: int) -> tuple[list[str], dict[str, Any] | None]:
         """As :meth:`LossProgram.data_dependent_buffers`, each copy run through its hook (the

@@ -191,11 +191,65 @@ def test_loss_mixing_records_through_its_gradient_only_is_refused_on_the_first_b
             check_record_gradients(mixed, out, y[:16], "mixed")
 
 
-def test_gradient_neutral_batch_shift_passes_the_record_gradient_check_in_16_bit():
+class _HookNet(nn.Module):
+    """A classifier whose per-record loss comes through the ``mis_per_sample_loss`` hook; ``kind``
+    makes the hook's loss mix records in value or in gradient only, the forward mix them, or the
+    forward hold dropout written in it."""
+
+    def __init__(self, kind=""):
+        super().__init__()
+        self.kind, self.a, self.b = kind, nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = h - h.mean(0) if self.kind == "forward" else h
+        return self.b(F.dropout(h, 0.3, self.training) if self.kind == "dropout" else h)
+
+    def mis_per_sample_loss(self, batch):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y, reduction="none")
+        if self.kind == "gradient":
+            return loss - loss.mean() + loss.mean().detach()
+        return loss / loss.mean().detach() if self.kind == "value" else loss
+
+
+def test_a_loss_hook_gets_the_per_record_checks_of_a_loss_fn():
+    """ux54b: a model giving its losses through ``mis_per_sample_loss(batch)`` got none of the
+    first batch's per-record checks (the hook's losses were passed through, so checking them
+    against themselves passed): a loss mixing records through its gradient only failed after the
+    whole pass ("no record's gradient differs"), one normalised by the batch was blamed on the
+    forward, and dropout written in forward went unseen (the train-mode probe called forward on
+    the hook's batch). Each is now named on the first batch as for a ``loss_fn``; the plain hook
+    and its forward-mixing twin keep their behaviour."""
+    from mis_lightning.streaming import hook_program
+
+    def program(kind):  # the estimation's program for the hook, as the Metric and the callback build it
+        model = _HookNet(kind).eval()
+        loss_fn, batch_fn, cls = hook_program(model)
+        return cls(model, loss_fn, [n for n, _ in model.named_parameters()], batch_fn)
+
+    torch.manual_seed(0)
+    batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
+    hook = r"_HookNet.mis_per_sample_loss\(batch\)"
+    for kind, msg in (("gradient", hook + r" mixes the records through its gradient: the loss of record 0 has a "
+                                          r"gradient in the outputs of record \d+"),
+                      ("value", hook + r" is not per-sample: the loss of record 0 computed alone"),
+                      ("forward", r"model _HookNet: the model's output for record 0 computed alone differs")):
+        with pytest.raises(ValueError, match=msg):
+            program(kind).prepare(batch)  # the first batch's checks
+    for kind in ("", "dropout"):
+        p = program(kind)
+        inputs, _, b = p.prepare(batch)
+        assert p.random_in_train_mode(inputs, b) == (kind == "dropout"), kind  # read by MomentAccumulator._update
+
+
+def test_gradient_neutral_batch_shift_passes_the_record_gradient_check_in_16_bit(monkeypatch):
     """rv53b: a per-record cross-entropy of logits shifted by the batch's max (``o - o.max()``, a
     hand-written stable softmax) has per-record gradients (the shift cancels under the softmax),
     but its path through the max leaves rounding in other records' outputs: 0.4 eps (0.0032) in
-    bfloat16, 0.04 eps in float16; passed, while the batch-mean mixing (1/8) is still refused."""
+    bfloat16, 0.04 eps in float16; passed, while the batch-mean mixing (1/4 over the 4 records
+    checked, 1/8 over the 8 of the s53 path) is still refused."""
+    from mis_lightning.estimation import per_sample
     from mis_lightning.estimation.per_sample import check_record_gradients
 
     torch.manual_seed(0)
@@ -208,10 +262,17 @@ def test_gradient_neutral_batch_shift_passes_the_record_gradient_check_in_16_bit
         loss = shifted(o, t)
         return loss - loss.mean() + loss.mean().detach()
 
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        check_record_gradients(shifted, x.to(dtype), y, "shifted")
+    for lean in (True, False):  # ux54b's switch: 4 records, no copies / the s53 path, 8 records
+        monkeypatch.setattr(per_sample, "GRADIENT_CHECK_LEAN", lean)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            check_record_gradients(shifted, x.to(dtype), y, "shifted")
+            with pytest.raises(ValueError, match="mixes the records through its gradient"):
+                check_record_gradients(mixed, x.to(dtype), y, "mixed")
+        with torch.inference_mode():  # a validation loop's outputs: differentiated through a copy
+            out = x.clone()
         with pytest.raises(ValueError, match="mixes the records through its gradient"):
-            check_record_gradients(mixed, x.to(dtype), y, "mixed")
+            check_record_gradients(mixed, out, y, "mixed")
+        assert not x.requires_grad and x.grad is None  # the caller's outputs untouched
 
 
 def test_broadcasting_loss_is_refused_on_the_first_batch():

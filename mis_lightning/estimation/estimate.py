@@ -2070,10 +2070,12 @@ class MomentAccumulator:
                                                           records=records, floor_variants=variants, flat=flat,
                                                           precision=precision,
                                                           newton_gradient=_penalised_gradient(
-                                                              g_mean_flat, theta, names, self._decay_slice(0, self.d)))
+                                                              g_mean_flat, theta, names, self._decay_slice(0, self.d)),
+                                                          decay=self._decay_slice(0, self.d))
             # the step through the curvature sigma was built from (floored, |eigenvalues|): ln41
             diagnostics.update(_newton_offset(records.pop("newton_step"), sigma_flat,
-                                              diagnostics["gradient_norm_ratio"]))
+                                              diagnostics["gradient_norm_ratio"], records.pop("newton_step_held", None),
+                                              offsets))
             diagnostics["records_unlike_training"] = diagnostics.get("stiff_offset_sd", 0.0) > UNSEEN_RECORDS_SD
             diagnostics.update(_interpolation(float(st["grad_norm_sq"]), n, diagnostics["gradient_norm"],
                                               float((torch.diagonal(H) * _flatten_theta(theta, names)).norm()),
@@ -3298,18 +3300,60 @@ def _project_out(H: Tensor, flat: Tensor) -> Tensor:
     return H - HF @ flat.T - flat @ HF.T + flat @ FHF @ flat.T
 
 
-def _newton_offset(step: Tensor, sigma: Tensor, ratio: float) -> dict[str, Any]:
+def _newton_offset(step: Tensor, sigma: Tensor, ratio: float, held: Tensor | None = None,
+                   owners: Mapping[str, tuple[int, int]] | None = None) -> dict[str, Any]:
     """The exact estimator's stationarity flags: the Newton step in each weight's own sampling
     sd, ``(H^+ g)_j / sigma_j``, its root mean square over the weights with ``sigma_j > 0``
     (``minimum_offset_covariance = "full"``). The diagonal estimator's figure is the same with H
     and V diagonal (:func:`_not_at_minimum`). A Mahalanobis form ``n g' V^+ g`` read float32
     L-BFGS fits 1-8 sd off where training on moved them 0.06-0.4 (vf21b: their rounding-level
-    gradient divided by V eigenvalues 1e-12..1e-8 of the largest)."""
+    gradient divided by V eigenvalues 1e-12..1e-8 of the largest).
+
+    ``held`` ``[d]``: the step's part along the directions the weight decay alone holds
+    (:func:`_decay_held`); then also ``minimum_offset_sd_rest`` (the same root mean square of the
+    step without that part), ``offset_held_parameters`` (``{name: share}`` of the held part's
+    ``sum_j (held_j / sigma_j)^2`` per parameter of ``owners``, ``{name: (start, end)}``, largest
+    first, shares of at least 1%) and ``offset_decay_held``: the step exceeds
+    :data:`MINIMUM_OFFSET_SD` but not without that part, and the gradient norm ratio is under its
+    limit (nux53 #14: a converged LayerNorm model read 18.5 sd, 0.0752 without them)."""
     ok = sigma > 0
     z = step[ok].to(torch.float64) / sigma[ok].to(torch.float64)
     offset = float(z.square().mean().sqrt()) if z.numel() else 0.0
-    return {"minimum_offset_sd": offset, "not_at_minimum": ratio > GRADIENT_NORM_RATIO_MAX or offset > MINIMUM_OFFSET_SD,
-            "minimum_offset_covariance": "full"}
+    out = {"minimum_offset_sd": offset, "not_at_minimum": ratio > GRADIENT_NORM_RATIO_MAX or offset > MINIMUM_OFFSET_SD,
+           "minimum_offset_covariance": "full"}
+    if held is not None and z.numel():
+        zh = torch.where(ok, held.to(torch.float64) / sigma.to(torch.float64).clamp_min(1e-300), 0.0)
+        rest = float((z - zh[ok]).square().mean().sqrt())
+        out["minimum_offset_sd_rest"] = rest
+        out["offset_decay_held"] = (offset > MINIMUM_OFFSET_SD and rest <= MINIMUM_OFFSET_SD
+                                    and ratio <= GRADIENT_NORM_RATIO_MAX)
+        total = float(zh.square().sum())
+        if owners and total > 0:
+            shares = {k: float(zh[a:b].square().sum()) / total for k, (a, b) in owners.items()}
+            out["offset_held_parameters"] = {k: v for k, v in sorted(shares.items(), key=lambda kv: -kv[1])
+                                             if v >= 0.01}
+    return out
+
+
+# _decay_held: an eigen-direction of the penalised Hessian whose curvature |lambda| is at most this
+# multiple of the penalty's own along it (u' diag(decay) u): the data loss's curvature there lies in
+# [-3, 1] x the penalty's, so the records barely curve it (a near-symmetry of the model, e.g. a
+# LayerNorm making the embedding before it scale-invariant: nux53 #14 read -0.9 x the decay there)
+DECAY_HELD_FACTOR = 2.0
+
+
+def _decay_held(evals: Tensor, evecs: Tensor, decay: Tensor | None) -> Tensor | None:
+    """``[d]`` bool: the eigen-directions ``u_k`` of the penalised Hessian (``evals [d]``,
+    ``evecs [d, d]``) that the weight decay alone holds, ``|lambda_k| <= DECAY_HELD_FACTOR *
+    u_k' diag(decay) u_k`` (``decay [d]``, the L2 coefficient per weight in the same units);
+    ``None`` where there is none or no decay. Along them a fit converges at the decay's slow rate and
+    the Newton-step test (:func:`_newton_offset`) divides the residual gradient by a sampling sd
+    the records barely set: the step's size there says little about the fit elsewhere (ux54b)."""
+    if decay is None or not bool((decay > 0).any()):
+        return None
+    pen = (evecs.square() * decay.to(evecs)[:, None]).sum(0)
+    held = (pen > 0) & (evals.abs() <= DECAY_HELD_FACTOR * pen)
+    return held if bool(held.any()) else None
 
 
 def _stiff_offset(evals: Tensor, evecs: Tensor, V: Tensor, g: Tensor, n: int) -> float:
@@ -3420,9 +3464,10 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
                      records: dict[str, Tensor] | None = None,
                      floor_variants: dict[float, dict[str, Tensor | None]] | None = None,
                      flat: Tensor | None = None, newton_gradient: Tensor | None = None,
-                     precision: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     precision: float = 0.0, decay: float | Tensor = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The exact sandwich (method.md section 4): ``Sigma = H^{-1} V H^{-1}``
-    (:func:`_sandwich_scaled`, whose arguments and returns these are), on the identifiable
+    (:func:`_sandwich_scaled`, whose arguments and returns these are; ``decay``: the L2
+    coefficient, a float or per weight ``[d]``, in parameter units), on the identifiable
     part: the exact flat directions ``flat`` (``[d, k]``; ``None``: :func:`flat_directions`)
     are projected out of H (``P H P``: no curvature, no variance, no influence along them;
     ``diagnostics["flat_directions"] = k``).
@@ -3456,11 +3501,13 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
         if newton_gradient is not None:
             newton_gradient = newton_gradient - flat @ (flat.T @ newton_gradient)
     diagnostics["flat_directions"] = int(flat.shape[1])
+    dvec = torch.as_tensor(decay, dtype=torch.float64).to(H.device).expand(H.shape[0]) \
+        if newton_gradient is not None else None
     first: dict[str, Any] = {}
     rec1: dict[str, Tensor] = {}
     out = _sandwich_scaled(gg_mean, H, g_mean, G, n, damping, first, jacobians=jacobians,
                            loss_hessians=loss_hessians, correct_leverage=correct_leverage, records=rec1,
-                           newton_gradient=newton_gradient, precision=precision)
+                           newton_gradient=newton_gradient, precision=precision, decay=dvec)
     if first.get("eigenvalues_floored", 0) > 0:
         hd = torch.diagonal(H).abs()
         top = float(hd.max())
@@ -3473,11 +3520,13 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
             gg_mean * ss, H * ss, g_mean * s, G * s, n, damping, second,
             jacobians=None if jacobians is None else jacobians * s, loss_hessians=loss_hessians,
             correct_leverage=correct_leverage, records=rec2,
-            newton_gradient=None if newton_gradient is None else newton_gradient * s, precision=precision)
+            newton_gradient=None if newton_gradient is None else newton_gradient * s, precision=precision,
+            decay=None if dvec is None else dvec * s * s)
         if second["eigenvalues_floored"] < first["eigenvalues_floored"]:
             diagnostics.update(second, hessian_scaling="jacobi")
-            if "newton_step" in rec2:  # D (D H D)^+ D g: back to parameter units
-                rec2["newton_step"] = rec2["newton_step"] * s
+            for key in ("newton_step", "newton_step_held"):  # D (D H D)^+ D g: back to parameter units
+                if key in rec2:
+                    rec2[key] = rec2[key] * s
             if records is not None:
                 records.update(rec2)
             if floor_variants is not None:
@@ -3522,7 +3571,7 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
                      diagnostics: dict[str, Any], *, jacobians: Tensor | None = None,
                      loss_hessians: Tensor | None = None, correct_leverage: bool = False,
                      records: dict[str, Tensor] | None = None, newton_gradient: Tensor | None = None,
-                     precision: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     precision: float = 0.0, decay: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The exact sandwich (method.md section 4): ``Sigma = H^{-1} V H^{-1}`` in the given units.
 
     Args:
@@ -3552,7 +3601,11 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
             ``|Sigma^{-1/2} psi|`` includes it, ``sigma``, ``w`` and the correlation are the
             shared ones.
         newton_gradient: ``[d]`` (the given units); ``records`` then gets ``"newton_step"``,
-            ``H^+ g`` through the inverse of ``Sigma`` (floored, null directions dropped).
+            ``H^+ g`` through the inverse of ``Sigma`` (floored, null directions dropped), and,
+            with ``decay``, ``"newton_step_held"``: its part along the directions the weight
+            decay alone holds (:func:`_decay_held`; ``diagnostics["decay_held_directions"]`` their count).
+        decay: ``[d]`` the L2 coefficient per weight in the given units (``c_j^2 wd_j`` under a
+            scaling ``c``); ``None`` or all 0: no decay-held directions.
         precision: H's relative precision ``p`` (the stored weights' eps or the gradient norm ratio;
             0: float64 rounding alone). ``diagnostics["negative_curvature"]`` (and the count
             ``negative_eigenvalues_flipped``) reads the eigenvalues below ``-tol * lambda_max``,
@@ -3616,6 +3669,11 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     if records is not None and newton_gradient is not None:
         records["newton_step"] = Hinv @ newton_gradient.to(Hinv)
         diagnostics["stiff_offset_sd"] = _stiff_offset(evals, evecs, V, newton_gradient.to(V), n)
+        held = _decay_held(evals, evecs, decay)
+        if held is not None:
+            U = evecs[:, held]
+            records["newton_step_held"] = U @ (inv[held] * (U.T @ newton_gradient.to(U)))
+            diagnostics["decay_held_directions"] = int(held.sum())
     C0 = G - g_mean  # centred gradients [R, d]
     C, beta = C0, None
     if jacobians is not None and loss_hessians is not None:

@@ -395,10 +395,25 @@ def _record_tolerances(dtype: torch.dtype, scale: float) -> tuple[float, float]:
 
 def check_record_losses(loss_fn: Any, outputs: Any, targets: Any, losses: Tensor, what: str,
                         records: int = 8) -> None:
-    """Check that ``losses [B]`` (``loss_fn(outputs, targets)``) are per-sample: ``loss_fn`` on
-    the outputs and targets of each of the first ``records`` records alone must give that
-    record's entry, to ``1e-6`` relative in float64, ``1e-4`` in float32 and ``8 eps`` in
-    bfloat16 / float16, plus ``16 eps`` absolute (see :meth:`PerSampleProgram.check_per_sample`).
+    """Check that ``losses [B]`` (``loss_fn(outputs, targets)``) are per-sample, in value
+    (:func:`check_record_values`) and in gradient (:func:`check_record_gradients`, its first 2
+    records).
+
+    Raises:
+        ValueError: as those two.
+    """
+    check_record_values(loss_fn, outputs, targets, losses, what, records)
+    check_record_gradients(loss_fn, outputs, targets, what, min(records, 2))
+
+
+def check_record_values(loss_fn: Any, outputs: Any, targets: Any, losses: Tensor, what: str,
+                        records: int = 8) -> None:
+    """Check that the VALUES ``losses [B]`` (``loss_fn(outputs, targets)``) are per-sample:
+    ``loss_fn`` on the outputs and targets of each of the first ``records`` records alone must
+    give that record's entry, to ``1e-6`` relative in float64, ``1e-4`` in float32 and ``8 eps``
+    in bfloat16 / float16, plus ``16 eps`` absolute (see :meth:`PerSampleProgram.check_per_sample`).
+    A ``mis_per_sample_loss(batch)`` hook is checked with ``outputs`` the batch and ``loss_fn``
+    the hook on it (``streaming._HookProgram``).
 
     Raises:
         ValueError: naming ``what``: losses that are not floating point or not finite, or (with
@@ -432,28 +447,39 @@ def check_record_losses(loss_fn: Any, outputs: Any, targets: Any, losses: Tensor
                 "sum by its own count (mask.sum(-1)), or by a constant of the training set (the mean "
                 "count per record) if that is the objective trained"
             )
-    check_record_gradients(loss_fn, outputs, targets, what, min(records, 2))
 
 
 # check_record_gradients: a record's gradient in another record's outputs, relative to its largest
 # entry, above which the loss mixes records. A per-record loss gives exactly 0 there where no path
 # in the graph joins the records; a path whose gradient cancels analytically (a shift by the batch's
 # max, o - o.max(), under a softmax) leaves rounding there: 0.4 eps in bfloat16 (rv53b), hence
-# CROSS_GRADIENT_EPS of the dtype's eps where that is larger, 4 eps: bf16's 0.031, 4x under the 1/8
-# of a batch mean over the 8 records checked (16 eps, 0.125, would pass it)
+# CROSS_GRADIENT_EPS of the dtype's eps where that is larger, 4 eps: bf16's 0.031, 8x under the 1/4
+# of a batch mean over the 4 records checked (16 eps, 0.125, would pass it)
 CROSS_GRADIENT_TOL = 1e-6
 CROSS_GRADIENT_EPS = 4
+# the batch's first records the loss is taken on for check_record_gradients: 4, each record's loss
+# differentiated in the outputs of 3 others (a batch mean's cross term is then 1/4). The check's cost
+# is the loss's forward and 2 backward passes on these records, which on a language model's logits
+# ([B, 256, 32000] float32) is seconds and a GB (rv53b: 4.8 s, 2.1 GB peak with 8 records)
+GRADIENT_CHECK_RECORDS = 4
+# switch (ux54b, A/B): True, the leaves the loss is differentiated in are the outputs themselves
+# (detached, a copy only for an inference tensor) and each gradient's largest entries are read by
+# one max-norm reduction per record row; False: the s53 path (8 records, a copy of the outputs, two
+# |g| copies per backward). The check raises on the same losses either way (tests/test_estimation_conditions.py)
+GRADIENT_CHECK_LEAN = True
 
 
 def _off_row_gradient(loss_fn: Any, outputs: Any, targets: Any, records: int,
-                      rows: int = 8) -> tuple[int, int, float] | None:
+                      rows: int | None = None) -> tuple[int, int, float] | None:
     """``(i, j, ratio)``: the first record ``i < records`` whose loss has a gradient in the
-    outputs of another record ``j`` of the batch's first ``rows`` records (the loss on those
-    alone: its graph, e.g. a language model's softmax over the vocabulary, is kept for the
-    ``records`` backward passes), ``ratio`` its largest entry there over the largest of that
-    loss's gradient anywhere; ``None`` where there is none, or nothing to check (one record, no
-    floating output holding the records in dim 0, a loss autograd cannot differentiate in its
-    outputs)."""
+    outputs of another record ``j`` of the batch's first ``rows`` records (default
+    :data:`GRADIENT_CHECK_RECORDS`; the loss on those alone: its graph, e.g. a language model's
+    softmax over the vocabulary, is kept for the ``records`` backward passes), ``ratio`` its
+    largest entry there over the largest of that loss's gradient anywhere; ``None`` where there
+    is none, or nothing to check (one record, no floating output holding the records in dim 0,
+    a loss autograd cannot differentiate in its outputs)."""
+    lean = GRADIENT_CHECK_LEAN
+    rows = rows if rows is not None else (GRADIENT_CHECK_RECORDS if lean else 8)
     b = _batch_size(outputs)
     first = lambda t: t[:rows] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t  # noqa: E731
     outputs, targets = torch.utils._pytree.tree_map(first, (outputs, targets))
@@ -463,8 +489,17 @@ def _off_row_gradient(loss_fn: Any, outputs: Any, targets: Any, records: int,
            and t.shape[0] == b]
     if not idx or b < 2:
         return None
+
+    def leaf(t: Tensor) -> Tensor:  # a tensor autograd can differentiate in, the caller's left untouched
+        t = t.detach()
+        return (t.clone() if t.is_inference() or not lean else t).requires_grad_(True)
+
+    def row_max(g: Tensor) -> Tensor:  # [b]: each record row's largest |entry|
+        flat = g.reshape(b, -1)
+        return torch.linalg.vector_norm(flat, math.inf, dim=1) if lean else flat.abs().amax(1)
+
     with torch.enable_grad():
-        free = {n: leaves[n].detach().clone().requires_grad_(True) for n in idx}
+        free = {n: leaf(leaves[n]) for n in idx}
         losses = loss_fn(torch.utils._pytree.tree_unflatten([free.get(n, t) for n, t in enumerate(leaves)], spec),
                          targets)
         if not (isinstance(losses, Tensor) and losses.requires_grad and tuple(losses.shape) == (b,)):
@@ -474,11 +509,12 @@ def _off_row_gradient(loss_fn: Any, outputs: Any, targets: Any, records: int,
             grads = [g for g in got if g is not None]
             if not grads:
                 continue
-            scale = max(float(g.abs().max()) for g in grads)
-            off = torch.stack([g.abs().reshape(b, -1).amax(1) for g in grads]).amax(0)
+            tol = max(CROSS_GRADIENT_TOL, CROSS_GRADIENT_EPS * max(torch.finfo(g.dtype).eps for g in grads))
+            off = torch.stack([row_max(g).double() for g in grads]).amax(0)
+            scale = float(off.max()) if lean else max(float(g.abs().max()) for g in grads)
+            del got, grads  # the gradients' memory (a language model's logits) before the next backward
             off[i] = 0
             j = int(off.argmax())
-            tol = max(CROSS_GRADIENT_TOL, CROSS_GRADIENT_EPS * max(torch.finfo(g.dtype).eps for g in grads))
             if float(off[j]) > tol * scale:
                 return i, j, float(off[j]) / scale
     return None
@@ -486,8 +522,8 @@ def _off_row_gradient(loss_fn: Any, outputs: Any, targets: Any, records: int,
 
 def check_record_gradients(loss_fn: Any, outputs: Any, targets: Any, what: str, records: int = 2) -> None:
     """Check that each of the first ``records`` records' losses has no gradient in the other
-    records' outputs among the batch's first 8 (one backward through the loss on those 8 each,
-    not through the model: 0.4-0.5 s of CPU for a [8, 128, 8000] language-model loss, nux53).
+    records' outputs among the batch's first :data:`GRADIENT_CHECK_RECORDS` (one backward through
+    the loss on those each, not through the model).
 
     A loss whose VALUE is per-record but whose gradient is not, e.g. ``l - l.mean() +
     l.mean().detach()``, passes :func:`check_record_losses` (a record alone gives its entry)
@@ -898,6 +934,12 @@ class LossProgram:
         with WrittenOutLayerNorm(), attention_twice_differentiable():
             yield
 
+    @property
+    def callee(self) -> nn.Module:
+        """The module :meth:`outputs` calls on the inputs: the private model (a hook's program: a
+        shell whose forward is the hook)."""
+        return self.model
+
     # -- pure functions ---------------------------------------------------------------
     def outputs(self, params: dict[str, Tensor], inputs: Any) -> Any:
         with eval_mode(self.model), default_dtype(self.dtype), mha_fastpath_off(), self._norms():
@@ -950,17 +992,19 @@ class LossProgram:
         ``if self.training``), which no layer shows (ux53). Runs the program's private model on
         copies of its buffers (a BatchNorm's running statistics are not moved), without grad, each
         forward inside an isolated random state (the caller's streams untouched); ``False`` where a
-        train-mode forward fails (nothing is told then)."""
+        train-mode forward fails (nothing is told then). A ``mis_per_sample_loss`` hook's program
+        runs the hook (:attr:`callee`): its losses in train mode."""
         from .._rng import isolated_rng
 
         x = torch.utils._pytree.tree_map(
             lambda t: t[:records] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t, inputs)
         outs = []
+        callee = self.callee
         for seed in (1, 2):
-            with isolated_rng(seed=seed), torch.no_grad(), _mode(True, self.model), default_dtype(self.dtype), \
-                    mha_fastpath_off():
+            with isolated_rng(seed=seed), torch.no_grad(), _mode(True, self.model, callee), \
+                    default_dtype(self.dtype), mha_fastpath_off():
                 try:
-                    outs.append(functional_call(self.model, ({**self.fixed, **self.params},
+                    outs.append(functional_call(callee, ({**self.fixed, **self.params},
                                                              {n: t.clone() for n, t in self.buffers.items()}), (x,)))
                 except Exception:  # noqa: BLE001 - a forward that fails in train mode: not told
                     return False
@@ -1024,8 +1068,7 @@ class LossProgram:
                     "forward, hook or lambda set as an instance attribute that reaches the model through a "
                     "global name instead of self (it then runs your model, not the copy)") from exc
             losses = self.loss_fn(out, targets)
-            what = (f"loss_fn {_loss_name(self.loss_fn)!r} (model outputs {_describe(out)}, "
-                    f"targets {_describe(targets)})")
+            what = self.loss_what(out, targets)
             if not isinstance(losses, Tensor) or tuple(losses.shape) != (b,):
                 shape = list(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
                 hint = loss_shape_hint(tuple(losses.shape) if isinstance(losses, Tensor) else None, b, targets)
@@ -1033,16 +1076,31 @@ class LossProgram:
                     f"{what} must return per-sample losses of shape [B] = [{b}], got {shape}"
                     + (hint or "; use reduction='none' and reduce each record's entries to one loss")
                 )
-            check_record_losses(self.loss_fn, out, targets, losses, what, records)
-            check_loss_batches(self.loss_fn, out, targets, what)
-            check_record_outputs(lambda x: self.outputs(self.params, x), inputs, out,
-                                 f"model {type(self.model).__name__}")
+            self.check_records(inputs, targets, out, losses, what, records)
             # which output leaves the loss reads (output_reads), from this forward's output: the
             # Jacobians and flattened outputs see those only
             self.output_layout = layout_of(out, None, self.loss_fn, inputs, targets, b)
             # entries of a tensor output no record's loss reads (out[:, :3] of 13): out of the leverages' factors
             self.unread_mask = unread_entries(out, self.loss_fn, targets, b) if self.count_unread else None
         self.check_finite_gradients(inputs, targets, b, what, records)
+
+    def loss_what(self, outputs: Any, targets: Any) -> str:
+        """The loss as the first-batch checks' messages name it."""
+        return f"loss_fn {_loss_name(self.loss_fn)!r} (model outputs {_describe(outputs)}, targets {_describe(targets)})"
+
+    def check_records(self, inputs: Any, targets: Any, outputs: Any, losses: Tensor, what: str,
+                      records: int = 8) -> None:
+        """The first batch's per-record checks (:meth:`check_per_sample`, the losses' shape
+        checked): the loss per record in value and gradient (:func:`check_record_losses`), under
+        vmap (:func:`check_loss_batches`), the model's outputs per record (:func:`check_record_outputs`).
+
+        Raises:
+            ValueError: as those checks.
+        """
+        check_record_losses(self.loss_fn, outputs, targets, losses, what, records)
+        check_loss_batches(self.loss_fn, outputs, targets, what)
+        check_record_outputs(lambda x: self.outputs(self.params, x), inputs, outputs,
+                             f"model {type(self.model).__name__}")
 
     def check_finite_gradients(self, inputs: Any, targets: Any, b: int, what: str, records: int = 8) -> None:
         """Check that the first ``records`` records' losses have finite gradients in the assessed
