@@ -128,6 +128,42 @@ def test_records_per_update_is_bounded_by_the_taps_memory():
     assert 1 <= acc2.records_per_update < 8
 
 
+def _mse(o, y):
+    return 0.5 * (o.squeeze(-1) - y) ** 2
+
+
+def test_a_small_factored_model_merges_more_records_within_the_float32_bound(monkeypatch):
+    """SMALL_MODEL_MERGES (p54b): the factored Linear program of a small model takes
+    MERGE_SMALL_RECORDS records per update (the first batch sizes it). Its float32 GEMMs then sum
+    4x the records before the float64 accumulation: sigma and the mean gradient within 2e-4
+    relative of the 512-record pass (the worst-case float32 summation bound, 2048 u = 1.2e-4 of
+    each non-negative sum, sigma a ratio of two such; measured ~1e-7; a lost or doubled batch
+    moves them by >= 1e-2)."""
+    g = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1)).eval()
+    X = torch.randn(2304, 4, generator=g)
+    loader = DataLoader(TensorDataset(X, X[:, 0] + 0.3 * torch.randn(2304, generator=g)), batch_size=256)
+    calls = []
+    merge0 = E.merge_batches
+
+    def counted(batches, records):
+        for batch, rows in merge0(batches, records):
+            calls.append(rows)
+            yield batch, rows
+
+    monkeypatch.setattr(E, "merge_batches", counted)
+    kw = dict(mode="diagonal", hessian="ggn", num_records=64, dtype=torch.float32)
+    small = estimate(model, loader, _mse, **kw)
+    assert calls == [256, 2048], calls
+    calls.clear()
+    monkeypatch.setattr(E, "SMALL_MODEL_MERGES", False)
+    plain = estimate(model, loader, _mse, **kw)
+    assert calls == [256] + [512] * 4, calls
+    for k in plain.names:
+        torch.testing.assert_close(small.sigma[k], plain.sigma[k], rtol=2e-4, atol=0)
+        torch.testing.assert_close(small._g_mean[k], plain._g_mean[k], rtol=2e-4, atol=1e-7)
+
+
 def test_record_keys_do_not_depend_on_per_batch_zero_padding():
     """The same sequences padded with zeros to each batch's longest keep their keys (the byte
     weights depend on the position only): otherwise the bottom-k sample, and every figure,
