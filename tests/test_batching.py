@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mis_lightning.estimation import estimate
+from mis_lightning.estimation import batching, estimate
 from mis_lightning.estimation.batching import batch_rows, merge_batches
 
 E = importlib.import_module("mis_lightning.estimation.estimate")
@@ -162,6 +162,35 @@ def test_a_small_factored_model_merges_more_records_within_the_float32_bound(mon
     for k in plain.names:
         torch.testing.assert_close(small.sigma[k], plain.sigma[k], rtol=2e-4, atol=0)
         torch.testing.assert_close(small._g_mean[k], plain._g_mean[k], rtol=2e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("shuffle, drop_last", [(False, False), (True, True)])
+def test_a_tensor_dataset_loader_is_read_by_index_as_its_batches(shuffle, drop_last, monkeypatch):
+    """TENSOR_DATASET_BATCHES (p54b): a plain DataLoader over a TensorDataset is read by one index
+    per tensor and batch, with no dataset item per record, giving the loader's own batches (the
+    same list of tensors, values, dtypes and shapes; shuffled in the same order from the same
+    random draws: torch's global stream left where iterating the loader leaves it)."""
+    g = torch.Generator().manual_seed(5)
+    X, Y = torch.randn(50, 3, 2, generator=g).double(), torch.randint(0, 4, (50,), generator=g)
+    loader = DataLoader(TensorDataset(X, Y), batch_size=8, shuffle=shuffle, drop_last=drop_last)
+    torch.manual_seed(11)
+    want = list(loader)
+    state = torch.get_rng_state()
+    items = []
+    get0 = TensorDataset.__getitem__
+    monkeypatch.setattr(TensorDataset, "__getitem__", lambda self, i: items.append(i) or get0(self, i))
+    torch.manual_seed(11)
+    got = list(batching.loader_batches(loader))
+    assert items == []  # no record read one at a time
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(got) == len(want) == (6 if drop_last else 7)
+    for a, b in zip(got, want):
+        assert type(a) is type(b) is list and len(a) == len(b) == 2
+        for s, t in zip(a, b):
+            assert s.dtype == t.dtype and s.shape == t.shape and s.stride() == t.stride() and torch.equal(s, t)
+    # another collate function: iterated as it is
+    other = DataLoader(TensorDataset(X, Y), batch_size=8, collate_fn=lambda rows: rows)
+    assert len(list(batching.loader_batches(other))[0]) == 8 and len(items) == 50
 
 
 def test_record_keys_do_not_depend_on_per_batch_zero_padding():

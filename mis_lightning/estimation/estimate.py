@@ -47,7 +47,7 @@ from ..functional.correlated import (
     nonfinite_coordinates,
 )
 from . import linear_factors as LF
-from .batching import items_are_batches, merge_batches
+from .batching import items_are_batches, loader_batches, merge_batches
 from .data_buffers import InputStatistics, persistent_float_buffers
 from .kron_sample import (
     KFAC_SAMPLE_CEILING,
@@ -4189,7 +4189,7 @@ def estimate(
                     UNKNOWN_RECORDS_SOURCE, f"{N_ASSUMED:,}")
     log.info("estimation: %s (%s), d = %d", acc.estimator, acc.reason, acc.d)
     n = 0
-    for batch, _ in merge_batches(train_dataloader, lambda: acc.records_per_update):
+    for batch, _ in merge_batches(loader_batches(train_dataloader), lambda: acc.records_per_update):
         n += acc.update(batch)
         if progress is not None:
             progress(n)
