@@ -188,9 +188,12 @@ def test_a_tensor_dataset_loader_is_read_by_index_as_its_batches(shuffle, drop_l
         assert type(a) is type(b) is list and len(a) == len(b) == 2
         for s, t in zip(a, b):
             assert s.dtype == t.dtype and s.shape == t.shape and s.stride() == t.stride() and torch.equal(s, t)
-    # another collate function: iterated as it is
+    # another collate function, a permuted (non-contiguous) tensor: iterated as they are
     other = DataLoader(TensorDataset(X, Y), batch_size=8, collate_fn=lambda rows: rows)
     assert len(list(batching.loader_batches(other))[0]) == 8 and len(items) == 50
+    permuted = DataLoader(TensorDataset(X.transpose(1, 2), Y), batch_size=8)
+    first = next(batching.loader_batches(permuted))
+    assert len(items) == 58 and first[0].is_contiguous() and torch.equal(first[0], X[:8].transpose(1, 2))
 
 
 def test_record_keys_do_not_depend_on_per_batch_zero_padding():

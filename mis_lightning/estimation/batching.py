@@ -94,15 +94,16 @@ TENSOR_DATASET_BATCHES = True
 def _plain_tensor_loader(loader: Any) -> bool:
     """Whether ``loader`` is a ``torch.utils.data.DataLoader`` itself (no subclass) over a
     ``TensorDataset`` itself, reading in the main process (``num_workers == 0``) with torch's
-    ``BatchSampler`` and ``default_collate`` and no memory pinning, every tensor strided: a loader
-    whose batch is ``default_collate([dataset[i] for i in indices])``, that is
-    ``[torch.stack([t[i] for i in indices]) for t in dataset.tensors]``."""
+    ``BatchSampler`` and ``default_collate`` and no memory pinning, every tensor strided and
+    contiguous: a loader whose batch is ``default_collate([dataset[i] for i in indices])``, that is
+    ``[torch.stack([t[i] for i in indices]) for t in dataset.tensors]``, contiguous as ``t[indices]``
+    is (of a permuted tensor, the index keeps its strides where the stack does not)."""
     data = torch.utils.data
     return (type(loader) is data.DataLoader and type(loader.dataset) is data.TensorDataset
             and loader.num_workers == 0 and not loader.pin_memory
             and type(loader.batch_sampler) is data.BatchSampler
             and loader.collate_fn is data._utils.collate.default_collate
-            and all(t.layout == torch.strided for t in loader.dataset.tensors))
+            and all(t.layout == torch.strided and t.is_contiguous() for t in loader.dataset.tensors))
 
 
 def loader_batches(loader: Iterable[Any]) -> Iterator[Any]:
