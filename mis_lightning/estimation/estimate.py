@@ -236,8 +236,9 @@ MERGE_FLOATS = 1 << 24
 # per-update costs (the forward's and backward's operators, the loss derivatives' vmap, the record
 # keys' and the K-FAC sample's steps, the sums' setup) were a large share of its pass (p54b: the
 # 1e5-weight MLP's 4,096 records in 3 updates instead of 9). Not bitwise: each float32 GEMM of the
-# gradient and K-FAC sums adds 4x the records before its float64 accumulation (~1e-7 relative,
-# docs/benchmarks.md "p54b"). False: MERGE_MAX_RECORDS everywhere, as before (A/B).
+# gradient and K-FAC sums adds 4x the records before its float64 accumulation (at 1e5 weights the
+# leakages and MIS moved <= 1.6e-8 relative, the K-FAC VIF diagnostics <= 7e-5: docs/benchmarks.md
+# "p54b"). False: MERGE_MAX_RECORDS everywhere, as before (A/B).
 SMALL_MODEL_MERGES = True
 MERGE_SMALL_RECORDS = 2048
 MERGE_SMALL_FLOATS = 1 << 22
