@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mis_lightning.estimation import estimate
+from mis_lightning.estimation import batching, estimate
 from mis_lightning.estimation.batching import batch_rows, merge_batches
 
 E = importlib.import_module("mis_lightning.estimation.estimate")
@@ -126,6 +126,74 @@ def test_records_per_update_is_bounded_by_the_taps_memory():
     finally:
         E.MERGE_FLOATS = E_floats
     assert 1 <= acc2.records_per_update < 8
+
+
+def _mse(o, y):
+    return 0.5 * (o.squeeze(-1) - y) ** 2
+
+
+def test_a_small_factored_model_merges_more_records_within_the_float32_bound(monkeypatch):
+    """SMALL_MODEL_MERGES (p54b): the factored Linear program of a small model takes
+    MERGE_SMALL_RECORDS records per update (the first batch sizes it). Its float32 GEMMs then sum
+    4x the records before the float64 accumulation: sigma and the mean gradient within 2e-4
+    relative of the 512-record pass (the worst-case float32 summation bound, 2048 u = 1.2e-4 of
+    each non-negative sum, sigma a ratio of two such; measured ~1e-7; a lost or doubled batch
+    moves them by >= 1e-2)."""
+    g = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1)).eval()
+    X = torch.randn(2304, 4, generator=g)
+    loader = DataLoader(TensorDataset(X, X[:, 0] + 0.3 * torch.randn(2304, generator=g)), batch_size=256)
+    calls = []
+    merge0 = E.merge_batches
+
+    def counted(batches, records):
+        for batch, rows in merge0(batches, records):
+            calls.append(rows)
+            yield batch, rows
+
+    monkeypatch.setattr(E, "merge_batches", counted)
+    kw = dict(mode="diagonal", hessian="ggn", num_records=64, dtype=torch.float32)
+    small = estimate(model, loader, _mse, **kw)
+    assert calls == [256, 2048], calls
+    calls.clear()
+    monkeypatch.setattr(E, "SMALL_MODEL_MERGES", False)
+    plain = estimate(model, loader, _mse, **kw)
+    assert calls == [256] + [512] * 4, calls
+    for k in plain.names:
+        torch.testing.assert_close(small.sigma[k], plain.sigma[k], rtol=2e-4, atol=0)
+        torch.testing.assert_close(small._g_mean[k], plain._g_mean[k], rtol=2e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("shuffle, drop_last", [(False, False), (True, True)])
+def test_a_tensor_dataset_loader_is_read_by_index_as_its_batches(shuffle, drop_last, monkeypatch):
+    """TENSOR_DATASET_BATCHES (p54b): a plain DataLoader over a TensorDataset is read by one index
+    per tensor and batch, with no dataset item per record, giving the loader's own batches (the
+    same list of tensors, values, dtypes and shapes; shuffled in the same order from the same
+    random draws: torch's global stream left where iterating the loader leaves it)."""
+    g = torch.Generator().manual_seed(5)
+    X, Y = torch.randn(50, 3, 2, generator=g).double(), torch.randint(0, 4, (50,), generator=g)
+    loader = DataLoader(TensorDataset(X, Y), batch_size=8, shuffle=shuffle, drop_last=drop_last)
+    torch.manual_seed(11)
+    want = list(loader)
+    state = torch.get_rng_state()
+    items = []
+    get0 = TensorDataset.__getitem__
+    monkeypatch.setattr(TensorDataset, "__getitem__", lambda self, i: items.append(i) or get0(self, i))
+    torch.manual_seed(11)
+    got = list(batching.loader_batches(loader))
+    assert items == []  # no record read one at a time
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(got) == len(want) == (6 if drop_last else 7)
+    for a, b in zip(got, want):
+        assert type(a) is type(b) is list and len(a) == len(b) == 2
+        for s, t in zip(a, b):
+            assert s.dtype == t.dtype and s.shape == t.shape and s.stride() == t.stride() and torch.equal(s, t)
+    # another collate function, a permuted (non-contiguous) tensor: iterated as they are
+    other = DataLoader(TensorDataset(X, Y), batch_size=8, collate_fn=lambda rows: rows)
+    assert len(list(batching.loader_batches(other))[0]) == 8 and len(items) == 50
+    permuted = DataLoader(TensorDataset(X.transpose(1, 2), Y), batch_size=8)
+    first = next(batching.loader_batches(permuted))
+    assert len(items) == 58 and first[0].is_contiguous() and torch.equal(first[0], X[:8].transpose(1, 2))
 
 
 def test_record_keys_do_not_depend_on_per_batch_zero_padding():

@@ -253,3 +253,30 @@ def test_an_estimate_pickled_before_the_caches_existed_scores():
     old.__setstate__(state)  # what unpickling an old estimate does
     assert A.score_schemes(old, model, SCHEMES, scoring_config=sc).to_json() == want
     assert old.release_caches() >= 0 and not old._chunk_setups
+
+
+@pytest.mark.parametrize("out_f", [24, 64])  # the skinny layout [out, M, in] and the plain [in, out, M]
+def test_the_float32_operand_is_one_division_into_the_gemms_layout(monkeypatch, out_f):
+    """``linear_factors.FUSED_S32`` (p54b): ``S / 2^k`` written by one ``torch.div`` with a float32
+    ``out`` in the GEMM's layout is bitwise the float64 quotient cast after (on quotients that round
+    in float32, its subnormals and zeros too), and the sums are bitwise the two-step path's, with no
+    float64 ``prod`` buffer held (fails without the switch's effect: the buffer is there)."""
+    g = torch.Generator().manual_seed(7)
+    S = torch.rand(5, 6, 7, generator=g, dtype=torch.float64) * torch.logspace(-50, 3, 7, dtype=torch.float64)
+    S[0, 0, 0], S[1, 1, 1] = 0.0, 2.0 ** -140 * (1 + 2.0 ** -30)  # a zero; a float32 subnormal that rounds
+    sS = torch.tensor([0.5, 1.0, 8.0, 2.0 ** -20, 1.0, 4.0, 2.0 ** 10], dtype=torch.float64).reshape(1, 1, 7)
+    for perm in ((1, 0, 2), (0, 2, 1)):
+        fused = torch.div(S.permute(*perm), sS.permute(*perm),
+                          out=torch.empty(tuple(S.shape[i] for i in perm), dtype=torch.float32))
+        two = (S / sS).permute(*perm).to(torch.float32)
+        assert torch.equal(fused.view(torch.int32), two.view(torch.int32)), perm
+    fac, g_mean, v, g = _case(out_f=out_f)
+    cols = _columns(g_mean.numel(), g)
+    cache = lf.PowerCache()
+    on = {p: lf.factored_power_sums(fac, g_mean, v, cols, p, cache=cache) for p in (2, 4)}
+    assert "S32" in cache._scratch and "prod" not in cache._scratch
+    monkeypatch.setattr(lf, "FUSED_S32", False)
+    cache = lf.PowerCache()
+    for p in (2, 4):
+        assert torch.equal(on[p], lf.factored_power_sums(fac, g_mean, v, cols, p, cache=cache)), p
+    assert "prod" in cache._scratch

@@ -84,4 +84,54 @@ def merge_batches(batches: Iterable[Any], records: Callable[[], int]) -> Iterato
         yield _concatenate(pending), rows
 
 
-__all__ = ["batch_rows", "items_are_batches", "merge_batches"]
+# A plain torch DataLoader over a TensorDataset (one process, the default collate, no pinning) is
+# read by one index per tensor and batch instead of a dataset item and a stack per record: the same
+# tensors (p54b: ~12 -> ~2 ms a pass over 4,096 records of 256 features, the 1e5 line's loader).
+# False: every loader iterated as it is (A/B).
+TENSOR_DATASET_BATCHES = True
+
+
+def _plain_tensor_loader(loader: Any) -> bool:
+    """Whether ``loader`` is a ``torch.utils.data.DataLoader`` itself (no subclass) over a
+    ``TensorDataset`` itself, reading in the main process (``num_workers == 0``) with torch's
+    ``BatchSampler`` and ``default_collate`` and no memory pinning, every tensor strided and
+    contiguous: a loader whose batch is ``default_collate([dataset[i] for i in indices])``, that is
+    ``[torch.stack([t[i] for i in indices]) for t in dataset.tensors]``, contiguous as ``t[indices]``
+    is (of a permuted tensor, the index keeps its strides where the stack does not)."""
+    data = torch.utils.data
+    return (type(loader) is data.DataLoader and type(loader.dataset) is data.TensorDataset
+            and loader.num_workers == 0 and not loader.pin_memory
+            and type(loader.batch_sampler) is data.BatchSampler
+            and loader.collate_fn is data._utils.collate.default_collate
+            and all(t.layout == torch.strided and t.is_contiguous() for t in loader.dataset.tensors))
+
+
+def loader_batches(loader: Iterable[Any]) -> Iterator[Any]:
+    """The batches of ``loader``, as ``for batch in loader`` yields them.
+
+    For a plain ``DataLoader`` over a ``TensorDataset`` (:func:`_plain_tensor_loader`,
+    :data:`TENSOR_DATASET_BATCHES`) each batch is ``[t[indices] for t in dataset.tensors]``, the
+    indices from the loader's own iterator (made as a ``for`` loop makes it: its sampler, its seed
+    draws from ``loader.generator`` or torch's global stream, in the same order): the same list of
+    tensors, values, dtypes and shapes as ``default_collate``'s stack of the records, without a
+    Python item and a stack per record. Any other loader (a custom dataset, collate function or
+    sampler, worker processes, pinning) is iterated as it is."""
+    if not (TENSOR_DATASET_BATCHES and _plain_tensor_loader(loader)):
+        yield from loader
+        return
+    it = iter(loader)
+    next_index = getattr(it, "_next_index", None)  # (torch's single-process iterator's own step)
+    if next_index is None:
+        yield from it
+        return
+    tensors = loader.dataset.tensors  # type: ignore[attr-defined]
+    while True:
+        try:
+            index = next_index()
+        except StopIteration:
+            return
+        rows = torch.as_tensor(index, dtype=torch.long)
+        yield [t[rows.to(t.device)] for t in tensors]
+
+
+__all__ = ["batch_rows", "items_are_batches", "loader_batches", "merge_batches"]

@@ -47,7 +47,7 @@ from ..functional.correlated import (
     nonfinite_coordinates,
 )
 from . import linear_factors as LF
-from .batching import items_are_batches, merge_batches
+from .batching import items_are_batches, loader_batches, merge_batches
 from .data_buffers import InputStatistics, persistent_float_buffers
 from .kron_sample import (
     KFAC_SAMPLE_CEILING,
@@ -236,6 +236,17 @@ POWER_SUM_ROWS = 32
 # the grouping), within MERGE_FLOATS floats of per-record layer taps held for the batch
 MERGE_MAX_RECORDS = 512
 MERGE_FLOATS = 1 << 24
+# The factored nn.Linear program of a small model (its per-record taps x MERGE_SMALL_RECORDS within
+# MERGE_SMALL_FLOATS: 16 MiB of float32) takes up to MERGE_SMALL_RECORDS records per update: its
+# per-update costs (the forward's and backward's operators, the loss derivatives' vmap, the record
+# keys' and the K-FAC sample's steps, the sums' setup) were a large share of its pass (p54b: the
+# 1e5-weight MLP's 4,096 records in 3 updates instead of 9). Not bitwise: each float32 GEMM of the
+# gradient and K-FAC sums adds 4x the records before its float64 accumulation (at 1e5 weights the
+# leakages and MIS moved <= 1.6e-8 relative, the K-FAC VIF diagnostics <= 7e-5: docs/benchmarks.md
+# "p54b"). False: MERGE_MAX_RECORDS everywhere, as before (A/B).
+SMALL_MODEL_MERGES = True
+MERGE_SMALL_RECORDS = 2048
+MERGE_SMALL_FLOATS = 1 << 22
 DEFAULT_BUDGET = 1 << 25  # floats held at once by per-sample buffers (~128 MiB in float32)
 # Above this many weights (where the sums are accumulated in float32 anyway) and without stored
 # influences, the estimate's per-weight state (theta, sigma, the gradient means and variances)
@@ -4288,7 +4299,7 @@ def estimate(
                     UNKNOWN_RECORDS_SOURCE, f"{N_ASSUMED:,}")
     log.info("estimation: %s (%s), d = %d", acc.estimator, acc.reason, acc.d)
     n = 0
-    for batch, _ in merge_batches(train_dataloader, lambda: acc.records_per_update):
+    for batch, _ in merge_batches(loader_batches(train_dataloader), lambda: acc.records_per_update):
         n += acc.update(batch)
         if progress is not None:
             progress(n)
@@ -4300,13 +4311,17 @@ def estimate(
 
 def _records_per_update(fac: Any, b: int) -> int:
     """Records per merged batch of a fast program (:data:`MERGE_MAX_RECORDS`, fewer when its
-    per-record taps, measured on a batch of ``b``, would exceed :data:`MERGE_FLOATS`); at least 1."""
+    per-record taps, measured on a batch of ``b``, would exceed :data:`MERGE_FLOATS`; the factored
+    Linear program of a small model :data:`MERGE_SMALL_RECORDS`, :data:`SMALL_MODEL_MERGES`); at least 1."""
+    cap = MERGE_MAX_RECORDS
     if isinstance(fac, tuple) and isinstance(fac[0], _BatchTaps):  # the per-layer program's taps
         floats = fac[0].numel()
     else:  # the factored Linear path: per-record layer inputs and output gradients [B, width]
         floats = sum(t.numel() for t in torch.utils._pytree.tree_leaves(fac)
                      if isinstance(t, Tensor) and t.dim() >= 2 and t.shape[0] == b)
-    return max(1, min(MERGE_MAX_RECORDS, int(MERGE_FLOATS // max(floats / max(b, 1), 1.0))))
+        if SMALL_MODEL_MERGES and floats / max(b, 1) * MERGE_SMALL_RECORDS <= MERGE_SMALL_FLOATS:
+            cap = max(cap, MERGE_SMALL_RECORDS)
+    return max(1, min(cap, int(MERGE_FLOATS // max(floats / max(b, 1), 1.0))))
 
 
 def _dataset_size(loader: Any) -> int | None:

@@ -958,6 +958,12 @@ SHARED_CHUNK_SETUP = True
 # the call reads v instead of a clamped copy (one pass over the chunk less; p51b). The caller's v is
 # never written (the sums only divide by it). False: the clamped copy, as before (A/B).
 UNCLAMPED_LIVE_VARIANCES = True
+# _even_power_sums_f32's float32 operand S / 2^k written by one division into the GEMM's layout
+# (torch.div of the float64 operands with a float32 out: the float64 quotient, rounded once as it
+# is stored) instead of a float64 quotient in a chunk-sized held buffer, then a permuted cast copy:
+# bitwise the same floats, one [numel, M] float64 buffer fewer per layer (p54b: 5.5 MiB of the
+# 1e5 line's first call's fresh pages) and one pass less. False: the two steps, as before (A/B).
+FUSED_S32 = True
 
 
 class PowerCache:
@@ -1168,9 +1174,12 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
     # the GEMM's operand without a copy per term: [in, out, M] (x^a @ [in, out * M]), or skinny
     # [out, M, in] ([out * M, in] @ (x^a)^T: the transposed product, SKINNY_GEMM_TRANSPOSED)
     layout = (rows, M, in_f) if skinny else (in_f, rows, M)
-    S32 = cache.scratch("S32", layout, torch.float32, S.device).copy_(
-        torch.div(S, sS, out=cache.scratch("prod", S.shape, torch.result_type(S, sS), S.device))
-        .permute(*((0, 2, 1) if skinny else (1, 0, 2))))
+    perm = (0, 2, 1) if skinny else (1, 0, 2)
+    if FUSED_S32:  # the float64 quotient rounded to float32 as it is written (no float64 temporary)
+        S32 = torch.div(S.permute(*perm), sS.permute(*perm), out=cache.scratch("S32", layout, torch.float32, S.device))
+    else:
+        S32 = cache.scratch("S32", layout, torch.float32, S.device).copy_(
+            torch.div(S, sS, out=cache.scratch("prod", S.shape, torch.result_type(S, sS), S.device)).permute(*perm))
     # [R, out], [out, in] (at first use: a held setup has their float32 powers, assess.HOLD_CHUNK_SETUP)
     def ds() -> Tensor:
         return _memo(memo, "ds", lambda: d / sd)
