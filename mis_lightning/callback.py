@@ -139,7 +139,9 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         utility_metrics, output_transform: torchmetrics for the quantized copies and
             ``(outputs, targets) -> (preds, target)`` before them (the mean loss is always reported).
         every_n_val_epochs: also run after every n-th validation epoch (``None``: end of fit).
-        dirpath: report and figure folder (default: the checkpoint dir, else the log dir).
+        dirpath: report and figure folder (default: the checkpoint dir, else the log dir; there an
+            earlier run's report is kept and this fit's names get ``-v1``, ...; an explicit
+            ``dirpath`` keeps the names fixed and overwrites an earlier report, with a warning).
         estimation_batch_size: batch size of the estimation pass (default: the train loader's).
         log_figure: send the figure to loggers that take images; prefix: logged key prefix.
         plan: a :class:`~mis_lightning.planning.PlanConfig` (or its fields as a mapping): at the
@@ -209,6 +211,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         if stage != "fit":
             return
         self._version: str | None = None  # this fit's file names, chosen at its first write (_out_version)
+        self._overwrites = False  # this fit overwrites an earlier run's report in an explicit dirpath
         # A module that builds its layers in ``configure_model`` (Lightning's pattern for large
         # models; Lightning calls it after this hook) has no parameter yet: its checks wait for
         # on_train_start, still before the first step (nu43: refused here, "no parameter selected")
@@ -455,9 +458,18 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         """This fit's suffix of the file names in ``out`` (:func:`~mis_lightning.tracking.free_version`),
         chosen at the fit's first write: its later runs (mid-training, fit end) rewrite its own
         files, never an earlier run's (nux53: ``logger=False`` writes to ``default_root_dir``, the
-        working directory by default, where a second run overwrote the first's report silently)."""
+        working directory by default, where a second run overwrote the first's report silently).
+
+        An explicit ``dirpath=`` is the user's choice of where ``mis_report.json`` is read: its
+        names stay fixed and an earlier run's report there is overwritten, with a warning (ux54c:
+        ``-v1`` names left code reading ``<dirpath>/mis_report.json`` on the earlier run's report)."""
         if getattr(self, "_version", None) is None:
-            self._version = free_version(out)
+            self._overwrites = self.dirpath is not None and (out / REPORT_NAME).exists()
+            self._version = "" if self.dirpath is not None else free_version(out)
+            if self._overwrites:
+                rank_zero_warn(f"MISCallback: dirpath={str(self.dirpath)!r} holds an earlier run's {REPORT_NAME}: "
+                               "this fit overwrites it (an explicit dirpath keeps the file names fixed; leave "
+                               "dirpath unset, or pass a fresh one, to keep both)")
         return self._version or ""
 
     def _run(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -545,7 +557,9 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                                + (f" ({failed} failed: see the warnings)" if failed else "")
                                + f" on n={report.n} records in {time.perf_counter() - t0:.1f} s; "
                                f"report: {self.report_path}"
-                               + (f" ({REPORT_NAME} there is an earlier run's, kept)" if version else "")
+                               + (f" ({REPORT_NAME} there is an earlier run's, kept)" if version
+                                  else " (an earlier run's, overwritten: dirpath= given)"
+                                  if getattr(self, "_overwrites", False) else "")
                                + ("; the warnings above in full: print(callback.report.warnings_text())"
                                   if lines != report.warnings else ""))
                 ties = ties_line(report.rows())  # the figures' order where the intervals do not resolve it
