@@ -53,8 +53,10 @@ from mis_lightning.app.batches import (
 from mis_lightning.app.checkpoint_fit import (
     ORIGIN_KEY,
     check_checkpoint_fits,
+    checkpoint_untrained,
     misfit_error,
     origin_of,
+    same_weights,
 )
 from mis_lightning.app.factories import resolve_schemes
 from mis_lightning.app.launchers import check_main_module_paths
@@ -952,7 +954,11 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             raise misfit_error(cfg, str(cfg.model._target_).rsplit(".", 1)[-1],
                                f"its options {', '.join(sorted(saved))} from the checkpoint do not build it: "
                                f"{type(cause).__name__}: {cause}") from exc
+        initial = False
         if ckpt is not None:
+            # the checkpoint holding the model's initialisation (a step count of 0 says no more
+            # than that no Lightning fit stepped: ux54c), compared before the weights are loaded
+            initial = ckpt.get("global_step") == 0 and same_weights(model, ckpt["state_dict"])
             _load_weights(model, ckpt, cfg)
         check_model_api(model)  # per_sample_loss, which the assessment calls
         # the batches as the assessment will read them (batch_fn, the forward, per-sample losses,
@@ -1026,12 +1032,14 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             if wd_note:  # kept with the figures it concerns
                 report.warnings.append(wd_note)
             # a fit (or the checkpoint's) without an optimizer step: first, no verdict (nux53 #3);
-            # a checkpoint without its step count (Lightning's own keep one) is not judged
-            if step == 0 and (trainer is not None or "global_step" in ckpt):
-                report.warnings.insert(0, not_trained_warning(
-                    "the training took no optimizer step" if trainer is not None
-                    else f"the checkpoint's global_step is 0 ({cfg.ckpt_path})"))
+            # a checkpoint: only where it is known untrained, else both readings said (ux54c)
+            untrained = ((True, "the training took no optimizer step") if trainer is not None and step == 0
+                         else checkpoint_untrained(cfg.ckpt_path, ckpt, initial) if trainer is None else None)
+            if untrained is not None and untrained[0]:
+                report.warnings.insert(0, not_trained_warning(untrained[1]))
                 report.diagnostics["not_trained"] = True
+            elif untrained is not None:
+                report.warnings.insert(0, untrained[1])
             skipped = list(getattr(dm, "skipped", None) or [])
             if skipped:  # the data behind n: the rows the data module could not use (stderr alone lost them)
                 first = skipped[0]
