@@ -1508,6 +1508,7 @@ def score_schemes(
     prepared: list[_Prepared] = []
     failures: dict[str, str] = {}
     utility_records: int | None = None
+    utility_errors: dict[str, dict[str, Any]] = {}  # Report.utility_errors
     shared_facts: list = []  # the scale facts the schemes reveal alike (scale_facts_shared)
     for scheme in scheme_objs:
         try:
@@ -1529,6 +1530,11 @@ def score_schemes(
                         prep.utility = {k: float(v) for k, v in values.items()}
                     # the validation records counted (evaluate_utility's; a user's utility_fn: unknown)
                     utility_records = getattr(values, "records", None) or utility_records
+                    for key, err in (getattr(values, "errors", None) or {}).items():  # each scheme's own se (ux54c)
+                        kept = utility_errors.setdefault(key, {"average": err["average"], "se": {},
+                                                               "chance_se": err["chance_se"]})
+                        if err["se"] is not None:
+                            kept["se"][scheme.name] = err["se"]
             except ReleaseForwardError as exc:  # the leakage is the weights': kept, the utility fails
                 if strict:
                     raise
@@ -1880,6 +1886,7 @@ def score_schemes(
     report.utility_modes = utility_modes(report, metrics, cfg)
     report.utility_key, report.utility_tolerance = cfg.utility_key, cfg.utility_tolerance
     report.utility_records = utility_records
+    report.utility_errors = utility_errors
     report.utility_classes = utility_classes(metrics)
     return report
 

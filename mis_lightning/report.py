@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ._accuracy_error import SHARE_AVERAGES
 from ._warning_lines import FAILED_SCHEME, MORE, warning_line
 
 # Renamed report fields: old name -> new name (old JSON keys load, old attributes still read).
@@ -266,9 +267,12 @@ class Report:
         utility_records: the number of validation records the utility was measured on
         (:class:`~mis_lightning.evaluation.UtilityValues`; ``None``: unknown, e.g. a user's
         ``utility_fn``); utility_classes: ``{utility metric name: num_classes}`` of the metric
-        objects that expose it (torchmetrics' multiclass metrics). Both only let the verdict set
-        an accuracy's gaps against its sampling error and tell an accuracy at chance
-        (:func:`utility_noise_note`); in the JSON only where set.
+        objects that expose it (torchmetrics' multiclass metrics). utility_errors: ``{utility
+        metric name: {"average": ..., "se": {scheme: standard error}, "chance_se": ...}}`` for the
+        torchmetrics accuracies, from their own counts (:func:`~mis_lightning._accuracy_error.accuracy_error`:
+        a macro average's error is its classes' binomial errors averaged, not the binomial of its
+        value; ux54c). These only let the verdict set an accuracy's gaps against its sampling error
+        and tell an accuracy at chance (:func:`utility_noise_note`); in the JSON only where set.
         verdict_note: a line :meth:`table` prints in place of the verdict (``None``: the
         verdict), kept in the JSON so that a loaded report prints what its front end printed: a
         sweep's job that assessed one scheme has no choice to make
@@ -298,6 +302,7 @@ class Report:
     utility_tolerance: float = UTILITY_TOLERANCE
     utility_records: int | None = None
     utility_classes: dict[str, int] = field(default_factory=dict)
+    utility_errors: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         # the keys only where set: reports without a note keep their JSON as before
@@ -310,6 +315,8 @@ class Report:
             note["utility_records"] = self.utility_records
         if self.utility_classes:
             note["utility_classes"] = dict(self.utility_classes)
+        if self.utility_errors:
+            note["utility_errors"] = to_plain(self.utility_errors)
         return {
             "n": self.n,
             "d": self.d,
@@ -379,6 +386,7 @@ class Report:
             utility_tolerance=float(data.get("utility_tolerance", UTILITY_TOLERANCE)),
             utility_records=None if data.get("utility_records") is None else int(data["utility_records"]),
             utility_classes={k: int(v) for k, v in (data.get("utility_classes") or {}).items()},
+            utility_errors={k: dict(v) for k, v in (data.get("utility_errors") or {}).items()},
         )
 
     @classmethod
@@ -550,7 +558,8 @@ class Report:
         if with_verdict:
             # wrapped as the legend's entries (one line was 290-545 characters: cv53); the words unchanged
             text += "\n" + wrap_entry(verdict(rows, utility_key, utility_tolerance, modes=modes,
-                                               records=self.utility_records, classes=self.utility_classes)
+                                               records=self.utility_records, classes=self.utility_classes,
+                                               errors=self.utility_errors)
                                        if verdict_note is None else verdict_note)
         elif utility_tolerance < 0:
             raise ValueError(f"utility_tolerance must be >= 0, got {utility_tolerance}")
@@ -1002,7 +1011,8 @@ def ties_line(rows: Sequence[dict[str, Any]], label: str = "scheme") -> str | No
 
 def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
             utility_tolerance: float = UTILITY_TOLERANCE, modes: Mapping[str, str] | None = None,
-            records: int | None = None, classes: Mapping[str, int] | None = None) -> str:
+            records: int | None = None, classes: Mapping[str, int] | None = None,
+            errors: Mapping[str, Mapping[str, Any]] | None = None) -> str:
     """One line: the safest scheme (lowest leakage) among those whose utility is within
     ``utility_tolerance`` (relative, e.g. 0.01 = 1%) of the best scheme's, and which schemes it
     is not clearly different from (80% intervals overlap). Without utility: the safest scheme.
@@ -1011,9 +1021,10 @@ def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
 
     ``modes``: the utility metrics' directions (:attr:`Report.utility_modes`). ``records``,
     ``classes``: the validation records and the metrics' class counts
-    (:attr:`Report.utility_records`, :attr:`Report.utility_classes`): where given, an accuracy's
-    band decided by gaps below its standard error, or an accuracy at chance, is said
-    (:func:`utility_noise_note`); neither changes the scheme chosen or a figure.
+    (:attr:`Report.utility_records`, :attr:`Report.utility_classes`), ``errors`` the accuracies'
+    own errors (:attr:`Report.utility_errors`): where given, an accuracy's band decided by gaps
+    below its standard error, or an accuracy at chance, is said (:func:`utility_noise_note`);
+    none of them changes the scheme chosen or a figure.
 
     Raises:
         ValueError: ``utility_tolerance`` is negative; the utility metric's direction is unknown.
@@ -1042,7 +1053,8 @@ def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
         return f"verdict: no scheme ranked: every leakage is a lower bound (+): {name_list(bounded)}"
     extra = utility_digits(ok, utility_key, utility_tolerance, modes)  # as the table's column
     text = (_ranked_verdict(ranked, utility_key, utility_tolerance, extra, modes)
-            + utility_noise_note(ranked, utility_key, utility_tolerance, modes, records, classes, extra) + note)
+            + utility_noise_note(ranked, utility_key, utility_tolerance, modes, records, classes, extra, errors)
+            + note)
     marked = [str(r["scheme"]) for r in ranked if r.get("indicative")]
     if marked and len(marked) == len(ranked):
         # every figure outside the analysis's assumptions: an order, not a measured ranking
@@ -1061,17 +1073,22 @@ CHANCE_SE = 2.0
 
 def utility_noise_note(ranked: list[dict[str, Any]], utility_key: str | None, utility_tolerance: float,
                        modes: Mapping[str, str] | None = None, records: int | None = None,
-                       classes: Mapping[str, int] | None = None, extra: int = 0) -> str:
+                       classes: Mapping[str, int] | None = None, extra: int = 0,
+                       errors: Mapping[str, Mapping[str, Any]] | None = None) -> str:
     """The verdict's clause on the validation set's sampling noise (nux53 #10): ``""`` unless the
     utility is a top-1 accuracy (:data:`ACCURACY_NAMES`, larger is better, values in [0, 1]) and
-    ``records`` (m, the validation records) is known. Its standard error at the best scheme's
-    accuracy p is se = sqrt(p (1 - p) / m) (binomial). Says (a) when the choice rests on a gap below
-    se: the safest scheme in the band, or one reading lower leakage outside it, within se of the
-    band's edge; (b) with ``classes[name]`` = K known, when |p - 1/K| <= :data:`CHANCE_SE` se0 (se0 =
-    sqrt(c (1 - c) / m) at c = 1/K, guessing's own error): the model's accuracy is at chance (below
-    it under 1/K - CHANCE_SE se0). se is each accuracy's own error; the difference of two
-    schemes on the same records is paired and can be resolved more finely. Nothing chosen changes.
-    ``ranked``: the verdict's ranked rows (:func:`_ranked_rows`)."""
+    ``records`` (m, the validation records) is known. Its standard error se at the best scheme's
+    accuracy p: ``errors[name]["se"][scheme]`` where the metric's own counts gave it
+    (:func:`~mis_lightning._accuracy_error.accuracy_error`: for a macro average, ux54c,
+    sqrt(sum_c r_c (1 - r_c) / m_c) / K over the classes' recalls; none given for an average
+    that is neither a share of the records nor the classes' mean of shares: no clause), else
+    sqrt(p (1 - p) / m) (binomial: a share of the m records). Says (a) when the choice rests on a
+    gap below se: the safest scheme in the band, or one reading lower leakage outside it, within
+    se of the band's edge; (b) with ``classes[name]`` = K known, when |p - 1/K| <= :data:`CHANCE_SE`
+    se0 (guessing's own error at c = 1/K: ``errors[name]["chance_se"]``, else sqrt(c (1 - c) / m)):
+    the model's accuracy is at chance (below it under 1/K - CHANCE_SE se0). se is each accuracy's
+    own error; the difference of two schemes on the same records is paired and can be resolved
+    more finely. Nothing chosen changes. ``ranked``: the verdict's ranked rows (:func:`_ranked_rows`)."""
     if not records or records <= 0:
         return ""
     uk = pick_utility_key(ranked, utility_key, modes)
@@ -1082,7 +1099,16 @@ def utility_noise_note(ranked: list[dict[str, Any]], utility_key: str | None, ut
         return ""
     metric = uk.removeprefix("utility_")
     p = float(best[uk])
-    se = math.sqrt(p * (1.0 - p) / records)
+    own = (errors or {}).get(metric)
+    if own is not None:  # the metric's own counts: its average's error, per scheme
+        se = (own.get("se") or {}).get(str(best.get("scheme")))
+        if se is None or not math.isfinite(float(se)):
+            return ""  # an average whose error is not known here: none claimed
+        se = float(se)
+        formula = ("sqrt(p(1-p)/m)" if own.get("average") in SHARE_AVERAGES
+                   else f"{own.get('average')} average: the classes' binomial errors averaged")
+    else:
+        se, formula = math.sqrt(p * (1.0 - p) / records), "sqrt(p(1-p)/m)"
     edge = p - utility_tolerance * abs(p)
     safest = min(eligible, key=lambda r: float(r["leakage"]))
     inside = {id(r) for r in eligible}
@@ -1097,14 +1123,15 @@ def utility_noise_note(ranked: list[dict[str, Any]], utility_key: str | None, ut
     if gaps and min(gaps) < se:
         out += (f"; the utility band's choice rests on {metric} gaps below its standard error (down to "
                 f"{fmt(min(gaps), 0)} from the band's edge; se {fmt(se, 0)} on {records:,} validation records, "
-                "sqrt(p(1-p)/m); a paired difference on the same records can be finer)")
+                f"{formula}; a paired difference on the same records can be finer)")
     k = (classes or {}).get(metric)
     if k:
         chance = 1.0 / k
         # the error of guessing's accuracy (the null's, sqrt(c(1-c)/m)), not the best's: at p above
         # chance that is larger and called 0.04 "at chance" of 1/1000 on 50 records (2 hits where
         # guessing expects 0.05: rv53b)
-        se0 = math.sqrt(chance * (1.0 - chance) / records)
+        se0 = (float(own["chance_se"]) if own is not None and own.get("chance_se") is not None
+               else math.sqrt(chance * (1.0 - chance) / records))
         if p <= chance + CHANCE_SE * se0:
             where = ("at chance: the best {m} {p} is within {c:g} se ({se}) of" if p >= chance - CHANCE_SE * se0
                      else "below chance: the best {m} {p} is more than {c:g} se ({se}) below")
