@@ -35,6 +35,7 @@ from .assess import (
     check_schemes,
     check_trainable_tensors,
     check_utility_metric,
+    mode_dependent_modules,
     resolve_schemes,
     select_params,
 )
@@ -279,6 +280,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         # twice after a resume within a pass (a loader without state_dict starts its pass
         # again). A checkpoint taken after an epoch's end: a pass has ended. ("ready": a
         # checkpoint written in on_train_batch_end has that batch read, not completed.)
+        # the layers whose mode changes the function: which ran in eval mode is read per batch (ux54c)
+        self._mode_modules, self._eval_in_training = mode_dependent_modules(pl_module), None
         progress = trainer.fit_loop.epoch_loop.batch_progress
         self._full_pass = int(trainer.fit_loop.epoch_progress.current.completed) >= 1
         self._most_read = 0 if self._full_pass else int(progress.total.ready)
@@ -353,6 +356,9 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if (losses := getattr(self, "_train_losses", None)) is not None:
             losses.start(batch)  # its version counters (a training_step writing into its batch: ux53)
+        # dropout / running statistics the user runs in eval mode (e.g. a polish in eval mode, as
+        # the not-at-a-minimum warning advises) are no cause of an objective mismatch (ux54c)
+        self._eval_in_training = [n for n, m in getattr(self, "_mode_modules", ()) if not m.training]
         if self._batch_unchecked:
             self._batch_unchecked = False
             res = self._loss(trainer, pl_module)
@@ -440,7 +446,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             trainer, pl_module, self.schemes, est_cfg, self.scoring_config,
             self._loss(trainer, pl_module), batch_fn=self.batch_fn, batch_size=self.estimation_batch_size,
             metrics=self.utility_metrics, output_transform=self.output_transform, keep=self._kept,
-            full_pass=getattr(self, "_full_pass", False), read=getattr(self, "_most_read", None) or None)
+            full_pass=getattr(self, "_full_pass", False), read=getattr(self, "_most_read", None) or None,
+            eval_in_training=getattr(self, "_eval_in_training", None))
 
     def _plan(self, trainer: Any, pl_module: Any) -> PlanResult:
         """The planner on the assessment's estimate, loader and utility (rank 0)."""

@@ -37,9 +37,13 @@ class Net(pl.LightningModule):
     def __init__(self):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+        self.drop = nn.Dropout(0.0)  # the identity; run in eval mode in training (ux54c: the callback sees it)
 
     def forward(self, x):
-        return self.net(x)
+        return self.net(self.drop(x))
+
+    def on_train_epoch_start(self):
+        self.drop.eval()  # after Lightning's model.train(): the user's choice of mode for this layer
 
     def training_step(self, batch, i):
         x, y = batch
@@ -95,6 +99,8 @@ def test_a_fit_with_steps_and_a_resumed_finished_checkpoint_are_not_flagged(tmp_
     assert not any(w.startswith(NOT_TRAINED) for w in cb.report.warnings)
     assert all("not_trained" not in r for r in cb.report.rows())
     assert verdict(cb.report.rows()) != f"verdict: none: {NOT_TRAINED}; no scheme is ranked (see warnings)"
+    # ux54c: the layers the last training batch ran in eval mode (the model itself trained in train mode)
+    assert cb.report.diagnostics["eval_mode_in_training"] == ["drop"]
     # the finished checkpoint resumed: no step now, but the weights were trained (global_step restored)
     ckpt = tmp_path / "done.ckpt"
     trainer.save_checkpoint(ckpt)
@@ -106,6 +112,7 @@ def test_a_fit_with_steps_and_a_resumed_finished_checkpoint_are_not_flagged(tmp_
     assert t2.global_step == trainer.global_step
     assert cb2.report is not None, cb2.last_error
     assert "not_trained" not in cb2.report.diagnostics
+    assert "eval_mode_in_training" not in cb2.report.diagnostics  # no batch seen in this fit: not known
 
 
 def test_the_app_says_a_run_without_a_step_first_and_ranks_nothing(tmp_path):
