@@ -210,3 +210,32 @@ def test_a_macro_accuracy_gets_its_classes_binomial_errors_averaged():
     assert "se 0.0792" in verdict(wider, "acc", records=1000, errors=errors)
     unknown = {"acc": {"average": "none", "se": {}, "chance_se": None}}
     assert verdict(rows, "acc", records=1000, classes={"acc": 2}, errors=unknown) == verdict(rows, "acc")
+
+
+def test_the_sweeps_aggregate_verdict_gets_the_same_noise_clause():
+    """ux54c (ux53d left it): a sweep over schemes (one job each, ``-m quantizer=...``) has its
+    verdict in aggregate.md only, by the same ``verdict`` on the jobs' rows; the jobs' validation
+    counts and accuracy errors (result.json's ``utility_records`` / ``utility_classes`` /
+    ``utility_errors``) now reach it, so it carries the clause a job's own table would: the
+    newcomer's random-label rows, each scheme a job of 2,000 validation records."""
+    from mis_lightning.app.aggregate import aggregate_verdicts, markdown_table, noise_of, rows_of
+
+    rows = _chance_rows()
+    se = {r["scheme"]: math.sqrt(r["utility_acc"] * (1 - r["utility_acc"]) / 2000) for r in rows}
+    results = [{"job": {"num": i, "overrides": [f"quantizer={r['scheme']}", "seed=0"]}, "rows": [r],
+                "utility_records": 2000, "utility_classes": {"acc": 4},
+                "utility_errors": {"acc": {"average": "micro", "se": {r["scheme"]: se[r["scheme"]]},
+                                           "chance_se": math.sqrt(0.25 * 0.75 / 2000)}}} for i, r in enumerate(rows)]
+    single = verdict(rows, "acc", records=2000, classes={"acc": 4})
+    clause = single[single.index("; the utility band's choice"):]
+    assert "at chance" in clause
+    [line] = aggregate_verdicts(rows_of(results), "acc", noise_of(results))
+    assert line.startswith("verdict across jobs 0, 1, 2, 3, 4 (the same training; only their schemes differ): "
+                           "safest with acc within 1% of the best (0.2465, 0: bf16): 3: intx_weight_only_int2"), line
+    assert line.endswith(clause), (line, clause)
+    assert line in markdown_table(rows_of(results), "acc", noise_of(results))
+    # without the jobs' counts (result.json of before): no clause, as before; jobs measured on
+    # different validation counts: none either (not one validation set)
+    assert "standard error" not in aggregate_verdicts(rows_of(results), "acc")[0]
+    results[1]["utility_records"] = 1000
+    assert "standard error" not in aggregate_verdicts(rows_of(results), "acc", noise_of(results))[0]

@@ -1102,6 +1102,10 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
         **({"utility_tolerance": report.utility_tolerance}
            if report.utility_tolerance != UTILITY_TOLERANCE else {}),
         **({"notes": report.notes} if report.notes else {}),  # information, not problems (Report.notes)
+        # the validation set's sampling noise: the aggregate's verdicts say it as the job's table does (ux54c)
+        **({"utility_records": report.utility_records} if report.utility_records is not None else {}),
+        **({"utility_classes": report.utility_classes} if report.utility_classes else {}),
+        **({"utility_errors": report.utility_errors} if report.utility_errors else {}),
         "times_s": times,
         **({} if plan_cfg is None else {"plan": planned.to_dict()}),
         "files": {k: str(out / v) for k, v in OmegaConf.to_container(cfg.output).items()
