@@ -44,11 +44,12 @@ def test_long_job_folder_names_are_cut_at_an_override_and_marked():
     name = job_subdir(0, None, overrides)
     label = name.removeprefix("0_")
     assert len(label) <= 120
-    kept, mark = label.rsplit(",+", 1)
-    assert overrides.startswith(kept + ",") and kept.endswith("rtn_int2]")  # whole overrides only
+    kept, mark = label.rsplit("_+", 1)
+    # whole overrides only, each <key>-<value> (ux54c: no "=" or ",", as the scheme jobs' folders)
+    assert kept == "data-synthetic_linear_model-mlp_probe_mode-plan_plan.candidates-rtn_int8-rtn_int4-rtn_int2"
     assert mark.startswith("2more_") and len(mark.split("_")[1]) == 8
     assert job_subdir(0, None, overrides.replace("=20", "=2")) != name  # the hash tells them apart
-    assert job_subdir(3, None, "seed=1,data.d=16") == "3_seed=1,data.d=16"  # short: unchanged
+    assert job_subdir(3, None, "seed=1,data.d=16") == "3_seed-1_data.d-16"  # short: every override, no sweep known
     assert job_subdir(5, "int8_weight_only", overrides) == "5_int8_weight_only"
 
 
@@ -73,7 +74,10 @@ def test_job_folders_of_a_scheme_carry_the_other_swept_overrides(monkeypatch):
     assert swept_keys([f"ckpt_path=/m/{job_subdir(1, 'int8_weight_only', job)}/model.ckpt"]) == set()
     assert job_subdir(0, "bf16", "quantizer=bf16,x=[a,b]", swept={"x"}) == "0_bf16_x-a-b"
     assert job_subdir(1, "int8_weight_only", job, swept={"quantizer"}) == "1_int8_weight_only"
-    assert job_subdir(2, None, "seed=1,data.d=16", swept={"seed"}) == "2_seed=1,data.d=16"  # no scheme: unchanged
+    # no scheme (ux54c): the swept overrides alike; a folder the printed hint parses unquoted
+    assert job_subdir(2, None, "seed=1,data.d=16", swept={"seed"}) == "2_seed-1"
+    assert job_subdir(2, None, "seed=1,data.d=16", swept={"seed", "data.d"}) == "2_seed-1_data.d-16"
+    assert swept_keys([f"ckpt_path=/m/{job_subdir(2, None, 'seed=1,data.d=16', swept=set())}/model.ckpt"]) == set()
 
 
 def test_sweep_end_aggregate_counts_this_sweeps_jobs_only(tmp_path, monkeypatch):
