@@ -491,7 +491,7 @@ class Report:
     def table(self, utility_key: str | None = None, utility_tolerance: float | None = None,
               with_verdict: bool = True, legend_columns: str | None = None,
               verdict_note: str | None = None, verbose: bool = False,
-              warnings_in_full: str = WARNINGS_IN_FULL) -> str:
+              warnings_in_full: str = WARNINGS_IN_FULL, width: int | None = None) -> str:
         """Plain-text table: scheme, bits/weight, share of assessed weights left in float,
         utility, leakage and its 80% interval (``pos.``: position-dominated), MIS, baseline;
         then a legend of the columns (:func:`legend`), the estimator that ran (``estimation``), the verdict (:func:`verdict`: the safest
@@ -511,6 +511,12 @@ class Report:
         one scheme has no choice to make: :func:`mis_lightning.app.job.sweep_verdict_note`);
         ``None``: :attr:`verdict_note`, the report's own (``None`` too: the verdict).
 
+        ``width``: a terminal's columns (the app's printed table: :data:`CONSOLE_WIDTH`; cv53): the
+        table without its derived columns and with long scheme names shortened
+        (:func:`format_table`'s ``width``), the fixed columns' legend one short entry pointing to
+        ``warnings_in_full`` (where the table is in full: the app's ``report.md``) unless
+        ``legend_columns`` is given, and the "not ranked" line wrapped; ``None``: the full table.
+
         ``utility_key``: ``None``: :attr:`utility_key` (declared), else the default pick.
         ``utility_tolerance``: ``None``: :attr:`utility_tolerance` (``ScoringConfig.utility_tolerance``).
 
@@ -523,7 +529,11 @@ class Report:
         if utility_tolerance is None:
             utility_tolerance = self.utility_tolerance
         modes = self.utility_modes
-        text = format_table(rows, utility_key, utility_tolerance, modes=modes)
+        text = format_table(rows, utility_key, utility_tolerance, modes=modes, width=width)
+        if width is not None and legend_columns is None:  # the console's: ~300 characters, not ~1,700
+            pos = any(r.get("interval_regime") == "position-dominated" for r in rows if not r.get("error"))
+            legend_columns = CONSOLE_LEGEND.format(
+                where=warnings_in_full, pos="; pos.: set by where few coarse weights sit in their cells" if pos else "")
         text += "\n\n" + legend(rows, utility_key, columns=legend_columns, modes=modes)
         est = self.estimation or {}
         if est.get("estimator"):  # which estimator ran, in every front end's printed table (fu25)
@@ -532,11 +542,12 @@ class Report:
             # which weights are assessed and which quantized (fz44: a frozen backbone is quantized, not assessed)
             whole = (f" of the model's {total}; every scheme quantizes the whole model (the utility and "
                      "model b/w are its), the leakage is that of the assessed weights" if total > self.d else "")
-            text += (f"\nestimated by: {est['estimator']}{cov}; n = {self.n} training records, "
-                     f"d = {self.d} assessed weights{whole}")
+            line = (f"estimated by: {est['estimator']}{cov}; n = {self.n} training records, "
+                    f"d = {self.d} assessed weights{whole}")
             if est.get("num_records_requested"):  # num_records above n: every record was used (fu31)
-                text += (f"; influences of all {est['num_records']} records stored (num_records="
+                line += (f"; influences of all {est['num_records']} records stored (num_records="
                          f"{est['num_records_requested']} asked for more than there are)")
+            text += "\n" + (line if width is None else wrap_entry(line, width))
         if stats := (self.diagnostics or {}).get("running_statistics_layers"):
             # the same for every row, so no row mark (the verdict's order stands), but next to the
             # figures: every one, the baseline's too, leaves out a released channel (nu42b)
@@ -565,7 +576,7 @@ class Report:
             raise ValueError(f"utility_tolerance must be >= 0, got {utility_tolerance}")
         ties = ties_line(rows)  # also without the verdict: the table's figures still invite an order
         if ties:
-            text += "\n" + ties
+            text += "\n" + (ties if width is None else wrap_entry(ties, width))
         # a failed scheme's message is under the table's "errors:" (nux48: the same refusal was
         # there, in its row and again here); the list itself keeps it (JSON, the callback's warnings)
         shown = {failure_warning(k, s.error) for k, s in self.schemes.items() if s.error}
@@ -1638,8 +1649,51 @@ def _fmt_bits(v: Any) -> str:
     return "-" if v is None or not math.isfinite(float(v)) else f"{float(v):.2f}"
 
 
+def short_names(names: Sequence[str], limit: int) -> dict[str, str]:
+    """``{name: shortened}`` for the names longer than ``limit`` characters: the longest of its
+    ``_``-separated words cut (to no fewer than 3 letters, no shorter than needed), one at a
+    time, until it fits (``int8_dynamic_activation_int8_weight`` -> ``int8_dyn_act_int8_wei`` at
+    21, ``int8_dynamic_act_int8_weight`` at 28), else cut at
+    ``limit - 1`` and ``~`` appended; a shortened name that equals another name, or another's
+    shortened name, gets ``~<k>`` (k = 2, 3, ...) in place of its last characters. Never names a
+    name ``limit`` fits: those are not in the mapping."""
+    out: dict[str, str] = {}
+    taken = {n for n in names if len(n) <= limit}
+    for name in names:
+        if len(name) <= limit or name in out:
+            continue
+        words = name.split("_")
+        while (over := len("_".join(words)) - limit) > 0 and max(len(w) for w in words) > 3:
+            k = max(range(len(words)), key=lambda i: (len(words[i]), -i))
+            words[k] = words[k][:max(3, len(words[k]) - over)]  # no shorter than it needs, nor than 3
+        short = "_".join(words)
+        if len(short) > limit:
+            short = short[:limit - 1] + "~"
+        k = 2
+        base = short
+        while short in taken:
+            tag = f"~{k}"
+            short, k = base[:limit - len(tag)] + tag, k + 1
+        out[name] = short
+        taken.add(short)
+    return out
+
+
+#: the width the app's printed table fits (``Report.table(width=...)``; cv53: 130 columns with
+#: ``int8_dynamic_activation_int8_weight``, 35 characters)
+CONSOLE_WIDTH = 100
+#: the fixed columns' legend in a table printed at a terminal's width (``Report.table(width=...)``):
+#: what leakage is and where every column is explained (``where``: the table in full)
+CONSOLE_LEGEND = ("legend: leakage = advantage of the best membership-inference attack on the released weights "
+                  "(0 = none, 1 = always right; lower is safer; MIS = 1 - leakage); 80% interval: its uncertainty "
+                  "(overlapping = not clearly different{pos}); every column explained in {where}.")
+#: the narrowest scheme column :func:`format_table` shortens names to where ``width`` is given
+MIN_NAME_WIDTH = 12
+
+
 def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
-                 utility_tolerance: float = UTILITY_TOLERANCE, modes: Mapping[str, str] | None = None) -> str:
+                 utility_tolerance: float = UTILITY_TOLERANCE, modes: Mapping[str, str] | None = None,
+                 width: int | None = None) -> str:
     """Plain-text table of :meth:`Report.rows`.
 
     Each figure column prints in one notation (:func:`column_format`): 4 decimals, or 4
@@ -1653,18 +1707,30 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
     A failed scheme's row shows ``error: <message>`` across the figure columns where the message
     fits their width (it does not widen them), else ``error: see "errors:" below`` and the message
     follows the table under ``errors:``: each message once.
+
+    ``width`` (a terminal's columns, e.g. :data:`CONSOLE_WIDTH`; ``None``: every column, as the
+    files print it): the two columns a reader derives are left out, ``MIS`` (1 - leakage) and
+    ``baseline`` where every row prints the same one (said on a line under the table), and the
+    scheme names longer than what the other columns leave (at least :data:`MIN_NAME_WIDTH`) are
+    shortened (:func:`short_names`) with their full names on a ``names:`` line under the table.
+    A table whose other columns alone are wider (``indep.``, ``model b/w``) stays wider.
     """
     uk = pick_utility_key(rows, utility_key, modes)
     check_utility_key_measured(rows, utility_key, uk)
     extra = utility_digits(rows, utility_key, utility_tolerance, modes)
     whole = whole_model_column(rows)
     indep = independent_column(rows)
+    fmt = column_formats(rows, uk, extra)  # one notation per column
+    scored = [r for r in rows if not r.get("error")]
+    bases = {fmt["baseline_leakage"](r["baseline_leakage"]) + baseline_marks(r) for r in scored}
+    # the console's table (cv53): the derived columns out, the baseline once where it is one figure
+    mis_col, base_col = width is None, width is None or len(bases) != 1
     head = ["scheme", "bits/w", "float"] + (["model b/w"] if whole else []) + (
         [uk.removeprefix("utility_")] if uk else []) + [
         "leakage"] + (["indep."] if indep else []) + [
-        "80% interval", "MIS", "pool", "baseline", "d_eff", "zeros"]  # zero_fraction
+        "80% interval"] + (["MIS"] if mis_col else []) + ["pool"] + (["baseline"] if base_col else []) + [
+        "d_eff", "zeros"]  # zero_fraction
     body: list[list[str] | tuple[str, str]] = []
-    fmt = column_formats(rows, uk, extra)  # one notation per column
     for r in rows:
         label = f"{r['scheme']} ({r['note']})" if r.get("note") else str(r["scheme"])
         if r.get("error"):
@@ -1682,10 +1748,22 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
             [UTILITY_FAILED if r.get("utility_error") else fmt[uk](r.get(uk))] if uk else []) + [
             fmt["leakage"](r["leakage"]) + leakage_marks(r)] + (
             [fmt["leakage_independent"](r.get("leakage_independent"))] if indep else []) + [
-            interval, fmt["mis"](r["mis"]),
-            "-" if pool is None or (isinstance(pool, float) and math.isnan(pool)) else fmt["pool_leakage"](pool),
-            fmt["baseline_leakage"](r["baseline_leakage"]) + baseline_marks(r),
+            interval] + ([fmt["mis"](r["mis"])] if mis_col else []) + [
+            "-" if pool is None or (isinstance(pool, float) and math.isnan(pool)) else fmt["pool_leakage"](pool)] + (
+            [fmt["baseline_leakage"](r["baseline_leakage"]) + baseline_marks(r)] if base_col else []) + [
             fmt["d_eff"](r["d_eff"]), fmt["zeros"](zeros(r))])
+    under = []
+    if not base_col:
+        under.append(f"baseline (the unquantized model's leakage): {next(iter(bases))} on every row")
+    if width is not None:
+        rest = [max(len(str(c[i])) for c in [head] + [b for b in body if isinstance(b, list)])
+                for i in range(1, len(head))]
+        limit = max(width - sum(rest) - 2 * len(rest), MIN_NAME_WIDTH)
+        short = short_names([b[0] if isinstance(b, tuple) else b[0] for b in body], limit)
+        if short:
+            body = [(short.get(b[0], b[0]), b[1]) if isinstance(b, tuple) else [short.get(b[0], b[0]), *b[1:]]
+                    for b in body]
+            under.append("names: " + "; ".join(f"{v} = {k}" for k, v in short.items()))
     cols = [head] + [b for b in body if isinstance(b, list)] + [[b[0]] for b in body if isinstance(b, tuple)]
     widths = [max(len(str(c[i])) for c in cols if i < len(c)) for i in range(len(head))]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
@@ -1703,6 +1781,7 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
                 errors.append((b[0], b[1]))
         else:
             lines.append(line(b))
+    lines += [wrap_entry(u, width) for u in under]  # (only with width: the console's table)
     if errors:
         lines += ["", "errors:"] + [f"  {name}: {msg}" for name, msg in errors]
     return "\n".join(lines)

@@ -73,6 +73,7 @@ from mis_lightning.progress import ProgressDisplay, ProgressFn
 from mis_lightning.quantization import QuantizationScheme, SchemeUnavailableError
 from mis_lightning.record_count import check_enough_records
 from mis_lightning.report import (
+    CONSOLE_WIDTH,
     UTILITY_TOLERANCE,
     Report,
     not_trained_warning,
@@ -718,7 +719,8 @@ def sweep_table(report: Report, table: str, info: Mapping[str, Any], *, with_ver
     where = f"; in full in each job's {table_file}" if table_file else ""
     full = {} if warnings_in_full is None else {"warnings_in_full": warnings_in_full}
     return report.table(with_verdict=with_verdict, verdict_note=sweep_verdict_note(report, info),
-                        legend_columns=f"legend: the columns as under job 0's table{where}.", **full)
+                        legend_columns=f"legend: the columns as under job 0's table{where}.", width=CONSOLE_WIDTH,
+                        **full)
 
 
 def check_launched_paths(cfg: DictConfig) -> None:
@@ -1057,7 +1059,9 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             # the table as printed below (mode=plan: the plan's budgeted choice replaces the verdict)
             if names.get("report_table"):  # the file keeps the warnings in full, the console one line each
                 (out / names.report_table).write_text(report.table(with_verdict=plan_cfg is None, verbose=True) + "\n")
-            table = report.table(with_verdict=plan_cfg is None, warnings_in_full=warnings_in_full(out, names))
+            # the console's: 100 columns, the legend short (report.md has both in full: cv53)
+            table = report.table(with_verdict=plan_cfg is None, warnings_in_full=warnings_in_full(out, names),
+                                 width=CONSOLE_WIDTH)
             fig = report.plot()
             # drawn once, for the file and the loggers (TensorBoard logs its pixels: fx33)
             pixels = draw_figure(fig, out / names.figure)
