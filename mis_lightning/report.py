@@ -1651,9 +1651,9 @@ def _fmt_bits(v: Any) -> str:
 
 def short_names(names: Sequence[str], limit: int) -> dict[str, str]:
     """``{name: shortened}`` for the names longer than ``limit`` characters: the longest of its
-    ``_``-separated words cut (to no fewer than 3 letters, no shorter than needed), one at a
-    time, until it fits (``int8_dynamic_activation_int8_weight`` -> ``int8_dyn_act_int8_wei`` at
-    21, ``int8_dynamic_act_int8_weight`` at 28), else cut at
+    ``_``-separated words cut to their first 3 letters, one at a time, until it fits
+    (``int8_dynamic_activation_int8_weight`` -> ``int8_dyn_act_int8_wei`` at 21 to 23,
+    ``int8_dynamic_act_int8_weight`` at 28), else (one word, or 3-letter words) cut at
     ``limit - 1`` and ``~`` appended; a shortened name that equals another name, or another's
     shortened name, gets ``~<k>`` (k = 2, 3, ...) in place of its last characters. Never names a
     name ``limit`` fits: those are not in the mapping."""
@@ -1663,9 +1663,9 @@ def short_names(names: Sequence[str], limit: int) -> dict[str, str]:
         if len(name) <= limit or name in out:
             continue
         words = name.split("_")
-        while (over := len("_".join(words)) - limit) > 0 and max(len(w) for w in words) > 3:
+        while len(words) > 1 and len("_".join(words)) > limit and max(len(w) for w in words) > 3:
             k = max(range(len(words)), key=lambda i: (len(words[i]), -i))
-            words[k] = words[k][:max(3, len(words[k]) - over)]  # no shorter than it needs, nor than 3
+            words[k] = words[k][:3]  # an abbreviation a reader completes (dyn, act, wei), not a word cut short
         short = "_".join(words)
         if len(short) > limit:
             short = short[:limit - 1] + "~"
