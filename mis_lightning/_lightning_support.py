@@ -1083,7 +1083,8 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
                       scoring_config: ScoringConfig, resolved: dict[str, Any], *, batch_fn: Any = None,
                       batch_size: int | None = None, metrics: Mapping[str, Any] | None = None,
                       output_transform: Any = None, keep: dict[str, Any] | None = None,
-                      full_pass: bool = False, read: int | None = None) -> Report:
+                      full_pass: bool = False, read: int | None = None,
+                      eval_in_training: list[str] | None = None) -> Report:
     """The pipeline on a Trainer's data: the estimation pass over this process's unpadded shard
     of ``trainer.train_dataloader.dataset`` (indices ``rank, rank + world, ...``; states synced
     over processes by :class:`~mis_lightning.streaming.EstimationMetric`), then
@@ -1095,7 +1096,9 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     ``keep``, when given, receives the ``estimate``, the estimation ``loader`` and the
     ``utility_fn`` (the planner reuses them: ``MISCallback(plan=...)``). ``full_pass``: the
     training has read its loader to the end at least once; ``read``: the most batches one pass
-    has read from its start (:func:`trained_batches`).
+    has read from its start (:func:`trained_batches`). ``eval_in_training``: the
+    :func:`~mis_lightning.assess.mode_dependent_modules` the last training batch ran in eval mode
+    (``None``: no batch seen), as ``diagnostics["eval_mode_in_training"]``.
 
     Raises:
         RuntimeError: the trainer has no training dataloader.
@@ -1165,6 +1168,8 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
         # the records are the trainer's training records: "records not trained on" cannot be the cause
         # of a stiff offset here (nux51 #2: said of the 600 records a tied LM was trained on)
         est.diagnostics["records_from_training_loader"] = True
+        if eval_in_training is not None:  # how the training ran its mode-dependent layers (ux54c)
+            est.diagnostics["eval_mode_in_training"] = list(eval_in_training)
         if items_are_batches(train):  # the report states the count "auto" assumed
             note_unknown_records(est, metric.accumulator, f"the training loader {UNKNOWN_RECORDS_SOURCE}")
         # metrics= only for their directions (report.utility_modes); utility_fn measures them

@@ -1277,6 +1277,36 @@ def _stochastic_layers(model: nn.Module) -> list[str]:
             or (isinstance(m, nn.MultiheadAttention) and float(m.dropout) > 0)]
 
 
+def mode_dependent_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model itself and its modules that compute another function in train mode than in eval
+    mode (running-statistics normalisation, :func:`_stochastic_layers`' kinds), each named as those
+    lists name it (the model itself: its class name). A front end that watches the training
+    records which of them its last training batch ran in eval mode
+    (``diagnostics["eval_mode_in_training"]``): those are no cause of the eval-mode objective
+    differing from the one trained (ux54c)."""
+    from torch.nn.modules.batchnorm import _NormBase
+    from torch.nn.modules.dropout import _DropoutNd
+
+    return [(name or type(m).__name__, m) for name, m in model.named_modules()
+            if not name or (isinstance(m, _NormBase) and m.track_running_stats) or isinstance(m, (_DropoutNd, nn.RReLU))
+            or (isinstance(m, nn.MultiheadAttention) and float(m.dropout) > 0)]
+
+
+def _mode_suspects(model: nn.Module, diagnostics: Mapping[str, Any] | None) -> tuple[list[str], list[str], bool]:
+    """The running-statistics layers, the dropout layers and whether dropout written in the
+    forward (``diagnostics["random_in_train_mode"]`` without a dropout layer) may have made the
+    trained objective differ from the eval-mode one assessed, leaving out those the front end saw
+    in eval mode at the last training batch (``diagnostics["eval_mode_in_training"]``: the model
+    itself there rules out dropout written in its forward, which follows its flag)."""
+    evald = set((diagnostics or {}).get("eval_mode_in_training") or ())
+    drops_all = _stochastic_layers(model)
+    norms = [n for n in _running_statistics_layers(model) if n not in evald]
+    drops = [n for n in drops_all if n not in evald]
+    written = (not drops_all and bool((diagnostics or {}).get("random_in_train_mode"))
+               and type(model).__name__ not in evald)
+    return norms, drops, written
+
+
 def _shown(names: list[str], k: int = 3) -> str:
     return ", ".join(repr(n) for n in names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
 
@@ -1293,9 +1323,9 @@ def _batch_statistics_cause(model: nn.Module, diagnostics: Mapping[str, Any] | N
     more in eval mode). A forward random in train mode without such a layer
     (``diagnostics["random_in_train_mode"]``, the estimation's first batch:
     :meth:`~.estimation.per_sample.LossProgram.random_in_train_mode`) has dropout written in it
-    (``F.dropout(x, p, self.training)``), named as such (ux53). ``""`` without any of them."""
-    norms, drops = _running_statistics_layers(model), _stochastic_layers(model)
-    written = not drops and bool((diagnostics or {}).get("random_in_train_mode"))
+    (``F.dropout(x, p, self.training)``), named as such (ux53). Layers the training's last batch
+    ran in eval mode are none of them (:func:`_mode_suspects`). ``""`` without any of them."""
+    norms, drops, written = _mode_suspects(model, diagnostics)
     if not norms and not drops and not written:
         return ""
     what = []
@@ -1319,14 +1349,19 @@ def _not_at_minimum_suspects(model: nn.Module, diagnostics: Mapping[str, Any] | 
     """The not-at-a-minimum warning's likely causes, short: its first sentence is what the console
     shows (:func:`~mis_lightning._warning_lines.warning_line`, nux51 #9); the warning's text after
     it says each in full (:func:`_batch_statistics_cause` for the layers named here, and dropout
-    written in the forward, found as :func:`_batch_statistics_cause` finds it)."""
-    norms, drops = _running_statistics_layers(model), _stochastic_layers(model)
-    written = not drops and bool((diagnostics or {}).get("random_in_train_mode"))
+    written in the forward, found as :func:`_batch_statistics_cause` finds it). Where the front end
+    watched the training (``diagnostics["eval_mode_in_training"]``, the callback) the layers it ran
+    in eval mode are left out and the rest named as trained in train mode; elsewhere (``assess``:
+    how training ended is not known) they are named on that condition (ux54c: a model whose dropout
+    the user ended in eval mode, as the warning advises, read "likely: dropout ...")."""
+    norms, drops, written = _mode_suspects(model, diagnostics)
     if norms or drops or written:
         what = " and ".join([*([f"running statistics {_shown(norms, 2)}"] if norms else []),
                              *([f"dropout {_shown(drops, 2)}"] if drops else []),
                              *(["dropout written in its forward"] if written else [])])
-        return f"likely: {what} trained in train mode, assessed in eval mode"
+        if "eval_mode_in_training" in (diagnostics or {}):
+            return f"likely: {what} trained in train mode, assessed in eval mode"
+        return f"likely, if trained in train mode: {what} (assessed in eval mode)"
     diagnostics = diagnostics or {}
     if _unseen_records(diagnostics) and diagnostics.get("offset_decay_held"):
         # converged but along the directions the decay alone holds, yet off along the stiff ones: the
@@ -1591,6 +1626,7 @@ def score_schemes(
     prepared: list[_Prepared] = []
     failures: dict[str, str] = {}
     utility_records: int | None = None
+    utility_errors: dict[str, dict[str, Any]] = {}  # Report.utility_errors
     shared_facts: list = []  # the scale facts the schemes reveal alike (scale_facts_shared)
     for scheme in scheme_objs:
         try:
@@ -1612,6 +1648,11 @@ def score_schemes(
                         prep.utility = {k: float(v) for k, v in values.items()}
                     # the validation records counted (evaluate_utility's; a user's utility_fn: unknown)
                     utility_records = getattr(values, "records", None) or utility_records
+                    for key, err in (getattr(values, "errors", None) or {}).items():  # each scheme's own se (ux54c)
+                        kept = utility_errors.setdefault(key, {"average": err["average"], "se": {},
+                                                               "chance_se": err["chance_se"]})
+                        if err["se"] is not None:
+                            kept["se"][scheme.name] = err["se"]
             except ReleaseForwardError as exc:  # the leakage is the weights': kept, the utility fails
                 if strict:
                     raise
@@ -1963,6 +2004,7 @@ def score_schemes(
     report.utility_modes = utility_modes(report, metrics, cfg)
     report.utility_key, report.utility_tolerance = cfg.utility_key, cfg.utility_tolerance
     report.utility_records = utility_records
+    report.utility_errors = utility_errors
     report.utility_classes = utility_classes(metrics)
     return report
 

@@ -35,6 +35,7 @@ from .assess import (
     check_schemes,
     check_trainable_tensors,
     check_utility_metric,
+    mode_dependent_modules,
     resolve_schemes,
     select_params,
 )
@@ -139,7 +140,9 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         utility_metrics, output_transform: torchmetrics for the quantized copies and
             ``(outputs, targets) -> (preds, target)`` before them (the mean loss is always reported).
         every_n_val_epochs: also run after every n-th validation epoch (``None``: end of fit).
-        dirpath: report and figure folder (default: the checkpoint dir, else the log dir).
+        dirpath: report and figure folder (default: the checkpoint dir, else the log dir; there an
+            earlier run's report is kept and this fit's names get ``-v1``, ...; an explicit
+            ``dirpath`` keeps the names fixed and overwrites an earlier report, with a warning).
         estimation_batch_size: batch size of the estimation pass (default: the train loader's).
         log_figure: send the figure to loggers that take images; prefix: logged key prefix.
         plan: a :class:`~mis_lightning.planning.PlanConfig` (or its fields as a mapping): at the
@@ -209,6 +212,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         if stage != "fit":
             return
         self._version: str | None = None  # this fit's file names, chosen at its first write (_out_version)
+        self._overwrites = False  # this fit overwrites an earlier run's report in an explicit dirpath
         # A module that builds its layers in ``configure_model`` (Lightning's pattern for large
         # models; Lightning calls it after this hook) has no parameter yet: its checks wait for
         # on_train_start, still before the first step (nu43: refused here, "no parameter selected")
@@ -276,6 +280,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         # twice after a resume within a pass (a loader without state_dict starts its pass
         # again). A checkpoint taken after an epoch's end: a pass has ended. ("ready": a
         # checkpoint written in on_train_batch_end has that batch read, not completed.)
+        # the layers whose mode changes the function: which ran in eval mode is read per batch (ux54c)
+        self._mode_modules, self._eval_in_training = mode_dependent_modules(pl_module), None
         progress = trainer.fit_loop.epoch_loop.batch_progress
         self._full_pass = int(trainer.fit_loop.epoch_progress.current.completed) >= 1
         self._most_read = 0 if self._full_pass else int(progress.total.ready)
@@ -350,6 +356,9 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if (losses := getattr(self, "_train_losses", None)) is not None:
             losses.start(batch)  # its version counters (a training_step writing into its batch: ux53)
+        # dropout / running statistics the user runs in eval mode (e.g. a polish in eval mode, as
+        # the not-at-a-minimum warning advises) are no cause of an objective mismatch (ux54c)
+        self._eval_in_training = [n for n, m in getattr(self, "_mode_modules", ()) if not m.training]
         if self._batch_unchecked:
             self._batch_unchecked = False
             res = self._loss(trainer, pl_module)
@@ -437,7 +446,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             trainer, pl_module, self.schemes, est_cfg, self.scoring_config,
             self._loss(trainer, pl_module), batch_fn=self.batch_fn, batch_size=self.estimation_batch_size,
             metrics=self.utility_metrics, output_transform=self.output_transform, keep=self._kept,
-            full_pass=getattr(self, "_full_pass", False), read=getattr(self, "_most_read", None) or None)
+            full_pass=getattr(self, "_full_pass", False), read=getattr(self, "_most_read", None) or None,
+            eval_in_training=getattr(self, "_eval_in_training", None))
 
     def _plan(self, trainer: Any, pl_module: Any) -> PlanResult:
         """The planner on the assessment's estimate, loader and utility (rank 0)."""
@@ -455,9 +465,18 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         """This fit's suffix of the file names in ``out`` (:func:`~mis_lightning.tracking.free_version`),
         chosen at the fit's first write: its later runs (mid-training, fit end) rewrite its own
         files, never an earlier run's (nux53: ``logger=False`` writes to ``default_root_dir``, the
-        working directory by default, where a second run overwrote the first's report silently)."""
+        working directory by default, where a second run overwrote the first's report silently).
+
+        An explicit ``dirpath=`` is the user's choice of where ``mis_report.json`` is read: its
+        names stay fixed and an earlier run's report there is overwritten, with a warning (ux54c:
+        ``-v1`` names left code reading ``<dirpath>/mis_report.json`` on the earlier run's report)."""
         if getattr(self, "_version", None) is None:
-            self._version = free_version(out)
+            self._overwrites = self.dirpath is not None and (out / REPORT_NAME).exists()
+            self._version = "" if self.dirpath is not None else free_version(out)
+            if self._overwrites:
+                rank_zero_warn(f"MISCallback: dirpath={str(self.dirpath)!r} holds an earlier run's {REPORT_NAME}: "
+                               "this fit overwrites it (an explicit dirpath keeps the file names fixed; leave "
+                               "dirpath unset, or pass a fresh one, to keep both)")
         return self._version or ""
 
     def _run(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -545,7 +564,9 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                                + (f" ({failed} failed: see the warnings)" if failed else "")
                                + f" on n={report.n} records in {time.perf_counter() - t0:.1f} s; "
                                f"report: {self.report_path}"
-                               + (f" ({REPORT_NAME} there is an earlier run's, kept)" if version else "")
+                               + (f" ({REPORT_NAME} there is an earlier run's, kept)" if version
+                                  else " (an earlier run's, overwritten: dirpath= given)"
+                                  if getattr(self, "_overwrites", False) else "")
                                + ("; the warnings above in full: print(callback.report.warnings_text())"
                                   if lines != report.warnings else ""))
                 ties = ties_line(report.rows())  # the figures' order where the intervals do not resolve it

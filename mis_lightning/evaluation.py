@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._accuracy_error import accuracy_error
 from ._precision import full_float32
 from ._rng import restores_rng
 from .estimation.per_sample import BatchFn, LossFn, default_batch_fn
@@ -27,6 +28,9 @@ class UtilityValues(dict):
     losses counted), so the verdict can set an accuracy's gaps against its sampling error (nux53 #10)."""
 
     records: int | None = None
+    #: ``{metric name: accuracy_error(metric)}`` for the torchmetrics accuracies among the metrics
+    #: (:func:`~mis_lightning._accuracy_error.accuracy_error`: the error of its average, ux54c)
+    errors: dict[str, dict[str, Any]] | None = None
 
 
 def to_device(tree: Any, device: torch.device | str) -> Any:
@@ -78,7 +82,8 @@ def evaluate_utility(
 
     Returns:
         ``{"loss": mean per-sample loss, **{name: metric value}}`` (floats), a
-        :class:`UtilityValues` whose ``records`` is the number of records evaluated.
+        :class:`UtilityValues` whose ``records`` is the number of records evaluated and
+        ``errors`` each torchmetrics accuracy's standard error (its average's own formula).
 
     Raises:
         ValueError: neither ``loss_fn`` nor ``batch_loss`` is given.
@@ -132,6 +137,9 @@ def evaluate_utility(
             m.training = t
     out = UtilityValues(loss=total / max(count, 1))
     out.records = count
+    out.errors = {}
     for k, m in ms.items():
         out[k] = float(m.compute())
+        if (err := accuracy_error(m)) is not None:  # from the counts compute() read (macro: per class)
+            out.errors[k] = err
     return out

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ._accuracy_error import SHARE_AVERAGES
 from ._warning_lines import FAILED_SCHEME, MORE, warning_line
 
 # Renamed report fields: old name -> new name (old JSON keys load, old attributes still read).
@@ -266,9 +267,12 @@ class Report:
         utility_records: the number of validation records the utility was measured on
         (:class:`~mis_lightning.evaluation.UtilityValues`; ``None``: unknown, e.g. a user's
         ``utility_fn``); utility_classes: ``{utility metric name: num_classes}`` of the metric
-        objects that expose it (torchmetrics' multiclass metrics). Both only let the verdict set
-        an accuracy's gaps against its sampling error and tell an accuracy at chance
-        (:func:`utility_noise_note`); in the JSON only where set.
+        objects that expose it (torchmetrics' multiclass metrics). utility_errors: ``{utility
+        metric name: {"average": ..., "se": {scheme: standard error}, "chance_se": ...}}`` for the
+        torchmetrics accuracies, from their own counts (:func:`~mis_lightning._accuracy_error.accuracy_error`:
+        a macro average's error is its classes' binomial errors averaged, not the binomial of its
+        value; ux54c). These only let the verdict set an accuracy's gaps against its sampling error
+        and tell an accuracy at chance (:func:`utility_noise_note`); in the JSON only where set.
         verdict_note: a line :meth:`table` prints in place of the verdict (``None``: the
         verdict), kept in the JSON so that a loaded report prints what its front end printed: a
         sweep's job that assessed one scheme has no choice to make
@@ -298,6 +302,7 @@ class Report:
     utility_tolerance: float = UTILITY_TOLERANCE
     utility_records: int | None = None
     utility_classes: dict[str, int] = field(default_factory=dict)
+    utility_errors: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         # the keys only where set: reports without a note keep their JSON as before
@@ -310,6 +315,8 @@ class Report:
             note["utility_records"] = self.utility_records
         if self.utility_classes:
             note["utility_classes"] = dict(self.utility_classes)
+        if self.utility_errors:
+            note["utility_errors"] = to_plain(self.utility_errors)
         return {
             "n": self.n,
             "d": self.d,
@@ -379,6 +386,7 @@ class Report:
             utility_tolerance=float(data.get("utility_tolerance", UTILITY_TOLERANCE)),
             utility_records=None if data.get("utility_records") is None else int(data["utility_records"]),
             utility_classes={k: int(v) for k, v in (data.get("utility_classes") or {}).items()},
+            utility_errors={k: dict(v) for k, v in (data.get("utility_errors") or {}).items()},
         )
 
     @classmethod
@@ -483,7 +491,7 @@ class Report:
     def table(self, utility_key: str | None = None, utility_tolerance: float | None = None,
               with_verdict: bool = True, legend_columns: str | None = None,
               verdict_note: str | None = None, verbose: bool = False,
-              warnings_in_full: str = WARNINGS_IN_FULL) -> str:
+              warnings_in_full: str = WARNINGS_IN_FULL, width: int | None = None) -> str:
         """Plain-text table: scheme, bits/weight, share of assessed weights left in float,
         utility, leakage and its 80% interval (``pos.``: position-dominated), MIS, baseline;
         then a legend of the columns (:func:`legend`), the estimator that ran (``estimation``), the verdict (:func:`verdict`: the safest
@@ -503,6 +511,12 @@ class Report:
         one scheme has no choice to make: :func:`mis_lightning.app.job.sweep_verdict_note`);
         ``None``: :attr:`verdict_note`, the report's own (``None`` too: the verdict).
 
+        ``width``: a terminal's columns (the app's printed table: :data:`CONSOLE_WIDTH`; cv53): the
+        table without its derived columns and with long scheme names shortened
+        (:func:`format_table`'s ``width``), the fixed columns' legend one short entry pointing to
+        ``warnings_in_full`` (where the table is in full: the app's ``report.md``) unless
+        ``legend_columns`` is given, and the "not ranked" line wrapped; ``None``: the full table.
+
         ``utility_key``: ``None``: :attr:`utility_key` (declared), else the default pick.
         ``utility_tolerance``: ``None``: :attr:`utility_tolerance` (``ScoringConfig.utility_tolerance``).
 
@@ -515,7 +529,11 @@ class Report:
         if utility_tolerance is None:
             utility_tolerance = self.utility_tolerance
         modes = self.utility_modes
-        text = format_table(rows, utility_key, utility_tolerance, modes=modes)
+        text = format_table(rows, utility_key, utility_tolerance, modes=modes, width=width)
+        if width is not None and legend_columns is None:  # the console's: ~300 characters, not ~1,700
+            pos = any(r.get("interval_regime") == "position-dominated" for r in rows if not r.get("error"))
+            legend_columns = CONSOLE_LEGEND.format(
+                where=warnings_in_full, pos="; pos.: set by where few coarse weights sit in their cells" if pos else "")
         text += "\n\n" + legend(rows, utility_key, columns=legend_columns, modes=modes)
         est = self.estimation or {}
         if est.get("estimator"):  # which estimator ran, in every front end's printed table (fu25)
@@ -524,11 +542,12 @@ class Report:
             # which weights are assessed and which quantized (fz44: a frozen backbone is quantized, not assessed)
             whole = (f" of the model's {total}; every scheme quantizes the whole model (the utility and "
                      "model b/w are its), the leakage is that of the assessed weights" if total > self.d else "")
-            text += (f"\nestimated by: {est['estimator']}{cov}; n = {self.n} training records, "
-                     f"d = {self.d} assessed weights{whole}")
+            line = (f"estimated by: {est['estimator']}{cov}; n = {self.n} training records, "
+                    f"d = {self.d} assessed weights{whole}")
             if est.get("num_records_requested"):  # num_records above n: every record was used (fu31)
-                text += (f"; influences of all {est['num_records']} records stored (num_records="
+                line += (f"; influences of all {est['num_records']} records stored (num_records="
                          f"{est['num_records_requested']} asked for more than there are)")
+            text += "\n" + (line if width is None else wrap_entry(line, width))
         if stats := (self.diagnostics or {}).get("running_statistics_layers"):
             # the same for every row, so no row mark (the verdict's order stands), but next to the
             # figures: every one, the baseline's too, leaves out a released channel (nu42b)
@@ -550,13 +569,14 @@ class Report:
         if with_verdict:
             # wrapped as the legend's entries (one line was 290-545 characters: cv53); the words unchanged
             text += "\n" + wrap_entry(verdict(rows, utility_key, utility_tolerance, modes=modes,
-                                               records=self.utility_records, classes=self.utility_classes)
+                                               records=self.utility_records, classes=self.utility_classes,
+                                               errors=self.utility_errors)
                                        if verdict_note is None else verdict_note)
         elif utility_tolerance < 0:
             raise ValueError(f"utility_tolerance must be >= 0, got {utility_tolerance}")
         ties = ties_line(rows)  # also without the verdict: the table's figures still invite an order
         if ties:
-            text += "\n" + ties
+            text += "\n" + (ties if width is None else wrap_entry(ties, width))
         # a failed scheme's message is under the table's "errors:" (nux48: the same refusal was
         # there, in its row and again here); the list itself keeps it (JSON, the callback's warnings)
         shown = {failure_warning(k, s.error) for k, s in self.schemes.items() if s.error}
@@ -1002,7 +1022,8 @@ def ties_line(rows: Sequence[dict[str, Any]], label: str = "scheme") -> str | No
 
 def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
             utility_tolerance: float = UTILITY_TOLERANCE, modes: Mapping[str, str] | None = None,
-            records: int | None = None, classes: Mapping[str, int] | None = None) -> str:
+            records: int | None = None, classes: Mapping[str, int] | None = None,
+            errors: Mapping[str, Mapping[str, Any]] | None = None) -> str:
     """One line: the safest scheme (lowest leakage) among those whose utility is within
     ``utility_tolerance`` (relative, e.g. 0.01 = 1%) of the best scheme's, and which schemes it
     is not clearly different from (80% intervals overlap). Without utility: the safest scheme.
@@ -1011,9 +1032,10 @@ def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
 
     ``modes``: the utility metrics' directions (:attr:`Report.utility_modes`). ``records``,
     ``classes``: the validation records and the metrics' class counts
-    (:attr:`Report.utility_records`, :attr:`Report.utility_classes`): where given, an accuracy's
-    band decided by gaps below its standard error, or an accuracy at chance, is said
-    (:func:`utility_noise_note`); neither changes the scheme chosen or a figure.
+    (:attr:`Report.utility_records`, :attr:`Report.utility_classes`), ``errors`` the accuracies'
+    own errors (:attr:`Report.utility_errors`): where given, an accuracy's band decided by gaps
+    below its standard error, or an accuracy at chance, is said (:func:`utility_noise_note`);
+    none of them changes the scheme chosen or a figure.
 
     Raises:
         ValueError: ``utility_tolerance`` is negative; the utility metric's direction is unknown.
@@ -1042,7 +1064,8 @@ def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
         return f"verdict: no scheme ranked: every leakage is a lower bound (+): {name_list(bounded)}"
     extra = utility_digits(ok, utility_key, utility_tolerance, modes)  # as the table's column
     text = (_ranked_verdict(ranked, utility_key, utility_tolerance, extra, modes)
-            + utility_noise_note(ranked, utility_key, utility_tolerance, modes, records, classes, extra) + note)
+            + utility_noise_note(ranked, utility_key, utility_tolerance, modes, records, classes, extra, errors)
+            + note)
     marked = [str(r["scheme"]) for r in ranked if r.get("indicative")]
     if marked and len(marked) == len(ranked):
         # every figure outside the analysis's assumptions: an order, not a measured ranking
@@ -1061,17 +1084,22 @@ CHANCE_SE = 2.0
 
 def utility_noise_note(ranked: list[dict[str, Any]], utility_key: str | None, utility_tolerance: float,
                        modes: Mapping[str, str] | None = None, records: int | None = None,
-                       classes: Mapping[str, int] | None = None, extra: int = 0) -> str:
+                       classes: Mapping[str, int] | None = None, extra: int = 0,
+                       errors: Mapping[str, Mapping[str, Any]] | None = None) -> str:
     """The verdict's clause on the validation set's sampling noise (nux53 #10): ``""`` unless the
     utility is a top-1 accuracy (:data:`ACCURACY_NAMES`, larger is better, values in [0, 1]) and
-    ``records`` (m, the validation records) is known. Its standard error at the best scheme's
-    accuracy p is se = sqrt(p (1 - p) / m) (binomial). Says (a) when the choice rests on a gap below
-    se: the safest scheme in the band, or one reading lower leakage outside it, within se of the
-    band's edge; (b) with ``classes[name]`` = K known, when |p - 1/K| <= :data:`CHANCE_SE` se0 (se0 =
-    sqrt(c (1 - c) / m) at c = 1/K, guessing's own error): the model's accuracy is at chance (below
-    it under 1/K - CHANCE_SE se0). se is each accuracy's own error; the difference of two
-    schemes on the same records is paired and can be resolved more finely. Nothing chosen changes.
-    ``ranked``: the verdict's ranked rows (:func:`_ranked_rows`)."""
+    ``records`` (m, the validation records) is known. Its standard error se at the best scheme's
+    accuracy p: ``errors[name]["se"][scheme]`` where the metric's own counts gave it
+    (:func:`~mis_lightning._accuracy_error.accuracy_error`: for a macro average, ux54c,
+    sqrt(sum_c r_c (1 - r_c) / m_c) / K over the classes' recalls; none given for an average
+    that is neither a share of the records nor the classes' mean of shares: no clause), else
+    sqrt(p (1 - p) / m) (binomial: a share of the m records). Says (a) when the choice rests on a
+    gap below se: the safest scheme in the band, or one reading lower leakage outside it, within
+    se of the band's edge; (b) with ``classes[name]`` = K known, when |p - 1/K| <= :data:`CHANCE_SE`
+    se0 (guessing's own error at c = 1/K: ``errors[name]["chance_se"]``, else sqrt(c (1 - c) / m)):
+    the model's accuracy is at chance (below it under 1/K - CHANCE_SE se0). se is each accuracy's
+    own error; the difference of two schemes on the same records is paired and can be resolved
+    more finely. Nothing chosen changes. ``ranked``: the verdict's ranked rows (:func:`_ranked_rows`)."""
     if not records or records <= 0:
         return ""
     uk = pick_utility_key(ranked, utility_key, modes)
@@ -1082,7 +1110,16 @@ def utility_noise_note(ranked: list[dict[str, Any]], utility_key: str | None, ut
         return ""
     metric = uk.removeprefix("utility_")
     p = float(best[uk])
-    se = math.sqrt(p * (1.0 - p) / records)
+    own = (errors or {}).get(metric)
+    if own is not None:  # the metric's own counts: its average's error, per scheme
+        se = (own.get("se") or {}).get(str(best.get("scheme")))
+        if se is None or not math.isfinite(float(se)):
+            return ""  # an average whose error is not known here: none claimed
+        se = float(se)
+        formula = ("sqrt(p(1-p)/m)" if own.get("average") in SHARE_AVERAGES
+                   else f"{own.get('average')} average: the classes' binomial errors averaged")
+    else:
+        se, formula = math.sqrt(p * (1.0 - p) / records), "sqrt(p(1-p)/m)"
     edge = p - utility_tolerance * abs(p)
     safest = min(eligible, key=lambda r: float(r["leakage"]))
     inside = {id(r) for r in eligible}
@@ -1097,14 +1134,15 @@ def utility_noise_note(ranked: list[dict[str, Any]], utility_key: str | None, ut
     if gaps and min(gaps) < se:
         out += (f"; the utility band's choice rests on {metric} gaps below its standard error (down to "
                 f"{fmt(min(gaps), 0)} from the band's edge; se {fmt(se, 0)} on {records:,} validation records, "
-                "sqrt(p(1-p)/m); a paired difference on the same records can be finer)")
+                f"{formula}; a paired difference on the same records can be finer)")
     k = (classes or {}).get(metric)
     if k:
         chance = 1.0 / k
         # the error of guessing's accuracy (the null's, sqrt(c(1-c)/m)), not the best's: at p above
         # chance that is larger and called 0.04 "at chance" of 1/1000 on 50 records (2 hits where
         # guessing expects 0.05: rv53b)
-        se0 = math.sqrt(chance * (1.0 - chance) / records)
+        se0 = (float(own["chance_se"]) if own is not None and own.get("chance_se") is not None
+               else math.sqrt(chance * (1.0 - chance) / records))
         if p <= chance + CHANCE_SE * se0:
             where = ("at chance: the best {m} {p} is within {c:g} se ({se}) of" if p >= chance - CHANCE_SE * se0
                      else "below chance: the best {m} {p} is more than {c:g} se ({se}) below")
@@ -1616,8 +1654,51 @@ def _fmt_bits(v: Any) -> str:
     return "-" if v is None or not math.isfinite(float(v)) else f"{float(v):.2f}"
 
 
+def short_names(names: Sequence[str], limit: int) -> dict[str, str]:
+    """``{name: shortened}`` for the names longer than ``limit`` characters: the longest of its
+    ``_``-separated words cut to their first 3 letters, one at a time, until it fits
+    (``int8_dynamic_activation_int8_weight`` -> ``int8_dyn_act_int8_wei`` at 21 to 23,
+    ``int8_dynamic_act_int8_weight`` at 28), else (one word, or 3-letter words) cut at
+    ``limit - 1`` and ``~`` appended; a shortened name that equals another name, or another's
+    shortened name, gets ``~<k>`` (k = 2, 3, ...) in place of its last characters. Never names a
+    name ``limit`` fits: those are not in the mapping."""
+    out: dict[str, str] = {}
+    taken = {n for n in names if len(n) <= limit}
+    for name in names:
+        if len(name) <= limit or name in out:
+            continue
+        words = name.split("_")
+        while len(words) > 1 and len("_".join(words)) > limit and max(len(w) for w in words) > 3:
+            k = max(range(len(words)), key=lambda i: (len(words[i]), -i))
+            words[k] = words[k][:3]  # an abbreviation a reader completes (dyn, act, wei), not a word cut short
+        short = "_".join(words)
+        if len(short) > limit:
+            short = short[:limit - 1] + "~"
+        k = 2
+        base = short
+        while short in taken:
+            tag = f"~{k}"
+            short, k = base[:limit - len(tag)] + tag, k + 1
+        out[name] = short
+        taken.add(short)
+    return out
+
+
+#: the width the app's printed table fits (``Report.table(width=...)``; cv53: 130 columns with
+#: ``int8_dynamic_activation_int8_weight``, 35 characters)
+CONSOLE_WIDTH = 100
+#: the fixed columns' legend in a table printed at a terminal's width (``Report.table(width=...)``):
+#: what leakage is and where every column is explained (``where``: the table in full)
+CONSOLE_LEGEND = ("legend: leakage = advantage of the best membership-inference attack on the released weights "
+                  "(0 = none, 1 = always right; lower is safer; MIS = 1 - leakage); 80% interval: its uncertainty "
+                  "(overlapping = not clearly different{pos}); every column explained in {where}.")
+#: the narrowest scheme column :func:`format_table` shortens names to where ``width`` is given
+MIN_NAME_WIDTH = 12
+
+
 def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
-                 utility_tolerance: float = UTILITY_TOLERANCE, modes: Mapping[str, str] | None = None) -> str:
+                 utility_tolerance: float = UTILITY_TOLERANCE, modes: Mapping[str, str] | None = None,
+                 width: int | None = None) -> str:
     """Plain-text table of :meth:`Report.rows`.
 
     Each figure column prints in one notation (:func:`column_format`): 4 decimals, or 4
@@ -1631,18 +1712,30 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
     A failed scheme's row shows ``error: <message>`` across the figure columns where the message
     fits their width (it does not widen them), else ``error: see "errors:" below`` and the message
     follows the table under ``errors:``: each message once.
+
+    ``width`` (a terminal's columns, e.g. :data:`CONSOLE_WIDTH`; ``None``: every column, as the
+    files print it): the two columns a reader derives are left out, ``MIS`` (1 - leakage) and
+    ``baseline`` where every row prints the same one (said on a line under the table), and the
+    scheme names longer than what the other columns leave (at least :data:`MIN_NAME_WIDTH`) are
+    shortened (:func:`short_names`) with their full names on a ``names:`` line under the table.
+    A table whose other columns alone are wider (``indep.``, ``model b/w``) stays wider.
     """
     uk = pick_utility_key(rows, utility_key, modes)
     check_utility_key_measured(rows, utility_key, uk)
     extra = utility_digits(rows, utility_key, utility_tolerance, modes)
     whole = whole_model_column(rows)
     indep = independent_column(rows)
+    fmt = column_formats(rows, uk, extra)  # one notation per column
+    scored = [r for r in rows if not r.get("error")]
+    bases = {fmt["baseline_leakage"](r["baseline_leakage"]) + baseline_marks(r) for r in scored}
+    # the console's table (cv53): the derived columns out, the baseline once where it is one figure
+    mis_col, base_col = width is None, width is None or len(bases) != 1
     head = ["scheme", "bits/w", "float"] + (["model b/w"] if whole else []) + (
         [uk.removeprefix("utility_")] if uk else []) + [
         "leakage"] + (["indep."] if indep else []) + [
-        "80% interval", "MIS", "pool", "baseline", "d_eff", "zeros"]  # zero_fraction
+        "80% interval"] + (["MIS"] if mis_col else []) + ["pool"] + (["baseline"] if base_col else []) + [
+        "d_eff", "zeros"]  # zero_fraction
     body: list[list[str] | tuple[str, str]] = []
-    fmt = column_formats(rows, uk, extra)  # one notation per column
     for r in rows:
         label = f"{r['scheme']} ({r['note']})" if r.get("note") else str(r["scheme"])
         if r.get("error"):
@@ -1660,10 +1753,22 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
             [UTILITY_FAILED if r.get("utility_error") else fmt[uk](r.get(uk))] if uk else []) + [
             fmt["leakage"](r["leakage"]) + leakage_marks(r)] + (
             [fmt["leakage_independent"](r.get("leakage_independent"))] if indep else []) + [
-            interval, fmt["mis"](r["mis"]),
-            "-" if pool is None or (isinstance(pool, float) and math.isnan(pool)) else fmt["pool_leakage"](pool),
-            fmt["baseline_leakage"](r["baseline_leakage"]) + baseline_marks(r),
+            interval] + ([fmt["mis"](r["mis"])] if mis_col else []) + [
+            "-" if pool is None or (isinstance(pool, float) and math.isnan(pool)) else fmt["pool_leakage"](pool)] + (
+            [fmt["baseline_leakage"](r["baseline_leakage"]) + baseline_marks(r)] if base_col else []) + [
             fmt["d_eff"](r["d_eff"]), fmt["zeros"](zeros(r))])
+    under = []
+    if not base_col:
+        under.append(f"baseline (the unquantized model's leakage): {next(iter(bases))} on every row")
+    if width is not None:
+        rest = [max(len(str(c[i])) for c in [head] + [b for b in body if isinstance(b, list)])
+                for i in range(1, len(head))]
+        limit = max(width - sum(rest) - 2 * len(rest), MIN_NAME_WIDTH)
+        short = short_names([b[0] if isinstance(b, tuple) else b[0] for b in body], limit)
+        if short:
+            body = [(short.get(b[0], b[0]), b[1]) if isinstance(b, tuple) else [short.get(b[0], b[0]), *b[1:]]
+                    for b in body]
+            under.append("names: " + "; ".join(f"{v} = {k}" for k, v in short.items()))
     cols = [head] + [b for b in body if isinstance(b, list)] + [[b[0]] for b in body if isinstance(b, tuple)]
     widths = [max(len(str(c[i])) for c in cols if i < len(c)) for i in range(len(head))]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
@@ -1681,6 +1786,7 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
                 errors.append((b[0], b[1]))
         else:
             lines.append(line(b))
+    lines += [wrap_entry(u, width) for u in under]  # (only with width: the console's table)
     if errors:
         lines += ["", "errors:"] + [f"  {name}: {msg}" for name, msg in errors]
     return "\n".join(lines)

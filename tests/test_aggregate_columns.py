@@ -156,7 +156,7 @@ def test_tracker_runs_of_a_sweep_over_seeds_have_their_own_names(monkeypatch):
     monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
     monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hc))
     assert run_name("cli", "int8_weight_only", "quantizer=int8_weight_only,seed=1") == "cli-3_int8_weight_only"
-    assert run_name("cli", None, "seed=1") == "cli-3_seed=1"
+    assert run_name("cli", None, "seed=1") == "cli-3_seed-1"
 
 
 def test_the_jobs_utility_tolerance_sets_the_aggregates_verdict_band(tmp_path):

@@ -44,11 +44,12 @@ def test_long_job_folder_names_are_cut_at_an_override_and_marked():
     name = job_subdir(0, None, overrides)
     label = name.removeprefix("0_")
     assert len(label) <= 120
-    kept, mark = label.rsplit(",+", 1)
-    assert overrides.startswith(kept + ",") and kept.endswith("rtn_int2]")  # whole overrides only
+    kept, mark = label.rsplit("_+", 1)
+    # whole overrides only, each <key>-<value> (ux54c: no "=" or ",", as the scheme jobs' folders)
+    assert kept == "data-synthetic_linear_model-mlp_probe_mode-plan_plan.candidates-rtn_int8-rtn_int4-rtn_int2"
     assert mark.startswith("2more_") and len(mark.split("_")[1]) == 8
     assert job_subdir(0, None, overrides.replace("=20", "=2")) != name  # the hash tells them apart
-    assert job_subdir(3, None, "seed=1,data.d=16") == "3_seed=1,data.d=16"  # short: unchanged
+    assert job_subdir(3, None, "seed=1,data.d=16") == "3_seed-1_data.d-16"  # short: every override, no sweep known
     assert job_subdir(5, "int8_weight_only", overrides) == "5_int8_weight_only"
 
 
@@ -73,7 +74,10 @@ def test_job_folders_of_a_scheme_carry_the_other_swept_overrides(monkeypatch):
     assert swept_keys([f"ckpt_path=/m/{job_subdir(1, 'int8_weight_only', job)}/model.ckpt"]) == set()
     assert job_subdir(0, "bf16", "quantizer=bf16,x=[a,b]", swept={"x"}) == "0_bf16_x-a-b"
     assert job_subdir(1, "int8_weight_only", job, swept={"quantizer"}) == "1_int8_weight_only"
-    assert job_subdir(2, None, "seed=1,data.d=16", swept={"seed"}) == "2_seed=1,data.d=16"  # no scheme: unchanged
+    # no scheme (ux54c): the swept overrides alike; a folder the printed hint parses unquoted
+    assert job_subdir(2, None, "seed=1,data.d=16", swept={"seed"}) == "2_seed-1"
+    assert job_subdir(2, None, "seed=1,data.d=16", swept={"seed", "data.d"}) == "2_seed-1_data.d-16"
+    assert swept_keys([f"ckpt_path=/m/{job_subdir(2, None, 'seed=1,data.d=16', swept=set())}/model.ckpt"]) == set()
 
 
 def test_sweep_end_aggregate_counts_this_sweeps_jobs_only(tmp_path, monkeypatch):
@@ -206,7 +210,7 @@ def test_a_sweeps_jobs_after_the_first_print_the_columns_legend_as_a_pointer():
     multirun and a single run print the table unchanged; the other jobs print one line in place
     of the columns' entries, and keep the entries their own rows need (here the utility's)."""
     from mis_lightning.app.job import sweep_table
-    from mis_lightning.report import Report, SchemeResult
+    from mis_lightning.report import CONSOLE_WIDTH, Report, SchemeResult
 
     res = SchemeResult(name="rtn_int8", leakage=0.1, mis=0.9, baseline_leakage=0.2, d_eff=3.0, d=4,
                        zero_fraction=0.0, pinned_fraction=0.0, bits_per_weight=8.0, method="clt",
@@ -215,14 +219,15 @@ def test_a_sweeps_jobs_after_the_first_print_the_columns_legend_as_a_pointer():
                  baseline_mis=0.8, warnings=["the model is not at a minimum of the training loss"])
     full = rep.table()
     assert "legend: leakage = advantage" in full and "  d_eff: how many weights still leak" in full
+    printed = rep.table(width=CONSOLE_WIDTH)  # what a job prints (cv53: fitted to 100 columns)
     for info in ({"multirun": False, "num": None}, {"multirun": True, "num": 0}):
-        assert sweep_table(rep, full, info, table_file="report.md") == full
-    short = sweep_table(rep, full, {"multirun": True, "num": 3}, table_file="report.md")
+        assert sweep_table(rep, printed, info, table_file="report.md") == printed
+    short = sweep_table(rep, printed, {"multirun": True, "num": 3}, table_file="report.md")
     assert "legend: leakage = advantage" not in short and "d_eff: how many weights" not in short
     assert "legend: the columns as under job 0's table; in full in each job's report.md." in short
     assert "  rmse: utility of the quantized copy" in short  # an entry of this job's rows
     # the rest of the table as in the full one: the rows, the warnings
-    assert short.split("\n\n")[0] == full.split("\n\n")[0]
+    assert short.split("\n\n")[0] == printed.split("\n\n")[0]
     assert short.endswith("warnings:\n  - the model is not at a minimum of the training loss")
 
 

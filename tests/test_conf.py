@@ -201,7 +201,7 @@ def test_hydra_settings():
     from mis_lightning.app.resolvers import job_subdir
 
     assert job_subdir(0, "int4_weight_only", "quantizer=int4_weight_only") == "0_int4_weight_only"
-    assert job_subdir(3, None, "data=x/y,seed=1") == "3_data=x_y,seed=1"
+    assert job_subdir(3, None, "data=x/y,seed=1") == "3_data-x-y_seed-1"
     assert job_subdir(5, None, "") == "5"
     assert cfg.hydra.callbacks.aggregate._target_ == "mis_lightning.app.aggregate.AggregateSweep"
     get_object(cfg.hydra.callbacks.aggregate._target_)

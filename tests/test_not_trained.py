@@ -37,9 +37,13 @@ class Net(pl.LightningModule):
     def __init__(self):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+        self.drop = nn.Dropout(0.0)  # the identity; run in eval mode in training (ux54c: the callback sees it)
 
     def forward(self, x):
-        return self.net(x)
+        return self.net(self.drop(x))
+
+    def on_train_epoch_start(self):
+        self.drop.eval()  # after Lightning's model.train(): the user's choice of mode for this layer
 
     def training_step(self, batch, i):
         x, y = batch
@@ -95,6 +99,8 @@ def test_a_fit_with_steps_and_a_resumed_finished_checkpoint_are_not_flagged(tmp_
     assert not any(w.startswith(NOT_TRAINED) for w in cb.report.warnings)
     assert all("not_trained" not in r for r in cb.report.rows())
     assert verdict(cb.report.rows()) != f"verdict: none: {NOT_TRAINED}; no scheme is ranked (see warnings)"
+    # ux54c: the layers the last training batch ran in eval mode (the model itself trained in train mode)
+    assert cb.report.diagnostics["eval_mode_in_training"] == ["drop"]
     # the finished checkpoint resumed: no step now, but the weights were trained (global_step restored)
     ckpt = tmp_path / "done.ckpt"
     trainer.save_checkpoint(ckpt)
@@ -106,14 +112,19 @@ def test_a_fit_with_steps_and_a_resumed_finished_checkpoint_are_not_flagged(tmp_
     assert t2.global_step == trainer.global_step
     assert cb2.report is not None, cb2.last_error
     assert "not_trained" not in cb2.report.diagnostics
+    assert "eval_mode_in_training" not in cb2.report.diagnostics  # no batch seen in this fit: not known
 
 
 def test_the_app_says_a_run_without_a_step_first_and_ranks_nothing(tmp_path):
-    """The app's own fit (``trainer.max_epochs=0``) and its checkpoint assessed again
-    (``global_step`` 0 in it): the same first warning and no verdict, in report.json and report.md."""
+    """The app's own fit (``trainer.max_epochs=0``): the first warning says so and no verdict, in
+    report.json and report.md. ux54c: ``mode=assess`` of a checkpoint with ``global_step`` 0 whose
+    weights are not the model's initialisation and not written by the app (a model trained outside
+    Lightning, saved with ``trainer.save_checkpoint``: here the app's checkpoint with its weights
+    moved and its origin dropped) gets a first warning saying both readings, and keeps its verdict."""
     from hydra import compose, initialize_config_module
     from omegaconf import open_dict
 
+    from mis_lightning.app.checkpoint_fit import ORIGIN_KEY
     from mis_lightning.app.job import run_job
 
     def run(overrides, out):
@@ -127,12 +138,44 @@ def test_the_app_says_a_run_without_a_step_first_and_ranks_nothing(tmp_path):
     base = ["data=synthetic_linear", "data.n_train=300", "data.n_val=100", "data.batch_size=300", "model=linear",
             "mis.estimation.num_records=128", "mis.scoring.uncertainty_draws=2", "logger=none", "progress=false",
             "mis.scoring.covariance=independent", "schemes=[rtn_int8,rtn_int2]"]
-    for overrides, out in ((["trainer.max_epochs=0", f"trainer.default_root_dir={tmp_path / 'train'}"],
-                            tmp_path / "train"),
-                           (["mode=assess", f"ckpt_path={tmp_path / 'train' / 'model.ckpt'}"], tmp_path / "assess")):
-        report, md = run([*base, *overrides], out)
-        assert report["warnings"][0].startswith(NOT_TRAINED), report["warnings"][0]
-        assert report["diagnostics"]["not_trained"] is True
-        assert entry(md, "verdict:") == f"verdict: none: {NOT_TRAINED}; no scheme is ranked (see warnings)"
-        assert "safest" not in md
-    assert "the checkpoint's global_step is 0" in report["warnings"][0]
+    report, md = run([*base, "trainer.max_epochs=0", f"trainer.default_root_dir={tmp_path / 'train'}"],
+                     tmp_path / "train")
+    assert report["warnings"][0].startswith(NOT_TRAINED), report["warnings"][0]
+    assert "the training took no optimizer step" in report["warnings"][0]
+    assert report["diagnostics"]["not_trained"] is True
+    assert entry(md, "verdict:") == f"verdict: none: {NOT_TRAINED}; no scheme is ranked (see warnings)"
+    assert "safest" not in md
+    ckpt = torch.load(tmp_path / "train" / "model.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 0
+    del ckpt[ORIGIN_KEY]
+    ckpt["state_dict"] = {k: v + 0.25 for k, v in ckpt["state_dict"].items()}  # "trained elsewhere"
+    (tmp_path / "elsewhere").mkdir()
+    torch.save(ckpt, tmp_path / "elsewhere" / "model.ckpt")
+    report, md = run([*base, "mode=assess", f"ckpt_path={tmp_path / 'elsewhere' / 'model.ckpt'}"], tmp_path / "assess")
+    assert report["warnings"][0].startswith("the checkpoint's global_step is 0 and it records no optimizer state")
+    assert "trained elsewhere" in report["warnings"][0] and "never trained" in report["warnings"][0]
+    assert "not_trained" not in report["diagnostics"]
+    assert entry(md, "verdict:").startswith("verdict: ") and NOT_TRAINED not in md
+
+
+def test_a_checkpoint_is_judged_untrained_only_where_known():
+    """``checkpoint_untrained`` (mode=assess, ux54c): a step count of 0 alone says no Lightning fit
+    stepped; not trained is known from the config's initialisation or the app's own training
+    run; an optimizer's state or a completed training batch is training."""
+    from mis_lightning.app.checkpoint_fit import ORIGIN_KEY, checkpoint_untrained, same_weights
+
+    net = Net()
+    state = net.state_dict()
+    assert same_weights(net, state) and not same_weights(net, {**state, "net.0.bias": state["net.0.bias"] + 1e-6})
+    assert not same_weights(net, {k: v for k, v in state.items() if k != "net.0.bias"})
+    lightning = {"global_step": 0, "state_dict": state, "optimizer_states": [{"state": {}, "param_groups": []}],
+                 "loops": {"fit_loop": {"epoch_loop.batch_progress": {"total": {"completed": 0}}}}}
+    assert checkpoint_untrained("x.ckpt", lightning, initial=True)[0] is True
+    known, text = checkpoint_untrained("x.ckpt", lightning, initial=False)
+    assert known is False and "trained elsewhere" in text
+    origin = {ORIGIN_KEY: {"model": "m.Net", "data": "d.D", "choices": {}}}
+    assert checkpoint_untrained("x.ckpt", {**lightning, **origin}, initial=False)[0] is True
+    stepped = {**lightning, "optimizer_states": [{"state": {0: {"step": torch.tensor(1.0)}}, "param_groups": []}]}
+    batches = {**lightning, "loops": {"fit_loop": {"epoch_loop.batch_progress": {"total": {"completed": 2}}}}}
+    for ckpt in (stepped, batches, {**lightning, "global_step": 3}, {"state_dict": state}):
+        assert checkpoint_untrained("x.ckpt", ckpt, initial=True) is None

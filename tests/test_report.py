@@ -658,3 +658,49 @@ def test_d_eff_prints_as_a_count_and_zeros_as_a_percentage():
     # a d_eff below 10: more decimals for the whole column (3 digits of the smallest), never 4 of a count
     rows[1]["d_eff"] = 0.5
     assert [c.split()[-2] for c in format_table(rows).splitlines()[2:]] == ["15889.000", "0.500", "1004.240", "982.175"]
+
+
+def test_the_console_table_fits_100_columns_names_shortened_with_a_key_and_a_short_legend():
+    """cv53: the app's printed table was 130 columns (``int8_dynamic_activation_int8_weight``, 35
+    characters) with a legend of ~1,700 characters. ``Report.table(width=100)`` (the app's console)
+    leaves out MIS (1 - leakage) and the baseline where it is one figure (said once), shortens the
+    names the rest leaves no room for, naming them in full under the table, and prints the fixed
+    columns' legend as one entry pointing to the full table; the full table is unchanged."""
+    from mis_lightning.report import CONSOLE_WIDTH, Report, SchemeResult, short_names
+
+    names = ["int8_weight_only", "int8_dynamic_activation_int8_weight", "intx_weight_only_int4", "bf16"]
+    schemes = {n: SchemeResult(name=n, leakage=0.09 + 0.001 * i, mis=0.91 - 0.001 * i, baseline_leakage=0.0989,
+                               d_eff=57.0, d=57, zero_fraction=0.019, pinned_fraction=0.0, bits_per_weight=12.91,
+                               method="clt", interval=(0.0924, 0.1052), quantized_fraction=0.912,
+                               utility={"loss": 0.5, "rmse": 0.6595}, pool_leakage=0.1303)
+               for i, n in enumerate(names)}
+    rep = Report(n=711, d=57, estimation={}, diagnostics={}, schemes=schemes, baseline_leakage=0.0989,
+                 baseline_mis=0.9011, warnings=[], utility_key="rmse")
+    full, console = rep.table(), rep.table(width=CONSOLE_WIDTH, warnings_in_full="out/report.md")
+    assert max(len(ln) for ln in full.splitlines()[:6]) > 100 and full.splitlines()[0].split()[-5:] == [
+        "MIS", "pool", "baseline", "d_eff", "zeros"]
+    table = console.split("\n\n")[0].splitlines()
+    assert max(len(ln) for ln in table) <= 100, table
+    assert table[0].split() == ["scheme", "bits/w", "float", "rmse", "leakage", "80%", "interval", "pool", "d_eff",
+                                "zeros"]
+    # the other columns leave 28 characters: the longest word cut (to 3 letters) first
+    assert [ln.split()[0] for ln in table[2:6]] == ["int8_weight_only", "int8_dynamic_act_int8_weight",
+                                                    "intx_weight_only_int4", "bf16"]
+    assert table[6:] == ["baseline (the unquantized model's leakage): 0.0989 on every row",
+                         "names: int8_dynamic_act_int8_weight = int8_dynamic_activation_int8_weight"]
+    legend = console.split("\n\n")[1].split("\nverdict: ")[0]
+    assert legend.startswith("legend: leakage = advantage") and "every column explained in out/report.md." in \
+        " ".join(legend.split()) and len(legend) < 500 and "pool: the same release" not in legend
+    assert "int8_dynamic_activation_int8_weight" in console.split("verdict: ")[1]  # the verdict: full names
+    # a baseline that differs between rows stays a column; names that fit are never shortened
+    schemes["bf16"].baseline_leakage = 0.1
+    assert "baseline" in rep.table(width=CONSOLE_WIDTH).splitlines()[0].split()
+    # shortened names stay apart from each other and from the names that fit
+    assert short_names(["int8_dynamic_activation_int8_weight"], 21) == {
+        "int8_dynamic_activation_int8_weight": "int8_dyn_act_int8_wei"}  # the app's default run (cv53)
+    assert short_names(["int8_dynamic_activation_int8_weight"], 23) == {
+        "int8_dynamic_activation_int8_weight": "int8_dyn_act_int8_wei"}
+    assert short_names(["a_bbbbbb_c", "a_bbbbbx_c", "a_bbb_c"], 8) == {"a_bbbbbb_c": "a_bbb_~2", "a_bbbbbx_c": "a_bbb_~3"}
+    assert short_names(["a_bbbbbb_c", "a_bbbbbx_c"], 8) == {"a_bbbbbb_c": "a_bbb_c", "a_bbbbbx_c": "a_bbb_~2"}
+    assert short_names(["abc_def_ghi_jkl"], 12) == {"abc_def_ghi_jkl": "abc_def_ghi~"}  # no word to cut: cut, marked
+    assert short_names(["averyveryverylongword"], 12) == {"averyveryverylongword": "averyveryve~"}

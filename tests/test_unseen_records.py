@@ -189,7 +189,8 @@ def test_not_at_minimum_names_dropout_written_in_forward():
     from mis_lightning._warning_lines import warning_line
 
     # the console's one line (cv53) names it too, not the generic causes
-    assert "likely: dropout written in its forward" in warning_line(w), warning_line(w)
+    # (assess does not know how training ran the layers: named on that condition, ux54c)
+    assert "likely, if trained in train mode: dropout written in its forward" in warning_line(w), warning_line(w)
     assert _dropout_or_not(0.0, functional=True) == (False, [])
 
 
@@ -288,3 +289,29 @@ def test_condition_inf_with_weight_decay_names_the_cancelled_decay_and_the_cures
     assert text.endswith("pass the weight decay trained with") and ". " not in text.replace("e.g. ", ""), text  # in brackets
     bare = _covariance_cause({**diag, "weight_decay": 0.0})
     assert "though no exact flat direction (symmetry) was found" in bare and "declare it (weight_decay" in bare
+
+
+def test_not_at_minimum_suspects_leave_out_layers_the_training_ran_in_eval_mode():
+    """ux54c (rv53b): the console line named "likely: dropout ..." for any model holding a dropout
+    layer, also one the user ended in eval mode as the warning advises. A front end that watched the
+    training (the callback: ``diagnostics["eval_mode_in_training"]``) leaves those layers out; where
+    it is unknown (``assess``) the layers are named on that condition."""
+    from mis_lightning.assess import _batch_statistics_cause, _not_at_minimum_suspects
+
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Dropout(0.3), nn.Linear(4, 1))
+    m(torch.randn(8, 3))  # train mode: the running statistics updated
+    m.eval()
+    assert _not_at_minimum_suspects(m, {}) == ("likely, if trained in train mode: running statistics '1' and "
+                                               "dropout '3' (assessed in eval mode)")
+    assert _not_at_minimum_suspects(m, {"eval_mode_in_training": []}) == (
+        "likely: running statistics '1' and dropout '3' trained in train mode, assessed in eval mode")
+    seen = {"eval_mode_in_training": ["3"]}  # dropout ended in eval mode, the BatchNorm not
+    assert _not_at_minimum_suspects(m, seen) == "likely: running statistics '1' trained in train mode, assessed in eval mode"
+    assert "has dropout" not in _batch_statistics_cause(m, seen) and "running statistics ('1')" in _batch_statistics_cause(m, seen)
+    both = {"eval_mode_in_training": ["1", "3"]}
+    assert _not_at_minimum_suspects(m, both).startswith("not converged") and _batch_statistics_cause(m, both) == ""
+    # dropout written in the forward follows the model's own flag: the model in eval mode rules it out
+    plain = nn.Sequential(nn.Linear(3, 1))
+    random = {"random_in_train_mode": True}
+    assert "dropout written in its forward" in _not_at_minimum_suspects(plain, random)
+    assert _not_at_minimum_suspects(plain, {**random, "eval_mode_in_training": ["Sequential"]}).startswith("not converged")

@@ -117,6 +117,12 @@ def test_assess_records_the_validation_count_and_classes_and_the_table_says_chan
     assert report.utility_classes == {"acc": k}
     back = Report.from_json(report.to_json(tmp_path / "r.json") and tmp_path / "r.json")
     assert (back.utility_records, back.utility_classes) == (m, {"acc": k})
+    # each scheme's own error (ux54c), a micro accuracy's the binomial at its value; kept in the JSON
+    assert report.utility_errors["acc"]["average"] == "micro"
+    for name, s in report.schemes.items():
+        p = s.utility["acc"]
+        assert math.isclose(report.utility_errors["acc"]["se"][name], math.sqrt(p * (1 - p) / m), rel_tol=1e-6)
+    assert back.utility_errors == report.utility_errors
     best = max(s.utility["acc"] for s in report.schemes.values())
     se = math.sqrt(best * (1 - best) / m)
     text = report.table(utility_key="acc")
@@ -153,3 +159,83 @@ def test_a_top_k_accuracy_gets_no_class_count():
 
     assert utility_classes({"acc": MulticlassAccuracy(num_classes=10)}) == {"acc": 10}
     assert utility_classes({"acc": MulticlassAccuracy(num_classes=10, top_k=5)}) == {}
+
+
+def test_a_macro_accuracy_gets_its_classes_binomial_errors_averaged():
+    """ux54c (rv53b): ``MulticlassAccuracy``'s default ``average="macro"`` is the mean of the classes'
+    recalls; its error is sqrt(sum_c r_c (1 - r_c) / m_c) / K, not the binomial of its value. Two
+    classes of 990 and 10 validation records, recalls 0.9 and 0.5: macro 0.7, se 0.0792 (the
+    binomial at 0.7 on 1,000 records reads 0.0145, 5.5x smaller); micro is the share 0.896 with
+    the binomial's error. Measured through ``evaluate_utility`` (the model passes the logits through)."""
+    from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy, MultilabelAccuracy
+
+    from mis_lightning._accuracy_error import accuracy_error
+    from mis_lightning.evaluation import evaluate_utility
+
+    t = torch.cat([torch.zeros(990), torch.ones(10)]).long()
+    pred = t.clone()
+    pred[:99], pred[990:995] = 1, 0  # class 0: 891 of 990 right (0.9), class 1: 5 of 10 (0.5)
+    logits = nn.functional.one_hot(pred, 2).float()
+    values = evaluate_utility(nn.Identity(), DataLoader(TensorDataset(logits, t), batch_size=250),
+                              lambda o, y: nn.functional.cross_entropy(o, y, reduction="none"),
+                              {"acc": MulticlassAccuracy(num_classes=2), "micro": MulticlassAccuracy(
+                                  num_classes=2, average="micro"), "weighted": MulticlassAccuracy(
+                                  num_classes=2, average="weighted"), })
+    assert abs(values["acc"] - 0.7) < 1e-6 and abs(values["micro"] - 0.896) < 1e-6  # float32 counts
+    macro = math.sqrt(0.9 * 0.1 / 990 + 0.5 * 0.5 / 10) / 2
+    assert values.errors["acc"]["average"] == "macro"
+    assert math.isclose(values.errors["acc"]["se"], macro, rel_tol=1e-12)
+    assert math.isclose(values.errors["acc"]["chance_se"], math.sqrt(0.25 / 990 + 0.25 / 10) / 2, rel_tol=1e-12)
+    for key in ("micro", "weighted"):  # the weighted recall is the share of records too
+        assert math.isclose(values.errors[key]["se"], math.sqrt(0.896 * 0.104 / 1000), rel_tol=1e-12), key
+    # a binary accuracy: the share's error; a multilabel one: no error claimed (labels of one record
+    # are not independent trials); not an accuracy: nothing recorded
+    binary = BinaryAccuracy()
+    binary.update(torch.tensor([0.9, 0.2, 0.7, 0.1]), torch.tensor([1, 0, 0, 0]))
+    binary.compute()
+    assert math.isclose(accuracy_error(binary)["se"], math.sqrt(0.75 * 0.25 / 4), rel_tol=1e-12)
+    assert accuracy_error(MultilabelAccuracy(num_labels=3))["se"] is None
+    assert accuracy_error(nn.Identity()) is None
+    # the verdict: the macro error and its formula named; an average without a known error: no clause
+    rows = [_row("int8_weight_only", 0.19, 0.70), _row("intx_weight_only_int4", 0.18, 0.6951)]
+    errors = {"acc": {"average": "macro", "se": {"int8_weight_only": macro, "intx_weight_only_int4": macro},
+                      "chance_se": 0.08}}
+    line = verdict(rows, "acc", records=1000, errors=errors)
+    assert line.startswith(verdict(rows, "acc"))  # nothing chosen changes
+    assert ("rests on acc gaps below its standard error (down to 0.0021 from the band's edge; se 0.0792 on 1,000 "
+            "validation records, macro average: the classes' binomial errors averaged;") in line, line
+    # the binomial (0.0145) says the same of that gap; 0.67 outside the band (0.023 from its edge): only the macro error
+    wider = [rows[0], _row("intx_weight_only_int4", 0.18, 0.67)]
+    assert "standard error" not in verdict(wider, "acc", records=1000)
+    assert "se 0.0792" in verdict(wider, "acc", records=1000, errors=errors)
+    unknown = {"acc": {"average": "none", "se": {}, "chance_se": None}}
+    assert verdict(rows, "acc", records=1000, classes={"acc": 2}, errors=unknown) == verdict(rows, "acc")
+
+
+def test_the_sweeps_aggregate_verdict_gets_the_same_noise_clause():
+    """ux54c (ux53d left it): a sweep over schemes (one job each, ``-m quantizer=...``) has its
+    verdict in aggregate.md only, by the same ``verdict`` on the jobs' rows; the jobs' validation
+    counts and accuracy errors (result.json's ``utility_records`` / ``utility_classes`` /
+    ``utility_errors``) now reach it, so it carries the clause a job's own table would: the
+    newcomer's random-label rows, each scheme a job of 2,000 validation records."""
+    from mis_lightning.app.aggregate import aggregate_verdicts, markdown_table, noise_of, rows_of
+
+    rows = _chance_rows()
+    se = {r["scheme"]: math.sqrt(r["utility_acc"] * (1 - r["utility_acc"]) / 2000) for r in rows}
+    results = [{"job": {"num": i, "overrides": [f"quantizer={r['scheme']}", "seed=0"]}, "rows": [r],
+                "utility_records": 2000, "utility_classes": {"acc": 4},
+                "utility_errors": {"acc": {"average": "micro", "se": {r["scheme"]: se[r["scheme"]]},
+                                           "chance_se": math.sqrt(0.25 * 0.75 / 2000)}}} for i, r in enumerate(rows)]
+    single = verdict(rows, "acc", records=2000, classes={"acc": 4})
+    clause = single[single.index("; the utility band's choice"):]
+    assert "at chance" in clause
+    [line] = aggregate_verdicts(rows_of(results), "acc", noise_of(results))
+    assert line.startswith("verdict across jobs 0, 1, 2, 3, 4 (the same training; only their schemes differ): "
+                           "safest with acc within 1% of the best (0.2465, 0: bf16): 3: intx_weight_only_int2"), line
+    assert line.endswith(clause), (line, clause)
+    assert line in markdown_table(rows_of(results), "acc", noise_of(results))
+    # without the jobs' counts (result.json of before): no clause, as before; jobs measured on
+    # different validation counts: none either (not one validation set)
+    assert "standard error" not in aggregate_verdicts(rows_of(results), "acc")[0]
+    results[1]["utility_records"] = 1000
+    assert "standard error" not in aggregate_verdicts(rows_of(results), "acc", noise_of(results))[0]

@@ -37,7 +37,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -270,9 +270,11 @@ def utility_keys(rows: Sequence[dict[str, Any]], utility_key: str | None = None)
     return keys or ([uk] if (uk := pick_utility_key(list(rows))) else [])
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = None) -> str:
+def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = None,
+                   noise: Mapping[Any, Mapping[str, Any]] | None = None) -> str:
     """A Markdown table of the aggregated rows: one utility column per key of
-    :func:`utility_keys` (each row shows its own utility)."""
+    :func:`utility_keys` (each row shows its own utility). ``noise``: the jobs' validation
+    counts and accuracy errors (:func:`noise_of`), for the verdicts' noise clause."""
     uks = utility_keys(rows, utility_key)
     whole = whole_model_column(list(rows))  # the whole quantized model's size, where not all is assessed
     head = ["job", "scheme", "swept overrides", "bits/w", "float"] + (["model b/w"] if whole else []) + [
@@ -316,7 +318,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
         marks = [MODEL_BITS_ENTRY] + marks
     if marks:  # what the marks and the less obvious columns mean, as under a job's own table
         lines += [""] + [m.strip() for m in marks]
-    verdicts = aggregate_verdicts(rows, utility_key)
+    verdicts = aggregate_verdicts(rows, utility_key, noise)
     if verdicts:  # the jobs' one-scheme tables point here for the comparison (fu32)
         lines += [""] + verdicts
     ties = aggregate_ties(rows, utility_key)
@@ -383,7 +385,40 @@ def training_key(row: dict[str, Any]) -> str:
     return " ".join(o for o in str(row.get("overrides") or "").split() if not o.startswith(SCHEME_OVERRIDES))
 
 
-def aggregate_verdicts(rows: Sequence[dict[str, Any]], utility_key: str | None = None) -> list[str]:
+def noise_of(results: Sequence[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+    """``{job number: {"records", "classes", "errors"}}`` from the jobs' ``result.json``
+    (``utility_records``, ``utility_classes``, ``utility_errors``: :class:`~mis_lightning.report.Report`'s
+    fields), for the verdicts' noise clause (:func:`aggregate_verdicts`); jobs without them left out."""
+    out: dict[Any, dict[str, Any]] = {}
+    for res in results:
+        if res.get("utility_records") is not None:
+            out[(res.get("job") or {}).get("num")] = {
+                "records": int(res["utility_records"]), "classes": dict(res.get("utility_classes") or {}),
+                "errors": dict(res.get("utility_errors") or {})}
+    return out
+
+
+def _group_noise(group: Sequence[dict[str, Any]], noise: Mapping[Any, Mapping[str, Any]] | None
+                 ) -> tuple[int | None, dict[str, int], dict[str, dict[str, Any]]]:
+    """The ``records``, ``classes`` and ``errors`` arguments of
+    :func:`~mis_lightning.report.verdict` for a group of jobs' rows named ``"<job>: <scheme>"``
+    (:func:`_labelled`): known only where every job of the group measured its utility on the same
+    number of validation records (one training setup: the same validation set); each row's error
+    under its label."""
+    per_job = [(noise or {}).get(r.get("job")) for r in group]
+    if not per_job or any(n is None for n in per_job) or len({n["records"] for n in per_job}) != 1:
+        return None, {}, {}
+    errors: dict[str, dict[str, Any]] = {}
+    for r, n in zip(group, per_job):
+        for metric, e in (n.get("errors") or {}).items():
+            kept = errors.setdefault(metric, {"average": e.get("average"), "se": {}, "chance_se": e.get("chance_se")})
+            if (se := (e.get("se") or {}).get(r["scheme"])) is not None:
+                kept["se"][_labelled(r)["scheme"]] = se
+    return per_job[0]["records"], dict(per_job[0].get("classes") or {}), errors
+
+
+def aggregate_verdicts(rows: Sequence[dict[str, Any]], utility_key: str | None = None,
+                       noise: Mapping[Any, Mapping[str, Any]] | None = None) -> list[str]:
     """The verdict over the jobs of a sweep that differ only in their schemes (fu32: each job of
     ``-m quantizer=a,b,c`` assesses one scheme and points to the aggregate, which chose none).
 
@@ -395,7 +430,9 @@ def aggregate_verdicts(rows: Sequence[dict[str, Any]], utility_key: str | None =
     when the sweep has several groups. A group whose baselines differ gets a line saying why it
     has no verdict; a utility whose direction is unknown gives none (no guessed ranking);
     plan-mode rows (a planner's ``note``) are left to ``plan.md``. The utility band is the jobs'
-    ``mis.scoring.utility_tolerance`` (``utility_tolerance`` of their ``result.json``)."""
+    ``mis.scoring.utility_tolerance`` (``utility_tolerance`` of their ``result.json``). ``noise``
+    (:func:`noise_of`): the noise clause of a job's own verdict (the band's choice resting on
+    accuracy gaps below their standard error, an accuracy at chance: :func:`~mis_lightning.report.utility_noise_note`)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         if not r.get("error") and _float(r.get("leakage")) is not None and not r.get("note"):
@@ -414,8 +451,10 @@ def aggregate_verdicts(rows: Sequence[dict[str, Any]], utility_key: str | None =
         uks = utility_keys(group, utility_key)
         try:
             # the jobs' own band (mis.scoring.utility_tolerance: an override, so one per group)
+            records, classes, errors = _group_noise(group, noise)
             line = verdict([_labelled(r) for r in group], uks[0] if len(uks) == 1 else None,
-                           float(group[0].get("utility_tolerance", UTILITY_TOLERANCE)))
+                           float(group[0].get("utility_tolerance", UTILITY_TOLERANCE)),
+                           records=records, classes=classes, errors=errors)
         except ValueError:  # a utility whose direction is unknown: no guessed ranking
             continue
         out.append(f"verdict across jobs {jobs}{where} (the same training; only their schemes differ): "
@@ -691,7 +730,7 @@ def aggregate(sweep_dir: str | Path, out_dir: str | Path | None = None,
         wr = csv.DictWriter(fh, fieldnames=keys)
         wr.writeheader()
         wr.writerows([{k: ("" if r.get(k) is None else r.get(k)) for k in keys} for r in rows])
-    md = markdown_table(rows) + warnings_section(results)
+    md = markdown_table(rows, noise=noise_of(results)) + warnings_section(results)
     n_failed = len(failed_jobs(rows))
     # jobs that ran but scored no scheme: the Failures section lists them too
     n_none = len(unscored_jobs(rows))

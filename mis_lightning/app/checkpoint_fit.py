@@ -13,12 +13,15 @@ options to pass (docs/hydra.md, "Assess a saved model").
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 
-__all__ = ["ORIGIN_KEY", "check_checkpoint_fits", "checkpoint_origin", "misfit_error", "origin_of"]
+__all__ = ["ORIGIN_KEY", "check_checkpoint_fits", "checkpoint_origin", "checkpoint_untrained", "misfit_error",
+           "origin_of", "same_weights"]
 
 #: the app checkpoint's key holding its origin: ``{"model": "<module>.<class>", "data":
 #: "<datamodule _target_>", "choices": {"data": ..., "model": ...}}`` (:func:`origin_of`)
@@ -104,3 +107,53 @@ def check_checkpoint_fits(cfg: DictConfig, ckpt: dict[str, Any]) -> None:
     detail = (f"the checkpoint holds a {_name(origin['model'])} trained on data {origin.get('data') or 'unknown'}{where}"
               + (f"; pass {options}" if options else ""))
     raise misfit_error(cfg, configured or _name(cfg.model._target_), detail)
+
+
+def same_weights(model: torch.nn.Module, state: Mapping[str, Any]) -> bool:
+    """Whether ``state`` (a checkpoint's ``state_dict``) holds exactly ``model``'s own entries:
+    the same names, and every tensor equal bitwise. Called on the model as the config built it,
+    before the checkpoint is loaded: equal means the checkpoint holds its initialisation."""
+    own = model.state_dict()
+    return own.keys() == state.keys() and all(
+        isinstance(state[k], torch.Tensor) and state[k].shape == v.shape and torch.equal(state[k].to(v.device), v)
+        for k, v in own.items())
+
+
+def _trained_by_lightning(ckpt: Mapping[str, Any]) -> bool:
+    """A Lightning checkpoint's own record of training beside ``global_step``: an optimizer's
+    state (Adam's moments, SGD's momentum: written at its first step) or a training batch
+    completed (manual optimisation stepping a raw optimizer leaves ``global_step`` at 0)."""
+    if any(isinstance(o, Mapping) and o.get("state") for o in ckpt.get("optimizer_states") or ()):
+        return True
+    try:
+        return int(ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]) > 0
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def checkpoint_untrained(path: str | Path, ckpt: Mapping[str, Any], initial: bool) -> tuple[bool, str] | None:
+    """What ``mode=assess`` knows of whether the checkpoint at ``path`` was trained, where its
+    ``global_step`` is 0 (nux53 #3; ux54c: a model trained outside Lightning and saved with
+    ``trainer.save_checkpoint`` has ``global_step`` 0 too). ``initial``: its weights equal the
+    model the config builds (:func:`same_weights`, before loading).
+
+    Returns:
+        ``None``: no ``global_step``, a step count above 0, or the checkpoint records training
+        (an optimizer's state, a training batch completed). ``(True, how)``: known not trained:
+        written by the app's own training run (:func:`checkpoint_origin` known: its ``global_step``
+        is that fit's count) or holding the config's initialisation (``initial``); ``how`` for
+        :func:`~mis_lightning.report.not_trained_warning`. ``(False, warning)``: not known (a
+        Lightning checkpoint of weights other than the initialisation): the report's warning,
+        saying both readings; the figures keep their verdict.
+    """
+    if "global_step" not in ckpt or int(ckpt["global_step"]) != 0 or _trained_by_lightning(ckpt):
+        return None
+    if initial:
+        return True, f"the checkpoint's weights are the model's initialisation, as the config builds it ({path})"
+    if checkpoint_origin(path, ckpt) is not None:
+        return True, f"the checkpoint's global_step is 0, written by this app's training run ({path})"
+    return False, (f"the checkpoint's global_step is 0 and it records no optimizer state ({path}): no Lightning fit "
+                   "trained these weights, which differ from the config's initialisation; trained elsewhere (e.g. a "
+                   "plain PyTorch loop, then trainer.save_checkpoint) on these records with this loss, the figures "
+                   "hold; never trained (initialised with another seed), they are not membership leakage and no "
+                   "scheme's figure means anything")

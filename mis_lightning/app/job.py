@@ -53,8 +53,10 @@ from mis_lightning.app.batches import (
 from mis_lightning.app.checkpoint_fit import (
     ORIGIN_KEY,
     check_checkpoint_fits,
+    checkpoint_untrained,
     misfit_error,
     origin_of,
+    same_weights,
 )
 from mis_lightning.app.factories import resolve_schemes
 from mis_lightning.app.launchers import check_main_module_paths
@@ -71,6 +73,7 @@ from mis_lightning.progress import ProgressDisplay, ProgressFn
 from mis_lightning.quantization import QuantizationScheme, SchemeUnavailableError
 from mis_lightning.record_count import check_enough_records
 from mis_lightning.report import (
+    CONSOLE_WIDTH,
     UTILITY_TOLERANCE,
     Report,
     not_trained_warning,
@@ -716,7 +719,8 @@ def sweep_table(report: Report, table: str, info: Mapping[str, Any], *, with_ver
     where = f"; in full in each job's {table_file}" if table_file else ""
     full = {} if warnings_in_full is None else {"warnings_in_full": warnings_in_full}
     return report.table(with_verdict=with_verdict, verdict_note=sweep_verdict_note(report, info),
-                        legend_columns=f"legend: the columns as under job 0's table{where}.", **full)
+                        legend_columns=f"legend: the columns as under job 0's table{where}.", width=CONSOLE_WIDTH,
+                        **full)
 
 
 def check_launched_paths(cfg: DictConfig) -> None:
@@ -952,7 +956,11 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             raise misfit_error(cfg, str(cfg.model._target_).rsplit(".", 1)[-1],
                                f"its options {', '.join(sorted(saved))} from the checkpoint do not build it: "
                                f"{type(cause).__name__}: {cause}") from exc
+        initial = False
         if ckpt is not None:
+            # the checkpoint holding the model's initialisation (a step count of 0 says no more
+            # than that no Lightning fit stepped: ux54c), compared before the weights are loaded
+            initial = ckpt.get("global_step") == 0 and same_weights(model, ckpt["state_dict"])
             _load_weights(model, ckpt, cfg)
         check_model_api(model)  # per_sample_loss, which the assessment calls
         # the batches as the assessment will read them (batch_fn, the forward, per-sample losses,
@@ -1026,12 +1034,14 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             if wd_note:  # kept with the figures it concerns
                 report.warnings.append(wd_note)
             # a fit (or the checkpoint's) without an optimizer step: first, no verdict (nux53 #3);
-            # a checkpoint without its step count (Lightning's own keep one) is not judged
-            if step == 0 and (trainer is not None or "global_step" in ckpt):
-                report.warnings.insert(0, not_trained_warning(
-                    "the training took no optimizer step" if trainer is not None
-                    else f"the checkpoint's global_step is 0 ({cfg.ckpt_path})"))
+            # a checkpoint: only where it is known untrained, else both readings said (ux54c)
+            untrained = ((True, "the training took no optimizer step") if trainer is not None and step == 0
+                         else checkpoint_untrained(cfg.ckpt_path, ckpt, initial) if trainer is None else None)
+            if untrained is not None and untrained[0]:
+                report.warnings.insert(0, not_trained_warning(untrained[1]))
                 report.diagnostics["not_trained"] = True
+            elif untrained is not None:
+                report.warnings.insert(0, untrained[1])
             skipped = list(getattr(dm, "skipped", None) or [])
             if skipped:  # the data behind n: the rows the data module could not use (stderr alone lost them)
                 first = skipped[0]
@@ -1049,7 +1059,9 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             # the table as printed below (mode=plan: the plan's budgeted choice replaces the verdict)
             if names.get("report_table"):  # the file keeps the warnings in full, the console one line each
                 (out / names.report_table).write_text(report.table(with_verdict=plan_cfg is None, verbose=True) + "\n")
-            table = report.table(with_verdict=plan_cfg is None, warnings_in_full=warnings_in_full(out, names))
+            # the console's: 100 columns, the legend short (report.md has both in full: cv53)
+            table = report.table(with_verdict=plan_cfg is None, warnings_in_full=warnings_in_full(out, names),
+                                 width=CONSOLE_WIDTH)
             fig = report.plot()
             # drawn once, for the file and the loggers (TensorBoard logs its pixels: fx33)
             pixels = draw_figure(fig, out / names.figure)
@@ -1094,6 +1106,10 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
         **({"utility_tolerance": report.utility_tolerance}
            if report.utility_tolerance != UTILITY_TOLERANCE else {}),
         **({"notes": report.notes} if report.notes else {}),  # information, not problems (Report.notes)
+        # the validation set's sampling noise: the aggregate's verdicts say it as the job's table does (ux54c)
+        **({"utility_records": report.utility_records} if report.utility_records is not None else {}),
+        **({"utility_classes": report.utility_classes} if report.utility_classes else {}),
+        **({"utility_errors": report.utility_errors} if report.utility_errors else {}),
         "times_s": times,
         **({} if plan_cfg is None else {"plan": planned.to_dict()}),
         "files": {k: str(out / v) for k, v in OmegaConf.to_container(cfg.output).items()

@@ -4,10 +4,11 @@
 names a multirun job's folder (and ``${mis_run_name:...}``, the same arguments after the job's
 name, its tracker run: :func:`run_name`): ``<num>_<scheme>`` when the sweep selects a ``quantizer``
 (followed by the job's other swept overrides, ``1_int8_weight_only_seed-1``: :func:`swept_keys`),
-else ``<num>_<overrides>`` (``/`` replaced), else ``<num>``. A label longer than
-:data:`MAX_LABEL` characters is cut after a whole override and marked ``+<k>more_<hash>``
-(``k`` overrides left out; ``hash``: 8 hex digits of the full label), so that no value is
-shown cut.
+else ``<num>_<swept overrides>`` (``3_seed-1``; every override where no sweep is known), else
+``<num>``: each override as ``<key>-<value>`` (no ``=`` or ``,``: the printed ``mode=assess
+ckpt_path=<folder>/model.ckpt`` parses unquoted). A label longer than :data:`MAX_LABEL`
+characters is cut after a whole override and marked ``+<k>more_<hash>`` (``k`` overrides left
+out; ``hash``: 8 hex digits of the full label), so that no value is shown cut.
 """
 
 from __future__ import annotations
@@ -48,20 +49,21 @@ def _split_overrides(label: str) -> list[str]:
     return parts
 
 
-def _shorten(label: str, limit: int = MAX_LABEL) -> str:
-    """``label`` if it fits ``limit``, else its leading whole overrides and ``+<k>more_<hash>``."""
+def _shorten(parts: list[str], sep: str, limit: int = MAX_LABEL) -> str:
+    """``parts`` joined by ``sep`` if that fits ``limit``, else the leading whole parts and
+    ``+<k>more_<hash>`` (``k`` parts left out; ``hash``: 8 hex digits of the full label)."""
+    label = sep.join(parts)
     if len(label) <= limit:
         return label
     digest = hashlib.sha1(label.encode()).hexdigest()[:8]
-    parts = _split_overrides(label)
     kept: list[str] = []
     for i, part in enumerate(parts):
         mark = f"+{len(parts) - i - 1}more_{digest}"
-        if len(",".join([*kept, part, mark])) > limit:
+        if len(sep.join([*kept, part, mark])) > limit:
             break
         kept.append(part)
     mark = f"+{len(parts) - len(kept)}more_{digest}"
-    return ",".join([*kept, mark])
+    return sep.join([*kept, mark])
 
 
 def swept_keys(argv: list[str] | None = None) -> set[str] | None:
@@ -85,25 +87,31 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def job_subdir(num: Any, scheme: Any = None, overrides: Any = None, swept: set[str] | None = None) -> str:
-    """``0_int4_weight_only``, ``1_int8_weight_only_seed-1``, ``3_seed=1,data.d=16`` or ``5`` (safe
-    as one path component; long override lists cut at an override, see the module docstring). With
-    a scheme, the other swept overrides of the job (``swept``: the keys swept; ``None``: read from
-    the command line, :func:`swept_keys`) follow it: nux53 #13's ``quantizer=int8_weight_only seed=0,1``
-    named two jobs ``0_int8_weight_only`` and ``1_int8_weight_only``."""
-    label = scheme if scheme not in (None, "", "None", "null") else overrides
-    if label == scheme and overrides:
-        swept = swept_keys() if swept is None else swept
-        pairs = [(k.lstrip("+~"), v) for k, _, v in (o.partition("=") for o in _split_overrides(str(overrides)))]
-        # <key>-<value>, "_"-joined, no "=" or ",": the folder stays a path Hydra's ckpt_path=... parses unquoted
-        label = "_".join([str(scheme), *(f"{k}-{_SAFE.sub('-', v).strip('-')}" for k, v in pairs
-                                         if k in (swept or ()) and k != "quantizer")])
-    label = _shorten(re.sub(r"[/\\\s]+", "_", str(label or "")).strip("_"))
+    """``0_int4_weight_only``, ``1_int8_weight_only_seed-1``, ``3_seed-1`` or ``5`` (safe as one
+    path component; long labels cut at a whole override, see the module docstring). The job's
+    swept overrides (``swept``: the keys swept; ``None``: read from the command line,
+    :func:`swept_keys`) as ``<key>-<value>``, ``_``-joined, after its scheme (nux53 #13's
+    ``quantizer=int8_weight_only seed=0,1`` named two jobs ``0_int8_weight_only`` and
+    ``1_int8_weight_only``); without a scheme the swept ones, or where none is known every
+    override of the job (ux54c: ``3_seed=1,data.d=16`` before, whose ``=`` and ``,`` broke the
+    printed ``ckpt_path=<folder>/model.ckpt`` hint unquoted)."""
+    has_scheme = scheme not in (None, "", "None", "null")
+    pairs = [(k.lstrip("+~"), v) for k, _, v in (o.partition("=") for o in _split_overrides(str(overrides or "")))
+             if k]
+    swept = (swept_keys() if swept is None else swept) if pairs else None
+    chosen = [(k, v) for k, v in pairs if k in (swept or ()) and k != "quantizer"]
+    if not has_scheme and not chosen:
+        chosen = pairs  # no sweep known (a test's argv, a launcher's worker): every override
+    # <key>-<value>, no "=" or ",": the folder stays a path Hydra's ckpt_path=... parses unquoted
+    items = [f"{_SAFE.sub('-', k).strip('-')}-{_SAFE.sub('-', v).strip('-')}" for k, v in chosen]
+    label = _shorten([str(scheme), *items] if has_scheme else items, "_")
+    label = re.sub(r"[/\\\s]+", "_", label).strip("_")
     return f"{num}_{label}" if label else str(num)
 
 
 def run_name(name: Any, scheme: Any = None, overrides: Any = None) -> str:
     """A tracker run's name (``conf/logger/mlflow.yaml``, ``wandb.yaml``): in a multirun,
-    ``<job name>-<job folder>`` (``cli-0_int8_weight_only``, ``cli-3_seed=1``: each job's own, as
+    ``<job name>-<job folder>`` (``cli-0_int8_weight_only``, ``cli-3_seed-1``: each job's own, as
     :func:`job_subdir` names its folder); in a single run ``<job name>-<scheme>`` or the job name.
     Until nu42c it was ``<job name>-<scheme>``: a sweep over seeds gave its runs of one scheme one
     name, and a single run without ``quantizer=`` was named ``cli-None``."""
