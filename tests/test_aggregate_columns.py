@@ -182,6 +182,32 @@ def test_the_jobs_utility_tolerance_sets_the_aggregates_verdict_band(tmp_path):
     assert "within 50% of the best (0.5000, 0: int8_weight_only): 1: intx_weight_only_int2 (leakage 0.0600)" in wide[0]
 
 
+def test_the_jobs_declared_utility_key_ranks_the_aggregate(tmp_path):
+    """ux54c's finding: jobs run with ``mis.scoring.utility_key=accuracy`` ranked their own tables by
+    accuracy, while aggregate.md ranked by auroc (the default pick: result.json did not say). By
+    auroc int8 is best and int2 outside the 1% band; by accuracy both are equal, so int2 (less
+    leakage) is the verdict's pick."""
+    figures = {"int8_weight_only": (0.10, 0.90, 0.80), "intx_weight_only_int2": (0.06, 0.80, 0.80)}
+    for declared, where in ((None, tmp_path / "default"), ("accuracy", tmp_path / "declared")):
+        for num, (scheme, (leak, auroc, acc)) in enumerate(figures.items()):
+            job = where / f"{num}_{scheme}"
+            job.mkdir(parents=True)
+            row = {**_row(scheme, "bootstrap", 0.0), "leakage": leak, "leakage_p10": leak - 0.002,
+                   "leakage_p90": leak + 0.002, "utility_auroc": auroc, "utility_accuracy": acc,
+                   "baseline_leakage": 0.2}
+            row.pop("utility_loss")
+            res = {"job": {"num": num, "overrides": ["data=mine", f"quantizer={scheme}"]}, "status": "ok",
+                   "rows": [row], "warnings": [], **({"utility_key": declared} if declared else {})}
+            (job / "result.json").write_text(json.dumps(res))
+        agg.aggregate(where, verbose=False)
+    default, declared_md = ((d / "aggregate.md").read_text() for d in (tmp_path / "default", tmp_path / "declared"))
+    pick = [ln for ln in default.splitlines() if ln.startswith("verdict across")]
+    assert "auroc" in pick[0] and "0: int8_weight_only (leakage 0.1000)" in pick[0], pick
+    pick = [ln for ln in declared_md.splitlines() if ln.startswith("verdict across")]
+    assert "accuracy" in pick[0] and "1: intx_weight_only_int2 (leakage 0.0600)" in pick[0], pick
+    assert "auroc" not in declared_md.split("verdict across")[0].splitlines()[0], declared_md  # the table's header
+
+
 def test_across_seeds_chooses_nothing_where_the_headline_is_undetermined():
     """rv51: every seed's verdict is "none: the headline is undetermined" (hd51's ``undet.``: the
     baseline moves beyond report.UNDETERMINED_MOVE with the rank rule), yet the Across-seeds section

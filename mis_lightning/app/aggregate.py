@@ -199,6 +199,8 @@ def rows_of(results: Sequence[dict[str, Any]], sweep_dir: str | Path | None = No
         }
         if "utility_tolerance" in res:  # the job's mis.scoring.utility_tolerance, where not the default
             head["utility_tolerance"] = res["utility_tolerance"]
+        if res.get("utility_key"):  # the job's mis.scoring.utility_key: its table ranked by it
+            head["ranked_by"] = res["utility_key"]
         failed = res.get("status") == "failed"
         # A failed job has no scheme rows: one row says which schemes it was to assess and why
         # it failed.
@@ -251,9 +253,11 @@ def _fmt_bits(v: float | None) -> str:
 
 
 def own_utility_key(row: dict[str, Any]) -> str | None:
-    """The utility a row is judged by: its own preferred measured metric
+    """The utility a row is judged by: the one its job declared (``ranked_by``: the job's
+    ``mis.scoring.utility_key``, as its own table ranked), else its own preferred measured metric
     (:func:`~mis_lightning.report.pick_utility_key` over the keys it has a value for)."""
-    return pick_utility_key([{k: v for k, v in row.items() if _float(v) is not None}])
+    measured = [{k: v for k, v in row.items() if _float(v) is not None}]
+    return pick_utility_key(measured, row.get("ranked_by") or None)
 
 
 def utility_keys(rows: Sequence[dict[str, Any]], utility_key: str | None = None) -> list[str]:

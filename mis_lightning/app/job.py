@@ -1105,6 +1105,8 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
         # the verdict's band where not the default (the aggregate's verdicts use it)
         **({"utility_tolerance": report.utility_tolerance}
            if report.utility_tolerance != UTILITY_TOLERANCE else {}),
+        # the utility the job's table ranks by where declared (mis.scoring.utility_key): the aggregate's too
+        **({"utility_key": report.utility_key} if report.utility_key is not None else {}),
         **({"notes": report.notes} if report.notes else {}),  # information, not problems (Report.notes)
         # the validation set's sampling noise: the aggregate's verdicts say it as the job's table does (ux54c)
         **({"utility_records": report.utility_records} if report.utility_records is not None else {}),
