@@ -88,7 +88,7 @@ from .base import (
     dequantized_kept,
     surgery_reasons,
 )
-from .beyond_linear import FlatSpec, beyond_linear_weights, quantize_beyond_linear
+from .beyond_linear import FlatSpec, beyond_linear_weights, quantize_beyond_linear, supports_beyond
 from .casts import representable_values
 from .registry import register_alias, register_scheme
 
@@ -218,6 +218,16 @@ class TorchAOScheme(SchemeConfig):
         """The grid rule with which the scheme quantizes the weights beyond torchao's default
         filter (:mod:`.beyond_linear`), or ``None``: torchao's layers only."""
         return None
+
+    def _float_reason(self, name: str, p: Tensor, holders: list[tuple[str, str, nn.Module]],
+                      selected: bool = True) -> str:
+        # a weight beyond torchao's layers that beyond_linear=False leaves out: said as the choice it is
+        if selected and not self.beyond_linear and self._flat_spec() is not None:
+            for _, attr, m in holders:
+                if supports_beyond(m) and not self.supports(m) and not attr.endswith("bias"):
+                    return (f"{type(m).__name__}.{attr}: left in float as torchao's quantize_ leaves it (scheme "
+                            f"{self.name!r}, beyond_linear=False: torchao's own release)")
+        return super()._float_reason(name, p, holders, selected)
 
     def check_available(self) -> None:
         try:
