@@ -44,7 +44,9 @@ Which layers: torchao's own default filter (``nn.Linear``, not
 ``NonDynamicallyQuantizableLinear``), narrowed by the scheme's ``filter_fn(module, fqn)``.
 The integer weight-only schemes (``int8_weight_only``, ``intx_weight_only_*``) then quantize
 convolutions, embeddings and attention projections with the same grid rule
-(:mod:`.beyond_linear`, :meth:`flat_spec`); every other parameter (norm scales, biases, the
+(:mod:`.beyond_linear`, :meth:`flat_spec`), which torchao's ``quantize_(model, config)`` leaves
+in float: a release wider than torchao's, which the report warns of (``^``);
+``beyond_linear=False`` (``<name>_linear_only``) is torchao's own release. Every other parameter (norm scales, biases, the
 other schemes' non-Linear weights) stays in float, with the reason in ``result.unquantized``. A weight tied across several Linear layers
 is quantized once and the quantized Parameter is given to every holder; tied to a layer
 torchao does not quantize (e.g. an ``nn.Embedding``), it stays in float everywhere.
