@@ -4,7 +4,10 @@ The integer schemes quantize every layer weight: the Linear head through torchao
 convolution kernels per output channel over flattened kernels (the library's round-to-nearest
 on torchao's primitives; torch has no weight-only quantized convolution). The table's
 ``float`` column is the share of assessed weights left in float (here the BatchNorm scales and
-the biases); the warnings say per layer type how the weights were quantized.
+the biases); the warnings say per layer type how the weights were quantized. torchao's own
+``quantize_(model, config)`` would leave the convolutions in float: the torchao-named rows are
+marked ``^`` and a warning says so; the release scored is ``get_scheme(name).apply(model).model``,
+and ``get_scheme(name, beyond_linear=False)`` scores torchao's own (README, "One call").
 
 Training is the usual few epochs of Adam on minibatches with plain cross-entropy (no weight
 decay), so the weights are near a minimum of the training loss, not at it, and the report says

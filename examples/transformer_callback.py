@@ -4,7 +4,9 @@ seconds on a CPU.
 The integer schemes quantize the embedding table with torchao (``IntxWeightOnlyConfig``
 through ``quantize_``'s ``filter_fn``), the feed-forward Linear layers and the head with
 torchao's own config, and the attention projections (``in_proj_weight`` and ``out_proj``,
-which torchao's filter leaves out) per output row with the library's round-to-nearest. The
+which torchao's filter leaves out) per output row with the library's round-to-nearest: a release
+wider than torchao's ``quantize_`` makes with the same config (rows marked ``^``, a warning; the
+scored release is ``get_scheme(name).apply(model).model``, torchao's own ``beyond_linear=False``). The
 estimation takes per-sample statistics of every layer (embedding rows, attention projections,
 LayerNorm affine parameters) in closed form, without torch.func.
 

@@ -1918,8 +1918,12 @@ def score_schemes(
     # the group size): its utility and model b/w are those of that partly quantized release (fz44).
     report.warnings += merge_scheme_warnings(
         [(k, w) for k, s in report.schemes.items() for w in [s.unassessed_float_warning()] if w])
-    # Weights quantized by another method than the scheme's backend (quantization/beyond_linear):
-    # information, not a problem (ux49: raised as a warning it read as one)
+    # A scheme named after a torchao config that quantized layers quantize_ leaves in float: its
+    # figures are not of the release torchao ships with that config (nux54 #1), a warning
+    report.warnings += merge_scheme_warnings(
+        [(k, w) for k, s in report.schemes.items() for w in [s.torchao_release_warning()] if w])
+    # Weights quantized by another method than the scheme's backend (quantization/beyond_linear), by a
+    # scheme with no torchao namesake (rtn_*): information, not a problem (ux49: raised as a warning it read as one)
     report.notes += merge_scheme_warnings([(k, w) for k, s in report.schemes.items() for w in [s.methods_line()] if w])
     stored = _low_precision_note(model, est.names)
     if stored:

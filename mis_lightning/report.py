@@ -215,14 +215,10 @@ class SchemeResult:
                 f"({100.0 * n_float / max(self.d, 1):.1f}%) in float, scored as unprotected "
                 f"(leak like the baseline): " + "; ".join(parts))
 
-    def methods_line(self) -> str | None:
-        """A line, for information, naming the layers beyond the scheme's own backend that the
-        library quantized too (``LayerResult.quantized_by``: convolutions, attention projections by
-        the library's round-to-nearest, embeddings by torchao), or ``None`` when the backend did all.
-
-        It names the layer types and how, not each grid's bit layout (the per-layer rows hold
-        that), so that schemes quantizing the same layers say the same line and
-        :func:`merge_scheme_warnings` says it once for all of them."""
+    def _quantized_by(self) -> dict[str, list[str]]:
+        """``{"<layer kind> by <how>": [parameter names]}`` of the assessed weights quantized by
+        another method than the scheme's own backend (``LayerResult.quantized_by``): convolutions
+        and attention projections by the library's round-to-nearest, embeddings by torchao."""
         by: dict[str, list[str]] = {}
         for name, lr in self.layers.items():
             if lr.quantized and lr.quantized_by:
@@ -230,7 +226,49 @@ class SchemeResult:
                 how = ("the library's round-to-nearest" if how.rstrip().endswith("(library RTN)")
                        else "torchao" if "torchao" in how else how.strip())
                 by.setdefault(f"{kind} by {how}", []).append(name)
-        if self.error or not by:
+        return by
+
+    def beyond_torchao(self) -> dict[str, list[str]]:
+        """What a scheme named after a torchao config (``description["config"]``, e.g.
+        ``int8_weight_only``) quantized beyond the layers torchao's ``quantize_(model, config)``
+        takes (its default filter: ``nn.Linear``), as :meth:`_quantized_by`; ``{}`` for the other
+        schemes (``rtn_*``, casts, native: no torchao release to differ from) and where nothing was."""
+        if self.error or not self.description.get("config"):
+            return {}
+        return self._quantized_by()
+
+    def torchao_release_warning(self) -> str | None:
+        """A warning for a scheme named after a torchao config whose scored release quantizes
+        more layers than torchao's ``quantize_`` with that config (:meth:`beyond_torchao`):
+        naming those layers, the call that exports the scored release and the option that scores
+        torchao's own (``beyond_linear=False``); ``None`` otherwise (nux54 #1)."""
+        by = self.beyond_torchao()
+        if not by:
+            return None
+        kinds: dict[str, list[str]] = {}
+        for m, v in by.items():
+            kinds.setdefault(m.split(" by ")[0], []).extend(v)
+        shown = lambda v: ", ".join(v[:3]) + (f" and {len(v) - 3} more" if len(v) > 3 else "")  # noqa: E731
+        # the first sentence (the console line, :func:`warning_line`) names the layers and the mismatch
+        return (f"scheme {self.name!r} quantizes " + "; ".join(f"{k} ({shown(v)})" for k, v in kinds.items())
+                + " beyond torchao's quantize_, which leaves them in float. The figures (leakage, bits/w, "
+                "utility) are of this wider release (" + "; ".join(by) + "), not of the model quantize_ "
+                "ships with the same config (its default filter takes nn.Linear only). Ship the release "
+                "scored: mis_lightning.get_scheme(name).apply(model).model; score torchao's own release: "
+                "get_scheme(name, beyond_linear=False) (named name_linear_only; the app: "
+                "+quantizer.beyond_linear=false)")
+
+    def methods_line(self) -> str | None:
+        """A line, for information, naming the layers beyond the scheme's own backend that the
+        library quantized too (``LayerResult.quantized_by``: convolutions, attention projections by
+        the library's round-to-nearest, embeddings by torchao), or ``None`` when the backend did all,
+        or when :meth:`torchao_release_warning` says it (a scheme named after a torchao config).
+
+        It names the layer types and how, not each grid's bit layout (the per-layer rows hold
+        that), so that schemes quantizing the same layers say the same line and
+        :func:`merge_scheme_warnings` says it once for all of them."""
+        by = self._quantized_by()
+        if self.error or not by or self.beyond_torchao():
             return None
         parts = [f"{m} ({', '.join(v[:3])}{f' and {len(v) - 3} more' if len(v) > 3 else ''})"
                  for m, v in by.items()]
@@ -458,6 +496,9 @@ class Report:
             failed = [] if s.error else regime_failures(self.diagnostics, self.n, self.d, s.d_eff)
             if failed:  # outside the analysis's assumptions: "*" in the table, named in the verdict
                 row["indicative"] = "; ".join(failed)
+            beyond = s.beyond_torchao()
+            if beyond:  # wider than torchao's quantize_ with its config: "^" after the name (nux54 #1)
+                row["beyond_torchao"] = ", ".join(dict.fromkeys(k.split(" by ")[0] for k in beyond))
             if name in self.row_notes:  # the planner's role of the row (the table prints it)
                 row["note"] = self.row_notes[name]
             if s.model_bits_per_weight is not None and s.model_d is not None:
@@ -1320,10 +1361,23 @@ def leakage_marks(row: dict[str, Any]) -> str:
             + (" *" if row.get("indicative") else ""))
 
 
+def scheme_marks(row: dict[str, Any]) -> str:
+    """The mark after a row's scheme name in every table: ``^`` where a scheme named after a torchao
+    config released more layers than torchao's ``quantize_`` with that config
+    (:meth:`SchemeResult.beyond_torchao`); explained by :func:`marks_legend`."""
+    return " ^" if row.get("beyond_torchao") else ""
+
+
 def marks_legend(rows: list[dict[str, Any]]) -> list[str]:
     """The legend entries (one line each, indented two spaces) of the marks
     (:func:`leakage_marks`) that ``rows`` carry."""
     out: list[str] = []
+    beyond = sorted({k for r in rows if r.get("beyond_torchao") for k in str(r["beyond_torchao"]).split(", ")})
+    if beyond:
+        out.append(f"  ^ after a scheme: not the release torchao's quantize_ makes with that config: it also "
+                   f"quantizes {', '.join(beyond)}, which quantize_ leaves in float, and its figures are of that "
+                   "wider release; ship it with get_scheme(name).apply(model).model, or score torchao's own with "
+                   "get_scheme(name, beyond_linear=False) (see warnings).")
     if any(r.get("unscored") for r in rows if not r.get("error")):
         out.append("  +: a lower bound: the release also carries a part this figure does not score "
                    "(AWQ's or SmoothQuant's per-channel factors, computed from the calibration "
@@ -1737,7 +1791,7 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
         "d_eff", "zeros"]  # zero_fraction
     body: list[list[str] | tuple[str, str]] = []
     for r in rows:
-        label = f"{r['scheme']} ({r['note']})" if r.get("note") else str(r["scheme"])
+        label = str(r["scheme"]) + scheme_marks(r) + (f" ({r['note']})" if r.get("note") else "")
         if r.get("error"):
             body.append((label, str(r["error"])))
             continue

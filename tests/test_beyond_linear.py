@@ -14,6 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import mis_lightning as ml
+from mis_lightning._warning_lines import warning_line
+from mis_lightning.app.aggregate import markdown_table
 from mis_lightning.estimation.estimate import MomentAccumulator
 from mis_lightning.estimation.linear_factors import LayerProgram
 from mis_lightning.quantization import get_scheme
@@ -144,6 +146,50 @@ def test_filter_fn_keeps_the_old_linear_only_release():
     assert res.unquantized["f.0.weight"] == "excluded by the filter_fn of scheme 'int8_weight_only'"
 
 
+class _AllKinds(nn.Module):
+    """A convolution, an embedding, a MultiheadAttention (packed in_proj, out_proj) and a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.emb = nn.Conv2d(1, 2, 3), nn.Embedding(10, 8)
+        self.mha, self.head = nn.MultiheadAttention(8, 2), nn.Linear(8, 4)
+
+
+@pytest.mark.parametrize("name,config", [("int8_weight_only", "Int8WeightOnlyConfig()"),
+                                         ("intx_weight_only_int4", "IntxWeightOnlyConfig(weight_dtype=torch.int4)")])
+def test_linear_only_is_the_release_torchaos_quantize_makes(name, config):
+    # nux54 #1: the torchao-named schemes quantize layers torchao's quantize_ leaves in float;
+    # beyond_linear=False is torchao's own release, value for value
+    import copy
+
+    import torchao.quantization as tq
+
+    torch.manual_seed(0)
+    m = _AllKinds().eval()
+    ao = copy.deepcopy(m)
+    tq.quantize_(ao, eval(config, {"torch": torch, **vars(tq)}))
+    ao_quantized = {n for n, p in ao.named_parameters() if type(p.data) is not torch.Tensor}
+    assert ao_quantized == {"head.weight"}  # torchao's default filter: nn.Linear only (not out_proj)
+    wide = get_scheme(name)
+    assert {"conv.weight", "emb.weight", "mha.in_proj_weight", "mha.out_proj.weight"} <= set(wide.apply(m).grids)
+    s = get_scheme(name, beyond_linear=False)
+    assert s.name == name + "_linear_only" and s != wide and s.describe()["beyond_linear"] is False
+    res = s.apply(m)
+    assert set(res.grids) == ao_quantized
+    released, theirs = dict(res.model.named_parameters()), dict(ao.named_parameters())
+    for n, p in m.named_parameters():
+        got, want = released[n], theirs[n]
+        got = got.dequantize() if n in ao_quantized else got
+        want = want.dequantize() if n in ao_quantized else want
+        assert torch.equal(got, want), n
+        if n not in ao_quantized:
+            assert torch.equal(got, p), n
+    assert res.unquantized["conv.weight"] == (f"Conv2d.weight: left in float as torchao's quantize_ leaves it (scheme "
+                                              f"'{name}_linear_only', beyond_linear=False: torchao's own release)")
+    # where nothing lies beyond torchao's layers the option changes nothing, not even the name
+    assert get_scheme("float8_weight_only", beyond_linear=False).name == "float8_weight_only"
+
+
 def test_assess_reports_the_quantized_share_and_the_method_per_layer_type():
     g = torch.Generator().manual_seed(0)
     X, Y = torch.randn(120, 1, 8, 8, generator=g), torch.randint(0, 10, (120,), generator=g)
@@ -160,16 +206,33 @@ def test_assess_reports_the_quantized_share_and_the_method_per_layer_type():
         assert rep.schemes[name].quantized_fraction == pytest.approx(1384 / 1466)
         assert rep.schemes[name].layers["f.0.weight"].quantized_by.startswith("Conv2d: per-channel int")
         assert rep.schemes[name].layers["head.weight"].quantized_by == ""
-    assert "5.6%" in next(r for r in rep.table().splitlines() if r.startswith("int8_weight_only"))
-    # the three schemes quantize the convolutions alike (int8 or int4): one line, said for
-    # information, names them all (it was one line per scheme, the int8 one apart)
-    # (a note, not a warning: ux49)
+    table = rep.table()
+    assert "5.6%" in next(r for r in table.splitlines() if r.startswith("int8_weight_only"))
+    # nux54 #1: the schemes named after a torchao config release more than torchao's quantize_ with
+    # it (the convolutions): a warning (was a note), "^" after their names in the tables; rtn_int4,
+    # the library's own scheme, has no torchao release to differ from: its line stays a note (ux49)
+    beyond = [w for w in rep.warnings if "beyond torchao's quantize_" in w]
+    assert beyond == ["schemes 'int8_weight_only' and 'intx_weight_only_int4' quantize Conv2d (f.0.weight, "
+                      "f.4.weight) beyond torchao's quantize_, which leaves them in float. The figures (leakage, "
+                      "bits/w, utility) are of this wider release (Conv2d by the library's round-to-nearest), not "
+                      "of the model quantize_ ships with the same config (its default filter takes nn.Linear "
+                      "only). Ship the release scored: mis_lightning.get_scheme(name).apply(model).model; score "
+                      "torchao's own release: get_scheme(name, beyond_linear=False) (named name_linear_only; "
+                      "the app: +quantizer.beyond_linear=false)"]
+    # the console line (the callback's, the Metric's, the table's) names the layers and the mismatch
+    assert warning_line(beyond[0]) == ("schemes 'int8_weight_only' and 'intx_weight_only_int4' quantize Conv2d "
+                                       "(f.0.weight, f.4.weight) beyond torchao's quantize_, which leaves them in float [...]")
     assert not [w for w in rep.warnings if "besides" in w]
-    beyond = [w for w in rep.notes if "besides" in w]
-    assert beyond == ["schemes 'int8_weight_only', 'intx_weight_only_int4' and 'rtn_int4' quantize, besides "
-                      "their backends' own layers, Conv2d by the library's round-to-nearest (f.0.weight, "
-                      "f.4.weight) at the same bit width (information: these weights are quantized and scored "
-                      "like the others; each layer's method is in the report's per-layer rows)"]
+    assert [w for w in rep.notes if "besides" in w] == [
+        "scheme 'rtn_int4' quantizes, besides its backend's own layers, Conv2d by the library's round-to-nearest "
+        "(f.0.weight, f.4.weight) at the same bit width (information: these weights are quantized and scored "
+        "like the others; each layer's method is in the report's per-layer rows)"]
+    for out in (table, markdown_table(rep.rows())):  # the job's table and a sweep's aggregate
+        assert "int8_weight_only ^" in out and "intx_weight_only_int4 ^" in out and "rtn_int4 ^" not in out
+    legend = " ".join(table.split())
+    assert "^ after a scheme: not the release torchao's quantize_ makes with that config: it also quantizes Conv2d," in legend
+    assert "get_scheme(name).apply(model).model" in legend
+    assert ml.Report.from_dict(rep.to_dict()).rows() == rep.rows()  # the mark survives the JSON
 
 
 # --------------------------------------------------------------------------- estimation

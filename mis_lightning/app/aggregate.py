@@ -61,6 +61,7 @@ from mis_lightning.report import (
     merge_identical,
     no_points_note,
     pick_utility_key,
+    scheme_marks,
     share_format,
     short_error,
     ties_line,
@@ -300,7 +301,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
             if interval != "-" and r.get("interval_regime") == "position-dominated":
                 interval += " pos."  # as in the job's own table: the interval is of another kind
             bits, ff = r.get("bits_per_weight"), _float(r.get("float_fraction"))
-            cells = [_fmt(r.get("job")), r["scheme"], r.get("swept") or "-",
+            cells = [_fmt(r.get("job")), r["scheme"] + scheme_marks(r), r.get("swept") or "-",
                      "-" if bits is None else f"{bits:.2f}",
                      share_format(ff)] + (
                 [_fmt_bits(_float(r.get("model_bits_per_weight")))] if whole else []) + [

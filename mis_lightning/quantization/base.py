@@ -3404,9 +3404,10 @@ class QuantizationScheme(ABC):
             model: the float model.
             params: parameter names (as in ``model.named_parameters()``) to quantize; the
                 layers holding other parameters stay in float in the copy. ``None``: every
-                parameter the scheme quantizes (what the assessment scores: the whole model
-                quantized, as ``torchao.quantization.quantize_`` would release it, whose
-                utility is measured; the leakage is that of the assessed parameters).
+                parameter the scheme quantizes (what the assessment scores and ``.model`` ships:
+                the whole model quantized, frozen layers too, whose utility is measured; the
+                leakage is that of the assessed parameters; a torchao-named scheme may take more
+                layers than ``torchao.quantization.quantize_`` with its config: ``beyond_linear``).
 
         Raises:
             KeyError: a name in ``params`` is not a parameter of ``model``.

@@ -44,7 +44,9 @@ Which layers: torchao's own default filter (``nn.Linear``, not
 ``NonDynamicallyQuantizableLinear``), narrowed by the scheme's ``filter_fn(module, fqn)``.
 The integer weight-only schemes (``int8_weight_only``, ``intx_weight_only_*``) then quantize
 convolutions, embeddings and attention projections with the same grid rule
-(:mod:`.beyond_linear`, :meth:`flat_spec`); every other parameter (norm scales, biases, the
+(:mod:`.beyond_linear`, :meth:`flat_spec`), which torchao's ``quantize_(model, config)`` leaves
+in float: a release wider than torchao's, which the report warns of (``^``);
+``beyond_linear=False`` (``<name>_linear_only``) is torchao's own release. Every other parameter (norm scales, biases, the
 other schemes' non-Linear weights) stays in float, with the reason in ``result.unquantized``. A weight tied across several Linear layers
 is quantized once and the quantized Parameter is given to every holder; tied to a layer
 torchao does not quantize (e.g. an ``nn.Embedding``), it stays in float everywhere.
@@ -71,7 +73,7 @@ import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -88,7 +90,7 @@ from .base import (
     dequantized_kept,
     surgery_reasons,
 )
-from .beyond_linear import FlatSpec, beyond_linear_weights, quantize_beyond_linear
+from .beyond_linear import FlatSpec, beyond_linear_weights, quantize_beyond_linear, supports_beyond
 from .casts import representable_values
 from .registry import register_alias, register_scheme
 
@@ -190,6 +192,44 @@ class TorchAOScheme(SchemeConfig):
 
     backend: ClassVar[str] = "torchao"
     layers: ClassVar[str] = "nn.Linear (torchao's default filter)"
+    #: the integer weight-only schemes quantize, besides torchao's own layers, convolutions,
+    #: embeddings and attention projections (:meth:`_flat_spec`), which ``quantize_(model, config)``
+    #: leaves in float; ``False``: only torchao's own layers, the release ``quantize_`` makes with
+    #: the config (named ``<name>_linear_only``). Keyword only; a no-op where nothing lies beyond.
+    beyond_linear: bool = field(default=True, kw_only=True, repr=False)
+
+    @property  # type: ignore[override]
+    def name(self) -> str:
+        """The registry name (:meth:`name_parts`), ``_linear_only`` appended where
+        ``beyond_linear=False`` leaves out layers the scheme would otherwise quantize."""
+        stem = SchemeConfig.name.fget(self)  # type: ignore[attr-defined]
+        return f"{stem}_linear_only" if not self.beyond_linear and self._flat_spec() is not None else stem
+
+    def describe(self) -> dict:
+        out = super().describe()
+        if not self.beyond_linear and self._flat_spec() is not None:
+            out["beyond_linear"] = False
+        return out
+
+    def flat_spec(self) -> FlatSpec | None:
+        """The grid rule beyond ``nn.Linear`` (:meth:`_flat_spec`), ``None`` under
+        ``beyond_linear=False`` (torchao's own release: its default filter's layers only)."""
+        return self._flat_spec() if self.beyond_linear else None
+
+    def _flat_spec(self) -> FlatSpec | None:
+        """The grid rule with which the scheme quantizes the weights beyond torchao's default
+        filter (:mod:`.beyond_linear`), or ``None``: torchao's layers only."""
+        return None
+
+    def _float_reason(self, name: str, p: Tensor, holders: list[tuple[str, str, nn.Module]],
+                      selected: bool = True) -> str:
+        # a weight beyond torchao's layers that beyond_linear=False leaves out: said as the choice it is
+        if selected and not self.beyond_linear and self._flat_spec() is not None:
+            for _, attr, m in holders:
+                if supports_beyond(m) and not self.supports(m) and not attr.endswith("bias"):
+                    return (f"{type(m).__name__}.{attr}: left in float as torchao's quantize_ leaves it (scheme "
+                            f"{self.name!r}, beyond_linear=False: torchao's own release)")
+        return super()._float_reason(name, p, holders, selected)
 
     def check_available(self) -> None:
         try:
@@ -646,7 +686,7 @@ class Int8WeightOnly(TorchAOScheme):
     def name_parts(self) -> list[str]:
         return _granularity_part(self.granularity, self.group_size, "per_row")
 
-    def flat_spec(self) -> FlatSpec | None:
+    def _flat_spec(self) -> FlatSpec | None:
         # weight-only int8 beyond Linear: the same symmetric int8 grid; the dynamic-activation
         # config quantizes activations too, which a weight-only conv would not reproduce
         if self.config_class != "Int8WeightOnlyConfig":
@@ -723,7 +763,7 @@ class IntxWeightOnly(TorchAOScheme):
         return [f"int{self.bits}", *_granularity_part(self.granularity, self.group_size, "per_row"),
                 *(["asym"] if self.mapping == "asymmetric" else [])]
 
-    def flat_spec(self) -> FlatSpec | None:
+    def _flat_spec(self) -> FlatSpec | None:
         return FlatSpec(bits=self.bits, granularity=self.granularity, group_size=self.group_size,  # type: ignore[arg-type]
                         mapping=self.mapping)  # type: ignore[arg-type]
 
