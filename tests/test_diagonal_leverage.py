@@ -308,26 +308,37 @@ def test_the_loss_directions_sample_is_the_bottom_k_by_key_whatever_the_order_ba
 
 
 def test_the_loss_directions_after_a_reset_are_the_new_passs():
-    """``MISIndicator.reset()`` gives the figures of a new Metric: the loss directions' sample holds
-    the records read after it only (rv54: it kept those read before, 1.5 directions here, not 2). A
-    least-squares loss on 2 outputs whose target masks the second output of the first pass's records
-    (``rank(L_i)`` 1) and not of the second's (2)."""
+    """``MISIndicator.reset()`` gives the figures of a new Metric: the loss directions' sample and the
+    input statistics hold the records read after it only (rv54: the sample kept those read before,
+    1.5 directions here, not 2; the statistics counted the inputs read again twice, so the
+    standardiser fitted on them (ddof 1) was no longer named). A least-squares loss on 2 outputs
+    whose target masks the second output in the first pass (``rank(L_i)`` 1) and not in the second
+    (2), on the same inputs."""
     from mis_lightning import MISIndicator
 
     g = torch.Generator().manual_seed(4)
-    x, y = torch.randn(12, 3, generator=g, dtype=torch.float64), torch.randn(12, 2, generator=g, dtype=torch.float64)
-    mask = torch.ones(12, 2, dtype=torch.float64)
-    mask[:6, 1] = 0
+    x, y = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)
+
+    class Standardised(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("mean", x.mean(0))
+            self.register_buffer("std", x.std(0))
+            torch.manual_seed(1)
+            self.lin = nn.Linear(3, 2).double()
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return self.lin((z - self.mean) / self.std)
 
     def masked(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return (t[:, 2:] * (o - t[:, :2]) ** 2).sum(-1)
 
-    torch.manual_seed(1)
-    met = MISIndicator(nn.Linear(3, 2).double(), masked, ["rtn_int4"], estimation="diagonal", hessian="ggn",
+    model = Standardised()
+    met = MISIndicator(model, masked, ["rtn_int4"], estimation="diagonal", hessian="ggn",
                        uncertainty_draws=0, weight_decay=1e-3, num_training_records=6)
-    t = torch.cat([y, mask], 1)
-    met.update(x[:6], t[:6])
-    assert met.accumulator.loss_directions() == (1.0, "measured", 6)
-    met.reset()
-    met.update(x[6:], t[6:])
-    assert met.accumulator.loss_directions() == (2.0, "measured", 6)
+    for mask, want in (([1.0, 0.0], 1.0), ([1.0, 1.0], 2.0)):
+        met.reset()
+        met.update(x, torch.cat([y, torch.tensor(mask, dtype=torch.float64).expand(6, 2)], 1))
+        acc = met.accumulator
+        assert acc.loss_directions() == (want, "measured", 6)
+        assert sorted(acc._input_stats.matches(model)) == ["mean", "std"]

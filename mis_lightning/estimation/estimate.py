@@ -1202,8 +1202,11 @@ class MomentAccumulator:
         self.program.count_unread = self.keep_factors
         self._out_shape = None
         # a new pass's records only (EstimationMetric.reset(): the figures of a new Metric; rv54: the
-        # loss directions' sample kept the records read before the reset)
+        # loss directions' sample kept the records read before the reset, and the input statistics
+        # counted a pass read again twice: a standardiser's ddof-1 sd then matched no statistic)
         self._loss_rank = LossDirectionSample(self._loss_ranks, LOSS_RANK_RECORDS)
+        if self._input_stats:
+            self._input_stats = False
         if self.factored is not None:
             kind = type(self.factored)
             self.factored.close()
