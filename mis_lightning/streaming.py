@@ -458,7 +458,7 @@ def first_batch_facts(acc: MomentAccumulator) -> dict[str, Any]:
         "normalised": None if acc._normalised_probe else acc._normalised,
         "data_buffers": acc._data_buffers, "data_buffers_unchecked": acc._data_buffers_unchecked,
         "late": acc.late_leaves(), "estimator": (acc.mode, acc.hessian, acc.estimator),
-        "train_random": bool(acc._train_random), "input_stats": acc._input_stats or None}
+        "train_random": bool(acc._train_random), "input_stats": acc._input_stats.on_cpu() if acc._input_stats else None}
 
 
 def _align_first_batches(acc: MomentAccumulator, facts: list[dict[str, Any]]) -> None:

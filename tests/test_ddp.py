@@ -521,3 +521,20 @@ def test_ranks_whose_first_batches_chose_different_estimators_are_refused():
         _align_first_batches(mets[0].accumulator, facts[:2])
     _align_first_batches(mets[0].accumulator, [facts[0], facts[2]])
     assert mets[0].accumulator.directions_synced is None  # (the exact estimator counts no directions)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (a process's statistics on its device)")
+def test_the_input_statistics_merge_from_other_devices():
+    """Each DDP process's input statistics are on its own device (its inputs'): the sync merges
+    them on the CPU (``InputStatistics.on_cpu``; rv54: ``cuda:0``'s with another process's raised a
+    device mismatch at the sync). Stood in for by this process's statistics on the GPU and the
+    other's on the CPU: together they tell the standardiser fitted on all 40 inputs."""
+    from mis_lightning.estimation.data_buffers import InputStatistics
+
+    X = torch.randn(40, 5, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    model = _Shards(X)
+    mine = InputStatistics(model, ["mean", "std"], X[:20].cuda(), 20)
+    mine.update(X[:20].cuda(), 20)
+    other = InputStatistics(model, ["mean", "std"], X[20:], 20)
+    other.update(X[20:], 20)
+    assert sorted(mine.merged([(other.sums, other.eps)]).matches(model)) == ["mean", "std"]

@@ -265,15 +265,20 @@ def test_the_loss_directions_do_not_depend_on_the_records_order():
 
 def test_the_loss_directions_sample_is_the_bottom_k_by_key_whatever_the_order_batches_and_processes():
     """:class:`LossDirectionSample` against its definition: the mean ``rank`` of the ``k`` records with
-    the smallest content keys (:func:`record_keys` of all records at once, sorted), the same for the
-    records in order in batches of 7, reversed in batches of 50, a batch offered twice, and split over
-    two processes (:func:`merge_counts`) that both hold one record (a sampler's padding); only the
-    ``k`` records finally held are measured."""
+    the smallest content keys (:func:`record_keys` of all records at once, sorted; a record the data
+    holds several times counts as often, as in the sums), the same for the records in order in
+    batches of 7, reversed in batches of 50, and split over two processes (:func:`merge_counts`); only
+    the ``k`` records finally held are measured. rv54: 6 and 4 more copies of the two smallest-keyed
+    records (a dataset's duplicates) were taken once each, the mean over distinct contents (here 1.6875
+    against the records' 1.1875)."""
     from mis_lightning.estimation.loss_directions import LossDirectionSample, merge_counts
     from mis_lightning.estimation.records import record_keys
 
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(200, 3, generator=g), torch.randint(0, 4, (200,), generator=g)
+    small = torch.sort(record_keys((x[:190], y[:190]), None, 190)).indices
+    for rows, src in ((slice(190, 196), small[0]), (slice(196, 200), small[1])):  # duplicates
+        x[rows], y[rows] = x[src], y[src]
     rank = 1.0 + (x[:, 0] > 0) + (y == 3)  # a rank per record, from its contents
     k, measured = 16, []
 
@@ -282,19 +287,58 @@ def test_the_loss_directions_sample_is_the_bottom_k_by_key_whatever_the_order_ba
         return 1.0 + (xs[:, 0] > 0) + (ys == 3).double(), ""
 
     keys = record_keys((x, y), None, 200)
-    want = float(rank.double()[torch.sort(keys).indices[:k]].mean())
+    want = float(rank.double()[torch.sort(keys, stable=True).indices[:k]].mean())
+    uniq = torch.unique(keys)  # (sorted)
+    distinct = float(torch.stack([rank.double()[keys == u][0] for u in uniq[:k]]).mean())
+    assert abs(distinct - want) > 0.05  # (the copies weigh in the mean)
 
-    def run(order, bs, twice=False):
+    def run(order, bs):
         s = LossDirectionSample(measure, k)
         for a in range(0, len(order), bs):
             rows = order[a: a + bs]
-            for _ in range(2 if twice and a == 0 else 1):
-                s.add(record_keys((x[rows], y[rows]), None, len(rows)), x[rows], y[rows])
+            s.add(record_keys((x[rows], y[rows]), None, len(rows)), x[rows], y[rows])
         return s
 
     got = run(torch.arange(200), 7).value()
     assert got == (pytest.approx(want, rel=1e-12), "measured", k) and sum(measured) == k
-    assert run(torch.arange(199, -1, -1), 50, twice=True).value()[0] == pytest.approx(want, rel=1e-12)
+    assert run(torch.arange(199, -1, -1), 50).value()[0] == pytest.approx(want, rel=1e-12)
     perm = torch.randperm(200, generator=g)
-    parts = [run(perm[:101], 9).counts(), run(perm[100:], 13).counts()]  # record perm[100] on both
-    assert merge_counts(parts, k)[0] == pytest.approx(want, rel=1e-12)
+    parts = [run(perm[:100], 9).counts(), run(perm[100:], 13).counts()]
+    assert merge_counts(parts, k)[:2] == (pytest.approx(want, rel=1e-12), "measured")
+
+
+def test_the_loss_directions_after_a_reset_are_the_new_passs():
+    """``MISIndicator.reset()`` gives the figures of a new Metric: the loss directions' sample and the
+    input statistics hold the records read after it only (rv54: the sample kept those read before,
+    1.5 directions here, not 2; the statistics counted the inputs read again twice, so the
+    standardiser fitted on them (ddof 1) was no longer named). A least-squares loss on 2 outputs
+    whose target masks the second output in the first pass (``rank(L_i)`` 1) and not in the second
+    (2), on the same inputs."""
+    from mis_lightning import MISIndicator
+
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)
+
+    class Standardised(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("mean", x.mean(0))
+            self.register_buffer("std", x.std(0))
+            torch.manual_seed(1)
+            self.lin = nn.Linear(3, 2).double()
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return self.lin((z - self.mean) / self.std)
+
+    def masked(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (t[:, 2:] * (o - t[:, :2]) ** 2).sum(-1)
+
+    model = Standardised()
+    met = MISIndicator(model, masked, ["rtn_int4"], estimation="diagonal", hessian="ggn",
+                       uncertainty_draws=0, weight_decay=1e-3, num_training_records=6)
+    for mask, want in (([1.0, 0.0], 1.0), ([1.0, 1.0], 2.0)):
+        met.reset()
+        met.update(x, torch.cat([y, torch.tensor(mask, dtype=torch.float64).expand(6, 2)], 1))
+        acc = met.accumulator
+        assert acc.loss_directions() == (want, "measured", 6)
+        assert sorted(acc._input_stats.matches(model)) == ["mean", "std"]

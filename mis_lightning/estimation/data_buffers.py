@@ -165,6 +165,11 @@ def _merge_into(acc: list[Any], part: list[Any]) -> None:
     acc[3], acc[4], acc[0] = torch.minimum(acc[3], part[3]), torch.maximum(acc[4], part[4]), n + k
 
 
+def _cpu(acc: list[Any]) -> list[Any]:
+    """A copy of the statistics ``[n, mean, M2, min, max]`` with its tensors on the CPU."""
+    return [a.cpu() if isinstance(a, Tensor) else a for a in acc]
+
+
 class InputStatistics:
     """Per-feature and per-channel statistics of the model's input tensors over every record
     read, for the persistent floating buffers whose size is one input's record size (per
@@ -233,14 +238,21 @@ class InputStatistics:
         processes' ``(sums, eps)``, of the same candidates: the first batch's input layout), merged as
         the batches are: every DDP process then tells a standardiser fitted on all the training
         inputs, which no process's shard alone matches."""
-        out = copy.copy(self)
-        out.sums = {key: list(acc) for key, acc in self.sums.items()}
-        out.eps = dict(self.eps)
+        out = self.on_cpu()
         for sums, eps in others:
             for key, acc in sums.items():
                 if key in out.sums and acc[0]:
-                    _merge_into(out.sums[key], acc)
+                    _merge_into(out.sums[key], _cpu(acc))
                     out.eps[key] = max(out.eps.get(key, 0.0), eps.get(key, 0.0))
+        return out
+
+    def on_cpu(self) -> InputStatistics:
+        """A copy with its statistics on the CPU (:meth:`matches` reads them there): what a DDP
+        process sends the others and merges (rv54: each process's statistics on its own GPU, the
+        merge of ``cuda:0`` with ``cuda:1`` tensors raised at the sync)."""
+        out = copy.copy(self)
+        out.sums = {key: _cpu(acc) for key, acc in self.sums.items()}
+        out.eps = dict(self.eps)
         return out
 
     @staticmethod
@@ -267,7 +279,7 @@ class InputStatistics:
                 acc = self.sums[(i, kind)]
                 if acc[0] < 2:
                     continue
-                acc = [acc[0]] + [a.cpu() for a in acc[1:]]
+                acc = _cpu(acc)
                 sd = (acc[2] / acc[0]).sqrt()
                 live = sd > 0
                 if int(live.sum()) < 2 or bool((v[live] == v[live][0]).all()):

@@ -1212,6 +1212,12 @@ class MomentAccumulator:
         self.program = self.program_cls(self.model, self.loss_fn, self.param_names, self.batch_fn, self.dtype)
         self.program.count_unread = self.keep_factors
         self._out_shape = None
+        # a new pass's records only (EstimationMetric.reset(): the figures of a new Metric; rv54: the
+        # loss directions' sample kept the records read before the reset, and the input statistics
+        # counted a pass read again twice: a standardiser's ddof-1 sd then matched no statistic)
+        self._loss_rank = LossDirectionSample(self._loss_ranks, LOSS_RANK_RECORDS)
+        if self._input_stats:
+            self._input_stats = False
         if self.factored is not None:
             kind = type(self.factored)
             self.factored.close()
@@ -1368,7 +1374,7 @@ class MomentAccumulator:
             keys = (record_keys(batch, None, b) if keys is None else keys)[keep]
             inputs, targets, b = slice_rows(inputs, keep), slice_rows(targets, keep), int(keep.numel())
         self._draw_keys = _LazyKeys(batch, b, keys)
-        if self.mode != "exact":
+        if self.mode != "exact" and not self._batch_rerun:  # (a rerun batch's records are sampled once)
             self._sample_loss_directions(inputs, targets)
         if self.factored is not None:
             kron_rows: dict[str, int] | None = None
