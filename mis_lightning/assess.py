@@ -702,7 +702,9 @@ def _leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
     hmax = float(diagnostics["max_leverage"])
     what = (f"finite-sample (leverage) correction: mean leverage {h:.3g} (max {hmax:.3g}) of the stored records"
             + (" (above 1 the fit is no projection: more weights than records, or a damped or indefinite "
-               "Hessian)" if hmax > 1.0 else "") + ". ")
+               "Hessian)" if hmax > 1.0 else "")
+            + f", above {D_EFF_OVER_N_MAX:g} (the figures are marked *: the asymptotic regime needs it small, as "
+            "d / n). ")
     if diagnostics.get("leverage_correction"):
         capped = int(diagnostics.get("leverage_capped", 0))
         return what + ("Their influences are the leave-one-out shifts and the gradient covariance is "

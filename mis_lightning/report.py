@@ -1449,6 +1449,19 @@ def float_determined(s: SchemeResult) -> bool:
 D_EFF_OVER_N_MAX = 0.1
 
 
+def leverage_failure(diagnostics: Mapping[str, Any]) -> bool:
+    """Whether the exact estimator's mean leverage (``diagnostics["mean_leverage"]``, the records'
+    average share of the fit, ~d / n at a well-posed minimum) exceeds :data:`D_EFF_OVER_N_MAX`, the
+    bound the d / n rule puts on the same regime, and the warning's threshold
+    (``assess._leverage_note``). nux54 #5: 11 of 12 seeds of one design (d / n = 0.081) read mean
+    leverage 0.078-0.090 and leakage 0.098-0.102; the twelfth 0.247 (max 6.72, a near-singular Hessian),
+    its figure 0.150, 27% of it the leverage correction, unmarked. The diagonal estimator's leverage is
+    one approximate mean per loss direction (its own note): not read here."""
+    h = diagnostics.get("mean_leverage")
+    return (diagnostics.get("leverage_estimate") != "diagonal" and h is not None
+            and math.isfinite(float(h)) and float(h) > D_EFF_OVER_N_MAX)
+
+
 def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff: float | None) -> list[str]:
     """The assumptions of the analysis (docs/method.md sections 2 and 6) that fail for a figure
     of a report with ``n`` records, ``d`` assessed weights and the scheme's ``d_eff``, given the
@@ -1460,8 +1473,9 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
     sandwich on a model with recurrent layers (``diagnostics["diagonal_over_recurrent"]``) is one:
     its sigma's error there has no bound it can state (docs/benchmarks.md, "rn43"); so is the
     diagonal sandwich whose K-FAC correction a refused layer lost (``diagnostics["kfac_lost"]``: e.g. a
-    transposed convolution called twice per forward; docs/benchmarks.md, "nu49", "tw51"). So is a
-    callback's loss several-fold above the one ``training_step`` returned on the same batches
+    transposed convolution called twice per forward; docs/benchmarks.md, "nu49", "tw51"). So is the
+    exact estimator's mean leverage above the d / n bound where d / n is not (:func:`leverage_failure`). So
+    is a callback's loss several-fold above the one ``training_step`` returned on the same batches
     (``diagnostics["loss_mismatch"]``: :mod:`mis_lightning._loss_match`), and a model the callback's
     fit took no optimizer step on (``diagnostics["not_trained"]``: :data:`NOT_TRAINED`)."""
     diagnostics = diagnostics or {}
@@ -1470,6 +1484,8 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
         out.append(f"d / n = {d / n:.2g}")
     elif n > 0 and d_eff is not None and math.isfinite(float(d_eff)) and float(d_eff) / n > D_EFF_OVER_N_MAX:
         out.append(f"d_eff / n = {float(d_eff) / n:.2g}")
+    elif leverage_failure(diagnostics):
+        out.append(f"mean leverage {float(diagnostics['mean_leverage']):.2g}")
     if diagnostics.get("not_at_minimum"):
         out.append("not at a minimum")
     elif diagnostics.get("records_unlike_training") and not diagnostics.get("interpolating"):  # nux50: a held-out set's figures, 1.9x the members'

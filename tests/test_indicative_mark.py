@@ -159,3 +159,14 @@ def test_the_verdict_states_the_bias_a_near_identity_row_shows_when_every_row_is
     # not every row marked: the marked ones are listed, as before
     unmarked = dict(int2, indicative="")
     assert "bias" not in verdict([int8, int4, unmarked])
+
+
+def test_a_mean_leverage_above_the_d_over_n_bound_marks_the_rows():
+    """nux54 #5: d / n = 0.081, mean leverage 0.247 (max 6.72; the other 11 seeds 0.078-0.090): the
+    leverage correction lifted the figure 27%, warned but unmarked. The exact estimator's mean leverage
+    above D_EFF_OVER_N_MAX marks the rows where d / n does not already; the diagonal estimator's not."""
+    dg = {"mean_leverage": 0.247, "max_leverage": 6.72}
+    assert regime_failures(dg, 1000, 81, 80.9) == ["mean leverage 0.25"]
+    assert regime_failures({**dg, "mean_leverage": 0.09}, 1000, 81, 80.9) == []
+    assert regime_failures({**dg, "leverage_estimate": "diagonal"}, 1000, 81, 80.9) == []
+    assert regime_failures(dg, 500, 81, 80.9) == ["d / n = 0.16"]  # one phrase for one regime
