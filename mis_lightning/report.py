@@ -1305,7 +1305,7 @@ def legend(rows: list[dict[str, Any]], utility_key: str | None = None, columns: 
     if any(re.fullmatch(r"plan(_\d+)?", str(r.get("scheme", ""))) for r in rows):
         lines.append("  plan, plan_k: mixed-precision plans of the planner (mode=plan), re-assessed like the "
                      "schemes; their per-layer assignment, budget and proxy values are in plan.md.")
-    notes = [n for n in ROW_NOTES if any(r.get("note") == n for r in rows)]
+    notes = [n for n in ROW_NOTES if any(note_kind(r.get("note")) == n for r in rows)]
     if notes:
         lines.append("  " + "; ".join(f"({n}): {ROW_NOTES[n]}" for n in notes) + ".")
     lines += marks_legend(rows)
@@ -1382,12 +1382,23 @@ def marks_legend(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+#: the planner's note on a re-assessed row that misses a budget, followed by which ("over budget:
+#: utility, bits"; :func:`note_kind` reads the key of :data:`ROW_NOTES` back)
+OVER_BUDGET = "over budget"
+
+
+def note_kind(note: Any) -> Any:
+    """The :data:`ROW_NOTES` key of a row note: ``"over budget: utility"`` -> ``"over budget"``."""
+    return note.split(": ", 1)[0] if isinstance(note, str) else note
+
+
 #: the planner's notes after a row's name (:attr:`Report.row_notes`) and what the legend says of them
 ROW_NOTES = {
     "chosen": "the planner's release, the best re-assessed plan within the budget",
     "chosen, over budget": "the planner's release by its proxy, which misses the budget once re-assessed "
                            "(no re-assessed plan meets it: see warnings)",
-    "over budget": "misses the planner's budget once re-assessed: not the release",
+    "over budget": "misses the planner's budget named after it once re-assessed (utility: max_utility_loss, "
+                   "bits: max_bits, MIS: target_mis): not the release",
     "not chosen": "a plan within the budget that the chosen one beats: not the release",
     # hd51's undet. (cor52): the plans' leakages rank nothing
     "returned, not ranked": "the scheme the planner returns, within the budget by its measured utility and size; "
