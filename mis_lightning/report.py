@@ -1813,7 +1813,8 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
     leakage (safest on top): left, the leakage with its 80% interval and the unquantized
     baseline (dashed); right, the utility of the same scheme (bits per weight when no utility
     was measured). Schemes with identical figures share one row labelled ``"a = b"``; each
-    row's label carries its bits per weight. ``warnings`` (the report's) are printed under the
+    row's label carries its bits per weight and the table's marks (:func:`leakage_marks`, explained by
+    :func:`marks_legend`'s lines under the panels). ``warnings`` (the report's) are printed under the
     panels: a figure is often shared without the table, and its figures then carry their caveats;
     so is the line naming the schemes not ranked beyond their intervals (:func:`ties_line`).
     Saved if ``path``."""
@@ -1838,7 +1839,8 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
             fig.savefig(path, dpi=120)
         return fig
     ys = list(range(len(points)))
-    names = [f"{name}  ({r['bits_per_weight']:.2f} b/w)" for r, name in points]
+    # the table's marks after each label (nux54: the figure showed no '*', only the warnings' text)
+    names = [f"{name}  ({r['bits_per_weight']:.2f} b/w){leakage_marks(r)}" for r, name in points]
     for y, (r, _) in zip(ys, points):
         x = r["leakage"]
         if r.get("leakage_p10") is not None:
@@ -1883,8 +1885,9 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
     fig.suptitle(f"Privacy-utility trade-off of quantization schemes ({order})", fontsize=11,
                  x=0.02, ha="left")
     ties = ties_line(ok)  # "safest on top" is no ranking where the intervals do not resolve it
-    if warnings or ties:
-        _warnings_note(fig, warnings, [ties] if ties else [])
+    notes = ([ties] if ties else []) + [ln.strip() for ln in marks_legend(ok)]  # what the labels' marks mean
+    if warnings or notes:
+        _warnings_note(fig, warnings, notes)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)

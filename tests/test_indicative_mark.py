@@ -170,3 +170,20 @@ def test_a_mean_leverage_above_the_d_over_n_bound_marks_the_rows():
     assert regime_failures({**dg, "mean_leverage": 0.09}, 1000, 81, 80.9) == []
     assert regime_failures({**dg, "leverage_estimate": "diagonal"}, 1000, 81, 80.9) == []
     assert regime_failures(dg, 500, 81, 80.9) == ["d / n = 0.16"]  # one phrase for one regime
+
+
+def test_the_figure_shows_the_tables_marks_and_what_they_mean():
+    """nux54: the privacy-utility PNG showed no '*' although the table did; each row's label now carries
+    the table's marks and the marks' legend lines are printed under the panels."""
+    import matplotlib.pyplot as plt
+
+    from mis_lightning.report import privacy_utility_figure
+
+    rows = [dict(_marked_row("int8_weight_only", 0.0976, 160.9, baseline=0.0980), bits_per_weight=13.91),
+            dict(_marked_row("int2", 0.0552, 109.4, baseline=0.0980), bits_per_weight=8.55, indicative="")]
+    fig = privacy_utility_figure(rows)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == ["int2  (8.55 b/w)", "int8_weight_only  (13.91 b/w) *"], labels
+    assert "*: indicative only: an assumption of the analysis fails" in " ".join(
+        " ".join(t.get_text().split()) for t in fig.texts)
+    plt.close(fig)
