@@ -807,7 +807,7 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
                     "batch as a single record, e.g. cross_entropy on outputs [B] without a class dimension"
                     + (f"; here outputs {_shapes(outputs)}, targets {_shapes(targets)}" if not hook else "") + ")")
         else:  # [B, 1], [B, k]: what to reduce, and how
-            hint = loss_shape_hint(shape, b, None if hook else targets)
+            hint = loss_shape_hint(shape, b, None if hook else targets, None if hook else outputs)
         raise ValueError(
             f"MISCallback: {name} returned {got} for a batch of {b} records; it must return "
             f"per-sample losses of shape [{b}]{hint}")

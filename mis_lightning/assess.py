@@ -733,7 +733,9 @@ def _leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
     hmax = float(diagnostics["max_leverage"])
     what = (f"finite-sample (leverage) correction: mean leverage {h:.3g} (max {hmax:.3g}) of the stored records"
             + (" (above 1 the fit is no projection: more weights than records, or a damped or indefinite "
-               "Hessian)" if hmax > 1.0 else "") + ". ")
+               "Hessian)" if hmax > 1.0 else "")
+            + f", above {D_EFF_OVER_N_MAX:g} (the figures are marked *: the asymptotic regime needs it small, as "
+            "d / n). ")
     if diagnostics.get("leverage_correction"):
         capped = int(diagnostics.get("leverage_capped", 0))
         return what + ("Their influences are the leave-one-out shifts and the gradient covariance is "
@@ -2080,7 +2082,9 @@ def _decay_hint_warning(diagnostics: Mapping[str, Any]) -> str | None:
     fix = _decay_fix(diagnostics)
     return (f"the weights look like a minimum of the training loss plus weight decay {implied:.3g} "
             f"(wd_hat = -<g, theta> / <theta, theta> with g the data loss's mean gradient), not of the objective "
-            f"assessed: {what}. The mean gradient of the assessed objective points along -theta (cosine "
+            f"assessed: {what}. The mean gradient of the assessed objective points along "
+            f"{'+' if implied < given else '-'}theta ({'too much' if implied < given else 'too little'} decay "
+            "assessed; cosine "
             f"{float(diagnostics['decay_gradient_cosine']):.4f}; its norm {float(diagnostics['gradient_norm_ratio']):.3g} "
             f"of a per-sample gradient's, {float(diagnostics['decay_residual_ratio']):.2g} once wd_hat * theta is "
             "removed), so the Hessian and the figures are those of another objective than the one trained: if the "
@@ -2105,7 +2109,10 @@ def _curvature_action(diagnostics: Mapping[str, Any], default: str) -> str:
     if not diagnostics.get("weight_decay_mismatch"):
         return default
     return (f"the weights look trained with weight decay {float(diagnostics['weight_decay_implied']):.3g} "
-            "(the weight-decay warning): the Hessian assessed lacks that decay's curvature, which is the "
+            "(the weight-decay warning): the Hessian assessed "
+            + ("adds curvature that decay did not" if float(diagnostics["weight_decay_implied"])
+               < float(diagnostics.get("weight_decay", 0.0)) else "lacks that decay's curvature")
+            + ", which is the "
             f"likely cause; {_decay_fix(diagnostics)} before training further")
 
 

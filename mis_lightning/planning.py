@@ -86,6 +86,7 @@ from .report import (
     HIGHER_IS_BETTER,
     LOWER_IS_BETTER,
     NOT_RANKED,
+    OVER_BUDGET,
     Report,
     SchemeResult,
     _fmt,
@@ -1183,8 +1184,8 @@ def plan(
         r = p.reassessed(metric)
         if p is chosen or r is None or math.isnan(r["leakage"]):
             continue
-        if _misses(r, uloss(r["utility"]), cfg):
-            report.row_notes[p.name] = "over budget"
+        if missed := _budget_misses(r, uloss(r["utility"]), cfg):
+            report.row_notes[p.name] = f"{OVER_BUDGET}: {', '.join(k for k, _ in missed)}"
         elif p.name not in uniform:  # a uniform candidate is named as such: no note
             report.row_notes[p.name] = "not chosen, not ranked" if undetermined else "not chosen"
     seconds["total"] = time.perf_counter() - t_all
@@ -1432,15 +1433,22 @@ def _meets(pt: tuple[float, float, float], cfg: PlanConfig, slack: float = 0.0) 
             and (cfg.target_mis is None or 1.0 - leak >= cfg.target_mis))
 
 
-def _misses(r: Mapping[str, float], ul: float, cfg: PlanConfig) -> str:
+def _budget_misses(r: Mapping[str, float], ul: float, cfg: PlanConfig) -> list[tuple[str, str]]:
+    """The budgets a re-assessed row ``r`` misses (utility loss ``ul``), each as ``(short name, what
+    it reads against its option)``: ``"utility"``, ``"bits"``, ``"MIS"`` (the row note names which:
+    nux54, "(over budget)" on rows within the bits but over the utility read as the size)."""
     out = []
     if cfg.max_utility_loss is not None and ul > cfg.max_utility_loss:
-        out.append(f"utility loss {ul:.4g} > max_utility_loss {cfg.max_utility_loss}")
+        out.append(("utility", f"utility loss {ul:.4g} > max_utility_loss {cfg.max_utility_loss}"))
     if cfg.max_bits is not None and r["bits_per_weight"] > cfg.max_bits + 1e-9:
-        out.append(f"bits per weight {r['bits_per_weight']:.4g} > max_bits {cfg.max_bits}")
+        out.append(("bits", f"bits per weight {r['bits_per_weight']:.4g} > max_bits {cfg.max_bits}"))
     if cfg.target_mis is not None and r["mis"] < cfg.target_mis:
-        out.append(f"MIS {r['mis']:.4g} < target_mis {cfg.target_mis}")
-    return "; ".join(out)
+        out.append(("MIS", f"MIS {r['mis']:.4g} < target_mis {cfg.target_mis}"))
+    return out
+
+
+def _misses(r: Mapping[str, float], ul: float, cfg: PlanConfig) -> str:
+    return "; ".join(what for _, what in _budget_misses(r, ul, cfg))
 
 
 def _infeasible_message(pts: list[tuple[float, float, float]], cfg: PlanConfig) -> str:

@@ -1110,10 +1110,58 @@ def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
     marked = [str(r["scheme"]) for r in ranked if r.get("indicative")]
     if marked and len(marked) == len(ranked):
         # every figure outside the analysis's assumptions: an order, not a measured ranking
-        return text + "; indicative only (*): every figure is outside the analysis's assumptions (see warnings)"
+        every = "every figure is outside the analysis's assumptions (see warnings)"
+        bias = near_identity_bias(ranked)
+        if bias is None:
+            return text + f"; indicative only (*): {every}"
+        row, gap = bias
+        said = (f"{row['scheme']}, which removes almost no information (d_eff {float(row['d_eff']):.1f} of "
+                f"{int(row['d'])}), reads {100 * gap:.0f}% below the unquantized baseline ({_fmt(row['leakage'])} "
+                f"against {_fmt(row['baseline_leakage'])}): the size of the bias the failed assumptions put on these "
+                "figures")
+        low, high = (f(float(r["leakage"]) for r in ranked) for f in (min, max))
+        if len(ranked) > 1 and high > 0 and (high - low) / high <= gap:
+            return (f"verdict: none: every figure is indicative only (*) and they differ by at most "
+                    f"{100 * (high - low) / high:.0f}%, within the bias shown: {said}; no scheme is ranked (see warnings)")
+        return (text + f"; indicative only (*): {every}, and {said}: differences between schemes under "
+                f"{100 * gap:.0f}% are not a ranking")
     if marked:
         text += f"; indicative only (*): {brief_list(marked)}"
     return text
+
+
+#: a quantized row keeping at least this share of the information (d_eff / d) removes almost none
+#: (:func:`near_identity_bias`): int8_weight_only read d_eff 160.9 of 161 on nux54's MLP
+NEAR_IDENTITY_DEFF = 0.99
+#: ... and reading more than this share below its unquantized baseline shows the figures' bias where
+#: every row is indicative (*): at minima such rows read 0.1-0.9% below (nux54: 0.0976 / 0.0980,
+#: 0.0914 / 0.0922, 0.0988 / 0.0989), off them 2.9-15% (0.2479 / 0.2552, 0.1164 / 0.1215, 0.1347 / 0.1589)
+NEAR_IDENTITY_GAP = 0.02
+
+
+def near_identity_bias(ranked: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], float] | None:
+    """The row that shows how far the figures of a report whose every row is indicative (``*``)
+    can move without a cause in the release (nux54 #2), with its relative gap: a quantized row
+    with ``d_eff / d >= NEAR_IDENTITY_DEFF`` (almost no information removed, so it should read
+    the baseline: method.md section 3) reading more than :data:`NEAR_IDENTITY_GAP` below its
+    ``baseline_leakage``; the largest gap if several, ``None`` if none. The cause measured on
+    nux54's Adam-trained MLP (docs/benchmarks.md, "ux54e"): an indefinite Hessian (35 negative
+    eigenvalues) with an eigenvalue near 0 puts 97% of the weights' standardised variance on one
+    direction, so int8's cells, fine against each weight's marginal sd, hide the narrow directions
+    that carry most of the Mahalanobis norm -- right within the Gaussian model, but that model's
+    covariance is the assumption that failed. Gap = (baseline - leakage) / baseline."""
+    best: tuple[dict[str, Any], float] | None = None
+    for r in ranked:
+        try:
+            lk, base, d_eff, d = (float(r[k]) for k in ("leakage", "baseline_leakage", "d_eff", "d"))
+        except (KeyError, TypeError, ValueError):
+            continue
+        if not all(map(math.isfinite, (lk, base, d_eff, d))) or d <= 0 or base <= 0:
+            continue
+        gap = (base - lk) / base
+        if d_eff / d >= NEAR_IDENTITY_DEFF and gap > NEAR_IDENTITY_GAP and (best is None or gap > best[1]):
+            best = (r, gap)
+    return best
 
 
 #: utility names (:func:`metric_name`) that are a share of the validation records (top-1
@@ -1336,7 +1384,7 @@ def legend(rows: list[dict[str, Any]], utility_key: str | None = None, columns: 
     if any(re.fullmatch(r"plan(_\d+)?", str(r.get("scheme", ""))) for r in rows):
         lines.append("  plan, plan_k: mixed-precision plans of the planner (mode=plan), re-assessed like the "
                      "schemes; their per-layer assignment, budget and proxy values are in plan.md.")
-    notes = [n for n in ROW_NOTES if any(r.get("note") == n for r in rows)]
+    notes = [n for n in ROW_NOTES if any(note_kind(r.get("note")) == n for r in rows)]
     if notes:
         lines.append("  " + "; ".join(f"({n}): {ROW_NOTES[n]}" for n in notes) + ".")
     lines += marks_legend(rows)
@@ -1426,12 +1474,23 @@ def marks_legend(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+#: the planner's note on a re-assessed row that misses a budget, followed by which ("over budget:
+#: utility, bits"; :func:`note_kind` reads the key of :data:`ROW_NOTES` back)
+OVER_BUDGET = "over budget"
+
+
+def note_kind(note: Any) -> Any:
+    """The :data:`ROW_NOTES` key of a row note: ``"over budget: utility"`` -> ``"over budget"``."""
+    return note.split(": ", 1)[0] if isinstance(note, str) else note
+
+
 #: the planner's notes after a row's name (:attr:`Report.row_notes`) and what the legend says of them
 ROW_NOTES = {
     "chosen": "the planner's release, the best re-assessed plan within the budget",
     "chosen, over budget": "the planner's release by its proxy, which misses the budget once re-assessed "
                            "(no re-assessed plan meets it: see warnings)",
-    "over budget": "misses the planner's budget once re-assessed: not the release",
+    "over budget": "misses the planner's budget named after it once re-assessed (utility: max_utility_loss, "
+                   "bits: max_bits, MIS: target_mis): not the release",
     "not chosen": "a plan within the budget that the chosen one beats: not the release",
     # hd51's undet. (cor52): the plans' leakages rank nothing
     "returned, not ranked": "the scheme the planner returns, within the budget by its measured utility and size; "
@@ -1493,6 +1552,19 @@ def float_determined(s: SchemeResult) -> bool:
 D_EFF_OVER_N_MAX = 0.1
 
 
+def leverage_failure(diagnostics: Mapping[str, Any]) -> bool:
+    """Whether the exact estimator's mean leverage (``diagnostics["mean_leverage"]``, the records'
+    average share of the fit, ~d / n at a well-posed minimum) exceeds :data:`D_EFF_OVER_N_MAX`, the
+    bound the d / n rule puts on the same regime, and the warning's threshold
+    (``assess._leverage_note``). nux54 #5: 11 of 12 seeds of one design (d / n = 0.081) read mean
+    leverage 0.078-0.090 and leakage 0.098-0.102; the twelfth 0.247 (max 6.72, a near-singular Hessian),
+    its figure 0.150, 27% of it the leverage correction, unmarked. The diagonal estimator's leverage is
+    one approximate mean per loss direction (its own note): not read here."""
+    h = diagnostics.get("mean_leverage")
+    return (diagnostics.get("leverage_estimate") != "diagonal" and h is not None
+            and math.isfinite(float(h)) and float(h) > D_EFF_OVER_N_MAX)
+
+
 def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff: float | None) -> list[str]:
     """The assumptions of the analysis (docs/method.md sections 2 and 6) that fail for a figure
     of a report with ``n`` records, ``d`` assessed weights and the scheme's ``d_eff``, given the
@@ -1504,8 +1576,9 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
     sandwich on a model with recurrent layers (``diagnostics["diagonal_over_recurrent"]``) is one:
     its sigma's error there has no bound it can state (docs/benchmarks.md, "rn43"); so is the
     diagonal sandwich whose K-FAC correction a refused layer lost (``diagnostics["kfac_lost"]``: e.g. a
-    transposed convolution called twice per forward; docs/benchmarks.md, "nu49", "tw51"). So is a
-    callback's loss several-fold above the one ``training_step`` returned on the same batches
+    transposed convolution called twice per forward; docs/benchmarks.md, "nu49", "tw51"). So is the
+    exact estimator's mean leverage above the d / n bound where d / n is not (:func:`leverage_failure`). So
+    is a callback's loss several-fold above the one ``training_step`` returned on the same batches
     (``diagnostics["loss_mismatch"]``: :mod:`mis_lightning._loss_match`), and a model the callback's
     fit took no optimizer step on (``diagnostics["not_trained"]``: :data:`NOT_TRAINED`)."""
     diagnostics = diagnostics or {}
@@ -1514,6 +1587,8 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
         out.append(f"d / n = {d / n:.2g}")
     elif n > 0 and d_eff is not None and math.isfinite(float(d_eff)) and float(d_eff) / n > D_EFF_OVER_N_MAX:
         out.append(f"d_eff / n = {float(d_eff) / n:.2g}")
+    elif leverage_failure(diagnostics):
+        out.append(f"mean leverage {float(diagnostics['mean_leverage']):.2g}")
     if diagnostics.get("not_at_minimum"):
         # ux54b (nux53 #14): which of its causes the diagnostics single out, as its warning says
         unseen = (diagnostics.get("records_unlike_training") and not diagnostics.get("interpolating")
@@ -1903,7 +1978,8 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
     leakage (safest on top): left, the leakage with its 80% interval and the unquantized
     baseline (dashed); right, the utility of the same scheme (bits per weight when no utility
     was measured). Schemes with identical figures share one row labelled ``"a = b"``; each
-    row's label carries its bits per weight. ``warnings`` (the report's) are printed under the
+    row's label carries its bits per weight and the table's marks (:func:`leakage_marks`, explained by
+    :func:`marks_legend`'s lines under the panels). ``warnings`` (the report's) are printed under the
     panels: a figure is often shared without the table, and its figures then carry their caveats;
     so is the line naming the schemes not ranked beyond their intervals (:func:`ties_line`).
     Saved if ``path``."""
@@ -1928,7 +2004,8 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
             fig.savefig(path, dpi=120)
         return fig
     ys = list(range(len(points)))
-    names = [f"{name}  ({r['bits_per_weight']:.2f} b/w)" for r, name in points]
+    # the table's marks after each label (nux54: the figure showed no '*', only the warnings' text)
+    names = [f"{name}  ({r['bits_per_weight']:.2f} b/w){leakage_marks(r)}" for r, name in points]
     for y, (r, _) in zip(ys, points):
         x = r["leakage"]
         if r.get("leakage_p10") is not None:
@@ -1973,8 +2050,9 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
     fig.suptitle(f"Privacy-utility trade-off of quantization schemes ({order})", fontsize=11,
                  x=0.02, ha="left")
     ties = ties_line(ok)  # "safest on top" is no ranking where the intervals do not resolve it
-    if warnings or ties:
-        _warnings_note(fig, warnings, [ties] if ties else [])
+    notes = ([ties] if ties else []) + [ln.strip() for ln in marks_legend(ok)]  # what the labels' marks mean
+    if warnings or notes:
+        _warnings_note(fig, warnings, notes)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)

@@ -122,3 +122,68 @@ def test_trackers_get_the_mark_and_the_float_share(small_n, large_n):
             assert m[f"mis/{scheme}/indicative"] == flag
             assert m[f"mis/{scheme}/float_fraction"] == pytest.approx(1 / 20, abs=1e-12)
         assert set(m) <= set(metric_keys(["rtn_int8", "rtn_int2"], [], "mis")) | {"mis/baseline/pool_leakage"}
+
+
+def _marked_row(scheme: str, leakage: float, d_eff: float, d: int = 161, baseline: float = 0.1589) -> dict:
+    return {"scheme": scheme, "leakage": leakage, "baseline_leakage": baseline, "d_eff": d_eff, "d": d,
+            "leakage_p10": leakage * 0.99, "leakage_p90": leakage * 1.01, "indicative": "not at a minimum"}
+
+
+def test_the_verdict_states_the_bias_a_near_identity_row_shows_when_every_row_is_marked():
+    """nux54 #2: off a minimum int8_weight_only (d_eff 160.9 of 161, nothing removed) read 15% below the
+    baseline, and the verdict named a "safest" scheme on such differences. Where every row is '*', a
+    row with d_eff / d >= NEAR_IDENTITY_DEFF that reads more than NEAR_IDENTITY_GAP below its baseline
+    is named with its gap; differences within it give no verdict, larger ones are said not to be a
+    ranking under it. Rows at a minimum (0.0976 against 0.0980), or one row unmarked, keep the plain verdict."""
+    from mis_lightning.report import NEAR_IDENTITY_GAP, near_identity_bias, verdict
+
+    int8, int4, int2 = (_marked_row("int8_weight_only", 0.1347, 160.9), _marked_row("int4", 0.1151, 159.0),
+                        _marked_row("int2", 0.0963, 157.8))
+    row, gap = near_identity_bias([int8, int4, int2])
+    assert row is int8 and gap == pytest.approx((0.1589 - 0.1347) / 0.1589)
+    text = verdict([int8, int4, int2])
+    assert text.startswith("verdict: safest: int2 (leakage 0.0963)"), text
+    assert text.endswith("int8_weight_only, which removes almost no information (d_eff 160.9 of 161), reads 15% "
+                         "below the unquantized baseline (0.1347 against 0.1589): the size of the bias the failed "
+                         "assumptions put on these figures: differences between schemes under 15% are not a ranking")
+    # the schemes within the bias of each other: no scheme is ranked
+    close = [int8, _marked_row("int4", 0.1250, 159.0)]
+    assert verdict(close).startswith("verdict: none: every figure is indicative only (*) and they differ by at "
+                                     "most 7%, within the bias shown: int8_weight_only"), verdict(close)
+    # at a minimum the near-identity row reads the baseline: no bias stated
+    at_min = [_marked_row("int8_weight_only", 0.0976, 160.9, baseline=0.0980), _marked_row("int2", 0.0552, 109.4)]
+    assert near_identity_bias(at_min) is None and "bias" not in verdict(at_min)
+    assert (0.0980 - 0.0976) / 0.0980 < NEAR_IDENTITY_GAP
+    # a coarse row reading far below is quantization, not bias (d_eff / d under NEAR_IDENTITY_DEFF)
+    assert near_identity_bias([_marked_row("int2", 0.0963, 150.0)]) is None
+    # not every row marked: the marked ones are listed, as before
+    unmarked = dict(int2, indicative="")
+    assert "bias" not in verdict([int8, int4, unmarked])
+
+
+def test_a_mean_leverage_above_the_d_over_n_bound_marks_the_rows():
+    """nux54 #5: d / n = 0.081, mean leverage 0.247 (max 6.72; the other 11 seeds 0.078-0.090): the
+    leverage correction lifted the figure 27%, warned but unmarked. The exact estimator's mean leverage
+    above D_EFF_OVER_N_MAX marks the rows where d / n does not already; the diagonal estimator's not."""
+    dg = {"mean_leverage": 0.247, "max_leverage": 6.72}
+    assert regime_failures(dg, 1000, 81, 80.9) == ["mean leverage 0.25"]
+    assert regime_failures({**dg, "mean_leverage": 0.09}, 1000, 81, 80.9) == []
+    assert regime_failures({**dg, "leverage_estimate": "diagonal"}, 1000, 81, 80.9) == []
+    assert regime_failures(dg, 500, 81, 80.9) == ["d / n = 0.16"]  # one phrase for one regime
+
+
+def test_the_figure_shows_the_tables_marks_and_what_they_mean():
+    """nux54: the privacy-utility PNG showed no '*' although the table did; each row's label now carries
+    the table's marks and the marks' legend lines are printed under the panels."""
+    import matplotlib.pyplot as plt
+
+    from mis_lightning.report import privacy_utility_figure
+
+    rows = [dict(_marked_row("int8_weight_only", 0.0976, 160.9, baseline=0.0980), bits_per_weight=13.91),
+            dict(_marked_row("int2", 0.0552, 109.4, baseline=0.0980), bits_per_weight=8.55, indicative="")]
+    fig = privacy_utility_figure(rows)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == ["int2  (8.55 b/w)", "int8_weight_only  (13.91 b/w) *"], labels
+    assert "*: indicative only: an assumption of the analysis fails" in " ".join(
+        " ".join(t.get_text().split()) for t in fig.texts)
+    plt.close(fig)

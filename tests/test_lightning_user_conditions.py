@@ -200,6 +200,33 @@ def test_a_loss_per_output_is_refused_before_training_saying_how_to_reduce_it():
         ml.assess(nn.Linear(3, 3), ["rtn_int4"], DataLoader(TensorDataset(X, Y), batch_size=16), mse_per_output)
 
 
+def test_a_broadcast_loss_is_told_so_not_to_reduce_it():
+    """[B, B] losses from outputs [B, 1] against targets [B] (nux54 #4): the first error named a loss
+    per output and advised .mean(dim=-1), which led to the "not per-sample" error; it names the
+    broadcast now, in assess and before the callback's first training step (the shapes either way
+    round, or both [B] with an unsqueeze inside the loss)."""
+    from mis_lightning.estimation.per_sample import loss_shape_hint
+
+    b = torch.zeros(4)
+    for o, t, how in ((b[:, None], b, "outputs [B, 1] against targets [B]"),
+                      (b, b[:, None], "outputs [B] against targets [B, 1]"),
+                      (b, b, "outputs and targets both [B], one unsqueezed inside the loss (o.unsqueeze(-1) or [:, None])")):
+        hint = loss_shape_hint((4, 4), 4, t, o)
+        assert hint.startswith(f" (a broadcast, not a loss per output: {how} give [B, B] = [4, 4]"), hint
+        assert ".mean(dim" not in hint and "outputs.squeeze(-1) or targets.reshape(-1)" in hint
+    assert "a loss per record and per output" in loss_shape_hint((4, 4), 4, b, torch.zeros(4, 4))  # outputs [B, B]
+
+    def broadcast(o, t):
+        return (o - t) ** 2  # outputs [16, 1] - targets [16] -> [16, 16]
+    loader = DataLoader(TensorDataset(X, Y), batch_size=16)
+    with pytest.raises(ValueError, match=r"got \[16, 16\] \(a broadcast, not a loss per output: outputs \[B, 1\] "):
+        ml.assess(nn.Linear(3, 1), ["rtn_int4"], loader, broadcast)
+    trainer = _trainer(MISCallback(["rtn_int4"], loss_fn=broadcast, **FAST))
+    with pytest.raises(ValueError, match=r"returned shape \[16, 16\] .*\(a broadcast, not a loss per output"):
+        trainer.fit(NoValidationStep(1), loader)
+    assert trainer.global_step == 0
+
+
 def test_several_training_loaders_are_refused_before_training_naming_them():
     cb = MISCallback(["rtn_int4"], loss_fn=mse, **FAST)
     trainer = _trainer(cb)

@@ -411,14 +411,15 @@ def test_chosen_plan_that_misses_its_budget_once_reassessed_gives_way(setup, mon
         return (p.reassessed("loss")["utility"] - res.float_utility) / res.float_utility > 0.5
 
     assert over(_search_choice(res))
+    # nux54: which budget it misses is named (here the utility; the size budget is not set)
     assert res.report.row_notes == {res.chosen.name: "chosen", **{
-        p.name: "over budget" if over(p) else "not chosen"
+        p.name: "over budget: utility" if over(p) else "not chosen"
         for p in res.frontier if p.result is not None and p.name not in res.uniform and p is not res.chosen},
-        **{k: "over budget" for k, p in res.uniform.items() if p is not res.chosen and over(p)}}
+        **{k: "over budget: utility" for k, p in res.uniform.items() if p is not res.chosen and over(p)}}
     rows = {ln.split("  ")[0]: ln for ln in res.report.table(with_verdict=False).splitlines()}
-    assert f"{res.chosen.name} (chosen)" in rows and f"{rejected} (over budget)" in rows
-    assert "(over budget): misses the planner's budget" in " ".join(res.report.table(with_verdict=False).split())  # the legend says what it means
-    assert f"| {rejected} (over budget) |" in res.table()
+    assert f"{res.chosen.name} (chosen)" in rows and f"{rejected} (over budget: utility)" in rows
+    assert "(over budget): misses the planner's budget named after it" in " ".join(res.report.table(with_verdict=False).split())  # the legend says what it means
+    assert f"| {rejected} (over budget: utility) |" in res.table()
 
 
 def test_size_budget_no_plan_can_meet_fails_before_the_estimation_pass(setup, monkeypatch, tmp_path):

@@ -101,6 +101,29 @@ def test_missing_weight_decay_is_named_with_the_decay_implied(mode, fit, loss, w
     assert any(w.startswith(HINT) and f"weight_decay was passed as {wd / 2:.3g}" in w for w in rep.warnings)
 
 
+def test_decay_hint_is_symmetric_and_floors_the_decay_implied():
+    """_decay_hint on hand-made sums: g = -c theta with c = +-0.01 flags both sides; a decay passed to a
+    model trained without one (c a hair past -decay) implies 0, not a negative decay."""
+    hint = importlib.import_module("mis_lightning.estimation.estimate")._decay_hint
+    theta_sq, rms = 4.0, 1.0
+    for c in (0.01, -0.01):  # g = -c theta: <g, theta> = -c |theta|^2, |g|^2 = c^2 |theta|^2
+        dg = hint(-c * theta_sq, c * c * theta_sq, theta_sq, rms, {"": 0.02})
+        assert dg["weight_decay_mismatch"], (c, dg)
+        assert dg["weight_decay_implied"] == pytest.approx(0.02 + c)
+    dg = hint(0.0101 * theta_sq, 0.0101 ** 2 * theta_sq, theta_sq, rms, {"": 0.01})
+    assert dg["weight_decay_mismatch"] and dg["weight_decay_implied"] == 0.0
+    # the warning names the side (nux54 #3: 10x the decay trained passed): +theta, too much assessed
+    dg = hint(0.009 * theta_sq, 0.009 ** 2 * theta_sq, theta_sq, rms, {"": 0.01})
+    dg.update(weight_decay=0.01, gradient_norm_ratio=0.009 * 2.0)
+    text = importlib.import_module("mis_lightning.assess")._decay_hint_warning(dg)
+    assert text.startswith(f"{HINT} 0.001 ") and "weight_decay was passed as 0.01" in text, text
+    assert "along +theta (too much decay assessed" in text and "pass weight_decay=0.001" in text, text
+    # a gradient across theta (cosine 0.5) is no decay mismatch on either side
+    for sign in (1, -1):
+        dg = hint(sign * 0.5 * 0.02 * 2.0, 0.02 ** 2, theta_sq, rms, {"": 0.0})
+        assert not dg["weight_decay_mismatch"], dg
+
+
 @pytest.mark.parametrize("mode", ["exact", "diagonal"])
 @pytest.mark.parametrize("fit, loss, wd", [(_logistic, _bce, 1e-2), (_ridge, _mse, 0.05), (_logistic, _bce, 0.0),
                                            (_ridge, _mse, 0.0)])

@@ -177,7 +177,7 @@ def check_first_batches(model: torch.nn.Module, dm: Any, batch_fn: Callable | No
                 raise ValueError(
                     f"{what} returned {got} for a batch of {b} records (outputs {_shapes(outputs)}, targets "
                     f"{_shapes(targets)}); it must return per-sample losses of shape [{b}]"
-                    + (loss_shape_hint(shape, b) or ""))
+                    + (loss_shape_hint(shape, b, targets, outputs) or ""))
             check_record_losses(loss, outputs, targets, losses, what)
             checked = [("training", outputs, targets)]
             if vb is not None:  # validation labels may be missing where the training ones are not

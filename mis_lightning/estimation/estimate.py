@@ -3427,15 +3427,19 @@ def _decay_hint(g_theta: float, g_sq: float, theta_sq: float, rms_g: float, deca
     one assessed (method.md section 6's stationarity, read along theta). At a minimum of
     ``loss + wd/2 |theta|^2`` the data loss's mean gradient is ``-wd * theta``; so the assessed
     objective's mean gradient ``g`` (penalised by the decay given) reads ``-c * theta`` with
-    ``c = -<g, theta> / <theta, theta>`` the decay missing. Inputs are the sums
+    ``c = -<g, theta> / <theta, theta>`` the decay missing (``c > 0``: too little decay passed, ``g``
+    along ``-theta``) or in excess (``c < 0``: too much, ``g`` along ``+theta``; nux54 #3: 10x and 100x
+    the decay trained read only the generic not-at-a-minimum warning). Inputs are the sums
     ``<g, theta>``, ``|g|^2``, ``|theta|^2`` over the assessed weights (float), ``rms_g`` the
     per-sample gradients' root mean square (``gradient_norm_ratio``'s scale) and ``decay`` the
     coefficients given, per parameter.
 
     Returns ``{"decay_gradient_cosine": cos(g, theta), "decay_residual_ratio": |g + c theta| / rms_g,
-    "weight_decay_implied": the decay given (largest) + c, "weight_decay_mismatch": bool}``;
-    ``{}`` when theta or g is 0. Flagged when ``cos <= -DECAY_HINT_COSINE``, ``c > 0`` and
-    ``|g| / rms_g >= DECAY_HINT_RATIO`` (docs/benchmarks.md, "wd48")."""
+    "weight_decay_implied": max(the decay given (largest) + c, 0), "weight_decay_mismatch": bool}``;
+    ``{}`` when theta or g is 0. Flagged when ``|cos| >= DECAY_HINT_COSINE`` (``cos <= -`` it with
+    ``c > 0``, ``cos >=`` it with ``c < 0``: the sign of ``c`` is the sign of ``-cos``) and
+    ``|g| / rms_g >= DECAY_HINT_RATIO`` (docs/benchmarks.md, "wd48"). The decay implied is floored at
+    0: a decay passed to a model trained without one reads ``c`` near ``-decay``, a hair either side."""
     if theta_sq <= 0 or g_sq <= 0 or not all(map(math.isfinite, (g_theta, g_sq, theta_sq))):
         return {}
     c = -g_theta / theta_sq
@@ -3443,8 +3447,8 @@ def _decay_hint(g_theta: float, g_sq: float, theta_sq: float, rms_g: float, deca
     residual = math.sqrt(max(g_sq - g_theta * g_theta / theta_sq, 0.0))
     scale = max(rms_g, 1e-300)
     return {"decay_gradient_cosine": cos, "decay_residual_ratio": residual / scale,
-            "weight_decay_implied": max(decay.values(), default=0.0) + c,
-            "weight_decay_mismatch": bool(cos <= -DECAY_HINT_COSINE and c > 0
+            "weight_decay_implied": max(max(decay.values(), default=0.0) + c, 0.0),
+            "weight_decay_mismatch": bool(abs(cos) >= DECAY_HINT_COSINE and c != 0
                                           and math.sqrt(g_sq) / scale >= DECAY_HINT_RATIO)}
 
 

@@ -317,7 +317,19 @@ def _batch_size(tree: Any) -> int:
     return int(leaves[0].shape[0])
 
 
-def loss_shape_hint(shape: tuple[int, ...] | None, b: int | None, targets: Any = None) -> str:
+def _broadcast_pair(b: int, outputs: Any, targets: Any) -> tuple[tuple[int, ...] | None, tuple[int, ...]] | None:
+    """``(outputs' shape, targets' shape)`` when each is ``[B]`` or ``[B, 1]`` (a pair that
+    broadcasts to ``[B, B]``, by itself or by an unsqueeze inside the loss); ``None`` otherwise or
+    when the targets are not a tensor. ``outputs`` not a tensor (unknown): ``None`` in its place."""
+    pair = {(b,), (b, 1)}
+    if not isinstance(targets, Tensor) or tuple(targets.shape) not in pair:
+        return None
+    if not isinstance(outputs, Tensor):
+        return None if outputs is not None else (None, tuple(targets.shape))
+    return (tuple(outputs.shape), tuple(targets.shape)) if tuple(outputs.shape) in pair else None
+
+
+def loss_shape_hint(shape: tuple[int, ...] | None, b: int | None, targets: Any = None, outputs: Any = None) -> str:
     """What to return instead of per-sample losses of ``shape`` for a batch of ``b`` records (a
     parenthesised clause, ``""`` when there is none to give). Each record's loss must be its own
     term of the training objective ``mean_i loss_i + weight_decay / 2 |theta|^2`` (method.md
@@ -325,13 +337,24 @@ def loss_shape_hint(shape: tuple[int, ...] | None, b: int | None, targets: Any =
     per record; ``.sum`` changes the balance with the weight decay, hence sigma. Integer
     ``targets`` of the losses' shape holding a negative value (an ``ignore_index``, -100 by
     default: padded tokens, whose losses are 0) get the masked mean instead: ``.mean(dim=-1)``
-    would count the padding, so a record's loss would depend on its batch's longest record."""
+    would count the padding, so a record's loss would depend on its batch's longest record.
+    ``[B, B]`` losses from ``outputs [B, 1]`` against ``targets [B]`` (or the reverse; ``outputs``
+    ``None``: the targets alone are read) are a broadcast, each record's output against every
+    record's target: the advice is to give both the same shape, not to reduce (nux54 #4: the
+    per-output clause's ``.mean(dim=-1)`` came first and led to the "not per-sample" error)."""
     if shape is None or b is None:
         return ""
     if shape == ():
         return " (a scalar: a loss reduced over the batch; use reduction='none')"
     if len(shape) == 2 and shape == (b, 1):
         return " (a trailing dimension of 1: compare outputs.squeeze(-1) with the targets)"
+    if b > 1 and shape == (b, b) and (pair := _broadcast_pair(b, outputs, targets)) is not None:
+        o, t = ("?" if x is None else "[B, 1]" if len(x) == 2 else "[B]" for x in pair)
+        how = (f"outputs {o} against targets {t}" if o != t else
+               f"outputs and targets both {t}, one unsqueezed inside the loss (o.unsqueeze(-1) or [:, None])")
+        return (f" (a broadcast, not a loss per output: {how} give [B, B] = [{b}, {b}], every record's output "
+                "against every record's target; give the two the same shape inside the loss, e.g. "
+                "outputs.squeeze(-1) or targets.reshape(-1) -- reducing the [B, B] losses would mix the records)")
     if (len(shape) == 2 and shape[0] == b and isinstance(targets, Tensor) and tuple(targets.shape) == shape
             and not targets.is_floating_point() and bool((targets < 0).any())):
         ignore = int(targets[targets < 0][0])
@@ -1071,7 +1094,7 @@ class LossProgram:
             what = self.loss_what(out, targets)
             if not isinstance(losses, Tensor) or tuple(losses.shape) != (b,):
                 shape = list(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-                hint = loss_shape_hint(tuple(losses.shape) if isinstance(losses, Tensor) else None, b, targets)
+                hint = loss_shape_hint(tuple(losses.shape) if isinstance(losses, Tensor) else None, b, targets, out)
                 raise ValueError(
                     f"{what} must return per-sample losses of shape [B] = [{b}], got {shape}"
                     + (hint or "; use reduction='none' and reduce each record's entries to one loss")
