@@ -499,10 +499,17 @@ def _decay_cancelled_cause(diagnostics: Mapping[str, Any], decay: float, lo: flo
     shares = diagnostics.get("offset_held_parameters") or {}
     where = (" (here the directions the decay alone holds carry the Newton step in "
              + ", ".join(f"{nm} ({100 * v:.0f}%)" for nm, v in list(shares.items())[:4]) + ")") if shares else ""
-    per = " (the largest passed)" if "weight_decay_per_parameter" in diagnostics else ""
+    decays = list((diagnostics.get("weight_decay_per_parameter") or {}).values())
+    uniform = not decays or min(decays) == max(decays)
+    # the records' curvature along H's lowest direction is lo - decay only for one decay on every weight and
+    # lo in parameter units (rv54b: under the Jacobi scaling lo is D H D's; a per-parameter decay spans a range)
+    figure = (f" (it reads {lo - decay:.3g} or below there)"
+              if uniform and diagnostics.get("hessian_scaling") != "jacobi" else "")
+    held = ("adds its own curvature to every direction" if uniform else
+            "(the largest passed) adds its own curvature to the directions of the weights it decays")
     return (f"the Hessian's lowest eigenvalue reads {lo:.3g} ({lo / abs(hi):.2g} of the largest; condition inf) although "
-            f"weight decay {decay:.3g}{per} adds its own curvature to every direction: along some direction the "
-            f"records' curvature cancels the decay's (it reads {lo - decay:.3g} or below there) and no exact flat direction "
+            f"weight decay {decay:.3g} {held}: along some direction the "
+            f"records' curvature cancels the decay's{figure} and no exact flat direction "
             "(symmetry) was found; likely: the weights are off the minimum along a near-symmetry of the model (a "
             "normalisation layer's scale traded against the Linear after it, the scale of an embedding or layer "
             "before a LayerNorm), where only the decay curves the objective and training converges at its slow "

@@ -114,6 +114,10 @@ class _ByValue:
         return self if copied is None else _ByValue(copied)
 
 
+class _NotRecords(Exception):
+    """The hook failed on one record's cut of the batch (:meth:`_HookProgram.check_records`)."""
+
+
 class _HookProgram(LossProgram):
     """A :class:`LossProgram` whose per-sample losses are ``model.mis_per_sample_loss(batch)``.
 
@@ -156,32 +160,46 @@ class _HookProgram(LossProgram):
         loss must have no gradient in another record's model output
         (:func:`check_record_gradients` on the hook's losses as a function of a shift of that
         output, :meth:`_through_output`: a backward through the loss only, the model run once on
-        the first 8 records). Skipped: the value check where a tensor of the batch does not hold
-        the records in dim 0 (it cannot be cut into records); the gradient check where the hook
-        does not call the model exactly once returning one floating tensor.
+        the first :data:`GRADIENT_CHECK_RECORDS` records). Skipped: the value check where a tensor
+        of the batch does not hold the records in dim 0 or the hook fails on a record's cut of it
+        (it cannot be cut into records); the gradient check where the hook does not call the model
+        exactly once returning one floating tensor whose dim 0 follows the records (one record's
+        output has 1 row there).
 
         Raises:
             ValueError: naming the hook, the record and the cure.
         """
         leaves = [t for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
         b = int(losses.shape[0])
+
+        def alone(x: Any, _y: Any) -> Tensor:  # the hook on one record's cut of the batch
+            try:
+                return self.outputs(self.params, x).reshape(-1)
+            except Exception as exc:  # noqa: BLE001 - the batch is not cut into records this way
+                raise _NotRecords from exc
+
         if leaves and all(t.dim() and t.shape[0] == b for t in leaves):
             try:
-                check_record_values(lambda x, _y: self.outputs(self.params, x).reshape(-1), inputs, targets,
-                                    losses, what, records)
+                check_record_values(alone, inputs, targets, losses, what, records)
+            except _NotRecords:  # (rv54b: a batch tensor of B entries that are not records, e.g. class weights)
+                pass
             except ValueError:
                 self._check_model_records(inputs)  # the model's own output mixing the records: named so
                 raise
-        head = torch.utils._pytree.tree_map(
-            lambda t: t[:GRADIENT_CHECK_RECORDS] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t,
-            inputs)
+        cut = lambda n: torch.utils._pytree.tree_map(  # noqa: E731
+            lambda t: t[:n] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t, inputs)
+        head = cut(GRADIENT_CHECK_RECORDS)
         try:
             with torch.no_grad():
                 out = self._through_output(self.params, head)[1]
+                one = self._through_output(self.params, cut(1))[1]
         except Exception:  # noqa: BLE001 - not one call returning one tensor: the output cannot be shifted
             return
         k = min(b, GRADIENT_CHECK_RECORDS)
-        if isinstance(out, Tensor) and out.is_floating_point() and out.dim() and out.shape[0] == k:
+        # the output's dim 0 must follow the records (rv54b: a sequence-first [T, B, C] output of
+        # T = k steps would be read as k records, its steps' shared gradient as mixing)
+        if isinstance(out, Tensor) and out.is_floating_point() and out.dim() and out.shape[0] == k \
+                and isinstance(one, Tensor) and one.dim() and one.shape[0] == 1 and one.shape[1:] == out.shape[1:]:
             check_record_gradients(lambda shift, _y: self._through_output(self.params, head, shift)[0].reshape(-1),
                                    torch.zeros_like(out), targets[:k], what, min(records, 2))
 

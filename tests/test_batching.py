@@ -89,11 +89,11 @@ def test_merged_estimation_equals_the_unmerged_pass(kind, monkeypatch):
             yield batch, rows
 
     monkeypatch.setattr(E, "merge_batches", counted)
-    monkeypatch.setattr(E, "_records_per_update", lambda fac, b: 1)
+    monkeypatch.setattr(E, "_records_per_update", lambda fac, b, batch=None: 1)
     plain = estimate(model, loader, _ce, **kw)
     assert calls == [8] * 12, calls  # unmerged: one update per loader batch
     calls.clear()
-    monkeypatch.setattr(E, "_records_per_update", lambda fac, b: 40)
+    monkeypatch.setattr(E, "_records_per_update", lambda fac, b, batch=None: 40)
     again = estimate(model, loader, _ce, **kw)
     assert calls == [8, 40, 40, 8], calls  # the first batch sizes the merge, then up to 40 records
     assert merged.n == plain.n == again.n == 96
@@ -162,6 +162,25 @@ def test_a_small_factored_model_merges_more_records_within_the_float32_bound(mon
     for k in plain.names:
         torch.testing.assert_close(small.sigma[k], plain.sigma[k], rtol=2e-4, atol=0)
         torch.testing.assert_close(small._g_mean[k], plain._g_mean[k], rtol=2e-4, atol=1e-7)
+
+
+def test_small_merges_count_the_batch_floats_not_the_taps_only():
+    """SMALL_MODEL_MERGES is for a small model: a factored program whose assessed taps are narrow
+    but whose batch is wide (a frozen first layer reading 20,000 features: 2048 x 20,001 floats of
+    merged batch, held, concatenated and cast) keeps MERGE_MAX_RECORDS (rv54b: it took 2048, the
+    estimation's peak RSS 3.2x); the 1e5 MLP's geometry (256 -> 256 -> 128 -> 1: 1,795 tap
+    floats a record, 257 of batch) still merges MERGE_SMALL_RECORDS."""
+    b = 8
+
+    def taps(*widths):
+        return {str(k): (torch.zeros(b, i), torch.zeros(b, o), torch.zeros(b, o), torch.zeros(b, o), torch.zeros(b))
+                for k, (i, o) in enumerate(zip(widths, widths[1:]))}
+
+    narrow = (torch.zeros(b, 16), torch.zeros(b))
+    assert E._records_per_update(taps(16, 1), b, narrow) == E.MERGE_SMALL_RECORDS
+    assert E._records_per_update(taps(16, 1), b, (torch.zeros(b, 20000), torch.zeros(b))) == E.MERGE_MAX_RECORDS
+    assert E._records_per_update(taps(256, 256, 128, 1), b, (torch.zeros(b, 256), torch.zeros(b))) \
+        == E.MERGE_SMALL_RECORDS
 
 
 @pytest.mark.parametrize("shuffle, drop_last", [(False, False), (True, True)])

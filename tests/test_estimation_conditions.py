@@ -243,6 +243,45 @@ def test_a_loss_hook_gets_the_per_record_checks_of_a_loss_fn():
         assert p.random_in_train_mode(inputs, b) == (kind == "dropout"), kind  # read by MomentAccumulator._update
 
 
+class _WeightedHook(_HookNet):
+    """A hook reading a batch tensor of B entries that are not records (class weights)."""
+
+    def mis_per_sample_loss(self, batch):
+        return F.cross_entropy(self(batch["x"]), batch["y"], weight=batch["w"][:3], reduction="none")
+
+
+class _SeqFirstHook(nn.Module):
+    """A hook whose model's output is sequence-first, ``[T, B, C]`` (nn.RNN's default layout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.RNN(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0])
+
+    def mis_per_sample_loss(self, batch):
+        x, y = batch
+        out = self(x.transpose(0, 1))
+        return F.cross_entropy(out[-1], y, reduction="none") + 0.1 * out.square().sum((0, 2))
+
+
+def test_the_hook_checks_refuse_no_per_record_hook():
+    """rv54b: ux54b's hook checks refused two per-record hooks the s53 code ran: one reading a
+    batch tensor of B entries that are not records (cut per record, the hook raised torch's
+    error), one whose model output is sequence-first with T = 4 steps (its steps read as the 4
+    records checked: "mixes the records through its gradient")."""
+    from mis_lightning.streaming import hook_program
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    for model, batch in ((_WeightedHook(), {"x": x, "y": y, "w": torch.ones(16)}),
+                         (_SeqFirstHook(), (torch.randn(16, 4, 4), y))):
+        model.eval()
+        loss_fn, batch_fn, cls = hook_program(model)
+        cls(model, loss_fn, [n for n, _ in model.named_parameters()], batch_fn).prepare(batch)
+
+
 def test_gradient_neutral_batch_shift_passes_the_record_gradient_check_in_16_bit(monkeypatch):
     """rv53b: a per-record cross-entropy of logits shifted by the batch's max (``o - o.max()``, a
     hand-written stable softmax) has per-record gradients (the shift cancels under the softmax),

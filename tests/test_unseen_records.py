@@ -287,6 +287,13 @@ def test_condition_inf_with_weight_decay_names_the_cancelled_decay_and_the_cures
     assert "it reads -0.00116 or below there" in text and "fc1.weight (96%)" in text, text
     assert "; to cure: train on" in text and "elementwise_affine=False" in text, text
     assert text.endswith("pass the weight decay trained with") and ". " not in text.replace("e.g. ", ""), text  # in brackets
+    # rv54b: the records' curvature lo - decay is a figure for one decay on every weight in parameter units only
+    # (Jacobi-scaled H: lo is D H D's; biases left undecayed: not every direction is curved by the decay)
+    for other in ({"hessian_scaling": "jacobi"}, {"weight_decay_per_parameter": {"fc1.weight": 1e-3, "fc1.bias": 0.0}}):
+        text = _covariance_cause({**diag, **other})
+        assert "it reads" not in text and "records' curvature cancels the decay's and no exact" in text, text
+    assert "to every direction" not in text and "(the largest passed) adds its own curvature to the directions of " \
+        "the weights it decays" in text, text
     bare = _covariance_cause({**diag, "weight_decay": 0.0})
     assert "though no exact flat direction (symmetry) was found" in bare and "declare it (weight_decay" in bare
 

@@ -236,8 +236,8 @@ POWER_SUM_ROWS = 32
 # the grouping), within MERGE_FLOATS floats of per-record layer taps held for the batch
 MERGE_MAX_RECORDS = 512
 MERGE_FLOATS = 1 << 24
-# The factored nn.Linear program of a small model (its per-record taps x MERGE_SMALL_RECORDS within
-# MERGE_SMALL_FLOATS: 16 MiB of float32) takes up to MERGE_SMALL_RECORDS records per update: its
+# The factored nn.Linear program of a small model (its per-record taps, and its batch's per-record
+# floats, each x MERGE_SMALL_RECORDS within MERGE_SMALL_FLOATS: 16 MiB of float32) takes up to MERGE_SMALL_RECORDS records per update: its
 # per-update costs (the forward's and backward's operators, the loss derivatives' vmap, the record
 # keys' and the K-FAC sample's steps, the sums' setup) were a large share of its pass (p54b: the
 # 1e5-weight MLP's 4,096 records in 3 updates instead of 9). Not bitwise: each float32 GEMM of the
@@ -1410,7 +1410,7 @@ class MomentAccumulator:
             else:
                 self._settle_ggn()
                 if not self.records_per_update:
-                    self.records_per_update = _records_per_update(fac, b)
+                    self.records_per_update = _records_per_update(fac, b, (inputs, targets))
                 self._update_factored(st, fac, inputs, targets, b, keys, kron_rows, back)
                 if n_void:
                     _add_void(st, n_void)
@@ -4319,17 +4319,22 @@ def estimate(
     return est
 
 
-def _records_per_update(fac: Any, b: int) -> int:
+def _records_per_update(fac: Any, b: int, batch: Any = None) -> int:
     """Records per merged batch of a fast program (:data:`MERGE_MAX_RECORDS`, fewer when its
     per-record taps, measured on a batch of ``b``, would exceed :data:`MERGE_FLOATS`; the factored
-    Linear program of a small model :data:`MERGE_SMALL_RECORDS`, :data:`SMALL_MODEL_MERGES`); at least 1."""
+    Linear program of a small model :data:`MERGE_SMALL_RECORDS`, :data:`SMALL_MODEL_MERGES`); at least 1.
+    ``batch``: the batch's ``(inputs, targets)``, whose per-record floats x MERGE_SMALL_RECORDS must
+    fit :data:`MERGE_SMALL_FLOATS` too (the merged batch is held, concatenated and cast: a wide
+    input feeding layers not assessed is not a small model's, rv54b)."""
     cap = MERGE_MAX_RECORDS
     if isinstance(fac, tuple) and isinstance(fac[0], _BatchTaps):  # the per-layer program's taps
         floats = fac[0].numel()
     else:  # the factored Linear path: per-record layer inputs and output gradients [B, width]
         floats = sum(t.numel() for t in torch.utils._pytree.tree_leaves(fac)
                      if isinstance(t, Tensor) and t.dim() >= 2 and t.shape[0] == b)
-        if SMALL_MODEL_MERGES and floats / max(b, 1) * MERGE_SMALL_RECORDS <= MERGE_SMALL_FLOATS:
+        held = sum(t.numel() for t in torch.utils._pytree.tree_leaves(batch)
+                   if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == b)
+        if SMALL_MODEL_MERGES and max(floats, held) / max(b, 1) * MERGE_SMALL_RECORDS <= MERGE_SMALL_FLOATS:
             cap = max(cap, MERGE_SMALL_RECORDS)
     return max(1, min(cap, int(MERGE_FLOATS // max(floats / max(b, 1), 1.0))))
 
