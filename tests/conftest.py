@@ -13,11 +13,19 @@ children's user + sys time, measured on the shared 2-core machine); the other fi
 their usual order.
 """
 
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# t54: idle OpenMP threads sleep rather than spin (libgomp reads this once, when torch loads it, so
+# before the import). The tests that run torch at 2 threads (test_fastpath's agreement matrix, the
+# warm-up's thread count) otherwise spun on the shared cores: the matrix's 2-thread half 10.6 CPU s
+# of runs against 4.1 passive, at load ~10 (docs/benchmarks.md, t54). Numbers are unchanged: it only
+# decides how a thread waits. Subprocesses (CLI runs, DDP ranks) inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # t54: every file of 4 CPU s or more in a whole-suite `-n 2` run with tests/_cpu_clock.py (session 53's tree,
 # load 10-13; docs/benchmarks.md, t54), by that CPU
