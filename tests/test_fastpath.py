@@ -145,6 +145,21 @@ def test_agreement_matrix_compiled_eager_reference(monkeypatch):
         assert r["vs_reference"] is None, (key, r)
 
 
+def test_compiled_kernel_on_a_large_clamped_chunk_equals_eager():
+    """torch.compile of the fused kernel gives the eager numbers on tests/test_grids.py's large
+    int4 chunk (zero points -3..3, h up to 60, positions past both clamped ends: the elements
+    recomputed exactly after the kernel). Moved here from test_grids.py by t54: this process
+    compiles anyway (the fixture above resets the kernels, so it compiles its own)."""
+    from test_grids import large_clamped_chunk
+
+    theta, sigma, scale, zp, _ = large_clamped_chunk()
+    eager = G.affine_cell_moments(theta, sigma, scale, zp, -8, 7, compile_policy=NEVER)
+    compiled = G.affine_cell_moments(theta, sigma, scale, zp, -8, 7, compile_policy=ALWAYS)
+    assert G._FUSED_STATE["compiled_codes"] is not None and not G._FUSED_STATE["failed"]
+    for name in ("kappa", "mean_abs", "m4"):
+        assert torch.allclose(getattr(compiled, name), getattr(eager, name), rtol=1e-10, atol=1e-12), name
+
+
 def _chunk(bits: int, seed: int, c: int = G.TABLE_MIN_ELEMENTS + 4000):
     gen = torch.Generator().manual_seed(seed)
     qmax = 2 ** (bits - 1) - 1
