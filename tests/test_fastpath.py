@@ -146,13 +146,14 @@ def test_agreement_matrix_compiled_eager_reference(monkeypatch):
         assert r["vs_reference"] is None, (key, r)
 
 
-def test_compiled_kernel_on_a_large_clamped_chunk_equals_eager():
+def test_compiled_kernel_on_a_large_clamped_chunk_equals_eager(monkeypatch):
     """torch.compile of the fused kernel gives the eager numbers on tests/test_grids.py's large
     int4 chunk (zero points -3..3, h up to 60, positions past both clamped ends: the elements
     recomputed exactly after the kernel). Moved here from test_grids.py by t54: this process
     compiles anyway (the fixture above resets the kernels, so it compiles its own)."""
     from test_grids import large_clamped_chunk
 
+    monkeypatch.setitem(G._FUSED_STATE, "elements", G._FUSED_STATE["elements"])  # the "auto" policy reads it
     theta, sigma, scale, zp, _ = large_clamped_chunk()
     eager = G.affine_cell_moments(theta, sigma, scale, zp, -8, 7, compile_policy=NEVER)
     compiled = G.affine_cell_moments(theta, sigma, scale, zp, -8, 7, compile_policy=ALWAYS)
@@ -168,6 +169,7 @@ def test_compiled_fine_mean_abs_against_every_cell(grid, h, monkeypatch):
     this process compiles anyway): ``mean_abs`` within 1e-14 of 40-digit sums over every cell."""
     from test_affine_fine_mean_abs import check_fine_mean_abs
 
+    monkeypatch.setitem(G._FUSED_STATE, "elements", G._FUSED_STATE["elements"])  # the "auto" policy reads it
     check_fine_mean_abs(grid, h, monkeypatch, modes=("always",), small=False)
 
 
@@ -176,6 +178,7 @@ def test_compiled_fine_mean_abs_was_off_with_the_expansion(h, monkeypatch):
     """The same file's switch-off check (``kernel.EXACT_AFFINE_MEAN_ABS``) on the compiled kernel."""
     from test_affine_fine_mean_abs import check_expansion_was_off
 
+    monkeypatch.setitem(G._FUSED_STATE, "elements", G._FUSED_STATE["elements"])  # the "auto" policy reads it
     check_expansion_was_off(h, monkeypatch, modes=("always",), small=False)
 
 
