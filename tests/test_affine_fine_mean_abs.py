@@ -9,7 +9,8 @@ Exact instead (fx50; ``kernel.EXACT_AFFINE_MEAN_ABS``): ``2 phi(d)``, ``d`` the 
 nearest cell edge, found from the weight's position modulo the step (a weight outside its
 backend code's cell too); the clamped end cells have no outer edge. Every path: the public call
 (the per-regime path, small chunks), the reference (exact windows above ~0.0166 sd, the
-expansion below), the fused kernel eager and compiled (chunks of ``TABLE_MIN_ELEMENTS``).
+expansion below), the fused kernel eager and compiled (chunks of ``TABLE_MIN_ELEMENTS``; the
+compiled kernel's cases run in tests/test_fastpath.py, t54).
 Tolerance 1e-14: the form is exact, so only float64 rounding of ``d`` and ``exp`` remains
 (measured at most 2e-16 here); the expansion's error is ``>= 2.5e-6`` at the smallest step
 tested (h = 0.01), 1e-3 and more at h >= 0.3.
@@ -75,8 +76,12 @@ def _tensors(cases):
     return th, sd, code
 
 
-def _paths(grid: str, h: float, monkeypatch) -> dict[str, torch.Tensor]:
-    """Each path's ``mean_abs`` of :func:`_cases`, with and without the given codes."""
+def _paths(grid: str, h: float, monkeypatch, modes: tuple[str, ...] = ("never",),
+           small: bool = True) -> dict[str, torch.Tensor]:
+    """Each path's ``mean_abs`` of :func:`_cases`, with and without the given codes: the public
+    call and the reference where ``small``, the fused kernel in each compile policy of ``modes``
+    ("never": eager; "always": compiled, checked by tests/test_fastpath.py, whose process compiles
+    anyway: t54 moved it there, a first compile in this file's process cost ~7 CPU s)."""
     monkeypatch.setattr(fp.GUARD, "sample_size", lambda *a, **k: 0)  # each path's own numbers
     qmin, qmax, s, zp = GRIDS[grid]
     th, sd, code = _tensors(_cases(grid, h))
@@ -84,13 +89,14 @@ def _paths(grid: str, h: float, monkeypatch) -> dict[str, torch.Tensor]:
     sc, z = torch.full_like(th, s), torch.full_like(th, zp)
     out = {}
     for name, cd in (("codes", code), ("rtn", None)):
-        out[f"public/{name}"] = A.affine_cell_moments(th, sd, sc, z, qmin, qmax, cd).mean_abs
-        out[f"reference/{name}"] = A.affine_reference_moments(th, sd, sc, z, qmin, qmax, cd).mean_abs
+        if small:
+            out[f"public/{name}"] = A.affine_cell_moments(th, sd, sc, z, qmin, qmax, cd).mean_abs
+            out[f"reference/{name}"] = A.affine_reference_moments(th, sd, sc, z, qmin, qmax, cd).mean_abs
         # the fused kernel: the cases tiled to a chunk of TABLE_MIN_ELEMENTS
         reps = -(-A.TABLE_MIN_ELEMENTS // n)
         tile = [t.repeat(reps) for t in (th, sd, sc, z)]
         tc = None if cd is None else cd.repeat(reps)
-        for mode in ("never", "always"):
+        for mode in modes:
             if mode == "always":
                 for key, val in (("compiled", None), ("compiled_codes", None), ("failed", False)):
                     monkeypatch.setitem(K._FUSED_STATE, key, val)
@@ -104,15 +110,34 @@ def _paths(grid: str, h: float, monkeypatch) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("h", [0.01, 0.1, 0.3, 0.45, 0.5])
-@pytest.mark.parametrize("grid", sorted(GRIDS))
-def test_fine_mean_abs_against_every_cell(grid, h, monkeypatch):
+def check_fine_mean_abs(grid: str, h: float, monkeypatch, **paths) -> None:
+    """Every path of :func:`_paths` (``paths``: its options) within ``TOL`` of the exact sums."""
     qmin, qmax, s, zp = GRIDS[grid]
     cases = _cases(grid, h)
     want = torch.tensor([_exact_mean_abs(t, sd, s, zp, qmin, qmax) for t, sd, _ in cases], dtype=F64)
-    for path, got in _paths(grid, h, monkeypatch).items():
+    for path, got in _paths(grid, h, monkeypatch, **paths).items():
         err = (got - want).abs()
         assert float(err.max()) <= TOL, (path, int(err.argmax()), cases[int(err.argmax())], float(err.max()))
+
+
+@pytest.mark.parametrize("h", [0.01, 0.1, 0.3, 0.45, 0.5])
+@pytest.mark.parametrize("grid", sorted(GRIDS))
+def test_fine_mean_abs_against_every_cell(grid, h, monkeypatch):
+    check_fine_mean_abs(grid, h, monkeypatch)
+
+
+def check_expansion_was_off(h: float, monkeypatch, **paths) -> None:
+    """With the switch off, every path of :func:`_paths` (``paths``: its options) that takes the
+    expansion is off by more than ``0.04 h^2`` somewhere."""
+    monkeypatch.setattr(K, "EXACT_AFFINE_MEAN_ABS", False)
+    qmin, qmax, s, zp = GRIDS["int8"]
+    cases = _cases("int8", h)
+    want = torch.tensor([_exact_mean_abs(t, sd, s, zp, qmin, qmax) for t, sd, _ in cases], dtype=F64)
+    for path, got in _paths("int8", h, monkeypatch, **paths).items():
+        if path.startswith("reference") and h > K.REFERENCE_FINE_STEP:
+            assert float((got - want).abs().max()) <= TOL  # exact windows there
+            continue
+        assert float((got - want).abs().max()) > 0.04 * h * h, path
 
 
 @pytest.mark.parametrize("h", [0.01, 0.3, 0.5])
@@ -120,15 +145,7 @@ def test_the_expansions_mean_abs_was_off(h, monkeypatch):
     """The switch off (the expansion's average, as before): off by more than the tolerance on
     every path that takes it (the reference's exact windows above its fine step excepted), and by
     more than ``0.04 h^2`` somewhere (fx49's 4.4e-3 at h = 0.3)."""
-    monkeypatch.setattr(K, "EXACT_AFFINE_MEAN_ABS", False)
-    qmin, qmax, s, zp = GRIDS["int8"]
-    cases = _cases("int8", h)
-    want = torch.tensor([_exact_mean_abs(t, sd, s, zp, qmin, qmax) for t, sd, _ in cases], dtype=F64)
-    for path, got in _paths("int8", h, monkeypatch).items():
-        if path.startswith("reference") and h > K.REFERENCE_FINE_STEP:
-            assert float((got - want).abs().max()) <= TOL  # exact windows there
-            continue
-        assert float((got - want).abs().max()) > 0.04 * h * h, path
+    check_expansion_was_off(h, monkeypatch)
 
 
 def _exact_m4(h: float, f: float) -> float:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_affine_fine_mean_abs import GRIDS as FINE_GRIDS
 from torch import nn
 
 import mis_lightning.functional.affine as A
@@ -143,6 +144,42 @@ def test_agreement_matrix_compiled_eager_reference(monkeypatch):
         assert r["kernel_vs_eager"] <= 1e-6, (key, r)
         assert r["codes_off"] == 0 and r["ok_off"] == 0, (key, r)
         assert r["vs_reference"] is None, (key, r)
+
+
+def test_compiled_kernel_on_a_large_clamped_chunk_equals_eager(monkeypatch):
+    """torch.compile of the fused kernel gives the eager numbers on tests/test_grids.py's large
+    int4 chunk (zero points -3..3, h up to 60, positions past both clamped ends: the elements
+    recomputed exactly after the kernel). Moved here from test_grids.py by t54: this process
+    compiles anyway (the fixture above resets the kernels, so it compiles its own)."""
+    from test_grids import large_clamped_chunk
+
+    monkeypatch.setitem(G._FUSED_STATE, "elements", G._FUSED_STATE["elements"])  # the "auto" policy reads it
+    theta, sigma, scale, zp, _ = large_clamped_chunk()
+    eager = G.affine_cell_moments(theta, sigma, scale, zp, -8, 7, compile_policy=NEVER)
+    compiled = G.affine_cell_moments(theta, sigma, scale, zp, -8, 7, compile_policy=ALWAYS)
+    assert G._FUSED_STATE["compiled_codes"] is not None and not G._FUSED_STATE["failed"]
+    for name in ("kappa", "mean_abs", "m4"):
+        assert torch.allclose(getattr(compiled, name), getattr(eager, name), rtol=1e-10, atol=1e-12), name
+
+
+@pytest.mark.parametrize("h", [0.01, 0.1, 0.3, 0.45, 0.5])
+@pytest.mark.parametrize("grid", sorted(FINE_GRIDS))
+def test_compiled_fine_mean_abs_against_every_cell(grid, h, monkeypatch):
+    """tests/test_affine_fine_mean_abs.py's check on the compiled fused kernel (moved here by t54:
+    this process compiles anyway): ``mean_abs`` within 1e-14 of 40-digit sums over every cell."""
+    from test_affine_fine_mean_abs import check_fine_mean_abs
+
+    monkeypatch.setitem(G._FUSED_STATE, "elements", G._FUSED_STATE["elements"])  # the "auto" policy reads it
+    check_fine_mean_abs(grid, h, monkeypatch, modes=("always",), small=False)
+
+
+@pytest.mark.parametrize("h", [0.01, 0.3, 0.5])
+def test_compiled_fine_mean_abs_was_off_with_the_expansion(h, monkeypatch):
+    """The same file's switch-off check (``kernel.EXACT_AFFINE_MEAN_ABS``) on the compiled kernel."""
+    from test_affine_fine_mean_abs import check_expansion_was_off
+
+    monkeypatch.setitem(G._FUSED_STATE, "elements", G._FUSED_STATE["elements"])  # the "auto" policy reads it
+    check_expansion_was_off(h, monkeypatch, modes=("always",), small=False)
 
 
 def _chunk(bits: int, seed: int, c: int = G.TABLE_MIN_ELEMENTS + 4000):
