@@ -256,7 +256,8 @@ class SchemeResult:
                 "ships with the same config (its default filter takes nn.Linear only). Ship the release "
                 "scored: mis_lightning.get_scheme(name).apply(model).model; score torchao's own release: "
                 "get_scheme(name, beyond_linear=False) (named name_linear_only; the app: "
-                "+quantizer.beyond_linear=false)")
+                "quantizer=<name> +quantizer.beyond_linear=false; a schemes list entry {name: <name>, "
+                "beyond_linear: false})")
 
     def methods_line(self) -> str | None:
         """A line, for information, naming the layers beyond the scheme's own backend that the

@@ -218,7 +218,8 @@ def test_assess_reports_the_quantized_share_and_the_method_per_layer_type():
                       "of the model quantize_ ships with the same config (its default filter takes nn.Linear "
                       "only). Ship the release scored: mis_lightning.get_scheme(name).apply(model).model; score "
                       "torchao's own release: get_scheme(name, beyond_linear=False) (named name_linear_only; "
-                      "the app: +quantizer.beyond_linear=false)"]
+                      "the app: quantizer=<name> +quantizer.beyond_linear=false; a schemes list entry "
+                      "{name: <name>, beyond_linear: false})"]
     # the console line (the callback's, the Metric's, the table's) names the layers and the mismatch
     assert warning_line(beyond[0]) == ("schemes 'int8_weight_only' and 'intx_weight_only_int4' quantize Conv2d "
                                        "(f.0.weight, f.4.weight) beyond torchao's quantize_, which leaves them in float [...]")

@@ -283,6 +283,21 @@ def test_quantizer_option_instantiates_its_scheme(name):
         pytest.skip(f"{name} built but unavailable here: {exc}")
 
 
+def test_a_quantizer_key_without_a_scheme_is_named():
+    """rv54c: the torchao-named schemes' warning pointed the app to '+quantizer.beyond_linear=false'; on
+    the default job (a ``schemes`` list, no ``quantizer=``) that alone failed as "scheme() missing 1
+    required positional argument: 'name'". It is named, with the two forms that work."""
+    from mis_lightning.app.job import selected_schemes
+
+    with pytest.raises(ValueError, match=r"\+quantizer.beyond_linear given without a scheme: pick one with "
+                                         r"quantizer=<name>"):
+        selected_schemes(_compose(["+quantizer.beyond_linear=false"]))
+    one = _compose(["quantizer=int8_weight_only", "+quantizer.beyond_linear=false"])
+    listed = _compose(["schemes=[{name: int8_weight_only, beyond_linear: false}, bf16]"])
+    assert [s.name for s in selected_schemes(one)] == ["int8_weight_only_linear_only"]
+    assert [s.name for s in selected_schemes(listed)] == ["int8_weight_only_linear_only", "bf16"]
+
+
 # -- factories ------------------------------------------------------------------------------
 @pytest.mark.parametrize("spec,dtype", [
     ("bfloat16", torch.bfloat16), ("torch.float16", torch.float16), ("bf16", torch.bfloat16),

@@ -118,6 +118,10 @@ def test_decay_hint_is_symmetric_and_floors_the_decay_implied():
     text = importlib.import_module("mis_lightning.assess")._decay_hint_warning(dg)
     assert text.startswith(f"{HINT} 0.001 ") and "weight_decay was passed as 0.01" in text, text
     assert "along +theta (too much decay assessed" in text and "pass weight_decay=0.001" in text, text
+    # g along +theta with no decay passed: no decay >= 0 explains it, no hint (rv54c: was flagged, the
+    # warning saying "-theta (too little decay assessed" and "pass weight_decay=0")
+    assert not hint(0.01 * theta_sq, 0.01 ** 2 * theta_sq, theta_sq, rms, {})["weight_decay_mismatch"]
+    assert not hint(0.01 * theta_sq, 0.01 ** 2 * theta_sq, theta_sq, rms, {"": 0.0})["weight_decay_mismatch"]
     # a gradient across theta (cosine 0.5) is no decay mismatch on either side
     for sign in (1, -1):
         dg = hint(sign * 0.5 * 0.02 * 2.0, 0.02 ** 2, theta_sq, rms, {"": 0.0})

@@ -388,6 +388,11 @@ def selected_schemes(cfg: DictConfig) -> list[QuantizationScheme]:
     """``cfg.quantizer`` (one scheme) when the group is selected, else the ``cfg.schemes`` list."""
     q = cfg.get("quantizer")
     if q:
+        if "name" not in q and "_target_" not in q:  # rv54c: '+quantizer.<key>=' alone: no scheme to pass it to
+            keys = ", ".join(f"+quantizer.{k}" for k in q)
+            raise ValueError(
+                f"{keys} given without a scheme: pick one with quantizer=<name> (e.g. quantizer=int8_weight_only "
+                f"{keys}=...), or give the option to each entry of the list: schemes=[{{name: <name>, <key>: ...}}]")
         return resolve_schemes([q])
     specs = cfg.get("schemes")
     if not specs:

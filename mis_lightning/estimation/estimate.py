@@ -3438,7 +3438,8 @@ def _decay_hint(g_theta: float, g_sq: float, theta_sq: float, rms_g: float, deca
     "weight_decay_implied": max(the decay given (largest) + c, 0), "weight_decay_mismatch": bool}``;
     ``{}`` when theta or g is 0. Flagged when ``|cos| >= DECAY_HINT_COSINE`` (``cos <= -`` it with
     ``c > 0``, ``cos >=`` it with ``c < 0``: the sign of ``c`` is the sign of ``-cos``) and
-    ``|g| / rms_g >= DECAY_HINT_RATIO`` (docs/benchmarks.md, "wd48"). The decay implied is floored at
+    ``|g| / rms_g >= DECAY_HINT_RATIO`` (docs/benchmarks.md, "wd48"); ``c < 0`` only where a decay was
+    passed (without one no decay >= 0 fits a gradient along +theta). The decay implied is floored at
     0: a decay passed to a model trained without one reads ``c`` near ``-decay``, a hair either side."""
     if theta_sq <= 0 or g_sq <= 0 or not all(map(math.isfinite, (g_theta, g_sq, theta_sq))):
         return {}
@@ -3446,9 +3447,12 @@ def _decay_hint(g_theta: float, g_sq: float, theta_sq: float, rms_g: float, deca
     cos = g_theta / math.sqrt(g_sq * theta_sq)
     residual = math.sqrt(max(g_sq - g_theta * g_theta / theta_sq, 0.0))
     scale = max(rms_g, 1e-300)
+    given = max(decay.values(), default=0.0)
     return {"decay_gradient_cosine": cos, "decay_residual_ratio": residual / scale,
-            "weight_decay_implied": max(max(decay.values(), default=0.0) + c, 0.0),
-            "weight_decay_mismatch": bool(abs(cos) >= DECAY_HINT_COSINE and c != 0
+            "weight_decay_implied": max(given + c, 0.0),
+            # too much decay (c < 0) only where one was passed (rv54c: without one, g along +theta
+            # implies no decay >= 0 and the warning read "-theta, too little ... pass weight_decay=0")
+            "weight_decay_mismatch": bool(abs(cos) >= DECAY_HINT_COSINE and (c > 0 or (c < 0 and given > 0))
                                           and math.sqrt(g_sq) / scale >= DECAY_HINT_RATIO)}
 
 
