@@ -1377,7 +1377,7 @@ def _not_at_minimum_suspects(model: nn.Module, diagnostics: Mapping[str, Any] | 
         # records are the likelier cause (nux53 #14: validation records 1.49 sd, the members 0.007)
         return (f"likely: records it was not trained on, {float(diagnostics['stiff_offset_sd']):.3g} sd along the stiff "
                 "directions; or not converged")
-    if diagnostics.get("offset_decay_held") and not _unseen_records(diagnostics):
+    if diagnostics.get("offset_decay_held"):
         return "only along near-flat directions the weight decay alone holds: converged along the others"
     return "not converged, another loss or weight decay, or records other than the ones it was trained on"
 
