@@ -2552,6 +2552,8 @@ class _Prepared:
         self.float_params: dict[str, str] = {}  # assessed parameter -> why it stayed in float
         # parameter outside the assessment -> why the scheme left it in float in the copy
         self.float_unassessed: dict[str, str] = {}
+        # parameter outside the assessment -> the method that quantized it beyond the scheme's backend
+        self.quantized_by_unassessed: dict[str, str] = {}
         self.model_bits = 0.0  # bits of every parameter of the quantized copy (incl. scales)
         self.model_d = 0  # parameters of the whole model
         # assessed parameters stored in bf16 / fp16 -> their storage grid (the unquantized release)
@@ -2648,6 +2650,8 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
     prep.float_params = {k: qres.unquantized[k] for k in est.names if k in qres.unquantized}
     if not isinstance(scheme, NoQuantization):
         prep.float_unassessed = {k: r for k, r in qres.unquantized.items() if k not in est.theta}
+        # ... and those it quantized by another method than its backend (a frozen Conv2d): the release's
+        prep.quantized_by_unassessed = {k: g.method for k, g in qres.grids.items() if k not in est.theta and g.method}
     prep.storage = dict(storage_grids(model, est.names) if storage is None else storage)
     if not prep.grids and not isinstance(scheme, NoQuantization):
         raise SchemeError(
@@ -5267,7 +5271,7 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
         leakage_independent=None if rc is None else independent_shown, position_gap=position_gap,
         cutoff_sensitivity=cutoff, cutoff_check_skipped=cutoff_skipped,
         model_bits_per_weight=prep.model_bits / max(prep.model_d, 1), model_d=prep.model_d,
-        float_unassessed=dict(prep.float_unassessed),
+        float_unassessed=dict(prep.float_unassessed), quantized_by_unassessed=dict(prep.quantized_by_unassessed),
         exact_determination=None if span is None else span.as_dict(),
     )
 

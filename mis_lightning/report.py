@@ -160,6 +160,10 @@ class SchemeResult:
     # parameters outside the assessment (frozen, or left out by params=) the scheme left in float
     # in that copy -> why (a group size, a layer type): they count in its utility and size as such
     float_unassessed: dict[str, str] = field(default_factory=dict)
+    # parameters outside the assessment the scheme quantized in that copy by another method than its
+    # backend (``LayerResult.quantized_by``'s text: a frozen Conv2d under int8_weight_only): not scored,
+    # they count in its utility and size; a torchao-named scheme's ``^`` and warning name them (ux55b)
+    quantized_by_unassessed: dict[str, str] = field(default_factory=dict)
     # the full correlation only, some weights quantized and some exact (cr49): how the weights left in
     # float span R's kept eigenspace (functional.correlated.ExactSpan.as_dict: d, rank, float_weights,
     # float_rank, smallest_singular_value, rank_rule, determined, near_rule); ``determined``: they fix
@@ -215,33 +219,37 @@ class SchemeResult:
                 f"({100.0 * n_float / max(self.d, 1):.1f}%) in float, scored as unprotected "
                 f"(leak like the baseline): " + "; ".join(parts))
 
-    def _quantized_by(self) -> dict[str, list[str]]:
+    def _quantized_by(self, unassessed: bool = False) -> dict[str, list[str]]:
         """``{"<layer kind> by <how>": [parameter names]}`` of the assessed weights quantized by
         another method than the scheme's own backend (``LayerResult.quantized_by``): convolutions
-        and attention projections by the library's round-to-nearest, embeddings by torchao."""
+        and attention projections by the library's round-to-nearest, embeddings by torchao;
+        ``unassessed``: those outside the assessment too (:attr:`quantized_by_unassessed`), after them."""
         by: dict[str, list[str]] = {}
-        for name, lr in self.layers.items():
-            if lr.quantized and lr.quantized_by:
-                kind, _, how = lr.quantized_by.partition(":")
-                how = ("the library's round-to-nearest" if how.rstrip().endswith("(library RTN)")
-                       else "torchao" if "torchao" in how else how.strip())
-                by.setdefault(f"{kind} by {how}", []).append(name)
+        done = [(name, lr.quantized_by) for name, lr in self.layers.items() if lr.quantized and lr.quantized_by]
+        for name, method in done + (list(self.quantized_by_unassessed.items()) if unassessed else []):
+            kind, _, how = method.partition(":")
+            how = ("the library's round-to-nearest" if how.rstrip().endswith("(library RTN)")
+                   else "torchao" if "torchao" in how else how.strip())
+            by.setdefault(f"{kind} by {how}", []).append(name)
         return by
 
     def beyond_torchao(self) -> dict[str, list[str]]:
         """What a scheme named after a torchao config (``description["config"]``, e.g.
         ``int8_weight_only``) quantized beyond the layers torchao's ``quantize_(model, config)``
-        takes (its default filter: ``nn.Linear``), as :meth:`_quantized_by`; ``{}`` for the other
+        takes (its default filter: ``nn.Linear``), as :meth:`_quantized_by`, in the whole release:
+        the assessed weights and those outside the assessment (frozen, or left out by ``params=``:
+        :attr:`quantized_by_unassessed`, not scored but shipped; ux55b); ``{}`` for the other
         schemes (``rtn_*``, casts, native: no torchao release to differ from) and where nothing was."""
         if self.error or not self.description.get("config"):
             return {}
-        return self._quantized_by()
+        return self._quantized_by(unassessed=True)
 
     def torchao_release_warning(self) -> str | None:
         """A warning for a scheme named after a torchao config whose scored release quantizes
         more layers than torchao's ``quantize_`` with that config (:meth:`beyond_torchao`):
-        naming those layers, the call that exports the scored release and the option that scores
-        torchao's own (``beyond_linear=False``); ``None`` otherwise (nux54 #1)."""
+        naming every such layer (those outside the assessment said to be so: they change the
+        utility and model b/w, not the leakage), the call that exports the scored release and the
+        option that scores torchao's own (``beyond_linear=False``); ``None`` otherwise (nux54 #1)."""
         by = self.beyond_torchao()
         if not by:
             return None
@@ -249,10 +257,15 @@ class SchemeResult:
         for m, v in by.items():
             kinds.setdefault(m.split(" by ")[0], []).extend(v)
         shown = lambda v: ", ".join(v[:3]) + (f" and {len(v) - 3} more" if len(v) > 3 else "")  # noqa: E731
+        outside = list(self.quantized_by_unassessed)
+        scored = any(n not in self.quantized_by_unassessed for v in by.values() for n in v)
         # the first sentence (the console line, :func:`warning_line`) names the layers and the mismatch
         return (f"scheme {self.name!r} quantizes " + "; ".join(f"{k} ({shown(v)})" for k, v in kinds.items())
-                + " beyond torchao's quantize_, which leaves them in float. The figures (leakage, bits/w, "
-                "utility) are of this wider release (" + "; ".join(by) + "), not of the model quantize_ "
+                + " beyond torchao's quantize_, which leaves them in float. "
+                + (f"Of these, {shown(outside)} lie outside the assessment (frozen, or left out by params=): "
+                   "not scored, they count in the utility and model b/w. " if outside else "")
+                + "The figures (" + ("leakage, bits/w, utility" if scored else "utility, model b/w")
+                + ") are of this wider release (" + "; ".join(by) + "), not of the model quantize_ "
                 "ships with the same config (its default filter takes nn.Linear only). Ship the release "
                 "scored: mis_lightning.get_scheme(name).apply(model).model; score torchao's own release: "
                 "get_scheme(name, beyond_linear=False) (named name_linear_only; the app: "

@@ -236,6 +236,37 @@ def test_assess_reports_the_quantized_share_and_the_method_per_layer_type():
     assert ml.Report.from_dict(rep.to_dict()).rows() == rep.rows()  # the mark survives the JSON
 
 
+def test_a_frozen_layer_quantized_beyond_torchaos_filter_is_named_and_marked():
+    """ux55b (ux54d's leftover): a frozen Conv2d (requires_grad=False, not assessed) is quantized in the
+    release int8_weight_only scores (its utility, model b/w), which torchao's quantize_ leaves in float;
+    the assessed weights are all torchao's (a Linear head). The warning names the frozen layer as outside
+    the assessment, says which figures it changes (not the leakage) and the row is marked '^'; before,
+    nothing was said (the rows existed for assessed weights only)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(32, 3)).eval()
+    m[0].requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    dl = DataLoader(TensorDataset(torch.randn(24, 1, 6, 6, generator=g), torch.randint(0, 3, (24,), generator=g)),
+                    batch_size=24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = ml.assess(m, ["int8_weight_only"], dl, _ce, num_records=8, uncertainty_draws=0, estimation="diagonal",
+                        covariance="independent")
+    s = rep.schemes["int8_weight_only"]
+    assert set(s.layers) == {"2.weight", "2.bias"} and all(not lr.quantized_by for lr in s.layers.values())
+    assert s.quantized_by_unassessed == {"0.weight": "Conv2d: per-channel int8 over flattened kernels (library RTN)"}
+    beyond = [w for w in rep.warnings if "beyond torchao's quantize_" in w]
+    assert len(beyond) == 1 and beyond[0].startswith(
+        "scheme 'int8_weight_only' quantizes Conv2d (0.weight) beyond torchao's quantize_, which leaves them in "
+        "float. Of these, 0.weight lie outside the assessment (frozen, or left out by params=): not scored, they "
+        "count in the utility and model b/w. The figures (utility, model b/w) are of this wider release (Conv2d by "
+        "the library's round-to-nearest), not of"), beyond
+    assert rep.rows()[0]["beyond_torchao"] == "Conv2d" and "int8_weight_only ^" in rep.table()
+    back = ml.Report.from_dict(rep.to_dict())
+    assert back.schemes["int8_weight_only"].quantized_by_unassessed == s.quantized_by_unassessed
+    assert back.rows() == rep.rows()
+
+
 # --------------------------------------------------------------------------- estimation
 class _Convs(nn.Module):
     """Grouped, dilated, strided, 'same'-padded, reflect-, replicate- and circular-padded
