@@ -1976,9 +1976,11 @@ def merge_identical(rows: list[dict[str, Any]], x_key: str | None) -> list[tuple
     return [(rs[0], " = ".join(str(r["scheme"]) for r in rs)) for rs in groups.values()]
 
 
-def _warnings_note(fig: Any, warnings: Sequence[str], notes: Sequence[str] = ()) -> None:
+def figure_notes(fig: Any, warnings: Sequence[str], notes: Sequence[str] = ()) -> None:
     """The warnings, wrapped, in red under the panels (the figure grows to hold them), after
-    ``notes`` (e.g. the schemes not ranked beyond their intervals) in black."""
+    ``notes`` (e.g. the schemes not ranked beyond their intervals, what the marks mean) in black:
+    the privacy-utility figure's and a sweep's ``frontier.png``. ``fig`` needs a layout engine
+    (``layout="constrained"``)."""
     def wrap(items: Sequence[str], head: str) -> list[str]:
         return [f"{head}{ln}" if i == 0 else f"    {ln}" for w in items
                 for i, ln in enumerate(textwrap.wrap(" ".join(str(w).split()), 130))]
@@ -2004,8 +2006,9 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
     leakage (safest on top): left, the leakage with its 80% interval and the unquantized
     baseline (dashed); right, the utility of the same scheme (bits per weight when no utility
     was measured). Schemes with identical figures share one row labelled ``"a = b"``; each
-    row's label carries its bits per weight and the table's marks (:func:`leakage_marks`, explained by
-    :func:`marks_legend`'s lines under the panels). ``warnings`` (the report's) are printed under the
+    row's label carries its bits per weight and the table's marks (:func:`scheme_marks` after each
+    name, :func:`leakage_marks` after the label, explained by :func:`marks_legend`'s lines under the
+    panels). ``warnings`` (the report's) are printed under the
     panels: a figure is often shared without the table, and its figures then carry their caveats;
     so is the line naming the schemes not ranked beyond their intervals (:func:`ties_line`).
     Saved if ``path``."""
@@ -2016,7 +2019,9 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
 
     uk = pick_utility_key(rows, utility_key, modes)
     ok = [r for r in rows if not r.get("error") and r.get("leakage") is not None]
-    points = sorted(merge_identical(ok, uk), key=lambda p: (p[0]["leakage"], p[1]))
+    # each scheme's own mark after its name (^: merged rows can differ in it), as in the table (ux55b)
+    points = sorted(merge_identical([{**r, "scheme": f"{r['scheme']}{scheme_marks(r)}"} for r in ok], uk),
+                    key=lambda p: (p[0]["leakage"], p[1]))
     height = 1.6 + 0.42 * max(len(points), 2)
     fig, (ax, ax_u) = plt.subplots(1, 2, figsize=(10.0, height), sharey=True,
                                    gridspec_kw={"width_ratios": [3, 2]}, layout="constrained")
@@ -2078,7 +2083,7 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
     ties = ties_line(ok)  # "safest on top" is no ranking where the intervals do not resolve it
     notes = ([ties] if ties else []) + [ln.strip() for ln in marks_legend(ok)]  # what the labels' marks mean
     if warnings or notes:
-        _warnings_note(fig, warnings, notes)
+        figure_notes(fig, warnings, notes)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)

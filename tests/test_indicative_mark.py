@@ -191,9 +191,19 @@ def test_the_figure_shows_the_tables_marks_and_what_they_mean():
 
     rows = [dict(_marked_row("int8_weight_only", 0.0976, 160.9, baseline=0.0980), bits_per_weight=13.91),
             dict(_marked_row("int2", 0.0552, 109.4, baseline=0.0980), bits_per_weight=8.55, indicative="")]
+    rows[0]["beyond_torchao"] = "Conv2d"  # ux55b: the scheme's own mark '^' too (ux54d)
     fig = privacy_utility_figure(rows)
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
-    assert labels == ["int2  (8.55 b/w)", "int8_weight_only  (13.91 b/w) *"], labels
-    assert "*: indicative only: an assumption of the analysis fails" in " ".join(
-        " ".join(t.get_text().split()) for t in fig.texts)
+    assert labels == ["int2  (8.55 b/w)", "int8_weight_only ^  (13.91 b/w) *"], labels
+    notes = " ".join(" ".join(t.get_text().split()) for t in fig.texts)
+    assert "*: indicative only: an assumption of the analysis fails" in notes
+    assert "^ after a scheme: not the release torchao's quantize_ makes" in notes
+    plt.close(fig)
+    # ux55b: a sweep's frontier.png carries aggregate.md's marks in its legend, explained under the axes
+    fig = agg.frontier_figure([dict(r, job=i) for i, r in enumerate(rows)])
+    names = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "0: int8_weight_only ^ *" in names and "1: int2" in names, names
+    notes = " ".join(" ".join(t.get_text().split()) for t in fig.texts)
+    assert "*: indicative only: an assumption of the analysis fails" in notes
+    assert "^ after a scheme: not the release torchao's quantize_ makes" in notes
     plt.close(fig)

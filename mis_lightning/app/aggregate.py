@@ -13,7 +13,8 @@ every job, whatever the launcher -- it reads each job's ``result.json`` under th
 * ``frontier.png`` -- leakage against utility, one point per distinct row (identical results
   merged, names in a legend beside the axes), the non-dominated points joined (the
   privacy-utility frontier) and the unquantized baseline dashed; one panel per utility when
-  the rows are judged by several (regression and binary data).
+  the rows are judged by several (regression and binary data); the legend's names carry
+  ``aggregate.md``'s marks (``^``, ``*``, ``!``, ...), explained under the axes.
 
 A failed job (its ``result.json`` has ``status: "failed"``, written by
 :func:`~mis_lightning.app.job.run_job` or, as a fallback, by :meth:`AggregateSweep.on_job_end`)
@@ -55,6 +56,7 @@ from mis_lightning.report import (
     ZEROS_ENTRY,
     baseline_marks,
     column_formats,
+    figure_notes,
     higher_is_better,
     leakage_marks,
     marks_legend,
@@ -602,7 +604,9 @@ def _frontier_panel(ax: Any, rows: Sequence[dict[str, Any]], uk: str | None, fir
         x, y = _float(r.get(xkey)), _float(r.get("leakage"))
         if r.get("error") or x is None or y is None or not (math.isfinite(x) and math.isfinite(y)):
             continue
-        label = r["scheme"] if r.get("job") is None else f"{r.get('job')}: {r['scheme']}"
+        # the table's marks (aggregate.md): ^ after the name, *, !, ~, ... after the leakage (ux55b)
+        label = (r["scheme"] if r.get("job") is None else f"{r.get('job')}: {r['scheme']}") + scheme_marks(r) + (
+            leakage_marks(r))
         if r.get("warnings"):  # its report's caveats (d / n, not at a minimum...): aggregate.md
             label += " (warned)"
         ok.append({**r, xkey: x, "leakage": y, "scheme": label,
@@ -646,8 +650,9 @@ def _frontier_panel(ax: Any, rows: Sequence[dict[str, Any]], uk: str | None, fir
                 label="frontier (non-dominated)" if first == 0 else None)
     baselines = {round(v, 12) for r in rows if (v := _float(r.get("baseline_leakage"))) is not None}
     if len(baselines) == 1:
+        marks = {baseline_marks(r) for r in ok}  # the baseline's own (undet., ~), as aggregate.md prints it
         ax.axhline(next(iter(baselines)), ls="--", color="gray", lw=1,
-                   label="unquantized baseline" if first == 0 else None)
+                   label=f"unquantized baseline{marks.pop() if len(marks) == 1 else ''}" if first == 0 else None)
     arrow = "higher is better" if higher else "lower is better"
     ax.set_xlabel(f"{metric} (validation; {arrow})" if uk else "bits per weight")
     ax.set_ylabel("leakage = 1 - MIS (lower is safer)")
@@ -664,7 +669,12 @@ def frontier_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = No
     marker), so that labels never overlap however the points cluster; the unquantized baseline
     is a dashed line (when all jobs share one). Rows judged by different utilities (a sweep
     over regression and binary data: rmse and auroc) get one panel per utility, each row in
-    the panel of its own (:func:`utility_keys`), so that no row is left out."""
+    the panel of its own (:func:`utility_keys`), so that no row is left out. Each name carries
+    the table's marks (:func:`~mis_lightning.report.scheme_marks` after it,
+    :func:`~mis_lightning.report.leakage_marks` after those; the baseline's
+    :func:`~mis_lightning.report.baseline_marks`), their legend
+    (:func:`~mis_lightning.report.marks_legend`) printed under the axes, as the job's own figure
+    does (a figure is often shared without its table)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -701,6 +711,9 @@ def frontier_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = No
         axes[0][0].set_title(title, fontsize=10 if n_off else None)
     else:
         fig.suptitle(title)
+    notes = [m.strip() for m in marks_legend([r for r in rows if not r.get("error")])]
+    if n_pts and notes:  # what the labels' marks mean, under the axes, as the job's figure says it (ux55b)
+        figure_notes(fig, (), notes)
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
