@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -127,6 +128,37 @@ def lt_write_plan(out: Path, result: PlanResult, version: str = "") -> Path:
     return path
 
 
+#: the planner's files (:func:`lt_write_plan`, :func:`lt_write_plan_failure`), at the end of a fit with ``plan=``
+PLAN_NAMES = ("mis_plan.json", "mis_plan.md", "mis_plan.png")
+#: a mid-training run's copy of the report under an explicit ``dirpath`` (no version suffix)
+_EPOCH_COPY = re.compile(r"mis_report_epoch=\d+-step=\d+\.json")
+
+
+def files_overwritten(out: Path, plan: bool, copies: bool) -> tuple[list[str], list[str]]:
+    """The files in ``out`` that a fit writing there under fixed names (an explicit ``dirpath``)
+    overwrites: ``(fixed, copies)``, the existing ones of ``mis_report.json``, the figure and, with
+    ``plan``, :data:`PLAN_NAMES` (each rewritten by the fit), and, with ``copies`` (mid-training
+    runs), the existing ``mis_report_epoch=<E>-step=<S>.json`` copies, of which the fit rewrites those
+    whose epoch and step it assesses at. The callback writes no other name in ``out`` (rv54c)."""
+    names = (REPORT_NAME, FIGURE_NAME) + (PLAN_NAMES if plan else ())
+    found = [n for n in names if (out / n).is_file()]
+    earlier = sorted((p.name for p in out.glob("mis_report_epoch=*.json") if _EPOCH_COPY.fullmatch(p.name)),
+                     key=lambda n: [int(v) for v in re.findall(r"\d+", n)]) if copies else []
+    return found, earlier
+
+
+def overwrite_warning(dirpath: str, fixed: Sequence[str], copies: Sequence[str]) -> str:
+    """The warning of a fit whose explicit ``dirpath`` holds files under the names it writes
+    (:func:`files_overwritten`), naming every one."""
+    shown = ", ".join(copies[:3]) + (f" and {len(copies) - 3} more" if len(copies) > 3 else "")
+    held = ", ".join(fixed) + (" and " if fixed and copies else "") + (
+        f"the mid-training cop{'y' if len(copies) == 1 else 'ies'} {shown} (each rewritten where this fit "
+        "assesses at the same epoch and step, the others left beside this fit's)" if copies else "")
+    return (f"MISCallback: dirpath={dirpath!r} holds {held} under the names this fit writes: this fit overwrites "
+            "them (an explicit dirpath keeps the file names fixed; the folder's other files are left as they are; "
+            "leave dirpath unset, or pass a fresh one, to keep both)")
+
+
 class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
     """The callback's logic, bound to a Lightning ``Callback`` base class by the subclasses.
 
@@ -142,7 +174,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         every_n_val_epochs: also run after every n-th validation epoch (``None``: end of fit).
         dirpath: report and figure folder (default: the checkpoint dir, else the log dir; there an
             earlier run's report is kept and this fit's names get ``-v1``, ...; an explicit
-            ``dirpath`` keeps the names fixed and overwrites an earlier report, with a warning).
+            ``dirpath`` keeps the names fixed and overwrites the files there under those names, with
+            a warning naming each: :func:`files_overwritten`).
         estimation_batch_size: batch size of the estimation pass (default: the train loader's).
         log_figure: send the figure to loggers that take images; prefix: logged key prefix.
         plan: a :class:`~mis_lightning.planning.PlanConfig` (or its fields as a mapping): at the
@@ -461,22 +494,25 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                         utility_fn=kept["utility_fn"], metrics=self.utility_metrics, config=self.plan_config,
                         scoring_config=self.scoring_config, batch_fn=self.batch_fn)
 
-    def _out_version(self, out: Path) -> str:
+    def _out_version(self, out: Path, trainer: Any) -> str:
         """This fit's suffix of the file names in ``out`` (:func:`~mis_lightning.tracking.free_version`),
         chosen at the fit's first write: its later runs (mid-training, fit end) rewrite its own
         files, never an earlier run's (nux53: ``logger=False`` writes to ``default_root_dir``, the
         working directory by default, where a second run overwrote the first's report silently).
 
         An explicit ``dirpath=`` is the user's choice of where ``mis_report.json`` is read: its
-        names stay fixed and an earlier run's report there is overwritten, with a warning (ux54c:
-        ``-v1`` names left code reading ``<dirpath>/mis_report.json`` on the earlier run's report)."""
+        names stay fixed and files there under those names are overwritten, with a warning naming
+        each (:func:`files_overwritten`; ux54c: ``-v1`` names left code reading
+        ``<dirpath>/mis_report.json`` on the earlier run's report; rv54c: the warning named the report
+        alone). ``fast_dev_run`` writes nothing: no warning."""
         if getattr(self, "_version", None) is None:
-            self._overwrites = self.dirpath is not None and (out / REPORT_NAME).exists()
             self._version = "" if self.dirpath is not None else free_version(out)
-            if self._overwrites:
-                rank_zero_warn(f"MISCallback: dirpath={str(self.dirpath)!r} holds an earlier run's {REPORT_NAME}: "
-                               "this fit overwrites it (an explicit dirpath keeps the file names fixed; leave "
-                               "dirpath unset, or pass a fresh one, to keep both)")
+            writes = self.dirpath is not None and not getattr(trainer, "fast_dev_run", False)
+            self._overwrites = writes and (out / REPORT_NAME).exists()
+            fixed, copies = files_overwritten(out, self.plan_config is not None, self.every_n_val_epochs is not None
+                                              ) if writes else ([], [])
+            if fixed or copies:
+                rank_zero_warn(overwrite_warning(str(self.dirpath), fixed, copies))
         return self._version or ""
 
     def _run(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -490,7 +526,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             epoch -= 1
         where = {"lightning": {"stage": stage, "epoch": epoch, "global_step": step}}
         out = lt.report_dir(trainer, self.dirpath)
-        version = self._out_version(out) if zero else ""
+        version = self._out_version(out, trainer) if zero else ""
         self._last_weights = lt.weights_fingerprint(pl_module) if stage != "fit_end" else None
         try:
             # the trainer's loaders' own generators too: the assessment reads them

@@ -227,14 +227,19 @@ def versioned(name: str, version: str) -> str:
 
 
 def free_version(out: Path) -> str:
-    """``""`` where ``<out>/mis_report.json`` does not exist, else ``"-v<k>"`` with the least
-    ``k >= 1`` whose report name is free: a fit's files are kept apart from an earlier run's in
-    the same folder, named as Lightning's ``ModelCheckpoint`` names a checkpoint whose name is
-    taken (``STARTING_VERSION = 1``, ``"-v1"``; nux53: a second run overwrote the first's report)."""
-    if not (out / REPORT_NAME).exists():
+    """``""`` where neither ``<out>/mis_report.json`` nor ``<out>/mis_privacy_utility.png`` (the names
+    :func:`publish_report` writes) exists, else ``"-v<k>"`` with the least ``k >= 1`` under which
+    neither does: a fit's files are kept apart from an earlier run's in the same folder, named as
+    Lightning's ``ModelCheckpoint`` names a checkpoint whose name is taken (``STARTING_VERSION = 1``,
+    ``"-v1"``; nux53: a second run overwrote the first's report; ux55b: a figure left without its
+    report was overwritten)."""
+    def taken(version: str) -> bool:
+        return any((out / versioned(name, version)).exists() for name in (REPORT_NAME, FIGURE_NAME))
+
+    if not taken(""):
         return ""
     k = 1
-    while (out / versioned(REPORT_NAME, f"-v{k}")).exists():
+    while taken(f"-v{k}"):
         k += 1
     return f"-v{k}"
 

@@ -1065,9 +1065,15 @@ def test_fast_dev_run_assesses_but_writes_nothing(tmp_path):
     """Lightning's smoke test (fast_dev_run) writes no checkpoint and no log; the callback wrote
     its report and figure anyway, with a note blaming limit_train_batches."""
     cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, dirpath=tmp_path / "mis", **FAST)
-    fit(tmp_path, Regressor, [cb], fast_dev_run=True)
+    (tmp_path / "mis").mkdir()
+    (tmp_path / "mis" / "mis_report.json").write_text("{}")  # an earlier run's: kept, and no overwrite said (ux55b)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, Regressor, [cb], fast_dev_run=True)
     assert cb.report is not None and cb.report_path is None
-    assert not (tmp_path / "mis").exists() or not any((tmp_path / "mis").iterdir())
+    assert [p.name for p in (tmp_path / "mis").iterdir()] == ["mis_report.json"]
+    assert (tmp_path / "mis" / "mis_report.json").read_text() == "{}"
+    assert not [w for w in caught if "overwrites" in str(w.message)]
     assert all("limit_train_batches" not in w for w in cb.report.warnings)
 
 

@@ -302,6 +302,31 @@ class WithValidationStep(NoValidationStep):
         return mse(self(batch[0]), batch[1]).mean()
 
 
+def test_an_explicit_dirpath_names_every_file_it_overwrites(tmp_path):
+    """rv54c: the warning named mis_report.json only, while the figure, the planner's files and the
+    mid-training copies at the same epoch and step are overwritten too (no fit: the names in a folder);
+    ux55b: a figure left without its report keeps a folder the library picks versioned."""
+    from mis_lightning.callback import files_overwritten, overwrite_warning
+    from mis_lightning.tracking import free_version
+
+    assert free_version(tmp_path) == "" and files_overwritten(tmp_path, True, True) == ([], [])
+    (tmp_path / "mis_privacy_utility.png").write_bytes(b"")
+    assert free_version(tmp_path) == "-v1"  # was "": the figure overwritten silently
+    for name in ("mis_report.json", "mis_plan.md", "mis_report_epoch=10-step=40.json", "mis_report_epoch=2-step=8.json",
+                 "mis_report_epoch=2-step=8-v1.json", "notes.json"):
+        (tmp_path / name).write_text("{}")
+    fixed, copies = files_overwritten(tmp_path, plan=True, copies=True)
+    assert fixed == ["mis_report.json", "mis_privacy_utility.png", "mis_plan.md"]
+    assert copies == ["mis_report_epoch=2-step=8.json", "mis_report_epoch=10-step=40.json"]
+    assert files_overwritten(tmp_path, plan=False, copies=False) == (fixed[:2], [])
+    assert overwrite_warning("d", fixed, copies) == (
+        "MISCallback: dirpath='d' holds mis_report.json, mis_privacy_utility.png, mis_plan.md and the mid-training "
+        "copies mis_report_epoch=2-step=8.json, mis_report_epoch=10-step=40.json (each rewritten where this fit "
+        "assesses at the same epoch and step, the others left beside this fit's) under the names this fit writes: "
+        "this fit overwrites them (an explicit dirpath keeps the file names fixed; the folder's other files are left "
+        "as they are; leave dirpath unset, or pass a fresh one, to keep both)")
+
+
 def test_a_second_run_in_the_same_folder_keeps_the_first_runs_report(caplog):
     """nux53: with ``logger=False, enable_checkpointing=False`` and no ``dirpath`` the report goes to
     the Trainer's ``default_root_dir`` (the working directory), where a second run overwrote the
@@ -313,6 +338,10 @@ def test_a_second_run_in_the_same_folder_keeps_the_first_runs_report(caplog):
     for run in range(3):
         cb = MISCallback(["rtn_int4"], loss_fn=mse, every_n_val_epochs=1 if run == 1 else None,
                          dirpath=str(Path.cwd()) if run == 2 else None, **FAST)
+        if run == 2:  # rv54c: a file of the user's and a copy this fit (no mid-training run) does not write
+            Path("notes.txt").write_text("mine")
+            Path("mis_report_epoch=0-step=3.json").write_text("{}")
+            before = {p.name: p.stat().st_mtime_ns for p in Path.cwd().iterdir() if p.is_file()}
         with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
             warnings.simplefilter("always")
             caplog.clear()
@@ -322,7 +351,7 @@ def test_a_second_run_in_the_same_folder_keeps_the_first_runs_report(caplog):
                 DataLoader(TensorDataset(X, Y), batch_size=48))
         assert cb.last_error is None
         reports.append(cb.report_path)
-        warned.append([str(w.message) for w in caught if "overwrites it" in str(w.message)])
+        warned.append([str(w.message) for w in caught if "this fit overwrites" in str(w.message)])
         if run == 0:
             first = cb.report_path.read_text()
         said = [r.getMessage() for r in caplog.records if "report: " in r.getMessage()]
@@ -332,7 +361,14 @@ def test_a_second_run_in_the_same_folder_keeps_the_first_runs_report(caplog):
     assert [p.name for p in reports] == ["mis_report.json", "mis_report-v1.json", "mis_report.json"]
     assert all(p.parent.resolve() == Path.cwd().resolve() for p in reports)  # Lightning's default_root_dir
     assert warned[:2] == [[], []] and len(warned[2]) == 1  # once per fit, at its first write
-    assert warned[2][0].startswith(f"MISCallback: dirpath={str(Path.cwd())!r} holds an earlier run's mis_report.json")
+    # rv54c: the warning names every file the fit overwrites, and the fit overwrites nothing else
+    assert warned[2][0].startswith(f"MISCallback: dirpath={str(Path.cwd())!r} holds mis_report.json, "
+                                   "mis_privacy_utility.png under the names this fit writes: this fit overwrites them")
+    after = {p.name: p.stat().st_mtime_ns for p in Path.cwd().iterdir() if p.is_file()}  # written (the figure: same bytes)
+    assert {k for k in before if after.get(k) != before[k]} == {"mis_report.json", "mis_privacy_utility.png"}
+    assert set(after) == set(before)
+    Path("notes.txt").unlink()
+    Path("mis_report_epoch=0-step=3.json").unlink()
     assert {p.name for p in Path.cwd().glob("mis_privacy_utility*.png")} == {
         "mis_privacy_utility.png", "mis_privacy_utility-v1.png"}
     # run 1's mid-training copies carry its suffix; run 2 (end of fit only) wrote none
