@@ -25,4 +25,10 @@ for n, hidden, seed in [(400, 8, 0), (200, 8, 1), (120, 8, 2), (250, 16, 3), (90
     print(f"n={n} d={rows[0]['d']} d/n={rows[0]['d']/n:.2f} base {rep.baseline_leakage:.4f} mean lev {dg.get('mean_leverage'):.3f} notmin {dg.get('not_at_minimum')}",
           [(r['scheme'], round(r['leakage'], 4), round(r['d_eff'], 1), r.get('indicative')) for r in rows],
           "bias:", None if (b := near_identity_bias(rows)) is None else (b[0]['scheme'], round(b[1], 4)), flush=True)
+    if "--first-order" in sys.argv:
+        for r in (rep, u._assess(model, DataLoader(TensorDataset(X, y), batch_size=512), ["int8_weight_only", "bf16"],
+                                 num_records=n, leverage_correction=False)):
+            print(f"  leverage correction {r.diagnostics.get('leverage_correction')}: base {r.baseline_leakage:.4f}",
+                  *(f"{k} {s.leakage:.4f} ({100 * (1 - s.leakage / r.baseline_leakage):.1f}% below)"
+                    for k, s in r.schemes.items() if k != "intx_weight_only_int4"), flush=True)
 
