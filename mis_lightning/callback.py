@@ -51,6 +51,7 @@ from .report import not_trained_warning, ties_line
 from .streaming import default_schemes
 from .tracking import (  # noqa: F401
     FIGURE_NAME,
+    PLAN_NAMES,
     REPORT_NAME,
     free_version,
     history_summary,
@@ -58,6 +59,7 @@ from .tracking import (  # noqa: F401
     publish_failure,
     publish_report,
     report_metrics,
+    taken_names,
     versioned,
 )
 
@@ -213,6 +215,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             return
         self._version: str | None = None  # this fit's file names, chosen at its first write (_out_version)
         self._overwrites = False  # this fit overwrites an earlier run's report in an explicit dirpath
+        if trainer.is_global_zero and (where := lt.root_dir_note(trainer, self.dirpath)):
+            rank_zero_info(where)  # said once, before training: the folder is nobody's explicit choice
         # A module that builds its layers in ``configure_model`` (Lightning's pattern for large
         # models; Lightning calls it after this hook) has no parameter yet: its checks wait for
         # on_train_start, still before the first step (nu43: refused here, "no parameter selected")
@@ -471,12 +475,17 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         names stay fixed and an earlier run's report there is overwritten, with a warning (ux54c:
         ``-v1`` names left code reading ``<dirpath>/mis_report.json`` on the earlier run's report)."""
         if getattr(self, "_version", None) is None:
-            self._overwrites = self.dirpath is not None and (out / REPORT_NAME).exists()
+            # ux55a: every file of these names, not only the report (a figure whose report is gone)
+            taken = [] if self.dirpath is None else taken_names(
+                out, names=(REPORT_NAME, FIGURE_NAME, *(PLAN_NAMES if self.plan_config is not None else ())),
+                copies=self.every_n_val_epochs is not None)
+            self._overwrites = (out / REPORT_NAME).exists() and bool(taken)
             self._version = "" if self.dirpath is not None else free_version(out)
-            if self._overwrites:
-                rank_zero_warn(f"MISCallback: dirpath={str(self.dirpath)!r} holds an earlier run's {REPORT_NAME}: "
-                               "this fit overwrites it (an explicit dirpath keeps the file names fixed; leave "
-                               "dirpath unset, or pass a fresh one, to keep both)")
+            self._kept_names = taken_names(out) if self._version else []  # files kept apart by the -v<k> names
+            if taken:
+                rank_zero_warn(f"MISCallback: dirpath={str(self.dirpath)!r} holds {', '.join(taken)} (an earlier "
+                               "run's?): this fit overwrites them where it writes the same names (an explicit dirpath "
+                               "keeps the file names fixed; leave dirpath unset, or pass a fresh one, to keep both)")
         return self._version or ""
 
     def _run(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -564,7 +573,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                                + (f" ({failed} failed: see the warnings)" if failed else "")
                                + f" on n={report.n} records in {time.perf_counter() - t0:.1f} s; "
                                f"report: {self.report_path}"
-                               + (f" ({REPORT_NAME} there is an earlier run's, kept)" if version
+                               + (f" ({', '.join(self._kept_names)} already there, kept)" if version
                                   else " (an earlier run's, overwritten: dirpath= given)"
                                   if getattr(self, "_overwrites", False) else "")
                                + ("; the warnings above in full: print(callback.report.warnings_text())"

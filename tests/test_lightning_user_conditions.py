@@ -308,8 +308,12 @@ def test_a_second_run_in_the_same_folder_keeps_the_first_runs_report(caplog):
     first's ``mis_report.json`` silently. Each fit now writes its files under a name no earlier run
     holds, as ``ModelCheckpoint`` does (``-v1``), and says so; a fit's own runs (mid-training, then
     the end of fit) rewrite its own files. ux54c: an explicit ``dirpath=`` (run 2, the same folder)
-    keeps the fixed names, so ``<dirpath>/mis_report.json`` is this fit's; it overwrites with a warning."""
+    keeps the fixed names, so ``<dirpath>/mis_report.json`` is this fit's; it overwrites with a warning.
+    ux55a: a name is free only where no file of the fit's names has it (a user's figure, or one whose
+    report is gone, was overwritten), and the folder is said once per fit where nothing names it."""
     reports, warned = [], []
+    mine = Path("mis_privacy_utility-v1.png")
+    mine.write_bytes(b"a figure kept from an earlier run whose report was moved")
     for run in range(3):
         cb = MISCallback(["rtn_int4"], loss_fn=mse, every_n_val_epochs=1 if run == 1 else None,
                          dirpath=str(Path.cwd()) if run == 2 else None, **FAST)
@@ -322,22 +326,26 @@ def test_a_second_run_in_the_same_folder_keeps_the_first_runs_report(caplog):
                 DataLoader(TensorDataset(X, Y), batch_size=48))
         assert cb.last_error is None
         reports.append(cb.report_path)
-        warned.append([str(w.message) for w in caught if "overwrites it" in str(w.message)])
+        warned.append([str(w.message) for w in caught if "overwrites them" in str(w.message)])
         if run == 0:
             first = cb.report_path.read_text()
+        roots = [r.getMessage() for r in caplog.records if "go to the Trainer's default_root_dir" in r.getMessage()]
+        assert len(roots) == (run < 2) and all(f"default_root_dir, {Path.cwd().resolve()} (" in r for r in roots)
         said = [r.getMessage() for r in caplog.records if "report: " in r.getMessage()]
         assert said and all(str(cb.report_path) in s for s in said)
-        assert all(("mis_report.json there is an earlier run's, kept" in s) == (run == 1) for s in said)
+        assert all(("(mis_privacy_utility.png, mis_report.json already there, kept)" in s) == (run == 1) for s in said)
         assert all(("an earlier run's, overwritten: dirpath= given" in s) == (run == 2) for s in said)
-    assert [p.name for p in reports] == ["mis_report.json", "mis_report-v1.json", "mis_report.json"]
+    assert [p.name for p in reports] == ["mis_report.json", "mis_report-v2.json", "mis_report.json"]
     assert all(p.parent.resolve() == Path.cwd().resolve() for p in reports)  # Lightning's default_root_dir
     assert warned[:2] == [[], []] and len(warned[2]) == 1  # once per fit, at its first write
-    assert warned[2][0].startswith(f"MISCallback: dirpath={str(Path.cwd())!r} holds an earlier run's mis_report.json")
+    assert warned[2][0].startswith(f"MISCallback: dirpath={str(Path.cwd())!r} holds mis_privacy_utility.png, "
+                                   "mis_report.json (an earlier run's?): this fit overwrites them")
     assert {p.name for p in Path.cwd().glob("mis_privacy_utility*.png")} == {
-        "mis_privacy_utility.png", "mis_privacy_utility-v1.png"}
+        "mis_privacy_utility.png", "mis_privacy_utility-v1.png", "mis_privacy_utility-v2.png"}
+    assert mine.read_bytes() == b"a figure kept from an earlier run whose report was moved"
     # run 1's mid-training copies carry its suffix; run 2 (end of fit only) wrote none
     assert sorted(p.name for p in Path.cwd().glob("mis_report_epoch=*")) == [
-        "mis_report_epoch=0-step=3-v1.json", "mis_report_epoch=1-step=6-v1.json"]
+        "mis_report_epoch=0-step=3-v2.json", "mis_report_epoch=1-step=6-v2.json"]
     assert json.loads(reports[2].read_text())["lightning"]["stage"] == "fit_end"
     assert reports[0].read_text() != first  # run 2 rewrote it (timings differ at least)
     assert json.loads(reports[1].read_text())["lightning"]["epoch"] == 1  # run 1's last run, in its own file
