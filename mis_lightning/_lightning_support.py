@@ -1230,15 +1230,19 @@ def report_dir(trainer: Any, dirpath: str | Path | None) -> Path:
 
 def root_dir_note(trainer: Any, dirpath: str | Path | None) -> str | None:
     """The console line naming the folder of the callback's files where the user named none: no
-    ``dirpath``, no checkpoint callback and no logger leave :func:`report_dir` at the Trainer's
-    ``default_root_dir`` (the working directory unless set), where Lightning's own ``log_dir`` is
-    then and its profilers write (nux54: ``logger=False`` wrote ``mis_report.json`` there unannounced).
-    ``None`` where another folder applies, or under ``fast_dev_run`` (nothing is written)."""
-    if (dirpath is not None or getattr(trainer, "checkpoint_callback", None) is not None or trainer.loggers
+    ``dirpath`` and no checkpoint callback, and no logger folder other than the Trainer's
+    ``default_root_dir`` (the working directory unless set): no logger, where Lightning's own
+    ``log_dir`` is then that folder and its profilers write, or a logger whose ``save_dir`` is it
+    (``WandbLogger()``'s ``"."``) or that has none (an MLflow logger with a database store), where
+    :func:`report_dir` falls back to it (nux54: ``logger=False`` wrote ``mis_report.json`` there
+    unannounced). ``None`` where another folder applies, or under ``fast_dev_run`` (nothing is written)."""
+    if (dirpath is not None or getattr(trainer, "checkpoint_callback", None) is not None
             or getattr(trainer, "fast_dev_run", False)):
         return None
     root = Path(trainer.default_root_dir).resolve()
-    return (f"MISCallback: no dirpath=, logger or checkpointing: the report and figure go to the Trainer's "
+    if Path(getattr(trainer, "log_dir", None) or root).resolve() != root:
+        return None
+    return (f"MISCallback: no dirpath=, checkpointing or logger folder: the report and figure go to the Trainer's "
             f"default_root_dir, {root} (where a file there has their name, this fit's get -v1, ...; "
             "dirpath= or Trainer(default_root_dir=) chooses the folder)")
 

@@ -302,6 +302,27 @@ class WithValidationStep(NoValidationStep):
         return mse(self(batch[0]), batch[1]).mean()
 
 
+def test_the_folder_is_said_where_it_is_the_default_root_dir_nobody_named():
+    """ux55a: the report's folder is said at the start of fit where it is the Trainer's
+    ``default_root_dir`` by default: no logger (Lightning's ``log_dir`` is then that folder), or a
+    logger whose ``save_dir`` is it (``WandbLogger()``'s ``"."``) or that has none (an MLflow database
+    store); not where ``dirpath=``, a checkpoint callback or a logger's own folder names another."""
+    from types import SimpleNamespace
+
+    from mis_lightning._lightning_support import root_dir_note
+
+    def trainer(**kw):
+        return SimpleNamespace(**{"checkpoint_callback": None, "fast_dev_run": False, "default_root_dir": ".",
+                                  "log_dir": None, **kw})
+
+    said = [root_dir_note(trainer(), None), root_dir_note(trainer(log_dir="."), None),
+            root_dir_note(trainer(log_dir=str(Path.cwd())), None)]
+    assert all(f"the Trainer's default_root_dir, {Path.cwd().resolve()} (" in n for n in said)
+    assert [root_dir_note(trainer(log_dir="lightning_logs/version_0"), None), root_dir_note(trainer(), "."),
+            root_dir_note(trainer(checkpoint_callback=object()), None),
+            root_dir_note(trainer(fast_dev_run=1), None)] == [None] * 4
+
+
 def test_a_second_run_in_the_same_folder_keeps_the_first_runs_report(caplog):
     """nux53: with ``logger=False, enable_checkpointing=False`` and no ``dirpath`` the report goes to
     the Trainer's ``default_root_dir`` (the working directory), where a second run overwrote the
