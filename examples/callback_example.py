@@ -116,5 +116,5 @@ def main(root: str | None = None, max_epochs: int = MAX_EPOCHS) -> Path:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)  # small models run fastest on one thread, busy machines most (README)
+    torch.set_num_threads(1)  # small models run fastest on one thread, busy machines most (docs/estimation.md)
     main()

@@ -101,5 +101,5 @@ def main(max_epochs: int = 4) -> MISCallback:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)  # small models run fastest on one thread, busy machines most (README)
+    torch.set_num_threads(1)  # small models run fastest on one thread, busy machines most (docs/estimation.md)
     main()

@@ -3,7 +3,7 @@
 Public API: :func:`assess`, :func:`plan` (per-layer quantization planner), :class:`MISCallback` (Lightning), :class:`MISIndicator`
 (torchmetrics), :mod:`mis_lightning.functional` (the math), and the scheme registry
 :mod:`mis_lightning.quantization` (``available_schemes``, ``get_scheme``, ``register_scheme``,
-:class:`MixedPrecisionScheme`); the errors the README names: :class:`SchemeError` (a scheme that
+:class:`MixedPrecisionScheme`); the errors the README and docs/report.md name: :class:`SchemeError` (a scheme that
 cannot quantize a layer), :class:`ModelCopyError` (a model the assessment cannot copy or substitute).
 """
 

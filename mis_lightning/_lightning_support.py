@@ -1228,6 +1228,25 @@ def report_dir(trainer: Any, dirpath: str | Path | None) -> Path:
                 or trainer.default_root_dir)
 
 
+def root_dir_note(trainer: Any, dirpath: str | Path | None) -> str | None:
+    """The console line naming the folder of the callback's files where the user named none: no
+    ``dirpath`` and no checkpoint callback, and no logger folder other than the Trainer's
+    ``default_root_dir`` (the working directory unless set): no logger, where Lightning's own
+    ``log_dir`` is then that folder and its profilers write, or a logger whose ``save_dir`` is it
+    (``WandbLogger()``'s ``"."``) or that has none (an MLflow logger with a database store), where
+    :func:`report_dir` falls back to it (nux54: ``logger=False`` wrote ``mis_report.json`` there
+    unannounced). ``None`` where another folder applies, or under ``fast_dev_run`` (nothing is written)."""
+    if (dirpath is not None or getattr(trainer, "checkpoint_callback", None) is not None
+            or getattr(trainer, "fast_dev_run", False)):
+        return None
+    root = Path(trainer.default_root_dir).resolve()
+    if Path(getattr(trainer, "log_dir", None) or root).resolve() != root:
+        return None
+    return (f"MISCallback: no dirpath=, checkpointing or logger folder: the report and figure go to the Trainer's "
+            f"default_root_dir, {root} (where a file there has their name, this fit's get -v1, ...; "
+            "dirpath= or Trainer(default_root_dir=) chooses the folder)")
+
+
 def check_callback_args(every_n_val_epochs: Any, loss_fn: Any, *, estimation_batch_size: Any = None,
                         utility_metrics: Mapping[str, Any] | None = None, dirpath: Any = None,
                         prefix: Any = "mis", batch_fn: Any = None, output_transform: Any = None) -> None:

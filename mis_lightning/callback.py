@@ -52,6 +52,7 @@ from .report import not_trained_warning, ties_line
 from .streaming import default_schemes
 from .tracking import (  # noqa: F401
     FIGURE_NAME,
+    PLAN_NAMES,
     REPORT_NAME,
     free_version,
     history_summary,
@@ -59,6 +60,7 @@ from .tracking import (  # noqa: F401
     publish_failure,
     publish_report,
     report_metrics,
+    taken_names,
     versioned,
 )
 
@@ -128,8 +130,6 @@ def lt_write_plan(out: Path, result: PlanResult, version: str = "") -> Path:
     return path
 
 
-#: the planner's files (:func:`lt_write_plan`, :func:`lt_write_plan_failure`), at the end of a fit with ``plan=``
-PLAN_NAMES = ("mis_plan.json", "mis_plan.md", "mis_plan.png")
 #: a mid-training run's copy of the report under an explicit ``dirpath`` (no version suffix)
 _EPOCH_COPY = re.compile(r"mis_report_epoch=\d+-step=\d+\.json")
 
@@ -246,6 +246,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             return
         self._version: str | None = None  # this fit's file names, chosen at its first write (_out_version)
         self._overwrites = False  # this fit overwrites an earlier run's report in an explicit dirpath
+        if trainer.is_global_zero and (where := lt.root_dir_note(trainer, self.dirpath)):
+            rank_zero_info(where)  # said once, before training: the folder is nobody's explicit choice
         # A module that builds its layers in ``configure_model`` (Lightning's pattern for large
         # models; Lightning calls it after this hook) has no parameter yet: its checks wait for
         # on_train_start, still before the first step (nu43: refused here, "no parameter selected")
@@ -508,6 +510,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         if getattr(self, "_version", None) is None:
             self._version = "" if self.dirpath is not None else free_version(out)
             writes = self.dirpath is not None and not getattr(trainer, "fast_dev_run", False)
+            self._kept_names = taken_names(out) if self._version else []  # files kept apart by the -v<k> names
             self._overwrites = writes and (out / REPORT_NAME).exists()
             fixed, copies = files_overwritten(out, self.plan_config is not None, self.every_n_val_epochs is not None
                                               ) if writes else ([], [])
@@ -600,7 +603,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                                + (f" ({failed} failed: see the warnings)" if failed else "")
                                + f" on n={report.n} records in {time.perf_counter() - t0:.1f} s; "
                                f"report: {self.report_path}"
-                               + (f" ({REPORT_NAME} there is an earlier run's, kept)" if version
+                               + (f" ({', '.join(self._kept_names)} already there, kept)" if version
                                   else " (an earlier run's, overwritten: dirpath= given)"
                                   if getattr(self, "_overwrites", False) else "")
                                + ("; the warnings above in full: print(callback.report.warnings_text())"

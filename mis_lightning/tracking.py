@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import traceback
 from collections.abc import Iterable
 from pathlib import Path
@@ -226,20 +227,34 @@ def versioned(name: str, version: str) -> str:
     return f"{stem}{version}{dot}{ext}" if dot else name + version
 
 
-def free_version(out: Path) -> str:
-    """``""`` where neither ``<out>/mis_report.json`` nor ``<out>/mis_privacy_utility.png`` (the names
-    :func:`publish_report` writes) exists, else ``"-v<k>"`` with the least ``k >= 1`` under which
-    neither does: a fit's files are kept apart from an earlier run's in the same folder, named as
-    Lightning's ``ModelCheckpoint`` names a checkpoint whose name is taken (``STARTING_VERSION = 1``,
-    ``"-v1"``; nux53: a second run overwrote the first's report; ux55b: a figure left without its
-    report was overwritten)."""
-    def taken(version: str) -> bool:
-        return any((out / versioned(name, version)).exists() for name in (REPORT_NAME, FIGURE_NAME))
+# the callback's file names with a fixed name in its folder (the plan's: callback.py's write_plan);
+# mid-training copies are named mis_report_epoch=<E>-step=<S>.json
+PLAN_NAMES = ("mis_plan.json", "mis_plan.md", "mis_plan.png")
+FIXED_NAMES = (REPORT_NAME, FIGURE_NAME, *PLAN_NAMES)
 
-    if not taken(""):
+
+def taken_names(out: Path, version: str = "", names: Iterable[str] = FIXED_NAMES, copies: bool = True) -> list[str]:
+    """The files of ``out`` a fit writing its ``names`` (and, with ``copies``, its mid-training
+    ``mis_report_epoch=<E>-step=<S>.json`` copies) under ``version`` (:func:`versioned`) would
+    overwrite, sorted; ``[]`` where ``out`` does not exist."""
+    taken = [versioned(n, version) for n in names if (out / versioned(n, version)).exists()]
+    if copies and out.is_dir():
+        copy = re.compile(rf"mis_report_epoch=\d+-step=\d+{re.escape(version)}\.json")
+        taken += [p.name for p in out.glob("mis_report_epoch=*") if copy.fullmatch(p.name)]
+    return sorted(taken)
+
+
+def free_version(out: Path) -> str:
+    """``""`` where none of the callback's file names is taken in ``out`` (:func:`taken_names`),
+    else ``"-v<k>"`` with the least ``k >= 1`` whose names are all free: a fit's files are kept apart
+    from an earlier run's (or any file of the user's with such a name) in the same folder, named as
+    Lightning's ``ModelCheckpoint`` names a checkpoint whose name is taken (``STARTING_VERSION = 1``,
+    ``"-v1"``; nux53: a second run overwrote the first's report; ux55a: a figure whose report was
+    gone was overwritten)."""
+    if not taken_names(out):
         return ""
     k = 1
-    while taken(f"-v{k}"):
+    while taken_names(out, f"-v{k}"):
         k += 1
     return f"-v{k}"
 

@@ -119,8 +119,16 @@ def one_thread():
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """The ``real_figure`` marker; and the ``-q`` of pyproject's ``addopts`` as a default. It is
+    there so that a plain ``pytest`` prints dots and the count line ("43 passed in 21.3s") without
+    the session header and xdist's worker lines; a user's own ``-q`` stacked on it to ``-qq``, which
+    drops the count line (nux54). So a user's ``-q`` asks for that same verbosity, ``-qq`` one step
+    quieter."""
     config.addinivalue_line("markers", "real_figure: the test reads a written figure (PNG): "
                                        "layout_only_figures leaves its savefig alone")
+    default = sum(arg in ("-q", "--quiet") for arg in config.getini("addopts"))
+    if default and config.option.verbose < -default:
+        config.option.verbose += default
 
 
 @pytest.fixture

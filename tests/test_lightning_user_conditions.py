@@ -327,14 +327,39 @@ def test_an_explicit_dirpath_names_every_file_it_overwrites(tmp_path):
         "as they are; leave dirpath unset, or pass a fresh one, to keep both)")
 
 
+def test_the_folder_is_said_where_it_is_the_default_root_dir_nobody_named():
+    """ux55a: the report's folder is said at the start of fit where it is the Trainer's
+    ``default_root_dir`` by default: no logger (Lightning's ``log_dir`` is then that folder), or a
+    logger whose ``save_dir`` is it (``WandbLogger()``'s ``"."``) or that has none (an MLflow database
+    store); not where ``dirpath=``, a checkpoint callback or a logger's own folder names another."""
+    from types import SimpleNamespace
+
+    from mis_lightning._lightning_support import root_dir_note
+
+    def trainer(**kw):
+        return SimpleNamespace(**{"checkpoint_callback": None, "fast_dev_run": False, "default_root_dir": ".",
+                                  "log_dir": None, **kw})
+
+    said = [root_dir_note(trainer(), None), root_dir_note(trainer(log_dir="."), None),
+            root_dir_note(trainer(log_dir=str(Path.cwd())), None)]
+    assert all(f"the Trainer's default_root_dir, {Path.cwd().resolve()} (" in n for n in said)
+    assert [root_dir_note(trainer(log_dir="lightning_logs/version_0"), None), root_dir_note(trainer(), "."),
+            root_dir_note(trainer(checkpoint_callback=object()), None),
+            root_dir_note(trainer(fast_dev_run=1), None)] == [None] * 4
+
+
 def test_a_second_run_in_the_same_folder_keeps_the_first_runs_report(caplog):
     """nux53: with ``logger=False, enable_checkpointing=False`` and no ``dirpath`` the report goes to
     the Trainer's ``default_root_dir`` (the working directory), where a second run overwrote the
     first's ``mis_report.json`` silently. Each fit now writes its files under a name no earlier run
     holds, as ``ModelCheckpoint`` does (``-v1``), and says so; a fit's own runs (mid-training, then
     the end of fit) rewrite its own files. ux54c: an explicit ``dirpath=`` (run 2, the same folder)
-    keeps the fixed names, so ``<dirpath>/mis_report.json`` is this fit's; it overwrites with a warning."""
+    keeps the fixed names, so ``<dirpath>/mis_report.json`` is this fit's; it overwrites with a warning.
+    ux55a: a name is free only where no file of the fit's names has it (a user's figure, or one whose
+    report is gone, was overwritten), and the folder is said once per fit where nothing names it."""
     reports, warned = [], []
+    mine = Path("mis_privacy_utility-v1.png")
+    mine.write_bytes(b"a figure kept from an earlier run whose report was moved")
     for run in range(3):
         cb = MISCallback(["rtn_int4"], loss_fn=mse, every_n_val_epochs=1 if run == 1 else None,
                          dirpath=str(Path.cwd()) if run == 2 else None, **FAST)
@@ -354,11 +379,13 @@ def test_a_second_run_in_the_same_folder_keeps_the_first_runs_report(caplog):
         warned.append([str(w.message) for w in caught if "this fit overwrites" in str(w.message)])
         if run == 0:
             first = cb.report_path.read_text()
+        roots = [r.getMessage() for r in caplog.records if "go to the Trainer's default_root_dir" in r.getMessage()]
+        assert len(roots) == (run < 2) and all(f"default_root_dir, {Path.cwd().resolve()} (" in r for r in roots)
         said = [r.getMessage() for r in caplog.records if "report: " in r.getMessage()]
         assert said and all(str(cb.report_path) in s for s in said)
-        assert all(("mis_report.json there is an earlier run's, kept" in s) == (run == 1) for s in said)
+        assert all(("(mis_privacy_utility.png, mis_report.json already there, kept)" in s) == (run == 1) for s in said)
         assert all(("an earlier run's, overwritten: dirpath= given" in s) == (run == 2) for s in said)
-    assert [p.name for p in reports] == ["mis_report.json", "mis_report-v1.json", "mis_report.json"]
+    assert [p.name for p in reports] == ["mis_report.json", "mis_report-v2.json", "mis_report.json"]
     assert all(p.parent.resolve() == Path.cwd().resolve() for p in reports)  # Lightning's default_root_dir
     assert warned[:2] == [[], []] and len(warned[2]) == 1  # once per fit, at its first write
     # rv54c: the warning names every file the fit overwrites, and the fit overwrites nothing else
@@ -370,10 +397,11 @@ def test_a_second_run_in_the_same_folder_keeps_the_first_runs_report(caplog):
     Path("notes.txt").unlink()
     Path("mis_report_epoch=0-step=3.json").unlink()
     assert {p.name for p in Path.cwd().glob("mis_privacy_utility*.png")} == {
-        "mis_privacy_utility.png", "mis_privacy_utility-v1.png"}
+        "mis_privacy_utility.png", "mis_privacy_utility-v1.png", "mis_privacy_utility-v2.png"}
+    assert mine.read_bytes() == b"a figure kept from an earlier run whose report was moved"
     # run 1's mid-training copies carry its suffix; run 2 (end of fit only) wrote none
     assert sorted(p.name for p in Path.cwd().glob("mis_report_epoch=*")) == [
-        "mis_report_epoch=0-step=3-v1.json", "mis_report_epoch=1-step=6-v1.json"]
+        "mis_report_epoch=0-step=3-v2.json", "mis_report_epoch=1-step=6-v2.json"]
     assert json.loads(reports[2].read_text())["lightning"]["stage"] == "fit_end"
     assert reports[0].read_text() != first  # run 2 rewrote it (timings differ at least)
     assert json.loads(reports[1].read_text())["lightning"]["epoch"] == 1  # run 1's last run, in its own file
