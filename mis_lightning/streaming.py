@@ -47,6 +47,7 @@ from .estimation.output_reads import (
     read_later,
     shift_outputs,
     sort_outputs,
+    tensor_record_shape,
     with_shapes,
 )
 from .estimation.per_sample import (
@@ -364,7 +365,15 @@ class _HookProgram(LossProgram):
         with torch.no_grad():
             _, out = self._through_output(self.params, first, any_output=True)
         if isinstance(out, Tensor):
-            return tuple(out.shape[1:])
+            def two() -> Tensor | None:  # (rv55: a sequence-first output read its steps as records)
+                if _batch_size(inputs) < 2:
+                    return None
+                with torch.no_grad():
+                    pair = self._through_output(self.params, torch.utils._pytree.tree_map(
+                        lambda t: t[:2] if isinstance(t, Tensor) else t, inputs), any_output=True)[1]
+                return pair if isinstance(pair, Tensor) else None
+
+            return tensor_record_shape(out, two, f"the model's output inside {HOOK_NAME}")
         if self._hook_layout is None:
             b = _batch_size(inputs)
             head = torch.utils._pytree.tree_map(

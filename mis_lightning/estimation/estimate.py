@@ -1445,7 +1445,7 @@ class MomentAccumulator:
         ``rank(L_i)`` is at most 1, counted as 1, and no key is hashed)."""
         if self._one_output is None:
             try:
-                self._one_output = output_numel(self.program.output_shape(slice_tree(inputs, 0, 1))) == 1
+                self._one_output = output_numel(self.program.output_shape(slice_tree(inputs, 0, 2))) == 1
             except Exception:  # (the sample's measure says why no L_i is formed)
                 self._one_output = False
         if not self._one_output:
