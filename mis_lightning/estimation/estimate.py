@@ -77,7 +77,7 @@ from .linear_factors import (
     per_layer_parameters,
     standardised_influence,
 )
-from .loss_directions import LossDirectionSample, merge_counts
+from .loss_directions import Held, LossDirectionSample, merge_counts
 from .output_reads import OutputShape, OutputTree, flat_outputs, output_numel
 from .per_sample import (
     RECURRENT_LAYERS,
@@ -1456,6 +1456,12 @@ class MomentAccumulator:
         """This process's sample of ``rank(L_i)`` (:meth:`LossDirectionSample.counts`; a model
         with one output per record: a fixed count of 1), for :func:`merge_counts` over processes."""
         return ([], [], [], (1.0, "measured")) if self._one_output else self._loss_rank.counts()
+
+    def loss_direction_part(self) -> Held:
+        """This process's sample unmeasured, rows on the CPU (:meth:`LossDirectionSample.held`; a
+        model with one output per record: a fixed count of 1), gathered at a DDP sync for
+        :func:`~.loss_directions.world_sample`, which every process measures alike."""
+        return ((1.0, "measured"), []) if self._one_output else self._loss_rank.held()
 
     def loss_directions(self) -> tuple[float, str, int] | None:
         """``(r, how, records)``: the mean ``rank(L_i)`` the diagonal leverage is spread over, how

@@ -115,6 +115,26 @@ def tensor_record_shape(one: Tensor, two: Callable[[], Tensor | None], what: str
                      "0 as the records; return the output batch-first (out.transpose(0, 1), batch_first=True)")
 
 
+def union_layout(layouts: list[OutputShape | None]) -> OutputShape | None:
+    """One layout for the records of several processes' layouts (``None``: a process that sorted
+    none): a pytree output's leaves kept (and differentiated) where any process keeps them, as
+    the one process reading all of their records keeps every leaf a record's loss read
+    (:func:`read_later`); the first known layout where they are not trees of one structure."""
+    known = [lay for lay in layouts if lay is not None]
+    if not known:
+        return None
+    trees = [lay for lay in known if isinstance(lay, OutputTree)]
+    first = known[0]
+    if not isinstance(first, OutputTree) or len(trees) != len(known) \
+            or any(t.spec != first.spec or len(t.kept) != len(first.kept) for t in trees):
+        return first
+    kept = tuple(any(t.kept[i] for t in trees) for i in range(len(first.kept)))
+    return dataclasses.replace(
+        first, kept=kept, live=tuple(any(t.live[i] for t in trees) for i in range(len(kept))),
+        fills=tuple(None if k else first.fills[i] for i, k in enumerate(kept)),
+        late=tuple(dict.fromkeys(name for t in trees for name in t.late)))
+
+
 def output_numel(shape: OutputShape | None) -> int:
     """Outputs per record (``C``) of an :meth:`LossProgram.output_shape`: the kept leaves' entries."""
     if isinstance(shape, OutputTree):

@@ -1485,6 +1485,25 @@ class LossProgram:
                              "Gauss-Newton factors need floating tensors with the batch in dim 0")
         return with_shapes(layout, out)  # these inputs' shapes (a sequence padded per batch)
 
+    LAYOUT_ATTR = "output_layout"  # the attribute holding the output's layout the per-record reads use
+
+    def record_layout(self) -> OutputShape | None:
+        """The output's per-record layout the reads use (:attr:`output_layout`; ``None`` before a batch)."""
+        return getattr(self, self.LAYOUT_ATTR)
+
+    @contextmanager
+    def layout_as(self, layout: OutputShape | None) -> Iterator[None]:
+        """:meth:`record_layout` set to ``layout`` inside the block (a DDP world's measurement on the
+        union of the processes' layouts, :func:`~.output_reads.union_layout`), restored after;
+        ``None``: unchanged."""
+        held = self.record_layout()
+        if layout is not None:
+            setattr(self, self.LAYOUT_ATTR, layout)
+        try:
+            yield
+        finally:
+            setattr(self, self.LAYOUT_ATTR, held)
+
     def _two_records_output(self, inputs: Any) -> Tensor | None:
         """The model's output on the first two records of ``inputs`` (``None`` where it holds one,
         or the output is not a tensor): :func:`~.output_reads.tensor_record_shape` reads it."""
