@@ -3696,6 +3696,13 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
         hessian_condition=(hi / lo) if lo > 0 else math.inf,
         **sign, negative_eigenvalues_flipped=flipped, eigenvalues_floored=floored,
     )
+    if decay is not None and bool((decay > 0).any()):
+        # the decay along H's lowest direction u (u' diag(decay) u, H's units: the records' curvature
+        # there is lo minus it) and u's share in the decayed weights: a lowest eigenvalue <= 0 along
+        # weights left undecayed (biases) is the records' own, no decay cancelled (rv55)
+        u2 = evecs[:, 0].square()
+        diagnostics.update(hessian_min_direction_decay=float((u2 * decay.to(u2)).sum()),
+                           hessian_min_direction_decayed=float(u2[decay.to(u2.device) > 0].sum()))
     Hinv = (evecs * inv) @ evecs.T
     if records is not None and newton_gradient is not None:
         records["newton_step"] = Hinv @ newton_gradient.to(Hinv)
