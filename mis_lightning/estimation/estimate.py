@@ -236,8 +236,9 @@ POWER_SUM_ROWS = 32
 # the grouping), within MERGE_FLOATS floats of per-record layer taps held for the batch
 MERGE_MAX_RECORDS = 512
 MERGE_FLOATS = 1 << 24
-# The factored nn.Linear program of a small model (its per-record taps, and its batch's per-record
-# floats, each x MERGE_SMALL_RECORDS within MERGE_SMALL_FLOATS: 16 MiB of float32) takes up to MERGE_SMALL_RECORDS records per update: its
+# The factored nn.Linear program of a small model (what an update holds per record -- the batch, the
+# forward's saved activations, every layer's including those not assessed, and the taps -- x
+# MERGE_SMALL_RECORDS within MERGE_SMALL_FLOATS float32's bytes: 32 MiB) takes up to MERGE_SMALL_RECORDS records per update: its
 # per-update costs (the forward's and backward's operators, the loss derivatives' vmap, the record
 # keys' and the K-FAC sample's steps, the sums' setup) were a large share of its pass (p54b: the
 # 1e5-weight MLP's 4,096 records in 3 updates instead of 9). Not bitwise: each float32 GEMM of the
@@ -246,7 +247,7 @@ MERGE_FLOATS = 1 << 24
 # "p54b"). False: MERGE_MAX_RECORDS everywhere, as before (A/B).
 SMALL_MODEL_MERGES = True
 MERGE_SMALL_RECORDS = 2048
-MERGE_SMALL_FLOATS = 1 << 22
+MERGE_SMALL_FLOATS = 1 << 23
 DEFAULT_BUDGET = 1 << 25  # floats held at once by per-sample buffers (~128 MiB in float32)
 # Above this many weights (where the sums are accumulated in float32 anyway) and without stored
 # influences, the estimate's per-weight state (theta, sigma, the gradient means and variances)
@@ -1410,7 +1411,8 @@ class MomentAccumulator:
             else:
                 self._settle_ggn()
                 if not self.records_per_update:
-                    self.records_per_update = _records_per_update(fac, b, (inputs, targets))
+                    self.records_per_update = _records_per_update(fac, b, (inputs, targets),
+                                                                  getattr(self.factored, "saved_bytes", None))
                 self._update_factored(st, fac, inputs, targets, b, keys, kron_rows, back)
                 if n_void:
                     _add_void(st, n_void)
@@ -4336,22 +4338,28 @@ def estimate(
     return est
 
 
-def _records_per_update(fac: Any, b: int, batch: Any = None) -> int:
+def _records_per_update(fac: Any, b: int, batch: Any = None, saved: float | None = None) -> int:
     """Records per merged batch of a fast program (:data:`MERGE_MAX_RECORDS`, fewer when its
     per-record taps, measured on a batch of ``b``, would exceed :data:`MERGE_FLOATS`; the factored
     Linear program of a small model :data:`MERGE_SMALL_RECORDS`, :data:`SMALL_MODEL_MERGES`); at least 1.
-    ``batch``: the batch's ``(inputs, targets)``, whose per-record floats x MERGE_SMALL_RECORDS must
-    fit :data:`MERGE_SMALL_FLOATS` too (the merged batch is held, concatenated and cast: a wide
-    input feeding layers not assessed is not a small model's, rv54b)."""
+    The small model's test bounds all an update holds per record, in bytes (float32 floats x 4): the
+    batch's ``(inputs, targets)`` (``batch``; the merged batch is held, concatenated and cast: rv54b),
+    the forward's ``saved`` bytes per record (``FactoredProgram.saved_bytes``: the activations of
+    every layer, those not assessed included; rv55: a frozen 8,192-wide layer before a 16-input assessed
+    head held 2048 x 16k floats, +256 MB against +32 MB at 512 records) and the taps, together within
+    :data:`MERGE_SMALL_FLOATS` x 4 bytes x :data:`MERGE_SMALL_RECORDS` (``saved`` ``None``: not
+    measured, no small merges)."""
     cap = MERGE_MAX_RECORDS
     if isinstance(fac, tuple) and isinstance(fac[0], _BatchTaps):  # the per-layer program's taps
         floats = fac[0].numel()
     else:  # the factored Linear path: per-record layer inputs and output gradients [B, width]
-        floats = sum(t.numel() for t in torch.utils._pytree.tree_leaves(fac)
-                     if isinstance(t, Tensor) and t.dim() >= 2 and t.shape[0] == b)
-        held = sum(t.numel() for t in torch.utils._pytree.tree_leaves(batch)
-                   if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == b)
-        if SMALL_MODEL_MERGES and max(floats, held) / max(b, 1) * MERGE_SMALL_RECORDS <= MERGE_SMALL_FLOATS:
+        taps = [t for t in torch.utils._pytree.tree_leaves(fac) if isinstance(t, Tensor) and t.dim() >= 2 and t.shape[0] == b]
+        floats = sum(t.numel() for t in taps)
+        held = sum(t.numel() * t.element_size() for t in taps) + sum(
+            t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(batch)
+            if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == b)
+        if SMALL_MODEL_MERGES and saved is not None \
+                and (held / max(b, 1) + saved) * MERGE_SMALL_RECORDS <= 4 * MERGE_SMALL_FLOATS:
             cap = max(cap, MERGE_SMALL_RECORDS)
     return max(1, min(cap, int(MERGE_FLOATS // max(floats / max(b, 1), 1.0))))
 
