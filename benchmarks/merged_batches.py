@@ -51,7 +51,7 @@ def main() -> None:
     try:
         for _ in range(args.rounds):
             for merge in (False, True):
-                E._records_per_update = orig if merge else (lambda fac, b, batch=None: 1)
+                E._records_per_update = orig if merge else (lambda fac, b, *_: 1)
                 _, wall, cpu = BL.timed(run_estimation, model, plain, ce, EstimationConfig())
                 res.setdefault("merged" if merge else "unmerged", []).append((round(wall, 2), round(cpu, 2)))
     finally:

@@ -488,6 +488,11 @@ def _covariance_cause(diagnostics: Mapping[str, Any]) -> str:
             "undetermined there")
 
 
+# the share of H's lowest direction in decayed weights below which the condition-inf cause says the
+# direction lies in weights left undecayed (the records' own curvature, not a cancelled decay)
+DECAY_REACH_MIN = 0.5
+
+
 def _decay_cancelled_cause(diagnostics: Mapping[str, Any], decay: float, lo: float, hi: float) -> str:
     """:func:`_covariance_cause` where weight decay ``decay`` was passed and H's lowest eigenvalue
     ``lo`` still reads ``<= 0`` (``hessian_condition`` inf) with no exact flat direction found: not
@@ -495,15 +500,33 @@ def _decay_cancelled_cause(diagnostics: Mapping[str, Any], decay: float, lo: flo
     symmetry found" with weight decay 1e-3 passed), but the records' curvature cancelling the
     decay's along some direction. Names the likely causes, the parameters the directions the decay
     alone holds carry the Newton step in (``offset_held_parameters``, :func:`_not_at_minimum_detail`)
-    and the cures."""
+    and the cures. Where the lowest direction lies mostly (share of its squared entries above
+    ``1 - DECAY_REACH_MIN``, ``hessian_min_direction_decayed``) in weights left undecayed (a
+    per-parameter decay with biases at 0), the records' own curvature is said instead (rv55)."""
     shares = diagnostics.get("offset_held_parameters") or {}
     where = (" (here the directions the decay alone holds carry the Newton step in "
              + ", ".join(f"{nm} ({100 * v:.0f}%)" for nm, v in list(shares.items())[:4]) + ")") if shares else ""
-    decays = list((diagnostics.get("weight_decay_per_parameter") or {}).values())
+    per = diagnostics.get("weight_decay_per_parameter") or {}
+    decays = list(per.values())
     uniform = not decays or min(decays) == max(decays)
-    # the records' curvature along H's lowest direction is lo - decay only for one decay on every weight and
-    # lo in parameter units (rv54b: under the Jacobi scaling lo is D H D's; a per-parameter decay spans a range)
-    figure = (f" (it reads {lo - decay:.3g} or below there)"
+    reach, along = diagnostics.get("hessian_min_direction_decayed"), diagnostics.get("hessian_min_direction_decay")
+    if reach is not None and float(reach) < DECAY_REACH_MIN:
+        # rv55: the lowest direction lies in weights left undecayed (biases): the records' own curvature is
+        # <= 0 there, no decay was cancelled, and the decay passed is not the cure
+        bare = [nm for nm, v in per.items() if not v]
+        names = ", ".join(bare[:4]) + (f" and {len(bare) - 4} more" if len(bare) > 4 else "")
+        return (f"the Hessian's lowest eigenvalue reads {lo:.3g} ({lo / abs(hi):.2g} of the largest; condition inf) "
+                f"along a direction that lies {100 * (1 - float(reach)):.0f}% in weights the weight decay passed leaves "
+                f"undecayed ({names or 'those at 0'}): the records' own curvature is 0 or below there and no exact flat "
+                "direction (symmetry) was found; likely: a near-symmetry among those weights (two biases that shift "
+                "one output together, a bias beside a normalisation layer) or near-collinear features the records "
+                "barely determine; the weights' covariance is undetermined along it; to cure: if those weights were "
+                "trained with weight decay, declare it (weight_decay={name: coefficient}), or remove the "
+                "near-symmetry (one bias per output, bias=False beside a normalisation layer)")
+    # the records' curvature along H's lowest direction u: lo - u' diag(decay) u (H's units, measured where
+    # the estimator gave it); else lo - decay for one decay on every weight in parameter units only (rv54b)
+    figure = (f" (it reads {lo - float(along):.3g} there)" if along is not None else
+              f" (it reads {lo - decay:.3g} or below there)"
               if uniform and diagnostics.get("hessian_scaling") != "jacobi" else "")
     held = ("adds its own curvature to every direction" if uniform else
             "(the largest passed) adds its own curvature to the directions of the weights it decays")

@@ -37,7 +37,7 @@ from .estimation import Estimate
 from .estimation.data_buffers import probe_data_buffers
 from .estimation.estimate import LOSS_RANK_RECORDS, MomentAccumulator
 from .estimation.linear_factors import LayerProgram
-from .estimation.loss_directions import merge_counts
+from .estimation.loss_directions import world_sample
 from .estimation.output_reads import (
     PROBE_RECORDS,
     OutputShape,
@@ -47,6 +47,8 @@ from .estimation.output_reads import (
     read_later,
     shift_outputs,
     sort_outputs,
+    tensor_record_shape,
+    union_layout,
     with_shapes,
 )
 from .estimation.per_sample import (
@@ -128,6 +130,7 @@ class _HookProgram(LossProgram):
     """
 
     calls_forward = False  # the hook calls the model (or its layers) itself
+    LAYOUT_ATTR = "_hook_layout"  # the model's output inside the hook (LossProgram.record_layout)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -364,7 +367,15 @@ class _HookProgram(LossProgram):
         with torch.no_grad():
             _, out = self._through_output(self.params, first, any_output=True)
         if isinstance(out, Tensor):
-            return tuple(out.shape[1:])
+            def two() -> Tensor | None:  # (rv55: a sequence-first output read its steps as records)
+                if _batch_size(inputs) < 2:
+                    return None
+                with torch.no_grad():
+                    pair = self._through_output(self.params, torch.utils._pytree.tree_map(
+                        lambda t: t[:2] if isinstance(t, Tensor) else t, inputs), any_output=True)[1]
+                return pair if isinstance(pair, Tensor) else None
+
+            return tensor_record_shape(out, two, f"the model's output inside {HOOK_NAME}")
         if self._hook_layout is None:
             b = _batch_size(inputs)
             head = torch.utils._pytree.tree_map(
@@ -472,7 +483,8 @@ def first_batch_facts(acc: MomentAccumulator) -> dict[str, Any]:
     return {
         "resolved": not acc._probe_pending and (bool(acc._reused) or acc._forward_floats is not None),
         "choice": (list(acc._reused), acc._forward_floats, acc._choice_outputs),
-        "residual": (acc._residual_skip, acc._residual_info), "loss_directions": acc.loss_direction_counts(),
+        "residual": (acc._residual_skip, acc._residual_info), "loss_directions": acc.loss_direction_part(),
+        "output_layout": acc.program.record_layout(),
         "normalised": None if acc._normalised_probe else acc._normalised,
         "data_buffers": acc._data_buffers, "data_buffers_unchecked": acc._data_buffers_unchecked,
         "late": acc.late_leaves(), "estimator": (acc.mode, acc.hessian, acc.estimator),
@@ -487,8 +499,10 @@ def _align_first_batches(acc: MomentAccumulator, facts: list[dict[str, Any]]) ->
     shard decides them.
 
     * the loss directions per record: the bottom-k records by content key over every process's sample
-      (:func:`~.estimation.loss_directions.merge_counts`; ux53: each process's own first batch read
-      1.81 vs 1.94 directions, rank 1's ``rtn_int4`` leakage 1% off rank 0's);
+      (:func:`~.estimation.loss_directions.world_sample`; ux53: each process's own first batch read
+      1.81 vs 1.94 directions, rank 1's ``rtn_int4`` leakage 1% off rank 0's), measured here by every
+      process alike (the same records and forwards on each: a forward holding a collective meets its
+      peers);
     * an output leaf any process put back (``output_reads.read_later``) is named by all;
     * a forward random in train mode on any process's probe is said by all (``random_in_train_mode``);
     * the buffers a forward sets from the records: those any process's probe found (a process whose
@@ -511,7 +525,13 @@ def _align_first_batches(acc: MomentAccumulator, facts: list[dict[str, Any]]) ->
             + "; ".join(f"process {i}: {c[2]}" for i, c in enumerate(chosen))
             + "): their sums cannot be combined into one estimate. Pass the estimator explicitly "
             f"(estimation={chosen[0][0]!r}, hessian={chosen[0][1]!r}) so that every process uses it")
-    acc.directions_synced = merge_counts([f["loss_directions"] for f in facts], LOSS_RANK_RECORDS)
+    # measured here, after the gather, on the world's sample: every process (one without records too)
+    # runs the same forwards (rv55: each measured its own before the gather, a different number)
+    # in the union of the processes' output layouts (a leaf one process put back read by all; a process
+    # without records has none of its own)
+    with acc.program.layout_as(union_layout([f["output_layout"] for f in facts])):
+        acc.directions_synced = world_sample([f["loss_directions"] for f in facts], acc._loss_ranks,
+                                             LOSS_RANK_RECORDS, acc.program.device).value()
     acc.late_elsewhere = tuple(sorted({leaf for f in facts for leaf in f.get("late", ())}))
     if any(f["train_random"] for f in facts):
         acc._train_random = True

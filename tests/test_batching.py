@@ -89,11 +89,11 @@ def test_merged_estimation_equals_the_unmerged_pass(kind, monkeypatch):
             yield batch, rows
 
     monkeypatch.setattr(E, "merge_batches", counted)
-    monkeypatch.setattr(E, "_records_per_update", lambda fac, b, batch=None: 1)
+    monkeypatch.setattr(E, "_records_per_update", lambda fac, b, *_: 1)
     plain = estimate(model, loader, _ce, **kw)
     assert calls == [8] * 12, calls  # unmerged: one update per loader batch
     calls.clear()
-    monkeypatch.setattr(E, "_records_per_update", lambda fac, b, batch=None: 40)
+    monkeypatch.setattr(E, "_records_per_update", lambda fac, b, *_: 40)
     again = estimate(model, loader, _ce, **kw)
     assert calls == [8, 40, 40, 8], calls  # the first batch sizes the merge, then up to 40 records
     assert merged.n == plain.n == again.n == 96
@@ -165,11 +165,19 @@ def test_a_small_factored_model_merges_more_records_within_the_float32_bound(mon
 
 
 def test_small_merges_count_the_batch_floats_not_the_taps_only():
-    """SMALL_MODEL_MERGES is for a small model: a factored program whose assessed taps are narrow
-    but whose batch is wide (a frozen first layer reading 20,000 features: 2048 x 20,001 floats of
-    merged batch, held, concatenated and cast) keeps MERGE_MAX_RECORDS (rv54b: it took 2048, the
-    estimation's peak RSS 3.2x); the 1e5 MLP's geometry (256 -> 256 -> 128 -> 1: 1,795 tap
-    floats a record, 257 of batch) still merges MERGE_SMALL_RECORDS."""
+    """SMALL_MODEL_MERGES is for a small model: what an update holds per record, the batch, the
+    forward's saved activations and the taps, x MERGE_SMALL_RECORDS within MERGE_SMALL_FLOATS float32's
+    bytes. A factored program whose assessed taps are narrow but whose batch is wide (a frozen first
+    layer reading 20,000 features: 2048 x 20,001 floats of merged batch, held, concatenated and cast)
+    keeps MERGE_MAX_RECORDS (rv54b: it took 2048, the estimation's peak RSS 3.2x); so does one whose
+    frozen layers are wide (rv55: Linear(16, 8192), ReLU, Linear(8192, 16), ReLU frozen before an
+    assessed Linear(16, 1): 19 tap floats and 17 of batch a record, but the forward saves the frozen
+    layers' activations, +256 MB of peak RSS at 2048 records against +32 MB at 512); the 1e5 MLP's
+    geometry (256 -> 256 -> 128 -> 1: 1,795 tap floats a record, its float64 batch, 768 floats saved,
+    as measured) still merges MERGE_SMALL_RECORDS. The forward's saved bytes are measured on the first
+    batch (``FactoredProgram.saved_bytes``): a frozen 1,024-wide layer's activations are in them."""
+    from mis_lightning.estimation.linear_factors import FactoredProgram
+
     b = 8
 
     def taps(*widths):
@@ -177,10 +185,20 @@ def test_small_merges_count_the_batch_floats_not_the_taps_only():
                 for k, (i, o) in enumerate(zip(widths, widths[1:]))}
 
     narrow = (torch.zeros(b, 16), torch.zeros(b))
-    assert E._records_per_update(taps(16, 1), b, narrow) == E.MERGE_SMALL_RECORDS
-    assert E._records_per_update(taps(16, 1), b, (torch.zeros(b, 20000), torch.zeros(b))) == E.MERGE_MAX_RECORDS
-    assert E._records_per_update(taps(256, 256, 128, 1), b, (torch.zeros(b, 256), torch.zeros(b))) \
+    assert E._records_per_update(taps(16, 1), b, narrow, 4 * 16.0) == E.MERGE_SMALL_RECORDS
+    assert E._records_per_update(taps(16, 1), b, narrow, None) == E.MERGE_MAX_RECORDS  # (not measured)
+    assert E._records_per_update(taps(16, 1), b, (torch.zeros(b, 20000), torch.zeros(b)), 4 * 16.0) \
+        == E.MERGE_MAX_RECORDS
+    assert E._records_per_update(taps(16, 1), b, narrow, 4 * (2 * 8192 + 32.0)) == E.MERGE_MAX_RECORDS
+    assert E._records_per_update(taps(256, 256, 128, 1), b, (torch.zeros(b, 256, dtype=torch.float64),
+                                                             torch.zeros(b, dtype=torch.float64)), 4 * 768.0) \
         == E.MERGE_SMALL_RECORDS
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 1024), nn.ReLU(), nn.Linear(1024, 16), nn.ReLU(), nn.Linear(16, 1)).eval()
+    prog = FactoredProgram(model, _mse, ["4.weight", "4.bias"], torch.float32)
+    prog.batch(torch.randn(b, 16), torch.randn(b), b)
+    assert prog.saved_bytes is not None and prog.saved_bytes >= 4 * 1024, prog.saved_bytes
+    prog.close()
 
 
 @pytest.mark.parametrize("shuffle, drop_last", [(False, False), (True, True)])

@@ -449,7 +449,10 @@ class _Shards(nn.Module):
         self.a, self.b = nn.Linear(6, 3), nn.Linear(6, 1)
         self.double()
 
+    forwards = 0  # every instance's forwards, the private copies' included (rv55: per rank in the sync)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        _Shards.forwards += 1
         if self.training:
             with torch.no_grad():
                 self.ema.lerp_(x.mean(0), 0.1)
@@ -466,7 +469,8 @@ def first_batches_workload(rank: int | None) -> list:
     """``_Shards`` on 60 records: rank 0 reads records 0-39 (no second label: 2 loss directions each)
     in batches of 20, rank 1 records 40-59 (labelled: 3 each) one record per batch (no batch of 2 to
     split: its buffer probe cannot run); ``rank=None``: all 60 shuffled, one batch. ``[leakage of
-    rtn_int4, n, loss directions, data_dependent_buffers, fitted_buffers (names)]``."""
+    rtn_int4, n, loss directions, data_dependent_buffers, fitted_buffers (names), the model's
+    forwards in compute() (the sync's and the finalisation's)]``."""
     g = torch.Generator().manual_seed(5)
     X = torch.randn(60, 5, generator=g, dtype=torch.float64)
     t = torch.stack([X[:, :3].argmax(1).double(), 0.7 * X[:, 3], (torch.arange(60) >= 40).double()], 1)
@@ -477,10 +481,11 @@ def first_batches_workload(rank: int | None) -> list:
                        weight_decay=1e-3, num_training_records=60)
     for a in range(0, 60 if rank is None else len(idx), bs):
         met.update(X[idx[a:a + bs]], t[idx[a:a + bs]])
+    before = _Shards.forwards
     out = met.compute()
     dg = met.report.diagnostics
     return [float(out["rtn_int4"]["leakage"]), met.report.n, dg["leverage_directions"],
-            dg.get("data_dependent_buffers"), sorted(dg.get("fitted_buffers", {}))]
+            dg.get("data_dependent_buffers"), sorted(dg.get("fitted_buffers", {})), _Shards.forwards - before]
 
 
 def test_the_ranks_reduce_their_first_batch_decisions(world):
@@ -493,11 +498,14 @@ def test_the_ranks_reduce_their_first_batch_decisions(world):
     standardiser fitted on all 60 inputs (no shard's own statistics match it: before, named by
     neither rank). Leakage to 1e-9 (float64 sums in another order)."""
     single = first_batches_workload(None)
-    assert single[1:] == [60, pytest.approx(2 + 20 / 60, rel=1e-12), ["ema"], ["mean", "std"]]
-    for k in range(2):
-        r = json.loads((world.path / "metric" / f"shards_rank{k}.json").read_text())
-        assert r[1:] == single[1:], k
+    assert single[1:5] == [60, pytest.approx(2 + 20 / 60, rel=1e-12), ["ema"], ["mean", "std"]]
+    ranks = [json.loads((world.path / "metric" / f"shards_rank{k}.json").read_text()) for k in range(2)]
+    for k, r in enumerate(ranks):
+        assert r[1:5] == single[1:5], k
         assert r[0] == pytest.approx(single[0], rel=1e-9), k
+    # rv55: each rank measured its own sample's loss directions inside the sync, 4 forwards on rank 0
+    # and 3 on rank 1: a forward holding a collective would hang. Now the world's sample, on each
+    assert ranks[0][5] == ranks[1][5], [r[5] for r in ranks]
 
 
 def test_ranks_whose_first_batches_chose_different_estimators_are_refused():
@@ -521,6 +529,34 @@ def test_ranks_whose_first_batches_chose_different_estimators_are_refused():
         _align_first_batches(mets[0].accumulator, facts[:2])
     _align_first_batches(mets[0].accumulator, [facts[0], facts[2]])
     assert mets[0].accumulator.directions_synced is None  # (the exact estimator counts no directions)
+
+
+def test_every_rank_measures_the_worlds_loss_directions_alike():
+    """The loss directions' sample is measured after the sync's gather, on the world's sample, by every
+    rank alike (``loss_directions.world_sample``): the same forwards on each, none before the gather
+    (rv55: each rank measured its own inside ``first_batch_facts``, 4 forwards on rank 0 and 3 on rank
+    1 of ``first_batches_workload``'s split), and a rank without records, whose program never sorted
+    the dict output's layout, measures in the ranks' layout and reads their count. Without a world:
+    the ranks' facts as gathered, ``_align_first_batches`` as each rank runs it."""
+    from mis_lightning.streaming import _align_first_batches, first_batch_facts
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(60, 5, generator=g, dtype=torch.float64)
+    t = torch.stack([X[:, :3].argmax(1).double(), 0.7 * X[:, 3], (torch.arange(60) >= 40).double()], 1)
+    mets = [MISIndicator(_Shards(X).eval(), _shards_loss, ["rtn_int4"], estimation="diagonal", hessian="ggn",
+                         uncertainty_draws=0, weight_decay=1e-3, num_training_records=60) for _ in range(3)]
+    mets[0].update(X[:40], t[:40])
+    for a in range(40, 60, 10):
+        mets[1].update(X[a:a + 10], t[a:a + 10])
+    before = _Shards.forwards
+    facts = [first_batch_facts(m.accumulator) for m in mets[:2]]  # (mets[2] saw no record)
+    assert _Shards.forwards == before
+    runs = []
+    for m in mets:
+        before = _Shards.forwards
+        _align_first_batches(m.accumulator, facts)
+        runs.append((_Shards.forwards - before, m.accumulator.directions_synced))
+    assert runs == [(runs[0][0], (pytest.approx(2 + 20 / 60, rel=1e-12), "measured", 60))] * 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (a process's statistics on its device)")

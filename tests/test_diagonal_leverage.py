@@ -342,3 +342,39 @@ def test_the_loss_directions_after_a_reset_are_the_new_passs():
         acc = met.accumulator
         assert acc.loss_directions() == (want, "measured", 6)
         assert sorted(acc._input_stats.matches(model)) == ["mean", "std"]
+
+
+def test_a_squeezed_output_is_read_per_record():
+    """A forward ending in ``.squeeze()`` gives ``[B, 3]`` for a batch but ``[3]`` for one record:
+    the output's shape read on one record was ``()``, one output per record, so a 3-class softmax
+    head counted 1 loss direction, not 2 (rv55: its leakage +12% against the same model with
+    ``.squeeze(-1)``). Its per-record shape is now told on two records (a squeeze: each record of
+    the one-record shape); an output whose dim 0 is not the records (sequence-first) is refused."""
+    from mis_lightning.estimation.estimate import MomentAccumulator
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    y = x[:, :3].argmax(1)
+
+    class Squeezed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(2)
+            self.lin = nn.Linear(4, 3).double()
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return self.lin(z).unsqueeze(-1).squeeze()
+
+    def ce(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(o.reshape(-1, 3), t, reduction="none")
+
+    acc = MomentAccumulator(Squeezed().eval(), ce, mode="diagonal", hessian="ggn", weight_decay=1e-3)
+    acc.update((x, y))
+    assert acc.program.output_shape(x) == (3,)
+    assert acc.loss_directions() == (2.0, "measured", 12)
+    from mis_lightning.estimation.output_reads import tensor_record_shape
+
+    one, two = torch.zeros(4, 1, 3), torch.zeros(4, 2, 3)  # a [T, B, C] output: refused, whatever T
+    with pytest.raises(ValueError, match=r"\(4, 1, 3\) for one record, \(4, 2, 3\) for two: its dim 0 does not"):
+        tensor_record_shape(one, lambda: two, "the model's output")
+    assert tensor_record_shape(torch.zeros(()), lambda: None, "") == ()  # [B, 1] squeezed, one record

@@ -276,10 +276,17 @@ def test_the_hook_checks_refuse_no_per_record_hook():
     torch.manual_seed(0)
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     for model, batch in ((_WeightedHook(), {"x": x, "y": y, "w": torch.ones(16)}),
-                         (_SeqFirstHook(), (torch.randn(16, 4, 4), y))):
+                         (_SeqFirstHook(), (torch.randn(16, 4, 4), y)), (_SeqFirstHook(), (torch.randn(4, 4, 4), y[:4]))):
         model.eval()
         loss_fn, batch_fn, cls = hook_program(model)
-        cls(model, loss_fn, [n for n, _ in model.named_parameters()], batch_fn).prepare(batch)
+        prog = cls(model, loss_fn, [n for n, _ in model.named_parameters()], batch_fn)
+        inputs = prog.prepare(batch)[0]
+        if isinstance(model, _SeqFirstHook):
+            # rv55: the leverages read the output's dim 0 as the records: the T steps of one record,
+            # (4, 1, 3), were read as 1 record of (1, 3) (T = B = 4 too); refused, naming the layout
+            with pytest.raises(ValueError, match=r"inside mis_per_sample_loss is \(4, 1, 3\) for one record.*"
+                                                 r"sequence-first"):
+                prog.output_shape(inputs)
 
 
 def test_gradient_neutral_batch_shift_passes_the_record_gradient_check_in_16_bit(monkeypatch):

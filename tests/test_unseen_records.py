@@ -3,6 +3,7 @@ trained in train mode (nux50 #3): method.md section 6, "Distance to the minimum"
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -296,6 +297,31 @@ def test_condition_inf_with_weight_decay_names_the_cancelled_decay_and_the_cures
         "the weights it decays" in text, text
     bare = _covariance_cause({**diag, "weight_decay": 0.0})
     assert "though no exact flat direction (symmetry) was found" in bare and "declare it (weight_decay" in bare
+    # rv55: the lowest direction's decay, measured (estimate._sandwich_scaled). H = H_data + diag(decay), two
+    # decayed weights and two biases left undecayed that shift one output together (the records curve b1 - b2
+    # by -1e-15): no decay was cancelled there, and the decay passed is not the cure; where the same pair is
+    # decayed, the records' curvature along it is lo minus the decay's (exact, in H's units)
+    from mis_lightning.estimation.estimate import sandwich_compute
+
+    g = torch.randn(50, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    names = ("fc.weight", "fc.bias", "out.bias")
+    for d, per in (([1e-3, 1e-3, 0.0, 0.0], (1e-3, 0.0, 0.0)), ([0.0, 0.0, 1e-3, 1e-3], (0.0, 1e-3, 1e-3))):
+        dv = torch.tensor(d, dtype=torch.float64)
+        c = 1.0 + float(dv[2]) + 1e-15  # the records' curvature along b1 - b2: 1 - c
+        pair = torch.tensor([[2.0, 0.3, 0, 0], [0.3, 1.0, 0, 0], [0, 0, 1.0, c], [0, 0, c, 1.0]], dtype=torch.float64)
+        got: dict = {}
+        sandwich_compute(g.T @ g / 50, pair + torch.diag(dv), g.mean(0), g[:4], 50, 1e-8, got,
+                         flat=torch.zeros(4, 0, dtype=torch.float64), newton_gradient=g.mean(0), decay=dv)
+        assert got["flat_directions"] == 0 and got["negative_eigenvalues_flipped"] == 0 and got["hessian_min_eigenvalue"] <= 0
+        text = _covariance_cause({**got, "weight_decay": 1e-3, "weight_decay_per_parameter": dict(zip(names, per))})
+        if d[0]:
+            assert got["hessian_min_direction_decayed"] == pytest.approx(0.0, abs=1e-12), got
+            assert "along a direction that lies 100% in weights the weight decay passed leaves undecayed (fc.bias, " \
+                "out.bias): the records' own curvature is 0 or below there" in text and "cancels" not in text, text
+            assert "declare it (weight_decay={name: coefficient})" in text, text
+        else:
+            assert got["hessian_min_direction_decay"] == pytest.approx(1e-3, rel=1e-9), got
+            assert f"cancels the decay's (it reads {got['hessian_min_eigenvalue'] - 1e-3:.3g} there)" in text, text
 
 
 def test_not_at_minimum_suspects_leave_out_layers_the_training_ran_in_eval_mode():

@@ -77,7 +77,7 @@ from .linear_factors import (
     per_layer_parameters,
     standardised_influence,
 )
-from .loss_directions import LossDirectionSample, merge_counts
+from .loss_directions import Held, LossDirectionSample, merge_counts
 from .output_reads import OutputShape, OutputTree, flat_outputs, output_numel
 from .per_sample import (
     RECURRENT_LAYERS,
@@ -236,17 +236,21 @@ POWER_SUM_ROWS = 32
 # the grouping), within MERGE_FLOATS floats of per-record layer taps held for the batch
 MERGE_MAX_RECORDS = 512
 MERGE_FLOATS = 1 << 24
-# The factored nn.Linear program of a small model (its per-record taps, and its batch's per-record
-# floats, each x MERGE_SMALL_RECORDS within MERGE_SMALL_FLOATS: 16 MiB of float32) takes up to MERGE_SMALL_RECORDS records per update: its
+# The factored nn.Linear program of a small model (what an update holds per record -- the batch, the
+# forward's saved activations, every layer's including those not assessed, and the taps -- x
+# MERGE_SMALL_RECORDS within MERGE_SMALL_FLOATS float32's bytes: 32 MiB) takes up to MERGE_SMALL_RECORDS records per update: its
 # per-update costs (the forward's and backward's operators, the loss derivatives' vmap, the record
 # keys' and the K-FAC sample's steps, the sums' setup) were a large share of its pass (p54b: the
 # 1e5-weight MLP's 4,096 records in 3 updates instead of 9). Not bitwise: each float32 GEMM of the
 # gradient and K-FAC sums adds 4x the records before its float64 accumulation (at 1e5 weights the
 # leakages and MIS moved <= 1.6e-8 relative, the K-FAC VIF diagnostics <= 7e-5: docs/benchmarks.md
-# "p54b"). False: MERGE_MAX_RECORDS everywhere, as before (A/B).
+# "p54b"; a measurement, not a bound: on a 16-128-128-1 ReLU MLP, 18,817 weights, sigma moved <= 8.9e-6
+# (the float32 worst case, 2048 u = 1.2e-4, is what tests/test_batching.py pins), the schemes' leakage
+# <= 7.1e-6 and a layer's <= 3.4e-5, far under the report's 3-4 printed digits: "rv55"). Weights in
+# float64 (<= FAST_FLOAT64_MAX_PARAMS) move <= 2e-10. False: MERGE_MAX_RECORDS everywhere, as before (A/B).
 SMALL_MODEL_MERGES = True
 MERGE_SMALL_RECORDS = 2048
-MERGE_SMALL_FLOATS = 1 << 22
+MERGE_SMALL_FLOATS = 1 << 23
 DEFAULT_BUDGET = 1 << 25  # floats held at once by per-sample buffers (~128 MiB in float32)
 # Above this many weights (where the sums are accumulated in float32 anyway) and without stored
 # influences, the estimate's per-weight state (theta, sigma, the gradient means and variances)
@@ -1410,7 +1414,8 @@ class MomentAccumulator:
             else:
                 self._settle_ggn()
                 if not self.records_per_update:
-                    self.records_per_update = _records_per_update(fac, b, (inputs, targets))
+                    self.records_per_update = _records_per_update(fac, b, (inputs, targets),
+                                                                  getattr(self.factored, "saved_bytes", None))
                 self._update_factored(st, fac, inputs, targets, b, keys, kron_rows, back)
                 if n_void:
                     _add_void(st, n_void)
@@ -1445,7 +1450,7 @@ class MomentAccumulator:
         ``rank(L_i)`` is at most 1, counted as 1, and no key is hashed)."""
         if self._one_output is None:
             try:
-                self._one_output = output_numel(self.program.output_shape(slice_tree(inputs, 0, 1))) == 1
+                self._one_output = output_numel(self.program.output_shape(slice_tree(inputs, 0, 2))) == 1
             except Exception:  # (the sample's measure says why no L_i is formed)
                 self._one_output = False
         if not self._one_output:
@@ -1456,6 +1461,12 @@ class MomentAccumulator:
         """This process's sample of ``rank(L_i)`` (:meth:`LossDirectionSample.counts`; a model
         with one output per record: a fixed count of 1), for :func:`merge_counts` over processes."""
         return ([], [], [], (1.0, "measured")) if self._one_output else self._loss_rank.counts()
+
+    def loss_direction_part(self) -> Held:
+        """This process's sample unmeasured, rows on the CPU (:meth:`LossDirectionSample.held`; a
+        model with one output per record: a fixed count of 1), gathered at a DDP sync for
+        :func:`~.loss_directions.world_sample`, which every process measures alike."""
+        return ((1.0, "measured"), []) if self._one_output else self._loss_rank.held()
 
     def loss_directions(self) -> tuple[float, str, int] | None:
         """``(r, how, records)``: the mean ``rank(L_i)`` the diagonal leverage is spread over, how
@@ -3690,6 +3701,13 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
         hessian_condition=(hi / lo) if lo > 0 else math.inf,
         **sign, negative_eigenvalues_flipped=flipped, eigenvalues_floored=floored,
     )
+    if decay is not None and bool((decay > 0).any()):
+        # the decay along H's lowest direction u (u' diag(decay) u, H's units: the records' curvature
+        # there is lo minus it) and u's share in the decayed weights: a lowest eigenvalue <= 0 along
+        # weights left undecayed (biases) is the records' own, no decay cancelled (rv55)
+        u2 = evecs[:, 0].square()
+        diagnostics.update(hessian_min_direction_decay=float((u2 * decay.to(u2)).sum()),
+                           hessian_min_direction_decayed=float(u2[decay.to(u2.device) > 0].sum()))
     Hinv = (evecs * inv) @ evecs.T
     if records is not None and newton_gradient is not None:
         records["newton_step"] = Hinv @ newton_gradient.to(Hinv)
@@ -4323,22 +4341,28 @@ def estimate(
     return est
 
 
-def _records_per_update(fac: Any, b: int, batch: Any = None) -> int:
+def _records_per_update(fac: Any, b: int, batch: Any = None, saved: float | None = None) -> int:
     """Records per merged batch of a fast program (:data:`MERGE_MAX_RECORDS`, fewer when its
     per-record taps, measured on a batch of ``b``, would exceed :data:`MERGE_FLOATS`; the factored
     Linear program of a small model :data:`MERGE_SMALL_RECORDS`, :data:`SMALL_MODEL_MERGES`); at least 1.
-    ``batch``: the batch's ``(inputs, targets)``, whose per-record floats x MERGE_SMALL_RECORDS must
-    fit :data:`MERGE_SMALL_FLOATS` too (the merged batch is held, concatenated and cast: a wide
-    input feeding layers not assessed is not a small model's, rv54b)."""
+    The small model's test bounds all an update holds per record, in bytes (float32 floats x 4): the
+    batch's ``(inputs, targets)`` (``batch``; the merged batch is held, concatenated and cast: rv54b),
+    the forward's ``saved`` bytes per record (``FactoredProgram.saved_bytes``: the activations of
+    every layer, those not assessed included; rv55: a frozen 8,192-wide layer before a 16-input assessed
+    head held 2048 x 16k floats, +256 MB against +32 MB at 512 records) and the taps, together within
+    :data:`MERGE_SMALL_FLOATS` x 4 bytes x :data:`MERGE_SMALL_RECORDS` (``saved`` ``None``: not
+    measured, no small merges)."""
     cap = MERGE_MAX_RECORDS
     if isinstance(fac, tuple) and isinstance(fac[0], _BatchTaps):  # the per-layer program's taps
         floats = fac[0].numel()
     else:  # the factored Linear path: per-record layer inputs and output gradients [B, width]
-        floats = sum(t.numel() for t in torch.utils._pytree.tree_leaves(fac)
-                     if isinstance(t, Tensor) and t.dim() >= 2 and t.shape[0] == b)
-        held = sum(t.numel() for t in torch.utils._pytree.tree_leaves(batch)
-                   if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == b)
-        if SMALL_MODEL_MERGES and max(floats, held) / max(b, 1) * MERGE_SMALL_RECORDS <= MERGE_SMALL_FLOATS:
+        taps = [t for t in torch.utils._pytree.tree_leaves(fac) if isinstance(t, Tensor) and t.dim() >= 2 and t.shape[0] == b]
+        floats = sum(t.numel() for t in taps)
+        held = sum(t.numel() * t.element_size() for t in taps) + sum(
+            t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(batch)
+            if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == b)
+        if SMALL_MODEL_MERGES and saved is not None \
+                and (held / max(b, 1) + saved) * MERGE_SMALL_RECORDS <= 4 * MERGE_SMALL_FLOATS:
             cap = max(cap, MERGE_SMALL_RECORDS)
     return max(1, min(cap, int(MERGE_FLOATS // max(floats / max(b, 1), 1.0))))
 

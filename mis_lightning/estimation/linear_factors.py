@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,6 +146,9 @@ class FactoredProgram:
         self._verified = False
         self.scratch = Scratch()
         self._shape: OutputShape | None = None  # the output's layout, sorted on the first batch
+        # bytes per record the first batch's forward saved for its backward (every module's, frozen
+        # layers' included: the copy's parameters all require grad), for the merges' memory bound
+        self.saved_bytes: float | None = None
 
     def _forward(self, inputs: Any, targets: Any, b: int) -> tuple[Tensor, Tensor, list[Tensor]]:
         """``(out [b, C], f [b], the layers' outputs)`` of one forward with the layout's checks;
@@ -182,9 +186,11 @@ class FactoredProgram:
         if not self._verified:
             self._verify_first(inputs, targets, b)
         self.capture.reset()
-        with torch.enable_grad(), default_dtype(self.dtype):
+        with torch.enable_grad(), default_dtype(self.dtype), _saved_bytes(b, self.saved_bytes is None) as saved:
             out, f, outs = self._forward(inputs, targets, b)
             deltas = torch.autograd.grad(f.sum(), outs)
+        if self.saved_bytes is None:
+            self.saved_bytes = saved[0] / max(b, 1)
         fd = f.detach()
         shape = self._shape
         assert shape is not None
@@ -338,6 +344,32 @@ class FactoredProgram:
     def close(self) -> None:
         self.capture.remove()
         self.scratch.clear()
+
+
+@contextmanager
+def _saved_bytes(b: int, on: bool = True) -> Iterator[list[float]]:
+    """``[bytes]``: the tensors of ``b`` records (dim 0) autograd saves for the backward inside the
+    block, each storage once (what a forward holds per batch until its backward: the activations of
+    every layer, those not assessed included); nothing counted (no hook) where ``on`` is False."""
+    total = [0.0]
+    if not on:
+        yield total
+        return
+    seen: set[tuple[int, int]] = set()
+
+    def pack(t: Tensor) -> Tensor:
+        if t.dim() and t.shape[0] == b:
+            try:
+                key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            except Exception:  # noqa: BLE001 - a tensor without a plain storage: its own bytes
+                key = (id(t), t.numel() * t.element_size())
+            if key not in seen:
+                seen.add(key)
+                total[0] += float(key[1])
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield total
 
 
 class Scratch:

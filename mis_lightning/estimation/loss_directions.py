@@ -39,6 +39,8 @@ _tree = torch.utils._pytree
 # ``measure(inputs, targets, rows) -> (ranks [rows] float64, note)``: the records' rank(L_i), and
 # ``""`` where measured, else why not (then ``ranks`` holds the count used instead)
 Measure = Callable[[Any, Any, int], tuple[Tensor, str]]
+# :meth:`LossDirectionSample.held`: ``(fixed, [(keys, inputs, targets, ranks, note), ...])``
+Held = tuple[tuple[float, str] | None, list[tuple[Tensor, Any, Any, Tensor | None, str]]]
 
 
 def _layout(x: Any) -> tuple[Any, ...]:
@@ -102,19 +104,31 @@ class LossDirectionSample:
         if cand.numel() > self.records:  # at most k of one batch can enter
             cand = cand[torch.sort(keys[cand], stable=True).indices[: self.records]]
         try:
-            x, y = slice_rows(inputs, cand), slice_rows(targets, cand)
-            lay = _layout((x, y))
-            same = next((g for g in self.groups if g.layout == lay and g.ranks is None), None)
-            if same is not None:
-                same.inputs, same.targets = _cat(same.inputs, x), _cat(same.targets, y)
-                same.keys = torch.cat([same.keys, keys[cand]])
-            else:
-                self.groups.append(_Group(keys[cand].clone(), x, y, lay))
+            self._hold(keys[cand], slice_rows(inputs, cand), slice_rows(targets, cand))
         except Exception as exc:  # records that are not rows of tensors (a graph batch's edge list)
             self.fixed, self.groups = (1.0, f"the records cannot be taken as rows ({type(exc).__name__}: {exc}); "
                                             "one loss direction per record assumed (the largest correction)"), []
             return
         self._prune()
+
+    def _hold(self, keys: Tensor, x: Any, y: Any, ranks: Tensor | None = None, note: str = "") -> None:
+        """Hold records (their keys and rows; ``ranks`` where already measured, rows then ``None``),
+        rows of one layout not yet measured in one group (measured together)."""
+        lay = _layout((x, y))
+        same = None if ranks is not None else next(
+            (g for g in self.groups if g.layout == lay and g.ranks is None), None)
+        if same is not None:
+            same.inputs, same.targets = _cat(same.inputs, x), _cat(same.targets, y)
+            same.keys = torch.cat([same.keys, keys])
+        else:
+            self.groups.append(_Group(keys.clone(), x, y, lay, ranks, note))
+
+    def held(self) -> Held:
+        """The sample as plain data, rows on the CPU, nothing measured here (a DDP process's part for
+        :func:`world_sample`, gathered at the sync: ``(fixed, [(keys, inputs, targets, ranks,
+        note)])``, a measured group's rows ``None``)."""
+        cpu = lambda tree: _tree.tree_map(lambda t: t.cpu() if isinstance(t, Tensor) else t, tree)  # noqa: E731
+        return self.fixed, [(g.keys, cpu(g.inputs), cpu(g.targets), g.ranks, g.note) for g in self.groups]
 
     def _held_keys(self) -> Tensor:
         return torch.cat([g.keys for g in self.groups]) if self.groups else torch.empty(0, dtype=torch.int64)
@@ -163,6 +177,30 @@ class LossDirectionSample:
         """``(r, how, records)``: the sample's mean ``rank(L_i)``, ``"measured"`` or why not, and the
         records it is the mean of; ``None`` where no record was added."""
         return merge_counts([self.counts()], self.records)
+
+
+def world_sample(parts: Sequence[Held | None], measure: Measure, records: int,
+                 device: torch.device | str | None = None) -> LossDirectionSample:
+    """The sample of the union of several processes' records (their :meth:`LossDirectionSample.held`
+    parts, in rank order; ``None`` for a process without records), not yet measured: the
+    ``records`` smallest keys over all parts, their rows moved to ``device`` (where ``measure``
+    runs the model). Every process of a DDP world forms it from the same gathered parts, so each
+    measures the same records in the same groups: the same forwards on every process, a process
+    without records included (rv55: each measured its own sample inside the sync, 4 forwards on
+    one process and 3 on the other, a model whose eval forward holds a collective would hang),
+    and the same count as the one process reading every part's records."""
+    out = LossDirectionSample(measure, records)
+    fixed = [p[0] for p in parts if p is not None and p[0] is not None]
+    if fixed:
+        out.fixed = min(fixed)
+        return out
+    move = lambda tree: _tree.tree_map(  # noqa: E731
+        lambda t: t.to(device) if isinstance(t, Tensor) and device is not None else t, tree)
+    for part in parts:
+        for keys, x, y, ranks, note in (part[1] if part is not None else []):
+            out._hold(keys, move(x), move(y), ranks, note)
+        out._prune()
+    return out
 
 
 def merge_counts(parts: Sequence[tuple[list[int], list[float], list[str], tuple[float, str] | None] | None],

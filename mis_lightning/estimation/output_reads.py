@@ -89,6 +89,52 @@ class OutputTree:
 OutputShape = tuple[int, ...] | OutputTree
 
 
+def tensor_record_shape(one: Tensor, two: Callable[[], Tensor | None], what: str) -> tuple[int, ...]:
+    """The per-record shape of a model's tensor output, read on a forward of one record (``one``):
+    its shape without dim 0 where dim 0 is that record's (size 1). Where it is not, the forward
+    dropped the record's dim (a ``.squeeze()``: ``[B, C]`` for ``B > 1``, ``[C]`` for one record;
+    rv55: read as ``()``, one output per record, a 3-class head counted 1 loss direction) or the
+    records are not in dim 0 (a sequence-first ``[T, B, C]`` output, ``nn.RNN``'s default layout):
+    told apart on a forward of two records (``two()``; ``None`` where there is one): dim 0 of 2
+    and each record ``one``'s shape is a squeeze, whose per-record shape is ``one``'s own.
+
+    Raises:
+        ValueError: naming ``what`` and the shapes, where the records are not in dim 0 (or one
+            record cannot tell), since every per-record read takes dim 0 as the records.
+    """
+    if one.dim() and one.shape[0] == 1:
+        return tuple(one.shape[1:])
+    pair = two()
+    if pair is None and one.dim() == 0:
+        return ()  # a squeezed [B, 1] or [B]: one output per record, whatever the batch shows
+    if pair is not None and pair.dim() and pair.shape[0] == 2 and tuple(pair.shape[1:]) == tuple(one.shape):
+        return tuple(one.shape)  # a .squeeze(): the records in dim 0, each of one's shape
+    seen = f"{tuple(one.shape)} for one record" + ("" if pair is None else f", {tuple(pair.shape)} for two")
+    raise ValueError(f"{what} is {seen}: its dim 0 does not hold the records (a sequence-first [T, B, ...] output, "
+                     "e.g. nn.RNN / nn.Transformer without batch_first=True?), and every per-record read takes dim "
+                     "0 as the records; return the output batch-first (out.transpose(0, 1), batch_first=True)")
+
+
+def union_layout(layouts: list[OutputShape | None]) -> OutputShape | None:
+    """One layout for the records of several processes' layouts (``None``: a process that sorted
+    none): a pytree output's leaves kept (and differentiated) where any process keeps them, as
+    the one process reading all of their records keeps every leaf a record's loss read
+    (:func:`read_later`); the first known layout where they are not trees of one structure."""
+    known = [lay for lay in layouts if lay is not None]
+    if not known:
+        return None
+    trees = [lay for lay in known if isinstance(lay, OutputTree)]
+    first = known[0]
+    if not isinstance(first, OutputTree) or len(trees) != len(known) \
+            or any(t.spec != first.spec or len(t.kept) != len(first.kept) for t in trees):
+        return first
+    kept = tuple(any(t.kept[i] for t in trees) for i in range(len(first.kept)))
+    return dataclasses.replace(
+        first, kept=kept, live=tuple(any(t.live[i] for t in trees) for i in range(len(kept))),
+        fills=tuple(None if k else first.fills[i] for i, k in enumerate(kept)),
+        late=tuple(dict.fromkeys(name for t in trees for name in t.late)))
+
+
 def output_numel(shape: OutputShape | None) -> int:
     """Outputs per record (``C``) of an :meth:`LossProgram.output_shape`: the kept leaves' entries."""
     if isinstance(shape, OutputTree):

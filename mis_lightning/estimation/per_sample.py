@@ -29,6 +29,7 @@ from .output_reads import (
     flat_record,
     layout_of,
     read_later,
+    tensor_record_shape,
     unflat_record,
     unread_entries,
     with_shapes,
@@ -1471,7 +1472,7 @@ class LossProgram:
             out = self.outputs(self.params, _unsqueeze(torch.utils._pytree.tree_map(
                 lambda t: t[0] if isinstance(t, Tensor) else t, inputs)))
         if isinstance(out, Tensor):
-            return tuple(out.shape[1:])
+            return tensor_record_shape(out, lambda: self._two_records_output(inputs), "the model's output")
         leaves = torch.utils._pytree.tree_leaves(out)
         layout = self.output_layout
         if not isinstance(layout, OutputTree) or len(layout.kept) != len(leaves):
@@ -1483,6 +1484,35 @@ class LossProgram:
             raise ValueError(f"the model's output is a {type(out).__name__} holding {bad or 'no tensor'}; the "
                              "Gauss-Newton factors need floating tensors with the batch in dim 0")
         return with_shapes(layout, out)  # these inputs' shapes (a sequence padded per batch)
+
+    LAYOUT_ATTR = "output_layout"  # the attribute holding the output's layout the per-record reads use
+
+    def record_layout(self) -> OutputShape | None:
+        """The output's per-record layout the reads use (:attr:`output_layout`; ``None`` before a batch)."""
+        return getattr(self, self.LAYOUT_ATTR)
+
+    @contextmanager
+    def layout_as(self, layout: OutputShape | None) -> Iterator[None]:
+        """:meth:`record_layout` set to ``layout`` inside the block (a DDP world's measurement on the
+        union of the processes' layouts, :func:`~.output_reads.union_layout`), restored after;
+        ``None``: unchanged."""
+        held = self.record_layout()
+        if layout is not None:
+            setattr(self, self.LAYOUT_ATTR, layout)
+        try:
+            yield
+        finally:
+            setattr(self, self.LAYOUT_ATTR, held)
+
+    def _two_records_output(self, inputs: Any) -> Tensor | None:
+        """The model's output on the first two records of ``inputs`` (``None`` where it holds one,
+        or the output is not a tensor): :func:`~.output_reads.tensor_record_shape` reads it."""
+        if _batch_size(inputs) < 2:
+            return None
+        with torch.no_grad():
+            out = self.outputs(self.params, torch.utils._pytree.tree_map(
+                lambda t: t[:2] if isinstance(t, Tensor) else t, inputs))
+        return out if isinstance(out, Tensor) else None
 
     def mean_loss(self, params: dict[str, Tensor], inputs: Any, targets: Any) -> Tensor:
         return self.loss_fn(self.outputs(params, inputs), targets).mean()
