@@ -507,6 +507,9 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         alone). ``fast_dev_run`` writes nothing: no warning."""
         if getattr(self, "_version", None) is None:
             self._version = "" if self.dirpath is not None else free_version(out)
+            # what the console line says is kept: the earlier run's report, or its figure where that is all
+            # there (free_version gives -v1 for either; rv55u: the line named a report that was not there)
+            self._kept_name = next((n for n in (REPORT_NAME, FIGURE_NAME) if (out / n).exists()), REPORT_NAME)
             writes = self.dirpath is not None and not getattr(trainer, "fast_dev_run", False)
             self._overwrites = writes and (out / REPORT_NAME).exists()
             fixed, copies = files_overwritten(out, self.plan_config is not None, self.every_n_val_epochs is not None
@@ -600,7 +603,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                                + (f" ({failed} failed: see the warnings)" if failed else "")
                                + f" on n={report.n} records in {time.perf_counter() - t0:.1f} s; "
                                f"report: {self.report_path}"
-                               + (f" ({REPORT_NAME} there is an earlier run's, kept)" if version
+                               + (f" ({getattr(self, '_kept_name', REPORT_NAME)} there is an earlier run's, kept)"
+                                  if version
                                   else " (an earlier run's, overwritten: dirpath= given)"
                                   if getattr(self, "_overwrites", False) else "")
                                + ("; the warnings above in full: print(callback.report.warnings_text())"
