@@ -1130,7 +1130,7 @@ def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
             return text + f"; indicative only (*): {every}"
         row, gap = bias
         # which assumptions failed (the rows' "*" phrases): off a minimum and d / n near 1 both give it
-        why = "; ".join(sorted({p for r in ranked for p in str(r["indicative"]).split("; ")}))
+        why = "; ".join(failed_assumptions(ranked))
         said = (f"{row['scheme']}, which removes almost no information (d_eff {float(row['d_eff']):.1f} of "
                 f"{int(row['d'])}), reads {100 * gap:.0f}% below the unquantized baseline ({_fmt(row['leakage'])} "
                 f"against {_fmt(row['baseline_leakage'])}): the size of the bias the failed assumptions ({why}) put "
@@ -1442,6 +1442,14 @@ def scheme_marks(row: dict[str, Any]) -> str:
     return " ^" if row.get("beyond_torchao") else ""
 
 
+def failed_assumptions(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The distinct phrases (sorted) of the assumptions that fail for the scored ``rows``' figures
+    (their ``indicative``, :func:`regime_failures` joined by ``"; "``): the ``*`` legend's and the
+    verdict's near-identity clause's list."""
+    return sorted({p for r in rows if not r.get("error") and r.get("indicative")
+                   for p in str(r["indicative"]).split("; ")})
+
+
 def marks_legend(rows: list[dict[str, Any]]) -> list[str]:
     """The legend entries (one line each, indented two spaces) of the marks
     (:func:`leakage_marks`) that ``rows`` carry."""
@@ -1479,8 +1487,7 @@ def marks_legend(rows: list[dict[str, Any]]) -> list[str]:
                    "(before a LayerNorm / GroupNorm / InstanceNorm / RMSNorm, or under weight_norm) were read by the "
                    "diagonal estimator, whose per-weight sigma misses that direction: the figure can be off "
                    "in either direction (see warnings; estimation='exact' handles it).")
-    failed = sorted({p for r in rows if not r.get("error") and r.get("indicative")
-                     for p in str(r["indicative"]).split("; ")})
+    failed = failed_assumptions(rows)
     if failed:
         out.append(f"  *: indicative only: an assumption of the analysis fails for this figure ({', '.join(failed)}; "
                    "see warnings): it can read above or below what real attacks achieve; the verdict says so.")

@@ -325,6 +325,17 @@ def test_an_explicit_dirpath_names_every_file_it_overwrites(tmp_path):
         "assesses at the same epoch and step, the others left beside this fit's) under the names this fit writes: "
         "this fit overwrites them (an explicit dirpath keeps the file names fixed; the folder's other files are left "
         "as they are; leave dirpath unset, or pass a fresh one, to keep both)")
+    # rv55u: the callback asks for the plan's files with plan= and the copies with mid-training runs (no fit:
+    # its first write's choice, as on rank 0; a fit's run is test_a_second_run_in_the_same_folder_...)
+    from types import SimpleNamespace
+
+    for kw, want in (({}, (fixed[:2], [])),
+                     ({"plan": {"candidates": ["rtn_int8"]}, "every_n_val_epochs": 1}, (fixed, copies))):
+        cb = MISCallback(["rtn_int8"], loss_fn=mse, dirpath=tmp_path, **kw)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cb._out_version(tmp_path, SimpleNamespace(fast_dev_run=False))
+        assert [str(w.message) for w in caught] == [overwrite_warning(str(tmp_path), *want)]
 
 
 def test_the_folder_is_said_where_it_is_the_default_root_dir_nobody_named():
@@ -363,7 +374,10 @@ def test_a_second_run_in_the_same_folder_keeps_the_first_runs_report(caplog):
     for run in range(3):
         cb = MISCallback(["rtn_int4"], loss_fn=mse, every_n_val_epochs=1 if run == 1 else None,
                          dirpath=str(Path.cwd()) if run == 2 else None, **FAST)
+        if run == 1:  # rv55u: run 0's figure alone (its report moved away) keeps this fit's names apart, and the
+            Path("mis_report.json").rename("moved.json")  # line names the figure, not a report that is not there
         if run == 2:  # rv54c: a file of the user's and a copy this fit (no mid-training run) does not write
+            Path("moved.json").rename("mis_report.json")
             Path("notes.txt").write_text("mine")
             Path("mis_report_epoch=0-step=3.json").write_text("{}")
             before = {p.name: p.stat().st_mtime_ns for p in Path.cwd().iterdir() if p.is_file()}

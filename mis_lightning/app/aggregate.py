@@ -650,9 +650,13 @@ def _frontier_panel(ax: Any, rows: Sequence[dict[str, Any]], uk: str | None, fir
                 label="frontier (non-dominated)" if first == 0 else None)
     baselines = {round(v, 12) for r in rows if (v := _float(r.get("baseline_leakage"))) is not None}
     if len(baselines) == 1:
-        marks = {baseline_marks(r) for r in ok}  # the baseline's own (undet., ~), as aggregate.md prints it
+        # the baseline's own (undet., ~), as aggregate.md prints it; where the jobs sharing it differ (one ran
+        # the rank rule's check, another did not) the largest move's mark, the strongest, as the notes say (rv55u)
+        moved = [v if (v := _float(r.get("baseline_cutoff_sensitivity"))) is not None and math.isfinite(v)
+                 else -math.inf for r in ok]
+        mark = baseline_marks(ok[moved.index(max(moved))]) if ok else ""
         ax.axhline(next(iter(baselines)), ls="--", color="gray", lw=1,
-                   label=f"unquantized baseline{marks.pop() if len(marks) == 1 else ''}" if first == 0 else None)
+                   label=f"unquantized baseline{mark}" if first == 0 else None)
     arrow = "higher is better" if higher else "lower is better"
     ax.set_xlabel(f"{metric} (validation; {arrow})" if uk else "bits per weight")
     ax.set_ylabel("leakage = 1 - MIS (lower is safer)")
