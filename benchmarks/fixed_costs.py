@@ -62,6 +62,14 @@ other processes, the whole import through the narrowest public module the librar
     python benchmarks/fixed_costs.py aoparts --rounds 3
     python benchmarks/fixed_costs.py aoparts --rounds 3 --trainer
 
+``aoneeds`` (p55b): in a fresh process as ``aoparts``' (scale.py's child), which of
+``torch._dynamo``, ``torch._inductor.decomposition``, ``torch.distributed._tensor`` /
+``.checkpoint`` / ``.tensor`` are imported before torchao, and for those torchao's import pulls,
+the chain of modules that imported each (``python -X importtime``: wall ms); then, with a saved
+model, the torchao modules whose code a steady scoring call of scale.py's schemes runs (cProfile).
+
+    python benchmarks/fixed_costs.py aoneeds /tmp/m1e5.pt
+
 ``--trainer``: a ``lightning.pytorch.Trainer`` built first (a Lightning user's process), the whole
 import timed as it comes and after a ``gc.collect()`` just before it (whether one of the
 interpreter's full collections, whose cost grows with every Python object the process holds,
@@ -227,6 +235,84 @@ def _aoparts(rounds: int, trainer: bool = False) -> None:
             print(f"{label:44s} {' '.join(f'{g[i]:.3f}' for g in got)} s CPU")
         if len(names) > 1:
             print(f"{'  together':44s} {' '.join(f'{sum(g):.3f}' for g in got)} s CPU")
+    print(f"load {os.getloadavg()[0]:.1f}")
+
+
+_AONEEDS = """
+import sys
+import lightning_fabric.utilities.seed, torch
+m = torch.nn.Linear(3, 3); o = torch.optim.Adam(m.parameters()); m(torch.randn(2, 3)).sum().backward(); o.step()
+import mis_lightning.assess
+from mis_lightning.quantization.torchao_backend import _import_torchao_quantization
+print("already imported: " + " ".join(n for n in {names!r} if n in sys.modules), flush=True)
+print("<import>", file=sys.stderr, flush=True)
+_import_torchao_quantization()
+"""
+# the upstream modules torchao's import pulls that cost most (p51e), the chain of importers of each
+_AO_HEAVY = ("torch._dynamo", "torch._inductor.decomposition", "torch.distributed._tensor",
+             "torch.distributed.checkpoint", "torch.distributed.tensor")
+
+
+def _import_chains(trace: str, targets: tuple[str, ...]) -> dict[str, list[tuple[str, int]]]:
+    """From ``python -X importtime``'s lines (post-order: a module's line follows its imports',
+    nested two spaces a level), each target's chain of importers, outermost first, with each
+    one's cumulative microseconds."""
+    rows = []
+    for line in trace.splitlines():
+        if not line.startswith("import time:") or "| cumulative |" in line:
+            continue
+        _, cum, name = line[len("import time:"):].split("|")
+        level = (len(name) - len(name.lstrip(" "))) // 2
+        rows.append((name.strip(), int(cum), level))
+    out = {}
+    for t in targets:
+        at = next((i for i, r in enumerate(rows) if r[0] == t), None)
+        if at is None:
+            continue
+        chain = [rows[at][:2]]
+        level = rows[at][2]
+        for name, cum, lv in rows[at + 1:]:
+            if lv == level - 1:  # the first line one level up after it: the module that imported it
+                chain.append((name, cum))
+                level = lv
+        out[t] = chain[::-1]
+    return out
+
+
+def _aoneeds(path: str | None) -> None:
+    """(p55b) What the scoring path needs of torchao and why its import costs what it does."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    p = subprocess.run([sys.executable, "-X", "importtime", "-c", _AONEEDS.format(names=_AO_HEAVY)], env=env,
+                       capture_output=True, text=True, check=True)
+    print(p.stdout.strip().splitlines()[-1] + " (before torchao's import, as in scale.py's child)")
+    trace = p.stderr.split("<import>", 1)[1]
+    for target, chain in _import_chains(trace, _AO_HEAVY).items():
+        print(f"{target}: " + " <- ".join(f"{n} ({c / 1e3:.0f} ms)" for n, c in chain[::-1]))
+    print("(-X importtime's cumulative wall ms, inflated by its own bookkeeping; CPU seconds by part: aoparts)")
+    if not path:
+        return
+    import cProfile
+    import pstats
+
+    A, est, model, schemes, sc_cfg = _setup(path, adam=True)
+    A.score_schemes(est, model, schemes, scoring_config=sc_cfg)  # (torchao imported here)
+    prof = cProfile.Profile(time.process_time)
+    prof.enable()
+    A.score_schemes(est, model, schemes, scoring_config=sc_cfg)
+    prof.disable()
+    mods: dict[str, list] = {}
+    for (file, _, func), row in pstats.Stats(prof).stats.items():  # type: ignore[attr-defined]
+        if "/torchao/" in file:
+            mod = "torchao." + file.split("/torchao/", 1)[1].removesuffix(".py").replace("/", ".")
+            got = mods.setdefault(mod, [0, 0.0, set()])
+            got[0], got[1] = got[0] + row[1], got[1] + row[2]
+            got[2].add(func)
+    loaded = sorted(n for n in sys.modules if n == "torchao" or n.startswith("torchao."))
+    print(f"a steady scoring call of {len(schemes)} schemes runs code of {len(mods)} of the {len(loaded)} torchao "
+          "modules imported (calls, own CPU ms under cProfile, functions):")
+    for mod in sorted(mods):
+        calls, own, funcs = mods[mod]
+        print(f"  {mod:72s} {calls:5d} {own * 1e3:6.1f}  {', '.join(sorted(funcs)[:5])}")
     print(f"load {os.getloadavg()[0]:.1f}")
 
 
@@ -947,7 +1033,7 @@ def _tol(path: str, tol: float, calls: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("import", "aoparts", "first", "params", "est", "heap", "tol", "once", "faults",
+    ap.add_argument("what", choices=("import", "aoparts", "aoneeds", "first", "params", "est", "heap", "tol", "once", "faults",
                                      "ops", "split", "scaling", "faultsby", "window", "_faults_child"))
     ap.add_argument("path", nargs="?", help="a model saved by first_call.py train (first, params)")
     ap.add_argument("--rounds", type=int, default=3, help="fresh processes per case (import)")
@@ -965,6 +1051,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.what == "aoparts":
         _aoparts(args.rounds, args.trainer)
+        return
+    if args.what == "aoneeds":
+        _aoneeds(args.path)
         return
     if not args.path:
         ap.error(f"{args.what} needs the saved model's path")
