@@ -139,6 +139,13 @@ epochs; ``--apart``: torchao imported before the window, timed apart (the window
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/fixed_costs.py window /tmp/m1e5.pt [--apart]
 
+``gate`` (p55b): steady scoring calls alternating the wide-sd closed form's gate, the checkout's
+own (``WIDE_TOL``, ``WIDE_MAX_WINDOW``) and each ``--gate TOL,WINDOW``, ``--calls`` rounds: CPU s per
+call, the report fields that move and the largest relative move by field.
+
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/fixed_costs.py gate /tmp/m1e5.pt --calls 4 \
+        --gate 1e-9,0.1 --gate 1e-9,0.5
+
 ``tol``: the wide-sd closed form's gate (``functional.wide.WIDE_TOL``, 1e-9) against ``--tol``
 (``assess.UNIT_KAPPA_TOL`` and the series' ``functional.wide_series.SERIES_TOL`` kept): steady
 scoring calls alternating (``--calls`` pairs, CPU s) and the reports' largest change of each
@@ -313,6 +320,52 @@ def _aoneeds(path: str | None) -> None:
     for mod in sorted(mods):
         calls, own, funcs = mods[mod]
         print(f"  {mod:72s} {calls:5d} {own * 1e3:6.1f}  {', '.join(sorted(funcs)[:5])}")
+    print(f"load {os.getloadavg()[0]:.1f}")
+
+
+def _gate(path: str, gates: list[str], calls: int) -> None:
+    """(p55b) Steady scoring calls alternating the wide-sd closed form's gate: the checkout's own
+    (``functional.wide.WIDE_TOL``, ``WIDE_MAX_WINDOW``) and each ``TOL,WINDOW`` of ``gates`` (the
+    window set in every module that imported it), ``calls`` rounds; CPU s per call, and per gate
+    the report fields that differ from the checkout's own and the largest relative move by field."""
+    import json
+
+    from benchmarks.compare_reports import flatten
+
+    A, est, model, schemes, sc_cfg = _setup(path, adam=False)
+    W = importlib.import_module("mis_lightning.functional.wide")
+    owners = [W, A, importlib.import_module("mis_lightning.quantization.base")]
+    configs = [(W.WIDE_TOL, W.WIDE_MAX_WINDOW)] + [tuple(float(x) for x in g.split(",")) for g in gates]
+
+    def call(tol: float, window: float) -> tuple[float, dict]:
+        W.WIDE_TOL = tol
+        for m in owners:
+            m.WIDE_MAX_WINDOW = window
+        c = time.process_time()
+        rep = A.score_schemes(est, model, schemes, scoring_config=sc_cfg)
+        return time.process_time() - c, dict(flatten(json.loads(rep.to_json())))
+
+    call(*configs[0])  # warm-up
+    times: dict[tuple, list[float]] = {c: [] for c in configs}
+    reps: dict[tuple, dict] = {}
+    for r in range(calls):
+        for cfg in (configs if r % 2 == 0 else configs[::-1]):
+            t, reps[cfg] = call(*cfg)
+            times[cfg].append(t)
+    call(*configs[0])
+    own = reps[configs[0]]
+    for cfg in configs:
+        moves: dict[str, float] = {}
+        for k, u in own.items():
+            v = reps[cfg].get(k)
+            if isinstance(u, float) and isinstance(v, float) and u != v and u == u:
+                f = k.rsplit("/", 1)[-1].split("[")[0]
+                moves[f] = max(moves.get(f, 0.0), abs(u - v) / max(abs(u), 1e-300))
+        v = times[cfg]
+        top = ", ".join(f"{f} {m:.1e}" for f, m in sorted(moves.items(), key=lambda x: -x[1])[:6])
+        print(f"WIDE_TOL {cfg[0]:g}, WIDE_MAX_WINDOW {cfg[1]:g}: steady call median {sorted(v)[len(v) // 2]:.3f} s "
+              f"({' '.join(f'{x:.3f}' for x in v)}); {sum(1 for k in own if own[k] != reps[cfg].get(k) and own[k] == own[k])}"
+              f" of {len(own)} fields differ; largest relative moves: {top or 'none'}")
     print(f"load {os.getloadavg()[0]:.1f}")
 
 
@@ -1034,7 +1087,7 @@ def _tol(path: str, tol: float, calls: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("import", "aoparts", "aoneeds", "first", "params", "est", "heap", "tol", "once", "faults",
-                                     "ops", "split", "scaling", "faultsby", "window", "_faults_child"))
+                                     "ops", "split", "scaling", "faultsby", "window", "gate", "_faults_child"))
     ap.add_argument("path", nargs="?", help="a model saved by first_call.py train (first, params)")
     ap.add_argument("--rounds", type=int, default=3, help="fresh processes per case (import)")
     ap.add_argument("--calls", type=int, default=6, help="steady calls (params, tol); scoring calls (once, split, faultsby)")
@@ -1043,6 +1096,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefault", action="store_true", help=argparse.SUPPRESS)  # (faults' child)
     ap.add_argument("--apart", action="store_true", help="window: torchao imported before the window, timed apart")
     ap.add_argument("--trainer", action="store_true", help="aoparts: a lightning.pytorch Trainer built first")
+    ap.add_argument("--gate", action="append", default=[], metavar="TOL,WINDOW",
+                    help="gate: a wide-sd gate to alternate with the checkout's own (repeatable)")
     ap.add_argument("--off", action="append", default=None, metavar="MODULE.FLAG",
                     help="set the switch mis_lightning.MODULE.FLAG False before the calls (repeatable)")
     args = ap.parse_args(argv)
@@ -1067,7 +1122,8 @@ def main(argv: list[str] | None = None) -> None:
            "tol": lambda p: _tol(p, args.tol, args.calls), "once": lambda p: _once(p, args.calls),
            "faults": lambda p: _faults(p, args.rounds), "ops": _ops, "_faults_child": lambda p: _faults_child(p, args.prefault),
            "split": lambda p: _split(p, args.calls), "faultsby": lambda p: _faults_by(p, args.calls),
-           "window": lambda p: _window(p, args.apart), "scaling": lambda p: _scaling(p, args.calls)}
+           "window": lambda p: _window(p, args.apart), "scaling": lambda p: _scaling(p, args.calls),
+           "gate": lambda p: _gate(p, args.gate, args.calls)}
     run[args.what](args.path)
 
 
