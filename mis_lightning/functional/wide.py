@@ -57,8 +57,9 @@ WIDE_MAX_WINDOW = 0.5
 # far below the estimate's statistical noise. (The series forms on stored and table cells keep
 # their own functional.wide_series.SERIES_TOL, 1e-11.) 1e-11 until tol47: 1e-9 takes 4-5% off the
 # 1e5 MLP's steady scoring call and moves its leakages by at most 4.2e-14 relative; 1e-8 since p55b
-# (with the window at 0.5: 4-15% off that call in fresh-process pairs, 13% in-process; mis moved by at most 1e-9 relative; docs/method.md
-# section 5, "wsd34"; docs/benchmarks.md, "wsd34", "p47d", "tol47", "p55b")
+# (with the window at 0.5: 4-15% off that call in fresh-process pairs, 13% in-process; mis moved
+# by at most 9.4e-10 relative; docs/method.md section 5, "wsd34"; docs/benchmarks.md, "wsd34",
+# "p47d", "tol47", "p55b")
 WIDE_TOL = 1e-8
 # value tables up to this many values (float8, float4, nf4: bounded formats whose cubed widths
 # sum without cancellation); the 16-bit tables (65k values up to 3e38) take the paths
