@@ -50,7 +50,7 @@ from .runs import per_table
 # element-wise operations a weight against ~60) though the gate bounds their error alike...
 WIDE_MAX_WINDOW = 0.5
 # ... and where its error bound (the larger of kappa's and m4's, absolute) is at most this. The
-# gate's 6 M^2 S bounds m4's error; kappa's, (1 - lambda) S <= 0.524 M^2 S, is at most 0.0874 of
+# gate's 6 M^2 S bounds m4's error; kappa's, (1 - lambda) S <= 0.524 M^2 S, is at most 0.0873 of
 # it (8.7e-10, on the conservative side). That is within the 2e-9 the bootstrap draws' shortcuts
 # already accept (assess.POSITION_FREE_STEP, POSITION_FREE_WIDE_TOL), of the order of the grid
 # paths' own errors there (the fine-grid expansion's 5e-4 h^2: 1e-9 at steps of 1.4e-3 sd) and
