@@ -62,6 +62,14 @@ other processes, the whole import through the narrowest public module the librar
     python benchmarks/fixed_costs.py aoparts --rounds 3
     python benchmarks/fixed_costs.py aoparts --rounds 3 --trainer
 
+``aoneeds`` (p55b): in a fresh process as ``aoparts``' (scale.py's child), which of
+``torch._dynamo``, ``torch._inductor.decomposition``, ``torch.distributed._tensor`` /
+``.checkpoint`` / ``.tensor`` are imported before torchao, and for those torchao's import pulls,
+the chain of modules that imported each (``python -X importtime``: wall ms); then, with a saved
+model, the torchao modules whose code a steady scoring call of scale.py's schemes runs (cProfile).
+
+    python benchmarks/fixed_costs.py aoneeds /tmp/m1e5.pt
+
 ``--trainer``: a ``lightning.pytorch.Trainer`` built first (a Lightning user's process), the whole
 import timed as it comes and after a ``gc.collect()`` just before it (whether one of the
 interpreter's full collections, whose cost grows with every Python object the process holds,
@@ -130,6 +138,13 @@ window (estimation and first call; count and CPU ms, from ``gc.callbacks``) and 
 epochs; ``--apart``: torchao imported before the window, timed apart (the window without it).
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/fixed_costs.py window /tmp/m1e5.pt [--apart]
+
+``gate`` (p55b): steady scoring calls alternating the wide-sd closed form's gate, the checkout's
+own (``WIDE_TOL``, ``WIDE_MAX_WINDOW``) and each ``--gate TOL,WINDOW``, ``--calls`` rounds: CPU s per
+call, the report fields that move and the largest relative move by field.
+
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/fixed_costs.py gate /tmp/m1e5.pt --calls 4 \
+        --gate 1e-9,0.1 --gate 1e-9,0.5
 
 ``tol``: the wide-sd closed form's gate (``functional.wide.WIDE_TOL``, 1e-9) against ``--tol``
 (``assess.UNIT_KAPPA_TOL`` and the series' ``functional.wide_series.SERIES_TOL`` kept): steady
@@ -227,6 +242,130 @@ def _aoparts(rounds: int, trainer: bool = False) -> None:
             print(f"{label:44s} {' '.join(f'{g[i]:.3f}' for g in got)} s CPU")
         if len(names) > 1:
             print(f"{'  together':44s} {' '.join(f'{sum(g):.3f}' for g in got)} s CPU")
+    print(f"load {os.getloadavg()[0]:.1f}")
+
+
+_AONEEDS = """
+import sys
+import lightning_fabric.utilities.seed, torch
+m = torch.nn.Linear(3, 3); o = torch.optim.Adam(m.parameters()); m(torch.randn(2, 3)).sum().backward(); o.step()
+import mis_lightning.assess
+from mis_lightning.quantization.torchao_backend import _import_torchao_quantization
+print("already imported: " + " ".join(n for n in {names!r} if n in sys.modules), flush=True)
+print("<import>", file=sys.stderr, flush=True)
+_import_torchao_quantization()
+"""
+# the upstream modules torchao's import pulls that cost most (p51e), the chain of importers of each
+_AO_HEAVY = ("torch._dynamo", "torch._inductor.decomposition", "torch.distributed._tensor",
+             "torch.distributed.checkpoint", "torch.distributed.tensor")
+
+
+def _import_chains(trace: str, targets: tuple[str, ...]) -> dict[str, list[tuple[str, int]]]:
+    """From ``python -X importtime``'s lines (post-order: a module's line follows its imports',
+    nested two spaces a level), each target's chain of importers, outermost first, with each
+    one's cumulative microseconds."""
+    rows = []
+    for line in trace.splitlines():
+        if not line.startswith("import time:") or "| cumulative |" in line:
+            continue
+        _, cum, name = line[len("import time:"):].split("|")
+        level = (len(name) - len(name.lstrip(" "))) // 2
+        rows.append((name.strip(), int(cum), level))
+    out = {}
+    for t in targets:
+        at = next((i for i, r in enumerate(rows) if r[0] == t), None)
+        if at is None:
+            continue
+        chain = [rows[at][:2]]
+        level = rows[at][2]
+        for name, cum, lv in rows[at + 1:]:
+            if lv == level - 1:  # the first line one level up after it: the module that imported it
+                chain.append((name, cum))
+                level = lv
+        out[t] = chain[::-1]
+    return out
+
+
+def _aoneeds(path: str | None) -> None:
+    """(p55b) What the scoring path needs of torchao and why its import costs what it does."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    p = subprocess.run([sys.executable, "-X", "importtime", "-c", _AONEEDS.format(names=_AO_HEAVY)], env=env,
+                       capture_output=True, text=True, check=True)
+    print(p.stdout.strip().splitlines()[-1] + " (before torchao's import, as in scale.py's child)")
+    trace = p.stderr.split("<import>", 1)[1]
+    for target, chain in _import_chains(trace, _AO_HEAVY).items():
+        print(f"{target}: " + " <- ".join(f"{n} ({c / 1e3:.0f} ms)" for n, c in chain[::-1]))
+    print("(-X importtime's cumulative wall ms, inflated by its own bookkeeping; CPU seconds by part: aoparts)")
+    if not path:
+        return
+    import cProfile
+    import pstats
+
+    A, est, model, schemes, sc_cfg = _setup(path, adam=True)
+    A.score_schemes(est, model, schemes, scoring_config=sc_cfg)  # (torchao imported here)
+    prof = cProfile.Profile(time.process_time)
+    prof.enable()
+    A.score_schemes(est, model, schemes, scoring_config=sc_cfg)
+    prof.disable()
+    mods: dict[str, list] = {}
+    for (file, _, func), row in pstats.Stats(prof).stats.items():  # type: ignore[attr-defined]
+        if "/torchao/" in file:
+            mod = "torchao." + file.split("/torchao/", 1)[1].removesuffix(".py").replace("/", ".")
+            got = mods.setdefault(mod, [0, 0.0, set()])
+            got[0], got[1] = got[0] + row[1], got[1] + row[2]
+            got[2].add(func)
+    loaded = sorted(n for n in sys.modules if n == "torchao" or n.startswith("torchao."))
+    print(f"a steady scoring call of {len(schemes)} schemes runs code of {len(mods)} of the {len(loaded)} torchao "
+          "modules imported (calls, own CPU ms under cProfile, functions):")
+    for mod in sorted(mods):
+        calls, own, funcs = mods[mod]
+        print(f"  {mod:72s} {calls:5d} {own * 1e3:6.1f}  {', '.join(sorted(funcs)[:5])}")
+    print(f"load {os.getloadavg()[0]:.1f}")
+
+
+def _gate(path: str, gates: list[str], calls: int) -> None:
+    """(p55b) Steady scoring calls alternating the wide-sd closed form's gate: the checkout's own
+    (``functional.wide.WIDE_TOL``, ``WIDE_MAX_WINDOW``) and each ``TOL,WINDOW`` of ``gates`` (the
+    window set in every module that imported it), ``calls`` rounds; CPU s per call, and per gate
+    the report fields that differ from the checkout's own and the largest relative move by field."""
+    import json
+
+    from benchmarks.compare_reports import flatten
+
+    A, est, model, schemes, sc_cfg = _setup(path, adam=False)
+    W = importlib.import_module("mis_lightning.functional.wide")
+    owners = [W, A, importlib.import_module("mis_lightning.quantization.base")]
+    configs = [(W.WIDE_TOL, W.WIDE_MAX_WINDOW)] + [tuple(float(x) for x in g.split(",")) for g in gates]
+
+    def call(tol: float, window: float) -> tuple[float, dict]:
+        W.WIDE_TOL = tol
+        for m in owners:
+            m.WIDE_MAX_WINDOW = window
+        c = time.process_time()
+        rep = A.score_schemes(est, model, schemes, scoring_config=sc_cfg)
+        return time.process_time() - c, dict(flatten(json.loads(rep.to_json())))
+
+    call(*configs[0])  # warm-up
+    times: dict[tuple, list[float]] = {c: [] for c in configs}
+    reps: dict[tuple, dict] = {}
+    for r in range(calls):
+        for cfg in (configs if r % 2 == 0 else configs[::-1]):
+            t, reps[cfg] = call(*cfg)
+            times[cfg].append(t)
+    call(*configs[0])
+    own = reps[configs[0]]
+    for cfg in configs:
+        moves: dict[str, float] = {}
+        for k, u in own.items():
+            v = reps[cfg].get(k)
+            if isinstance(u, float) and isinstance(v, float) and u != v and u == u:
+                f = k.rsplit("/", 1)[-1].split("[")[0]
+                moves[f] = max(moves.get(f, 0.0), abs(u - v) / max(abs(u), 1e-300))
+        v = times[cfg]
+        top = ", ".join(f"{f} {m:.1e}" for f, m in sorted(moves.items(), key=lambda x: -x[1])[:6])
+        print(f"WIDE_TOL {cfg[0]:g}, WIDE_MAX_WINDOW {cfg[1]:g}: steady call median {sorted(v)[len(v) // 2]:.3f} s "
+              f"({' '.join(f'{x:.3f}' for x in v)}); {sum(1 for k in own if own[k] != reps[cfg].get(k) and own[k] == own[k])}"
+              f" of {len(own)} fields differ; largest relative moves: {top or 'none'}")
     print(f"load {os.getloadavg()[0]:.1f}")
 
 
@@ -947,8 +1086,8 @@ def _tol(path: str, tol: float, calls: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("import", "aoparts", "first", "params", "est", "heap", "tol", "once", "faults",
-                                     "ops", "split", "scaling", "faultsby", "window", "_faults_child"))
+    ap.add_argument("what", choices=("import", "aoparts", "aoneeds", "first", "params", "est", "heap", "tol", "once", "faults",
+                                     "ops", "split", "scaling", "faultsby", "window", "gate", "_faults_child"))
     ap.add_argument("path", nargs="?", help="a model saved by first_call.py train (first, params)")
     ap.add_argument("--rounds", type=int, default=3, help="fresh processes per case (import)")
     ap.add_argument("--calls", type=int, default=6, help="steady calls (params, tol); scoring calls (once, split, faultsby)")
@@ -957,6 +1096,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefault", action="store_true", help=argparse.SUPPRESS)  # (faults' child)
     ap.add_argument("--apart", action="store_true", help="window: torchao imported before the window, timed apart")
     ap.add_argument("--trainer", action="store_true", help="aoparts: a lightning.pytorch Trainer built first")
+    ap.add_argument("--gate", action="append", default=[], metavar="TOL,WINDOW",
+                    help="gate: a wide-sd gate to alternate with the checkout's own (repeatable)")
     ap.add_argument("--off", action="append", default=None, metavar="MODULE.FLAG",
                     help="set the switch mis_lightning.MODULE.FLAG False before the calls (repeatable)")
     args = ap.parse_args(argv)
@@ -965,6 +1106,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.what == "aoparts":
         _aoparts(args.rounds, args.trainer)
+        return
+    if args.what == "aoneeds":
+        _aoneeds(args.path)
         return
     if not args.path:
         ap.error(f"{args.what} needs the saved model's path")
@@ -978,7 +1122,8 @@ def main(argv: list[str] | None = None) -> None:
            "tol": lambda p: _tol(p, args.tol, args.calls), "once": lambda p: _once(p, args.calls),
            "faults": lambda p: _faults(p, args.rounds), "ops": _ops, "_faults_child": lambda p: _faults_child(p, args.prefault),
            "split": lambda p: _split(p, args.calls), "faultsby": lambda p: _faults_by(p, args.calls),
-           "window": lambda p: _window(p, args.apart), "scaling": lambda p: _scaling(p, args.calls)}
+           "window": lambda p: _window(p, args.apart), "scaling": lambda p: _scaling(p, args.calls),
+           "gate": lambda p: _gate(p, args.gate, args.calls)}
     run[args.what](args.path)
 
 

@@ -2614,8 +2614,8 @@ MAIN_KAPPA_ONLY = True
 # chunk's least pool sd (ParamGrid.chunk_deficit_bound: 1 - kappa <= S = phi(0) C3 / (12 sigma^3) at
 # every position, |3 - m4| <= 6 M^2 S) is at most UNIT_KAPPA_TOL, so each kappa moves by at most
 # that from the exact cell sums and every power sum, a sum of non-negative terms in kappa, by at
-# most that relative. (Below the wide-sd closed form's own gate, functional.wide.WIDE_TOL, 1e-9
-# since tol47: nothing needs the two equal, since a chunk left to the per-element moments meets
+# most that relative. (Below the wide-sd closed form's own gate, functional.wide.WIDE_TOL, 1e-8
+# since p55b: nothing needs the two equal, since a chunk left to the per-element moments meets
 # that gate per element; kept at 1e-11, where p45a / p46a measured it.) Its
 # columns are then the baseline's own tensors (or one point-mass column shared by the grids with the
 # same point masses), which the power sums sum once (SHARE_EQUAL_COLUMNS;

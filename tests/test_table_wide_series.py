@@ -8,7 +8,8 @@ the bounds, independent of the series and of the prefix sums. Tolerances: ``kapp
 in ``[-8 eps, SERIES_TOL + 8 eps]`` (the series reads at least the exact kappa, by at most its bound
 ``err <= SERIES_TOL``; ``eps = 2^-53``, each side rounds), ``|m4 - m4_ref| <= SERIES_TOL + 1e-14``
 (``m4 ~ 3``: the reference's own rounding), ``|mean_abs - ref| <= 1e-15`` (an exact formula).
-Cases: windows 0.15 / 0.3 / 0.45 sd (past WIDE_MAX_WINDOW = 0.1; wider ones mostly fail the
+Cases: windows 0.15 / 0.3 / 0.45 sd (``_table_series`` called directly: the closed form's gate leaves
+the weights whose bound exceeds WIDE_TOL to it at any window; wider ones mostly fail the
 cell-mean bound, which grows as the fifth powers of float8's coarse cells, and keep the exact sums), the
 release's own per-row bounds and bounds cut inside the table off-centre (cut end cells, no cell
 of the table's 0 at the window's centre), weights at theta-hat and draws beyond a bound. Each

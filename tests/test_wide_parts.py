@@ -2,12 +2,12 @@
 
 * ``WIDE_PARTS_IN_PLACE`` (functional/wide.py): ``wide_sd_parts`` and ``own_cell_mean_abs`` on
   their own temporaries, and ``ok``'s bound as ``6 M^2 S`` alone. Inside the window
-  (``W <= WIDE_MAX_WINDOW = 0.1``, so ``M <= W``) ``(1 - lambda) S <= 0.501 M^2 S`` plus the
+  (``W <= WIDE_MAX_WINDOW = 0.5``, so ``M <= W``) ``(1 - lambda) S <= 0.524 M^2 S`` plus the
   rounding of ``1 - lambda`` (a few 1e-16 times ``S <= phi(0) W^3 / 12``): whenever
   ``6 M^2 S <= WIDE_TOL`` the other bound is below it too, so ``max(...) <= WIDE_TOL`` is the same
   mask. Reference: the switch off (the old operations, through ``wide_sd_error_bound``), every
   field bitwise, on sweeps that put ``6 M^2 S`` on both sides of ``WIDE_TOL`` by an ulp, weights
-  an ulp inside their bounds, windows an ulp either side of 0.1 sd, ``M`` near 0 (where
+  an ulp inside their bounds, windows an ulp either side of ``WIDE_MAX_WINDOW`` sd, ``M`` near 0 (where
   ``1 - lambda`` is rounding alone), sd 0 / inf / NaN and NaN bounds.
 * ``WIDE_CUBE_BLOCKS`` (quantization/base.py): a chunk's ``C3`` from the grid's per-block values,
   expanded: bitwise the per-element ``affine_cube_sum`` / ``table_cube_sum``, on per-row, per-group,

@@ -44,19 +44,23 @@ from .cells import _INV_SQRT_2PI, SQRT_2_OVER_PI, CellMoments
 from .runs import per_table
 
 # The closed form applies where the bounded window is at most this many sd wide (the error
-# bound's derivation keeps the exp(+-M^2/2) factors exact, so it holds at any W; below 0.1 it is
-# ~M^2/2 of the Sheppard deficit S, i.e. at most 0.5% of it)...
-WIDE_MAX_WINDOW = 0.1
+# bound's derivation keeps the exp(+-M^2/2) factors exact, so it holds at any W; below 0.5 the
+# gate's 6 M^2 S is the larger of its two bounds, wide_sd_parts). 0.1 until p55b: the 1e5 MLP's
+# first layer has windows of 0.016-0.39 sd, and the 0.1-0.5 ones went to the paths (~100-500
+# element-wise operations a weight against ~60) though the gate bounds their error alike...
+WIDE_MAX_WINDOW = 0.5
 # ... and where its error bound (the larger of kappa's and m4's, absolute) is at most this. The
-# gate's 6 M^2 S bounds m4's error; kappa's, (1 - lambda) S <= 0.501 M^2 S, is at most a 12th of
-# it (8.4e-11, on the conservative side). That is within the 2e-9 the bootstrap draws' shortcuts
+# gate's 6 M^2 S bounds m4's error; kappa's, (1 - lambda) S <= 0.524 M^2 S, is at most 0.0873 of
+# it (8.7e-10, on the conservative side). That is within the 2e-9 the bootstrap draws' shortcuts
 # already accept (assess.POSITION_FREE_STEP, POSITION_FREE_WIDE_TOL), of the order of the grid
 # paths' own errors there (the fine-grid expansion's 5e-4 h^2: 1e-9 at steps of 1.4e-3 sd) and
 # far below the estimate's statistical noise. (The series forms on stored and table cells keep
 # their own functional.wide_series.SERIES_TOL, 1e-11.) 1e-11 until tol47: 1e-9 takes 4-5% off the
-# 1e5 MLP's steady scoring call and moves its leakages by at most 4.2e-14 relative (docs/method.md
-# section 5, "wsd34"; docs/benchmarks.md, "wsd34", "p47d", "tol47")
-WIDE_TOL = 1e-9
+# 1e5 MLP's steady scoring call and moves its leakages by at most 4.2e-14 relative; 1e-8 since p55b
+# (with the window at 0.5: 4-15% off that call in fresh-process pairs, 13% in-process; mis moved
+# by at most 9.4e-10 relative; docs/method.md section 5, "wsd34"; docs/benchmarks.md, "wsd34",
+# "p47d", "tol47", "p55b")
+WIDE_TOL = 1e-8
 # value tables up to this many values (float8, float4, nf4: bounded formats whose cubed widths
 # sum without cancellation); the 16-bit tables (65k values up to 3e38) take the paths
 WIDE_TABLE_MAX_VALUES = 4096
@@ -214,9 +218,9 @@ def wide_sd_parts(theta: Tensor, sigma: Tensor, lower: Tensor, upper: Tensor, cu
         t = torch.mul(m2, w, out=t).mul_(w)
         t.mul_(torch.mul(m2, 0.5, out=w).exp_()).div_(12.0)
         lam.sub_(t)
-        # ok's bound is 6 M^2 S alone: inside the window (W <= 0.1, so M <= W) (1 - lambda) S <=
-        # (M^2 / 2 + M^2 W^2 exp(M^2 / 2) / 12) S <= 0.501 M^2 S, and with S <= phi(0) W^3 / 12 the
-        # rounding of 1 - lambda (a few 1e-16) adds at most ~1e-20: below 6 M^2 S <= WIDE_TOL
+        # ok's bound is 6 M^2 S alone: inside the window (W <= 0.5, so M <= W) (1 - lambda) S <=
+        # (M^2 / 2 + M^2 W^2 exp(M^2 / 2) / 12) S <= 0.524 M^2 S, and with S <= phi(0) W^3 / 12 the
+        # rounding of 1 - lambda (a few 1e-16) adds at most ~1e-18: below 6 M^2 S <= WIDE_TOL
         # whenever that holds, so max((1 - lambda) S, 6 M^2 S) <= WIDE_TOL is the same mask
         # (tests/test_wide_parts.py)
         ok = torch.mul(m2, 6.0, out=t).mul_(S) <= WIDE_TOL

@@ -56,7 +56,7 @@ SERIES_MAX_WINDOW = 1.0
 # a cancellation of ~2^9 against float64's 2^-53 (a draw 8.5 sd beyond a window 1 sd wide)
 SERIES_MAX_SHIFT = 4.0
 # ... and where its derived error bound on kappa (and on m4 where m4 is kept) is at most this; its
-# truncation takes at most a 16th of it. Not functional.wide.WIDE_TOL (1e-9 since tol47): the
+# truncation takes at most a 16th of it. Not functional.wide.WIDE_TOL (1e-8 since p55b): the
 # terms chosen for kappa's bound at a looser figure leave m4's own bound above it on bf16 blocks
 # (tests/test_stored_wide_series.py), which would send m4 to the exact stored-cell sums, the
 # path this form replaced (docs/method.md section 5, "wc37", "p43b")
