@@ -3919,14 +3919,20 @@ class _InfluenceReader:
 # UNIT_SUMS_ONCE's entries: the same tensors at the same versions, records, scale and power-sum
 # settings) and later calls read it: the same values, so bitwise the same sums. Not held: the
 # chunk-sized entries a call recomputes in one pass from what it reads anyway (gb^2, the clamped
-# variances, the scaled d and gb in float64: their float32 copies are held); the rest is ~12 bytes
-# a weight at 1e7 (gb^2 / V in float64, the live mask, the first layer's scaled gb and d in
-# float32: ~118 MiB in all), at most HELD_SETUP_BYTES in all (then the further chunks compute
-# theirs per call, as before). False: every call computes its own (A/B).
+# variances, the scaled d and gb in float64: their float32 copies are held; gb^2 / V, see
+# SETUP_QUOTIENT_PER_CALL); the rest is ~4 bytes a weight at 1e7 (the live mask, the first layer's
+# scaled gb and d in float32: ~35 MiB; ~118 MiB with gb^2 / V held), at most HELD_SETUP_BYTES in all
+# (then the further chunks compute theirs per call, as before). False: every call computes its own (A/B).
 HOLD_CHUNK_SETUP = True
 HELD_SETUP_BYTES = 1 << 28
 # the memo's entries not held across calls (chunk-sized, one pass to recompute)
 _UNHELD_SETUP = ("g2", "vclamp", "gs", "ds")
+# The power-2 a = 0 coefficients gb^2 / V (linear_factors._zeroth_raw's "c0 raw 2", float64, 8 bytes a
+# weight: ~80 of the ~115 MiB held at 1e7) recomputed by each call (two passes over the chunk: gb^2 and
+# the quotient) instead of held (p55a): held, each chunk's quotient was a new allocation that the next
+# chunk could not reuse, ~20k fresh pages (4 KiB) of a first call at 1e7, and 80 MiB more held between
+# calls. The same operations on the same tensors: bitwise the same sums. False: held, as before (A/B).
+SETUP_QUOTIENT_PER_CALL = True
 
 
 def _held_setup(reader: _InfluenceReader, a: int, b: int) -> tuple[tuple, dict[Any, Any]] | None:
@@ -3950,7 +3956,7 @@ def _keep_setup(reader: _InfluenceReader, a: int, b: int, key: tuple, memo: dict
     """Hold ``memo`` (less :data:`_UNHELD_SETUP`) in the estimate for chunk ``a:b`` while the
     setups held stay within :data:`HELD_SETUP_BYTES`."""
     store = reader.est._chunk_setups
-    for k in _UNHELD_SETUP:
+    for k in _UNHELD_SETUP + (("c0 raw 2",) if SETUP_QUOTIENT_PER_CALL else ()):
         memo.pop(k, None)
     old = store.get((reader.name, a, b))
     size = _setup_bytes(memo)  # (a setup read back may have grown: the other power's entries)

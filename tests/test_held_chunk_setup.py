@@ -69,10 +69,13 @@ def _columns(n: int, g: torch.Generator) -> torch.Tensor:
                         torch.rand(n, generator=g, dtype=torch.float64)], 1)
 
 
-def test_a_chunks_setup_is_computed_once_per_estimate(monkeypatch):
-    """Three calls on one estimate: the setup (silent rows, ``gb^2 / V``) computed in the first only;
-    every call's sums bitwise the switch-off call's, and within the float32 path's 1e-4 of the exact
-    sums (fails without the held setup: computed in every call)."""
+@pytest.mark.parametrize("quotient_per_call", [True, False])
+def test_a_chunks_setup_is_computed_once_per_estimate(monkeypatch, quotient_per_call):
+    """Three calls on one estimate: the setup (silent rows, ``gb^2 / V``) computed in the first only --
+    but ``gb^2 / V`` in every call with ``SETUP_QUOTIENT_PER_CALL`` (p55a: not held) --; every call's
+    sums bitwise the switch-off call's, and within the float32 path's 1e-4 of the exact sums (fails
+    without the held setup: computed in every call; with the quotient held or not as the switch says)."""
+    monkeypatch.setattr(A, "SETUP_QUOTIENT_PER_CALL", quotient_per_call)
     fac, g_mean, v, g = _case()
     cols = _columns(g_mean.numel(), g)
     est = _EstHolding(fac, g_mean, v)
@@ -82,11 +85,13 @@ def test_a_chunks_setup_is_computed_once_per_estimate(monkeypatch):
         seen.clear()
         got.append(_call(est, cols))
         per_call.append(sorted(seen))
-    assert per_call == [["gb^2 / V", "silent rows"], [], []], per_call
+    later = ["gb^2 / V"] if quotient_per_call else []
+    assert per_call == [["gb^2 / V", "silent rows"], later, later], per_call
     assert list(k for k in est._chunk_setups if k != "bytes") == [(NAME, 0, g_mean.numel())]
     assert 0 < est._chunk_setups["bytes"] <= A.HELD_SETUP_BYTES
     held = est._chunk_setups[(NAME, 0, g_mean.numel())][1]
     assert not any(k in held for k in A._UNHELD_SETUP)  # (the chunk-sized intermediates dropped)
+    assert ("c0 raw 2" in held) is not quotient_per_call
     monkeypatch.setattr(A, "HOLD_CHUNK_SETUP", False)
     seen.clear()
     off = _call(est, cols)

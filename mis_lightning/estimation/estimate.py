@@ -384,7 +384,7 @@ class Estimate:
     def release_caches(self) -> int:
         """Drop what scoring calls left in this estimate to speed later calls on it: the unit
         columns' power sums and the factored weights' per-chunk setups (up to
-        ``assess.HELD_SETUP_BYTES``, 256 MiB; ~118 MiB for a 1e7-weight MLP). A later scoring call
+        ``assess.HELD_SETUP_BYTES``, 256 MiB; ~35 MiB for a 1e7-weight MLP). A later scoring call
         recomputes them (the same figures, bitwise). For a process that keeps many scored estimates.
 
         Returns:
