@@ -168,6 +168,13 @@ LARGE_WEIGHT_SCALE = 5.0
 DIAGONAL_LEVERAGE_ACCURACY = (
     "an approximation, exact for least squares without weight decay; its accuracy against the exact "
     "estimator: docs/validation.md, \"hc27\"; the derivation: docs/method.md section 4")
+# dg55: what the diagonal estimator's low-read flag (diagnostics["diagonal_low_read"]) quotes: its
+# figures over the exact estimator's on dg52's models (benchmarks/dg55_low_read.py; docs/benchmarks.md "dg55")
+DIAGONAL_LOW_READ_FIGURES = (
+    "on a ReLU CNN at weight decay 1e-3 (d / n = 0.37, 0.086 per direction) 0.73-0.88x, the exact estimator's "
+    "per-record leverages (records near 1) raising its figures 1.57x against this estimator's uniform 1.07x; "
+    "on two MLPs calling a layer twice (0.054-0.060) 0.87-0.98x, the correlation across layers; at 0.002-0.022 "
+    "(the same CNN at decay 1e-2, wide MLPs, convolutions) 0.96-2.0x")
 
 
 def _dtype_bits(t: Tensor) -> int:
@@ -804,9 +811,11 @@ def _diagonal_leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
                f"{float(diagnostics['leverage_trace_diagonal']) / max(float(diagnostics['leverage_trace']), 1e-300):.3g}x "
                "it)" if kron else "") + ". ")
     if not diagnostics.get("leverage_correction"):
-        return what + ("It was not corrected (leverage_correction=False): the first-order influences understate each "
-                       "record's leave-one-out shift by about 1 / (1 - leverage) and sigma reads low by about "
-                       "sqrt(1 - leverage)")
+        return what + _diagonal_low_read_sentence(diagnostics) + (
+            "It was not corrected (leverage_correction=False): the first-order influences understate each "
+            "record's leave-one-out shift by about 1 / (1 - leverage) and sigma reads low by about "
+            "sqrt(1 - leverage)")
+    what += _diagonal_low_read_sentence(diagnostics)
     hb = min(per, LEVERAGE_CAP)
     free = int(diagnostics.get("leverage_unassessed_weights", 0))
     bound = float(diagnostics.get("leverage_unassessed_bound", 0.0))
@@ -822,6 +831,26 @@ def _diagonal_leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
                       "overparameterised networks), and sigma grows 4.5x: the figures then sit near their maximum "
                       "(the exact estimator reads near it too on such models: docs/validation.md), how far from "
                       "the model's own is not known in general" if capped else "") + left)
+
+
+def _diagonal_low_read_sentence(diagnostics: Mapping[str, Any]) -> str:
+    """dg55: the diagonal estimator's flag that its figures may read below the exact estimator's
+    (``diagnostics["diagonal_low_read"]``, set by the estimator where its mean leverage per loss
+    direction exceeds :data:`~mis_lightning.estimation.estimate.DIAGONAL_LOW_READ_LEVERAGE`; the rows
+    are marked * by :func:`~mis_lightning.report.regime_failures`), as a sentence ending in ". ";
+    ``""`` where not flagged."""
+    low = diagnostics.get("diagonal_low_read")
+    if not low:
+        return ""
+    how = ("counted with the decayed layers' Kronecker-factored Gauss-Newton blocks"
+           if low.get("count") == "kronecker" else "the diagonal count")
+    return (f"These figures may read below the exact estimator's (marked * in the table): the mean leverage per "
+            f"loss direction ({how}) is {float(low['leverage_per_direction']):.3g}, above "
+            f"{float(low['threshold']):g}, where this estimator's one mean leverage for every record and its "
+            "models of the weights' correlation within each layer only left its figures below the exact "
+            f"estimator's where measured ({DIAGONAL_LOW_READ_FIGURES}; docs/benchmarks.md, \"dg55\"; an empirical "
+            "threshold, not a bound). estimation='exact' forms each record's leverage and the correlation across "
+            "layers (its cost grows as n d^2). ")
 
 
 def _frozen_left_out_note(model: nn.Module, names: Sequence[str]) -> str | None:
