@@ -1,7 +1,7 @@
 """dg55: where the diagonal estimator's figures read below the exact estimator's, why, and its flag
 (``estimate.DIAGONAL_LOW_READ_FLAG``; docs/benchmarks.md, "dg55").
 
-For each of dg52's models (``benchmarks/dg52_sandwich_factor.py``'s fits): the exact estimator's figures
+For each of dg52's models (``benchmarks/dg52_sandwich_factor.py``'s fits, called from there): the exact estimator's figures
 (``none`` / ``rtn_int8`` / ``rtn_int4``), the diagonal estimator's over them with the leverage correction on
 (the default) and off in both, each estimator's own gain from the correction (on over off), the exact
 estimator's mean / max leverage and capped records, the diagonal estimator's mean leverage per loss
@@ -22,16 +22,12 @@ import sys
 import warnings
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 import mis_lightning as ml
 from mis_lightning.config import EstimationConfig
 
 sys.path.insert(0, "benchmarks")
-sys.path.insert(0, "tests")
-import kfac_conv as kc  # noqa: E402 - kc32's cases and fit
-import nu48_trial as t  # noqa: E402 - session 48's data, fit and loss
-from _nets import Repeated  # noqa: E402 - tests/_nets.py
+import dg52_sandwich_factor as dg52  # noqa: E402 - dg52's models (kc32's, nu48's, nu49's) and their fits
 
 torch.set_num_threads(1)
 E = importlib.import_module("mis_lightning.estimation.estimate")
@@ -72,30 +68,13 @@ def compare(label: str, model, loader, loss, wd: float) -> None:
           f"figures bitwise those with the flag off: {same}", flush=True)
 
 
-def conv() -> None:
-    for name in ("cnn", "pooled", "conv1d"):
-        for wd in (1e-2, 1e-3):
-            model, loss, x, y = kc.case(name, 1000, 0.9, 0)
-            kc.fit(model, loss, x, y, wd)
-            compare(f"kc32 {name}", model.eval(), DataLoader(TensorDataset(x, y), batch_size=250), loss, wd)
-
-
-def small() -> None:
-    for untied in (False, True):
-        torch.manual_seed(0)
-        x, y = t.data("flat", t.N, 0)
-        model = t.fit(Repeated(2, untied), x, y, t.ce)
-        compare(f"nu48 {'untied twin' if untied else 'twice'}, n = {t.N}", model, t.loader_of(x, y)[0], t.ce, t.WD)
-
-
-def wide() -> None:
-    for untied in (False, True):
-        torch.manual_seed(0)
-        x, y = t.data("flat", 2000, 0)
-        model = t.fit(Repeated(2, untied, width=24), x, y, t.ce)
-        compare(f"nu49 wide {'untied twin' if untied else 'twice'}", model, t.loader_of(x, y, 250)[0], t.ce, t.WD)
+def main(what: list[str]) -> None:
+    """dg52's fits (``dg52_sandwich_factor.small`` / ``conv`` / ``wide``: the same models and seeds), each
+    compared here."""
+    dg52.compare = compare  # its loops call the module's compare: this one in its place
+    for w in what or ["small", "conv", "wide"]:
+        {"conv": dg52.conv, "small": dg52.small, "wide": dg52.wide}[w]()
 
 
 if __name__ == "__main__":
-    for what in sys.argv[1:] or ["small", "conv", "wide"]:
-        {"conv": conv, "small": small, "wide": wide}[what]()
+    main(sys.argv[1:])

@@ -207,8 +207,9 @@ def test_the_diagonal_estimator_flags_figures_that_may_read_low(monkeypatch, fla
     exact ``tr((H_data + lambda)^-1 H_data)`` (K-FAC exact for one least-squares layer: 1e-8 relative, as
     ``test_a_decayed_low_rank_layer_reads_the_exact_mean_leverage``), ~0.1 per direction: flagged; rank-2
     inputs, whose diagonal count reads ~0.1 too but the Kronecker one ~0.015: not flagged (the flag reads
-    the Kronecker count, the one nearer the exact trace). The figures are the same with the flag off
-    (bitwise: sigma), which sets no key, so the flagged case fails without it."""
+    the Kronecker count, the one nearer the exact trace); 20 of the full-rank records, capped at 0.95 (the
+    figures near their maximum, which the cap's own warning says): not flagged. The figures are the same
+    with the flag off (bitwise: sigma), which sets no key, so the flagged case fails without it."""
     E = importlib.import_module("mis_lightning.estimation.estimate")
     monkeypatch.setattr(E, "DIAGONAL_LOW_READ_FLAG", flag)
     n = 200
@@ -235,6 +236,9 @@ def test_the_diagonal_estimator_flags_figures_that_may_read_low(monkeypatch, fla
     low = est.diagnostics["diagonal_low_read"]
     assert low["leverage_per_direction"] == pytest.approx(want, rel=1e-8) and want > 0.08
     assert low["threshold"] == E.DIAGONAL_LOW_READ_LEVERAGE and low["count"] == "kronecker"
+    # 20 of the records: ~1 per direction, capped at 0.95 (the figures near their maximum, said so): no flag
+    capped = estimate(full, [(x[:20], y[:20])], _sq, **kw).diagnostics
+    assert capped["leverage_capped"] and "diagonal_low_read" not in capped
     monkeypatch.setattr(E, "DIAGONAL_LOW_READ_FLAG", False)
     off = estimate(full, [(x[i: i + 100], y[i: i + 100]) for i in (0, 100)], _sq, **kw)
     assert "diagonal_low_read" not in off.diagnostics

@@ -2382,8 +2382,10 @@ class MomentAccumulator:
         Kronecker one already where :data:`KFAC_LEVERAGE_TRACE`); the Kronecker count is formed here
         only where ``trace`` alone would flag (it is never above it), into a scratch dict: the
         correction's diagnostics are not touched. Call after :meth:`_diagonal_leverage` (its
-        ``leverage_directions``). Nothing where :data:`DIAGONAL_LOW_READ_FLAG` is ``False``."""
-        if not DIAGONAL_LOW_READ_FLAG or n <= 0:
+        ``leverage_directions``). Nothing where :data:`DIAGONAL_LOW_READ_FLAG` is ``False``, nor where
+        the mean leverage per direction was capped (``leverage_capped``: the figures then sit near their
+        maximum, which the leverage warning says; e.g. issue 13's MLPs, d / n = 24-2,400)."""
+        if not DIAGONAL_LOW_READ_FLAG or n <= 0 or diagnostics.get("leverage_capped"):
             return
         rank = max(float(diagnostics.get("leverage_directions", 1.0)), 1.0)
         if not trace / (n * rank) > DIAGONAL_LOW_READ_LEVERAGE:
