@@ -13,6 +13,7 @@ False``, the path before dg55).
     python benchmarks/dg55_low_read.py conv      # kc32's ReLU CNN (d = 372, n = 1,000) at decay 1e-2 / 1e-3, pooled and dense Conv1d
     python benchmarks/dg55_low_read.py small     # nu48's MLP calling a layer twice and its untied twin (n = 400)
     python benchmarks/dg55_low_read.py wide      # nu49's wide MLP and its twin (n = 2,000)
+    python benchmarks/dg55_low_read.py kf33      # kf33's ReLU / tanh 20-80-5 classifiers (d / n = 2.1) at decay 1e-2 / 1e-3
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 import warnings
 
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 import mis_lightning as ml
 from mis_lightning.config import EstimationConfig
@@ -68,12 +70,25 @@ def compare(label: str, model, loader, loss, wd: float) -> None:
           f"figures bitwise those with the flag off: {same}", flush=True)
 
 
+def kf33() -> None:
+    """kf33's default classifiers (``benchmarks/kfac_classifier.py``: ReLU / tanh 20-80-5, n = 1,000, rho 0.5,
+    seed 0, decay 1e-2 / 1e-3; d / n = 2.1, where kf33 calls the exact figures no reference)."""
+    import kfac_classifier as kf
+    for act in ("relu", "tanh"):
+        for wd in (1e-2, 1e-3):
+            x, y = kf.data(1000, 20, 5, 0.5, 0)
+            torch.manual_seed(0)
+            model = kf.mlp(20, [80], 5, act).double()
+            kf.fit(model, x, y, wd)
+            compare(f"kf33 {act} 20-80-5", model.eval(), DataLoader(TensorDataset(x, y), batch_size=250), kf.ce, wd)
+
+
 def main(what: list[str]) -> None:
-    """dg52's fits (``dg52_sandwich_factor.small`` / ``conv`` / ``wide``: the same models and seeds), each
-    compared here."""
+    """dg52's fits (``dg52_sandwich_factor.small`` / ``conv`` / ``wide``: the same models and seeds) and
+    kf33's classifiers, each compared here."""
     dg52.compare = compare  # its loops call the module's compare: this one in its place
     for w in what or ["small", "conv", "wide"]:
-        {"conv": dg52.conv, "small": dg52.small, "wide": dg52.wide}[w]()
+        {"conv": dg52.conv, "small": dg52.small, "wide": dg52.wide, "kf33": kf33}[w]()
 
 
 if __name__ == "__main__":

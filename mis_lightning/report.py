@@ -1619,7 +1619,7 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
     if diagnostics.get("kfac_lost"):  # nu49: a layer called twice lost it unmarked
         out.append("diagonal sigma without its K-FAC correction")
     low = diagnostics.get("diagonal_low_read")
-    if low:  # dg55: 0.71-0.93x the exact estimator's where measured, with nothing said before
+    if low:  # dg55: down to 0.73x the exact estimator's figures where measured, with nothing said before
         out.append(f"diagonal estimator at mean leverage {float(low['leverage_per_direction']):.2g} per direction: "
                    "may read below the exact one")
     return out

@@ -205,7 +205,8 @@ def test_the_diagonal_estimator_flags_figures_that_may_read_low(monkeypatch, fla
     each decayed layer under its Kronecker model, exceeds ``DIAGONAL_LOW_READ_LEVERAGE`` (0.04). Two ridge
     ``Linear(20, 3)`` layers of 200 records (3 loss directions each): full-rank inputs, whose count is the
     exact ``tr((H_data + lambda)^-1 H_data)`` (K-FAC exact for one least-squares layer: 1e-8 relative, as
-    ``test_a_decayed_low_rank_layer_reads_the_exact_mean_leverage``), ~0.1 per direction: flagged; rank-2
+    ``test_a_decayed_low_rank_layer_reads_the_exact_mean_leverage``), ~0.1 per direction: flagged, by the
+    large-model finalize too (its float32 state: 1e-6); rank-2
     inputs, whose diagonal count reads ~0.1 too but the Kronecker one ~0.015: not flagged (the flag reads
     the Kronecker count, the one nearer the exact trace); 20 of the full-rank records, capped at 0.95 (the
     figures near their maximum, which the cap's own warning says): not flagged. The figures are the same
@@ -225,17 +226,24 @@ def test_the_diagonal_estimator_flags_figures_that_may_read_low(monkeypatch, fla
         full.bias.copy_(beta[20])
     kw = dict(mode="diagonal", hessian="ggn", num_records=32, weight_decay=WD)
     est = estimate(full, [(x[i: i + 100], y[i: i + 100]) for i in (0, 100)], _sq, **kw)
+    if not flag:
+        assert "diagonal_low_read" not in est.diagnostics
+        return
     low_rank, loader = _low_rank_regression(n=n)
     est2 = estimate(low_rank, loader, _sq, **kw)
     assert "diagonal_low_read" not in est2.diagnostics
     assert est2.diagnostics["leverage_per_direction"] > 0.08  # the diagonal count alone would flag it
-    if not flag:
-        assert "diagonal_low_read" not in est.diagnostics
-        return
     want = 3 * float(torch.linalg.solve(hd + WD * torch.eye(21, dtype=torch.float64), hd).trace()) / (3 * n)
     low = est.diagnostics["diagonal_low_read"]
     assert low["leverage_per_direction"] == pytest.approx(want, rel=1e-8) and want > 0.08
     assert low["threshold"] == E.DIAGONAL_LOW_READ_LEVERAGE and low["count"] == "kronecker"
+    # the large-model finalize (float32 state, chunked) flags it too, with the same count (float32: 1e-6)
+    whole = E.FLOAT32_STATE_MIN_PARAMS
+    monkeypatch.setattr(E, "FLOAT32_STATE_MIN_PARAMS", 0)
+    lean = estimate(full, [(x[i: i + 100], y[i: i + 100]) for i in (0, 100)], _sq, budget=10, **kw).diagnostics
+    monkeypatch.setattr(E, "FLOAT32_STATE_MIN_PARAMS", whole)
+    assert lean.get("state_dtype") == "float32"
+    assert lean["diagonal_low_read"]["leverage_per_direction"] == pytest.approx(want, rel=1e-6)
     # 20 of the records: ~1 per direction, capped at 0.95 (the figures near their maximum, said so): no flag
     capped = estimate(full, [(x[:20], y[:20])], _sq, **kw).diagnostics
     assert capped["leverage_capped"] and "diagonal_low_read" not in capped
