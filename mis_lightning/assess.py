@@ -168,6 +168,15 @@ LARGE_WEIGHT_SCALE = 5.0
 DIAGONAL_LEVERAGE_ACCURACY = (
     "an approximation, exact for least squares without weight decay; its accuracy against the exact "
     "estimator: docs/validation.md, \"hc27\"; the derivation: docs/method.md section 4")
+# dg55: what the diagonal estimator's low-read flag (diagnostics["diagonal_low_read"]) quotes: its
+# figures over the exact estimator's on dg52's models (benchmarks/dg55_low_read.py; docs/benchmarks.md "dg55")
+DIAGONAL_LOW_READ_FIGURES = (
+    "0.73-0.88x on a ReLU CNN at weight decay 1e-3 (d / n = 0.37; 0.086 per direction), where the exact "
+    "estimator's per-record leverages (48 of its 512 stored records at or above the 0.95 cap) raised its figures "
+    "1.57x against this estimator's uniform 1.11x; 0.87-1.08x on two MLPs calling a layer twice (0.054-0.060), "
+    "0.76-0.90x there without either correction (the correlation across layers); 0.63-0.90x on ReLU 20-80-5 "
+    "classifiers at d / n = 2.1 (0.13-0.26; the exact estimator's own correction 2.2-2.4x), 1.01-1.58x on tanh ones "
+    "(0.06-0.20); 0.95-2.4x at 0.0005-0.022 (the same CNN at decay 1e-2, wide MLPs, convolutions)")
 
 
 def _dtype_bits(t: Tensor) -> int:
@@ -827,9 +836,11 @@ def _diagonal_leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
                f"{float(diagnostics['leverage_trace_diagonal']) / max(float(diagnostics['leverage_trace']), 1e-300):.3g}x "
                "it)" if kron else "") + ". ")
     if not diagnostics.get("leverage_correction"):
-        return what + ("It was not corrected (leverage_correction=False): the first-order influences understate each "
-                       "record's leave-one-out shift by about 1 / (1 - leverage) and sigma reads low by about "
-                       "sqrt(1 - leverage)")
+        return what + _diagonal_low_read_sentence(diagnostics) + (
+            "It was not corrected (leverage_correction=False): the first-order influences understate each "
+            "record's leave-one-out shift by about 1 / (1 - leverage) and sigma reads low by about "
+            "sqrt(1 - leverage)")
+    what += _diagonal_low_read_sentence(diagnostics)
     hb = min(per, LEVERAGE_CAP)
     free = int(diagnostics.get("leverage_unassessed_weights", 0))
     bound = float(diagnostics.get("leverage_unassessed_bound", 0.0))
@@ -845,6 +856,26 @@ def _diagonal_leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
                       "overparameterised networks), and sigma grows 4.5x: the figures then sit near their maximum "
                       "(the exact estimator reads near it too on such models: docs/validation.md), how far from "
                       "the model's own is not known in general" if capped else "") + left)
+
+
+def _diagonal_low_read_sentence(diagnostics: Mapping[str, Any]) -> str:
+    """dg55: the diagonal estimator's flag that its figures may read below the exact estimator's
+    (``diagnostics["diagonal_low_read"]``, set by the estimator where its mean leverage per loss
+    direction exceeds :data:`~mis_lightning.estimation.estimate.DIAGONAL_LOW_READ_LEVERAGE`; the rows
+    are marked * by :func:`~mis_lightning.report.regime_failures`), as a sentence ending in ". ";
+    ``""`` where not flagged."""
+    low = diagnostics.get("diagonal_low_read")
+    if not low:
+        return ""
+    how = ("counted with the decayed layers' Kronecker-factored Gauss-Newton blocks"
+           if low.get("count") == "kronecker" else "the diagonal count")
+    return (f"These figures may read below the exact estimator's (marked * in the table): the mean leverage per "
+            f"loss direction ({how}) is {float(low['leverage_per_direction']):.3g}, above "
+            f"{float(low['threshold']):g}: there this estimator, which corrects every record by one mean leverage and "
+            "models the weights' correlation within each layer only, read below the exact estimator where measured "
+            f"({DIAGONAL_LOW_READ_FIGURES}; docs/benchmarks.md, \"dg55\"; an empirical threshold, not a bound). "
+            "estimation='exact' forms each record's leverage and the correlation across layers (its cost grows as "
+            "n d^2). ")
 
 
 def _frozen_left_out_note(model: nn.Module, names: Sequence[str]) -> str | None:

@@ -1610,7 +1610,10 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
     its sigma's error there has no bound it can state (docs/benchmarks.md, "rn43"); so is the
     diagonal sandwich whose K-FAC correction a refused layer lost (``diagnostics["kfac_lost"]``: e.g. a
     transposed convolution called twice per forward; docs/benchmarks.md, "nu49", "tw51"). So is the
-    exact estimator's mean leverage above the d / n bound where d / n is not (:func:`leverage_failure`). So
+    exact estimator's mean leverage above the d / n bound where d / n is not (:func:`leverage_failure`), and
+    the diagonal estimator's flag that its figures may read below the exact one's
+    (``diagnostics["diagonal_low_read"]``: its mean leverage per loss direction not small; docs/benchmarks.md,
+    "dg55"). So
     is a callback's loss several-fold above the one ``training_step`` returned on the same batches
     (``diagnostics["loss_mismatch"]``: :mod:`mis_lightning._loss_match`), and a model the callback's
     fit took no optimizer step on (``diagnostics["not_trained"]``: :data:`NOT_TRAINED`)."""
@@ -1647,6 +1650,10 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
         out.append("diagonal sandwich over recurrent layers")
     if diagnostics.get("kfac_lost"):  # nu49: a layer called twice lost it unmarked
         out.append("diagonal sigma without its K-FAC correction")
+    low = diagnostics.get("diagonal_low_read")
+    if low:  # dg55: down to 0.73x the exact estimator's figures where measured, with nothing said before
+        out.append(f"diagonal estimator at mean leverage {float(low['leverage_per_direction']):.2g} per direction: "
+                   "may read below the exact one")
     return out
 
 

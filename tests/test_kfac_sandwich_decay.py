@@ -197,3 +197,76 @@ def test_the_sandwich_factor_below_one_is_not_read_from_a_record_subsample(monke
     assert sub.diagnostics["kfac_variance_inflation_median"] >= 1.0
     for k in sub.names:
         assert torch.equal(sub.sigma[k], floored.sigma[k]), k
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_the_diagonal_estimator_flags_figures_that_may_read_low(monkeypatch, flag):
+    """dg55: ``diagnostics["diagonal_low_read"]`` where the mean leverage per loss direction, counted with
+    each decayed layer under its Kronecker model, exceeds ``DIAGONAL_LOW_READ_LEVERAGE`` (0.04). Two ridge
+    ``Linear(20, 3)`` layers of 200 records (3 loss directions each): full-rank inputs, whose count is the
+    exact ``tr((H_data + lambda)^-1 H_data)`` (K-FAC exact for one least-squares layer: 1e-8 relative, as
+    ``test_a_decayed_low_rank_layer_reads_the_exact_mean_leverage``), ~0.1 per direction: flagged, by the
+    large-model finalize too (its float32 state: 1e-6); rank-2
+    inputs, whose diagonal count reads ~0.1 too but the Kronecker one ~0.015: not flagged (the flag reads
+    the Kronecker count, the one nearer the exact trace); 20 of the full-rank records, capped at 0.95 (the
+    figures near their maximum, which the cap's own warning says): not flagged. The figures are the same
+    with the flag off (bitwise: sigma), which sets no key, so the flagged case fails without it."""
+    E = importlib.import_module("mis_lightning.estimation.estimate")
+    monkeypatch.setattr(E, "DIAGONAL_LOW_READ_FLAG", flag)
+    n = 200
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 20, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(20, 3, generator=g, dtype=torch.float64) + torch.randn(n, 3, generator=g, dtype=torch.float64)
+    xa = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1)
+    hd = 2 * xa.T @ xa / n
+    beta = torch.linalg.solve(hd + WD * torch.eye(21, dtype=torch.float64), 2 * xa.T @ y / n)
+    full = nn.Linear(20, 3).double()
+    with torch.no_grad():
+        full.weight.copy_(beta[:20].T)
+        full.bias.copy_(beta[20])
+    kw = dict(mode="diagonal", hessian="ggn", num_records=32, weight_decay=WD)
+    est = estimate(full, [(x[i: i + 100], y[i: i + 100]) for i in (0, 100)], _sq, **kw)
+    if not flag:
+        assert "diagonal_low_read" not in est.diagnostics
+        return
+    low_rank, loader = _low_rank_regression(n=n)
+    est2 = estimate(low_rank, loader, _sq, **kw)
+    assert "diagonal_low_read" not in est2.diagnostics
+    assert est2.diagnostics["leverage_per_direction"] > 0.08  # the diagonal count alone would flag it
+    want = 3 * float(torch.linalg.solve(hd + WD * torch.eye(21, dtype=torch.float64), hd).trace()) / (3 * n)
+    low = est.diagnostics["diagonal_low_read"]
+    assert low["leverage_per_direction"] == pytest.approx(want, rel=1e-8) and want > 0.08
+    assert low["threshold"] == E.DIAGONAL_LOW_READ_LEVERAGE and low["count"] == "kronecker"
+    # the large-model finalize (float32 state, chunked) flags it too, with the same count (float32: 1e-6)
+    whole = E.FLOAT32_STATE_MIN_PARAMS
+    monkeypatch.setattr(E, "FLOAT32_STATE_MIN_PARAMS", 0)
+    lean = estimate(full, [(x[i: i + 100], y[i: i + 100]) for i in (0, 100)], _sq, budget=10, **kw).diagnostics
+    monkeypatch.setattr(E, "FLOAT32_STATE_MIN_PARAMS", whole)
+    assert lean.get("state_dtype") == "float32"
+    assert lean["diagonal_low_read"]["leverage_per_direction"] == pytest.approx(want, rel=1e-6)
+    # 20 of the records: ~1 per direction, capped at 0.95 (the figures near their maximum, said so): no flag
+    capped = estimate(full, [(x[:20], y[:20])], _sq, **kw).diagnostics
+    assert capped["leverage_capped"] and "diagonal_low_read" not in capped
+    monkeypatch.setattr(E, "DIAGONAL_LOW_READ_FLAG", False)
+    off = estimate(full, [(x[i: i + 100], y[i: i + 100]) for i in (0, 100)], _sq, **kw)
+    assert "diagonal_low_read" not in off.diagnostics
+    for k in est.names:
+        assert torch.equal(est.sigma[k], off.sigma[k]), k
+
+
+def test_the_low_read_flag_marks_the_rows_and_says_why():
+    """dg55: a diagonal report's diagnostics with ``diagonal_low_read`` (hand-built; at d / n = 0.05, under
+    the d / n bound, so no other mark) put ``*`` on the rows (``regime_failures``) and a sentence in the
+    leverage warning naming the leverage, the threshold and the measured figures; without the key neither."""
+    from mis_lightning.assess import DIAGONAL_LOW_READ_FIGURES, _leverage_note
+    from mis_lightning.report import regime_failures
+    diag = {"leverage_estimate": "diagonal", "leverage_per_direction": 0.11, "mean_leverage": 0.33,
+            "leverage_directions": 3.0, "leverage_trace": 330.0, "leverage_correction": True}
+    flagged = dict(diag, diagonal_low_read={"leverage_per_direction": 0.086, "threshold": 0.04, "count": "kronecker"})
+    assert regime_failures(diag, 1000, 50, 50.0) == []
+    assert regime_failures(flagged, 1000, 50, 50.0) == [
+        "diagonal estimator at mean leverage 0.086 per direction: may read below the exact one"]
+    assert "may read below" not in _leverage_note(diag)
+    note = _leverage_note(flagged)
+    assert "may read below the exact estimator's (marked * in the table)" in note
+    assert "is 0.086, above 0.04" in note and DIAGONAL_LOW_READ_FIGURES in note and "Kronecker" in note
