@@ -202,6 +202,15 @@ def test_the_callback_marks_its_records_as_the_training_records(tmp_path):
     assert not any(w.startswith("the records assessed are not") for w in cb.report.warnings)
     rep = ml.assess(Regressor(), ["rtn_int8"], loaders()[0], mse, uncertainty_draws=0, **FAST)
     assert "records_from_training_loader" not in rep.diagnostics
+    # the Hydra app reads its training split itself and says so (nux55: its job was told "likely: records it
+    # was not trained on"); the mark ends with the block
+    from mis_lightning.assess import training_records
+
+    with training_records():
+        app = ml.assess(Regressor(), ["rtn_int8"], loaders()[0], mse, uncertainty_draws=0, **FAST)
+    assert app.diagnostics.get("records_from_training_loader") is True
+    assert "records_from_training_loader" not in ml.assess(Regressor(), ["rtn_int8"], loaders()[0], mse,
+                                                           uncertainty_draws=0, **FAST).diagnostics
 
 
 def test_an_interpolant_is_not_told_its_records_are_unseen_or_off_the_minimum():
