@@ -2128,7 +2128,8 @@ def _unseen_records_warning(diagnostics: Mapping[str, Any]) -> str:
                    "weight_decay it was trained with")
     if stiff_offset_cause(diagnostics) == "off_minimum":
         whose = ("the records are the trainer's training records" if diagnostics.get("records_from_training_loader")
-                 else f"records the model never saw read at most {UNSEEN_RECORDS_EXPLAIN_MAX:g} there")
+                 else f"records the model never saw read about {math.sqrt(2):.2g} there where as many as it was trained "
+                 f"on, {UNSEEN_RECORDS_EXPLAIN_MAX:g} only for 8 times as many")
         return (f"the model is not at a minimum of the objective assessed along its stiff directions: {stat}; "
                 f"{whose}, so {off_minimum}; the M-estimator analysis may not apply")
     return (f"the records assessed are not the model's training records, or the model is not at a minimum of the "

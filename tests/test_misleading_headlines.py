@@ -187,6 +187,10 @@ def test_the_callbacks_training_records_are_not_called_unseen():
     assert own.startswith("the model is not at a minimum of the objective assessed along its stiff directions")
     assert "validation or test set" not in own and "not trained on" not in own and "AdamW" in own
     assert regime_failures(diag, 600, 126, 126.0)[1] == "records not trained on, or not at a minimum"
+    # nux55: beyond what unseen records reach (18 sd), the records are no lead cause even where not known
+    far = _unseen_records_warning({**diag, "stiff_offset_sd": 18.0})
+    assert far.startswith("the model is not at a minimum of the objective assessed along its stiff directions"), far
+    assert "3 only for 8 times as many" in far and "validation or test set" not in far
     assert regime_failures({**diag, "records_from_training_loader": True}, 600, 126, 126.0)[1] == \
         "not at a minimum (stiff directions)"
 
