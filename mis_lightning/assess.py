@@ -1464,7 +1464,7 @@ def _not_at_minimum_detail(diagnostics: Mapping[str, Any]) -> str:
               else "): so whatever the records, ")
            + "the fit is off its minimum along the stiff directions too: training stopped short there, or it "
            "minimised another objective (a constant-step minibatch optimizer's noise, a weight decay not passed as "
-           "weight_decay=, a decoupled decay such as AdamW's, another loss)")
+           "weight_decay=, AdamW's decay (its own warning, where read from the optimizer), another loss)")
     if not diagnostics.get("offset_decay_held"):
         return f"; {off}" if off else ""
     if off:  # nux55: not "at a minimum except along near-flat directions" with the stiff ones 18 sd off
