@@ -108,6 +108,7 @@ from .report import (
     D_EFF_SCHEMES_MARK,
     FLOOR_SENSITIVITY_MAX,
     UNDETERMINED_MOVE,
+    UNSEEN_RECORDS_EXPLAIN_MAX,
     LayerResult,
     Report,
     SchemeResult,
@@ -119,6 +120,7 @@ from .report import (
     metric_mode,
     metric_name,
     pick_utility_key,
+    stiff_offset_cause,
     unknown_mode_message,
 )
 from .threads import scoring_threads
@@ -142,6 +144,25 @@ def refusals_shown(names: Iterable[str]) -> Iterator[None]:
         yield
     finally:
         _REFUSALS_SHOWN.reset(token)
+
+
+# Whether the front end running assess / plan picked the records itself from the model's training
+# set (the Hydra app's non-shuffled pass over its data module's training split): the estimate is
+# then marked as the callback marks its own (``records_from_training_loader``), so no warning
+# offers "records it was not trained on" as a cause (nux55: the app's job was told so, 0.648 sd)
+_TRAINING_RECORDS: ContextVar[bool] = ContextVar("mis_lightning_training_records", default=False)
+
+
+@contextmanager
+def training_records() -> Iterator[None]:
+    """Within it, :func:`run_estimation` (``assess``, the planner) marks its estimate's records as
+    the model's training records (``diagnostics["records_from_training_loader"]``): for a front end
+    that reads them from the training split itself, never for records a user passes."""
+    token = _TRAINING_RECORDS.set(True)
+    try:
+        yield
+    finally:
+        _TRAINING_RECORDS.reset(token)
 
 
 SchemeSpec = str | QuantizationScheme
@@ -1177,12 +1198,15 @@ def run_estimation(
     """
     names = select_params(model, config.params)
     gen = torch.Generator().manual_seed(seed)
-    return estimate(
+    est = estimate(
         model, train_dataloader, loss_fn, param_names=names,
         weight_decay=config.resolved_weight_decay(model), batch_fn=batch_fn, generator=gen,
         progress=(lambda k: progress("estimation", k)) if progress else None,
         **config.estimator_kwargs(),
     )
+    if _TRAINING_RECORDS.get():  # the front end read the training split itself (training_records)
+        est.diagnostics["records_from_training_loader"] = True
+    return est
 
 
 def score(*args: Any, **kwargs: Any) -> Report:
@@ -1426,22 +1450,22 @@ def _not_at_minimum_suspects(model: nn.Module, diagnostics: Mapping[str, Any] | 
             return f"likely: {what} trained in train mode, assessed in eval mode"
         return f"likely, if trained in train mode: {what} (assessed in eval mode)"
     diagnostics = diagnostics or {}
-    if _unseen_records(diagnostics) and diagnostics.get("offset_decay_held"):
-        # converged but along the directions the decay alone holds, yet off along the stiff ones: the
-        # records are the likelier cause (nux53 #14: validation records 1.49 sd, the members 0.007)
-        return (f"likely: records it was not trained on, {float(diagnostics['stiff_offset_sd']):.3g} sd along the stiff "
-                "directions; or not converged")
-    if diagnostics.get("offset_decay_held"):
+    cause, held = stiff_offset_cause(diagnostics), diagnostics.get("offset_decay_held")
+    stiff = f"{float(diagnostics.get('stiff_offset_sd', float('nan'))):.3g} sd along the stiff directions"
+    if cause == "records_or_off" and held:
+        # the step lies along directions the decay alone holds, yet the stiff ones are off: records the
+        # model never saw read so (nux53 #14: validation records 1.49 sd, the members 0.007), and so do
+        # minibatch fits on their own records (nf51: 0.67-1.50), so neither leads as "likely" (nux55)
+        return f"records it was not trained on, or not converged: {stiff}"
+    if cause == "off_minimum" and held:
+        # the records are the training records (or read beyond what unseen ones reach): not "converged
+        # along the others" (nux55: the callback said so of a fit 18 sd off along its stiff directions)
+        return f"not converged: {stiff}, not only along near-flat ones"
+    if held:
         return "only along near-flat directions the weight decay alone holds: converged along the others"
+    if diagnostics.get("records_from_training_loader"):  # the front end read the training records itself
+        return "not converged, or another loss or weight decay"
     return "not converged, another loss or weight decay, or records other than the ones it was trained on"
-
-
-def _unseen_records(diagnostics: Mapping[str, Any]) -> bool:
-    """Whether the stiff-direction test reads the records as not the model's training records
-    (``records_unlike_training``), where that cause is open: not an interpolant (rounding over
-    rounding) and not records the callback read from the trainer's own loader."""
-    return bool(diagnostics.get("records_unlike_training") and not diagnostics.get("interpolating")
-                and not diagnostics.get("records_from_training_loader"))
 
 
 def _not_at_minimum_detail(diagnostics: Mapping[str, Any]) -> str:
@@ -1450,7 +1474,8 @@ def _not_at_minimum_detail(diagnostics: Mapping[str, Any]) -> str:
     trained on (:func:`_unseen_records`), or a Newton step that lies along directions the weight
     decay alone holds (``offset_decay_held``, :func:`~.estimation.estimate._decay_held`)."""
     stiff = diagnostics.get("stiff_offset_sd")
-    if _unseen_records(diagnostics):
+    cause = stiff_offset_cause(diagnostics)
+    if cause == "records_or_off":
         held = (f"; the Newton step itself lies along directions only the weight decay holds (without them "
                 f"{float(diagnostics.get('minimum_offset_sd_rest', float('nan'))):.3g} sd), so the stiff directions are "
                 "what tells these records from this fit's training records") \
@@ -1461,8 +1486,22 @@ def _not_at_minimum_detail(diagnostics: Mapping[str, Any]) -> str:
                 f"{UNSEEN_RECORDS_SD:g}): if these records are a validation or test set, the figures are not the "
                 "members' leakage -- pass the records the model was trained on; if they are its training records, "
                 f"the fit is off its minimum along the stiff directions too{held}")
+    off = ("" if cause != "off_minimum" else
+           f"the records' mean gradient along the stiffer half of the Hessian's directions, where training converges "
+           f"first, is {float(stiff):.3g} of its own sampling standard deviation (root mean square; the limit is "
+           f"{UNSEEN_RECORDS_SD:g}; a fit's training records read ~0 at its minimum, records it never saw about "
+           f"{math.sqrt(2):.2g} where as many as it was trained on, {UNSEEN_RECORDS_EXPLAIN_MAX:g} only for 8 times as many"
+           + ("): these are the training records, so " if diagnostics.get("records_from_training_loader")
+              else "): so whatever the records, ")
+           + "the fit is off its minimum along the stiff directions too: training stopped short there, or it "
+           "minimised another objective (a constant-step minibatch optimizer's noise, a weight decay not passed as "
+           "weight_decay=, AdamW's decay (its own warning, where read from the optimizer), another loss)")
     if not diagnostics.get("offset_decay_held"):
-        return ""
+        return f"; {off}" if off else ""
+    if off:  # nux55: not "at a minimum except along near-flat directions" with the stiff ones 18 sd off
+        return (f"; the Newton step lies mostly along {int(diagnostics.get('decay_held_directions') or 0)} "
+                f"direction(s) of the Hessian that only the weight decay holds (without them "
+                f"{float(diagnostics.get('minimum_offset_sd_rest', float('nan'))):.3g} sd), but {off}")
     k = int(diagnostics.get("decay_held_directions") or 0)
     shares = diagnostics.get("offset_held_parameters") or {}
     where = (" and lies in " + ", ".join(f"{nm} ({100 * v:.0f}%)" for nm, v in list(shares.items())[:4])) \
@@ -2035,7 +2074,7 @@ def score_schemes(
             "records given must be the ones it was trained on (a validation or test set is not at its "
             "minimum, and its figures are not the members' leakage)"
         )
-    elif diagnostics.get("records_unlike_training") and not diagnostics.get("interpolating"):
+    elif stiff_offset_cause(diagnostics) is not None:
         # an interpolant's gradients are rounding: its stiff offset is rounding over rounding, as its
         # gradient norm ratio (the interpolation warning says so; hd51: the two causes named here
         # both read as wrong for it)
@@ -2118,10 +2157,12 @@ def _unseen_records_warning(diagnostics: Mapping[str, Any]) -> str:
                    "stopped short, or it minimised another objective (a weight decay not passed as weight_decay=, "
                    "a decoupled decay such as AdamW's, another loss): train on, or pass the loss_fn and "
                    "weight_decay it was trained with")
-    if diagnostics.get("records_from_training_loader"):
+    if stiff_offset_cause(diagnostics) == "off_minimum":
+        whose = ("the records are the trainer's training records" if diagnostics.get("records_from_training_loader")
+                 else f"records the model never saw read about {math.sqrt(2):.2g} there where as many as it was trained "
+                 f"on, {UNSEEN_RECORDS_EXPLAIN_MAX:g} only for 8 times as many")
         return (f"the model is not at a minimum of the objective assessed along its stiff directions: {stat}; "
-                f"the records are the trainer's training records, so {off_minimum}; the M-estimator analysis "
-                "may not apply")
+                f"{whose}, so {off_minimum}; the M-estimator analysis may not apply")
     return (f"the records assessed are not the model's training records, or the model is not at a minimum of the "
             f"objective assessed: {stat}. Either: if these are a validation or test set (e.g. MISIndicator updated "
             "in validation_step), the figures are not the members' leakage -- pass the records the model was "

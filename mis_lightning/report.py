@@ -586,9 +586,10 @@ class Report:
         modes = self.utility_modes
         text = format_table(rows, utility_key, utility_tolerance, modes=modes, width=width)
         if width is not None and legend_columns is None:  # the console's: ~300 characters, not ~1,700
-            pos = any(r.get("interval_regime") == "position-dominated" for r in rows if not r.get("error"))
             legend_columns = CONSOLE_LEGEND.format(
-                where=warnings_in_full, pos="; pos.: set by where few coarse weights sit in their cells" if pos else "")
+                where=warnings_in_full, pos=f"; {POSITION_CONSOLE}" if position_dominated(rows) else "",
+                float=f"; {FLOAT_CONSOLE}" if any(
+                    (ff := r.get("float_fraction")) and math.isfinite(ff) for r in rows if not r.get("error")) else "")
         text += "\n\n" + legend(rows, utility_key, columns=legend_columns, modes=modes)
         est = self.estimation or {}
         if est.get("estimator"):  # which estimator ran, in every front end's printed table (fu25)
@@ -1368,7 +1369,8 @@ def _no_safer_verdict(ok: list[dict[str, Any]], eligible: list[dict[str, Any]], 
 
 # Legend entries of columns shown both by a job's table and by a sweep's aggregate.md
 # (app/aggregate.py), declared once.
-FLOAT_ENTRY = "float: share of assessed weights left in float (they leak like the baseline)."
+FLOAT_ENTRY = ("float: share of assessed weights left in float (they leak like the baseline): biases, which "
+               "weight-only schemes never quantize, and layers a scheme cannot take (a warning names those).")
 MODEL_BITS_ENTRY = ("model b/w: storage per weight of the whole model as the scheme quantizes it (the weights "
                     "not assessed too, e.g. a frozen backbone); the utility is that whole quantized model's.")
 ZEROS_ENTRY = "zeros: share of quantized weights released as exactly 0."
@@ -1376,6 +1378,35 @@ POSITION_ENTRY = ("pos. after [p10, p90]: a position-dominated interval, set by 
                   "sit in their cells, not a bootstrap spread; the figure can then read below the truth: "
                   "where p90 reaches above it by more than the record average's error allows, a warning "
                   "names the scheme and p90 is the bound to hold.")
+
+
+# The console's and the full legend's word on a ``pos.`` interval (POSITION_ENTRY in full: report.md,
+# aggregate.md); nux55 read "set by where few coarse weights sit in their cells" as opaque
+POSITION_SHORT = ("pos. after an interval: not a sampling spread but set by where the few coarse weights sit "
+                  "in their grid cells, so the figure can read below the truth (hold p90 as the bound)")
+
+
+# the console's (its legend stays under ~500 characters): the same two, short
+POSITION_CONSOLE = ("pos.: not a sampling spread, set by where few coarse weights sit in their grid cells: the "
+                    "figure can read low, hold p90")
+FLOAT_CONSOLE = "float: share left in float, e.g. biases (a warning names other layers)"
+
+
+def position_dominated(rows: list[dict[str, Any]]) -> bool:
+    """Whether a row without an error has a position-dominated interval (``pos.`` in the table)."""
+    return any(r.get("interval_regime") == "position-dominated" for r in rows if not r.get("error"))
+
+
+def _bits_example(rows: list[dict[str, Any]]) -> str:
+    """The bits/w legend's example, taken from ``rows``: the first row with weights left in float
+    (its scheme, bits/w and float share, as the table prints them), ``""`` where none has any
+    (nux55: a static "e.g. 12.91" under tables without such a value)."""
+    for r in rows:
+        ff, bits = r.get("float_fraction"), r.get("bits_per_weight")
+        if not r.get("error") and bits is not None and ff is not None and math.isfinite(ff) and ff > 0:
+            return (f", so a partly quantized row reads above its grid's width (here {r['scheme']}: "
+                    f"{bits:.2f} with {share_format(ff)} in float)")
+    return ""
 
 
 def legend(rows: list[dict[str, Any]], utility_key: str | None = None, columns: str | None = None,
@@ -1394,10 +1425,10 @@ def legend(rows: list[dict[str, Any]], utility_key: str | None = None, columns: 
         "  pool: the same release in the pool protocol of reference-model audits (LiRA, RMIA, "
         "ML Privacy Meter: target trained on a random half of a known pool); compare such audits "
         "with this column.",
-        "  80% interval [p10, p90]: uncertainty of the leakage (pos.: set by where few coarse "
-        "weights sit in their cells); overlapping intervals = not clearly different.",
+        "  80% interval [p10, p90]: uncertainty of the leakage; overlapping intervals = not clearly different"
+        + (f"; {POSITION_SHORT}." if position_dominated(rows) else "."),
         "  bits/w: storage per assessed weight incl. scales; weights left in float count at their "
-        "width (32), so a partly quantized model shows e.g. 12.91.",
+        "width (32)" + _bits_example(rows) + ".",
         f"  {FLOAT_ENTRY} baseline: leakage of the unquantized model.",
         f"  d_eff: how many weights still leak (sum of the surviving information fractions); {ZEROS_ENTRY}",
     ]
@@ -1598,6 +1629,32 @@ def leverage_failure(diagnostics: Mapping[str, Any]) -> bool:
             and math.isfinite(float(h)) and float(h) > D_EFF_OVER_N_MAX)
 
 
+# Records the model never saw read the stiff-direction statistic (``stiff_offset_sd``) at
+# ~sqrt(1 + m / n_train) on a fit at its minimum (method.md section 6, "Records unlike the training
+# set"): 1.41 for as many records as it was trained on, 3 only for m = 8 n_train, more than any
+# held-out set fed against its training set. Above it, unseen records alone do not explain the
+# figure: the fit is off its minimum along the stiff directions, whatever the records (nux55: an
+# Adam fit read 18 sd on its own 2,000 training records and was told "likely: records it was not
+# trained on").
+UNSEEN_RECORDS_EXPLAIN_MAX = 3.0
+
+
+def stiff_offset_cause(diagnostics: Mapping[str, Any]) -> str | None:
+    """What the stiff-direction test (``diagnostics["records_unlike_training"]``, the exact
+    estimator's ``stiff_offset_sd`` above its limit; method.md section 6) can say, as the library
+    knows it: ``None`` where it did not fire or cannot speak (an interpolant: rounding over
+    rounding); ``"off_minimum"`` where the records are known to be the training records
+    (``records_from_training_loader``: the callback and the Hydra app pick them) or the figure is
+    above :data:`UNSEEN_RECORDS_EXPLAIN_MAX`, which unseen records alone do not reach; else
+    ``"records_or_off"``: records it was not trained on, or a fit off its minimum there."""
+    if not diagnostics.get("records_unlike_training") or diagnostics.get("interpolating"):
+        return None
+    if diagnostics.get("records_from_training_loader") or \
+            float(diagnostics.get("stiff_offset_sd", 0.0)) > UNSEEN_RECORDS_EXPLAIN_MAX:
+        return "off_minimum"
+    return "records_or_off"
+
+
 def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff: float | None) -> list[str]:
     """The assumptions of the analysis (docs/method.md sections 2 and 6) that fail for a figure
     of a report with ``n`` records, ``d`` assessed weights and the scheme's ``d_eff``, given the
@@ -1627,14 +1684,15 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
         out.append(f"mean leverage {float(diagnostics['mean_leverage']):.2g}")
     if diagnostics.get("not_at_minimum"):
         # ux54b (nux53 #14): which of its causes the diagnostics single out, as its warning says
-        unseen = (diagnostics.get("records_unlike_training") and not diagnostics.get("interpolating")
-                  and not diagnostics.get("records_from_training_loader"))
+        cause = stiff_offset_cause(diagnostics)
         held = diagnostics.get("offset_decay_held")
-        out.append("records not trained on, or not at a minimum" if unseen and held
+        # nux55: the training records off along the stiff directions are not "near-flat directions only"
+        out.append("records not trained on, or not at a minimum" if cause == "records_or_off" and held
+                   else "not at a minimum (stiff directions too)" if cause == "off_minimum" and held
                    else "not at a minimum (near-flat directions only)" if held else "not at a minimum")
-    elif diagnostics.get("records_unlike_training") and not diagnostics.get("interpolating"):  # nux50: a held-out set's figures, 1.9x the members'
+    elif (cause := stiff_offset_cause(diagnostics)) is not None:  # nux50: a held-out set's figures, 1.9x the members'
         # nux51 #2: the callback reads the training loader itself: then only the other cause remains
-        out.append("not at a minimum (stiff directions)" if diagnostics.get("records_from_training_loader")
+        out.append("not at a minimum (stiff directions)" if cause == "off_minimum"
                    else "records not trained on, or not at a minimum")
     if diagnostics.get("not_trained"):  # nux53 #3: no optimizer step in the fit assessed
         out.append("not trained in this fit")
@@ -1860,7 +1918,7 @@ CONSOLE_WIDTH = 100
 #: what leakage is and where every column is explained (``where``: the table in full)
 CONSOLE_LEGEND = ("legend: leakage = advantage of the best membership-inference attack on the released weights "
                   "(0 = none, 1 = always right; lower is safer; MIS = 1 - leakage); 80% interval: its uncertainty "
-                  "(overlapping = not clearly different{pos}); every column explained in {where}.")
+                  "(overlapping = not clearly different{pos}){float}; every column explained in {where}.")
 #: the narrowest scheme column :func:`format_table` shortens names to where ``width`` is given
 MIN_NAME_WIDTH = 12
 

@@ -37,6 +37,8 @@ def test_pos_mark_and_float_share_reach_the_aggregate(tmp_path):
     assert "| 8.8% |" in lines["int8_weight_only"]
     assert "pos." not in lines["bf16"] and "| 0.0% |" in lines["bf16"]
     assert agg.POSITION_LEGEND in md and agg.FLOAT_LEGEND in md
+    # nux55: the jobs had no warnings (their float weights were biases): the legend points where the names are
+    assert "biases" in md and "report.json lists them all (float_params" in md and "warnings name the layers" not in md
 
 
 def test_model_size_column_reaches_the_aggregate_where_weights_are_not_assessed(tmp_path):

@@ -36,11 +36,14 @@ def _console(monkeypatch, capsys, args: list[str]) -> tuple[object, str, str]:
 
 
 @pytest.mark.parametrize("args, culprit, meant", [
-    (["quantizer=int8_weight_onyl"], "quantizer=int8_weight_onyl: no such option in conf/quantizer", "int8_weight_only"),
+    (["quantizer=int8_weight_onyl"], "quantizer=int8_weight_onyl: no such option in the quantizer group (generated from the "
+     "scheme registry, no conf/quantizer folder: mis_lightning.quantization.available_schemes())", "int8_weight_only"),
     # a multirun's sweep: the bad value alone is named
-    (["-m", "quantizer=int8_weight_only,int8_weight_onyl"], "quantizer=int8_weight_onyl: no such option in conf/quantizer",
+    (["-m", "quantizer=int8_weight_only,int8_weight_onyl"], "quantizer=int8_weight_onyl: no such option in the quantizer group (generated from the "
+     "scheme registry, no conf/quantizer folder: mis_lightning.quantization.available_schemes())",
      "int8_weight_only"),
-    (["quantizer=[int8_weight_only,bf1]"], "quantizer=bf1: no such option in conf/quantizer", "bf16"),
+    (["quantizer=[int8_weight_only,bf1]"], "quantizer=bf1: no such option in the quantizer group (generated from the "
+     "scheme registry, no conf/quantizer folder: mis_lightning.quantization.available_schemes())", "bf16"),
     (["+experiment=chembl_mlpp"], "+experiment=chembl_mlpp: no such option in conf/experiment", "chembl_mlp"),
     (["hydra/launcher=paralel"], "hydra/launcher=paralel: no such option in conf/hydra/launcher", "parallel"),
     (["quantiser=int8_weight_only"], "quantiser=int8_weight_only: no such config group quantiser", "quantizer"),
@@ -101,6 +104,9 @@ def test_options_from_the_search_path_and_the_config_store_count(tmp_path):
     sp = f"hydra.searchpath=[file://{tmp_path}]"
     assert group_override_errors([sp, "model=toy", "+mygroup=one"]) == []
     assert group_override_errors(["model=toy"])[0].startswith("model=toy: no such option in conf/model")
+    # a group the package stores in the ConfigStore has no conf/ folder to point at (nux55)
+    assert group_override_errors(["plan=defualt"])[0].startswith(
+        "plan=defualt: no such option in the plan group (stored in Hydra's ConfigStore, no conf/plan folder)")
     assert group_override_errors([sp, "model=toi"])[0].startswith(
         "model=toi: no such option in conf/model; did you mean toy?")
     assert group_override_errors([sp, "+mygrop=one"])[0].startswith(
@@ -158,7 +164,9 @@ def test_quantizer_typos_suggest_and_list_current_scheme_names_only():
 
     (line,) = group_override_errors(["quantizer=int8_weight_onyl"])
     hint, listed = line.split(" (options: ", 1)
-    assert hint.startswith("quantizer=int8_weight_onyl: no such option in conf/quantizer; did you mean int8_weight_only")
+    assert hint.startswith("quantizer=int8_weight_onyl: no such option in the quantizer group (generated from the scheme "
+                           "registry, no conf/quantizer folder: mis_lightning.quantization.available_schemes()); "
+                           "did you mean int8_weight_only")
     assert all(name in available_schemes() for name in hint.split("did you mean ")[1].rstrip("?").split(" or "))
     listed = set(listed.rstrip(")").split(", "))
     # (every current name, no deprecated alias; a scheme another test registered in this worker may

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -285,7 +286,18 @@ def test_table_ends_with_legend_and_verdict():
     assert table == format_table(rep.rows())
     assert "lower is safer" in rest and "MIS = 1 - leakage" in rest
     assert "overlapping intervals = not clearly different" in rest
-    assert "so a partly quantized model shows e.g. 12.91" in rest
+    # the example is the table's own row (nux55: a static "e.g. 12.91" under tables without it), and the float
+    # column names what stays float (biases); no row with float weights: no example
+    assert "so a partly quantized row reads above its grid's width (here rtn_int8: 12.91 with 30.0% in float)" in rest
+    assert "float: share of assessed weights left in float (they leak like the baseline): biases" in rest
+    assert "pos. after" not in rest
+    full = dataclasses.replace(s, quantized_fraction=1.0, bits_per_weight=8.25, interval_regime="position-dominated")
+    plain = " ".join(dataclasses.replace(rep, schemes={"rtn_int8": full}).table().split())
+    assert "count at their width (32). float:" in plain and "e.g." not in plain.split("verdict:")[0]
+    assert "pos. after an interval: not a sampling spread but set by where the few coarse weights sit" in plain
+    console = " ".join(dataclasses.replace(rep, schemes={"rtn_int8": full}).table(width=100).split())
+    assert "pos.: not a sampling spread, set by where few coarse weights sit" in console and "float: share" not in console
+    assert "float: share left in float, e.g. biases" in " ".join(rep.table(width=100).split())
     assert "d_eff: how many weights still leak" in rest and "zeros: share of quantized weights" in rest
     assert "auroc: utility of the quantized copy on the validation data (higher is better)." in rest
     assert "\nverdict: safest with auroc within 1% of the best (0.9000, rtn_int8): rtn_int8 (leakage 0.0500)\n" in rest

@@ -249,19 +249,26 @@ def test_records_not_trained_on_are_named_first_when_the_newton_step_fires_too()
     gave only the generic causes (the stiff-direction warning sat in an ``elif``): the records
     cause is named first, with its figure, in the warning and the row's phrase; the callback's own
     training records are not called unseen."""
+    from mis_lightning._warning_lines import warning_line
     from mis_lightning.assess import _not_at_minimum_detail, _not_at_minimum_suspects
     from mis_lightning.report import regime_failures
 
     diag = {"not_at_minimum": True, "records_unlike_training": True, "stiff_offset_sd": 1.4865,
             "offset_decay_held": True, "minimum_offset_sd_rest": 0.40, "decay_held_directions": 50}
     m = nn.Linear(2, 1)
-    assert _not_at_minimum_suspects(m, diag) == ("likely: records it was not trained on, 1.49 sd along the stiff "
-                                                 "directions; or not converged")
+    assert _not_at_minimum_suspects(m, diag) == ("records it was not trained on, or not converged: 1.49 sd along "
+                                                 "the stiff directions")
     assert "records' mean gradient is 1.49 of its own sampling standard deviation" in _not_at_minimum_detail(diag)
     assert "records not trained on, or not at a minimum" in regime_failures(diag, 3000, 193, 193.0)
+    # nux55: the front end's own training records (callback, app) 1.49 sd off along the stiff directions: neither
+    # "converged along the others" nor "near-flat directions only", nor a records guess
     own = {**diag, "records_from_training_loader": True}
-    assert "only the weight decay holds" in _not_at_minimum_detail(own)
-    assert "not at a minimum (near-flat directions only)" in regime_failures(own, 3000, 193, 193.0)
+    head, detail = _not_at_minimum_suspects(m, own), _not_at_minimum_detail(own)
+    assert head == "not converged: 1.49 sd along the stiff directions, not only along near-flat ones", head
+    assert "only the weight decay holds" in detail and "these are the training records" in detail, detail
+    assert head in warning_line(f"the model is not at a minimum of the training loss ({head}): {detail}")
+    assert "at a minimum except" not in detail and "not trained on" not in head + detail, detail
+    assert "not at a minimum (stiff directions too)" in regime_failures(own, 3000, 193, 193.0)
     plain = {"not_at_minimum": True}
     assert _not_at_minimum_detail(plain) == "" and "not at a minimum" in regime_failures(plain, 3000, 193, 193.0)
     # a fit stopped short on its own records reads off along the stiff directions too (tests/test_weight_decay_hint.py:
@@ -270,6 +277,13 @@ def test_records_not_trained_on_are_named_first_when_the_newton_step_fires_too()
     assert _not_at_minimum_suspects(m, short).startswith("not converged, another loss or weight decay")
     assert "0.54 of its own sampling standard deviation" in _not_at_minimum_detail(short)
     assert regime_failures(short, 3000, 193, 193.0) == ["not at a minimum"]
+    assert "or records other than" not in _not_at_minimum_suspects(m, {**short, "records_from_training_loader": True})
+    # nux55: 18 sd on records the library does not know: beyond what unseen records reach (sqrt(1 + m / n_train),
+    # 1.41 for as many as trained on), so not converged leads and "records it was not trained on" is no guess
+    far = {**diag, "stiff_offset_sd": 18.0}
+    assert _not_at_minimum_suspects(m, far).startswith("not converged: 18 sd along the stiff directions")
+    assert "whatever the records, the fit is off its minimum" in _not_at_minimum_detail(far)
+    assert "not at a minimum (stiff directions too)" in regime_failures(far, 3000, 193, 193.0)
 
 
 def test_condition_inf_with_weight_decay_names_the_cancelled_decay_and_the_cures():

@@ -230,7 +230,8 @@ _NUMERIC = {"bits_per_weight", "leakage", "mis", "leakage_p10", "leakage_p90", "
 
 # Legend lines of the columns a job's table explains in its own legend (report.legend), in the
 # same words; the float entry adds where the layers are named.
-FLOAT_LEGEND = FLOAT_ENTRY.removesuffix(".") + "; the job's warnings name the layers and why."
+# nux55: "the job's warnings name the layers and why" where every float weight was a bias and no job warned
+FLOAT_LEGEND = FLOAT_ENTRY.removesuffix(".") + "; each job's report.json lists them all (float_params, with why)."
 POSITION_LEGEND = POSITION_ENTRY
 
 

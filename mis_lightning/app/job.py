@@ -66,6 +66,7 @@ from mis_lightning.assess import (
     check_utility_metric,
     refusals_shown,
     select_params,
+    training_records,
 )
 from mis_lightning.config import EstimationConfig, ScoringConfig
 from mis_lightning.planning import PlanConfig, PlanResult, check_size_budget, plan
@@ -1023,7 +1024,7 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             # the planner (one estimation, the candidates per layer, the plans re-assessed)
             run = functools.partial(assess, schemes=schemes) if plan_cfg is None else functools.partial(
                 plan, candidates=schemes, config=plan_cfg)
-            with refusals_shown(refused):
+            with refusals_shown(refused), training_records():  # its own training split: never "unseen"
                 planned = run(
                     model, train_dataloader=_assessment_loader(dm), loss_fn=model.per_sample_loss,
                     estimation_config=dataclasses.replace(
