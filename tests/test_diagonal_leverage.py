@@ -378,3 +378,7 @@ def test_a_squeezed_output_is_read_per_record():
     with pytest.raises(ValueError, match=r"\(4, 1, 3\) for one record, \(4, 2, 3\) for two: its dim 0 does not"):
         tensor_record_shape(one, lambda: two, "the model's output")
     assert tensor_record_shape(torch.zeros(()), lambda: None, "") == ()  # [B, 1] squeezed, one record
+    # rv55r: the squeezed head on a batch of one record ((3,), no pair) cannot be told; the refusal says
+    # so and names the squeeze (it read "a sequence-first output?" alone)
+    with pytest.raises(ValueError, match=r"\(3,\) for a batch of one record.*\.squeeze\(\) that dropped it"):
+        tensor_record_shape(torch.zeros(3), lambda: None, "the model's output")

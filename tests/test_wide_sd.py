@@ -125,8 +125,8 @@ def _closed_form_checked(scheme: str, ratio: float, monkeypatch) -> tuple | None
 def test_bound_holds_on_a_uniform_grid_at_every_position(w):
     """The functional form alone, on a uniform grid of 4 to 64 cells between bounds ``w`` sd
     apart, the weight at 41 positions across the window and the bounds off the grid's edges (cut
-    cells): the bound holds at any window width (the gate stops at 0.1 sd for its size, not its
-    validity)."""
+    cells): the bound holds at any window width (the gate stops at WIDE_MAX_WINDOW sd for its
+    size, not its validity)."""
     for cells in (4, 17, 64):
         sigma = 1.0
         step = w / cells

@@ -1067,7 +1067,7 @@ class MomentAccumulator:
         # one output per record has one (rank(L_i) <= 1, counted as 1) and holds no sample
         self._loss_rank = LossDirectionSample(self._loss_ranks, LOSS_RANK_RECORDS)
         self._one_output: bool | None = None
-        # the count over every DDP process's records (EstimationMetric's sync, merge_counts), and the
+        # the count over every DDP process's records (EstimationMetric's sync, world_sample), and the
         # input statistics likewise (InputStatistics.merged); None outside a sync, and again at this
         # process's next batch
         self.directions_synced: tuple[float, str, int] | None = None

@@ -18,7 +18,7 @@ dataset's duplicates, a DDP sampler's padding) counts twice, as in the sums: its
 and a rank, and are taken together (rv54: counted once, 20 copies of one record among 30 read 2.91
 directions against the records' mean 2.33). The sample is the same whatever the
 loader's order, batch sizes and the split over processes (the bottom-k of a union is the bottom-k of
-the parts' bottom-k: :func:`merge_counts`). The sampled records' rows are held (``k`` records)
+the parts' bottom-k: :func:`world_sample`, :func:`merge_counts`). The sampled records' rows are held (``k`` records)
 and measured once, when the count is read (:meth:`LossDirectionSample.value`): a record evicted by
 a smaller key later costs nothing.
 """

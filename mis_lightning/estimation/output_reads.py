@@ -109,10 +109,16 @@ def tensor_record_shape(one: Tensor, two: Callable[[], Tensor | None], what: str
         return ()  # a squeezed [B, 1] or [B]: one output per record, whatever the batch shows
     if pair is not None and pair.dim() and pair.shape[0] == 2 and tuple(pair.shape[1:]) == tuple(one.shape):
         return tuple(one.shape)  # a .squeeze(): the records in dim 0, each of one's shape
-    seen = f"{tuple(one.shape)} for one record" + ("" if pair is None else f", {tuple(pair.shape)} for two")
-    raise ValueError(f"{what} is {seen}: its dim 0 does not hold the records (a sequence-first [T, B, ...] output, "
-                     "e.g. nn.RNN / nn.Transformer without batch_first=True?), and every per-record read takes dim "
-                     "0 as the records; return the output batch-first (out.transpose(0, 1), batch_first=True)")
+    if pair is None:  # (rv55r: a squeezed output on a batch of one record read as sequence-first alone)
+        raise ValueError(f"{what} is {tuple(one.shape)} for a batch of one record: its dim 0 is not that record's, "
+                         "and one record cannot tell a .squeeze() that dropped it from a sequence-first [T, B, ...] "
+                         "output; every per-record read takes dim 0 as the records: keep the batch dim (.squeeze(-1) "
+                         "rather than .squeeze(); out.transpose(0, 1) or batch_first=True for a sequence-first output), "
+                         "or batches of more than one record")
+    raise ValueError(f"{what} is {tuple(one.shape)} for one record, {tuple(pair.shape)} for two: its dim 0 does not "
+                     "hold the records (a sequence-first [T, B, ...] output, e.g. nn.RNN / nn.Transformer without "
+                     "batch_first=True?), and every per-record read takes dim 0 as the records; return the output "
+                     "batch-first (out.transpose(0, 1), batch_first=True)")
 
 
 def union_layout(layouts: list[OutputShape | None]) -> OutputShape | None:
