@@ -13,6 +13,7 @@ children's user + sys time, measured on the shared 2-core machine); the other fi
 their usual order.
 """
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -24,26 +25,32 @@ from pathlib import Path
 # decides how a thread waits. Subprocesses (CLI runs, DDP ranks) inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# t55: the cyclic garbage collector runs less often (generation 0 after 10,000 net allocations, not 700;
+# generation 1 after 20 of those): fewer objects outlive two young collections, so the full (generation-2)
+# collections, which walk every live object of the worker (torch, Lightning, Hydra, MLflow, every test module:
+# ~0.25 CPU s apiece), come rarely. Measured with tests/_gc_clock.py: the collector 8.9% -> 3.6% of a
+# worker-like process's CPU. It only decides when unreachable cycles are freed (later; still freed): no
+# figure moves (docs/benchmarks.md, t55).
+gc.set_threshold(10_000, 20, 10)
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# t54: every file of 4 CPU s or more in a whole-suite `-n 2` run with tests/_cpu_clock.py (session 53's tree,
-# load 10-13; docs/benchmarks.md, t54), by that CPU; test_grids and test_affine_fine_mean_abs placed by
-# their CPU after t54 moved their compiled-kernel checks to test_fastpath (a -n 0 run of each, scaled)
+# t55: every file of 4 CPU s or more in a whole-suite `-n 2` run with a per-test CPU clock (main 4b3dedb9, load
+# 1-12; docs/benchmarks.md, t55), by that CPU, test_ddp and test_output_reads placed by their CPU after t55's trims
 SLOW_FILES = (
-    "test_fastpath.py", "test_ddp.py", "test_callback.py", "test_app_config_checks.py", "test_cli.py",
-    "test_user_conditions.py", "test_output_reads.py", "test_conf.py", "test_validation.py",
-    "test_scoring_pass.py", "test_planner.py", "test_ptq.py", "test_interval.py",
-    "test_estimation_conditions.py", "test_correlated.py", "test_sampled_draws.py", "test_assess.py",
-    "test_fp8_interp.py", "test_table_draws.py", "test_leakage.py", "test_metric.py", "test_estimation.py",
-    "test_attention_symmetry.py", "test_revealed_skipped.py", "test_fresh_process.py",
-    "test_weight_decay_hint.py", "test_grids.py", "test_beyond_linear.py", "test_storage_rounding.py",
-    "test_point_mass.py", "test_spread_softmax.py", "test_coverage_averaged.py",
-    "test_inference_tensor_caches.py", "test_callback_batch_hooks.py", "test_affine_fine_mean_abs.py",
-    "test_off_cell_codes.py", "test_kfac_conv.py", "test_bounds.py", "test_mpnn.py", "test_kfac_classifier.py",
-    "test_loggers.py", "test_gather.py", "test_spread.py", "test_modelcopy.py", "test_scoring_fixed_costs.py",
-    "test_callback_records.py", "test_scale_symmetry.py", "test_unseen_records.py", "test_shared_grids.py",
-    "test_ill_posed_fits.py", "test_exact_rank.py",
+    "test_callback.py", "test_fastpath.py", "test_app_config_checks.py", "test_ddp.py", "test_cli.py",
+    "test_user_conditions.py", "test_conf.py", "test_output_reads.py", "test_planner.py", "test_interval.py",
+    "test_sampled_draws.py", "test_estimation_conditions.py", "test_validation.py", "test_ptq.py",
+    "test_scoring_pass.py", "test_correlated.py", "test_fp8_interp.py", "test_leakage.py", "test_assess.py",
+    "test_table_draws.py", "test_metric.py", "test_weight_decay_hint.py", "test_revealed_skipped.py",
+    "test_attention_symmetry.py", "test_estimation.py", "test_kfac_classifier.py", "test_callback_batch_hooks.py",
+    "test_beyond_linear.py", "test_coverage_averaged.py", "test_spread_softmax.py", "test_mpnn.py",
+    "test_kfac_conv.py", "test_off_cell_codes.py", "test_loggers.py", "test_fresh_process.py", "test_bounds.py",
+    "test_inference_tensor_caches.py", "test_grids.py", "test_point_mass.py", "test_storage_rounding.py",
+    "test_modelcopy.py", "test_estimation_one_pass.py", "test_gather.py", "test_scoring_fixed_costs.py",
+    "test_spread.py", "test_exact_rank.py", "test_scale_symmetry.py", "test_unseen_records.py",
+    "test_ill_posed_fits.py", "test_undetermined_consumers.py",
 )
 
 
