@@ -20,9 +20,9 @@ forming ``M`` (cf45): in ``R``'s kept eigenspace ``U = B z`` (``B = Q Lambda^1/2
 rest), the others add the information ``F = C' diag(kappa / (1 - kappa)) C`` there
 (``C = B_N V_perp``), and ``s2 = |g|^2 - h'(I + F)^-1 h = |g_E|^2 + h'(I + F)^-1 F h`` with
 ``I + F >= I``: no cutoff on ``M``, and monotone in every ``kappa`` whatever R's spectrum
-(:meth:`Correlation._channel`; method.md section 3). Properties: ``kappa = 1`` gives the
-unquantized ``w' R^+ w`` (Mahalanobis); ``kappa -> 0`` gives 0; ``M >= R`` in the Loewner order
-once rescaled, so the value never exceeds the unquantized one; a diagonal ``R`` gives the
+(:meth:`Correlation._channel`; method.md section 3; the in-sample factor form's own-row-out
+divisor is not, :meth:`RecordCorrelation.in_sample`). Properties: ``kappa = 1`` gives the unquantized
+``w' R^+ w`` (Mahalanobis); ``kappa -> 0`` gives 0; ``M >= R`` in the Loewner order once rescaled, so the value never exceeds the unquantized one; a diagonal ``R`` gives the
 independent-coordinate form ``sum_j w_j^2 kappa_j`` exactly.
 
 For few coarse weights (the Monte Carlo regime of the independent form) the statistic
@@ -1017,7 +1017,10 @@ class RecordCorrelation:
         a per-record scale (the plain form 0.983-1.047), 0.9995-1.0005 for Gaussian rows. The
         scored rows must then be the stored ones (the callers pass ``Estimate.influence``,
         ``influence`` times a scalar); one more ``[R, d]`` solve per form (1.8x the form's time
-        at R = 512, d = 8,000, rank 300).
+        at R = 512, d = 8,000, rank 300). With ``loo`` the forms are not monotone in ``kappa``
+        (unlike the shared channel form ``u'M^-1u``): ``beta`` grows with every ``kappa_j`` and can
+        lower most records' scores when one ``kappa`` nears 1 (cf55: deficits < 1e-6 halved on a
+        5,378-weight MLP, 505 of 512 records down, the headline -4.1e-5 relative).
 
         Raises:
             ValueError: fewer than 8 records.
