@@ -23,7 +23,8 @@ rest), the others add the information ``F = C' diag(kappa / (1 - kappa)) C`` the
 (:meth:`Correlation._channel`; method.md section 3; the in-sample factor form's own-row-out
 divisor is not, :meth:`RecordCorrelation.in_sample`). Properties: ``kappa = 1`` gives the unquantized
 ``w' R^+ w`` (Mahalanobis); ``kappa -> 0`` gives 0; ``M >= R`` in the Loewner order once rescaled,
-so the value never exceeds the unquantized one; a diagonal ``R`` gives the independent-coordinate form ``sum_j w_j^2 kappa_j`` exactly.
+so the value never exceeds the unquantized one; a diagonal ``R`` gives the independent-coordinate form
+``sum_j w_j^2 kappa_j`` exactly.
 
 For few coarse weights (the Monte Carlo regime of the independent form) the statistic
 ``S = sum_j c_j m_j`` with the channel's optimal weights ``c = K^-1/2 M^+ u`` is averaged over
