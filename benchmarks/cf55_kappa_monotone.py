@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/cf55_kappa_monotone.py split --records 16384
     OMP_NUM_THREADS=1 python benchmarks/cf55_kappa_monotone.py nan --records 4096
     OMP_NUM_THREADS=1 python benchmarks/cf55_kappa_monotone.py scale
+    OMP_NUM_THREADS=1 python benchmarks/cf55_kappa_monotone.py ab --records 512|16384
 
 ``split``: rv55r's model (``benchmarks/rv55r_wide_gate_correlated.py``; grid paths' kappa), the
 default covariance (the in-sample factor correlation with each record's own row out), rtn_int8. The
@@ -19,6 +20,10 @@ leave-one-out bias ``beta``.
 
 ``scale``: a synthetic in-sample form (64 records of rank 4 in 40 coordinates plus 1e-3 noise) with
 one column scaled by 1e3..1e11: the numerical rank and the mean Gaussian form of the stored records.
+
+``ab``: rv55r's model's report (rtn_int8, int8_weight_only, float8_weight_only; default covariance) with
+``functional.correlated.IN_SAMPLE_TRACE_CHECK`` on and off: every float field of the rows and the
+baseline compared bitwise, and the in-sample form's mean own form against its trace target.
 """
 
 from __future__ import annotations
@@ -160,16 +165,45 @@ def scale() -> None:
               f"{float(v.mean()):.6g}, finite {int(torch.isfinite(v).sum())} of {v.numel()}")
 
 
+def ab(records: int) -> None:
+    import mis_lightning.functional.correlated as C
+
+    m, data = B._model(records)
+    reports = {}
+    for on in (True, False):
+        C.IN_SAMPLE_TRACE_CHECK = on
+        reports[on] = B._assess(m, data, B.SCHEMES)
+    C.IN_SAMPLE_TRACE_CHECK = True
+    fields = differ = 0
+    for name in B.SCHEMES:
+        a, b = reports[True].schemes[name], reports[False].schemes[name]
+        for key, v in vars(a).items():
+            if isinstance(v, float):
+                fields += 1
+                w = getattr(b, key)
+                differ += not (v == w or (math.isnan(v) and math.isnan(w)))
+    same_base = reports[True].baseline_leakage == reports[False].baseline_leakage
+    print(f"N={records}: covariance {reports[True].estimation.get('covariance')}; {fields} float fields of the rows, "
+          f"{differ} differ; baseline equal: {same_base} ({reports[True].baseline_leakage!r})")
+    cap = _capture(records)
+    c = cap["rc"].parts[0][1]
+    if c.trace_target is not None:
+        x = c.self_term.double()
+        ones = torch.ones(x.shape[1], dtype=torch.float64)
+        own = float((x * c._solve(x, ones)).sum(-1).mean())
+        print(f"  mean own form {own:.10g} against trace target {c.trace_target:.10g}: {own / c.trace_target - 1:+.2g} rel")
+
+
 def main() -> None:
     warnings.filterwarnings("ignore")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("mode", choices=["split", "nan", "scale"])
+    ap.add_argument("mode", choices=["split", "nan", "scale", "ab"])
     ap.add_argument("--records", type=int, default=16384)
     a = ap.parse_args()
     if a.mode == "scale":
         scale()
     else:
-        {"split": split, "nan": nan}[a.mode](a.records)
+        {"split": split, "nan": nan, "ab": ab}[a.mode](a.records)
 
 
 if __name__ == "__main__":

@@ -521,6 +521,29 @@ def test_in_sample_shared_form_is_monotone_at_deficits_near_one_and_matches_a_40
         assert bool((hi > lo).all())  # each scaling moves every form by > 1e-10 relative: strict
 
 
+def test_in_sample_forms_that_lost_their_digits_read_nan_not_a_silent_value(monkeypatch):
+    """cf55: a column of the stored unit influences 1e9 times the rest (the leverage correction's
+    scaling at d / n > 1 reached 9e20 in mean square) leaves the in-sample Gram rank 1 and every
+    Woodbury form negative, clamped to 0: the headline read 0.0 (silently low). The stored records'
+    mean own form against its trace target (``IN_SAMPLE_TRACE_RTOL``) now makes every form NaN;
+    healthy columns agree to ~1e-8 and read bitwise as without the check."""
+    import mis_lightning.functional.correlated as C
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 4, generator=g, dtype=torch.float64) @ torch.randn(4, 40, generator=g, dtype=torch.float64)
+    wild = W + 1e-3 * torch.randn(64, 40, generator=g, dtype=torch.float64)  # rank 4 + noise, rank 39 alone
+    wild[:, 0] *= 1e9
+    healthy = RecordCorrelation.in_sample(W).gaussian_mean_abs(W)
+    assert bool(torch.isfinite(healthy).all())
+    assert bool(torch.isnan(RecordCorrelation.in_sample(wild).gaussian_mean_abs(wild)).all())
+    c = RecordCorrelation.in_sample(W).parts[0][1]
+    own = float((W * c._solve(W, torch.ones(40, dtype=torch.float64))).sum(-1).mean())
+    assert own == pytest.approx(c.trace_target, rel=1e-8)
+    monkeypatch.setattr(C, "IN_SAMPLE_TRACE_CHECK", False)  # the switch: the old, silent value
+    assert torch.equal(RecordCorrelation.in_sample(W).gaussian_mean_abs(W), healthy)
+    assert float(RecordCorrelation.in_sample(wild).gaussian_mean_abs(wild).max()) == 0.0
+
+
 def test_a_nonfinite_correlated_figure_names_the_correlation_not_the_method():
     """rv55r: a NaN that only the factor correlation gave was reported as "a numerical failure of
     the 'mc' form"; the error (and the baseline's warning) now name the correlation where the
