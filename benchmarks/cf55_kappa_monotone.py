@@ -143,7 +143,7 @@ def nan(records: int) -> None:
           f"max {float(q0.max()):.3g}); own-row forms v'M^-1v: {int((vv <= 0).sum())} <= 0")
     c._inverse_bias(vv.clamp_min(0.0), y, vv.clamp(0.0, 0.75), ones)
     print(f"  leave-one-out bias (exact, second order) at kappa = 1: {c._loo_cache['unquantized']} "
-          "(-1: every form divided by 0)")
+          "(-1: every form divided by 0; NaN: set by the trace check, IN_SAMPLE_TRACE_CHECK)")
     row = cap["report"].schemes["rtn_int8"]
     print(f"  rtn_int8 error: {row.error}")
     print(f"  first warning: {cap['report'].warnings[0]}")
