@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=1 python benchmarks/cf55_kappa_monotone.py nan --records 4096
     OMP_NUM_THREADS=1 python benchmarks/cf55_kappa_monotone.py scale
     OMP_NUM_THREADS=1 python benchmarks/cf55_kappa_monotone.py ab --records 512|16384
+    OMP_NUM_THREADS=1 python benchmarks/cf55_kappa_monotone.py reference --records 16384
 
 ``split``: rv55r's model (``benchmarks/rv55r_wide_gate_correlated.py``; grid paths' kappa), the
 default covariance (the in-sample factor correlation with each record's own row out), rtn_int8. The
@@ -24,6 +25,10 @@ one column scaled by 1e3..1e11: the numerical rank and the mean Gaussian form of
 ``ab``: rv55r's model's report (rtn_int8, int8_weight_only, float8_weight_only; default covariance) with
 ``functional.correlated.IN_SAMPLE_TRACE_CHECK`` on and off: every float field of the rows and the
 baseline compared bitwise, and the in-sample form's mean own form against its trace target.
+
+``reference``: the records whose float64 shared form ``u'M^-1u`` fell when the deficits < 1e-6 were
+halved (and records 0, 1), against the same Woodbury solve in x87 extended precision (numpy
+``longdouble``, eps 5e-20) with three refinement steps and the stationary form ``2u'x - x'Mx``.
 """
 
 from __future__ import annotations
@@ -194,16 +199,68 @@ def ab(records: int) -> None:
         print(f"  mean own form {own:.10g} against trace target {c.trace_target:.10g}: {own / c.trace_target - 1:+.2g} rel")
 
 
+def _extended_forms(c: Any, W: torch.Tensor, k: torch.Tensor, rows: list[int]) -> list[tuple[float, float]]:
+    """``(u'M^-1u, s / q)`` of ``rows`` in numpy longdouble (module docstring, ``reference``)."""
+    import numpy as np
+
+    kk = k.numpy().astype(np.longdouble)
+    D = (1 - kk) + kk * c.residual.double().numpy().astype(np.longdouble)
+    A = np.sqrt(kk)[:, None] * c.factor.double().numpy().astype(np.longdouble)
+    core = np.eye(A.shape[1], dtype=np.longdouble) + (A / D[:, None]).T @ A
+    n = core.shape[0]
+    Lc = np.zeros_like(core)  # Cholesky in longdouble (LAPACK has none)
+    for j in range(n):
+        Lc[j, j] = np.sqrt(core[j, j] - np.dot(Lc[j, :j], Lc[j, :j]))
+        for i in range(j + 1, n):
+            Lc[i, j] = (core[i, j] - np.dot(Lc[i, :j], Lc[j, :j])) / Lc[j, j]
+
+    def core_solve(y: Any) -> Any:
+        z = np.zeros_like(y)
+        for i in range(n):
+            z[i] = (y[i] - np.dot(Lc[i, :i], z[:i])) / Lc[i, i]
+        x = np.zeros_like(y)
+        for i in reversed(range(n)):
+            x[i] = (z[i] - np.dot(Lc[i + 1:, i], x[i + 1:])) / Lc[i, i]
+        return x
+
+    def solve(r: Any) -> Any:
+        return r / D - (A @ core_solve((r / D) @ A)) / D
+
+    out = []
+    for i in rows:
+        u = np.sqrt(kk) * W[i].numpy().astype(np.longdouble)
+        x = solve(u)
+        for _ in range(3):
+            x = x + solve(u - (D * x + A @ (A.T @ x)))
+        q = 2 * np.dot(u, x) - np.dot(x, D * x) - np.sum((A.T @ x) ** 2)
+        out.append((q, float(np.sum(u * u / D) / q)))
+    return out
+
+
+def reference(records: int) -> None:
+    qb.WIDE_SD_CLOSED_FORM = False
+    cap = _capture(records)
+    c, W, k0 = cap["rc"].parts[0][1], cap["W"].double(), cap["kvec"].clamp(0, 1)
+    k5 = torch.where(1 - k0 < 1e-6, 1 - (1 - k0) * 0.5, k0)
+    a, b = c._factor_quadratic(W, k0), c._factor_quadratic(W, k5)
+    rows = ((b - a) < 0).nonzero().flatten().tolist() + [0, 1]
+    ra, rb = _extended_forms(c, W, k0, rows), _extended_forms(c, W, k5, rows)
+    for j, i in enumerate(rows):
+        print(f"record {i}: s / q {ra[j][1]:.2g}; float64 move {float((b[i] - a[i]) / a[i]):+.3g}, extended "
+              f"{float((rb[j][0] - ra[j][0]) / ra[j][0]):+.3g}; float64 error {float(a[i]) / float(ra[j][0]) - 1:+.2g} "
+              f"(deficits as they are) / {float(b[i]) / float(rb[j][0]) - 1:+.2g} (halved)")
+
+
 def main() -> None:
     warnings.filterwarnings("ignore")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("mode", choices=["split", "nan", "scale", "ab"])
+    ap.add_argument("mode", choices=["split", "nan", "scale", "ab", "reference"])
     ap.add_argument("--records", type=int, default=16384)
     a = ap.parse_args()
     if a.mode == "scale":
         scale()
     else:
-        {"split": split, "nan": nan, "ab": ab}[a.mode](a.records)
+        {"split": split, "nan": nan, "ab": ab, "reference": reference}[a.mode](a.records)
 
 
 if __name__ == "__main__":
