@@ -1037,7 +1037,9 @@ class RecordCorrelation:
         at R = 512, d = 8,000, rank 300). With ``loo`` the forms are not monotone in ``kappa``
         (unlike the shared channel form ``u'M^-1u``): ``beta`` grows with every ``kappa_j`` and can
         lower most records' scores when one ``kappa`` nears 1 (cf55: deficits < 1e-6 halved on a
-        5,378-weight MLP, 505 of 512 records down, the headline -4.1e-5 relative).
+        5,378-weight MLP, 505 of 512 records down, the headline -4.1e-5 relative). With ``loo`` the
+        stored records' mean own form is checked against ``trace(M^-1 W'W / R)`` (``trace_target``;
+        :data:`IN_SAMPLE_TRACE_RTOL`): forms that lost their digits read NaN, not a silent value.
 
         Raises:
             ValueError: fewer than 8 records.
