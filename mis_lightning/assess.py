@@ -1903,10 +1903,11 @@ def score_schemes(
                                     rc=rc, base_t=ref_t, policy=policy,
                                     base_t_independent=base_t_independent, base_kvec=base_kvec)
         if result.error is None and not math.isfinite(result.leakage):  # never a silent NaN
-            result.error = (f"the leakage is not finite (a numerical failure of the {result.method!r} form, e.g. "
-                            "a singular weights' covariance); no figure")
+            result.error = _nonfinite_error(result.method, rc, result.leakage_independent)
             failures[scheme.name] = result.error
         report.schemes[scheme.name] = result
+    if rc is not None and not math.isfinite(baseline):  # first: every figure beside it reads through it
+        report.warnings.insert(0, _nonfinite_baseline_warning(rc, diagnostics.get("baseline_leakage_independent")))
     if rc is None and est.d > 1 and cfg.covariance == "auto":
         # Without a correlation model the headline is the diagonal form, which measured about
         # 10% below reference-model attacks on correlated weights (method.md "Correlated coordinates").
@@ -5543,6 +5544,41 @@ def _unquantized_mean_abs(est: Estimate, rc: F.correlated.RecordCorrelation) -> 
     if cached is None:
         cached = rc.cache["unquantized_mean_abs"] = rc.gaussian_mean_abs(est.influence)
     return cached
+
+
+def _correlation_name(rc: F.correlated.RecordCorrelation) -> str:
+    """The weights' correlation a report scored through, in words (its rank for the in-sample fit)."""
+    if rc.kind == "full":
+        return "the weights' full correlation"
+    if rc.fit == "in_sample":
+        c = rc.parts[0][1]
+        rank = 0 if c.factor is None else int(c.factor.shape[1])
+        stored = "?" if c.self_term is None else str(int(c.self_term.shape[0]))
+        return f"the weights' factor correlation (the stored records' sample correlation, numerical rank {rank}, {stored} records)"
+    return "the weights' factor correlation (cross-fitted factor model)"
+
+
+def _nonfinite_error(method: str, rc: F.correlated.RecordCorrelation | None, independent: float | None) -> str:
+    """A scheme's error where its leakage is not finite: the correlation's form where the
+    independent-coordinate value beside it is finite (``method``, e.g. 'mc', then computed the
+    independent value, not the NaN; rv55r: a NaN under the in-sample factor correlation at
+    d / n = 1.31 was blamed on 'mc'), else the ``method``'s form."""
+    if rc is not None and independent is not None and math.isfinite(independent):
+        return (f"the leakage is not finite: a numerical failure of {_correlation_name(rc)}, not of the "
+                f"{method!r} form (the independent-coordinate value reads {independent:.4g}); its quadratic "
+                "forms lost their digits (e.g. influences spanning many decades at a large d / n); "
+                "covariance='independent' scores without it; no figure")
+    return (f"the leakage is not finite (a numerical failure of the {method!r} form, e.g. "
+            "a singular weights' covariance); no figure")
+
+
+def _nonfinite_baseline_warning(rc: F.correlated.RecordCorrelation, independent: float | None) -> str:
+    """The report's warning where the baseline read through the correlation ``rc`` is not finite
+    (``independent``: the independent-coordinate baseline, ``None`` when not computed)."""
+    shown = "" if independent is None else f" (the independent-coordinate baseline reads {independent:.4g})"
+    return (f"the baseline leakage is not finite under {_correlation_name(rc)}{shown}: its quadratic forms lost "
+            "their digits (e.g. influences spanning many decades at a large d / n); no scheme scored through it has "
+            "a figure; covariance='independent' scores without it")
 
 
 def _kappa_vector(est: Estimate, kappas: Mapping[str, Tensor]) -> Tensor:

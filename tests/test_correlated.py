@@ -483,6 +483,86 @@ def test_in_sample_correlation_mean_form_is_the_rank_and_defers_on_independent_r
         RecordCorrelation.in_sample(torch.randn(4, 2, dtype=torch.float64))
 
 
+def test_in_sample_shared_form_is_monotone_at_deficits_near_one_and_matches_a_40_digit_reference():
+    """cf55: the in-sample factor form's shared channel ``u'M^-1u`` at deficits ``1 - kappa`` of
+    1e-9..1e-6 (the noise ``(1 - kappa)`` against the shrinkage 1e-6 in ``M``'s remainder, so such
+    deficits move the form): monotone as the deficits shrink, and each record within 1e-13 of a
+    40-digit solve of the ``d x d`` ``M`` (float64 reads ~2e-16 here). The headline's moves the
+    other way (rv55r) come from the leave-one-out divisor ``1 + beta(kappa)``, not from here."""
+    mpmath = pytest.importorskip("mpmath")
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(64, 4, dtype=torch.float64, generator=g) @ torch.randn(4, 20, dtype=torch.float64, generator=g)
+    c = RecordCorrelation.in_sample(W).parts[0][1]
+    assert c.self_mean and c.factor.shape[1] == 4
+    deficit = 10.0 ** (-9 + 3 * torch.rand(20, dtype=torch.float64, generator=g))
+    deficit[:5] = 0.5 * torch.rand(5, dtype=torch.float64, generator=g)  # coarse weights, unscaled
+    mpmath.mp.dps = 40
+    L, res = c.factor.tolist(), c.residual.tolist()
+
+    def reference(k: torch.Tensor, w: torch.Tensor) -> float:
+        kk = [mpmath.mpf(x) for x in k.tolist()]
+        M = mpmath.matrix(20, 20)
+        for i in range(20):
+            for j in range(20):
+                M[i, j] = mpmath.sqrt(kk[i] * kk[j]) * mpmath.fsum(mpmath.mpf(L[i][a]) * L[j][a] for a in range(4))
+            M[i, i] += 1 - kk[i] + kk[i] * mpmath.mpf(res[i])
+        u = mpmath.matrix([mpmath.sqrt(kk[i]) * mpmath.mpf(x) for i, x in enumerate(w.tolist())])
+        return float((u.T * mpmath.lu_solve(M, u))[0])
+
+    fine = torch.arange(20) >= 5
+    forms = []
+    for f in (1.1, 1.0, 0.9, 0.5, 0.1):
+        k = 1.0 - deficit * torch.where(fine, f, 1.0)
+        q = c._factor_quadratic(W[:3], k)
+        for i in range(3):
+            assert float(q[i]) == pytest.approx(reference(k, W[i]), rel=1e-13)
+        forms.append(q)
+    for lo, hi in zip(forms, forms[1:]):
+        assert bool((hi > lo).all())  # each scaling moves every form by > 1e-10 relative: strict
+
+
+def test_in_sample_forms_that_lost_their_digits_read_nan_not_a_silent_value(monkeypatch):
+    """cf55: a column of the stored unit influences 1e9 times the rest (the leverage correction's
+    scaling at d / n > 1 reached 9e20 in mean square) leaves the in-sample Gram rank 1 and every
+    Woodbury form negative, clamped to 0: the headline read 0.0 (silently low). The stored records'
+    mean own form against its trace target (``IN_SAMPLE_TRACE_RTOL``) now makes every form NaN;
+    healthy columns agree to ~1e-8 and read bitwise as without the check."""
+    import mis_lightning.functional.correlated as C
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 4, generator=g, dtype=torch.float64) @ torch.randn(4, 40, generator=g, dtype=torch.float64)
+    wild = W + 1e-3 * torch.randn(64, 40, generator=g, dtype=torch.float64)  # rank 4 + noise, rank 39 alone
+    wild[:, 0] *= 1e9
+    healthy = RecordCorrelation.in_sample(W).gaussian_mean_abs(W)
+    assert bool(torch.isfinite(healthy).all())
+    assert bool(torch.isnan(RecordCorrelation.in_sample(wild).gaussian_mean_abs(wild)).all())
+    c = RecordCorrelation.in_sample(W).parts[0][1]
+    own = float((W * c._solve(W, torch.ones(40, dtype=torch.float64))).sum(-1).mean())
+    assert own == pytest.approx(c.trace_target, rel=1e-8)
+    monkeypatch.setattr(C, "IN_SAMPLE_TRACE_CHECK", False)  # the switch: the old, silent value
+    assert torch.equal(RecordCorrelation.in_sample(W).gaussian_mean_abs(W), healthy)
+    assert float(RecordCorrelation.in_sample(wild).gaussian_mean_abs(wild).max()) == 0.0
+
+
+def test_a_nonfinite_correlated_figure_names_the_correlation_not_the_method():
+    """rv55r: a NaN that only the factor correlation gave was reported as "a numerical failure of
+    the 'mc' form"; the error (and the baseline's warning) now name the correlation where the
+    independent-coordinate value beside it is finite."""
+    A = importlib.import_module("mis_lightning.assess")  # (the package's ``assess`` name is the function)
+
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(64, 4, dtype=torch.float64, generator=g) @ torch.randn(4, 20, dtype=torch.float64, generator=g)
+    rc = RecordCorrelation.in_sample(W)
+    msg = A._nonfinite_error("mc", rc, 0.97)
+    assert "factor correlation" in msg and "sample correlation, numerical rank 4, 64 records" in msg
+    assert "not of the 'mc' form" in msg and "covariance='independent'" in msg and "0.97" in msg
+    for independent in (math.nan, None):  # nothing finite beside it: the method's form, as before
+        assert "numerical failure of the 'mc' form" in A._nonfinite_error("mc", rc, independent)
+    assert "numerical failure of the 'clt' form" in A._nonfinite_error("clt", None, 0.5)
+    warn = A._nonfinite_baseline_warning(rc, 1.0)
+    assert warn.startswith("the baseline leakage is not finite under the weights' factor correlation") and "reads 1" in warn
+
+
 def test_exact_box_form_takes_a_weight_the_data_never_moves():
     """A weight with no variance (a dead unit: its row and column of the correlation are 0 up
     to rounding, its influences 0) made the outer draws' Cholesky fail or not by the sign of

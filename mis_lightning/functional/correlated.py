@@ -20,10 +20,11 @@ forming ``M`` (cf45): in ``R``'s kept eigenspace ``U = B z`` (``B = Q Lambda^1/2
 rest), the others add the information ``F = C' diag(kappa / (1 - kappa)) C`` there
 (``C = B_N V_perp``), and ``s2 = |g|^2 - h'(I + F)^-1 h = |g_E|^2 + h'(I + F)^-1 F h`` with
 ``I + F >= I``: no cutoff on ``M``, and monotone in every ``kappa`` whatever R's spectrum
-(:meth:`Correlation._channel`; method.md section 3). Properties: ``kappa = 1`` gives the
-unquantized ``w' R^+ w`` (Mahalanobis); ``kappa -> 0`` gives 0; ``M >= R`` in the Loewner order
-once rescaled, so the value never exceeds the unquantized one; a diagonal ``R`` gives the
-independent-coordinate form ``sum_j w_j^2 kappa_j`` exactly.
+(:meth:`Correlation._channel`; method.md section 3; the in-sample factor form's own-row-out
+divisor is not, :meth:`RecordCorrelation.in_sample`). Properties: ``kappa = 1`` gives the unquantized
+``w' R^+ w`` (Mahalanobis); ``kappa -> 0`` gives 0; ``M >= R`` in the Loewner order once rescaled,
+so the value never exceeds the unquantized one; a diagonal ``R`` gives the independent-coordinate form
+``sum_j w_j^2 kappa_j`` exactly.
 
 For few coarse weights (the Monte Carlo regime of the independent form) the statistic
 ``S = sum_j c_j m_j`` with the channel's optimal weights ``c = K^-1/2 M^+ u`` is averaged over
@@ -105,6 +106,15 @@ IN_SAMPLE_LOO = True
 # conservative side): dx32 saw the own-row-out form move a 10-8-1 tanh MLP's baseline 12% down
 # at rank / R = 0.19 (heavy-tailed rows, no weight decay) with no truth to check it against
 IN_SAMPLE_LOO_MAX_RANK_SHARE = 0.15
+# The in-sample form's digits (cf55): unquantized, the stored records' mean own form x'M^-1x is
+# trace(M^-1 W'W / R), known from the Gram's kept eigenvalues and the rows' mean square; a mean
+# further than this from it (relative) means the Woodbury forms lost their digits (a column of the
+# unit influences 1e6-1e20 times the rest: rank 1, every form negative and clamped to 0), and every
+# form of that correlation reads NaN (loud; the report then names the correlation) instead of a
+# silent 0 or a value off by orders. Healthy forms agree to ~1e-6 at most (float64, s / q <= 1e8)
+IN_SAMPLE_TRACE_RTOL = 1e-3
+# False: no check (the forms as computed, whatever their digits; A/B)
+IN_SAMPLE_TRACE_CHECK = True
 # With more weights than stored records, the in-sample form only where the rows show a clear null
 # space (rank at most this share of the records): a Gram spectrum with a smooth tail past RCOND
 # (rank 251 of 256 on the ChEMBL MPNN, 255-508 of 256-512 on a 1,004-weight MLP) is not a low
@@ -254,6 +264,9 @@ class Correlation:
     # keyed by ``full``), shared by :meth:`RecordCorrelation.with_rcond`'s copies: the check
     # re-reads a scheme's form at a finer rule without a second ``[d, d]`` eigh
     _eigh: dict = field(default_factory=dict, repr=False)
+    # the in-sample form's trace(M^-1 W'W / R), the stored records' mean own form unquantized
+    # (RecordCorrelation.in_sample; checked in _inverse_bias against IN_SAMPLE_TRACE_RTOL)
+    trace_target: float | None = None
     _loo_cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -610,7 +623,11 @@ class Correlation:
             h1 = (self.self_weight.to(torch.float64) * vv1).clamp(0.0, IN_SAMPLE_LOO_LEVERAGE_CAP)
             q_loo = vv1 / (1.0 - h1)
             exact = mean(q_loo) / max(mean(vv1), 1e-300) - 1.0
-            self._loo_cache["unquantized"] = (exact, second_order(vv1, y1, h1, ones))
+            approx = second_order(vv1, y1, h1, ones)
+            target = self.trace_target
+            if IN_SAMPLE_TRACE_CHECK and target is not None and not abs(mean(vv1) - target) <= IN_SAMPLE_TRACE_RTOL * target:
+                exact = approx = math.nan  # the forms lost their digits: NaN, not a silent value
+            self._loo_cache["unquantized"] = (exact, approx)
         exact, approx1 = self._loo_cache["unquantized"]
         if bool((kappa == 1).all()) or approx1 <= 0:
             return exact
@@ -1017,7 +1034,12 @@ class RecordCorrelation:
         a per-record scale (the plain form 0.983-1.047), 0.9995-1.0005 for Gaussian rows. The
         scored rows must then be the stored ones (the callers pass ``Estimate.influence``,
         ``influence`` times a scalar); one more ``[R, d]`` solve per form (1.8x the form's time
-        at R = 512, d = 8,000, rank 300).
+        at R = 512, d = 8,000, rank 300). With ``loo`` the forms are not monotone in ``kappa``
+        (unlike the shared channel form ``u'M^-1u``): ``beta`` grows with every ``kappa_j`` and can
+        lower most records' scores when one ``kappa`` nears 1 (cf55: deficits < 1e-6 halved on a
+        5,378-weight MLP, 505 of 512 records down, the headline -4.1e-5 relative). With ``loo`` the
+        stored records' mean own form is checked against ``trace(M^-1 W'W / R)`` (``trace_target``;
+        :data:`IN_SAMPLE_TRACE_RTOL`): forms that lost their digits read NaN, not a silent value.
 
         Raises:
             ValueError: fewer than 8 records.
@@ -1041,8 +1063,13 @@ class RecordCorrelation:
         loo = loo and r <= IN_SAMPLE_LOO_MAX_RANK_SHARE * m  # where it was checked (the constant's comment)
         # each record scored with its own row taken out, the inverse's bias removed (docstring;
         # Correlation.self_mean); the rows in the callers' order, as the scored influences
+        # trace(M^-1 W'W / m), M = (1 - s) L L' + s I: the kept directions' lam / ((1 - s) lam + s), the
+        # rest (W's mean square minus the kept eigenvalues: no eigenvalue near round-off summed) over s
+        lam = evals[keep]
+        rest = max(float(W.square().sum(-1).mean()) - float(lam.sum()), 0.0)
+        target = float((lam / ((1.0 - shrinkage) * lam + shrinkage)).sum()) + rest / shrinkage
         own = {} if not loo else {
-            "self_term": influence.to(torch.float64), "self_mean": True,
+            "self_term": influence.to(torch.float64), "self_mean": True, "trace_target": target,
             "self_weight": torch.full((m,), (1.0 - shrinkage) / m, dtype=torch.float64)}
         corr = Correlation(factor=L * math.sqrt(1.0 - shrinkage),
                            residual=torch.full((d,), shrinkage, dtype=torch.float64), **own)

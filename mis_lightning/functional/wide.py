@@ -61,7 +61,8 @@ WIDE_MAX_WINDOW = 0.5
 # by at most 9.4e-10 relative; docs/method.md section 5, "wsd34"; docs/benchmarks.md, "wsd34",
 # "p47d", "tol47", "p55b"). The bound is kappa's: the correlated headline reads kappa through
 # (1 - kappa) / kappa, whose relative error is up to 1 - lambda (13% at W = 0.5); rv55r measured
-# its moves at -4.1e-7 to +3.4e-6 relative on a 5k-weight MLP (1.2e-9 at the old gate)
+# its moves at -4.1e-7 to +3.4e-6 relative on a 5k-weight MLP (1.2e-9 at the old gate), whose in-sample
+# factor form is not monotone in kappa (its own-row-out divisor 1 + beta(kappa); cf55)
 WIDE_TOL = 1e-8
 # value tables up to this many values (float8, float4, nf4: bounded formats whose cubed widths
 # sum without cancellation); the 16-bit tables (65k values up to 3e38) take the paths
