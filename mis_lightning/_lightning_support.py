@@ -1235,7 +1235,8 @@ def root_dir_note(trainer: Any, dirpath: str | Path | None) -> str | None:
     ``log_dir`` is then that folder and its profilers write, or a logger whose ``save_dir`` is it
     (``WandbLogger()``'s ``"."``) or that has none (an MLflow logger with a database store), where
     :func:`report_dir` falls back to it (nux54: ``logger=False`` wrote ``mis_report.json`` there
-    unannounced). ``None`` where another folder applies, or under ``fast_dev_run`` (nothing is written)."""
+    unannounced). ``None`` where another folder applies, or under ``fast_dev_run`` (nothing is written).
+    Call it on every process: it reads ``trainer.log_dir``, a broadcast."""
     if (dirpath is not None or getattr(trainer, "checkpoint_callback", None) is not None
             or getattr(trainer, "fast_dev_run", False)):
         return None

@@ -246,8 +246,10 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             return
         self._version: str | None = None  # this fit's file names, chosen at its first write (_out_version)
         self._overwrites = False  # this fit overwrites an earlier run's report in an explicit dirpath
-        if trainer.is_global_zero and (where := lt.root_dir_note(trainer, self.dirpath)):
-            rank_zero_info(where)  # said once, before training: the folder is nobody's explicit choice
+        # read on every process (trainer.log_dir broadcasts: rank 0 alone would hang a DDP fit; rv55z), said by
+        # rank 0 once, before training: the folder is nobody's explicit choice
+        if where := lt.root_dir_note(trainer, self.dirpath):
+            rank_zero_info(where)
         # A module that builds its layers in ``configure_model`` (Lightning's pattern for large
         # models; Lightning calls it after this hook) has no parameter yet: its checks wait for
         # on_train_start, still before the first step (nu43: refused here, "no parameter selected")

@@ -359,6 +359,20 @@ def test_the_folder_is_said_where_it_is_the_default_root_dir_nobody_named():
             root_dir_note(trainer(fast_dev_run=1), None)] == [None] * 4
 
 
+def test_the_folder_note_reads_log_dir_on_every_process(monkeypatch):
+    """rv55z: ``trainer.log_dir`` broadcasts (a collective every process must call); the folder note
+    read it on rank 0 alone, so a DDP fit with ``enable_checkpointing=False`` and no ``dirpath`` hung
+    in ``setup``. A rank other than 0 must read it too (and print nothing)."""
+    cb = MISCallback(["rtn_int8"], loss_fn=mse_per_output)
+    trainer = _trainer(cb)
+    calls = []
+    strategy = type(trainer.strategy)
+    monkeypatch.setattr(strategy, "is_global_zero", property(lambda s: False))
+    monkeypatch.setattr(strategy, "broadcast", lambda s, obj, src=0: calls.append(obj) or obj)
+    cb.setup(trainer, NoValidationStep(), "fit")
+    assert calls == [trainer.default_root_dir]
+
+
 def test_a_second_run_in_the_same_folder_keeps_the_first_runs_report(caplog):
     """nux53: with ``logger=False, enable_checkpointing=False`` and no ``dirpath`` the report goes to
     the Trainer's ``default_root_dir`` (the working directory), where a second run overwrote the
