@@ -1471,8 +1471,9 @@ def _not_at_minimum_suspects(model: nn.Module, diagnostics: Mapping[str, Any] | 
 def _not_at_minimum_detail(diagnostics: Mapping[str, Any]) -> str:
     """The not-at-a-minimum warning's sentence on what the exact estimator's diagnostics single
     out (nux53 #14, ux54b), ``""`` where nothing: records that read like records the model was not
-    trained on (:func:`_unseen_records`), or a Newton step that lies along directions the weight
-    decay alone holds (``offset_decay_held``, :func:`~.estimation.estimate._decay_held`)."""
+    trained on, or a fit off its minimum along the stiff directions whatever the records
+    (:func:`~mis_lightning.report.stiff_offset_cause`), or a Newton step that lies along directions the
+    weight decay alone holds (``offset_decay_held``, :func:`~.estimation.estimate._decay_held`)."""
     stiff = diagnostics.get("stiff_offset_sd")
     cause = stiff_offset_cause(diagnostics)
     if cause == "records_or_off":
