@@ -1493,7 +1493,7 @@ def _not_at_minimum_detail(diagnostics: Mapping[str, Any]) -> str:
            f"{UNSEEN_RECORDS_SD:g}; a fit's training records read ~0 at its minimum, records it never saw about "
            f"{math.sqrt(2):.2g} where as many as it was trained on, {UNSEEN_RECORDS_EXPLAIN_MAX:g} only for 8 times as many"
            + ("): these are the training records, so " if diagnostics.get("records_from_training_loader")
-              else "): so whatever the records, ")
+              else "): so unless these are more than 8 times as many records the model never saw, ")
            + "the fit is off its minimum along the stiff directions too: training stopped short there, or it "
            "minimised another objective (a constant-step minibatch optimizer's noise, a weight decay not passed as "
            "weight_decay=, AdamW's decay (its own warning, where read from the optimizer), another loss)")

@@ -282,7 +282,7 @@ def test_records_not_trained_on_are_named_first_when_the_newton_step_fires_too()
     # 1.41 for as many as trained on), so not converged leads and "records it was not trained on" is no guess
     far = {**diag, "stiff_offset_sd": 18.0}
     assert _not_at_minimum_suspects(m, far).startswith("not converged: 18 sd along the stiff directions")
-    assert "whatever the records, the fit is off its minimum" in _not_at_minimum_detail(far)
+    assert "unless these are more than 8 times as many records the model never saw, the fit is off its minimum" in _not_at_minimum_detail(far)
     assert "not at a minimum (stiff directions too)" in regime_failures(far, 3000, 193, 193.0)
 
 
