@@ -77,7 +77,7 @@ from .linear_factors import (
     per_layer_parameters,
     standardised_influence,
 )
-from .loss_directions import Held, LossDirectionSample, merge_counts
+from .loss_directions import Held, LossDirectionSample
 from .output_reads import OutputShape, OutputTree, flat_outputs, output_numel
 from .per_sample import (
     RECURRENT_LAYERS,
@@ -1469,11 +1469,6 @@ class MomentAccumulator:
             assert self._draw_keys is not None  # (set by _update for this batch)
             self._loss_rank.add(self._draw_keys(), inputs, targets)
 
-    def loss_direction_counts(self) -> tuple[list[int], list[float], list[str], tuple[float, str] | None]:
-        """This process's sample of ``rank(L_i)`` (:meth:`LossDirectionSample.counts`; a model
-        with one output per record: a fixed count of 1), for :func:`merge_counts` over processes."""
-        return ([], [], [], (1.0, "measured")) if self._one_output else self._loss_rank.counts()
-
     def loss_direction_part(self) -> Held:
         """This process's sample unmeasured, rows on the CPU (:meth:`LossDirectionSample.held`; a
         model with one output per record: a fixed count of 1), gathered at a DDP sync for
@@ -1487,8 +1482,9 @@ class MomentAccumulator:
         (:mod:`~.loss_directions`)."""
         if self.directions_synced is not None:
             return self.directions_synced
-        return merge_counts([self.loss_direction_counts()], LOSS_RANK_RECORDS) \
-            if self._one_output or self._loss_rank.groups or self._loss_rank.fixed else None
+        if self._one_output:  # a fixed count of 1, not sampled
+            return 1.0, "measured", 0
+        return self._loss_rank.value() if self._loss_rank.groups or self._loss_rank.fixed else None
 
     def _loss_ranks(self, inputs: Any, targets: Any, k: int) -> tuple[Tensor, str]:
         """``([k] rank(L_i), how)`` of ``k`` records: the loss directions per record that the diagonal
