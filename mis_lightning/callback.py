@@ -130,10 +130,6 @@ def lt_write_plan(out: Path, result: PlanResult, version: str = "") -> Path:
     return path
 
 
-#: a mid-training run's copy of the report under an explicit ``dirpath`` (no version suffix)
-_EPOCH_COPY = re.compile(r"mis_report_epoch=\d+-step=\d+\.json")
-
-
 def files_overwritten(out: Path, plan: bool, copies: bool) -> tuple[list[str], list[str]]:
     """The files in ``out`` that a fit writing there under fixed names (an explicit ``dirpath``)
     overwrites: ``(fixed, copies)``, the existing ones of ``mis_report.json``, the figure and, with
@@ -142,8 +138,9 @@ def files_overwritten(out: Path, plan: bool, copies: bool) -> tuple[list[str], l
     whose epoch and step it assesses at. The callback writes no other name in ``out`` (rv54c)."""
     names = (REPORT_NAME, FIGURE_NAME) + (PLAN_NAMES if plan else ())
     found = [n for n in names if (out / n).is_file()]
-    earlier = sorted((p.name for p in out.glob("mis_report_epoch=*.json") if _EPOCH_COPY.fullmatch(p.name)),
-                     key=lambda n: [int(v) for v in re.findall(r"\d+", n)]) if copies else []
+    # the unversioned mid-training copies (taken_names' pattern), in epoch and step order
+    earlier = sorted(taken_names(out, names=()), key=lambda n: [int(v) for v in re.findall(r"\d+", n)]) \
+        if copies else []
     return found, earlier
 
 
