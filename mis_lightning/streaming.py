@@ -33,11 +33,11 @@ from ._precision import full_float32
 from ._user_warnings import warn
 from .assess import _check_model_matches_estimate, select_params
 from .config import EstimationConfig, check_user_functions, unexpected_options
-from .estimation import Estimate
+from .estimation import Estimate, loss_directions
 from .estimation.data_buffers import probe_data_buffers
 from .estimation.estimate import LOSS_RANK_RECORDS, MomentAccumulator
 from .estimation.linear_factors import LayerProgram
-from .estimation.loss_directions import world_sample
+from .estimation.loss_directions import filled_sample, wanted_rows, world_sample
 from .estimation.output_reads import (
     PROBE_RECORDS,
     OutputShape,
@@ -477,13 +477,17 @@ TORCHMETRICS_OPTIONS = ("compute_on_cpu", "compute_with_cache", "dist_sync_fn", 
                         "distributed_available_fn", "process_group", "sync_on_compute")
 
 
-def first_batch_facts(acc: MomentAccumulator) -> dict[str, Any]:
+def first_batch_facts(acc: MomentAccumulator, who: int | None = None) -> dict[str, Any]:
     """What a process's first batches decided ("auto"'s choice and the facts it measured), gathered
-    at the sync for :func:`_align_first_batches` and for a process that saw no record."""
+    at the sync for :func:`_align_first_batches` and for a process that saw no record. ``who``: this
+    process's index in the gather, its loss directions' sample then sent as keys only
+    (:data:`~.estimation.loss_directions.GATHER_KEYS_FIRST`; the rows the world's sample takes follow
+    in :func:`_align_first_batches`' exchange); ``None``: with its rows."""
     return {
         "resolved": not acc._probe_pending and (bool(acc._reused) or acc._forward_floats is not None),
         "choice": (list(acc._reused), acc._forward_floats, acc._choice_outputs),
-        "residual": (acc._residual_skip, acc._residual_info), "loss_directions": acc.loss_direction_part(),
+        "residual": (acc._residual_skip, acc._residual_info), "loss_directions": acc.loss_direction_part(who),
+        "loss_directions_keyed": who is not None,
         "output_layout": acc.program.record_layout(),
         "normalised": None if acc._normalised_probe else acc._normalised,
         "data_buffers": acc._data_buffers, "data_buffers_unchecked": acc._data_buffers_unchecked,
@@ -491,7 +495,8 @@ def first_batch_facts(acc: MomentAccumulator) -> dict[str, Any]:
         "train_random": bool(acc._train_random), "input_stats": acc._input_stats.on_cpu() if acc._input_stats else None}
 
 
-def _align_first_batches(acc: MomentAccumulator, facts: list[dict[str, Any]]) -> None:
+def _align_first_batches(acc: MomentAccumulator, facts: list[dict[str, Any]],
+                         exchange: Callable[[dict[int, Tensor]], dict[int, Any]] | None = None) -> None:
     """Every process's report from every process's first-batch decisions (``facts``: those of the
     processes that saw records, in rank order, as gathered by
     :meth:`EstimationMetric._shape_empty_cat_states`): each process took them on its own first batch,
@@ -511,6 +516,10 @@ def _align_first_batches(acc: MomentAccumulator, facts: list[dict[str, Any]]) ->
       process's records (each shard's alone matches no buffer fitted on all of them);
     * the normalised layers (a structural probe): the first process's.
 
+    ``exchange`` (facts whose loss directions came as keys only, :func:`first_batch_facts` with
+    ``who``): ``{who: positions}`` -> ``{who: that process's rows there}``, one collective every
+    process runs alike (a process without records, or with no row wanted, sends none).
+
     Raises:
         ValueError: the processes chose different estimators (``"auto"``'s cost, or the per-layer
             program's Gauss-Newton directions, measured on each one's first batch; sequences of
@@ -529,9 +538,18 @@ def _align_first_batches(acc: MomentAccumulator, facts: list[dict[str, Any]]) ->
     # runs the same forwards (rv55: each measured its own before the gather, a different number)
     # in the union of the processes' output layouts (a leaf one process put back read by all; a process
     # without records has none of its own)
+    parts = [f["loss_directions"] for f in facts]
+    if any(f.get("loss_directions_keyed") for f in facts):  # (rv56: the rows the world's sample takes only)
+        if exchange is None:
+            raise RuntimeError("the processes' loss directions came as keys only: their rows need the exchange")
+        keyed = world_sample(parts, acc._loss_ranks, LOSS_RANK_RECORDS)
+        want = wanted_rows(keyed)
+        # (every process computed the same `want` from the same gather: all exchange, or none does)
+        sample = filled_sample(keyed, exchange(want) if want else {}, acc._loss_ranks, acc.program.device)
+    else:
+        sample = world_sample(parts, acc._loss_ranks, LOSS_RANK_RECORDS, acc.program.device)
     with acc.program.layout_as(union_layout([f["output_layout"] for f in facts])):
-        acc.directions_synced = world_sample([f["loss_directions"] for f in facts], acc._loss_ranks,
-                                             LOSS_RANK_RECORDS, acc.program.device).value()
+        acc.directions_synced = sample.value()
     acc.late_elsewhere = tuple(sorted({leaf for f in facts for leaf in f.get("late", ())}))
     if any(f["train_random"] for f in facts):
         acc._train_random = True
@@ -807,8 +825,9 @@ class EstimationMetric(Metric):
         # what a process's first batch decided ("auto"'s choice and the facts it measured), for a
         # process that saw no record (its figures are then those of the others: the same sums)
         empty = int(self._states()["n"]) == 0
-        first = None if empty else first_batch_facts(acc)
-        gathered: list[Any] = [None] * dist.get_world_size(group)
+        me, world = dist.get_rank(group), dist.get_world_size(group)
+        first = None if empty else first_batch_facts(acc, me if loss_directions.GATHER_KEYS_FIRST else None)
+        gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, (local, first, layout), group=group)
         metas = [g[0] if g is not None else None for g in gathered]
         ragged: dict[str, tuple[list[Tensor], list[list[tuple[int, tuple[int, ...]]]]]] = {}
@@ -827,7 +846,16 @@ class EstimationMetric(Metric):
             ragged[a] = (mine, layouts)
         facts = [g[1] for g in gathered if g is not None and g[1] is not None]  # (processes with records)
         seen = facts[0] if facts else None
-        _align_first_batches(acc, facts)
+
+        def exchange(want: dict[int, Tensor]) -> dict[int, Any]:
+            # the rows of the world's loss-direction sample: each process sends those of its own it takes
+            # (rv56: every process's whole sample went in the gather above), every process alike
+            rows: list[Any] = [None] * world
+            mine = acc.loss_direction_rows(want[me]) if me in want and not empty else None
+            dist.all_gather_object(rows, mine, group=group)
+            return {w: r for w, r in enumerate(rows) if r is not None}
+
+        _align_first_batches(acc, facts, exchange)
         if empty and seen is not None:
             if seen["resolved"] and acc._probe_pending:
                 acc.resolve(*seen["choice"])

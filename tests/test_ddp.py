@@ -534,13 +534,19 @@ def test_ranks_whose_first_batches_chose_different_estimators_are_refused():
     assert mets[0].accumulator.directions_synced is None  # (the exact estimator counts no directions)
 
 
-def test_every_rank_measures_the_worlds_loss_directions_alike():
+def test_every_rank_measures_the_worlds_loss_directions_alike(monkeypatch):
     """The loss directions' sample is measured after the sync's gather, on the world's sample, by every
     rank alike (``loss_directions.world_sample``): the same forwards on each, none before the gather
     (rv55: each rank measured its own inside ``first_batch_facts``, 4 forwards on rank 0 and 3 on rank
     1 of ``first_batches_workload``'s split), and a rank without records, whose program never sorted
     the dict output's layout, measures in the ranks' layout and reads their count. Without a world:
-    the ranks' facts as gathered, ``_align_first_batches`` as each rank runs it."""
+    the ranks' facts as gathered, ``_align_first_batches`` as each rank runs it.
+
+    rv56: the gather carries each rank's sample as keys only (``LossDirectionSample.keyed``) and one
+    exchange then the rows the world's sample takes, ``LOSS_RANK_RECORDS`` in all (rv55 sent every
+    rank's whole sample, up to 64 records' rows each): with a world sample of 16 of the 60 records,
+    16 rows exchanged (not 40 + 20), the same count bitwise as the full parts' and the same forwards."""
+    from mis_lightning import streaming
     from mis_lightning.streaming import _align_first_batches, first_batch_facts
 
     g = torch.Generator().manual_seed(5)
@@ -551,15 +557,34 @@ def test_every_rank_measures_the_worlds_loss_directions_alike():
     mets[0].update(X[:40], t[:40])
     for a in range(40, 60, 10):
         mets[1].update(X[a:a + 10], t[a:a + 10])
-    before = _Shards.forwards
-    facts = [first_batch_facts(m.accumulator) for m in mets[:2]]  # (mets[2] saw no record)
-    assert _Shards.forwards == before
-    runs = []
-    for m in mets:
+    sent: list[int] = []
+
+    def exchange(want):  # the sync's second gather: each rank's rows at the wanted positions
+        got = {w: mets[w].accumulator.loss_direction_rows(p) for w, p in want.items()}
+        sent.append(sum(int(pos.numel()) for rows in got.values() for pos, _, _ in rows))
+        return got
+
+    def world(keyed):
         before = _Shards.forwards
-        _align_first_batches(m.accumulator, facts)
-        runs.append((_Shards.forwards - before, m.accumulator.directions_synced))
+        facts = [first_batch_facts(m.accumulator, i if keyed else None) for i, m in enumerate(mets[:2])]
+        assert _Shards.forwards == before  # (mets[2] saw no record)
+        runs = []
+        for m in mets:
+            before = _Shards.forwards
+            _align_first_batches(m.accumulator, facts, exchange if keyed else None)
+            runs.append((_Shards.forwards - before, m.accumulator.directions_synced))
+        return facts, runs
+
+    full, runs = world(False)
     assert runs == [(runs[0][0], (pytest.approx(2 + 20 / 60, rel=1e-12), "measured", 60))] * 3
+    facts, keyed = world(True)
+    assert keyed == runs and sent == [60] * 3  # (the world's sample: every record)
+    rows = [x for f in facts for _, x, _, _, _ in f["loss_directions"][1]]
+    assert all(x.dtype == torch.int64 and x.shape[1:] == (2,) for x in rows)  # places, no rows, in the gather
+    monkeypatch.setattr(streaming, "LOSS_RANK_RECORDS", 16)
+    sent.clear()
+    (_, small), (_, small_keyed) = world(False), world(True)
+    assert small_keyed == small and small[0][1][2] == 16 and sent == [16] * 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (a process's statistics on its device)")

@@ -1469,11 +1469,19 @@ class MomentAccumulator:
             assert self._draw_keys is not None  # (set by _update for this batch)
             self._loss_rank.add(self._draw_keys(), inputs, targets)
 
-    def loss_direction_part(self) -> Held:
+    def loss_direction_part(self, who: int | None = None) -> Held:
         """This process's sample unmeasured, rows on the CPU (:meth:`LossDirectionSample.held`; a
         model with one output per record: a fixed count of 1), gathered at a DDP sync for
-        :func:`~.loss_directions.world_sample`, which every process measures alike."""
-        return ((1.0, "measured"), []) if self._one_output else self._loss_rank.held()
+        :func:`~.loss_directions.world_sample`, which every process measures alike; with ``who``
+        (this process's index) keys only (:meth:`LossDirectionSample.keyed`, the rows taken from
+        :meth:`loss_direction_rows`)."""
+        if self._one_output:
+            return (1.0, "measured"), []
+        return self._loss_rank.held() if who is None else self._loss_rank.keyed(who)
+
+    def loss_direction_rows(self, positions: Tensor) -> list[tuple[Tensor, Any, Any]]:
+        """The rows of this process's sample at ``positions`` (:meth:`LossDirectionSample.rows`)."""
+        return [] if self._one_output else self._loss_rank.rows(positions)
 
     def loss_directions(self) -> tuple[float, str, int] | None:
         """``(r, how, records)``: the mean ``rank(L_i)`` the diagonal leverage is spread over, how

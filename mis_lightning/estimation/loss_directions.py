@@ -36,6 +36,13 @@ from .records import slice_rows
 
 _tree = torch.utils._pytree
 
+# rv56: a DDP sync gathers each process's sample as keys only (:meth:`LossDirectionSample.keyed`), then
+# only the rows of the world's sample (:func:`wanted_rows`, :meth:`LossDirectionSample.rows`,
+# :func:`filled_sample`): <= ``records`` records' rows in all, not ``records`` per process (an image
+# model: 64 x 600 KB = 38 MB from each process to each); the same sample, groups and order. False:
+# every process's held rows in the first gather (rv55's :func:`world_sample` on the full parts)
+GATHER_KEYS_FIRST = True
+
 # ``measure(inputs, targets, rows) -> (ranks [rows] float64, note)``: the records' rank(L_i), and
 # ``""`` where measured, else why not (then ``ranks`` holds the count used instead)
 Measure = Callable[[Any, Any, int], tuple[Tensor, str]]
@@ -130,6 +137,39 @@ class LossDirectionSample:
         cpu = lambda tree: _tree.tree_map(lambda t: t.cpu() if isinstance(t, Tensor) else t, tree)  # noqa: E731
         return self.fixed, [(g.keys, cpu(g.inputs), cpu(g.targets), g.ranks, g.note) for g in self.groups]
 
+    def keyed(self, who: int) -> Held:
+        """:meth:`held` with each unmeasured group's rows replaced by their places: ``inputs`` an int64
+        ``[m, 2]`` of ``(who, position)`` (the position among this sample's unmeasured rows, in group
+        order; ``who`` the process's index), ``targets`` the rows' layout as a string (rows of one
+        layout group together in :func:`world_sample` as the rows themselves do). A few bytes a record:
+        a DDP process's part of the first gather (:data:`GATHER_KEYS_FIRST`), its rows sent later only
+        where the world's sample takes them (:meth:`rows`)."""
+        out, a = [], 0
+        for g in self.groups:
+            if g.ranks is not None:
+                out.append((g.keys, None, None, g.ranks, g.note))
+                continue
+            m = int(g.keys.numel())
+            ids = torch.stack([torch.full((m,), who, dtype=torch.int64), torch.arange(a, a + m)], 1)
+            out.append((g.keys, ids, repr(g.layout), None, g.note))
+            a += m
+        return self.fixed, out
+
+    def rows(self, positions: Tensor) -> list[tuple[Tensor, Any, Any]]:
+        """The unmeasured rows at ``positions`` (:meth:`keyed`'s numbering), on the CPU, by group:
+        ``[(positions within it, inputs, targets)]``, the groups holding none left out."""
+        out, a = [], 0
+        for g in self.groups:
+            if g.ranks is not None:
+                continue
+            m = int(g.keys.numel())
+            mine = positions[(positions >= a) & (positions < a + m)]
+            if mine.numel():
+                cpu = lambda tree: _tree.tree_map(lambda t: t.cpu() if isinstance(t, Tensor) else t, tree)  # noqa: E731
+                out.append((mine, cpu(slice_rows(g.inputs, mine - a)), cpu(slice_rows(g.targets, mine - a))))
+            a += m
+        return out
+
     def _held_keys(self) -> Tensor:
         return torch.cat([g.keys for g in self.groups]) if self.groups else torch.empty(0, dtype=torch.int64)
 
@@ -201,6 +241,46 @@ def world_sample(parts: Sequence[Held | None], measure: Measure, records: int,
             out._hold(keys, move(x), move(y), ranks, note)
         out._prune()
     return out
+
+
+def wanted_rows(keyed: LossDirectionSample) -> dict[int, Tensor]:
+    """The rows a :func:`world_sample` of :meth:`LossDirectionSample.keyed` parts holds, by process:
+    ``{who: positions (sorted int64)}`` (empty where its count is fixed or every group measured)."""
+    ids = [g.inputs for g in keyed.groups if g.ranks is None and isinstance(g.inputs, Tensor)]
+    if keyed.fixed is not None or not ids:
+        return {}
+    every = torch.cat(ids)
+    return {int(w): torch.sort(every[every[:, 0] == w, 1]).values for w in torch.unique(every[:, 0])}
+
+
+def filled_sample(keyed: LossDirectionSample, rows: dict[int, list[tuple[Tensor, Any, Any]]], measure: Measure,
+                  device: torch.device | str | None = None) -> LossDirectionSample:
+    """:func:`world_sample` of the full parts, from its keyed twin (``keyed``: the same keys, groups
+    and order) and the rows it holds (``rows``: ``{who: that process's LossDirectionSample.rows}``),
+    moved to ``device``: the same sample, so the same forwards on every process and the same count.
+
+    Raises:
+        KeyError: a row the keyed sample holds that ``rows`` lacks."""
+    out = LossDirectionSample(measure, keyed.records, fixed=keyed.fixed)
+    if keyed.fixed is not None:
+        return out
+    one = {(w, int(p)): (x, y, i) for w, got in rows.items() for pos, x, y in got for i, p in enumerate(pos.tolist())}
+    move = lambda t: t.to(device) if isinstance(t, Tensor) and device is not None else t  # noqa: E731
+    for g in keyed.groups:
+        if g.ranks is not None:
+            out.groups.append(_Group(g.keys, None, None, g.layout, g.ranks, g.note))
+            continue
+        picked = [one[(int(w), int(p))] for w, p in g.inputs.tolist()]
+        out.groups.append(_Group(g.keys, _stacked(picked, 0, move), _stacked(picked, 1, move), g.layout, None, g.note))
+    return out
+
+
+def _stacked(picked: list[tuple[Any, Any, int]], side: int, move: Callable[[Any], Any]) -> Any:
+    """Row ``i`` of each picked ``(inputs, targets, i)``'s ``side`` (0: inputs), concatenated in order
+    (rows of one layout: non-tensor leaves taken from the first)."""
+    idx = [p[2] for p in picked]
+    return _tree.tree_map(lambda *ts: move(torch.cat([t[i: i + 1] for t, i in zip(ts, idx)]))
+                          if isinstance(ts[0], Tensor) else ts[0], *[p[side] for p in picked])
 
 
 def merge_counts(parts: Sequence[tuple[list[int], list[float], list[str], tuple[float, str] | None] | None],
