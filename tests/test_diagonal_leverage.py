@@ -378,6 +378,16 @@ def test_a_squeezed_output_is_read_per_record():
     with pytest.raises(ValueError, match=r"\(4, 1, 3\) for one record, \(4, 2, 3\) for two: its dim 0 does not"):
         tensor_record_shape(one, lambda: two, "the model's output")
     assert tensor_record_shape(torch.zeros(()), lambda: None, "") == ()  # [B, 1] squeezed, one record
+    # rv56: a one-record output of dim 0 2 with a (2, 2) pair: a squeezed [B, 2] head (one = the pair's row 0)
+    # is read (2,), two heads stacked [2, B] and squeezed (one = its column 0) refused; a pair that cannot
+    # tell (equal outputs) keeps the squeeze (the loss checks stand behind it); float32 rounding between the
+    # batch of one and of two passes
+    pair = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert tensor_record_shape(torch.tensor([1.0, 2.0 + 1e-7]), lambda: pair, "") == (2,)
+    assert tensor_record_shape(torch.ones(2), lambda: torch.ones(2, 2), "") == (2,)
+    with pytest.raises(ValueError, match=r"\(2,\) for one record, \(2, 2\) for two, and the one record's output is "
+                                         r"column 0 of the two records'.*torch.stack\(heads, 1\)"):
+        tensor_record_shape(torch.tensor([1.0, 3.0]), lambda: pair, "the model's output")
     # rv55r: the squeezed head on a batch of one record ((3,), no pair) cannot be told; the refusal says
     # so and names the squeeze (it read "a sequence-first output?" alone)
     with pytest.raises(ValueError, match=r"\(3,\) for a batch of one record.*\.squeeze\(\) that dropped it"):

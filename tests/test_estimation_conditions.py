@@ -266,15 +266,58 @@ class _SeqFirstHook(nn.Module):
         return F.cross_entropy(out[-1], y, reduction="none") + 0.1 * out.square().sum((0, 2))
 
 
+class _StackedHook(nn.Module):
+    """A hook whose model stacks two heads ``[2, B, 1]`` and ``.squeeze()``s: ``[2, B]``, ``[2]`` for
+    one record, ``[2, 2]`` for two (a squeezed ``[2, 3]`` batch-first head shows the same shapes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        o = self.lin(x)
+        return torch.stack([o[:, :1], o[:, 1:]]).squeeze()
+
+    def mis_per_sample_loss(self, batch):
+        x, y = batch
+        return ((self(x).T - y) ** 2).sum(-1)
+
+
 def test_the_hook_checks_refuse_no_per_record_hook():
     """rv54b: ux54b's hook checks refused two per-record hooks the s53 code ran: one reading a
     batch tensor of B entries that are not records (cut per record, the hook raised torch's
     error), one whose model output is sequence-first with T = 4 steps (its steps read as the 4
-    records checked: "mixes the records through its gradient")."""
+    records checked: "mixes the records through its gradient").
+
+    rv56: the outputs whose records are in dim 1 that the one- and two-record shapes read as
+    records-first are refused, naming the layout: sequence-first with T = 1 step (``(1, 1, 3)``
+    for one record) and two stacked heads squeezed to ``[2, B]`` (``(2,)`` one record, ``(2, 2)``
+    two) by the batch's dim 0 in the first-batch checks; the stacked heads on a batch of two
+    records (dim 0 is 2 there too) by the value of the two-record output's row 0; the same
+    refusal for the plain loss, which blamed the loss ("is not per-sample ... broadcasting")."""
+    from mis_lightning.estimation.per_sample import LossProgram
     from mis_lightning.streaming import hook_program
 
     torch.manual_seed(0)
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    y2 = torch.randn(16, 2)
+    records_dim = r"its dim 0 does not hold the records"
+    for model, batch, bad in ((_StackedHook(), (x, y2), r"inside mis_per_sample_loss is \(2, 4\) for 4 records: " + records_dim),
+                              (_SeqFirstHook(), (torch.randn(16, 1, 4), y), r"\(1, 4, 3\) for 4 records: " + records_dim)):
+        loss_fn, batch_fn, cls = hook_program(model.eval())
+        prog = cls(model, loss_fn, [n for n, _ in model.named_parameters()], batch_fn)
+        with pytest.raises(ValueError, match=bad):
+            prog.prepare(batch)
+    model = _StackedHook().eval()
+    loss_fn, batch_fn, cls = hook_program(model)
+    prog = cls(model, loss_fn, [n for n, _ in model.named_parameters()], batch_fn)
+    inputs = prog.prepare((x[:2], y2[:2]))[0]
+    with pytest.raises(ValueError, match=r"\(2,\) for one record, \(2, 2\) for two, and the one record's output is "
+                                         r"column 0 of the two records', not row 0: the records are in dim 1"):
+        prog.output_shape(inputs)
+    plain = LossProgram(model, lambda o, t: ((o.T - t) ** 2).sum(-1), [n for n, _ in model.named_parameters()])
+    with pytest.raises(ValueError, match=r"the model's output is \(2, 16\) for 16 records: " + records_dim):
+        plain.prepare((x, y2))
     for model, batch in ((_WeightedHook(), {"x": x, "y": y, "w": torch.ones(16)}),
                          (_SeqFirstHook(), (torch.randn(16, 4, 4), y)), (_SeqFirstHook(), (torch.randn(4, 4, 4), y[:4]))):
         model.eval()

@@ -96,7 +96,13 @@ def tensor_record_shape(one: Tensor, two: Callable[[], Tensor | None], what: str
     rv55: read as ``()``, one output per record, a 3-class head counted 1 loss direction) or the
     records are not in dim 0 (a sequence-first ``[T, B, C]`` output, ``nn.RNN``'s default layout):
     told apart on a forward of two records (``two()``; ``None`` where there is one): dim 0 of 2
-    and each record ``one``'s shape is a squeeze, whose per-record shape is ``one``'s own.
+    and each record ``one``'s shape is a squeeze, whose per-record shape is ``one``'s own. Where
+    ``one``'s dim 0 is 2 that shape test cannot tell a squeeze from two heads stacked ``[2, B]``
+    (or a sequence-first ``[2, B]``) and squeezed: ``one`` must then be the pair's row 0 (its value,
+    to the rounding of a batch of one against two), refused where it is the pair's column 0 instead
+    (rv56; where both or neither hold -- equal outputs, a forward depending on the batch -- the
+    squeeze is taken, the per-record loss checks standing behind it). A sequence-first output whose
+    dim 0 is 1 (``[1, B, C]``) is told by :func:`check_records_first` on a batch's output.
 
     Raises:
         ValueError: naming ``what`` and the shapes, where the records are not in dim 0 (or one
@@ -108,6 +114,13 @@ def tensor_record_shape(one: Tensor, two: Callable[[], Tensor | None], what: str
     if pair is None and one.dim() == 0:
         return ()  # a squeezed [B, 1] or [B]: one output per record, whatever the batch shows
     if pair is not None and pair.dim() and pair.shape[0] == 2 and tuple(pair.shape[1:]) == tuple(one.shape):
+        if one.shape[0] == 2 and _records_in_dim1(one, pair):  # (rv56: [2, B] squeezed reads as a squeeze too)
+            raise ValueError(
+                f"{what} is {tuple(one.shape)} for one record, {tuple(pair.shape)} for two, and the one record's "
+                "output is column 0 of the two records', not row 0: the records are in dim 1 (two heads stacked "
+                "[2, B, ...] and .squeeze()d, or a sequence-first [T, B] output of T = 2 steps?), and every "
+                "per-record read takes dim 0 as the records; return the output batch-first (torch.stack(heads, 1), "
+                "out.transpose(0, 1), batch_first=True) and keep the batch dim (.squeeze(-1) rather than .squeeze())")
         return tuple(one.shape)  # a .squeeze(): the records in dim 0, each of one's shape
     if pair is None:  # (rv55r: a squeezed output on a batch of one record read as sequence-first alone)
         raise ValueError(f"{what} is {tuple(one.shape)} for a batch of one record: its dim 0 is not that record's, "
@@ -119,6 +132,37 @@ def tensor_record_shape(one: Tensor, two: Callable[[], Tensor | None], what: str
                      "hold the records (a sequence-first [T, B, ...] output, e.g. nn.RNN / nn.Transformer without "
                      "batch_first=True?), and every per-record read takes dim 0 as the records; return the output "
                      "batch-first (out.transpose(0, 1), batch_first=True)")
+
+
+def _records_in_dim1(one: Tensor, pair: Tensor) -> bool:
+    """Whether ``one`` (a record's output, ``[2, ...]``) is ``pair``'s column 0 (``pair [2, 2, ...]``,
+    two records' output) and not its row 0: the records are in dim 1. Compared to the first-batch
+    checks' tolerance of a record computed alone against its row in the batch."""
+    from .per_sample import _record_tolerances  # (per_sample imports this module)
+
+    if not (one.is_floating_point() and pair.is_floating_point()):
+        return bool(torch.equal(one, pair[:, 0])) and not bool(torch.equal(one, pair[0]))
+    a, rows, cols = one.detach().double(), pair[0].detach().double(), pair[:, 0].detach().double()
+    rtol, atol = _record_tolerances(one.dtype, float(a.abs().max()) if a.numel() else 0.0)
+    return bool(torch.allclose(a, cols, rtol=rtol, atol=atol)) and not bool(torch.allclose(a, rows, rtol=rtol, atol=atol))
+
+
+def check_records_first(out: Any, b: int, what: str) -> None:
+    """Check that a batch's tensor output ``out`` holds its ``b`` records in dim 0 (where ``b >= 2``;
+    one record cannot tell), at no cost: the output is the first batch's own forward. A
+    sequence-first ``[T, B, C]`` output of ``T = 1`` step has a one-record output ``[1, 1, C]`` that
+    :func:`tensor_record_shape` reads as records-first (rv55r, rv56), and heads stacked ``[K, B]``
+    likewise ``[K]`` per record where ``K = 2``; the batch's dim 0 (``T``, ``K``) tells them.
+
+    Raises:
+        ValueError: naming ``what`` and the shapes, and the cure (the output batch-first).
+    """
+    if not isinstance(out, Tensor) or b < 2 or (out.dim() and out.shape[0] == b):
+        return
+    raise ValueError(f"{what} is {tuple(out.shape)} for {b} records: its dim 0 does not hold the records "
+                     "(a sequence-first [T, B, ...] output, e.g. nn.RNN / nn.Transformer without batch_first=True, or "
+                     "heads stacked [K, B, ...]?), and every per-record read takes dim 0 as the records; return the "
+                     "output batch-first (out.transpose(0, 1), batch_first=True, torch.stack(heads, 1))")
 
 
 def union_layout(layouts: list[OutputShape | None]) -> OutputShape | None:

@@ -26,6 +26,7 @@ from .norm_derivatives import WrittenOutLayerNorm
 from .output_reads import (
     OutputShape,
     OutputTree,
+    check_records_first,
     flat_record,
     layout_of,
     read_later,
@@ -1100,6 +1101,8 @@ class LossProgram:
                     f"{what} must return per-sample losses of shape [B] = [{b}], got {shape}"
                     + (hint or "; use reduction='none' and reduce each record's entries to one loss")
                 )
+            # (rv56: before the loss checks, which would blame the loss for an output whose dim 0 is not the records)
+            check_records_first(out, b, "the model's output")
             self.check_records(inputs, targets, out, losses, what, records)
             # which output leaves the loss reads (output_reads), from this forward's output: the
             # Jacobians and flattened outputs see those only
