@@ -57,6 +57,11 @@ def _layout(x: Any) -> tuple[Any, ...]:
     return (str(spec), *((tuple(t.shape[1:]), t.dtype) if isinstance(t, Tensor) else repr(t) for t in leaves))
 
 
+def _cpu(tree: Any) -> Any:
+    """A pytree's tensors on the CPU."""
+    return _tree.tree_map(lambda t: t.cpu() if isinstance(t, Tensor) else t, tree)
+
+
 def _cat(a: Any, b: Any) -> Any:
     """Two pytrees of one layout, row-concatenated (non-tensor leaves taken from ``a``)."""
     return _tree.tree_map(lambda s, t: torch.cat([s, t]) if isinstance(s, Tensor) else s, a, b)
@@ -134,8 +139,7 @@ class LossDirectionSample:
         """The sample as plain data, rows on the CPU, nothing measured here (a DDP process's part for
         :func:`world_sample`, gathered at the sync: ``(fixed, [(keys, inputs, targets, ranks,
         note)])``, a measured group's rows ``None``)."""
-        cpu = lambda tree: _tree.tree_map(lambda t: t.cpu() if isinstance(t, Tensor) else t, tree)  # noqa: E731
-        return self.fixed, [(g.keys, cpu(g.inputs), cpu(g.targets), g.ranks, g.note) for g in self.groups]
+        return self.fixed, [(g.keys, _cpu(g.inputs), _cpu(g.targets), g.ranks, g.note) for g in self.groups]
 
     def keyed(self, who: int) -> Held:
         """:meth:`held` with each unmeasured group's rows replaced by their places: ``inputs`` an int64
@@ -164,9 +168,8 @@ class LossDirectionSample:
                 continue
             m = int(g.keys.numel())
             mine = positions[(positions >= a) & (positions < a + m)]
-            if mine.numel():
-                cpu = lambda tree: _tree.tree_map(lambda t: t.cpu() if isinstance(t, Tensor) else t, tree)  # noqa: E731
-                out.append((mine, cpu(slice_rows(g.inputs, mine - a)), cpu(slice_rows(g.targets, mine - a))))
+            if mine.numel():  # (sliced before the move: only these rows leave the device)
+                out.append((mine, _cpu(slice_rows(g.inputs, mine - a)), _cpu(slice_rows(g.targets, mine - a))))
             a += m
         return out
 
