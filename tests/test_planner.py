@@ -352,8 +352,8 @@ def test_candidate_whose_proxy_misses_is_named(setup, monkeypatch):
     the pipeline re-quantizes Monte Carlo draws, the search's proxy reads the released cells),
     that its rounding is not nearest; a candidate within 2% is not. The size of HQQ's real miss
     depends on the fitted weights, which depend on the machine's float32 kernels (the proxy read
-    1.3-1.5% low on ChEMBL, docs/planner.md; on this fixture more than 2% low where the test was
-    written, 1.2% low on an AVX512-FP16 Xeon): the miss is made certain by giving the search
+    1.3-1.5% low on ChEMBL, docs/benchmarks.md, "Planner: the measurements formerly in docs/planner.md";
+    on this fixture more than 2% low where the test was written, 1.2% low on an AVX512-FP16 Xeon): the miss is made certain by giving the search
     0.8 x the cells' kappa of every HQQ weight (the pipeline's own scoring untouched); rtn_int4
     (the Gaussian form, far below the unquantized baseline's cap, which moves rtn_int8 by about
     1%) is the candidate within 2%."""
