@@ -160,8 +160,7 @@ class PlanConfig(CheckedFields):
             :data:`LOWER_IS_BETTER_NAMES` / :data:`HIGHER_IS_BETTER_NAMES` (``"loss"`` is lower
             is better), else an error before the estimation pass.
         reassess: frontier plans re-assessed through the pipeline (the chosen one included;
-            each costs about one uniform scheme's scoring: the default 2 keeps planning under 2x
-            an `assess` of the uniform candidates, docs/planner.md "Cost").
+            each costs about one uniform scheme's scoring or more: docs/planner.md "Cost").
         max_enumerate: enumerate every plan up to this many, else search greedily.
         reassess_near_budget: at most this many further plans re-assessed that the additive
             utility prediction puts over ``max_utility_loss`` by less than its own error
