@@ -1221,11 +1221,29 @@ def check_trainer_package(ours: str, trainer: Any) -> None:
 
 
 def report_dir(trainer: Any, dirpath: str | Path | None) -> Path:
-    """``dirpath``, else the checkpoint callback's ``dirpath``, else ``trainer.log_dir``, else
-    ``trainer.default_root_dir``."""
+    """``dirpath``, else the checkpoint callback's ``dirpath``, else the run's folder in an MLflow
+    ``file:`` store (:func:`mlflow_run_dir`), else ``trainer.log_dir``, else ``trainer.default_root_dir``.
+    Call it on every process: ``trainer.log_dir`` and the MLflow run's names are broadcasts."""
     cb = getattr(trainer, "checkpoint_callback", None)
-    return Path(dirpath or getattr(cb, "dirpath", None) or getattr(trainer, "log_dir", None)
-                or trainer.default_root_dir)
+    return Path(dirpath or getattr(cb, "dirpath", None) or mlflow_run_dir(trainer)
+                or getattr(trainer, "log_dir", None) or trainer.default_root_dir)
+
+
+def mlflow_run_dir(trainer: Any) -> Path | None:
+    """``<store>/<experiment id>/<run id>`` where the Trainer's first logger is an MLflow logger with
+    a ``file:`` store, else ``None``. Lightning's ``trainer.log_dir`` is then the store's root (the
+    ``save_dir`` of a logger other than TensorBoard's or CSV's), which holds every experiment's runs:
+    the report went there, unannounced, where nothing was checkpointed (ux55a). This is the run's own
+    folder, where ``ModelCheckpoint`` puts its ``checkpoints/`` (``save_dir/name/version``). A database
+    store has no ``save_dir``: ``None``, and the report goes to ``default_root_dir``, said at the
+    start of fit (:func:`root_dir_note`). Only rank 0 has the run (``rank_zero_experiment``): its names
+    are broadcast, as ``ModelCheckpoint``'s folder is."""
+    logger = next(iter(getattr(trainer, "loggers", None) or []), None)
+    # the class's attribute: reading the instance's run_id would start the run
+    if logger is None or not hasattr(type(logger), "run_id") or getattr(logger, "save_dir", None) is None:
+        return None
+    name, version = trainer.strategy.broadcast((logger.name, logger.version))
+    return Path(logger.save_dir) / str(name) / str(version)
 
 
 def root_dir_note(trainer: Any, dirpath: str | Path | None) -> str | None:

@@ -91,10 +91,15 @@ from .report import (
     SchemeResult,
     _fmt,
     _unresolved,
+    baseline_marks,
     column_format,
+    figure_notes,
+    leakage_marks,
+    marks_legend,
     metric_mode,
     metric_name,
     pick_utility_key,
+    scheme_marks,
     undetermined_headline,
 )
 
@@ -155,8 +160,7 @@ class PlanConfig(CheckedFields):
             :data:`LOWER_IS_BETTER_NAMES` / :data:`HIGHER_IS_BETTER_NAMES` (``"loss"`` is lower
             is better), else an error before the estimation pass.
         reassess: frontier plans re-assessed through the pipeline (the chosen one included;
-            each costs about one uniform scheme's scoring: the default 2 keeps planning under 2x
-            an `assess` of the uniform candidates, docs/planner.md "Cost").
+            each costs about one uniform scheme's scoring or more: docs/planner.md "Cost").
         max_enumerate: enumerate every plan up to this many, else search greedily.
         reassess_near_budget: at most this many further plans re-assessed that the additive
             utility prediction puts over ``max_utility_loss`` by less than its own error
@@ -356,12 +360,37 @@ class PlanResult:
                         "chosen": p is self.chosen})
         return out
 
+    def _marked(self) -> dict[str, dict[str, Any]]:
+        """The report's rows by scheme name (``{}`` for a name it lacks): the plan's table and
+        figure carry their marks, as the report's table does (``^`` after a name, ``*``, ``~``, ``!``,
+        ... after a leakage: :func:`~mis_lightning.report.scheme_marks`, ``leakage_marks``)."""
+        return {str(r["scheme"]): r for r in self.report.rows()}
+
+    def marks_legend(self) -> list[str]:
+        """The report's legend entries (:func:`~mis_lightning.report.marks_legend`, two-space
+        indented) of the marks the plan's rows and float model carry; not ``indep.``'s: the plan's
+        table has no such column."""
+        marked = self._marked()
+        shown = [{k: v for k, v in marked[r["name"]].items() if k != "leakage_independent"}
+                 for r in self.rows() if r["name"] in marked]
+        return marks_legend(shown)
+
+    def _baseline_marks(self) -> str:
+        """The float model's mark (``" undet."``, ``" ~"`` or ``""``: :func:`~mis_lightning.report.baseline_marks`)."""
+        rows = [r for r in self._marked().values() if not r.get("error")]
+        return baseline_marks(rows[0]) if rows else " undet." if self.undetermined else ""
+
     def table(self, report_warnings: bool = True) -> str:
         """A Markdown table of :meth:`rows` (proxy and re-assessed values; the first column is
-        the row's name in the report), then the chosen plan, the float model, the budget and
-        the warnings (``report_warnings=False``: only the planner's own, where the report's
-        table with its warnings is shown beside it)."""
+        the row's name in the report, with the report's marks after it and after the re-assessed
+        leakage), then the chosen plan, the float model, the budget, the marks' legend
+        (:meth:`marks_legend`) and the warnings (``report_warnings=False``: only the planner's own,
+        where the report's table with its warnings is shown beside it)."""
         m = self.metric
+        marked = self._marked()
+
+        def marks(name: str) -> str:  # after a leakage, as in the report's table
+            return leakage_marks(marked[name]) if name in marked else ""
         lines = [f"| scheme (report row) | per layer | predicted leakage | leakage | 80% interval | MIS "
                  f"| predicted {m} | {m} | bits/weight |",
                  "|---|---|---|---|---|---|---|---|---|"]
@@ -370,10 +399,11 @@ class PlanResult:
         for r in rows:
             note = self.report.row_notes.get(r["name"])
             role = "returned, not ranked" if self.undetermined else "chosen"  # hd51's undet.: no choice by leakage
-            name = f"**{r['name']} ({role})**" if r["chosen"] else f"{r['name']} ({note})" if note else r["name"]
+            shown = f"{r['name']}{scheme_marks(marked.get(r['name'], {}))}"
+            name = f"**{shown} ({role})**" if r["chosen"] else f"{shown} ({note})" if note else shown
             what = "every layer" if r["kind"] == "uniform" else ", ".join(f"{k}={v}" for k, v in r["choices"].items())
             iv = "-" if not r["interval"] else f"[{r['interval'][0]:.4g}, {r['interval'][1]:.4g}]"
-            lines.append(f"| {name} | {what} | {r['predicted_leakage']:.4g} | {r['leakage']:.4g} | {iv} "
+            lines.append(f"| {name} | {what} | {r['predicted_leakage']:.4g} | {r['leakage']:.4g}{marks(r['name'])} | {iv} "
                          f"| {mis(r['mis'])} | {r['predicted_utility']:.4g} | {r['utility']:.4g} "
                          f"| {r['bits_per_weight']:.4g} |")
         budget = self.budget_text()
@@ -382,7 +412,7 @@ class PlanResult:
             # hd51's undet.: no figure ranks a plan, so there is no "least leakage" to choose by (cor52)
             lines.append(f"\nchosen: none: {self.undetermined}; no plan is ranked by leakage. The scheme returned, "
                          f"{self.chosen.name} ({', '.join(f'{k}={v}' for k, v in self.chosen.choices.items())}), is "
-                         f"the least leakage by figures that rule sets ({c['leakage']:.4g}), "
+                         f"the least leakage by figures that rule sets ({c['leakage']:.4g}{marks(self.chosen.name)}), "
                          + ("within the budget" if self.within_budget else "OUTSIDE the budget (see the warnings)")
                          + f" by its measured {m} {c['utility']:.4g} and {c['bits_per_weight']:.3g} bits per weight: "
                          "the search's order, not a privacy choice")
@@ -397,7 +427,8 @@ class PlanResult:
             where = "within the budget" if self.within_budget else \
                 "by the search's proxy, OUTSIDE the budget once re-assessed (see the warnings)"
             lines.append(f"\nchosen: {self.chosen.name} ({', '.join(f'{k}={v}' for k, v in self.chosen.choices.items())}),"
-                         f" {goal} {where}: leakage {c['leakage']:.4g}{_interval_text(c)}, {m} {c['utility']:.4g}, "
+                         f" {goal} {where}: leakage {c['leakage']:.4g}{marks(self.chosen.name)}{_interval_text(c)}, "
+                         f"{m} {c['utility']:.4g}, "
                          f"{c['bits_per_weight']:.3g} bits per weight"
                          + (f"; strictly better (leakage, {m} and size) than {', '.join(clear)}" if clear else "")
                          + (f"; {m} and size no worse than {', '.join(tied)}, with a lower point leakage "
@@ -405,7 +436,8 @@ class PlanResult:
             if self.not_ranked_against:  # the plan's own verdict: what it is not ranked against
                 rows = {r["name"]: r for r in self.rows()}
                 shown = ", ".join(
-                    f"{k} (leakage {rows[k]['leakage']:.4g}{_interval_text(rows[k])}, {m} {rows[k]['utility']:.4g}, "
+                    f"{k} (leakage {rows[k]['leakage']:.4g}{marks(k)}{_interval_text(rows[k])}, "
+                    f"{m} {rows[k]['utility']:.4g}, "
                     f"{rows[k]['bits_per_weight']:.3g} bits)" if k in rows else k for k in self.not_ranked_against)
                 lines.append(f"{NOT_RANKED}: {self.chosen.name} and {shown}, all within the budget and as safe "
                              f"within the figures' uncertainty; leakages not ranked against the least one's count "
@@ -439,7 +471,7 @@ class PlanResult:
                          f"order): {len(searched)} plans, "
                          f"{sum(c['measured_utility_loss'] > budget_u for c in searched)} over the budget{lead}")
         lines.append(f"\nfloat model: {m} {self.float_utility:.4g}, leakage {self.report.baseline_leakage:.4g}"
-                     f"{' undet.' if self.undetermined else ''}; "
+                     f"{self._baseline_marks()}; "
                      f"budget: {budget}. \"predicted\": the search's proxy; the other columns: the "
                      "pipeline's re-assessment of the real quantized copy.")
         shown = pick_utility_key(self.report.rows())
@@ -447,6 +479,8 @@ class PlanResult:
             what = "the mean per-sample loss" if m == "loss" else "the validation metric"
             lines.append(f"{m} here is {what}, the utility the budget applies to (PlanConfig.utility_metric); "
                          f"the report's table shows {shown.removeprefix('utility_')} instead")
+        if legend := self.marks_legend():  # what the marks say of the figures a plan was chosen on
+            lines += ["marks (as in the report's table):", *legend]
         lines += [f"warning: {w}" for w in self.warnings if report_warnings or w not in self.report.warnings]
         return "\n".join(lines)
 
@@ -465,8 +499,11 @@ class PlanResult:
 
     def figure(self, path: str | None = None) -> Any:
         """Leakage versus bits per weight and versus utility: the frontier of plans (proxy),
-        the re-assessed plans and the uniform candidates (pipeline). Returns the matplotlib
-        figure (saved to ``path`` when given)."""
+        the re-assessed plans and the uniform candidates (pipeline), each re-assessed point with the
+        report's marks (the uniform candidates' names followed by them, as in :meth:`table`), the
+        float model's after "float model" in the title, and :meth:`marks_legend` under the axes
+        (:func:`~mis_lightning.report.figure_notes`). Returns the matplotlib figure (saved to
+        ``path`` when given)."""
         import matplotlib
 
         matplotlib.use("Agg", force=False)
@@ -474,6 +511,10 @@ class PlanResult:
 
         fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
         fr = self.frontier
+        marked = self._marked()
+
+        def marks(name: str) -> str:  # the report's table's, after the scheme's name and its leakage
+            return scheme_marks(marked[name]) + leakage_marks(marked[name]) if name in marked else ""
         for ax, key, label in ((axes[0], "bits", "bits per weight"), (axes[1], "utility", self.metric)):
             xs = [p.bits_per_weight if key == "bits" else p.utility for p in fr]
             ax.scatter(xs, [p.leakage for p in fr], s=10, c="0.6", label="frontier plans (proxy)")
@@ -483,7 +524,8 @@ class PlanResult:
                     continue
                 x = r["bits_per_weight"] if key == "bits" else r["utility"]
                 ax.scatter([x], [r["leakage"]], marker="s", c="tab:blue")
-                ax.annotate(name, (x, r["leakage"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(f"{name}{marks(name)}", (x, r["leakage"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
             for p in fr:
                 r = p.reassessed(self.metric)
                 if r is None:
@@ -491,6 +533,9 @@ class PlanResult:
                 x = r["bits_per_weight"] if key == "bits" else r["utility"]
                 ax.scatter([x], [r["leakage"]], marker="*", s=120 if p is self.chosen else 60,
                            c="tab:red" if p is self.chosen else "tab:orange")
+                # a plan chosen on a figure that fails an assumption shows it (a uniform one beside its name)
+                if p.name not in self.uniform and (mark := marks(p.name).strip()):
+                    ax.annotate(mark, (x, r["leakage"]), fontsize=7, xytext=(4, -8), textcoords="offset points")
             ys = [p.leakage for p in fr] + [u.result.leakage for u in self.uniform.values()
                                            if u.result is not None and not math.isnan(u.result.leakage)]
             base = self.report.baseline_leakage
@@ -498,7 +543,7 @@ class PlanResult:
             if not ys or base <= max(ys) + 2 * span:  # else the line would squash the points
                 ax.axhline(base, ls=":", c="k", lw=0.8)
             else:
-                ax.annotate(f"float model: {base:.4g} (above)", (0.02, 0.97), xycoords="axes fraction",
+                ax.annotate(f"float model: {base:.4g}{self._baseline_marks()} (above)", (0.02, 0.97), xycoords="axes fraction",
                             fontsize=7, va="top")
             ax.set_xlabel(label)
             ax.set_ylabel("leakage (1 - MIS)")
@@ -510,11 +555,14 @@ class PlanResult:
                             c="tab:red", lw=0.8)
         budget = self.budget_text()
         undet = "; undetermined headline: no plan ranked" if self.undetermined else ""
-        fig.suptitle(f"plans vs uniform schemes (dotted: float model; dashed: budget {budget}{undet})", fontsize=9)
+        fig.suptitle(f"plans vs uniform schemes (dotted: float model{self._baseline_marks()}; dashed: budget "
+                     f"{budget}{undet})", fontsize=9)
         axes[0].scatter([], [], marker="s", c="tab:blue", label="uniform (re-assessed)")
         axes[0].scatter([], [], marker="*", c="tab:orange", label="plans (re-assessed)")
         axes[0].scatter([], [], marker="*", c="tab:red", label="chosen plan")
         axes[0].legend(fontsize=7)
+        if notes := [ln.strip() for ln in self.marks_legend()]:  # what the marks mean, as the report's figure says
+            figure_notes(fig, (), notes)
         if path is not None:
             fig.savefig(path, dpi=120)
         return fig

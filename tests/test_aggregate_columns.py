@@ -233,3 +233,8 @@ def test_across_seeds_chooses_nothing_where_the_headline_is_undetermined():
     assert "chosen in every seed" not in text and "undetermined in 2 seed(s) (seed=0, seed=1)" in text
     fine = across_seeds_section(rows(0.0), lambda r: r["key"], lambda g: None, lambda s, keys: s)
     assert "chosen in every seed: rtn_int4" in fine and "undetermined in" not in fine
+    # ux56b: `-m seed=0,1 'schemes=[rtn_int8,rtn_int4]'`, one job per seed scoring both schemes, chooses as
+    # that job's own verdict does (it counted seeds of two jobs or more only: "chosen in" read "-" everywhere)
+    one_job = [{**r, "job": r["key"]} for r in rows(0.0)]
+    assert verdict([r for r in one_job if r["key"] == "seed=0"]).startswith("verdict: safest: rtn_int4 ")
+    assert across_seeds_section(one_job, lambda r: r["key"], lambda g: None, lambda s, keys: s) == fine

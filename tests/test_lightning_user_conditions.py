@@ -359,6 +359,48 @@ def test_the_folder_is_said_where_it_is_the_default_root_dir_nobody_named():
             root_dir_note(trainer(fast_dev_run=1), None)] == [None] * 4
 
 
+def test_an_mlflow_file_store_gets_the_report_in_the_runs_folder(tmp_path):
+    """ux55a's leftover: Lightning's ``trainer.log_dir`` is an MLflow logger's ``save_dir``, the root of a
+    ``file:`` store that holds every experiment's runs; without checkpointing the report went there,
+    unannounced. It now goes to the run's folder, ``<store>/<experiment id>/<run id>`` (where
+    ``ModelCheckpoint`` puts ``checkpoints/``), on every rank (rank 0 alone has the run: broadcast);
+    a database store (no ``save_dir``) keeps ``default_root_dir``, said at the start of fit. The real
+    MLFlowLogger's attributes are checked in tests/test_loggers.py."""
+    from types import SimpleNamespace
+
+    from mis_lightning._lightning_support import report_dir, root_dir_note
+
+    class StandIn:  # the attributes of Lightning's MLFlowLogger the folder is read from
+        def __init__(self, save_dir, name, version):
+            self.save_dir, self.name, self.version = save_dir, name, version
+
+        @property
+        def run_id(self):
+            raise AssertionError("read on the class: reading it starts the run")
+
+    sent = []
+
+    def trainer(logger, **kw):
+        def broadcast(obj, src=0):  # rank 0's names, as Lightning's strategy sends them
+            sent.append(obj)
+            return ("7", "abc")
+        return SimpleNamespace(**{"loggers": [logger], "log_dir": logger.save_dir, "checkpoint_callback": None,
+                                  "fast_dev_run": False, "default_root_dir": str(tmp_path),
+                                  "strategy": SimpleNamespace(broadcast=broadcast), **kw})
+
+    store = str(tmp_path / "mlruns")
+    for rank_names in (("7", "abc"), (None, None)):  # rank 0; another rank (no run there)
+        t = trainer(StandIn(store, *rank_names))
+        assert report_dir(t, None) == tmp_path / "mlruns" / "7" / "abc" and root_dir_note(t, None) is None
+    assert sent == [("7", "abc"), (None, None)]
+    database = trainer(StandIn(None, "7", "abc"))
+    assert report_dir(database, None) == tmp_path and "default_root_dir" in root_dir_note(database, None)
+    checkpoints = trainer(StandIn(store, "7", "abc"), checkpoint_callback=SimpleNamespace(dirpath="ck"))
+    assert report_dir(checkpoints, None) == Path("ck") and report_dir(checkpoints, "mine") == Path("mine")
+    assert report_dir(trainer(SimpleNamespace(save_dir=store, name="n", version=0)), None) == Path(store)
+    assert len(sent) == 2  # neither a database store, a checkpoint folder, nor another logger broadcasts
+
+
 def test_the_folder_note_reads_log_dir_on_every_process(monkeypatch):
     """rv55z: ``trainer.log_dir`` broadcasts (a collective every process must call); the folder note
     read it on rank 0 alone, so a DDP fit with ``enable_checkpointing=False`` and no ``dirpath`` hung

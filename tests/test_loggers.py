@@ -123,6 +123,16 @@ def test_callback_logs_to_csv_tensorboard_mlflow_wandb_and_reads_back(package, t
         assert {"mis_report.json", "mis_privacy_utility.png"} <= names
         local = client.download_artifacts(run_id, "mis_report.json", str(tmp_path / "dl"))
         assert json.loads(open(local).read()) == rep
+        # ux56b: without checkpointing nor dirpath= the callback's folder is this run's in the file: store
+        # (ModelCheckpoint's save_dir/name/version), read from the real logger's attributes
+        from types import SimpleNamespace
+
+        from mis_lightning._lightning_support import report_dir
+        alone = SimpleNamespace(loggers=[loggers["mlflow"]], strategy=trainer.strategy, checkpoint_callback=None,
+                                log_dir=loggers["mlflow"].save_dir, default_root_dir=str(tmp_path))
+        run_dir = report_dir(alone, None)
+        assert run_dir.resolve() == (tmp_path / "mlruns" / run.info.experiment_id / run_id).resolve()
+        assert (run_dir / "meta.yaml").is_file()  # the run's own folder in the store
 
     if have["wandb"]:
         wb = loggers["wandb"].experiment

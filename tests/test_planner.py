@@ -221,6 +221,33 @@ def test_plan_is_the_best_feasible_plan(setup):
     # strictly better than every uniform candidate that meets the same budget, or equal to one
     assert res.leakage <= min(u.result.leakage for u in res.uniform.values()
                               if (u.result.utility["loss"] - res.float_utility) / res.float_utility <= budget)
+    # ux56b: the plan's table (mis_plan.md, plan.md) and figure carry the report's marks and their legend:
+    # here d / n = 0.59 marks every figure '*' and the baseline is undetermined ('undet.')
+    from mis_lightning.report import baseline_marks, leakage_marks, marks_legend
+
+    report_rows = {r["scheme"]: r for r in res.report.rows()}
+    shown = [report_rows[r["name"]] for r in res.rows()]
+    assert all(" *" in leakage_marks(r) for r in shown) and baseline_marks(shown[0]) == " undet."
+    table = res.table().splitlines()
+    for r, rr in zip(res.rows(), shown):
+        (line,) = [ln for ln in table if ln.startswith(f"| {r['name']}") or ln.startswith(f"| **{r['name']} (")]
+        assert f"| {r['leakage']:.4g}{leakage_marks(rr)} |" in line
+    chosen = next(ln for ln in table if ln.startswith("chosen: "))
+    assert f"{res.leakage:.4g}{leakage_marks(report_rows[res.chosen.name])}" in chosen
+    assert f"leakage {res.report.baseline_leakage:.4g} undet.;" in next(ln for ln in table if ln.startswith("float model"))
+    legend = marks_legend(shown)
+    assert table[table.index("marks (as in the report's table):") + 1:][:len(legend)] == legend
+    assert any(ln.startswith("  *: indicative only: an assumption of the analysis fails for this figure (d / n = 0.59")
+               for ln in legend)
+    fig = res.figure()
+    words = [t.get_text() for ax in fig.axes for t in ax.texts] + [t.get_text() for t in fig.texts]
+    assert {f"{k}{leakage_marks(report_rows[k])}" for k in res.uniform} <= set(words)
+    notes = " ".join(" ".join(w.split()) for w in words)
+    assert all(" ".join(ln.split()) in notes for ln in legend)
+    assert "float model undet.;" in fig._suptitle.get_text()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
 
 
 def test_plan_target_mis_minimises_size(setup):
@@ -325,8 +352,8 @@ def test_candidate_whose_proxy_misses_is_named(setup, monkeypatch):
     the pipeline re-quantizes Monte Carlo draws, the search's proxy reads the released cells),
     that its rounding is not nearest; a candidate within 2% is not. The size of HQQ's real miss
     depends on the fitted weights, which depend on the machine's float32 kernels (the proxy read
-    1.3-1.5% low on ChEMBL, docs/planner.md; on this fixture more than 2% low where the test was
-    written, 1.2% low on an AVX512-FP16 Xeon): the miss is made certain by giving the search
+    1.3-1.5% low on ChEMBL, docs/benchmarks.md, "Planner: the measurements formerly in docs/planner.md";
+    on this fixture more than 2% low where the test was written, 1.2% low on an AVX512-FP16 Xeon): the miss is made certain by giving the search
     0.8 x the cells' kappa of every HQQ weight (the pipeline's own scoring untouched); rtn_int4
     (the Gaussian form, far below the unquantized baseline's cap, which moves rtn_int8 by about
     1%) is the candidate within 2%."""

@@ -89,8 +89,9 @@ def across_seeds_section(rows: Sequence[dict[str, Any]], training_key: Callable[
         chosen: dict[str, str] = {}  # seed -> the verdict's scheme there
         undetermined = []  # seeds whose headline the verdict does not rank (hd51's undet.; rv51)
         for seed, group in seeds.items():
-            if len({r.get("job") for r in group}) < 2:
-                continue  # one job of this seed: no choice among schemes
+            if len({r.get("scheme") for r in group}) < 2:
+                continue  # one scheme in this seed: no choice among schemes (one job of several, `-m seed=0,1,2`
+                # with `schemes=[...]`, is one trained model whose own verdict chose: counted, ux56b)
             if any(headline_undetermined(r) for r in group):
                 undetermined.append(seed)
                 continue
