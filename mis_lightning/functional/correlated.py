@@ -570,7 +570,8 @@ class Correlation:
 
         Why: a sum of non-negative terms, no difference of large ones; its error is second order in
         ``t``'s, ``(t - t*)'C(t - t*) = rho'C^-1 rho`` with the core's residual ``rho = A'D^-1(u -
-        At) - t`` (``[R, k]``, one product), which gives the bracket's lower end, less the rounding
+        At) - t`` (``[R, k]``), bounded above by its own variational form (three more products),
+        which gives the bracket's lower end, less the rounding
         of ``rho`` (``eps^2 (d + k)`` times the terms' scale ``|D^-1/2 (|u| + |At|)|^2``); the upper
         end is the value plus its own rounding (``eps sqrt(k + 1)`` times ``sqrt(value x scale)``:
         ``eps sqrt(s / q)`` relative, the form's conditioning given ``u`` in float64). Against an
@@ -581,9 +582,16 @@ class Correlation:
         x = (u - At) / D
         q = (x.square() * D).sum(-1) + t.square().sum(-1)
         rho = x @ A - t
-        gap = (rho * solve_core(rho)).sum(-1).clamp_min(0.0)
+        # rho'C^-1 rho = min_b |rho - B'b|^2 + |b|^2 (C = I + B'B, B = D^-1/2 A): any b bounds it from
+        # above, b = B C^-1 rho attains it. Not rho'(solve of rho) itself: a solve of a C whose
+        # condition passed float64's (1e22, 8 columns 1e8 times the rest) read ~0 and certified a
+        # form 6e4 times the truth; a bad solve here only widens the bracket (to |rho|^2 at worst)
+        As = solve_core(rho) @ A.T                                     # [R, d] A C^-1 rho
+        BtBs = (As / D) @ A                                            # [R, k] B'B C^-1 rho
         eps = torch.finfo(torch.float64).eps
         d, k = A.shape
+        off = (rho - BtBs).norm(dim=-1) + eps * math.sqrt(d + k) * (rho.abs() + BtBs.abs()).norm(dim=-1)
+        gap = off.square() + (As.square() / D).sum(-1) * (1.0 + 4.0 * eps * math.sqrt(d))
         scale = ((u.abs() + At.abs()).square() / D).sum(-1) + t.square().sum(-1)
         up = 4.0 * eps * math.sqrt(k + 1) * (q.clamp_min(0.0) * scale).sqrt()
         return q, q - gap - 4.0 * eps * eps * (d + k) * scale - up, q + up
@@ -736,14 +744,14 @@ class Correlation:
         records read ``s / q`` ~2 (up to ~100).
 
         A block no wider than the rank (``d <= k``: a layer's block of the in-sample model, whose
-        rank is up to the records') takes :meth:`_narrow_quadratic`, the ``d x d`` matrix itself."""
+        rank is up to the records') takes :meth:`_narrow_quadratic`, the ``d x d`` matrix itself;
+        its rows that its bracket does not certify (a column 1e10 times the rest) are read here."""
         assert self.factor is not None and self.residual is not None
         D = (1.0 - kappa + kappa * self.residual).clamp_min(RCOND)
         L = self.factor.to(torch.float64)
-        if L.shape[0] <= L.shape[1]:
-            q = self._narrow_quadratic(w, kappa, D, L)
-            if q is not None:
-                return q
+        narrow = self._narrow_quadratic(w, kappa, D, L) if L.shape[0] <= L.shape[1] else None
+        if narrow is not None and not bool(narrow.isnan().any()):
+            return narrow
         D, A, Dinv_A, solve_core = self._woodbury(kappa)
         u = w * kappa.sqrt()
         Dinv_u = u / D
@@ -754,9 +762,11 @@ class Correlation:
         bound = torch.finfo(torch.float64).eps * math.sqrt(w.shape[1])
         bad = ~(q * QUADRATIC_TOLERANCE >= s * bound)       # NaN included
         if bool(bad.all()):
-            return self._corrected_quadratic(u, Dinv_u, z, D, A, Dinv_A, solve_core)
-        if bool(bad.any()):
+            q = self._corrected_quadratic(u, Dinv_u, z, D, A, Dinv_A, solve_core)
+        elif bool(bad.any()):
             q[bad] = self._corrected_quadratic(u[bad], Dinv_u[bad], z[bad], D, A, Dinv_A, solve_core)
+        if narrow is not None:  # the narrow block's certified rows kept; the others from here (cf56)
+            q = torch.where(narrow.isnan(), q, narrow)
         return q
 
     @classmethod
