@@ -663,6 +663,13 @@ class Correlation:
           records' own fourth moments; ``E[q^2] / (R E[q])`` unquantized, ``~3 d / R`` for rows
           with a normal per-record scale, ``kappa^2`` times that on a uniform ``kappa``): every
           ``q_loo`` is divided by ``1 + beta``."""
+        q0, q_loo, beta = self._in_sample_loo_parts(w, x, b, kappa)
+        return q0, q_loo / (1.0 + beta)
+
+    def _in_sample_loo_parts(self, w: Tensor, x: Tensor, b: Tensor, kappa: Tensor) -> tuple[Tensor, Tensor, float]:
+        """:meth:`_in_sample_loo_quadratic`'s ``q0 [R]``, ``q_loo [R]`` (own row out, before the
+        common divisor; monotone in every ``kappa_j`` where the scored rows are the stored ones
+        times a scalar: ``q0 / (1 - h)``, both channel forms) and ``beta``."""
         kh = kappa.sqrt()
         u, v = w * kh, x * kh
         q0 = (self._factor_quadratic(w, kappa) if self.factor is not None else
@@ -675,7 +682,31 @@ class Correlation:
         g = torch.where((q0 > 0) & (vv > 0), uv.square() / (q0 * vv).clamp_min(1e-300), torch.zeros_like(q0)).clamp(0.0, 1.0)
         h = (b * vv).clamp(0.0, IN_SAMPLE_LOO_LEVERAGE_CAP)
         q_loo = q0 * (1.0 + g * h / (1.0 - h))
-        return q0, q_loo / (1.0 + self._inverse_bias(vv, y, h, kappa))
+        return q0, q_loo, self._inverse_bias(vv, y, h, kappa)
+
+    def quadratic_ends(self, influence: Tensor, k_lo: Tensor, k_hi: Tensor) -> tuple[Tensor, Tensor]:
+        """``([R], [R])`` bounds of :meth:`quadratic` over every ``kappa`` with ``k_lo <= kappa <=
+        k_hi`` (``[d]`` each, coordinate-wise; the interval's box, method.md section 3, "Correlated
+        ends"). A form monotone in every ``kappa_j`` (the channel forms, full or factor, and the
+        exact self term of proportional rows) gives its values at the two corners. The in-sample
+        leave-one-out form is not (cf55): ``q_loo / (1 + beta)`` with ``q_loo`` monotone and the common
+        divisor ``1 + beta`` rising with the ``kappa``s too, so each end pairs ``q_loo`` at its own
+        corner with the divisor at the other's (the larger ``beta`` for the low end): an enclosure
+        wherever ``beta``'s range over the box is its corners' (cf56; it held on every interior
+        ``kappa`` sampled in ``tests/test_correlated.py``), wider than the corners' values by
+        ``beta``'s move (1e-5-1e-4 relative at cf55's deficits)."""
+        w = influence.to(torch.float64)
+        lo, hi = (k.to(torch.float64).clamp(0.0, 1.0) for k in (k_lo, k_hi))
+        if not (self.self_mean and self.self_term is not None and self.self_weight is not None):
+            return self.quadratic(w, lo), self.quadratic(w, hi)
+        x = self.self_term.to(torch.float64)
+        if x.shape != w.shape:
+            raise ValueError(f"the per-record self term has shape {tuple(x.shape)}, the influences "
+                             f"{tuple(w.shape)}: its rows must be the stored records")
+        b = self.self_weight.to(torch.float64)
+        _, q_lo, beta_lo = self._in_sample_loo_parts(w, x, b, lo)
+        _, q_hi, beta_hi = self._in_sample_loo_parts(w, x, b, hi)
+        return q_lo / (1.0 + max(beta_lo, beta_hi)), q_hi / (1.0 + min(beta_lo, beta_hi))
 
     def _inverse_bias(self, vv: Tensor, y: Tensor, h: Tensor, kappa: Tensor) -> float:
         """``beta`` of :meth:`_in_sample_loo_quadratic` at ``kappa``. Unquantized: exactly the
@@ -1227,6 +1258,21 @@ class RecordCorrelation:
     def gaussian_mean_abs(self, influence: Tensor, kappa: Tensor | None = None) -> Tensor:
         """``[R]`` Gaussian form ``sqrt(2/pi) sqrt(u' M^+ u)`` (``kappa None``: unquantized)."""
         return self._apply(influence, lambda c, w: gaussian_mean_abs(c, w, kappa))
+
+    def gaussian_ends(self, influence: Tensor, k_lo: Tensor, k_hi: Tensor) -> tuple[Tensor, Tensor]:
+        """``([R], [R])`` bounds of :meth:`gaussian_mean_abs` over the ``kappa`` box ``[k_lo, k_hi]``
+        (:meth:`Correlation.quadratic_ends`; the non-monotone in-sample leave-one-out form
+        included)."""
+        ends = [torch.empty(influence.shape[0], dtype=torch.float64) for _ in range(2)]
+        for rows, corr in self.parts:
+            w = influence if rows is None else influence[rows]
+            for out, q in zip(ends, corr.quadratic_ends(w, k_lo, k_hi)):
+                v = SQRT_2_OVER_PI * q.clamp_min(0.0).sqrt()
+                if rows is None:
+                    out.copy_(v)
+                else:
+                    out[rows] = v
+        return ends[0], ends[1]
 
     def mc_mean_abs(self, influence: Tensor, kappa: Tensor, coarse_index: Tensor, coarse_stats: CellStatistics,
                     mc_draws: int, generator: torch.Generator | None = None) -> Tensor:
