@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/cf56_factor_digits.py reference
     OMP_NUM_THREADS=1 python benchmarks/cf56_factor_digits.py ab --records 512|4096|16384
+    OMP_NUM_THREADS=1 python benchmarks/cf56_factor_digits.py ends --records 512|16384
 
 ``reference``: the plain in-sample factor form ``u'M^-1u`` of cf55's rows (rank 4 plus 1e-3 noise,
 column 0 scaled by 1..1e9) at d / R = 40 / 64 and 64 / 32, unquantized and at a quantized kappa,
@@ -12,6 +13,9 @@ the stationary form; ``FACTOR_FORM_VARIATIONAL`` and ``FACTOR_FORM_CHECK`` off) 
 ``ab``: rv55r's MLP (``benchmarks/rv55r_wide_gate_correlated.py``; rtn_int8, int8_weight_only,
 float8_weight_only; default covariance) with the two switches off and on: every float field of the
 rows and the baseline, the largest relative difference.
+
+``ends``: the same with ``functional.interval.CORRELATED_ENDS_OVER_BOX`` off and on (the interval's
+correlated ends of the in-sample leave-one-out form): the fields that moved.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import rv55r_wide_gate_correlated as B  # noqa: E402
 import test_correlated as T  # noqa: E402
 
 import mis_lightning.functional.correlated as C  # noqa: E402
+import mis_lightning.functional.interval as I  # noqa: E402
 from mis_lightning.functional.correlated import RecordCorrelation  # noqa: E402
 
 
@@ -57,11 +62,14 @@ def reference() -> None:
                       f"new {new:.2g}, certified {int(fin.sum())} of 6")
 
 
-def ab(records: int) -> None:
+def ab(records: int, ends: bool = False) -> None:
     m, data = B._model(records)
     reports = {}
     for on in (False, True):
-        _switch(on)
+        if ends:
+            I.CORRELATED_ENDS_OVER_BOX = on
+        else:
+            _switch(on)
         reports[on] = B._assess(m, data, B.SCHEMES)
     fields = differ = 0
     worst = 0.0
@@ -74,6 +82,8 @@ def ab(records: int) -> None:
                 if not (v == w or (math.isnan(v) and math.isnan(w))):
                     differ += 1
                     worst = max(worst, abs(v - w) / max(abs(w), 1e-300))
+                    if ends:
+                        print(f"  {name}.{key}: new {v!r} old {w!r}")
     print(f"N={records}: covariance {reports[True].estimation.get('covariance')}; {fields} float fields of the "
           f"rows, {differ} differ, largest relative difference {worst:.2g}; baseline new "
           f"{reports[True].baseline_leakage!r} old {reports[False].baseline_leakage!r}")
@@ -84,10 +94,10 @@ def ab(records: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["reference", "ab"])
+    p.add_argument("what", choices=["reference", "ab", "ends"])
     p.add_argument("--records", type=int, default=512)
     a = p.parse_args()
-    reference() if a.what == "reference" else ab(a.records)
+    reference() if a.what == "reference" else ab(a.records, ends=a.what == "ends")
 
 
 if __name__ == "__main__":

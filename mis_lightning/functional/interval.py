@@ -71,6 +71,10 @@ ENDS_BOX_DRAWS = 1024
 # search is exact) and up to FORM_SEARCH_MAX_COARSE coarse coordinates (its cost is linear in them).
 FORM_SEARCH = False
 FORM_SEARCH_MAX_COARSE = 8
+# The correlated ends over the kappa box by RecordCorrelation.gaussian_ends (cf56): the in-sample
+# leave-one-out form, not monotone in kappa, gets ends that hold its range; False restores the form
+# at the two corners (correlated_leakage_at), which can leave its larger value outside (A/B)
+CORRELATED_ENDS_OVER_BOX = True
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +284,8 @@ def correlated_ends(ctx: CorrelatedEnds, n: float, low: tuple[Tensor, Tensor], h
     values for the monotone forms, a pairing that holds the in-sample leave-one-out form, which is
     not monotone in ``kappa`` (cf55, cf56; method.md section 3, "Correlated ends")."""
     rc = ctx.correlation
-    if not (method == "mc" and rc.kind == "full" and ctx.index.numel() <= EXACT_MAX_COARSE):
+    exact_box = method == "mc" and rc.kind == "full" and ctx.index.numel() <= EXACT_MAX_COARSE
+    if CORRELATED_ENDS_OVER_BOX and not exact_box:
         ks = []
         for th, sg in (low, high):
             k = ctx.kappa.to(torch.float64).clone()
