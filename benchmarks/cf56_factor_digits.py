@@ -71,19 +71,15 @@ def ab(records: int, ends: bool = False) -> None:
         else:
             _switch(on)
         reports[on] = B._assess(m, data, B.SCHEMES)
-    fields = differ = 0
-    worst = 0.0
-    for name in B.SCHEMES:
-        a, b = reports[True].schemes[name], reports[False].schemes[name]
-        for key, v in vars(a).items():
-            if isinstance(v, float):
-                fields += 1
-                w = getattr(b, key)
-                if not (v == w or (math.isnan(v) and math.isnan(w))):
-                    differ += 1
-                    worst = max(worst, abs(v - w) / max(abs(w), 1e-300))
-                    if ends:
-                        print(f"  {name}.{key}: new {v!r} old {w!r}")
+    rows = B.row_floats(reports[True], reports[False])
+    fields, differ, worst = len(rows), 0, 0.0
+    for name, key, v, w in rows:
+        if not (v == w or (math.isnan(v) and math.isnan(w))):
+            differ += 1
+            if math.isfinite(v) and math.isfinite(w):
+                worst = max(worst, abs(v - w) / max(abs(w), 1e-300))
+            if ends:
+                print(f"  {name}.{key}: new {v!r} old {w!r}")
     print(f"N={records}: covariance {reports[True].estimation.get('covariance')}; {fields} float fields of the "
           f"rows, {differ} differ, largest relative difference {worst:.2g}; baseline new "
           f"{reports[True].baseline_leakage!r} old {reports[False].baseline_leakage!r}")
