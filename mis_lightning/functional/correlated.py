@@ -770,9 +770,10 @@ class Correlation:
         ``s / q`` 1-3e8), so rows where that bound exceeds ``QUADRATIC_TOLERANCE`` (records in
         the span of the factors with a small remainder: the in-sample form's 1e-6 gives
         ``s / q`` up to ~1e8; on the nu41b Transformer every row) take
-        :meth:`_corrected_quadratic`, which continues from the difference's own ``D^-1 u`` and
-        ``C^-1 y`` (nothing computed is thrown away; two more products). The cross-fitted models'
-        records read ``s / q`` ~2 (up to ~100).
+        :meth:`_corrected_quadratic`, which continues from the difference's own ``C^-1 y`` (the
+        variational form, certified: four products where the stationary form took two; NaN where it
+        cannot be had, cf56). The
+        cross-fitted models' records read ``s / q`` ~2 (up to ~100).
 
         A block no wider than the rank (``d <= k``: a layer's block of the in-sample model, whose
         rank is up to the records') takes :meth:`_narrow_quadratic`, the ``d x d`` matrix itself;
