@@ -179,14 +179,9 @@ def ab(records: int) -> None:
         C.IN_SAMPLE_TRACE_CHECK = on
         reports[on] = B._assess(m, data, B.SCHEMES)
     C.IN_SAMPLE_TRACE_CHECK = True
-    fields = differ = 0
-    for name in B.SCHEMES:
-        a, b = reports[True].schemes[name], reports[False].schemes[name]
-        for key, v in vars(a).items():
-            if isinstance(v, float):
-                fields += 1
-                w = getattr(b, key)
-                differ += not (v == w or (math.isnan(v) and math.isnan(w)))
+    rows = B.row_floats(reports[True], reports[False])
+    fields = len(rows)
+    differ = sum(not (v == w or (math.isnan(v) and math.isnan(w))) for _, _, v, w in rows)
     same_base = reports[True].baseline_leakage == reports[False].baseline_leakage
     print(f"N={records}: covariance {reports[True].estimation.get('covariance')}; {fields} float fields of the rows, "
           f"{differ} differ; baseline equal: {same_base} ({reports[True].baseline_leakage!r})")

@@ -63,6 +63,15 @@ def _assess(m: nn.Module, data: TensorDataset, schemes: list[str], **kw: Any):
                   uncertainty_draws=0, **kw)
 
 
+def row_floats(a: Any, b: Any) -> list[tuple[str, str, float, float]]:
+    """``(scheme, field, a's, b's)`` for every float field of the rows of ``SCHEMES`` in two reports."""
+    out = []
+    for name in SCHEMES:
+        ra, rb = a.schemes[name], b.schemes[name]
+        out += [(name, key, v, getattr(rb, key)) for key, v in vars(ra).items() if isinstance(v, float)]
+    return out
+
+
 def _gate(tol: float, window: float) -> None:
     W.WIDE_TOL = tol
     W.WIDE_MAX_WINDOW = qb.WIDE_MAX_WINDOW = A.WIDE_MAX_WINDOW = window

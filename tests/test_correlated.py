@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mis_lightning import assess
 from mis_lightning import functional as F
+from mis_lightning.functional.correlated import RCOND as C_RCOND
 from mis_lightning.functional.correlated import (
     Correlation,
     RecordCorrelation,
@@ -521,26 +522,155 @@ def test_in_sample_shared_form_is_monotone_at_deficits_near_one_and_matches_a_40
         assert bool((hi > lo).all())  # each scaling moves every form by > 1e-10 relative: strict
 
 
+def _scaled_column_rows(R: int, d: int, big: float) -> torch.Tensor:
+    """cf55's rows: rank 4 plus 1e-3 noise in ``d`` coordinates, column 0 times ``big`` (the
+    leverage correction at d / n > 1 left stored "unit" influences 1e10 apart in scale)."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(R, 4, generator=g, dtype=torch.float64) @ torch.randn(4, d, generator=g, dtype=torch.float64)
+    W = W + 1e-3 * torch.randn(R, d, generator=g, dtype=torch.float64)
+    W[:, 0] *= big
+    return W
+
+
+def _factor_form_reference(c, k: torch.Tensor, rows: torch.Tensor) -> list[float]:
+    """``u'M^-1u`` of the factor model ``c`` at ``k`` in 60 digits (Woodbury in mpmath: rank <= 4)."""
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = 60
+    L, res = c.factor.tolist(), c.residual.tolist()
+    d, r = len(L), len(L[0])
+    kk = [mp.mpf(x) for x in k.tolist()]
+    D = [max(1 - kk[i] + kk[i] * mp.mpf(res[i]), mp.mpf(C_RCOND)) for i in range(d)]
+    A = [[mp.sqrt(kk[i]) * mp.mpf(L[i][a]) for a in range(r)] for i in range(d)]
+    core = mp.matrix(r, r)
+    for a in range(r):
+        for b in range(r):
+            core[a, b] = (1 if a == b else 0) + mp.fsum(A[i][a] * A[i][b] / D[i] for i in range(d))
+    out = []
+    for w in rows.tolist():
+        u = [mp.sqrt(kk[i]) * mp.mpf(x) for i, x in enumerate(w)]
+        y = mp.matrix([mp.fsum(A[i][a] * u[i] / D[i] for i in range(d)) for a in range(r)])
+        out.append(float(mp.fsum(u[i] ** 2 / D[i] for i in range(d)) - (y.T * mp.lu_solve(core, y))[0]))
+    return out
+
+
+def test_factor_forms_keep_their_digits_at_any_column_scale_against_a_60_digit_reference(monkeypatch):
+    """cf56: the in-sample factor form ``u'M^-1u`` (plain, the stored rows themselves) of rows whose
+    column 0 is 1e3-1e9 times the rest, at d / R = 40 / 64 and 64 / 32, unquantized and quantized:
+    Woodbury's difference and the stationary form read it up to 1e10 times off (s / q up to 5e17;
+    the headline read 0 or a wrong finite figure); the variational form at the core's solution
+    (``Correlation._variational``) reads it to 1e-12 (measured <= 1.4e-13; float64 input)."""
+    import mis_lightning.functional.correlated as C
+
+    worst_old = 0.0
+    for R, d in ((64, 40), (32, 64)):
+        kq = 1.0 - 0.5 * torch.rand(d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        for big in (1e3, 1e6, 1e9):
+            W = _scaled_column_rows(R, d, big)
+            c = RecordCorrelation.in_sample(W, loo=False).parts[0][1]
+            for k in (torch.ones(d, dtype=torch.float64), kq):
+                ref = torch.tensor(_factor_form_reference(c, k, W[:2]), dtype=torch.float64)
+                q = c._factor_quadratic(W[:2], k)
+                assert torch.allclose(q, ref, rtol=1e-12, atol=0.0), (R, d, big, q, ref)
+                monkeypatch.setattr(C, "FACTOR_FORM_VARIATIONAL", False)  # the old forms, unchecked
+                monkeypatch.setattr(C, "FACTOR_FORM_CHECK", False)
+                worst_old = max(worst_old, float(((c._factor_quadratic(W[:2], k) - ref) / ref).abs().max()))
+                monkeypatch.setattr(C, "FACTOR_FORM_VARIATIONAL", True)
+                monkeypatch.setattr(C, "FACTOR_FORM_CHECK", True)
+    assert worst_old > 1.0  # what the old forms read on the same rows: off by orders
+
+
+def test_every_factor_form_that_cannot_be_certified_reads_nan(monkeypatch):
+    """cf56: each form that leaves Woodbury's plain difference is bracketed, rounding included, and
+    reads NaN where the bracket is wider than ``FACTOR_FORM_RTOL`` of it: the plain in-sample form
+    and a layer's wide block (``_factor_quadratic``), the leave-one-out own rows
+    (``_certified_solve``), a layer's narrow block (``_narrow_quadratic``: a Cholesky of an ``M``
+    past float64 succeeds with digits of nothing) and a factor model built directly (the
+    cross-fitted parts' class; their own fits, unit columns with a 1e-3 remainder, keep
+    ``s / q <= d / 1e-3``). Without the check each read a finite value off by >= 1e-4 (up to
+    orders) here."""
+    import mis_lightning.functional.correlated as C
+
+    def both(fn):
+        on = fn()
+        monkeypatch.setattr(C, "FACTOR_FORM_CHECK", False)
+        off = fn()
+        monkeypatch.setattr(C, "FACTOR_FORM_CHECK", True)
+        return on, off
+
+    # the old (stationary) value at x1e9 is off by orders: the check makes it NaN
+    monkeypatch.setattr(C, "FACTOR_FORM_VARIATIONAL", False)
+    W = _scaled_column_rows(64, 40, 1e9)
+    ones = torch.ones(40, dtype=torch.float64)
+    c = RecordCorrelation.in_sample(W, loo=False).parts[0][1]
+    ref = torch.tensor(_factor_form_reference(c, ones, W[:3]), dtype=torch.float64)
+    for form in (lambda: c._factor_quadratic(W[:3], ones),                      # plain in-sample
+                 lambda: c.restrict(slice(0, 20))._factor_quadratic(W[:3, :20], ones[:20]),  # wide block
+                 lambda: c._certified_solve(W[:3], ones)[1]):                    # leave-one-out's v'M^-1v
+        on, off = both(form)
+        assert bool(on.isnan().all()) and bool(off.isfinite().all())
+    assert float(((both(lambda: c._factor_quadratic(W[:3], ones))[1] - ref) / ref).abs().min()) > 1.0
+    monkeypatch.setattr(C, "FACTOR_FORM_VARIATIONAL", True)
+    # a narrow block (d = 2 <= rank 2): certified at columns 1e6 times the rest, its own value (the
+    # reference to 1e-13); at 1e16 its Cholesky still read 1e-16 here, the bracket (t = A'x) cannot
+    # tell and the variational path cannot certify either: NaN (conservative)
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(64, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 40, generator=g, dtype=torch.float64)
+    X = X + 1e-2 * torch.randn(64, 40, generator=g, dtype=torch.float64)
+    X[:, 0] *= 1e16
+    X[:, 1] *= 1e16 / 3
+    blk = RecordCorrelation.in_sample(X, loo=False).parts[0][1].restrict(slice(0, 2))
+    assert blk.factor.shape[0] <= blk.factor.shape[1]
+    k4 = torch.ones(2, dtype=torch.float64)
+    assert bool(blk._factor_quadratic(X[:4, :2], k4).isnan().all())
+    # at 1e6 the same block is certified, the narrow path's own value (the reference to 1e-13)
+    X[:, 0] /= 1e10
+    X[:, 1] /= 1e10
+    blk = RecordCorrelation.in_sample(X, loo=False).parts[0][1].restrict(slice(0, 2))
+    assert blk.factor.shape[0] <= blk.factor.shape[1]
+    on, off = both(lambda: blk._factor_quadratic(X[:4, :2], k4))
+    assert torch.equal(on, off)
+    assert torch.allclose(on, torch.tensor(_factor_form_reference(blk, k4, X[:4, :2]), dtype=torch.float64),
+                          rtol=1e-13, atol=0.0)
+    # a factor model given directly (the cross-fitted parts' class) with loadings 1e12: s / q ~ 1e30
+    L = torch.randn(30, 2, generator=g, dtype=torch.float64)
+    L[0] *= 1e12
+    direct = Correlation(factor=L, residual=torch.full((30,), 1e-9, dtype=torch.float64))
+    u = L @ torch.randn(2, 3, generator=g, dtype=torch.float64)
+    on, off = both(lambda: direct._factor_quadratic(u.T, torch.ones(30, dtype=torch.float64)))
+    ref = torch.tensor(_factor_form_reference(direct, torch.ones(30, dtype=torch.float64), u.T), dtype=torch.float64)
+    assert bool(on.isnan().all()) and float(((off - ref) / ref).abs().max()) > 1e-4
+
+
 def test_in_sample_forms_that_lost_their_digits_read_nan_not_a_silent_value(monkeypatch):
     """cf55: a column of the stored unit influences 1e9 times the rest (the leverage correction's
     scaling at d / n > 1 reached 9e20 in mean square) leaves the in-sample Gram rank 1 and every
     Woodbury form negative, clamped to 0: the headline read 0.0 (silently low). The stored records'
-    mean own form against its trace target (``IN_SAMPLE_TRACE_RTOL``) now makes every form NaN;
-    healthy columns agree to ~1e-8 and read bitwise as without the check."""
+    mean own form against its trace target (``IN_SAMPLE_TRACE_RTOL``) made every form NaN. Since
+    cf56 the forms keep their digits (the variational form) and the target its own (the rest
+    off the kept span as the projection's residual, not a difference): the mean own form equals the
+    target to 1e-10 and the forms are finite; with the old forms the trace check still reads NaN,
+    and without it 0.0. Healthy columns agree to ~1e-8 and read bitwise as without the check."""
     import mis_lightning.functional.correlated as C
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(64, 4, generator=g, dtype=torch.float64) @ torch.randn(4, 40, generator=g, dtype=torch.float64)
-    wild = W + 1e-3 * torch.randn(64, 40, generator=g, dtype=torch.float64)  # rank 4 + noise, rank 39 alone
-    wild[:, 0] *= 1e9
+    wild = _scaled_column_rows(64, 40, 1e9)
+    ones = torch.ones(40, dtype=torch.float64)
     healthy = RecordCorrelation.in_sample(W).gaussian_mean_abs(W)
     assert bool(torch.isfinite(healthy).all())
-    assert bool(torch.isnan(RecordCorrelation.in_sample(wild).gaussian_mean_abs(wild)).all())
+    cw = RecordCorrelation.in_sample(wild).parts[0][1]
+    assert cw.self_mean and bool(torch.isfinite(RecordCorrelation.in_sample(wild).gaussian_mean_abs(wild)).all())
+    assert float(cw._certified_solve(wild, ones)[1].mean()) == pytest.approx(cw.trace_target, rel=1e-10)
     c = RecordCorrelation.in_sample(W).parts[0][1]
-    own = float((W * c._solve(W, torch.ones(40, dtype=torch.float64))).sum(-1).mean())
+    own = float((W * c._solve(W, ones)).sum(-1).mean())
     assert own == pytest.approx(c.trace_target, rel=1e-8)
-    monkeypatch.setattr(C, "IN_SAMPLE_TRACE_CHECK", False)  # the switch: the old, silent value
+    monkeypatch.setattr(C, "IN_SAMPLE_TRACE_CHECK", False)
     assert torch.equal(RecordCorrelation.in_sample(W).gaussian_mean_abs(W), healthy)
+    monkeypatch.setattr(C, "IN_SAMPLE_TRACE_CHECK", True)
+    monkeypatch.setattr(C, "FACTOR_FORM_VARIATIONAL", False)  # the old forms: the trace check's NaN
+    monkeypatch.setattr(C, "FACTOR_FORM_CHECK", False)
+    assert bool(torch.isnan(RecordCorrelation.in_sample(wild).gaussian_mean_abs(wild)).all())
+    monkeypatch.setattr(C, "IN_SAMPLE_TRACE_CHECK", False)  # and without it the old, silent value
     assert float(RecordCorrelation.in_sample(wild).gaussian_mean_abs(wild).max()) == 0.0
 
 
@@ -1220,3 +1350,36 @@ def test_copula_monte_carlo_with_nearly_dependent_exact_weights():
     alpha = (kk.unsqueeze(0) + 0.3) * 0.05 * torch.ones(3, 1, dtype=torch.float64)  # _grid_stats' edges
     box, bse = F.correlated.exact_box_mean_abs(corr, w, k, idx, alpha, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(box, gauss, rtol=0.03, atol=0)
+
+
+def test_the_interval_ends_hold_the_in_sample_leave_one_out_form_which_is_not_monotone_in_kappa():
+    """cf56: the interval's correlated ends read the form at the two corners of the ``kappa`` box
+    (each coarse weight's smallest and largest ``kappa``), which holds its range only for a form
+    monotone in every ``kappa``. The in-sample leave-one-out form is not (cf55: deficits ``1 - kappa``
+    of 1e-9..1e-6 halved, the records' mean falls: the divisor ``1 + beta`` rises faster than the
+    forms). ``RecordCorrelation.gaussian_ends`` pairs each corner's own-row-out form with the other
+    corner's divisor: every record's value at 40 random interior ``kappa``s (and the corners) lies
+    within its ends; the corners' own values, inverted for some records, did not hold them."""
+    g = torch.Generator().manual_seed(6)
+    W = torch.randn(64, 4, dtype=torch.float64, generator=g) @ torch.randn(4, 20, dtype=torch.float64, generator=g)
+    rc = RecordCorrelation.in_sample(W)
+    assert rc.parts[0][1].self_mean
+    for _ in range(2):  # (the generator's state of the measured case)
+        torch.rand(20, dtype=torch.float64, generator=g)
+    deficit = 0.9 * torch.rand(20, dtype=torch.float64, generator=g)
+    k_lo, k_hi = 1.0 - deficit, 1.0 - 0.5 * deficit
+    k_hi[:10] = k_lo[:10]  # half the weights move across the box
+    f_lo, f_hi = rc.gaussian_mean_abs(W, k_lo), rc.gaussian_mean_abs(W, k_hi)
+    assert bool((f_hi < f_lo).any()) and bool((f_hi > f_lo).any())  # not monotone: some records fall
+    lo, hi = rc.gaussian_ends(W, k_lo, k_hi)
+    for _ in range(40):
+        k = k_lo + (k_hi - k_lo) * torch.rand(20, dtype=torch.float64, generator=g)
+        v = rc.gaussian_mean_abs(W, k)
+        assert bool((lo <= v).all()) and bool((v <= hi).all())
+    for v in (f_lo, f_hi):
+        assert bool((lo <= v).all()) and bool((v <= hi).all())
+    assert float(((hi - f_hi).abs().max() + (f_lo - lo).abs().max()) / f_lo.mean()) < 0.05  # widened by beta's move
+    # a monotone form (the plain in-sample form: no own row out) keeps its corners' values, bitwise
+    plain = RecordCorrelation.in_sample(W, loo=False)
+    p_lo, p_hi = plain.gaussian_ends(W, k_lo, k_hi)
+    assert torch.equal(p_lo, plain.gaussian_mean_abs(W, k_lo)) and torch.equal(p_hi, plain.gaussian_mean_abs(W, k_hi))

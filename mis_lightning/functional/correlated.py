@@ -127,6 +127,20 @@ MC_BLOCK_ELEMENTS = 1 << 22
 # Relative round-off the factor model's quadratic form accepts from the direct Woodbury difference
 # (Correlation._factor_quadratic); rows whose bound exceeds it get the corrected form
 QUADRATIC_TOLERANCE = 1e-12
+# The factor forms' certificate (cf56; Correlation._certified): each form that left the plain Woodbury
+# difference (the cancelling rows, the narrow blocks, the leave-one-out solves) is bracketed, rounding
+# included (Correlation._variational, _narrow_quadratic); a row whose bracket is wider than this
+# (relative) reads NaN, not a value off by orders. 1e-4 on a form is at most 5e-5 on its record's
+# figure (a square root), half the last of the 4 decimals printed; the variational form's own
+# rounding bound (worst case: coherent rounding) reaches it near s / q ~ 1e20 (rv55r's d / n = 1.31
+# MLP: 3e-5 at s / q = 3.4e19, its mean form equal to the trace target to 1e-16)
+FACTOR_FORM_RTOL = 1e-4
+# False: no certificate (the forms as computed, whatever their digits; A/B)
+FACTOR_FORM_CHECK = True
+# The factor forms that cancel (Woodbury's difference past QUADRATIC_TOLERANCE, the leave-one-out
+# solves' v'y) read as the variational form's minimum (Correlation._variational; cf56): False restores
+# the stationary form and v'y (A/B; both still certified where FACTOR_FORM_CHECK)
+FACTOR_FORM_VARIATIONAL = True
 
 
 def nonfinite_coordinates(x: Tensor) -> Tensor:
@@ -503,18 +517,84 @@ class Correlation:
     def _solve(self, u: Tensor, kappa: Tensor) -> Tensor:
         """``M^-1 u'`` as ``[R, d]`` for ``u [R, d]`` of the factor model, ``M = I - K + K^1/2 R K^1/2``
         (the full form goes through :meth:`_terms`)."""
+        return self._solve_parts(u, kappa)[0]
+
+    def _solve_parts(self, u: Tensor, kappa: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Callable[[Tensor], Tensor]]:
+        """:meth:`_solve`'s ``x = M^-1 u'`` ``[R, d]``, ``t = C^-1 A'D^-1 u`` ``[R, k]`` (the first
+        pass's core solution, ``A'x`` at the exact solution; the refinement's sum with the second
+        pass's carries ``A'x``'s cancellation: 2e7 times the form on cf55's scaled column) and
+        ``M``'s ``D [d]``, ``A [d, k]`` and the core's solve: what :meth:`_variational` reads."""
         assert self.factor is not None
         D, A, Dinv_A, solve_core = self._woodbury(kappa)
 
-        def woodbury(r: Tensor) -> Tensor:
+        def woodbury(r: Tensor) -> tuple[Tensor, Tensor]:
             Dinv_r = r / D
-            return Dinv_r - solve_core(Dinv_r @ A) @ Dinv_A.T
+            z = solve_core(Dinv_r @ A)
+            return Dinv_r - z @ Dinv_A.T, z
 
-        x = woodbury(u)
+        x, z = woodbury(u)
         # One step of iterative refinement: with a small remainder D (the in-sample form's
         # shrinkage 1e-6) the Woodbury difference cancels ~1/D of its digits; the residual's
         # correction restores them (the same records in two DDP worlds read 2e-8 apart before).
-        return x + woodbury(u - (x * D + (x @ A) @ A.T))
+        dx, _ = woodbury(u - (x * D + (x @ A) @ A.T))
+        return x + dx, z, D, A, solve_core
+
+    def _certified_solve(self, v: Tensor, kappa: Tensor) -> tuple[Tensor, Tensor]:
+        """``(y, vv)``: ``y = M^-1 v'`` ``[R, d]`` (:meth:`_solve`) and ``v'M^-1v`` ``[R]``, NaN
+        where it cannot be had to :data:`FACTOR_FORM_RTOL` (cf56: the leave-one-out solves of the
+        in-sample form's own rows), from :meth:`_variational` (``FACTOR_FORM_VARIATIONAL``; else
+        ``v'y``, checked against its bracket)."""
+        y, t, D, A, solve_core = self._solve_parts(v, kappa)
+        q, lower, upper = self._variational(v, t, D, A, solve_core)
+        return y, self._certified(q if FACTOR_FORM_VARIATIONAL else (v * y).sum(-1), lower, upper)
+
+    @staticmethod
+    def _certified(value: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
+        """``[R]`` ``value`` (a computed ``u'M^-1u``) where ``[lower, upper]``, which holds the exact
+        form (rounding included), holds ``value`` and is narrower than :data:`FACTOR_FORM_RTOL` of
+        it; NaN elsewhere (cf56; method.md section 3, *Each form's digits*): a form that cannot be
+        had in float64 reads NaN, which the report names, not a value off by orders. A ``u = 0``
+        row (``upper`` 0) is exact at 0."""
+        if not FACTOR_FORM_CHECK:
+            return value
+        ok = (value > 0) & (lower <= value) & (value <= upper) & (upper - lower <= FACTOR_FORM_RTOL * value)
+        return torch.where(ok | ((upper == 0) & (value == 0)), value, torch.full_like(value, math.nan))
+
+    @staticmethod
+    def _variational(u: Tensor, t: Tensor, D: Tensor, A: Tensor,
+                     solve_core: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """``([R], [R], [R])``: ``u'M^-1u`` of the factor model ``M = diag(D) + AA'`` (``u [R, d]``,
+        ``D [d]``, ``A [d, k]``) as the minimum of its variational form, ``|D^-1/2 (u - A t)|^2 +
+        |t|^2``, at the core's solution ``t [R, k]`` (``C^-1 A'D^-1u``, ``C = I + A'D^-1A``,
+        ``solve_core`` its solve), and a bracket ``[lower, upper]`` of the exact form (cf56).
+
+        Why: a sum of non-negative terms, no difference of large ones; its error is second order in
+        ``t``'s, ``(t - t*)'C(t - t*) = rho'C^-1 rho`` with the core's residual ``rho = A'D^-1(u -
+        At) - t`` (``[R, k]``), bounded above by its own variational form (three more products),
+        which gives the bracket's lower end, less the rounding
+        of ``rho`` (``eps^2 (d + k)`` times the terms' scale ``|D^-1/2 (|u| + |At|)|^2``); the upper
+        end is the value plus its own rounding (``eps sqrt(k + 1)`` times ``sqrt(value x scale)``:
+        ``eps sqrt(s / q)`` relative, the form's conditioning given ``u`` in float64). Against an
+        80-digit reference (64 records, rank 4 plus noise in 40 coordinates, a column scaled by
+        1e2-1e9: ``s / q`` up to 5e17) it read within 1e-14 where Woodbury's difference read 0 or
+        -1e10 times the form and the stationary form up to 0.8 off (docs/benchmarks.md, "cf56")."""
+        At = t @ A.T
+        x = (u - At) / D
+        q = (x.square() * D).sum(-1) + t.square().sum(-1)
+        rho = x @ A - t
+        # rho'C^-1 rho = min_b |rho - B'b|^2 + |b|^2 (C = I + B'B, B = D^-1/2 A): any b bounds it from
+        # above, b = B C^-1 rho attains it. Not rho'(solve of rho) itself: a solve of a C whose
+        # condition passed float64's (1e22, 8 columns 1e8 times the rest) read ~0 and certified a
+        # form 6e4 times the truth; a bad solve here only widens the bracket (to |rho|^2 at worst)
+        As = solve_core(rho) @ A.T                                     # [R, d] A C^-1 rho
+        BtBs = (As / D) @ A                                            # [R, k] B'B C^-1 rho
+        eps = torch.finfo(torch.float64).eps
+        d, k = A.shape
+        off = (rho - BtBs).norm(dim=-1) + eps * math.sqrt(d + k) * (rho.abs() + BtBs.abs()).norm(dim=-1)
+        gap = off.square() + (As.square() / D).sum(-1) * (1.0 + 4.0 * eps * math.sqrt(d))
+        scale = ((u.abs() + At.abs()).square() / D).sum(-1) + t.square().sum(-1)
+        up = 4.0 * eps * math.sqrt(k + 1) * (q.clamp_min(0.0) * scale).sqrt()
+        return q, q - gap - 4.0 * eps * eps * (d + k) * scale - up, q + up
 
     def _woodbury(self, kappa: Tensor) -> tuple[Tensor, Tensor, Tensor, Callable[[Tensor], Tensor]]:
         """The factor model's channel matrix ``M = diag(D) + A A'`` at ``kappa [d]`` for Woodbury
@@ -583,19 +663,50 @@ class Correlation:
           records' own fourth moments; ``E[q^2] / (R E[q])`` unquantized, ``~3 d / R`` for rows
           with a normal per-record scale, ``kappa^2`` times that on a uniform ``kappa``): every
           ``q_loo`` is divided by ``1 + beta``."""
+        q0, q_loo, beta = self._in_sample_loo_parts(w, x, b, kappa)
+        return q0, q_loo / (1.0 + beta)
+
+    def _in_sample_loo_parts(self, w: Tensor, x: Tensor, b: Tensor, kappa: Tensor) -> tuple[Tensor, Tensor, float]:
+        """:meth:`_in_sample_loo_quadratic`'s ``q0 [R]``, ``q_loo [R]`` (own row out, before the
+        common divisor; monotone in every ``kappa_j`` where the scored rows are the stored ones
+        times a scalar: ``q0 / (1 - h)``, both channel forms) and ``beta``."""
         kh = kappa.sqrt()
         u, v = w * kh, x * kh
         q0 = (self._factor_quadratic(w, kappa) if self.factor is not None else
               (u * self._solve(u, kappa)).sum(-1)).clamp_min(0.0)
-        y = self._solve(v, kappa)
-        vv = (v * y).sum(-1).clamp_min(0.0)
+        y, vv = self._certified_solve(v, kappa)
+        vv = vv.clamp_min(0.0)  # (NaN where not certified: every form of the scheme then NaN)
         uv = (u * y).sum(-1)
         # alignment of the scored row with the record's own row (1 where they are proportional,
         # as the library's influences are: the scored ones are the fitted ones times a scalar)
         g = torch.where((q0 > 0) & (vv > 0), uv.square() / (q0 * vv).clamp_min(1e-300), torch.zeros_like(q0)).clamp(0.0, 1.0)
         h = (b * vv).clamp(0.0, IN_SAMPLE_LOO_LEVERAGE_CAP)
         q_loo = q0 * (1.0 + g * h / (1.0 - h))
-        return q0, q_loo / (1.0 + self._inverse_bias(vv, y, h, kappa))
+        return q0, q_loo, self._inverse_bias(vv, y, h, kappa)
+
+    def quadratic_ends(self, influence: Tensor, k_lo: Tensor, k_hi: Tensor) -> tuple[Tensor, Tensor]:
+        """``([R], [R])`` bounds of :meth:`quadratic` over every ``kappa`` with ``k_lo <= kappa <=
+        k_hi`` (``[d]`` each, coordinate-wise; the interval's box, method.md section 3, "Correlated
+        ends"). A form monotone in every ``kappa_j`` (the channel forms, full or factor, and the
+        exact self term of proportional rows) gives its values at the two corners. The in-sample
+        leave-one-out form is not (cf55): ``q_loo / (1 + beta)`` with ``q_loo`` monotone and the common
+        divisor ``1 + beta`` rising with the ``kappa``s too, so each end pairs ``q_loo`` at its own
+        corner with the divisor at the other's (the larger ``beta`` for the low end): an enclosure
+        wherever ``beta``'s range over the box is its corners' (cf56; it held on every interior
+        ``kappa`` sampled in ``tests/test_correlated.py``), wider than the corners' values by
+        ``beta``'s move (1e-5-1e-4 relative at cf55's deficits)."""
+        w = influence.to(torch.float64)
+        lo, hi = (k.to(torch.float64).clamp(0.0, 1.0) for k in (k_lo, k_hi))
+        if not (self.self_mean and self.self_term is not None and self.self_weight is not None):
+            return self.quadratic(w, lo), self.quadratic(w, hi)
+        x = self.self_term.to(torch.float64)
+        if x.shape != w.shape:
+            raise ValueError(f"the per-record self term has shape {tuple(x.shape)}, the influences "
+                             f"{tuple(w.shape)}: its rows must be the stored records")
+        b = self.self_weight.to(torch.float64)
+        _, q_lo, beta_lo = self._in_sample_loo_parts(w, x, b, lo)
+        _, q_hi, beta_hi = self._in_sample_loo_parts(w, x, b, hi)
+        return q_lo / (1.0 + max(beta_lo, beta_hi)), q_hi / (1.0 + min(beta_lo, beta_hi))
 
     def _inverse_bias(self, vv: Tensor, y: Tensor, h: Tensor, kappa: Tensor) -> float:
         """``beta`` of :meth:`_in_sample_loo_quadratic` at ``kappa``. Unquantized: exactly the
@@ -618,8 +729,11 @@ class Correlation:
             assert self.self_term is not None and self.self_weight is not None
             x = self.self_term.to(torch.float64)
             ones = torch.ones(x.shape[1], dtype=torch.float64)
-            y1 = y if bool((kappa == 1).all()) else self._solve(x, ones)
-            vv1 = (x * y1).sum(-1).clamp_min(0.0)
+            if bool((kappa == 1).all()):
+                y1, vv1 = y, vv
+            else:
+                y1, vv1 = self._certified_solve(x, ones)
+            vv1 = vv1.clamp_min(0.0)
             h1 = (self.self_weight.to(torch.float64) * vv1).clamp(0.0, IN_SAMPLE_LOO_LEVERAGE_CAP)
             q_loo = vv1 / (1.0 - h1)
             exact = mean(q_loo) / max(mean(vv1), 1e-300) - 1.0
@@ -656,19 +770,20 @@ class Correlation:
         ``s / q`` 1-3e8), so rows where that bound exceeds ``QUADRATIC_TOLERANCE`` (records in
         the span of the factors with a small remainder: the in-sample form's 1e-6 gives
         ``s / q`` up to ~1e8; on the nu41b Transformer every row) take
-        :meth:`_corrected_quadratic`, which continues from the difference's own ``D^-1 u`` and
-        ``C^-1 y`` (nothing computed is thrown away; two more products). The cross-fitted models'
-        records read ``s / q`` ~2 (up to ~100).
+        :meth:`_corrected_quadratic`, which continues from the difference's own ``C^-1 y`` (the
+        variational form, certified: four products where the stationary form took two; NaN where it
+        cannot be had, cf56). The
+        cross-fitted models' records read ``s / q`` ~2 (up to ~100).
 
         A block no wider than the rank (``d <= k``: a layer's block of the in-sample model, whose
-        rank is up to the records') takes :meth:`_narrow_quadratic`, the ``d x d`` matrix itself."""
+        rank is up to the records') takes :meth:`_narrow_quadratic`, the ``d x d`` matrix itself;
+        its rows that its bracket does not certify (a column 1e10 times the rest) are read here."""
         assert self.factor is not None and self.residual is not None
         D = (1.0 - kappa + kappa * self.residual).clamp_min(RCOND)
         L = self.factor.to(torch.float64)
-        if L.shape[0] <= L.shape[1]:
-            q = self._narrow_quadratic(w, kappa, D, L)
-            if q is not None:
-                return q
+        narrow = self._narrow_quadratic(w, kappa, D, L) if L.shape[0] <= L.shape[1] else None
+        if narrow is not None and not bool(narrow.isnan().any()):
+            return narrow
         D, A, Dinv_A, solve_core = self._woodbury(kappa)
         u = w * kappa.sqrt()
         Dinv_u = u / D
@@ -679,13 +794,28 @@ class Correlation:
         bound = torch.finfo(torch.float64).eps * math.sqrt(w.shape[1])
         bad = ~(q * QUADRATIC_TOLERANCE >= s * bound)       # NaN included
         if bool(bad.all()):
-            return self._corrected_quadratic(u, Dinv_u, z, D, A, Dinv_A)
-        if bool(bad.any()):
-            q[bad] = self._corrected_quadratic(u[bad], Dinv_u[bad], z[bad], D, A, Dinv_A)
+            q = self._corrected_quadratic(u, Dinv_u, z, D, A, Dinv_A, solve_core)
+        elif bool(bad.any()):
+            q[bad] = self._corrected_quadratic(u[bad], Dinv_u[bad], z[bad], D, A, Dinv_A, solve_core)
+        if narrow is not None:  # the narrow block's certified rows kept; the others from here (cf56)
+            q = torch.where(narrow.isnan(), q, narrow)
         return q
 
+    @classmethod
+    def _corrected_quadratic(cls, u: Tensor, Dinv_u: Tensor, z: Tensor, D: Tensor, A: Tensor,
+                             Dinv_A: Tensor, solve_core: Callable[[Tensor], Tensor]) -> Tensor:
+        """``[R]`` the rows of :meth:`_factor_quadratic` whose Woodbury difference cancels: the
+        variational form at the core's ``z`` (:meth:`_variational`; ``FACTOR_FORM_VARIATIONAL``,
+        cf56), else the stationary form (:meth:`_stationary_quadratic`), either NaN where its
+        bracket cannot certify it (:meth:`_certified`)."""
+        q, lower, upper = cls._variational(u, z, D, A, solve_core)
+        if not FACTOR_FORM_VARIATIONAL:
+            q = cls._stationary_quadratic(u, Dinv_u, z, D, A, Dinv_A)
+        return cls._certified(q, lower, upper)
+
     @staticmethod
-    def _corrected_quadratic(u: Tensor, Dinv_u: Tensor, z: Tensor, D: Tensor, A: Tensor, Dinv_A: Tensor) -> Tensor:
+    def _stationary_quadratic(u: Tensor, Dinv_u: Tensor, z: Tensor, D: Tensor, A: Tensor,
+                              Dinv_A: Tensor) -> Tensor:
         """``[R]`` ``u' M^-1 u`` for rows whose Woodbury difference cancels (:meth:`_factor_quadratic`),
         from that difference's own first pass (``Dinv_u = D^-1 u``, ``z = C^-1 A' D^-1 u``, both
         ``[R, .]``): the solution ``x = D^-1 u - D^-1 A z`` (``[R, d]``, wrong in ``~eps s / q``
@@ -693,7 +823,10 @@ class Correlation:
         error of ``x``), whose error is second order in ``e``: what one step of iterative
         refinement of ``x`` then ``u'x`` gives (the old path, :meth:`_solve`), without the
         refinement's second Woodbury pass. On the nu41b Transformer's 26 in-sample forms both
-        read within 1.7e-12 relative of two refinement steps (docs/benchmarks.md, "wf42")."""
+        read within 1.7e-12 relative of two refinement steps (docs/benchmarks.md, "wf42"). Its
+        error is second order in ``x``'s, which carries the core's error times ``D^-1 A``: past
+        ``s / q ~ 1e11`` it lost digits where :meth:`_variational` kept them (cf56; the default
+        since, ``FACTOR_FORM_VARIATIONAL``)."""
         x = Dinv_u - z @ Dinv_A.T
         return 2.0 * torch.linalg.vecdot(u, x) - torch.linalg.vecdot(x, x * D) - (x @ A).square().sum(-1)
 
@@ -720,7 +853,23 @@ class Correlation:
         Minv = torch.cholesky_inverse(chol)
         x = u @ Minv
         x = x + (u - x @ M) @ Minv  # refinement: M's condition reaches 1/D
-        return torch.linalg.vecdot(u, x)
+        q = torch.linalg.vecdot(u, x)
+        if not FACTOR_FORM_CHECK:
+            return q
+        # bracketed (cf56): a Cholesky of an M whose condition is past float64 (a column 1e9 times
+        # the rest) can succeed and return digits of nothing. Any x gives the lower bound 2u'x -
+        # x'Mx and any t the upper |D^-1/2 (u - At)|^2 + |t|^2 (t = A'x here: no k x k core),
+        # each with its rounding (eps sqrt(d + k) times its terms' absolute sum)
+        t = x @ A
+        At = t @ A.T
+        xMx = (x * (x @ M)).sum(-1)
+        upper = ((u - At).square() / D).sum(-1) + t.square().sum(-1)
+        lower = 2.0 * q - xMx
+        eps = 4.0 * torch.finfo(torch.float64).eps * math.sqrt(u.shape[1] + A.shape[1])
+        scale = ((u.abs() + At.abs()).square() / D).sum(-1) + t.square().sum(-1)
+        lo_round = eps * (2.0 * (u * x).abs().sum(-1) + (x.abs() * (x.abs() @ M.abs())).sum(-1))
+        up_round = eps * (scale * upper.clamp_min(0.0)).sqrt()
+        return Correlation._certified(q, lower - lo_round, upper + up_round)
 
     def inverse_diagonal(self) -> Tensor:
         """``[d]`` the diagonal of ``R^+`` (full, within its rank rule) or of the factor model's inverse (Woodbury):
@@ -1064,10 +1213,15 @@ class RecordCorrelation:
         # each record scored with its own row taken out, the inverse's bias removed (docstring;
         # Correlation.self_mean); the rows in the callers' order, as the scored influences
         # trace(M^-1 W'W / m), M = (1 - s) L L' + s I: the kept directions' lam / ((1 - s) lam + s), the
-        # rest (W's mean square minus the kept eigenvalues: no eigenvalue near round-off summed) over s
+        # rest (the rows' mean square off L's span) over s. The rest directly, as the projection's
+        # residual (cf56): as W's mean square minus the kept eigenvalues it cancelled their digits
+        # (a column 1e9 times the rest: the target 1.02e9 against the forms' exact mean 1.18e8)
         lam = evals[keep]
-        rest = max(float(W.square().sum(-1).mean()) - float(lam.sum()), 0.0)
-        target = float((lam / ((1.0 - shrinkage) * lam + shrinkage)).sum()) + rest / shrinkage
+        target = math.nan
+        if loo:
+            Q = torch.linalg.qr(L)[0]
+            rest = float((W - (W @ Q) @ Q.T).square().sum(-1).mean())
+            target = float((lam / ((1.0 - shrinkage) * lam + shrinkage)).sum()) + rest / shrinkage
         own = {} if not loo else {
             "self_term": influence.to(torch.float64), "self_mean": True, "trace_target": target,
             "self_weight": torch.full((m,), (1.0 - shrinkage) / m, dtype=torch.float64)}
@@ -1105,6 +1259,21 @@ class RecordCorrelation:
     def gaussian_mean_abs(self, influence: Tensor, kappa: Tensor | None = None) -> Tensor:
         """``[R]`` Gaussian form ``sqrt(2/pi) sqrt(u' M^+ u)`` (``kappa None``: unquantized)."""
         return self._apply(influence, lambda c, w: gaussian_mean_abs(c, w, kappa))
+
+    def gaussian_ends(self, influence: Tensor, k_lo: Tensor, k_hi: Tensor) -> tuple[Tensor, Tensor]:
+        """``([R], [R])`` bounds of :meth:`gaussian_mean_abs` over the ``kappa`` box ``[k_lo, k_hi]``
+        (:meth:`Correlation.quadratic_ends`; the non-monotone in-sample leave-one-out form
+        included)."""
+        ends = [torch.empty(influence.shape[0], dtype=torch.float64) for _ in range(2)]
+        for rows, corr in self.parts:
+            w = influence if rows is None else influence[rows]
+            for out, q in zip(ends, corr.quadratic_ends(w, k_lo, k_hi)):
+                v = SQRT_2_OVER_PI * q.clamp_min(0.0).sqrt()
+                if rows is None:
+                    out.copy_(v)
+                else:
+                    out[rows] = v
+        return ends[0], ends[1]
 
     def mc_mean_abs(self, influence: Tensor, kappa: Tensor, coarse_index: Tensor, coarse_stats: CellStatistics,
                     mc_draws: int, generator: torch.Generator | None = None) -> Tensor:

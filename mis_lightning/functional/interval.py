@@ -14,7 +14,9 @@ the plug-in's error is dominated by where ``theta*`` sits. Two regimes:
   errors, which at an extreme position add to the box's misses).
   The leakage is increasing in each coordinate's ``kappa`` (Gaussian form; ``lam`` for one
   coordinate), so its range over the box is reached with every coordinate at its own
-  extreme: a per-coordinate search.
+  extreme: a per-coordinate search. The in-sample leave-one-out correlated form is not
+  monotone (its common divisor rises with every ``kappa``): its ends pair each corner's form
+  with the other corner's divisor (:func:`correlated_ends`).
 * **averaged** (many coordinates): independent position errors average; the parametric
   bootstrap's spread (cell statistics re-evaluated around ``theta_hat + sigma xi``) has the
   right order, and the plug-in's error -- the difference between the statistics at the
@@ -69,6 +71,10 @@ ENDS_BOX_DRAWS = 1024
 # search is exact) and up to FORM_SEARCH_MAX_COARSE coarse coordinates (its cost is linear in them).
 FORM_SEARCH = False
 FORM_SEARCH_MAX_COARSE = 8
+# The correlated ends over the kappa box by RecordCorrelation.gaussian_ends (cf56): the in-sample
+# leave-one-out form, not monotone in kappa, gets ends that hold its range; False restores the form
+# at the two corners (correlated_leakage_at), which can leave its larger value outside (A/B)
+CORRELATED_ENDS_OVER_BOX = True
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +273,36 @@ def correlated_leakage_at(ctx: CorrelatedEnds, n: float, theta: Tensor, sigma: T
     return float(saturate(mean_abs / (2.0 * math.sqrt(n))).mean())
 
 
+def correlated_ends(ctx: CorrelatedEnds, n: float, low: tuple[Tensor, Tensor], high: tuple[Tensor, Tensor],
+                    boundaries: Tensor, method: str, seed: int) -> tuple[float, float]:
+    """The position-dominated ends with the weights' correlation: ``low`` and ``high`` are the
+    ``(theta, sigma)`` (``[d]`` each, parameter units) where each coarse coordinate's ``kappa`` is
+    smallest / largest in the box. The exact box-mean form (``method="mc"``, full correlation, at
+    most ``EXACT_MAX_COARSE`` coarse weights) at each (:func:`correlated_leakage_at`); otherwise the
+    Gaussian channel form's bounds over the whole ``kappa`` box
+    (:meth:`~mis_lightning.functional.correlated.RecordCorrelation.gaussian_ends`): the corners'
+    values for the monotone forms, a pairing that holds the in-sample leave-one-out form, which is
+    not monotone in ``kappa`` (cf55, cf56; method.md section 3, "Correlated ends")."""
+    rc = ctx.correlation
+    exact_box = method == "mc" and rc.kind == "full" and ctx.index.numel() <= EXACT_MAX_COARSE
+    if CORRELATED_ENDS_OVER_BOX and not exact_box:
+        ks = []
+        for th, sg in (low, high):
+            k = ctx.kappa.to(torch.float64).clone()
+            k[ctx.index] = cell_moments(th.to(torch.float64), sg.to(torch.float64), boundaries).kappa
+            ks.append(k)
+        lo_abs, hi_abs = rc.gaussian_ends(ctx.influence.to(torch.float64), ks[0], ks[1])
+        out = []
+        for mean_abs in (lo_abs, hi_abs):
+            if ctx.cap is not None:  # as the headline: no release leaks more than the unquantized one
+                mean_abs = torch.minimum(mean_abs, ctx.cap.to(torch.float64))
+            out.append(float(saturate(mean_abs / (2.0 * math.sqrt(n))).mean()))
+        return out[0], out[1]
+    lo_v, hi_v = (correlated_leakage_at(ctx, n, th, sg, boundaries, method, generator=torch.Generator().manual_seed(seed))
+                  for th, sg in (low, high))
+    return lo_v, hi_v
+
+
 def leakage_at(influence: Tensor, n: float, theta: Tensor, sigma: Tensor, boundaries: Tensor, method: str, *,
                gaussian_s2: Tensor | None = None, mc_draws: int = 4096,
                generator: torch.Generator | None = None) -> float:
@@ -452,9 +488,7 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
             s_lo, s_hi = rng.low_sigma, rng.high_sigma
             seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else 0
             if correlated is not None:
-                low, high = (correlated_leakage_at(correlated, n, c, sc, boundaries, method,
-                                                   generator=torch.Generator().manual_seed(seed))
-                             for c, sc in ((rng.low, s_lo), (rng.high, s_hi)))
+                low, high = correlated_ends(correlated, n, (rng.low, s_lo), (rng.high, s_hi), boundaries, method, seed)
             else:
                 kw = {"gaussian_s2": gaussian_s2, "mc_draws": mc_draws}
                 low = leakage_at(influence, n, rng.low, s_lo, boundaries, method,
