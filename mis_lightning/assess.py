@@ -3522,18 +3522,34 @@ def _affine_draws_at_once(grid: ParamGrid, th64: Tensor, sg64: Tensor, a: int, b
         if idx.numel() < F.affine.TABLE_MIN_ELEMENTS <= D * c:
             idx = _padded_positions(flat, idx, F.affine.TABLE_MIN_ELEMENTS)
     n_pairs = idx.numel()
-    ev = _padded_pairs(idx, getattr(grid, "_chunk_elements", c), F.affine.TABLE_MIN_ELEMENTS)
+    chunk = getattr(grid, "_chunk_elements", c)
+    path = None
+    if DRAW_PAIRS_UNPADDED and grid.storage_dtype is None:
+        # the pairs alone, on the path of the padded call (ParamGrid.element_moments' path_elements)
+        ev = idx
+        if 0 < n_pairs < F.affine.TABLE_MIN_ELEMENTS <= chunk:
+            path = F.affine.TABLE_MIN_ELEMENTS
+    else:
+        ev = _padded_pairs(idx, chunk, F.affine.TABLE_MIN_ELEMENTS)
     el = ev % c  # the element of each evaluated (position, element) pair
     sel = lambda t: t.index_select(0, el)  # noqa: E731
     pos = (th64 + sg64 * xi).reshape(-1).index_select(0, ev)
     kap.index_copy_(0, idx, grid.element_moments(
         pos, sel(sg64), sel(scale), sel(zp), None, None if bounds is None else (sel(bounds[0]), sel(bounds[1])),
-        policy, kappa_only=True).kappa[:n_pairs])
+        policy, kappa_only=True, path_elements=path).kappa[:n_pairs])
     kap = kap.reshape(D, c)
     if free is None:
         kap = torch.where(dead, torch.zeros_like(kap), kap)
         kap = _revealed_draws(grid, kap, th64, sg64, xi, a, b)
     return kap
+
+
+# The affine draws' evaluated pairs alone, on the kernel path of the call _padded_pairs pads them to
+# (ParamGrid.element_moments' path_elements), not padded with repeats of themselves whose moments
+# are discarded: a sampled chunk's ~4k moving pairs were evaluated as 2^15 (the 1e5 MLP's second
+# layer, 8.5 -> 2.2 ms per int4 grid; p56a). The same moments: the kernels are element-wise
+# (kernel.in_blocks' ulp caveat). False: padded, as before (affine grids of stored weights always)
+DRAW_PAIRS_UNPADDED = True
 
 
 def _padded_pairs(idx: Tensor, chunk: int, path_min: int) -> Tensor:
