@@ -7,13 +7,14 @@ reference (Python's ``sorted`` of the union), and the draws of ``_evaluated_draw
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 from collections import Counter
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mis_lightning.functional import affine
+from mis_lightning.functional import affine, kernel
 from mis_lightning.functional.fastpath import GUARD
 from tests.test_draw_kappa_only import _grid_and_weights
 
@@ -102,3 +103,66 @@ def test_affine_draws_at_once_bitwise_with_the_sort(movers, monkeypatch):
     assert torch.equal(new, old)
     moved = ~free
     assert bool((new[moved] != k_main.expand(8, c)[moved]).any())
+
+
+def _pairs_draws(monkeypatch, unpadded: bool, g, args) -> tuple[torch.Tensor, list[tuple[int, int | None]]]:
+    """``_affine_draws_at_once`` with ``DRAW_PAIRS_UNPADDED`` set, and each ``element_moments``
+    call's ``(elements, path_elements)``."""
+    monkeypatch.setattr(A, "DRAW_PAIRS_UNPADDED", unpadded)
+    calls: list[tuple[int, int | None]] = []
+    em = type(g).element_moments
+
+    def spy(self, theta, *a, **k):
+        calls.append((theta.shape[0], k.get("path_elements")))
+        return em(self, theta, *a, **k)
+
+    monkeypatch.setattr(type(g), "element_moments", spy)
+    GUARD.reset()
+    out = A._affine_draws_at_once(*args)
+    monkeypatch.setattr(type(g), "element_moments", em)
+    return out, calls
+
+
+def test_affine_draw_pairs_alone_on_the_padded_calls_path(monkeypatch):
+    """A sample's pairs (``D c`` below ``TABLE_MIN_ELEMENTS``) of a chunk of at least that many
+    (``_chunk_elements``, as ``_sampled_draw_parts`` marks it): evaluated alone with
+    ``path_elements`` (``DRAW_PAIRS_UNPADDED``), bit for bit the draws of the call padded with
+    repeats to the fused kernel's size, which they take (not the sparse form of a call of their
+    own size)."""
+    g, w, sigma, gen = _grid_and_weights(2, 512, 7, seed=56, bounded=False)  # (no closed form first)
+    c = w.numel()
+    k_main = g.moments(w, sigma, 0, c).kappa
+    xi = torch.randn(8, c, generator=gen, dtype=F64)
+    free = (torch.rand(8, c, generator=gen) > 0.5)  # ~4k movers of 2^13 pairs
+    g._chunk_elements = affine.TABLE_MIN_ELEMENTS  # (the sampled chunk's size)
+    args = (g, w, sigma, 0, c, k_main, xi, free, None)
+    fused = kernel._fused_kernel
+    n_fused = [0]
+
+    def spy(*a, **k):
+        n_fused[0] += 1
+        return fused(*a, **k)
+
+    monkeypatch.setattr(kernel, "_fused_kernel", spy)
+    new, calls_new = _pairs_draws(monkeypatch, True, g, args)
+    old, calls_old = _pairs_draws(monkeypatch, False, g, args)
+    n = int((~free).sum())
+    assert calls_old == [(affine.TABLE_MIN_ELEMENTS, None)]  # padded with repeats
+    assert calls_new == [(n, affine.TABLE_MIN_ELEMENTS)]  # the pairs alone
+    assert n_fused[0] == 2  # both on the fused kernel
+    assert torch.equal(new, old)
+    assert bool((new[~free] != k_main.expand(8, c)[~free]).any())  # the draws move kappa
+    del g._chunk_elements  # a chunk of its own size: its own call's (sparse) path
+    _, calls_own = _pairs_draws(monkeypatch, True, g, args)
+    assert calls_own == [(n, None)] and n_fused[0] == 2
+
+
+def test_path_elements_refused_where_not_affine_or_below_the_call():
+    g, w, sigma, _ = _grid_and_weights(2, 64, 7, seed=1)
+    c = w.numel()
+    scale, zp, _ = g.element_grid(0, c)
+    with pytest.raises(ValueError, match="path_elements=10"):
+        g.element_moments(w, sigma, scale, zp, None, g.element_bounds(0, c), None, path_elements=10)
+    t = replace(g, kind="table", values=torch.tensor([-1.0, 0.0, 1.0], dtype=F64), qmin=0, qmax=0)
+    with pytest.raises(ValueError, match="affine grid without storage_dtype"):
+        t.element_moments(w, sigma, scale, zp, None, g.element_bounds(0, c), None, path_elements=2 * c)
