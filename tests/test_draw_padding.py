@@ -7,8 +7,8 @@ reference (Python's ``sorted`` of the union), and the draws of ``_evaluated_draw
 from __future__ import annotations
 
 import importlib
-from dataclasses import replace
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
