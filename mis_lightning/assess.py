@@ -3495,8 +3495,9 @@ DRAW_PAD_BY_MASK = True
 def _padded_positions(free: Tensor, idx: Tensor, path_min: int) -> Tensor:
     """``[n]`` int64 ascending: ``idx`` (``nonzero(~free)``, the positions that can move, fewer than
     ``path_min``) with the first ``path_min - idx.numel()`` positions of ``free`` (``[m]`` bool,
-    position-free) added, whose kappa is recomputed to the same value (so that the call takes the
-    path of ``path_min`` elements)."""
+    position-free) added, whose kappa is recomputed (within the shortcut's tolerance of their
+    ``k_main``), so that the call takes the path of ``path_min`` elements. Affine grids without
+    stored weights take that path by ``path_elements`` instead (:data:`DRAW_POSITIONS_UNPADDED`)."""
     pad = torch.nonzero(free).squeeze(-1)[: path_min - idx.numel()]
     if not DRAW_PAD_BY_MASK:
         return torch.sort(torch.cat([idx, pad])).values
@@ -3507,10 +3508,12 @@ def _affine_draws_at_once(grid: ParamGrid, th64: Tensor, sg64: Tensor, a: int, b
                           free: Tensor | None, policy: F.CompilePolicy | None) -> Tensor:
     """``[D, c]`` kappa of elements ``a:b`` of an affine grid at ``theta + sigma * xi_b`` for every
     row of ``xi``, the elements that can move (not ``free``, :func:`_position_free`) of every
-    position in one cell-moment call, padded to ``TABLE_MIN_ELEMENTS`` with position-free ones
-    (as :func:`_evaluated_draws` pads each position): what the per-position calls give, on the
-    fused path whenever ``D * c`` reaches ``TABLE_MIN_ELEMENTS``. Position-free elements keep
-    ``k_main``; without the shortcut (``free is None``) dead blocks are 0, revealed elements 1."""
+    position in one cell-moment call, on the path of a call of ``TABLE_MIN_ELEMENTS`` (the fused
+    kernel's) whenever ``D * c`` (or the sampled chunk, ``_chunk_elements``) reaches it: by
+    ``path_elements`` (:data:`DRAW_PAIRS_UNPADDED`, :data:`DRAW_POSITIONS_UNPADDED`), or padded
+    with position-free pairs and then repeats (stored weights, or the switches off), as
+    :func:`_evaluated_draws` does each position. Position-free elements keep ``k_main``; without the
+    shortcut (``free is None``) dead blocks are 0, revealed elements 1."""
     D, c = xi.shape
     scale, zp, _ = grid.element_grid(a, b)
     dead = scale <= 0
