@@ -3567,7 +3567,7 @@ DRAW_PAIRS_UNPADDED = True
 # like every other position-free element, instead of their kappa recomputed at the draw (within
 # POSITION_FREE_WIDE_TOL, 2e-9, of k_main; but a revealed weight, kappa 1 at every position, read
 # ~1 - 7e-8 as an unrevealed one's cells: the 1e5 MLP's int4 absmaxes). p56a: 0.weight's int8
-# draws 13.3 -> 4.0 ms (4,432 movers of 32,768 pairs). False: padded, as before
+# draws 13.3 -> 4.0 ms (4,432 movers of 32,768 pairs). Only with DRAW_PAIRS_UNPADDED; False: padded, as before
 DRAW_POSITIONS_UNPADDED = True
 
 
