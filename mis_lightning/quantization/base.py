@@ -1479,7 +1479,7 @@ class ParamGrid:
                 if m:
                     size = None if m == n else n  # (the known ones' call: a call of n elements' path)
                     if n < _POINT_MASS_PATH_MIN <= c_path:
-                        if POINT_MASS_LIVE_ONLY and self.kind in ("affine", "table") or c_path > c:
+                        if (POINT_MASS_LIVE_ONLY and self.kind in ("affine", "table")) or c_path > c:
                             size = _POINT_MASS_PATH_MIN  # the live ones alone, on the whole chunk's path
                         else:
                             # padded with point-mass elements (the chunk's first ones) so that the live
