@@ -106,10 +106,8 @@ def test_affine_draws_at_once_bitwise_with_the_sort(movers, monkeypatch):
     assert bool((new[moved] != k_main.expand(8, c)[moved]).any())
 
 
-def _pairs_draws(monkeypatch, unpadded: bool, g, args) -> tuple[torch.Tensor, list[tuple[int, int | None]]]:
-    """``_affine_draws_at_once`` with ``DRAW_PAIRS_UNPADDED`` set, and each ``element_moments``
-    call's ``(elements, path_elements)``."""
-    monkeypatch.setattr(A, "DRAW_PAIRS_UNPADDED", unpadded)
+def _with_calls(monkeypatch, g, fn) -> tuple[torch.Tensor, list[tuple[int, int | None]]]:
+    """``fn()`` and each ``g.element_moments`` call's ``(elements, path_elements)`` in it."""
     calls: list[tuple[int, int | None]] = []
     em = type(g).element_moments
 
@@ -119,9 +117,16 @@ def _pairs_draws(monkeypatch, unpadded: bool, g, args) -> tuple[torch.Tensor, li
 
     monkeypatch.setattr(type(g), "element_moments", spy)
     GUARD.reset()
-    out = A._affine_draws_at_once(*args)
-    monkeypatch.setattr(type(g), "element_moments", em)
-    return out, calls
+    try:
+        return fn(), calls
+    finally:
+        monkeypatch.setattr(type(g), "element_moments", em)
+
+
+def _pairs_draws(monkeypatch, unpadded: bool, g, args) -> tuple[torch.Tensor, list[tuple[int, int | None]]]:
+    """``_affine_draws_at_once`` with ``DRAW_PAIRS_UNPADDED`` set, and its ``element_moments`` calls."""
+    monkeypatch.setattr(A, "DRAW_PAIRS_UNPADDED", unpadded)
+    return _with_calls(monkeypatch, g, lambda: A._affine_draws_at_once(*args))
 
 
 def test_affine_draw_pairs_alone_on_the_padded_calls_path(monkeypatch):
@@ -191,21 +196,10 @@ def test_draw_movers_alone_on_the_padded_calls_path(at_once, monkeypatch):
 
     def run(unpadded: bool):
         monkeypatch.setattr(A, "DRAW_POSITIONS_UNPADDED", unpadded)
-        calls: list[tuple[int, int | None]] = []
-        em = type(g).element_moments
-
-        def spy(self, theta, *a, **k):
-            calls.append((theta.shape[0], k.get("path_elements")))
-            return em(self, theta, *a, **k)
-
-        monkeypatch.setattr(type(g), "element_moments", spy)
-        GUARD.reset()
         if at_once:
-            out = A._affine_draws_at_once(g, w, sigma, 0, c, k_main, xi, free, None)
-        else:
-            out = A._evaluated_draws(g, w, sigma, 0, c, k_main, xi, None, freedom=(free,))[0]
-        monkeypatch.setattr(type(g), "element_moments", em)
-        return out, calls
+            return _with_calls(monkeypatch, g, lambda: A._affine_draws_at_once(g, w, sigma, 0, c, k_main, xi, free, None))
+        return _with_calls(monkeypatch, g, lambda: A._evaluated_draws(g, w, sigma, 0, c, k_main, xi, None,
+                                                                      freedom=(free,))[0])
 
     new, calls_new = run(True)
     old, calls_old = run(False)
