@@ -3465,17 +3465,22 @@ def _evaluated_draws(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_
         idx = torch.nonzero(~free[bi]).squeeze(-1)
         if idx.numel() == 0:
             continue
+        path = None
         if idx.numel() < F.affine.TABLE_MIN_ELEMENTS <= c:
             # the same (fused, table) path as the whole chunk, not the slower exact window sums:
-            # pad with position-free elements (their kappa is recomputed to the same value)
-            idx = _padded_positions(free[bi], idx, F.affine.TABLE_MIN_ELEMENTS)
+            # the movers alone on it (affine grids), or padded with position-free elements
+            if _positions_unpadded(grid):
+                path = F.affine.TABLE_MIN_ELEMENTS
+            else:
+                idx = _padded_positions(free[bi], idx, F.affine.TABLE_MIN_ELEMENTS)
         if scale is None:
             scale, zp, _ = grid.element_grid(a, b)
             bounds = grid.element_bounds(a, b)
         sel = lambda t, ii=idx: t.index_select(0, ii)  # noqa: E731 - the values of t[idx], faster
         kap[bi].index_copy_(0, idx, grid.element_moments(
             sel(th_b), sel(sg64), sel(scale), sel(zp), None,
-            None if bounds is None else (sel(bounds[0]), sel(bounds[1])), policy, kappa_only=True).kappa)
+            None if bounds is None else (sel(bounds[0]), sel(bounds[1])), policy, kappa_only=True,
+            path_elements=path).kappa)
     return kap, lam
 
 
@@ -3490,8 +3495,9 @@ DRAW_PAD_BY_MASK = True
 def _padded_positions(free: Tensor, idx: Tensor, path_min: int) -> Tensor:
     """``[n]`` int64 ascending: ``idx`` (``nonzero(~free)``, the positions that can move, fewer than
     ``path_min``) with the first ``path_min - idx.numel()`` positions of ``free`` (``[m]`` bool,
-    position-free) added, whose kappa is recomputed to the same value (so that the call takes the
-    path of ``path_min`` elements)."""
+    position-free) added, whose kappa is recomputed (within the shortcut's tolerance of their
+    ``k_main``), so that the call takes the path of ``path_min`` elements. Affine grids without
+    stored weights take that path by ``path_elements`` instead (:data:`DRAW_POSITIONS_UNPADDED`)."""
     pad = torch.nonzero(free).squeeze(-1)[: path_min - idx.numel()]
     if not DRAW_PAD_BY_MASK:
         return torch.sort(torch.cat([idx, pad])).values
@@ -3502,10 +3508,12 @@ def _affine_draws_at_once(grid: ParamGrid, th64: Tensor, sg64: Tensor, a: int, b
                           free: Tensor | None, policy: F.CompilePolicy | None) -> Tensor:
     """``[D, c]`` kappa of elements ``a:b`` of an affine grid at ``theta + sigma * xi_b`` for every
     row of ``xi``, the elements that can move (not ``free``, :func:`_position_free`) of every
-    position in one cell-moment call, padded to ``TABLE_MIN_ELEMENTS`` with position-free ones
-    (as :func:`_evaluated_draws` pads each position): what the per-position calls give, on the
-    fused path whenever ``D * c`` reaches ``TABLE_MIN_ELEMENTS``. Position-free elements keep
-    ``k_main``; without the shortcut (``free is None``) dead blocks are 0, revealed elements 1."""
+    position in one cell-moment call, on the path of a call of ``TABLE_MIN_ELEMENTS`` (the fused
+    kernel's) whenever ``D * c`` (or the sampled chunk, ``_chunk_elements``) reaches it: by
+    ``path_elements`` (:data:`DRAW_PAIRS_UNPADDED`, :data:`DRAW_POSITIONS_UNPADDED`), or padded
+    with position-free pairs and then repeats (stored weights, or the switches off), as
+    :func:`_evaluated_draws` does each position. Position-free elements keep ``k_main``; without the
+    shortcut (``free is None``) dead blocks are 0, revealed elements 1."""
     D, c = xi.shape
     scale, zp, _ = grid.element_grid(a, b)
     dead = scale <= 0
@@ -3519,21 +3527,54 @@ def _affine_draws_at_once(grid: ParamGrid, th64: Tensor, sg64: Tensor, a: int, b
         idx = torch.nonzero(~flat).squeeze(-1)
         if idx.numel() == 0:
             return kap.reshape(D, c)
-        if idx.numel() < F.affine.TABLE_MIN_ELEMENTS <= D * c:
+        if idx.numel() < F.affine.TABLE_MIN_ELEMENTS <= D * c and not _positions_unpadded(grid):
             idx = _padded_positions(flat, idx, F.affine.TABLE_MIN_ELEMENTS)
     n_pairs = idx.numel()
-    ev = _padded_pairs(idx, getattr(grid, "_chunk_elements", c), F.affine.TABLE_MIN_ELEMENTS)
+    # (the movers alone stand for the call of D c pairs their padding reached, at least)
+    chunk = max(getattr(grid, "_chunk_elements", c), D * c if _positions_unpadded(grid) else 0)
+    path = None
+    if DRAW_PAIRS_UNPADDED and grid.storage_dtype is None:
+        # the pairs alone, on the path of the padded call (ParamGrid.element_moments' path_elements)
+        ev = idx
+        if 0 < n_pairs < F.affine.TABLE_MIN_ELEMENTS <= chunk:
+            path = F.affine.TABLE_MIN_ELEMENTS
+    else:
+        ev = _padded_pairs(idx, chunk, F.affine.TABLE_MIN_ELEMENTS)
     el = ev % c  # the element of each evaluated (position, element) pair
     sel = lambda t: t.index_select(0, el)  # noqa: E731
     pos = (th64 + sg64 * xi).reshape(-1).index_select(0, ev)
     kap.index_copy_(0, idx, grid.element_moments(
         pos, sel(sg64), sel(scale), sel(zp), None, None if bounds is None else (sel(bounds[0]), sel(bounds[1])),
-        policy, kappa_only=True).kappa[:n_pairs])
+        policy, kappa_only=True, path_elements=path).kappa[:n_pairs])
     kap = kap.reshape(D, c)
     if free is None:
         kap = torch.where(dead, torch.zeros_like(kap), kap)
         kap = _revealed_draws(grid, kap, th64, sg64, xi, a, b)
     return kap
+
+
+# The affine draws' evaluated pairs alone, on the kernel path of the call _padded_pairs pads them to
+# (ParamGrid.element_moments' path_elements), not padded with repeats of themselves whose moments
+# are discarded: a sampled chunk's ~4k moving pairs were evaluated as 2^15 (the 1e5 MLP's second
+# layer, 8.5 -> 2.2 ms per int4 grid; p56a). The same moments: the kernels are element-wise
+# (kernel.in_blocks' ulp caveat). False: padded, as before (affine grids of stored weights always)
+DRAW_PAIRS_UNPADDED = True
+
+
+# ... and, on affine grids, a draw's moving elements alone on the path of the call the position-free
+# ones padded them to (_padded_positions, the fused kernel's affine.TABLE_MIN_ELEMENTS), in both
+# _evaluated_draws and _affine_draws_at_once: the padding's position-free elements now keep k_main
+# like every other position-free element, instead of their kappa recomputed at the draw (within
+# POSITION_FREE_WIDE_TOL, 2e-9, of k_main; but a revealed weight, kappa 1 at every position, read
+# ~1 - 7e-8 as an unrevealed one's cells: the 1e5 MLP's int4 absmaxes). p56a: 0.weight's int8
+# draws 13.3 -> 4.0 ms (4,432 movers of 32,768 pairs). Only with DRAW_PAIRS_UNPADDED; False: padded, as before
+DRAW_POSITIONS_UNPADDED = True
+
+
+def _positions_unpadded(grid: ParamGrid) -> bool:
+    """Whether a draw's moving elements on ``grid`` go alone on the padded call's path
+    (:data:`DRAW_POSITIONS_UNPADDED`: affine grids without stored weights)."""
+    return DRAW_POSITIONS_UNPADDED and DRAW_PAIRS_UNPADDED and grid.kind == "affine" and grid.storage_dtype is None
 
 
 def _padded_pairs(idx: Tensor, chunk: int, path_min: int) -> Tensor:

@@ -1211,7 +1211,7 @@ class ParamGrid:
     def element_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                         code: Tensor | None = None, bounds: tuple[Tensor, Tensor] | None = None,
                         compile_policy: CompilePolicy | None = None, kappa_only: bool = False,
-                        known: Tensor | None = None) -> CellMoments:
+                        known: Tensor | None = None, path_elements: int | None = None) -> CellMoments:
         """Cell moments of any elements given their per-element grid parameters (each ``[c]``:
         ``scale > 0``, ``zero_point``, the backend's ``code`` or ``None``, and the release's
         ``bounds``, :attr:`support` expanded; ``None``: unbounded). Dead blocks and revealed
@@ -1227,7 +1227,21 @@ class ParamGrid:
         (:func:`~mis_lightning.functional.storage.storage_cell_moments`), at any sd. ``known``:
         ``[c]`` bool, elements whose four fields the caller overwrites (:meth:`moments`' revealed
         ones, :data:`REVEALED_SKIPPED`): affine and value-table grids without ``storage_dtype``
-        may leave them off the paths (their values then unspecified); ``None``: none."""
+        may leave them off the paths (their values then unspecified); ``None``: none.
+        ``path_elements`` (affine grids without ``storage_dtype``; at least ``c``): the elements take
+        the kernel paths of a call of that many elements of which they are a part, e.g. a sample
+        of pairs standing for the larger call it was padded to before (the fused affine kernel from
+        ``affine.TABLE_MIN_ELEMENTS``; the kernels are element-wise, so each element's moments are
+        those of the larger call's, up to the vectorised transcendentals' scalar tail, an ulp:
+        :func:`~mis_lightning.functional.kernel.in_blocks`); ``None``: the call's own size.
+
+        Raises:
+            ValueError: ``path_elements`` on another grid, or below ``c``."""
+        if path_elements is not None and (self.kind != "affine" or self.storage_dtype is not None
+                                          or path_elements < theta.shape[0]):
+            raise ValueError(f"grid {self.name!r}: path_elements={path_elements} needs an affine grid without "
+                             f"storage_dtype and at least the call's {theta.shape[0]} elements "
+                             f"(kind {self.kind!r}, storage_dtype {self.storage_dtype})")
         if self.storage_dtype is not None:
             same = self._storage_cells(theta, sigma, scale, zero_point, bounds)
             if same is not None and bool(same.any()):
@@ -1241,7 +1255,7 @@ class ParamGrid:
             return self._stored_grid_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy,
                                              kappa_only)
         return self._own_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only,
-                                 None if self.kind == "quotient" else known)
+                                 None if self.kind == "quotient" else known, path_elements)
 
     def _stored_grid_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                              code: Tensor | None, bounds: tuple[Tensor, Tensor] | None,
@@ -1417,11 +1431,14 @@ class ParamGrid:
     def _own_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                      code: Tensor | None, bounds: tuple[Tensor, Tensor] | None,
                      compile_policy: CompilePolicy | None, kappa_only: bool,
-                     known: Tensor | None = None) -> CellMoments:
+                     known: Tensor | None = None, path_elements: int | None = None) -> CellMoments:
         """The grid's own cells (no storage rounding); point-mass elements in closed form
-        (:meth:`_point_masses`); ``known`` (affine and value-table grids): as :meth:`element_moments`."""
+        (:meth:`_point_masses`); ``known`` (affine and value-table grids) and ``path_elements``
+        (affine grids): as :meth:`element_moments`."""
         if POINT_MASS_CLOSED_FORM:
             c = theta.shape[0]
+            # (the size of the call whose paths the elements take: a padded call's, path_elements)
+            c_path = c if path_elements is None else max(c, path_elements)
             found = self._point_split(theta, sigma, scale, zero_point, code, bounds)
             if found is not None:
                 point, n_point, zf = found
@@ -1461,8 +1478,8 @@ class ParamGrid:
                         m = int(take.sum())
                 if m:
                     size = None if m == n else n  # (the known ones' call: a call of n elements' path)
-                    if n < _POINT_MASS_PATH_MIN <= c:
-                        if POINT_MASS_LIVE_ONLY and self.kind in ("affine", "table"):
+                    if n < _POINT_MASS_PATH_MIN <= c_path:
+                        if (POINT_MASS_LIVE_ONLY and self.kind in ("affine", "table")) or c_path > c:
                             size = _POINT_MASS_PATH_MIN  # the live ones alone, on the whole chunk's path
                         else:
                             # padded with point-mass elements (the chunk's first ones) so that the live
@@ -1494,7 +1511,7 @@ class ParamGrid:
                     return _KappaOnlyMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
                 return _FreshMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
         return self._path_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only,
-                                  known=known)
+                                  None if path_elements is None else max(theta.shape[0], path_elements), known=known)
 
     def wide_shares(self, theta: Tensor, sigma: Tensor, free_tol: float, samples: int = 4096) -> tuple[float, float]:
         """``(closed, free)``: the share of the grid's elements the wide-sd closed form takes
