@@ -187,7 +187,8 @@ def test_the_report_says_what_the_diagonal_correction_did():
         # fu28 (ux29): the note is its own warning, not appended to the d / n one (1,379 characters
         # that buried the d / n warning's action), and it points to the measurements instead of
         # quoting them
-        assert line[0].startswith("finite-sample (leverage) correction: mean leverage 0.16 per record"), line[0]
+        assert line[0].startswith("finite-sample (leverage) correction: mean leverage 0.16 per loss direction (one per "
+                                  "record"), line[0]
         assert 'docs/validation.md, "hc27"' in line[0] and "-16%" not in line[0]
         (dn,) = [w for w in rep.warnings if w.startswith("d / n = 0.16 is not small")]
         assert "leverage" not in dn and dn.endswith(
