@@ -1787,19 +1787,20 @@ NOT_TRAINED = "the model was not trained in this fit (no optimizer step): the fi
 
 
 #: the ``*`` mark's phrases (:func:`regime_failures`) and the warnings that say each in full: ``(the
-#: phrase's start, the warning's start, what to do, short)``. On the console (:func:`console_warnings`)
+#: phrase's start, the warning's start, what to do, short)``; ``None``: the warning's own console line
+#: in place of the phrase (it names the likely cause, which says what to do). On the console (:func:`console_warnings`)
 #: the warnings a row's ``*`` stands for are one line, each failed assumption named by its phrase with
 #: its remedy (nux55: six warnings of a 3-layer CNN, three of them the ``*`` legend's list again); a
 #: phrase not listed here keeps its warning's own line. Every warning stays in full in the report.
-STAR_WARNINGS: tuple[tuple[str, str, str], ...] = (
+STAR_WARNINGS: tuple[tuple[str, str, str | None], ...] = (
     ("d / n = ", "d / n = ", "assess fewer weights or use more records"),
     ("d_eff / n = ", "d_eff / n is not small", "assess fewer weights or use more records"),
     ("mean leverage ", "finite-sample (leverage) correction", "assess fewer weights or use more records"),
     ("diagonal estimator at mean leverage", "finite-sample (leverage) correction", "estimation='exact' if affordable"),
-    ("not at a minimum", "the model is not at a minimum",
-     "train on, with the loss and weight decay assessed; a minibatch fit may never pass"),
-    ("records not trained on", "the model is not at a minimum", "pass the training records, or train on"),
-    ("records not trained on", "the records assessed are not", "pass the training records, or train on"),
+    # the warning's own headline: its likely causes (dropout trained in train mode, records not trained on, ...)
+    ("not at a minimum", "the model is not at a minimum", None),
+    ("records not trained on", "the model is not at a minimum", None),
+    ("records not trained on", "the records assessed are not", None),
     ("not trained in this fit", NOT_TRAINED, "assess a trained model"),
     ("negative curvature", "the Hessian has negative curvature", "train on, with the loss and weight decay assessed"),
     ("saddle not excluded", "saddle not excluded", "train on"),
@@ -1815,7 +1816,7 @@ def console_warnings(warnings: Sequence[str], rows: Sequence[Mapping[str, Any]])
     except the warnings that the rows' ``*`` mark stands for (:data:`STAR_WARNINGS`, matched to the
     phrases of :func:`failed_assumptions`): those are one line, at the first one's place, starting
     with :data:`STAR_LINE` and naming each failed assumption by its phrase, as the ``*`` legend
-    does, with what to do; it ends in :data:`~mis_lightning._warning_lines.MORE` (each in full in
+    does, with what to do (or by its warning's headline, which names its likely causes); it ends in :data:`~mis_lightning._warning_lines.MORE` (each in full in
     the report). A failed assumption is thus in the table's mark, in its legend and in a console
     warning; nothing is dropped: a warning no phrase claims keeps its own line."""
     claimed: dict[int, None] = {}
@@ -1825,7 +1826,9 @@ def console_warnings(warnings: Sequence[str], rows: Sequence[Mapping[str, Any]])
                 for i, w in enumerate(warnings) if w.startswith(lead)]
         if hits:
             claimed.update(dict.fromkeys(i for i, _ in hits))
-            items.append(f"{phrase} ({hits[0][1]})")
+            i, todo = hits[0]
+            items.append(f"{phrase} ({todo})" if todo is not None
+                         else warning_line(warnings[i]).removesuffix(MORE).removeprefix("the model is "))
     out: list[str] = []
     for i, w in enumerate(warnings):
         if i not in claimed:

@@ -78,3 +78,37 @@ def test_a_failed_schemes_line_keeps_the_errors_cause():
     assert "needs a CUDA GPU" in line and line.endswith(MORE) and len(line) <= WARNING_LINE_WIDTH + len(MORE), line
     assert text.startswith(line[: -len(MORE)]), line
     assert warning_line(failure_warning("x", "ValueError: bad")) == "scheme 'x' failed, no figures: ValueError: bad"
+
+
+def test_the_warnings_the_star_stands_for_are_one_console_line_naming_each():
+    """nux55 (ux56a): a 3-layer CNN trained with Adam printed six warnings, three of them the * legend's
+    list again (d / n, the diagonal estimator's leverage, not at a minimum). They are one console line
+    now, at the first one's place, naming each failed assumption by the legend's phrase with what to do
+    (not at a minimum by its own headline: its likely causes); every other warning keeps its first
+    sentence, a phrase with no warning of its own claims nothing, and a table without * is unchanged.
+    The report keeps every warning in full."""
+    from mis_lightning.report import STAR_LINE, console_warnings
+
+    dn = ("d / n = 2.63 is not small (5,258 assessed weights, 2,000 records): sigma ... come from a normal "
+          "approximation that needs d << n. To act: assess fewer weights or use more records")
+    lev = ("finite-sample (leverage) correction: mean leverage 0.265 per loss direction (2.39 per record over its 9 "
+           "loss directions), from the Hessian diagonal. These figures may read below the exact estimator's")
+    beyond = ("schemes 'a' and 'b' quantize Conv2d (c1.weight) beyond torchao's quantize_, which leaves them in "
+              "float. The figures are of this wider release")
+    mc = "the Hessian diagonal is a Monte Carlo estimate (hessian='ggn_mc'): median relative standard error 0.11"
+    nam = ("the model is not at a minimum of the training loss (not converged, or another loss or weight decay): a "
+           "Newton step to the minimum would move the weights 1.14 of their sds")
+    rec = "the diagonal sandwich read a model with recurrent layers: its sigma's error has no stated bound"
+    said = [dn, lev, beyond, mc, nam, rec, "no validation dataloader: the quantized copies' utility was not measured"]
+    failed = ("d / n = 2.6; diagonal estimator at mean leverage 0.27 per direction: may read below the exact one; "
+              "not at a minimum; saddle not excluded; diagonal sandwich over recurrent layers")
+    rows = [{"indicative": failed}, {"indicative": "d / n = 2.6", "error": None}, {"error": "x", "indicative": "no"}]
+    lines = console_warnings(said, rows)
+    star = (STAR_LINE + "d / n = 2.6 (assess fewer weights or use more records); diagonal estimator at mean leverage "
+            "0.27 per direction: may read below the exact one (estimation='exact' if affordable); not at a minimum of "
+            "the training loss (not converged, or another loss or weight decay)" + MORE)
+    assert lines == [star, warning_line(beyond), warning_line(mc), warning_line(rec), warning_line(said[-1])], lines
+    # the recurrent phrase, not in STAR_WARNINGS, keeps its warning's own line (nothing dropped); "saddle not
+    # excluded", with no warning here, adds nothing to the * line
+    assert console_warnings(said, [{"indicative": None}]) == [warning_line(w) for w in said]  # no *: as before
+    assert console_warnings([], rows) == []
