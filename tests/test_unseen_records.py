@@ -293,8 +293,12 @@ def test_the_stiff_readings_are_one_figure_in_one_wording_and_above_3_sd_no_reco
     one of them. Above 3 sd on records of unknown origin without the decay-held split, the not-at-a-minimum
     headline no longer lists "records other than the ones it was trained on" (its detail says they do not
     reach it)."""
-    from mis_lightning.assess import (STIFF_READINGS, _not_at_minimum_detail, _not_at_minimum_suspects,
-                                      _unseen_records_warning)
+    from mis_lightning.assess import (
+        STIFF_READINGS,
+        _not_at_minimum_detail,
+        _not_at_minimum_suspects,
+        _unseen_records_warning,
+    )
 
     assert "sqrt(1 + m / n)" in STIFF_READINGS and "1.4 for as many" in STIFF_READINGS
     assert "3 for 8 times as many" in STIFF_READINGS and "training records read ~0" in STIFF_READINGS
