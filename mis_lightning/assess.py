@@ -666,9 +666,11 @@ def _consistency_warnings(report: Report, diagnostics: Mapping[str, Any],
     over = {k: v for k, v in layers.items() if v > whole * (1 + CONSISTENCY_TOLERANCE)}
     if over:
         which = ", ".join(f"{k} ({v:.4g})" for k, v in sorted(over.items()))
-        out.append(f"one layer alone leaks more than the whole model ({whole:.4g}) unquantized: {which}; "
-                   f"releasing more weights cannot leak less, so the per-layer and whole-model figures are "
-                   f"not reliable here; {cause}")
+        # the meaning first: the console shows the first clause (nux55: "one layer alone leaks more ..."
+        # alarmed and said nothing of what it means for the figures)
+        out.append(f"the per-layer and whole-model figures are not reliable here, as one layer alone leaks more than "
+                   f"the whole model ({whole:.4g}) unquantized: {which}; releasing more weights cannot leak less; "
+                   f"{cause}")
     return out
 
 

@@ -112,3 +112,17 @@ def test_the_warnings_the_star_stands_for_are_one_console_line_naming_each():
     # excluded", with no warning here, adds nothing to the * line
     assert console_warnings(said, [{"indicative": None}]) == [warning_line(w) for w in said]  # no *: as before
     assert console_warnings([], rows) == []
+
+
+def test_a_layer_above_the_whole_model_says_what_it_means_for_the_figures_first():
+    """nux55: "one layer alone leaks more than the whole model (0.2023) unquantized [...]" alarmed and
+    said nothing of what it means: the console line now leads with it (ux56a), the layers in full after."""
+    from types import SimpleNamespace as ns
+
+    from mis_lightning.assess import _consistency_warnings
+
+    failed = ns(error="x", layers={"fc1.weight": ns(baseline_leakage=0.2116), "fc2.weight": ns(baseline_leakage=0.2381)})
+    (w,) = _consistency_warnings(ns(baseline_leakage=0.2023, rows=lambda: [], schemes={"a": failed}), {}, None)
+    assert warning_line(w) == ("the per-layer and whole-model figures are not reliable here, as one layer alone leaks "
+                               "more than the whole model (0.2023) unquantized" + MORE)
+    assert "fc1.weight (0.2116), fc2.weight (0.2381); releasing more weights cannot leak less" in w
