@@ -2173,7 +2173,7 @@ def _unseen_records_warning(diagnostics: Mapping[str, Any]) -> str:
                    "weight_decay it was trained with")
     if stiff_offset_cause(diagnostics) == "off_minimum":
         whose = ("the records are the trainer's training records" if diagnostics.get("records_from_training_loader")
-                 else f"above {UNSEEN_RECORDS_EXPLAIN_MAX:g} records it never saw alone do not explain it, unless more "
+                 else f"above {UNSEEN_RECORDS_EXPLAIN_MAX:g} sd, records it never saw do not explain it unless more "
                  "than 8 times as many as it was trained on")
         return (f"the model is not at a minimum of the objective assessed along its stiff directions: {stat}; "
                 f"{whose}, so {off_minimum}; the M-estimator analysis may not apply")
