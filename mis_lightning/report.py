@@ -1794,6 +1794,8 @@ NOT_TRAINED = "the model was not trained in this fit (no optimizer step): the fi
 #: phrase not listed here keeps its warning's own line. Every warning stays in full in the report.
 STAR_WARNINGS: tuple[tuple[str, str, str | None], ...] = (
     ("d / n = ", "d / n = ", "assess fewer weights or use more records"),
+    # the records' mean leverage, ~d / n: the same regime (its warning says the figures are marked * for it)
+    ("d / n = ", "finite-sample (leverage) correction", "assess fewer weights or use more records"),
     ("d_eff / n = ", "d_eff / n is not small", "assess fewer weights or use more records"),
     ("mean leverage ", "finite-sample (leverage) correction", "assess fewer weights or use more records"),
     ("diagonal estimator at mean leverage", "finite-sample (leverage) correction", "estimation='exact' if affordable"),

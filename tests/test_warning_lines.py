@@ -108,6 +108,11 @@ def test_the_warnings_the_star_stands_for_are_one_console_line_naming_each():
             "0.27 per direction: may read below the exact one (estimation='exact' if affordable); not at a minimum of "
             "the training loss (not converged, or another loss or weight decay)" + MORE)
     assert lines == [star, warning_line(beyond), warning_line(mc), warning_line(rec), warning_line(said[-1])], lines
+    # d / n alone (the exact estimator's leverage note, ~d / n, the same regime): both in the * line, one item
+    exact = ("finite-sample (leverage) correction: mean leverage 0.279 (max 1.65) of the stored records, above 0.1 (the "
+             "figures are marked *: the asymptotic regime needs it small, as d / n)")
+    assert console_warnings([exact, dn, mc], [{"indicative": "d / n = 0.57"}]) == [
+        STAR_LINE + "d / n = 0.57 (assess fewer weights or use more records)" + MORE, warning_line(mc)]
     # the recurrent phrase, not in STAR_WARNINGS, keeps its warning's own line (nothing dropped); "saddle not
     # excluded", with no warning here, adds nothing to the * line
     assert console_warnings(said, [{"indicative": None}]) == [warning_line(w) for w in said]  # no *: as before
