@@ -540,7 +540,8 @@ class Report:
         """Every warning of :attr:`warnings` in full, one ``"  - "`` line each (a failed scheme's
         too), under ``warnings:``; ``""`` when there is none. The console (the callback's and the
         Metric's ``UserWarning``, :meth:`table`) shows each by its first sentence
-        (:func:`~mis_lightning._warning_lines.warning_line`), which is a prefix of its line here."""
+        (:func:`~mis_lightning._warning_lines.warning_line`), which is a prefix of its line here, and
+        those behind the table's ``*`` in one line naming each (:meth:`console_warnings`)."""
         return "warnings:\n" + "\n".join(f"  - {w}" for w in self.warnings) if self.warnings else ""
 
     def console_warnings(self, warnings: Sequence[str] | None = None) -> list[str]:
@@ -561,8 +562,8 @@ class Report:
         figures do not resolve (:func:`ties_line`: "not ranked beyond their intervals", with or
         without the verdict), the notes (:attr:`notes`: information, under ``notes:``) and every
         warning (an assumption that failed must be read next to the numbers, not only in the
-        JSON): one line each, its first sentence naming what failed
-        (:func:`~mis_lightning._warning_lines.warning_line`; ``[...]`` where text is left out, and
+        JSON): one line each, its first sentence naming what failed, those behind the ``*`` mark in
+        one line naming each (:meth:`console_warnings`; ``[...]`` where text is left out, and
         then the header says where the full text is: ``warnings_in_full``), or in full where
         ``verbose`` (files that keep the table: the app's ``report.md``, the trackers' text).
         ``legend_columns``: one line in place of the
