@@ -5,7 +5,9 @@ The console (the callback's and the Metric's ``UserWarning``s, the printed table
 report's warnings as :func:`warning_line`, its first clause naming what failed and the culprit;
 the full text stays in the report (``Report.warnings``, the JSON, :meth:`Report.warnings_text`,
 ``Report.table(verbose=True)``, the app's ``report.md``). A line that leaves text out ends in
-:data:`MORE`, and is a prefix of the full text, so the full text is found by it.
+:data:`MORE`, and is a prefix of the full text, so the full text is found by it. The warnings behind
+the table's ``*`` mark are one line instead, naming each (:func:`mis_lightning.report.console_warnings`,
+nux55).
 """
 
 from __future__ import annotations

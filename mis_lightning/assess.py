@@ -666,9 +666,11 @@ def _consistency_warnings(report: Report, diagnostics: Mapping[str, Any],
     over = {k: v for k, v in layers.items() if v > whole * (1 + CONSISTENCY_TOLERANCE)}
     if over:
         which = ", ".join(f"{k} ({v:.4g})" for k, v in sorted(over.items()))
-        out.append(f"one layer alone leaks more than the whole model ({whole:.4g}) unquantized: {which}; "
-                   f"releasing more weights cannot leak less, so the per-layer and whole-model figures are "
-                   f"not reliable here; {cause}")
+        # the meaning first: the console shows the first clause (nux55: "one layer alone leaks more ..."
+        # alarmed and said nothing of what it means for the figures)
+        out.append(f"the per-layer and whole-model figures are not reliable here, as one layer alone leaks more than "
+                   f"the whole model ({whole:.4g}) unquantized: {which}; releasing more weights cannot leak less; "
+                   f"{cause}")
     return out
 
 
@@ -849,8 +851,11 @@ def _diagonal_leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
     dirs = float(diagnostics["leverage_directions"])
     why = diagnostics.get("leverage_directions_note")
     kron = list(diagnostics.get("leverage_kronecker_layers") or [])  # (dg52)
-    what = (f"finite-sample (leverage) correction: mean leverage {h:.3g} per record, {per:.3g} per loss direction "
-            f"({dirs:.3g} direction(s) per record" + (f": {why}" if why else "") + "), from the Hessian diagonal "
+    # one mean leverage: the one per loss direction, which the correction, the cap and the * mark read;
+    # the per-record sum is that times the directions (rv55z: two means quoted side by side)
+    what = (f"finite-sample (leverage) correction: mean leverage {per:.3g} per loss direction ("
+            + ("one per record" if dirs == 1 else f"{h:.3g} per record over its {dirs:.3g} loss directions")
+            + (f": {why}" if why else "") + "), from the Hessian diagonal "
             f"(sum_j H_data_jj / H_jj / n: {DIAGONAL_LEVERAGE_ACCURACY})"
             + (f", except the decayed layers {', '.join(m or '(the model)' for m in kron[:6])}, counted under their Kronecker-factored Gauss-Newton "
                f"block (tr((K + lambda)^-1 K), where the diagonal count read "
@@ -1432,6 +1437,14 @@ def _batch_statistics_cause(model: nn.Module, diagnostics: Mapping[str, Any] | N
             + "the objective assessed) before assessing, else read the figures as indicative. Otherwise, ")
 
 
+#: what the stiff-direction statistic reads at a fit's minimum, in every warning that quotes it (one
+#: figure, one wording: rv55z found "~1 or more" in one and "about 1.4" in another; method.md section 6,
+#: "Records unlike the training set")
+STIFF_READINGS = (f"a fit's training records read ~0 at its minimum, m records it never saw about sqrt(1 + m / n) "
+                  f"against its n training records (~1 for few, {math.sqrt(2):.2g} for as many, "
+                  f"{UNSEEN_RECORDS_EXPLAIN_MAX:g} for 8 times as many)")
+
+
 def _not_at_minimum_suspects(model: nn.Module, diagnostics: Mapping[str, Any] | None = None) -> str:
     """The not-at-a-minimum warning's likely causes, short: its first sentence is what the console
     shows (:func:`~mis_lightning._warning_lines.warning_line`, nux51 #9); the warning's text after
@@ -1465,6 +1478,8 @@ def _not_at_minimum_suspects(model: nn.Module, diagnostics: Mapping[str, Any] | 
         return "only along near-flat directions the weight decay alone holds: converged along the others"
     if diagnostics.get("records_from_training_loader"):  # the front end read the training records itself
         return "not converged, or another loss or weight decay"
+    if cause == "off_minimum":  # above 3 sd: records it never saw alone do not read so (rv55z)
+        return f"not converged, or another loss or weight decay: {stiff}"
     return "not converged, another loss or weight decay, or records other than the ones it was trained on"
 
 
@@ -1482,16 +1497,14 @@ def _not_at_minimum_detail(diagnostics: Mapping[str, Any]) -> str:
                 "what tells these records from this fit's training records") \
             if diagnostics.get("offset_decay_held") else ""
         return (f"; along the stiffer half of the Hessian's directions, where training converges first, the records' "
-                f"mean gradient is {float(stiff):.3g} of its own sampling standard deviation (root mean square; the "
-                f"training records of a converged fit read ~0, records the model never saw ~1 or more; the limit is "
-                f"{UNSEEN_RECORDS_SD:g}): if these records are a validation or test set, the figures are not the "
+                f"mean gradient is {float(stiff):.3g} of its own sampling standard deviation (root mean square; "
+                f"{STIFF_READINGS}; the limit is {UNSEEN_RECORDS_SD:g}): if these records are a validation or test set, the figures are not the "
                 "members' leakage -- pass the records the model was trained on; if they are its training records, "
                 f"the fit is off its minimum along the stiff directions too{held}")
     off = ("" if cause != "off_minimum" else
            f"the records' mean gradient along the stiffer half of the Hessian's directions, where training converges "
            f"first, is {float(stiff):.3g} of its own sampling standard deviation (root mean square; the limit is "
-           f"{UNSEEN_RECORDS_SD:g}; a fit's training records read ~0 at its minimum, records it never saw about "
-           f"{math.sqrt(2):.2g} where as many as it was trained on, {UNSEEN_RECORDS_EXPLAIN_MAX:g} only for 8 times as many"
+           f"{UNSEEN_RECORDS_SD:g}; {STIFF_READINGS}"
            + ("): these are the training records, so " if diagnostics.get("records_from_training_loader")
               else "): so unless these are more than 8 times as many records the model never saw, ")
            + "the fit is off its minimum along the stiff directions too: training stopped short there, or it "
@@ -1513,7 +1526,7 @@ def _not_at_minimum_detail(diagnostics: Mapping[str, Any]) -> str:
             f"it){where}: without them the step is "
             f"{float(diagnostics.get('minimum_offset_sd_rest', float('nan'))):.3g} sd, under the limit"
             + ("" if stiff is None else f", and along the stiff half of the directions the records' mean gradient is "
-               f"{float(stiff):.3g} sd (a converged fit's training records read ~0)")
+               f"{float(stiff):.3g} sd ({STIFF_READINGS})")
             + ". So the model is at a minimum except along directions the records barely determine, where training "
             "converges only at the decay's slow rate; the figures stay marked * (the analysis assumes the exact "
             "minimum): train on (more steps, or a second-order optimizer such as L-BFGS) or remove the "
@@ -2151,8 +2164,7 @@ def _unseen_records_warning(diagnostics: Mapping[str, Any]) -> str:
     on its own 600 training records and was told they looked unseen)."""
     stat = (f"along the stiffer half of the Hessian's directions, where training converges first, the records' mean "
             f"gradient is {float(diagnostics['stiff_offset_sd']):.3g} of its own sampling standard deviation (root "
-            "mean square; the training records of a model at the minimum of the objective assessed read ~0, records "
-            f"the model never saw ~1 or more; the limit is {UNSEEN_RECORDS_SD:g}), though the Newton step to the "
+            f"mean square; {STIFF_READINGS}; the limit is {UNSEEN_RECORDS_SD:g}), though the Newton step to the "
             f"minimum ({float(diagnostics.get('minimum_offset_sd', float('nan'))):.3g} sd, root mean square over "
             "all weights, which the soft directions dominate) is under its limit")
     off_minimum = ("the model is not at the minimum of the objective assessed along those directions: training "
@@ -2161,8 +2173,8 @@ def _unseen_records_warning(diagnostics: Mapping[str, Any]) -> str:
                    "weight_decay it was trained with")
     if stiff_offset_cause(diagnostics) == "off_minimum":
         whose = ("the records are the trainer's training records" if diagnostics.get("records_from_training_loader")
-                 else f"records the model never saw read about {math.sqrt(2):.2g} there where as many as it was trained "
-                 f"on, {UNSEEN_RECORDS_EXPLAIN_MAX:g} only for 8 times as many")
+                 else f"above {UNSEEN_RECORDS_EXPLAIN_MAX:g} sd, records it never saw do not explain it unless more "
+                 "than 8 times as many as it was trained on")
         return (f"the model is not at a minimum of the objective assessed along its stiff directions: {stat}; "
                 f"{whose}, so {off_minimum}; the M-estimator analysis may not apply")
     return (f"the records assessed are not the model's training records, or the model is not at a minimum of the "

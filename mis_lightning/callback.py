@@ -30,7 +30,6 @@ from ._loss_match import TrainingLosses, loss_mismatch_note
 from ._reloads import TrainingSets
 from ._rng import isolated_rng
 from ._user_warnings import rank_zero_warn
-from ._warning_lines import warning_line
 from .assess import (
     SchemeSpec,
     check_schemes,
@@ -585,7 +584,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             elif zero:
                 # failed schemes, float layers, d_eff/n, not at a minimum, ...: one line each, the
                 # full text in the report (nux51 #9: 7 warnings printed 4,870 characters)
-                lines = [warning_line(w) for w in report.warnings]
+                # the warnings the table's * stands for: one line naming each (nux55: six warnings of a CNN)
+                lines = report.console_warnings()
                 for w in lines:
                     rank_zero_warn(f"MISCallback: {w}")
                 for w in report.notes:  # information (layers quantized by another method): logged, not warned

@@ -46,7 +46,7 @@ from torchmetrics.utilities.prints import rank_zero_only
 
 from ._precision import full_float32
 from ._user_warnings import warn
-from ._warning_lines import MORE, warning_line
+from ._warning_lines import MORE
 from .assess import (
     SchemeSpec,
     check_schemes,
@@ -242,8 +242,8 @@ class MISIndicator(EstimationMetric):
     def compute(self) -> dict[str, dict[str, Any]]:  # type: ignore[override]
         """Score every scheme from the synced estimate; ``{scheme: {figure: 0-d tensor}}``.
         The report's warnings (``self.report.warnings``) are raised as ``UserWarning``s prefixed
-        ``MISIndicator:`` on rank zero, each by its first sentence
-        (:func:`~mis_lightning._warning_lines.warning_line`; in full:
+        ``MISIndicator:`` on rank zero, each by its first sentence, those the table's ``*`` stands
+        for in one line (:meth:`~mis_lightning.report.Report.console_warnings`; in full:
         ``self.report.warnings_text()``), each caveat once per Metric (:data:`WARNING_KEY_CHARS`),
         shown at the caller's line (``metric.compute()``); its notes (``self.report.notes``:
         information) are logged instead (INFO, logger ``mis_lightning.metric``).
@@ -262,15 +262,17 @@ class MISIndicator(EstimationMetric):
             self.report.warnings.insert(0, counted)
         # the figures' caveats (not at a minimum, d / n not small, weights left in float, ...) are
         # raised as warnings, as the callback prints them: the returned tensors carry none of them
-        said: list[str] = []
+        new: list[str] = []
         for msg in [*self.report.warnings, *self.report.notes]:
             if msg[:WARNING_KEY_CHARS] not in self._warned:
                 self._warned.add(msg[:WARNING_KEY_CHARS])
                 if msg in self.report.notes:  # information, not a problem: logged (INFO), as the callback does
                     if rank_zero_only.rank == 0:
                         log.info("MISIndicator: %s", msg)
-                else:  # one line, the full text in the report (nux51 #9)
-                    said.append(warning_line(msg))
+                else:
+                    new.append(msg)
+        # one line each, the full text in the report (nux51 #9); those the table's * stands for in one (nux55)
+        said = self.report.console_warnings(new)
         cut = [i for i, line in enumerate(said) if line.endswith(MORE)]
         if cut:  # the last line that leaves text out says where it is (the INFO log is not shown by default)
             said[cut[-1]] += IN_FULL

@@ -540,8 +540,14 @@ class Report:
         """Every warning of :attr:`warnings` in full, one ``"  - "`` line each (a failed scheme's
         too), under ``warnings:``; ``""`` when there is none. The console (the callback's and the
         Metric's ``UserWarning``, :meth:`table`) shows each by its first sentence
-        (:func:`~mis_lightning._warning_lines.warning_line`), which is a prefix of its line here."""
+        (:func:`~mis_lightning._warning_lines.warning_line`), which is a prefix of its line here, and
+        those behind the table's ``*`` in one line naming each (:meth:`console_warnings`)."""
         return "warnings:\n" + "\n".join(f"  - {w}" for w in self.warnings) if self.warnings else ""
+
+    def console_warnings(self, warnings: Sequence[str] | None = None) -> list[str]:
+        """The console's lines of ``warnings`` (default: :attr:`warnings`; :func:`console_warnings`):
+        each warning's first sentence, the warnings the ``*`` mark stands for in one line."""
+        return console_warnings(self.warnings if warnings is None else warnings, self.rows())
 
     def table(self, utility_key: str | None = None, utility_tolerance: float | None = None,
               with_verdict: bool = True, legend_columns: str | None = None,
@@ -556,8 +562,8 @@ class Report:
         figures do not resolve (:func:`ties_line`: "not ranked beyond their intervals", with or
         without the verdict), the notes (:attr:`notes`: information, under ``notes:``) and every
         warning (an assumption that failed must be read next to the numbers, not only in the
-        JSON): one line each, its first sentence naming what failed
-        (:func:`~mis_lightning._warning_lines.warning_line`; ``[...]`` where text is left out, and
+        JSON): one line each, its first sentence naming what failed, those behind the ``*`` mark in
+        one line naming each (:meth:`console_warnings`; ``[...]`` where text is left out, and
         then the header says where the full text is: ``warnings_in_full``), or in full where
         ``verbose`` (files that keep the table: the app's ``report.md``, the trackers' text).
         ``legend_columns``: one line in place of the
@@ -640,7 +646,7 @@ class Report:
         if self.notes:
             text += "\n\nnotes:\n" + "\n".join(f"  - {w}" for w in self.notes)
         if said:
-            lines = said if verbose else [warning_line(w) for w in said]
+            lines = said if verbose else console_warnings(said, rows)
             cut = f" ({MORE.strip()}: the rest in {warnings_in_full})" if lines != said else ""
             text += f"\n\nwarnings:{cut}\n" + "\n".join(f"  - {w}" for w in lines)
         return text
@@ -1779,6 +1785,60 @@ def baseline_marks(row: Mapping[str, Any]) -> str:
 #: records, so their true advantage is 0, yet the estimator reads the curvature and gradient spread
 #: of a model far from any minimum. ``diagnostics["not_trained"]``, ``row["not_trained"]``.
 NOT_TRAINED = "the model was not trained in this fit (no optimizer step): the figures are not membership leakage"
+
+
+#: the ``*`` mark's phrases (:func:`regime_failures`) and the warnings that say each in full: ``(the
+#: phrase's start, the warning's start, what to do, short)``; ``None``: the warning's own console line
+#: in place of the phrase (it names the likely cause, which says what to do). On the console (:func:`console_warnings`)
+#: the warnings a row's ``*`` stands for are one line, each failed assumption named by its phrase with
+#: its remedy (nux55: six warnings of a 3-layer CNN, three of them the ``*`` legend's list again); a
+#: phrase not listed here keeps its warning's own line. Every warning stays in full in the report.
+STAR_WARNINGS: tuple[tuple[str, str, str | None], ...] = (
+    ("d / n = ", "d / n = ", "assess fewer weights or use more records"),
+    # the records' mean leverage, ~d / n: the same regime (its warning says the figures are marked * for it)
+    ("d / n = ", "finite-sample (leverage) correction", "assess fewer weights or use more records"),
+    ("d_eff / n = ", "d_eff / n is not small", "assess fewer weights or use more records"),
+    ("mean leverage ", "finite-sample (leverage) correction", "assess fewer weights or use more records"),
+    ("diagonal estimator at mean leverage", "finite-sample (leverage) correction", "estimation='exact' if affordable"),
+    # the warning's own headline: its likely causes (dropout trained in train mode, records not trained on, ...)
+    ("not at a minimum", "the model is not at a minimum", None),
+    ("records not trained on", "the model is not at a minimum", None),
+    ("records not trained on", "the records assessed are not", None),
+    ("not trained in this fit", NOT_TRAINED, "assess a trained model"),
+    ("negative curvature", "the Hessian has negative curvature", "train on, with the loss and weight decay assessed"),
+    ("saddle not excluded", "saddle not excluded", "train on"),
+    ("interpolating", "the model interpolates", "add weight decay, or assess fewer weights than records"),
+)
+#: the ``*`` line's lead on the console (:func:`console_warnings`)
+STAR_LINE = "figures marked * are indicative only (they may read above or below what attacks achieve): "
+
+
+def console_warnings(warnings: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The console's lines of ``warnings`` (the callback's and the Metric's ``UserWarning``s, the
+    printed table): each warning by its first sentence (:func:`~mis_lightning._warning_lines.warning_line`),
+    except the warnings that the rows' ``*`` mark stands for (:data:`STAR_WARNINGS`, matched to the
+    phrases of :func:`failed_assumptions`): those are one line, at the first one's place, starting
+    with :data:`STAR_LINE` and naming each failed assumption by its phrase, as the ``*`` legend
+    does, with what to do (or by its warning's headline, which names its likely causes); it ends in :data:`~mis_lightning._warning_lines.MORE` (each in full in
+    the report). A failed assumption is thus in the table's mark, in its legend and in a console
+    warning; nothing is dropped: a warning no phrase claims keeps its own line."""
+    claimed: dict[int, None] = {}
+    items: list[str] = []
+    for phrase in failed_assumptions(rows):
+        hits = [(i, todo) for start, lead, todo in STAR_WARNINGS if phrase.startswith(start)
+                for i, w in enumerate(warnings) if w.startswith(lead)]
+        if hits:
+            claimed.update(dict.fromkeys(i for i, _ in hits))
+            i, todo = hits[0]
+            items.append(f"{phrase} ({todo})" if todo is not None
+                         else warning_line(warnings[i]).removesuffix(MORE).removeprefix("the model is "))
+    out: list[str] = []
+    for i, w in enumerate(warnings):
+        if i not in claimed:
+            out.append(warning_line(w))
+        elif i == min(claimed):
+            out.append(STAR_LINE + "; ".join(items) + MORE)
+    return out
 
 
 def not_trained_warning(how: str) -> str:

@@ -187,7 +187,8 @@ def test_the_report_says_what_the_diagonal_correction_did():
         # fu28 (ux29): the note is its own warning, not appended to the d / n one (1,379 characters
         # that buried the d / n warning's action), and it points to the measurements instead of
         # quoting them
-        assert line[0].startswith("finite-sample (leverage) correction: mean leverage 0.16 per record"), line[0]
+        assert line[0].startswith("finite-sample (leverage) correction: mean leverage 0.16 per loss direction (one per "
+                                  "record"), line[0]
         assert 'docs/validation.md, "hc27"' in line[0] and "-16%" not in line[0]
         (dn,) = [w for w in rep.warnings if w.startswith("d / n = 0.16 is not small")]
         assert "leverage" not in dn and dn.endswith(
@@ -392,3 +393,20 @@ def test_a_squeezed_output_is_read_per_record():
     # so and names the squeeze (it read "a sequence-first output?" alone)
     with pytest.raises(ValueError, match=r"\(3,\) for a batch of one record.*\.squeeze\(\) that dropped it"):
         tensor_record_shape(torch.zeros(3), lambda: None, "the model's output")
+
+
+def test_the_diagonal_note_quotes_one_mean_leverage_and_labels_the_per_record_sum():
+    """rv55z (ux56a): the note quoted "mean leverage 2.39 per record, 0.265 per loss direction" side by
+    side, while the * mark, the correction and the cap read the per-direction one. It leads now, the
+    per-record figure labelled as its sum over a record's loss directions (left out at one direction)."""
+    from mis_lightning.assess import _diagonal_leverage_note
+
+    diag = {"leverage_per_direction": 0.2653, "mean_leverage": 2.3875, "leverage_directions": 9.0,
+            "leverage_correction": True}
+    text = _diagonal_leverage_note(diag)
+    assert text.startswith("finite-sample (leverage) correction: mean leverage 0.265 per loss direction (2.39 per "
+                           "record over its 9 loss directions), from the Hessian diagonal"), text
+    assert "1 / sqrt(1 - 0.265)" in text and text.count("per record") == 1, text
+    one = _diagonal_leverage_note({**diag, "mean_leverage": 0.2653, "leverage_directions": 1.0})
+    assert one.startswith("finite-sample (leverage) correction: mean leverage 0.265 per loss direction (one per "
+                          "record), from"), one

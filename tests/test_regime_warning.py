@@ -16,9 +16,10 @@ import torch
 from _nets import ridge_linear  # tests/_nets.py
 
 from mis_lightning import assess
-from mis_lightning._warning_lines import warning_line
+from mis_lightning._warning_lines import MORE, warning_line
 from mis_lightning.app import aggregate as agg
 from mis_lightning.assess import D_EFF_OVER_N_MAX
+from mis_lightning.report import STAR_LINE
 
 N, F = 150, 19  # d = 20: d / n = 0.133, just above D_EFF_OVER_N_MAX = 0.1
 
@@ -54,8 +55,10 @@ def test_one_regime_warning_names_the_schemes_whose_d_eff_over_n_is_still_large(
     assert "Every figure, low d_eff included, is therefore indicative only" in w
     assert w.endswith("To act: assess fewer weights (e.g. a head over a frozen encoder) or use more records")
     assert f"  - {w}" in report.table(verbose=True)  # the verbose table prints it in full
-    assert f"  - {warning_line(w)}" in report.table().splitlines()  # the console's one line (nux51 #9)
     assert warning_line(w).startswith("d / n = ") and "is not small" in warning_line(w)
+    # the console's line (nux51 #9): the * it stands for, with the others, in one line naming it and what to do (nux55)
+    (star,) = [x for x in report.table().splitlines() if x.startswith(f"  - {STAR_LINE}")]
+    assert f"d / n = {20 / N:.2g} (assess fewer weights or use more records)" in star and star.endswith(MORE)
 
 
 def test_the_sweep_aggregate_says_the_regime_warning_once_with_each_jobs_schemes(report, tmp_path):

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import mis_lightning as ml
 from mis_lightning._warning_lines import MORE, warning_line
 from mis_lightning.quantization import QuantizationScheme, SchemeUnavailableError
-from mis_lightning.report import WARNINGS_IN_FULL, format_table, short_error
+from mis_lightning.report import STAR_LINE, WARNINGS_IN_FULL, format_table, short_error
 
 LONG = ("scheme 'needs_gpu' is unavailable: its kernel needs a CUDA GPU with compute capability "
         "8.0 or newer and this machine has none; on CPU use 'int4_weight_only' instead")
@@ -170,7 +170,14 @@ def test_table_prints_every_warning_one_line_each_and_in_full_where_verbose():
     assert short.split("\n\nwarnings:")[0] == full.split("\n\nwarnings:")[0]  # the rest as in full
     head, *tail = short.split("\n\nwarnings:", 1)[1].splitlines()
     assert head == f" ({MORE.strip()}: the rest in {WARNINGS_IN_FULL})"
-    assert tail == [f"  - {warning_line(w)}" for w in said]
+    lines = rep.console_warnings(said)
+    assert tail == [f"  - {x}" for x in lines]
+    # nux55: the warnings the * stands for are one line naming each failed assumption (here one, by its
+    # headline: its likely causes); every other warning keeps its first sentence, in order
+    (star,) = [x for x in lines if x.startswith(STAR_LINE)]
+    (w,) = [w for w in said if w.startswith("the model is not at a minimum")]
+    assert star == STAR_LINE + warning_line(w).removesuffix(MORE).removeprefix("the model is ") + MORE
+    assert [x for x in lines if x != star] == [warning_line(x) for x in said if x != w]
     assert "  - d_eff / n is not small for every scheme assessed here [...]" in tail
     assert tail[-1] == "  - a warning of one short sentence"  # whole: nothing cut
     assert rep.table(warnings_in_full="report.md").split("\n\nwarnings:", 1)[1].splitlines()[0] == " ([...]: the rest in report.md)"

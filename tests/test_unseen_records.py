@@ -286,6 +286,44 @@ def test_records_not_trained_on_are_named_first_when_the_newton_step_fires_too()
     assert "not at a minimum (stiff directions too)" in regime_failures(far, 3000, 193, 193.0)
 
 
+def test_the_stiff_readings_are_one_figure_in_one_wording_and_above_3_sd_no_records_guess():
+    """rv55z (ux56a): the warnings quoting what the stiff-direction statistic reads said "records the
+    model never saw ~1 or more" in one place and "about 1.4" in another; one wording now
+    (STIFF_READINGS: sqrt(1 + m / n), ~1 for few, 1.4 for as many, 3 for 8 times as many) in every
+    one of them. Above 3 sd on records of unknown origin without the decay-held split, the not-at-a-minimum
+    headline no longer lists "records other than the ones it was trained on" (its detail says they do not
+    reach it)."""
+    from mis_lightning.assess import (
+        STIFF_READINGS,
+        _not_at_minimum_detail,
+        _not_at_minimum_suspects,
+        _unseen_records_warning,
+    )
+
+    assert "sqrt(1 + m / n)" in STIFF_READINGS and "1.4 for as many" in STIFF_READINGS
+    assert "3 for 8 times as many" in STIFF_READINGS and "training records read ~0" in STIFF_READINGS
+    base = {"records_unlike_training": True, "minimum_offset_sd": 0.3, "minimum_offset_sd_rest": 0.4,
+            "decay_held_directions": 5}
+    texts = [_not_at_minimum_detail({**base, "not_at_minimum": True, "stiff_offset_sd": 1.2}),  # records or off
+             _not_at_minimum_detail({**base, "not_at_minimum": True, "stiff_offset_sd": 4.0}),  # off, unknown records
+             _not_at_minimum_detail({**base, "not_at_minimum": True, "stiff_offset_sd": 0.2, "offset_decay_held": True,
+                                     "records_unlike_training": False}),  # decay-held, stiff quoted
+             _unseen_records_warning({**base, "stiff_offset_sd": 1.2}),
+             _unseen_records_warning({**base, "stiff_offset_sd": 4.0})]
+    for t in texts:
+        assert STIFF_READINGS in t, t
+        assert "~1 or more" not in t and "where as many as it was trained on" not in t, t
+    m = nn.Linear(2, 1)
+    far = {"not_at_minimum": True, "records_unlike_training": True, "stiff_offset_sd": 4.08}
+    head = _not_at_minimum_suspects(m, far)
+    assert head == "not converged, or another loss or weight decay: 4.08 sd along the stiff directions", head
+    assert "unless these are more than 8 times as many" in _not_at_minimum_detail(far)
+    # at or under 3 sd (or the stiff test silent) records of unknown origin stay a named cause
+    near = {**far, "stiff_offset_sd": 2.9}
+    assert _not_at_minimum_suspects(m, near).endswith("or records other than the ones it was trained on")
+    assert _not_at_minimum_suspects(m, {"not_at_minimum": True}).endswith("records other than the ones it was trained on")
+
+
 def test_condition_inf_with_weight_decay_names_the_cancelled_decay_and_the_cures():
     """nux53 #8 (ux54b): "the Hessian is singular (condition inf) though no exact flat direction
     (symmetry) was found" with weight decay 1e-3 passed: the decay curves every direction, so a

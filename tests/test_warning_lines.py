@@ -78,3 +78,56 @@ def test_a_failed_schemes_line_keeps_the_errors_cause():
     assert "needs a CUDA GPU" in line and line.endswith(MORE) and len(line) <= WARNING_LINE_WIDTH + len(MORE), line
     assert text.startswith(line[: -len(MORE)]), line
     assert warning_line(failure_warning("x", "ValueError: bad")) == "scheme 'x' failed, no figures: ValueError: bad"
+
+
+def test_the_warnings_the_star_stands_for_are_one_console_line_naming_each():
+    """nux55 (ux56a): a 3-layer CNN trained with Adam printed six warnings, three of them the * legend's
+    list again (d / n, the diagonal estimator's leverage, not at a minimum). They are one console line
+    now, at the first one's place, naming each failed assumption by the legend's phrase with what to do
+    (not at a minimum by its own headline: its likely causes); every other warning keeps its first
+    sentence, a phrase with no warning of its own claims nothing, and a table without * is unchanged.
+    The report keeps every warning in full."""
+    from mis_lightning.report import STAR_LINE, console_warnings
+
+    dn = ("d / n = 2.63 is not small (5,258 assessed weights, 2,000 records): sigma ... come from a normal "
+          "approximation that needs d << n. To act: assess fewer weights or use more records")
+    lev = ("finite-sample (leverage) correction: mean leverage 0.265 per loss direction (2.39 per record over its 9 "
+           "loss directions), from the Hessian diagonal. These figures may read below the exact estimator's")
+    beyond = ("schemes 'a' and 'b' quantize Conv2d (c1.weight) beyond torchao's quantize_, which leaves them in "
+              "float. The figures are of this wider release")
+    mc = "the Hessian diagonal is a Monte Carlo estimate (hessian='ggn_mc'): median relative standard error 0.11"
+    nam = ("the model is not at a minimum of the training loss (not converged, or another loss or weight decay): a "
+           "Newton step to the minimum would move the weights 1.14 of their sds")
+    rec = "the diagonal sandwich read a model with recurrent layers: its sigma's error has no stated bound"
+    said = [dn, lev, beyond, mc, nam, rec, "no validation dataloader: the quantized copies' utility was not measured"]
+    failed = ("d / n = 2.6; diagonal estimator at mean leverage 0.27 per direction: may read below the exact one; "
+              "not at a minimum; saddle not excluded; diagonal sandwich over recurrent layers")
+    rows = [{"indicative": failed}, {"indicative": "d / n = 2.6", "error": None}, {"error": "x", "indicative": "no"}]
+    lines = console_warnings(said, rows)
+    star = (STAR_LINE + "d / n = 2.6 (assess fewer weights or use more records); diagonal estimator at mean leverage "
+            "0.27 per direction: may read below the exact one (estimation='exact' if affordable); not at a minimum of "
+            "the training loss (not converged, or another loss or weight decay)" + MORE)
+    assert lines == [star, warning_line(beyond), warning_line(mc), warning_line(rec), warning_line(said[-1])], lines
+    # d / n alone (the exact estimator's leverage note, ~d / n, the same regime): both in the * line, one item
+    exact = ("finite-sample (leverage) correction: mean leverage 0.279 (max 1.65) of the stored records, above 0.1 (the "
+             "figures are marked *: the asymptotic regime needs it small, as d / n)")
+    assert console_warnings([exact, dn, mc], [{"indicative": "d / n = 0.57"}]) == [
+        STAR_LINE + "d / n = 0.57 (assess fewer weights or use more records)" + MORE, warning_line(mc)]
+    # the recurrent phrase, not in STAR_WARNINGS, keeps its warning's own line (nothing dropped); "saddle not
+    # excluded", with no warning here, adds nothing to the * line
+    assert console_warnings(said, [{"indicative": None}]) == [warning_line(w) for w in said]  # no *: as before
+    assert console_warnings([], rows) == []
+
+
+def test_a_layer_above_the_whole_model_says_what_it_means_for_the_figures_first():
+    """nux55: "one layer alone leaks more than the whole model (0.2023) unquantized [...]" alarmed and
+    said nothing of what it means: the console line now leads with it (ux56a), the layers in full after."""
+    from types import SimpleNamespace as ns
+
+    from mis_lightning.assess import _consistency_warnings
+
+    failed = ns(error="x", layers={"fc1.weight": ns(baseline_leakage=0.2116), "fc2.weight": ns(baseline_leakage=0.2381)})
+    (w,) = _consistency_warnings(ns(baseline_leakage=0.2023, rows=lambda: [], schemes={"a": failed}), {}, None)
+    assert warning_line(w) == ("the per-layer and whole-model figures are not reliable here, as one layer alone leaks "
+                               "more than the whole model (0.2023) unquantized" + MORE)
+    assert "fc1.weight (0.2116), fc2.weight (0.2381); releasing more weights cannot leak less" in w
