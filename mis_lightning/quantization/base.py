@@ -482,6 +482,29 @@ def dequantized_kept() -> bool:
     return _DEQUANTIZED_KEPT.get()
 
 
+_RELEASE_READ: ContextVar[bool] = ContextVar("mis_lightning_release_read", default=True)
+
+
+@contextmanager
+def release_unread() -> Iterator[None]:
+    """Within the block the caller reads nothing of :meth:`QuantizationScheme.apply`'s quantized
+    model (no utility, no forward: a scoring call without validation data), only its grids and
+    notes: a scheme whose :attr:`~QuantizationScheme.grids_from_source` is true may then read the
+    model itself instead of a deep copy, write nothing, and return ``model=None`` (the dtype
+    casts: a copy of every floating weight per call, fresh pages above glibc's mmap threshold
+    for a 32 MiB layer; docs/benchmarks.md "p56b"). Use with :func:`zero_counts_only`."""
+    token = _RELEASE_READ.set(False)
+    try:
+        yield
+    finally:
+        _RELEASE_READ.reset(token)
+
+
+def release_read() -> bool:
+    """``False`` inside :func:`release_unread`."""
+    return _RELEASE_READ.get()
+
+
 # (weak reference to the weights, (version, block size, rule, dtype, shape), scale facts)
 _SHARED_SCALE_FACTS: ContextVar[list | None] = ContextVar("mis_lightning_shared_scale_facts", default=None)
 
@@ -3174,14 +3197,15 @@ class QuantizationResult:
     """What :meth:`QuantizationScheme.apply` returns.
 
     Attributes:
-        model: the quantized copy (the original is untouched).
+        model: the quantized copy (the original is untouched); ``None`` where the scheme gave
+            its grids without one (:func:`release_unread`).
         grids: parameter name (as in the original model) -> :class:`ParamGrid`.
         unquantized: parameter name -> why the scheme left it in float (``kappa = 1``).
         scheme: the scheme's registry name.
         notes: backend messages worth showing (deprecations, fallbacks).
     """
 
-    model: nn.Module
+    model: nn.Module | None
     grids: dict[str, ParamGrid]
     unquantized: dict[str, str]
     scheme: str
@@ -3217,6 +3241,18 @@ class QuantizationScheme(ABC):
     #: which the up-front checks read too (nu42a: they took every scheme as replacing the weight and
     #: said ``native_int8_per_row`` quantized no weight of a tied language model it quantizes)
     weights_in_place: ClassVar[bool] = False
+
+    @property
+    def grids_from_source(self) -> bool:
+        """Whether, inside :func:`release_unread` and :func:`zero_counts_only`,
+        :meth:`_quantize_copy` may be given the model itself (never written: the backend only
+        reads it) and :meth:`apply` returns ``model=None``. Default ``False``: a private copy."""
+        return False
+
+    def _reads_source(self) -> bool:
+        """Whether :meth:`apply` gives :meth:`_quantize_copy` the model itself now (no release read,
+        zeros counted, :attr:`grids_from_source`): the backend must then write nothing."""
+        return not release_read() and not dequantized_kept() and self.grids_from_source
 
     def __init__(self, filter_fn: FilterFn | None = None) -> None:
         self.filter_fn = filter_fn
@@ -3415,9 +3451,14 @@ class QuantizationScheme(ABC):
             SchemeError: the backend failed (the message names the scheme and the cause).
         """
         self.check_available()
-        shared = SharedWeights(self._replaced_weights(model) if SHARE_REPLACED_WEIGHTS else ())
-        copy_ = private_copy(model, f"copying the model for scheme {self.name!r}", shared=shared)
-        copy_.eval()
+        # no release read (release_unread): a backend that only reads the weights gets the model itself
+        read_only = self._reads_source()
+        shared = SharedWeights(() if read_only or not SHARE_REPLACED_WEIGHTS else self._replaced_weights(model))
+        if read_only:
+            copy_ = model  # (neither eval() nor any write: grids_from_source)
+        else:
+            copy_ = private_copy(model, f"copying the model for scheme {self.name!r}", shared=shared)
+            copy_.eval()
         if params is not None:
             cparams = dict(copy_.named_parameters())
             unknown = [n for n in params if n not in cparams]
@@ -3458,7 +3499,7 @@ class QuantizationScheme(ABC):
         unquantized = {n: reasons.get(n) or self._float_reason(n, p, uses.get(id(p), []),
                                                                params is None or n in params)
                        for n, p in params_.items() if n not in grids}
-        return QuantizationResult(model=copy_, grids=grids, unquantized=unquantized,
+        return QuantizationResult(model=None if read_only else copy_, grids=grids, unquantized=unquantized,
                                   scheme=self.name, notes=notes)
 
     def __repr__(self) -> str:
