@@ -470,11 +470,18 @@ def zero_counts_only() -> Iterator[None]:
     (:func:`dequantized_kept` is ``False``). For callers that read nothing else of ``dequantized``
     (the scoring's scheme preparation): a backend's full float32 release per weight and scheme
     is fresh memory (fx35, 1e7 MLP: ~25k page faults and 0.05 s per torchao scheme)."""
-    token = _DEQUANTIZED_KEPT.set(False)
+    with _flag_off(_DEQUANTIZED_KEPT):
+        yield
+
+
+@contextmanager
+def _flag_off(flag: ContextVar[bool]) -> Iterator[None]:
+    """``flag`` False within the block (reset after it, also on an error)."""
+    token = flag.set(False)
     try:
         yield
     finally:
-        _DEQUANTIZED_KEPT.reset(token)
+        flag.reset(token)
 
 
 def dequantized_kept() -> bool:
@@ -493,11 +500,8 @@ def release_unread() -> Iterator[None]:
     model itself instead of a deep copy, write nothing, and return ``model=None`` (the dtype
     casts: a copy of every floating weight per call, fresh pages above glibc's mmap threshold
     for a 32 MiB layer; docs/benchmarks.md "p56b"). Use with :func:`zero_counts_only`."""
-    token = _RELEASE_READ.set(False)
-    try:
+    with _flag_off(_RELEASE_READ):
         yield
-    finally:
-        _RELEASE_READ.reset(token)
 
 
 def release_read() -> bool:
