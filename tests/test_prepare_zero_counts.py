@@ -256,7 +256,8 @@ def test_casts_read_the_model_itself_where_no_release_is_read(monkeypatch, name)
     """``casts.CAST_WITHOUT_COPY`` (p56b): inside ``release_unread`` (and ``zero_counts_only``) a cast
     reads the model's own weights slab by slab instead of casting a deep copy: no copy, ``model=None``,
     nothing of the model written (its weights, a floating buffer, its train mode), and the grids, zero
-    counts (+-0 zero, NaN not) and overflow note (fp16) of the copy's path. Off: the copy, as before."""
+    counts (+-0 zero, NaN not) and overflow note (fp16) of the copy's path. Off: the copy, as before. A
+    composite scheme's call of the cast's ``_quantize_copy`` on its own copy still writes it."""
     base = importlib.import_module("mis_lightning.quantization.base")
     casts = importlib.import_module("mis_lightning.quantization.casts")
 
@@ -289,6 +290,14 @@ def test_casts_read_the_model_itself_where_no_release_is_read(monkeypatch, name)
         assert got.grids[k].release_dtype == g.release_dtype and got.grids[k].bits_per_weight == g.bits_per_weight
     assert got.unquantized == ref.unquantized
     assert ref.grids["2.weight"].zero_count >= 3
+    # a composite scheme calls a candidate's _quantize_copy on its own copy: written, as the copy path's
+    monkeypatch.setattr(casts, "CAST_WITHOUT_COPY", True)
+    twin = base.private_copy(net, "a composite scheme's copy")
+    with zero_counts_only(), base.release_unread():
+        get_scheme(name)._quantize_copy(twin)
+    for (k, p), q in zip([*ref.model.named_parameters(), *ref.model.named_buffers()],
+                         [*twin.parameters(), *twin.buffers()]):
+        assert torch.equal(p.detach().view(torch.int32), q.detach().view(torch.int32)), k
 
 
 def test_scoring_without_utility_copies_no_cast(monkeypatch):

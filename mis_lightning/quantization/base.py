@@ -3255,8 +3255,14 @@ class QuantizationScheme(ABC):
 
     def _reads_source(self) -> bool:
         """Whether :meth:`apply` gives :meth:`_quantize_copy` the model itself now (no release read,
-        zeros counted, :attr:`grids_from_source`): the backend must then write nothing."""
+        zeros counted, :attr:`grids_from_source`)."""
         return not release_read() and not dequantized_kept() and self.grids_from_source
+
+    def _given_source(self) -> bool:
+        """Inside :meth:`_quantize_copy`: whether this call's model is the user's own (:meth:`apply`
+        chose :meth:`_reads_source`), which the backend must not write; ``False`` for a copy (also
+        a composite scheme's, whose candidates' ``_quantize_copy`` it calls on its own copy)."""
+        return bool(getattr(self, "_source_given", False))
 
     def __init__(self, filter_fn: FilterFn | None = None) -> None:
         self.filter_fn = filter_fn
@@ -3472,6 +3478,8 @@ class QuantizationScheme(ABC):
             # is per call state, not a field
             object.__setattr__(self, "_only", {id(cparams[n]) for n in params})
             del cparams  # (no reference to the copy's parameters past the backend: shared.release)
+        # (per call state, as _only: the backend is given the model itself, _given_source)
+        object.__setattr__(self, "_source_given", read_only)
         try:
             out = self._quantize_copy(copy_)
         except SchemeError:
@@ -3480,6 +3488,7 @@ class QuantizationScheme(ABC):
             raise SchemeError(f"scheme {self.name!r} failed in its backend: {type(exc).__name__}: {exc}") from exc
         finally:
             object.__setattr__(self, "_only", None)
+            object.__setattr__(self, "_source_given", False)
             shared.release()  # whatever the backend left of the shared weights gets its own values
         grids, notes = out[0], out[1]
         reasons: dict[str, str] = out[2] if len(out) > 2 else {}

@@ -192,7 +192,7 @@ class DtypeCast(SchemeConfig):
         overflow: list[str] = []
         done: set[int] = set()
         # the model itself (QuantizationScheme.apply under release_unread, grids_from_source): read only
-        write = not self._reads_source()
+        write = not self._given_source()
         for fqn, module in model.named_modules():
             if not self._selected(module, fqn):
                 continue
