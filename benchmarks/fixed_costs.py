@@ -110,7 +110,12 @@ estimate and read back by the later ones), the one-time builds of ``once`` and t
 faults (the unit columns' fourth powers also by parameter); then call 1 less call 2 by the same
 parts. ``--off MODULE.FLAG`` (any mode but ``import``)
 sets a switch of ``mis_lightning`` False first: with ``--off assess.UNIT_SUMS_ONCE`` every call sums
-the unit columns, and call 1 less call 2 is the one-time costs alone.
+the unit columns, and call 1 less call 2 is the one-time costs alone. The registry's first load (its
+backend modules' imports and the entry points, ``registry._load_backends``) is timed apart from the
+builds, and each call's system CPU and the interpreter's collections (count and CPU ms by generation,
+from ``gc.callbacks``) are printed (p56b). ``--inside`` (p56b): torchao is not imported before; the first call imports it, as
+scale.py's does, and its import is timed there (the outermost
+``torchao_backend._import_torchao_quantization`` calls), with the other modules the call imported.
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/fixed_costs.py scaling /tmp/m1e5.pt --calls 5
 
@@ -766,15 +771,31 @@ def _is_unit_fourth(A: Any, power: int) -> bool:
     return power == 4 and A.dim() == 2 and A.shape[1] == 1 and bool((A == 1).all())
 
 
-def _split(path: str, calls: int) -> None:
+def _split(path: str, calls: int, inside: bool = False) -> None:
     """``split``: what a first call pays over a steady one, by part (see the module docstring)."""
-    from mis_lightning.quantization.torchao_backend import _import_torchao_quantization
-
     A, est, model, schemes, sc_cfg = _setup(path, adam=True)
-    c = time.process_time()
-    _import_torchao_quantization()
-    print(f"torchao's import (before the calls, apart): {(time.process_time() - c) * 1e3:.1f} ms CPU")
     once: collections.Counter = collections.Counter()
+    reg = importlib.import_module("mis_lightning.quantization.registry")
+    if inside:  # as in scale.py's child: the first call imports torchao (timed there, apart from the rest)
+        modules0 = set(sys.modules)
+        load0 = reg._load_backends
+
+        def load() -> None:  # (the backend modules not imported before the call: torchao's timer after them)
+            load0()
+            tb = sys.modules["mis_lightning.quantization.torchao_backend"]
+            if not hasattr(tb._import_torchao_quantization, "__wrapped_by_split__"):
+                _timed(tb, "_import_torchao_quantization", "torchao", once, depth=[0])
+                tb._import_torchao_quantization.__wrapped_by_split__ = True
+
+        reg._load_backends = load
+    else:
+        from mis_lightning.quantization.torchao_backend import _import_torchao_quantization
+
+        c = time.process_time()
+        _import_torchao_quantization()
+        print(f"torchao's import (before the calls, apart): {(time.process_time() - c) * 1e3:.1f} ms CPU")
+    # the registry's first load (its backend modules' imports, the entry points) apart from the tables
+    _timed(reg, "_load_backends", "registry", once, depth=[0])
     _time_builds(once, label="builds")
     lf = importlib.import_module("mis_lightning.estimation.linear_factors")
     f0 = lf.factored_power_sums
@@ -816,23 +837,51 @@ def _split(path: str, calls: int) -> None:
         return got
 
     A._unit_fourth_batched = batched
+    import gc
+
+    gcs: dict[int, list[float]] = {}
+    began = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:  # the interpreter's collections inside a call (CPU ms)
+        if phase == "start":
+            began[0] = time.process_time()
+        else:
+            got = gcs.setdefault(info["generation"], [0, 0.0])
+            got[0] += 1
+            got[1] += time.process_time() - began[0]
+
+    gc.callbacks.append(on_gc)
     rows = []
     for i in range(calls):
         once.clear()
         unit.clear()
         by_param.clear()
+        gcs.clear()
+        s0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime
         t, f = _scored(A, est, model, schemes, sc_cfg)
-        rows.append((t, f, unit["cpu"], unit["faults"], int(unit["calls"]), once["builds"]))
-        print(f"call {i + 1}: {t * 1e3:.1f} ms ({f:,} minor faults): the unit column's fourth powers "
+        sys_ms = (resource.getrusage(resource.RUSAGE_SELF).ru_stime - s0) * 1e3
+        # (the registry's load holds no table build; torchao's import holds neither)
+        fixed = once["builds"] + once["registry"] + once["torchao"]
+        rows.append((t, f, unit["cpu"], unit["faults"], int(unit["calls"]), fixed))
+        print(f"call {i + 1}: {t * 1e3:.1f} ms ({f:,} minor faults): "
+              + (f"torchao's import {once['torchao'] * 1e3:.1f} ms, " if inside else "")
+              + f"the registry's load {once['registry'] * 1e3:.1f} ms, the unit column's fourth powers "
               f"{unit['cpu'] * 1e3:.1f} ms ({int(unit['calls'])} calls, {unit['faults']:,} faults), one-time builds "
-              f"{once['builds'] * 1e3:.1f} ms, the rest {(t - unit['cpu'] - once['builds']) * 1e3:.1f} ms")
+              f"{once['builds'] * 1e3:.1f} ms, the rest {(t - unit['cpu'] - fixed) * 1e3:.1f} ms")
+        print(f"  of it system (kernel) CPU {sys_ms:.0f} ms; the collector: "
+              + (", ".join(f"generation {g} {n} ({1e3 * c:.1f} ms)" for g, (n, c) in sorted(gcs.items())) or "none"))
+        if inside and i == 0:
+            new = sorted(m for m in set(sys.modules) - modules0 if not m.startswith(("torchao", "torch.", "mslk")))
+            print(f"  modules the call imported besides torchao's and torch's: {len(new)} ({', '.join(new)})")
         if by_param:
             print("  the unit column's fourth powers by parameter: "
                   + ", ".join(f"{n} {v * 1e3:.1f}" for n, v in sorted(by_param.items(), key=lambda kv: -kv[1])) + " ms")
+    gc.callbacks.remove(on_gc)
     if len(rows) > 1:
         d = [a - b for a, b in zip(rows[0], rows[1])]
         print(f"call 1 - call 2: {d[0] * 1e3:.1f} ms ({d[1]:,} faults) = the unit column's fourth powers "
-              f"{d[2] * 1e3:.1f} + one-time builds {d[5] * 1e3:.1f} + the rest {(d[0] - d[2] - d[5]) * 1e3:.1f} ms")
+              f"{d[2] * 1e3:.1f} + torchao's import, the registry's load and the one-time builds {d[5] * 1e3:.1f} "
+              f"+ the rest {(d[0] - d[2] - d[5]) * 1e3:.1f} ms")
     print(f"load {os.getloadavg()[0]:.1f}")
 
 
@@ -1095,6 +1144,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tol", type=float, default=1e-11, help="the other closed-form gate (tol)")
     ap.add_argument("--prefault", action="store_true", help=argparse.SUPPRESS)  # (faults' child)
     ap.add_argument("--apart", action="store_true", help="window: torchao imported before the window, timed apart")
+    ap.add_argument("--inside", action="store_true",
+                    help="split: torchao imported by the first call (as in scale.py), timed there")
     ap.add_argument("--trainer", action="store_true", help="aoparts: a lightning.pytorch Trainer built first")
     ap.add_argument("--gate", action="append", default=[], metavar="TOL,WINDOW",
                     help="gate: a wide-sd gate to alternate with the checkout's own (repeatable)")
@@ -1121,7 +1172,7 @@ def main(argv: list[str] | None = None) -> None:
     run = {"first": _first, "params": lambda p: _params(p, args.calls, args.small), "est": _est, "heap": _heap,
            "tol": lambda p: _tol(p, args.tol, args.calls), "once": lambda p: _once(p, args.calls),
            "faults": lambda p: _faults(p, args.rounds), "ops": _ops, "_faults_child": lambda p: _faults_child(p, args.prefault),
-           "split": lambda p: _split(p, args.calls), "faultsby": lambda p: _faults_by(p, args.calls),
+           "split": lambda p: _split(p, args.calls, args.inside), "faultsby": lambda p: _faults_by(p, args.calls),
            "window": lambda p: _window(p, args.apart), "scaling": lambda p: _scaling(p, args.calls),
            "gate": lambda p: _gate(p, args.gate, args.calls)}
     run[args.what](args.path)

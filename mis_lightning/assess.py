@@ -17,7 +17,7 @@ import math
 import struct
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Any
 
@@ -81,6 +81,7 @@ from .quantization.base import (
     ParamGrid,
     check_float_model,
     release_chunk_facts,
+    release_unread,
     scale_facts_shared,
     zero_counts_only,
 )
@@ -1744,16 +1745,20 @@ def score_schemes(
     utility_records: int | None = None
     utility_errors: dict[str, dict[str, Any]] = {}  # Report.utility_errors
     shared_facts: list = []  # the scale facts the schemes reveal alike (scale_facts_shared)
+    # whether anything runs a scheme's quantized copy (the utility); if not, the casts read the
+    # model itself instead of copying it (casts.CAST_WITHOUT_COPY)
+    read_release = utility_fn is not None or (val_dataloader is not None and loss_fn is not None)
     for scheme in scheme_objs:
         try:
             # the up-front reasons (no copy), not a vaguer one after apply: can it run here, then
             # can it take this model
             scheme.check_available()
             scheme.check_model(model)
-            prep = _prepare_scheme(est, model, scheme, uncertainty_draws, shared_facts=shared_facts)
+            prep = _prepare_scheme(est, model, scheme, uncertainty_draws, shared_facts=shared_facts,
+                                   release=read_release)
             prep.requant_seed = seed + 104729  # one seed for all schemes: common random numbers
             try:  # a quantized weight used outside its module: named (nux50)
-                with release_forward(prep.qmodel, scheme.name):
+                with release_forward(prep.qmodel, scheme.name) if prep.qmodel is not None else nullcontext():
                     values = None
                     if utility_fn is not None:
                         values = utility_fn(prep.qmodel)
@@ -2735,7 +2740,8 @@ UNIT_KAPPA_EXACT = True
 
 
 def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme, draws: int,
-                    storage: Mapping[str, ParamGrid] | None = None, shared_facts: list | None = None) -> _Prepared:
+                    storage: Mapping[str, ParamGrid] | None = None, shared_facts: list | None = None,
+                    release: bool = True) -> _Prepared:
     """Quantize (the copy is kept for the utility evaluation) and collect the per-parameter
     figures that need no sigma; the cell moments come later, one parameter at a time.
     ``storage``: the storage grids of the assessed parameters stored in bf16 / fp16
@@ -2743,13 +2749,16 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
     such parameter the scheme leaves unquantized is scored on it (its release is ``rnd_D(theta-hat)``,
     method.md section 5), as a grid of the scheme that counts as unquantized in the report.
     ``shared_facts``: a list kept across a call's schemes, whose grids then share the scale facts
-    they reveal alike (:func:`~mis_lightning.quantization.base.scale_facts_shared`)."""
+    they reveal alike (:func:`~mis_lightning.quantization.base.scale_facts_shared`). ``release``
+    False: nothing reads the quantized copy (``prep.qmodel`` may be ``None``: a scheme that reads
+    the model itself, :func:`~mis_lightning.quantization.base.release_unread`)."""
     # The scheme quantizes the whole model, as the user's release (torchao's quantize_) would: a
     # frozen backbone or any parameter outside params= too, so that the copy's utility and size are
     # those of the model shipped (fz44: a head-only copy read rtn_int4's loss 0.244 for the
     # whole model's 0.306). Only the assessed parameters' grids are scored: the others were not
     # fitted to the records (requires_grad=False) or are left out by params= (warned).
-    with zero_counts_only(), scale_facts_shared([] if shared_facts is None else shared_facts):
+    with zero_counts_only(), scale_facts_shared([] if shared_facts is None else shared_facts), \
+            (nullcontext() if release else release_unread()):
         qres = scheme.apply(model)  # of each release only its zeros are read below
     prep = _Prepared(scheme)
     prep.source = model  # the float model: non-nearest grids re-run the scheme on it

@@ -249,3 +249,81 @@ def test_cast_slabs_equal_the_whole_cast(monkeypatch, name):
     assert a.grids["2.weight"].zero_count >= 3
     for (k, p), q in zip(a.model.named_parameters(), b.model.parameters()):
         assert torch.equal(p.detach().view(torch.int32), q.detach().view(torch.int32)), k
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_casts_read_the_model_itself_where_no_release_is_read(monkeypatch, name):
+    """``casts.CAST_WITHOUT_COPY`` (p56b): inside ``release_unread`` (and ``zero_counts_only``) a cast
+    reads the model's own weights slab by slab instead of casting a deep copy: no copy, ``model=None``,
+    nothing of the model written (its weights, a floating buffer, its train mode), and the grids, zero
+    counts (+-0 zero, NaN not) and overflow note (fp16) of the copy's path. Off: the copy, as before. A
+    composite scheme's call of the cast's ``_quantize_copy`` on its own copy still writes it."""
+    base = importlib.import_module("mis_lightning.quantization.base")
+    casts = importlib.import_module("mis_lightning.quantization.casts")
+
+    copies: list[int] = []
+    real_copy = base.private_copy
+    monkeypatch.setattr(base, "private_copy", lambda *a, **k: copies.append(1) or real_copy(*a, **k))
+    monkeypatch.setattr(casts, "_CAST_SLAB", 64)  # several slabs a weight; the biases one partial slab
+    net = _net(torch.float32).train()
+    with torch.no_grad():
+        net[2].weight[0, :6] = torch.tensor([1e-44, -1e-44, -0.0, float("nan"), 7e4, -1e-8])
+    net[0].register_buffer("shift", torch.tensor([1.0 + 2.0 ** -20, 3e-8]))  # changed by a cast
+    before = {k: t.detach().clone() for k, t in [*net.named_parameters(), *net.named_buffers()]}
+    with zero_counts_only():
+        ref = get_scheme(name).apply(net)
+        assert len(copies) == 1 and ref.model is not None
+        with base.release_unread():
+            got = get_scheme(name).apply(net)
+            assert len(copies) == 1 and got.model is None  # no copy
+            monkeypatch.setattr(casts, "CAST_WITHOUT_COPY", False)
+            off = get_scheme(name).apply(net)
+            assert len(copies) == 2 and off.model is not None
+    assert ref.model[0].shift.tolist() != before["0.shift"].tolist()  # (the copy's buffer is cast)
+    for k, t in [*net.named_parameters(), *net.named_buffers()]:  # the model bit for bit
+        assert torch.equal(t.detach().view(torch.int32), before[k].view(torch.int32)), k
+    assert net.training
+    assert got.notes == ref.notes and ("inf" in " ".join(got.notes)) == (name == "fp16")
+    assert set(got.grids) == set(ref.grids) and len(got.grids) == 4
+    for k, g in ref.grids.items():
+        assert got.grids[k].zero_count == g.zero_count and got.grids[k].same_cells(g), k
+        assert got.grids[k].release_dtype == g.release_dtype and got.grids[k].bits_per_weight == g.bits_per_weight
+    assert got.unquantized == ref.unquantized
+    assert ref.grids["2.weight"].zero_count >= 3
+    # a composite scheme calls a candidate's _quantize_copy on its own copy: written, as the copy path's
+    monkeypatch.setattr(casts, "CAST_WITHOUT_COPY", True)
+    twin = base.private_copy(net, "a composite scheme's copy")
+    with zero_counts_only(), base.release_unread():
+        get_scheme(name)._quantize_copy(twin)
+    for (k, p), q in zip([*ref.model.named_parameters(), *ref.model.named_buffers()],
+                         [*twin.parameters(), *twin.buffers()]):
+        assert torch.equal(p.detach().view(torch.int32), q.detach().view(torch.int32)), k
+
+
+def test_scoring_without_utility_copies_no_cast(monkeypatch):
+    """``score_schemes`` without a utility reads no release: the casts make no copy, and the report is the
+    copy's path's (switch off) field for field; with a utility the copy is made and evaluated."""
+    import mis_lightning as ml
+    from mis_lightning.assess import run_estimation
+    from mis_lightning.config import EstimationConfig
+
+    base = importlib.import_module("mis_lightning.quantization.base")
+    casts = importlib.import_module("mis_lightning.quantization.casts")
+    copies: list[int] = []
+    real_copy = base.private_copy
+    monkeypatch.setattr(base, "private_copy", lambda *a, **k: copies.append(1) or real_copy(*a, **k))
+    net = _net(torch.float32)
+    x = torch.randn(64, 64)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :3].sum(-1)), batch_size=32)
+    loss = lambda out, t: 0.5 * (out[:, 0] - t) ** 2  # noqa: E731
+    est = run_estimation(net, loader, loss, EstimationConfig(mode="diagonal", num_records=16))
+    reps = {}
+    for on in (True, False):
+        monkeypatch.setattr(casts, "CAST_WITHOUT_COPY", on)
+        copies.clear()
+        reps[on] = ml.score_schemes(est, net, ["fp16"], uncertainty_draws=0).to_json()
+        assert len(copies) == (0 if on else 1)
+    assert reps[True] == reps[False]
+    copies.clear()
+    rep = ml.score_schemes(est, net, ["fp16"], uncertainty_draws=0, utility_fn=lambda m: {"loss": 1.0})
+    assert len(copies) == 1 and rep.schemes["fp16"].utility == {"loss": 1.0}

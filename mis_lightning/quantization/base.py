@@ -470,16 +470,43 @@ def zero_counts_only() -> Iterator[None]:
     (:func:`dequantized_kept` is ``False``). For callers that read nothing else of ``dequantized``
     (the scoring's scheme preparation): a backend's full float32 release per weight and scheme
     is fresh memory (fx35, 1e7 MLP: ~25k page faults and 0.05 s per torchao scheme)."""
-    token = _DEQUANTIZED_KEPT.set(False)
+    with _flag_off(_DEQUANTIZED_KEPT):
+        yield
+
+
+@contextmanager
+def _flag_off(flag: ContextVar[bool]) -> Iterator[None]:
+    """``flag`` False within the block (reset after it, also on an error)."""
+    token = flag.set(False)
     try:
         yield
     finally:
-        _DEQUANTIZED_KEPT.reset(token)
+        flag.reset(token)
 
 
 def dequantized_kept() -> bool:
     """``False`` inside :func:`zero_counts_only` (backends then may count zeros instead)."""
     return _DEQUANTIZED_KEPT.get()
+
+
+_RELEASE_READ: ContextVar[bool] = ContextVar("mis_lightning_release_read", default=True)
+
+
+@contextmanager
+def release_unread() -> Iterator[None]:
+    """Within the block the caller reads nothing of :meth:`QuantizationScheme.apply`'s quantized
+    model (no utility, no forward: a scoring call without validation data), only its grids and
+    notes: a scheme whose :attr:`~QuantizationScheme.grids_from_source` is true may then read the
+    model itself instead of a deep copy, write nothing, and return ``model=None`` (the dtype
+    casts: a copy of every floating weight per call, fresh pages above glibc's mmap threshold
+    for a 32 MiB layer; docs/benchmarks.md "p56b"). Use with :func:`zero_counts_only`."""
+    with _flag_off(_RELEASE_READ):
+        yield
+
+
+def release_read() -> bool:
+    """``False`` inside :func:`release_unread`."""
+    return _RELEASE_READ.get()
 
 
 # (weak reference to the weights, (version, block size, rule, dtype, shape), scale facts)
@@ -3191,14 +3218,15 @@ class QuantizationResult:
     """What :meth:`QuantizationScheme.apply` returns.
 
     Attributes:
-        model: the quantized copy (the original is untouched).
+        model: the quantized copy (the original is untouched); ``None`` where the scheme gave
+            its grids without one (:func:`release_unread`).
         grids: parameter name (as in the original model) -> :class:`ParamGrid`.
         unquantized: parameter name -> why the scheme left it in float (``kappa = 1``).
         scheme: the scheme's registry name.
         notes: backend messages worth showing (deprecations, fallbacks).
     """
 
-    model: nn.Module
+    model: nn.Module | None
     grids: dict[str, ParamGrid]
     unquantized: dict[str, str]
     scheme: str
@@ -3234,6 +3262,24 @@ class QuantizationScheme(ABC):
     #: which the up-front checks read too (nu42a: they took every scheme as replacing the weight and
     #: said ``native_int8_per_row`` quantized no weight of a tied language model it quantizes)
     weights_in_place: ClassVar[bool] = False
+
+    @property
+    def grids_from_source(self) -> bool:
+        """Whether, inside :func:`release_unread` and :func:`zero_counts_only`,
+        :meth:`_quantize_copy` may be given the model itself (never written: the backend only
+        reads it) and :meth:`apply` returns ``model=None``. Default ``False``: a private copy."""
+        return False
+
+    def _reads_source(self) -> bool:
+        """Whether :meth:`apply` gives :meth:`_quantize_copy` the model itself now (no release read,
+        zeros counted, :attr:`grids_from_source`)."""
+        return not release_read() and not dequantized_kept() and self.grids_from_source
+
+    def _given_source(self) -> bool:
+        """Inside :meth:`_quantize_copy`: whether this call's model is the user's own (:meth:`apply`
+        chose :meth:`_reads_source`), which the backend must not write; ``False`` for a copy (also
+        a composite scheme's, whose candidates' ``_quantize_copy`` it calls on its own copy)."""
+        return bool(getattr(self, "_source_given", False))
 
     def __init__(self, filter_fn: FilterFn | None = None) -> None:
         self.filter_fn = filter_fn
@@ -3432,9 +3478,14 @@ class QuantizationScheme(ABC):
             SchemeError: the backend failed (the message names the scheme and the cause).
         """
         self.check_available()
-        shared = SharedWeights(self._replaced_weights(model) if SHARE_REPLACED_WEIGHTS else ())
-        copy_ = private_copy(model, f"copying the model for scheme {self.name!r}", shared=shared)
-        copy_.eval()
+        # no release read (release_unread): a backend that only reads the weights gets the model itself
+        read_only = self._reads_source()
+        shared = SharedWeights(() if read_only or not SHARE_REPLACED_WEIGHTS else self._replaced_weights(model))
+        if read_only:
+            copy_ = model  # (neither eval() nor any write: grids_from_source)
+        else:
+            copy_ = private_copy(model, f"copying the model for scheme {self.name!r}", shared=shared)
+            copy_.eval()
         if params is not None:
             cparams = dict(copy_.named_parameters())
             unknown = [n for n in params if n not in cparams]
@@ -3444,6 +3495,8 @@ class QuantizationScheme(ABC):
             # is per call state, not a field
             object.__setattr__(self, "_only", {id(cparams[n]) for n in params})
             del cparams  # (no reference to the copy's parameters past the backend: shared.release)
+        # (per call state, as _only: the backend is given the model itself, _given_source)
+        object.__setattr__(self, "_source_given", read_only)
         try:
             out = self._quantize_copy(copy_)
         except SchemeError:
@@ -3452,6 +3505,7 @@ class QuantizationScheme(ABC):
             raise SchemeError(f"scheme {self.name!r} failed in its backend: {type(exc).__name__}: {exc}") from exc
         finally:
             object.__setattr__(self, "_only", None)
+            object.__setattr__(self, "_source_given", False)
             shared.release()  # whatever the backend left of the shared weights gets its own values
         grids, notes = out[0], out[1]
         reasons: dict[str, str] = out[2] if len(out) > 2 else {}
@@ -3475,7 +3529,7 @@ class QuantizationScheme(ABC):
         unquantized = {n: reasons.get(n) or self._float_reason(n, p, uses.get(id(p), []),
                                                                params is None or n in params)
                        for n, p in params_.items() if n not in grids}
-        return QuantizationResult(model=copy_, grids=grids, unquantized=unquantized,
+        return QuantizationResult(model=None if read_only else copy_, grids=grids, unquantized=unquantized,
                                   scheme=self.name, notes=notes)
 
     def __repr__(self) -> str:

@@ -121,6 +121,12 @@ CAST_SLABS = True
 # vectorised one; with several threads the whole copy splits at other places, so a NaN's payload may
 # differ, as it does between thread counts without slabs; every finite value and count is the same; rv50)
 _CAST_SLAB = 1 << 18
+# DtypeCast inside release_unread (a scoring call that reads no release: no utility) reads the
+# model's own weights, casting each slab to a temporary, instead of casting a deep copy in place
+# (grids_from_source): the same values, overflow notes and zero counts, and no copy of every
+# floating weight per call (the 1e7 MLP: ~16 ms and 8.2k fresh pages a cast scheme and call,
+# 2.weight's 32 MiB copy being above glibc's largest mmap threshold; p56b). False: the copy (A/B)
+CAST_WITHOUT_COPY = True
 
 
 @dataclass(frozen=True)
@@ -155,18 +161,25 @@ class DtypeCast(SchemeConfig):
     def supports(self, module: nn.Module) -> bool:
         return True
 
-    def _cast_slabs(self, p: Tensor) -> tuple[bool, int]:
-        """Cast the contiguous parameter ``p`` in place on slabs of :data:`_CAST_SLAB` elements:
-        ``(whether a finite weight overflowed to +-inf, the number of zeros of the cast)``; the
-        zeros are the cast's bit patterns without their sign bit equal to 0 (+-0; NaN is non-zero,
-        as ``count_nonzero`` of the cast counts them)."""
+    @property
+    def grids_from_source(self) -> bool:
+        """:data:`CAST_WITHOUT_COPY` (the slabs read the weights; nothing is written)."""
+        return CAST_WITHOUT_COPY and CAST_SLABS
+
+    def _cast_slabs(self, p: Tensor, write: bool = True) -> tuple[bool, int]:
+        """Cast the contiguous parameter ``p`` in place on slabs of :data:`_CAST_SLAB` elements
+        (``write=False``: each slab to a temporary, ``p`` unchanged): ``(whether a finite weight
+        overflowed to +-inf, the number of zeros of the cast)``; the zeros are the cast's bit
+        patterns without their sign bit equal to 0 (+-0; NaN is non-zero, as ``count_nonzero`` of
+        the cast counts them)."""
         flat = p.detach().view(-1)
         over, nonzero = False, 0
         for a in range(0, flat.numel(), _CAST_SLAB):
             part = flat[a:a + _CAST_SLAB]
             cast = part.to(self.dtype)
             over = over or _overflows(part, cast)
-            part.copy_(cast)
+            if write:
+                part.copy_(cast)
             nonzero += int(torch.count_nonzero(cast.view(torch.int16).bitwise_and_(0x7FFF)))
         return over, flat.numel() - nonzero
 
@@ -178,6 +191,8 @@ class DtypeCast(SchemeConfig):
         grids: dict[str, ParamGrid] = {}
         overflow: list[str] = []
         done: set[int] = set()
+        # the model itself (QuantizationScheme.apply under release_unread, grids_from_source): read only
+        write = not self._given_source()
         for fqn, module in model.named_modules():
             if not self._selected(module, fqn):
                 continue
@@ -194,12 +209,13 @@ class DtypeCast(SchemeConfig):
                 shape = tuple(p.shape)
                 kept = dequantized_kept()  # else the zeros alone (zero_counts_only), no float32 copy
                 if not kept and CAST_SLABS and p.is_contiguous():
-                    over, zeros = self._cast_slabs(p)
+                    over, zeros = self._cast_slabs(p, write)
                     dequantized = torch.empty(0, dtype=torch.float32)
                 else:
                     cast = p.detach().to(self.dtype)
                     over = _overflows(p.detach(), cast)
-                    p.copy_(cast)  # copy_ converts as .to(p.dtype) does, without the temporary
+                    if write:
+                        p.copy_(cast)  # copy_ converts as .to(p.dtype) does, without the temporary
                     dequantized = cast.to(torch.float32) if kept else torch.empty(0, dtype=torch.float32)
                     zeros = None if kept else cast.numel() - int(torch.count_nonzero(cast))
                 if over:
@@ -211,7 +227,7 @@ class DtypeCast(SchemeConfig):
                     release_dtype=self.dtype,  # the table's end values are inf in the release
                 )
             for _bname, b in module.named_buffers(recurse=False):
-                if b is not None and b.is_floating_point() and id(b) not in done:
+                if b is not None and b.is_floating_point() and id(b) not in done and write:
                     done.add(id(b))
                     b.copy_(b.to(self.dtype).to(b.dtype))
         notes = []
