@@ -298,6 +298,18 @@ def _flat_loss(o, y):  # the mean over each record's tokens of [B*T, 2] outputs 
     return ((o - y.reshape(-1, 2)) ** 2).sum(-1).reshape(len(y), -1).mean(1)
 
 
+class _LabelledOnlyHook(_StackedHook):
+    """A hook calling the model on the labelled records only (``self(x[keep])``; vmap cannot batch it)."""
+
+    def forward(self, x):
+        return self.lin(x)
+
+    def mis_per_sample_loss(self, batch):
+        x, y = batch
+        keep = (y >= 0).all(1)
+        return torch.zeros(len(x), dtype=x.dtype).index_put((keep.nonzero().squeeze(1),), ((self(x[keep]) - y[keep]) ** 2).sum(1))
+
+
 def test_the_hook_checks_refuse_no_per_record_hook():
     """rv54b: ux54b's hook checks refused two per-record hooks the s53 code ran: one reading a
     batch tensor of B entries that are not records (cut per record, the hook raised torch's
@@ -318,7 +330,10 @@ def test_the_hook_checks_refuse_no_per_record_hook():
     y2 = torch.randn(16, 2)
     records_dim = r"its dim 0 does not hold the records"
     for model, batch, bad in ((_StackedHook(), (x, y2), r"inside mis_per_sample_loss is \(2, 4\) for 4 records: " + records_dim),
-                              (_SeqFirstHook(), (torch.randn(16, 1, 4), y), r"\(1, 4, 3\) for 4 records: " + records_dim)):
+                              (_SeqFirstHook(), (torch.randn(16, 1, 4), y), r"\(1, 4, 3\) for 4 records: " + records_dim),
+                              # rv56r: a forward on some of the records (it failed in vmap's nonzero before) is named
+                              (_LabelledOnlyHook(), (x, torch.where(torch.arange(16)[:, None] == 2, -1.0, y2.abs())),
+                               r"\(3, 2\) for 4 records: .*the model called on some of the records only")):
         loss_fn, batch_fn, cls = hook_program(model.eval())
         prog = cls(model, loss_fn, [n for n, _ in model.named_parameters()], batch_fn)
         with pytest.raises(ValueError, match=bad):

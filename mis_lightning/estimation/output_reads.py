@@ -182,10 +182,15 @@ def check_records_first(out: Any, b: int, what: str, one: Any = None) -> None:
                          "read takes dim 0 as the records; call the model on the batch as it is and keep the records "
                          "in dim 0 of its output ([B, T, ...]: reshape inside forward, reduce each record's entries in "
                          "the loss)")
+    # (rv56r: a forward on some of the records, self(x[mask]), shows fewer rows: vmap cannot batch the mask's nonzero)
+    some = out.dim() and 1 < out.shape[0] < b
     raise ValueError(f"{what} is {tuple(out.shape)} for {b} records: its dim 0 does not hold the records "
                      "(a sequence-first [T, B, ...] output, e.g. nn.RNN / nn.Transformer without batch_first=True, or "
-                     "heads stacked [K, B, ...]?), and every per-record read takes dim 0 as the records; return the "
-                     "output batch-first (out.transpose(0, 1), batch_first=True, torch.stack(heads, 1))")
+                     "heads stacked [K, B, ...]?" + (", or the model called on some of the records only, "
+                                                     "self(x[mask])?" if some else "")
+                     + "), and every per-record read takes dim 0 as the records; return the "
+                     "output batch-first (out.transpose(0, 1), batch_first=True, torch.stack(heads, 1))"
+                     + ("; call the model on every record and mask the losses (losses * mask)" if some else ""))
 
 
 def union_layout(layouts: list[OutputShape | None]) -> OutputShape | None:
