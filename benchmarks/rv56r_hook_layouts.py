@@ -11,7 +11,9 @@ prints the leakage and the loss directions' count (``MomentAccumulator.loss_dire
 * ``flat``: a per-token model called on the tokens flattened (``[B*T, C]``, ``T = 5``), each record's loss
   the mean over its tokens;
 * ``seq5``: a sequence-first ``[T, B, C]`` output of ``T = 5`` steps (tests/test_estimation_conditions.py's
-  ``_SeqFirstHook`` accepted it for ``T = 4``).
+  ``_SeqFirstHook`` accepted it for ``T = 4``);
+* ``labelled``: the model called on the labelled records only (``self(x[keep])``, a quarter unlabelled, their
+  losses 0; vmap cannot batch it), and ``masked``: its cure, the model on every record, the losses masked.
 
     python benchmarks/rv56r_hook_layouts.py [--estimation diagonal|exact]
 """
@@ -47,6 +49,12 @@ class _Hooked(nn.Module):
             else:
                 a, b = self(x), self(0.5 * x)
             return F.cross_entropy(a, y, reduction="none") + 0.3 * (a - b).square().sum(1)
+        if self.kind in ("labelled", "masked"):
+            keep = y >= 0
+            if self.kind == "masked":
+                return F.cross_entropy(self(x), y.clamp(min=0), reduction="none") * keep
+            losses = torch.zeros(len(x), dtype=x.dtype)
+            return losses.index_put((keep.nonzero().squeeze(1),), F.cross_entropy(self(x[keep]), y[keep], reduction="none"))
         if self.kind == "flat":
             return F.cross_entropy(self(x.reshape(-1, 4)), y.reshape(-1), reduction="none").reshape(len(x), -1).mean(1)
         out = self(x.transpose(0, 1))  # seq5: [T, B, C]
@@ -57,6 +65,8 @@ def run(kind: str, estimation: str) -> str:
     torch.manual_seed(0)
     x = torch.randn(64, 5, 4) if kind in ("flat", "seq5") else torch.randn(64, 4)
     y = torch.randint(0, 3, (64, 5) if kind == "flat" else (64,))
+    if kind in ("labelled", "masked"):
+        y[torch.arange(64) % 4 == 1] = -1  # a quarter unlabelled
     try:
         m = MISIndicator(_Hooked(kind).eval(), None, ["rtn_int4"], estimation=estimation, uncertainty_draws=0,
                          weight_decay=1e-3, num_training_records=64, params=["lin.weight", "lin.bias"])
@@ -65,7 +75,7 @@ def run(kind: str, estimation: str) -> str:
             for a in range(0, 64, 16):
                 m.update((x[a: a + 16], y[a: a + 16]))
             leak = float(m.compute()["rtn_int4"]["leakage"])
-    except ValueError as exc:
+    except (ValueError, RuntimeError) as exc:
         return f"refused: {str(exc)[:110]} ..."
     dirs = m.accumulator.loss_directions()  # (None: the exact estimator counts none)
     if dirs is None:
@@ -78,7 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--estimation", default="diagonal", choices=["diagonal", "exact"])
     args = ap.parse_args()
-    for kind in ("cat", "twice", "flat", "seq5"):
+    for kind in ("cat", "twice", "flat", "seq5", "labelled", "masked"):
         print(f"{kind:6s} {run(kind, args.estimation)}")
 
 
