@@ -200,7 +200,7 @@ class _HookProgram(LossProgram):
         except Exception:  # noqa: BLE001 - not one call returning one tensor: the output cannot be shifted
             return
         k = min(b, GRADIENT_CHECK_RECORDS)
-        check_records_first(out, k, f"the model's output inside {HOOK_NAME}")  # (rv56: [1, B, C] read as records)
+        check_records_first(out, k, f"the model's output inside {HOOK_NAME}", one)  # (rv56: [1, B, C] read as records)
         # the output's dim 0 must follow the records (rv54b: a sequence-first [T, B, C] output of
         # T = k steps would be read as k records, its steps' shared gradient as mixing)
         if isinstance(out, Tensor) and out.is_floating_point() and out.dim() and out.shape[0] == k \

@@ -283,6 +283,33 @@ class _StackedHook(nn.Module):
         return ((self(x).reshape(2, -1).T - y) ** 2).sum(-1)
 
 
+class _FlatHook(_StackedHook):
+    """A per-token model on the records' tokens flattened, ``[B, T, 4] -> [B*T, 2]``, its loss a mean
+    over each record's tokens: the output's dim 0 holds T rows per record."""
+
+    def forward(self, x):
+        return self.lin(x.reshape(-1, 4))
+
+    def mis_per_sample_loss(self, batch):
+        return _flat_loss(self(batch[0]), batch[1])
+
+
+def _flat_loss(o, y):  # the mean over each record's tokens of [B*T, 2] outputs against [B, T, 2] targets
+    return ((o - y.reshape(-1, 2)) ** 2).sum(-1).reshape(len(y), -1).mean(1)
+
+
+class _LabelledOnlyHook(_StackedHook):
+    """A hook calling the model on the labelled records only (``self(x[keep])``; vmap cannot batch it)."""
+
+    def forward(self, x):
+        return self.lin(x)
+
+    def mis_per_sample_loss(self, batch):
+        x, y = batch
+        keep = (y >= 0).all(1)
+        return torch.zeros(len(x), dtype=x.dtype).index_put((keep.nonzero().squeeze(1),), ((self(x[keep]) - y[keep]) ** 2).sum(1))
+
+
 def test_the_hook_checks_refuse_no_per_record_hook():
     """rv54b: ux54b's hook checks refused two per-record hooks the s53 code ran: one reading a
     batch tensor of B entries that are not records (cut per record, the hook raised torch's
@@ -303,7 +330,10 @@ def test_the_hook_checks_refuse_no_per_record_hook():
     y2 = torch.randn(16, 2)
     records_dim = r"its dim 0 does not hold the records"
     for model, batch, bad in ((_StackedHook(), (x, y2), r"inside mis_per_sample_loss is \(2, 4\) for 4 records: " + records_dim),
-                              (_SeqFirstHook(), (torch.randn(16, 1, 4), y), r"\(1, 4, 3\) for 4 records: " + records_dim)):
+                              (_SeqFirstHook(), (torch.randn(16, 1, 4), y), r"\(1, 4, 3\) for 4 records: " + records_dim),
+                              # rv56r: a forward on some of the records (it failed in vmap's nonzero before) is named
+                              (_LabelledOnlyHook(), (x, torch.where(torch.arange(16)[:, None] == 2, -1.0, y2.abs())),
+                               r"\(3, 2\) for 4 records: .*the model called on some of the records only")):
         loss_fn, batch_fn, cls = hook_program(model.eval())
         prog = cls(model, loss_fn, [n for n, _ in model.named_parameters()], batch_fn)
         with pytest.raises(ValueError, match=bad):
@@ -318,17 +348,28 @@ def test_the_hook_checks_refuse_no_per_record_hook():
     plain = LossProgram(model, lambda o, t: ((o.T - t) ** 2).sum(-1), [n for n, _ in model.named_parameters()])
     with pytest.raises(ValueError, match=r"the model's output is \(2, 16\) for 16 records: " + records_dim):
         plain.prepare((x, y2))
+    # rv56r: the plain loss names an output of several rows per record (it failed inside the loss before)
+    flat = LossProgram(_FlatHook().eval(), _flat_loss, ["lin.weight", "lin.bias"])
+    with pytest.raises(ValueError, match=r"the model's output is \(48, 2\) for 16 records: its dim 0 holds 3 rows"):
+        flat.prepare((torch.randn(16, 3, 4), torch.randn(16, 3, 2)))
+    # rv56r: a hook's other layouts whose dim 0 is not the records are not refused by the first batch (rv56 refused
+    # them): sequence-first of T = 5 steps (not the 4 records checked), the tokens flattened [B*T, C]; their
+    # loss directions are counted 1 a record, as before rv56 (output_shape refuses them, naming the layout)
     for model, batch in ((_WeightedHook(), {"x": x, "y": y, "w": torch.ones(16)}),
-                         (_SeqFirstHook(), (torch.randn(16, 4, 4), y)), (_SeqFirstHook(), (torch.randn(4, 4, 4), y[:4]))):
+                         (_SeqFirstHook(), (torch.randn(16, 4, 4), y)), (_SeqFirstHook(), (torch.randn(4, 4, 4), y[:4])),
+                         (_SeqFirstHook(), (torch.randn(16, 5, 4), y)),
+                         (_FlatHook(), (torch.randn(16, 3, 4), torch.randn(16, 3, 2)))):
         model.eval()
         loss_fn, batch_fn, cls = hook_program(model)
         prog = cls(model, loss_fn, [n for n, _ in model.named_parameters()], batch_fn)
         inputs = prog.prepare(batch)[0]
-        if isinstance(model, _SeqFirstHook):
+        if not isinstance(model, _WeightedHook):
             # rv55: the leverages read the output's dim 0 as the records: the T steps of one record,
             # (4, 1, 3), were read as 1 record of (1, 3) (T = B = 4 too); refused, naming the layout
-            with pytest.raises(ValueError, match=r"inside mis_per_sample_loss is \(4, 1, 3\) for one record.*"
-                                                 r"sequence-first"):
+            t = batch[0].shape[1]
+            with pytest.raises(ValueError, match=rf"inside mis_per_sample_loss is \({t}, 1, 3\) for one record.*"
+                                                 r"sequence-first" if isinstance(model, _SeqFirstHook) else
+                               r"inside mis_per_sample_loss is \(3, 2\) for one record, \(6, 2\) for two"):
                 prog.output_shape(inputs)
 
 

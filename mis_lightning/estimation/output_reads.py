@@ -147,22 +147,50 @@ def _records_in_dim1(one: Tensor, pair: Tensor) -> bool:
     return bool(torch.allclose(a, cols, rtol=rtol, atol=atol)) and not bool(torch.allclose(a, rows, rtol=rtol, atol=atol))
 
 
-def check_records_first(out: Any, b: int, what: str) -> None:
+def check_records_first(out: Any, b: int, what: str, one: Any = None) -> None:
     """Check that a batch's tensor output ``out`` holds its ``b`` records in dim 0 (where ``b >= 2``;
     one record cannot tell), at no cost: the output is the first batch's own forward. A
     sequence-first ``[T, B, C]`` output of ``T = 1`` step has a one-record output ``[1, 1, C]`` that
     :func:`tensor_record_shape` reads as records-first (rv55r, rv56), and heads stacked ``[K, B]``
-    likewise ``[K]`` per record where ``K = 2``; the batch's dim 0 (``T``, ``K``) tells them.
+    likewise ``[K]`` per record where ``K = 2``; the batch's dim 0 (``T``, ``K``) tells them. An output
+    whose dim 0 holds several rows per record (``[B*T, C]``: a per-token model called on the tokens
+    flattened) is refused too, saying so (the plain loss's checks refused it before, blaming the
+    loss or failing in it).
+
+    ``one``: the output of the first record alone, where known (a ``mis_per_sample_loss`` hook's
+    checks). Only an output :func:`tensor_record_shape` would read as records-first by its shapes is
+    refused then: ``one``'s dim 0 is 1 (``[1, B, C]``), or 2 where the batch's is too and ``one`` is
+    its dim 1 squeezed (``[2, B]`` heads). A hook's other layouts are left to it, as before rv56
+    (rv56r): there they are refused, and the loss directions counted 1 a record, the largest
+    correction, with the reason (a sequence-first ``[T, B, C]`` of ``T > 1``, accepted since
+    rv54b; the batch concatenated ``self(torch.cat([x, x_aug]))``, ``[2B, C]``, whose figures equal
+    those of the same hook calling the model twice; the tokens flattened ``[B*T, C]``).
 
     Raises:
         ValueError: naming ``what`` and the shapes, and the cure (the output batch-first).
     """
     if not isinstance(out, Tensor) or b < 2 or (out.dim() and out.shape[0] == b):
         return
+    if isinstance(one, Tensor) and out.dim() and not (
+            (one.dim() and one.shape[0] == 1)
+            or (one.dim() and one.shape[0] == 2 == out.shape[0] and tuple(one.shape[1:]) == tuple(out.shape[2:]))):
+        return  # (rv56r: not read as records-first: tensor_record_shape refuses it, a hook's loss directions then 1)
+    if out.dim() and out.shape[0] > b and out.shape[0] % b == 0:  # (rv56r: B*T rows, the records' entries flattened)
+        raise ValueError(f"{what} is {tuple(out.shape)} for {b} records: its dim 0 holds {out.shape[0] // b} rows per "
+                         "record, not the records (the records flattened with another dim, [B*T, ...]: a per-token model "
+                         "called on x.reshape(-1, ...), or the batch concatenated with itself?), and every per-record "
+                         "read takes dim 0 as the records; call the model on the batch as it is and keep the records "
+                         "in dim 0 of its output ([B, T, ...]: reshape inside forward, reduce each record's entries in "
+                         "the loss)")
+    # (rv56r: a forward on some of the records, self(x[mask]), shows fewer rows: vmap cannot batch the mask's nonzero)
+    some = out.dim() and 1 < out.shape[0] < b
     raise ValueError(f"{what} is {tuple(out.shape)} for {b} records: its dim 0 does not hold the records "
                      "(a sequence-first [T, B, ...] output, e.g. nn.RNN / nn.Transformer without batch_first=True, or "
-                     "heads stacked [K, B, ...]?), and every per-record read takes dim 0 as the records; return the "
-                     "output batch-first (out.transpose(0, 1), batch_first=True, torch.stack(heads, 1))")
+                     "heads stacked [K, B, ...]?" + (", or the model called on some of the records only, "
+                                                     "self(x[mask])?" if some else "")
+                     + "), and every per-record read takes dim 0 as the records; return the "
+                     "output batch-first (out.transpose(0, 1), batch_first=True, torch.stack(heads, 1))"
+                     + ("; call the model on every record and mask the losses (losses * mask)" if some else ""))
 
 
 def union_layout(layouts: list[OutputShape | None]) -> OutputShape | None:

@@ -1,0 +1,96 @@
+"""rv56r's reproducer (docs/benchmarks.md "rv56r"): ``mis_per_sample_loss`` hooks whose model output holds
+several rows per record or is sequence-first with ``T`` steps other than the 4 records the first batch's hook
+checks read, accepted on main 0f19162e and refused by rv56's first-batch check (``check_records_first``).
+
+Each case runs ``MISIndicator`` (64 records in batches of 16, ``rtn_int4``, ``estimation=--estimation``) and
+prints the leakage and the loss directions' count (``MomentAccumulator.loss_directions``), or the refusal:
+
+* ``cat``: the hook calls the model once on the batch and a transformed copy, ``self(torch.cat([x, 0.5 x]))``
+  (``[2B, C]``), each record's loss reading its two rows; ``twice``: the same loss, the model called twice
+  (the independent reference: the hook then returns no single output, and no layout is read);
+* ``flat``: a per-token model called on the tokens flattened (``[B*T, C]``, ``T = 5``), each record's loss
+  the mean over its tokens;
+* ``seq5``: a sequence-first ``[T, B, C]`` output of ``T = 5`` steps (tests/test_estimation_conditions.py's
+  ``_SeqFirstHook`` accepted it for ``T = 4``);
+* ``labelled``: the model called on the labelled records only (``self(x[keep])``, a quarter unlabelled, their
+  losses 0; vmap cannot batch it), and ``masked``: its cure, the model on every record, the losses masked.
+
+    python benchmarks/rv56r_hook_layouts.py [--estimation diagonal|exact]
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mis_lightning import MISIndicator
+
+
+class _Hooked(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.rnn = nn.RNN(4, 8) if kind == "seq5" else None
+        self.lin = nn.Linear(8 if kind == "seq5" else 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.rnn(x)[0]) if self.rnn is not None else self.lin(x)
+
+    def mis_per_sample_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        if self.kind in ("cat", "twice"):
+            if self.kind == "cat":
+                o = self(torch.cat([x, 0.5 * x]))
+                a, b = o[: len(x)], o[len(x):]
+            else:
+                a, b = self(x), self(0.5 * x)
+            return F.cross_entropy(a, y, reduction="none") + 0.3 * (a - b).square().sum(1)
+        if self.kind in ("labelled", "masked"):
+            keep = y >= 0
+            if self.kind == "masked":
+                return F.cross_entropy(self(x), y.clamp(min=0), reduction="none") * keep
+            losses = torch.zeros(len(x), dtype=x.dtype)
+            return losses.index_put((keep.nonzero().squeeze(1),), F.cross_entropy(self(x[keep]), y[keep], reduction="none"))
+        if self.kind == "flat":
+            return F.cross_entropy(self(x.reshape(-1, 4)), y.reshape(-1), reduction="none").reshape(len(x), -1).mean(1)
+        out = self(x.transpose(0, 1))  # seq5: [T, B, C]
+        return F.cross_entropy(out[-1], y, reduction="none") + 0.1 * out.square().sum((0, 2))
+
+
+def run(kind: str, estimation: str) -> str:
+    torch.manual_seed(0)
+    x = torch.randn(64, 5, 4) if kind in ("flat", "seq5") else torch.randn(64, 4)
+    y = torch.randint(0, 3, (64, 5) if kind == "flat" else (64,))
+    if kind in ("labelled", "masked"):
+        y[torch.arange(64) % 4 == 1] = -1  # a quarter unlabelled
+    try:
+        m = MISIndicator(_Hooked(kind).eval(), None, ["rtn_int4"], estimation=estimation, uncertainty_draws=0,
+                         weight_decay=1e-3, num_training_records=64, params=["lin.weight", "lin.bias"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for a in range(0, 64, 16):
+                m.update((x[a: a + 16], y[a: a + 16]))
+            leak = float(m.compute()["rtn_int4"]["leakage"])
+    except (ValueError, RuntimeError) as exc:
+        return f"refused: {str(exc)[:110]} ..."
+    dirs = m.accumulator.loss_directions()  # (None: the exact estimator counts none)
+    if dirs is None:
+        return f"leakage {leak:.6f}"
+    r, how, _ = dirs
+    return f"leakage {leak:.6f}, loss directions {r:g} ({how[:60]}{'...' if len(how) > 60 else ''})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--estimation", default="diagonal", choices=["diagonal", "exact"])
+    args = ap.parse_args()
+    for kind in ("cat", "twice", "flat", "seq5", "labelled", "masked"):
+        print(f"{kind:6s} {run(kind, args.estimation)}")
+
+
+if __name__ == "__main__":
+    main()
