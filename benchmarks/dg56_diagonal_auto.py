@@ -1,0 +1,117 @@
+"""dg56: where ``estimation="auto"`` runs the diagonal estimator, and its figures against the exact
+estimator's on models just above the rule's threshold (``estimate.EXACT_MAX_PARAMS``; docs/benchmarks.md, "dg56").
+
+    python benchmarks/dg56_diagonal_auto.py rule       # auto's choice for MLPs / CNNs of ~1e3-1e7 weights (not trained)
+    python benchmarks/dg56_diagonal_auto.py kf33 N     # kf33's ReLU / tanh 20-80-5 (d = 2,085 > 2,000) at n = N
+    python benchmarks/dg56_diagonal_auto.py cnn N      # kc32's ReLU CNN widened to 8 / 26 channels (d = 2,086) at n = N
+
+Each fitted model (full-batch L-BFGS, float64, decay 1e-2 and 1e-3): ``assess(estimation="auto")`` (the estimator
+it chose is printed: the diagonal one here) over ``assess(estimation="exact")`` (the CNN: ``hessian="ggn_residual"``,
+the exact Hessian assembled as Gauss-Newton + residual, what ``auto`` takes below the threshold), ``none`` /
+``rtn_int8`` / ``rtn_int4``, and the diagonal report's low-read flag (``diagnostics["diagonal_low_read"]``) and
+marks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import mis_lightning as ml
+from mis_lightning.config import EstimationConfig
+
+sys.path.insert(0, "benchmarks")
+import kfac_classifier as kf  # noqa: E402 - kf33's classifiers and fit
+import kfac_conv as kc  # noqa: E402 - kc32's CNN data and fit
+
+torch.set_num_threads(1)
+E = importlib.import_module("mis_lightning.estimation.estimate")
+SCHEMES = ["none", "rtn_int8", "rtn_int4"]
+
+
+def rule() -> None:
+    """``choose_estimator``'s answer (``n = 10,000``, forward floats measured on 8 records) for MLPs and CNNs."""
+    def mlp(width: int, depth: int, fan: int = 64) -> nn.Module:
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            layers += [nn.Linear(fan, width), nn.ReLU()]
+            fan = width
+        return nn.Sequential(*layers, nn.Linear(fan, 10))
+
+    def cnn(c: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(c, 2 * c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(2 * c, 4 * c, 3, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * c, 10))
+
+    cases = [("MLP 64-24-10", mlp(24, 1), (8, 64)), ("MLP 64-28-10", mlp(28, 1), (8, 64)),
+             ("MLP 64-256x2-10", mlp(256, 2), (8, 64)), ("MLP 64-1024x2-10", mlp(1024, 2), (8, 64)),
+             ("MLP 64-2048x3-10", mlp(2048, 3), (8, 64)), ("CNN c=4", cnn(4), (8, 3, 32, 32)),
+             ("CNN c=64", cnn(64), (8, 3, 32, 32)), ("CNN c=256", cnn(256), (8, 3, 32, 32)),
+             ("CNN c=640", cnn(640), (8, 3, 32, 32))]
+    for label, model, shape in cases:
+        d = sum(p.numel() for p in model.parameters())
+        x = torch.randn(*shape)
+        names = [k for k, _ in model.named_parameters()]
+        largest = max(sum(model.get_parameter(k).numel() for k in g) for g in E.parameter_groups(names))
+        mode, hessian, why = E.choose_estimator(
+            model, d, n=10_000, reused=E.reused_layers(model, x), forward_floats=E.forward_floats(model, x, 8),
+            outputs=10, largest=largest)
+        print(f"{label}: d = {d:,}: {mode} / {hessian} ({why})", flush=True)
+
+
+def _run(model, loader, loss, wd: float, mode: str, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ml.assess(model, SCHEMES, loader, loss, strict=False, uncertainty_draws=0,
+                         estimation_config=EstimationConfig(mode=mode, weight_decay=wd, **kw))
+
+
+def compare(label: str, model, loader, loss, wd: float, **exact_kw) -> None:
+    ex, auto = _run(model, loader, loss, wd, "exact", **exact_kw), _run(model, loader, loss, wd, "auto")
+    dd, xd = auto.diagnostics, ex.diagnostics
+    low = dd.get("diagonal_low_read")
+    marks = sum("may read below" in (r.get("indicative") or "") for r in auto.rows())
+    print(f"== {label}, wd {wd:g}: d = {auto.d}, n = {auto.n}; auto: {auto.estimation}\n"
+          f"   exact {' / '.join(f'{ex.schemes[s].leakage:.4g}' for s in SCHEMES)}; auto / exact "
+          f"{' / '.join(f'{auto.schemes[s].leakage / ex.schemes[s].leakage:.3f}' for s in SCHEMES)}\n"
+          f"   exact mean leverage {xd['mean_leverage']:.3g} (max {xd['max_leverage']:.3g}, "
+          f"{xd.get('leverage_capped', 0)} capped); auto per direction {dd.get('leverage_per_direction', float('nan')):.3g}"
+          f" (capped {dd.get('leverage_capped')}); flag {low and round(low['leverage_per_direction'], 4)}; "
+          f"rows marked {marks}/{len(auto.rows())}", flush=True)
+
+
+def kf33(n: int) -> None:
+    for act in ("relu", "tanh"):
+        for wd in (1e-2, 1e-3):
+            x, y = kf.data(n, 20, 5, 0.5, 0)
+            torch.manual_seed(0)
+            model = kf.mlp(20, [80], 5, act).double()
+            kf.fit(model, x, y, wd)
+            compare(f"kf33 {act} 20-80-5, n = {n}", model.eval(), DataLoader(TensorDataset(x, y), batch_size=250),
+                    kf.ce, wd)
+
+
+def cnn(n: int) -> None:
+    for wd in (1e-2, 1e-3):
+        _, loss, x, y = kc.case("cnn", n, 0.9, 0)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                              nn.Conv2d(8, 26, 3, padding=1), nn.ReLU(),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(26, 4)).double()
+        kc.fit(model, loss, x, y, wd)
+        compare(f"ReLU CNN 8 / 26 channels, n = {n}", model.eval(), DataLoader(TensorDataset(x, y), batch_size=250),
+                loss, wd, hessian="ggn_residual")
+
+
+if __name__ == "__main__":
+    what = sys.argv[1]
+    if what == "rule":
+        rule()
+    else:
+        {"kf33": kf33, "cnn": cnn}[what](int(sys.argv[2]))
