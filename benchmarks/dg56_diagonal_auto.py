@@ -4,6 +4,7 @@ estimator's on models just above the rule's threshold (``estimate.EXACT_MAX_PARA
     python benchmarks/dg56_diagonal_auto.py rule       # auto's choice for MLPs / CNNs of ~1e3-1e7 weights (not trained)
     python benchmarks/dg56_diagonal_auto.py kf33 N     # kf33's ReLU / tanh 20-80-5 (d = 2,085 > 2,000) at n = N
     python benchmarks/dg56_diagonal_auto.py cnn N      # kc32's ReLU CNN widened to 8 / 26 channels (d = 2,086) at n = N
+    (append ``off``: the figures with the leverage correction off in both estimators too)
 
 Each fitted model (full-batch L-BFGS, float64, decay 1e-2 and 1e-3): ``assess(estimation="auto")`` (the estimator
 it chose is printed: the diagonal one here) over ``assess(estimation="exact")`` (the CNN: ``hessian="ggn_residual"``,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 import warnings
 
 import torch
@@ -28,6 +30,7 @@ from mis_lightning.config import EstimationConfig
 sys.path.insert(0, "benchmarks")
 import kfac_classifier as kf  # noqa: E402 - kf33's classifiers and fit
 import kfac_conv as kc  # noqa: E402 - kc32's CNN data and fit
+from classifier_rank_forms import teacher_sample  # noqa: E402 - kf33's population
 
 torch.set_num_threads(1)
 E = importlib.import_module("mis_lightning.estimation.estimate")
@@ -72,8 +75,31 @@ def _run(model, loader, loss, wd: float, mode: str, **kw):
                          estimation_config=EstimationConfig(mode=mode, weight_decay=wd, **kw))
 
 
-def compare(label: str, model, loader, loss, wd: float, **exact_kw) -> None:
-    ex, auto = _run(model, loader, loss, wd, "exact", **exact_kw), _run(model, loader, loss, wd, "auto")
+def _timed(*a, **k):
+    t0 = time.process_time()
+    out = _run(*a, **k)
+    return out, time.process_time() - t0
+
+
+def loss_attack(model, loss, members: tuple, fresh: tuple) -> float:
+    """A real attack's advantage on the unquantized model, in the report's game (a training member against a
+    fresh draw from the population): the loss-threshold attack at its best threshold, ``max_t |P(loss_member <= t)
+    - P(loss_fresh <= t)|`` (the two-sample KS statistic; the threshold chosen on the same records: its sampling
+    noise ~ ``1.36 sqrt(2 / n)`` at 95%). A lower bound of the best attack's advantage up to that noise."""
+    with torch.no_grad():
+        a, b = loss(model(members[0]), members[1]).reshape(-1), loss(model(fresh[0]), fresh[1]).reshape(-1)
+    t = torch.cat([a, b]).sort().values
+    fa = torch.searchsorted(a.sort().values, t, right=True) / len(a)
+    fb = torch.searchsorted(b.sort().values, t, right=True) / len(b)
+    return float((fa - fb).abs().max())
+
+
+def compare(label: str, model, loader, loss, wd: float, off: bool = False, fresh: tuple | None = None,
+            **exact_kw) -> None:
+    """One model: the figures and flag (above); each ``assess`` call's CPU seconds (``time.process_time``, one
+    thread); ``off``: the figures with the leverage correction off in both too; ``fresh``: records the model never
+    saw, from the training records' population, for :func:`loss_attack` (the members: the loader's records)."""
+    (ex, t_ex), (auto, t_auto) = _timed(model, loader, loss, wd, "exact", **exact_kw), _timed(model, loader, loss, wd, "auto")
     dd, xd = auto.diagnostics, ex.diagnostics
     low = dd.get("diagonal_low_read")
     marks = sum("may read below" in (r.get("indicative") or "") for r in auto.rows())
@@ -83,10 +109,21 @@ def compare(label: str, model, loader, loss, wd: float, **exact_kw) -> None:
           f"   exact mean leverage {xd['mean_leverage']:.3g} (max {xd['max_leverage']:.3g}, "
           f"{xd.get('leverage_capped', 0)} capped); auto per direction {dd.get('leverage_per_direction', float('nan')):.3g}"
           f" (capped {dd.get('leverage_capped')}); flag {low and round(low['leverage_per_direction'], 4)}; "
-          f"rows marked {marks}/{len(auto.rows())}", flush=True)
+          f"rows marked {marks}/{len(auto.rows())}; CPU s: exact {t_ex:.1f}, auto {t_auto:.1f}", flush=True)
+    if fresh is not None:
+        xs, ys = (torch.cat(c) for c in zip(*loader))
+        print(f"   loss-threshold attack on the unquantized model: advantage {loss_attack(model, loss, (xs, ys), fresh):.3f} "
+              f"(noise ~{1.36 * (2 / len(ys)) ** 0.5:.3f}); none: exact {ex.schemes['none'].leakage:.3f}, "
+              f"auto {auto.schemes['none'].leakage:.3f}", flush=True)
+    if off:
+        ex0 = _run(model, loader, loss, wd, "exact", leverage_correction=False, **exact_kw)
+        auto0 = _run(model, loader, loss, wd, "auto", leverage_correction=False)
+        print(f"   leverage correction off in both: auto / exact "
+              f"{' / '.join(f'{auto0.schemes[s].leakage / ex0.schemes[s].leakage:.3f}' for s in SCHEMES)}", flush=True)
 
 
-def kf33(n: int) -> None:
+def kf33(n: int, off: bool = False) -> None:
+    fresh = teacher_sample(n, 20, 5, 0.5, 0, n=n)  # records of the members' population, not trained on
     for act in ("relu", "tanh"):
         for wd in (1e-2, 1e-3):
             x, y = kf.data(n, 20, 5, 0.5, 0)
@@ -94,10 +131,11 @@ def kf33(n: int) -> None:
             model = kf.mlp(20, [80], 5, act).double()
             kf.fit(model, x, y, wd)
             compare(f"kf33 {act} 20-80-5, n = {n}", model.eval(), DataLoader(TensorDataset(x, y), batch_size=250),
-                    kf.ce, wd)
+                    kf.ce, wd, off, fresh)
 
 
-def cnn(n: int) -> None:
+def cnn(n: int, off: bool = False) -> None:
+    fresh = kc.case("cnn", n, 0.9, 1)[2:]  # the labels' rule and noise are the population's, seed-free
     for wd in (1e-2, 1e-3):
         _, loss, x, y = kc.case("cnn", n, 0.9, 0)
         torch.manual_seed(0)
@@ -106,7 +144,7 @@ def cnn(n: int) -> None:
                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(26, 4)).double()
         kc.fit(model, loss, x, y, wd)
         compare(f"ReLU CNN 8 / 26 channels, n = {n}", model.eval(), DataLoader(TensorDataset(x, y), batch_size=250),
-                loss, wd, hessian="ggn_residual")
+                loss, wd, off, fresh, hessian="ggn_residual")
 
 
 if __name__ == "__main__":
@@ -114,4 +152,4 @@ if __name__ == "__main__":
     if what == "rule":
         rule()
     else:
-        {"kf33": kf33, "cnn": cnn}[what](int(sys.argv[2]))
+        {"kf33": kf33, "cnn": cnn}[what](int(sys.argv[2]), sys.argv[3:4] == ["off"])
