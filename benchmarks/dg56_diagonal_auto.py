@@ -4,13 +4,14 @@ estimator's on models just above the rule's threshold (``estimate.EXACT_MAX_PARA
     python benchmarks/dg56_diagonal_auto.py rule       # auto's choice for MLPs / CNNs of ~1e3-1e7 weights (not trained)
     python benchmarks/dg56_diagonal_auto.py kf33 N     # kf33's ReLU / tanh 20-80-5 (d = 2,085 > 2,000) at n = N
     python benchmarks/dg56_diagonal_auto.py cnn N      # kc32's ReLU CNN widened to 8 / 26 channels (d = 2,086) at n = N
+    python benchmarks/dg56_diagonal_auto.py nu48 N     # nu48's twice-called MLP and its twin (d = 54 / 74; diagonal forced)
     (append ``off``: the figures with the leverage correction off in both estimators too)
 
 Each fitted model (full-batch L-BFGS, float64, decay 1e-2 and 1e-3): ``assess(estimation="auto")`` (the estimator
 it chose is printed: the diagonal one here) over ``assess(estimation="exact")`` (the CNN: ``hessian="ggn_residual"``,
 the exact Hessian assembled as Gauss-Newton + residual, what ``auto`` takes below the threshold), ``none`` /
 ``rtn_int8`` / ``rtn_int4``, and the diagonal report's low-read flag (``diagnostics["diagonal_low_read"]``) and
-marks.
+marks; a loss-threshold attack's advantage on each release against records of the population not trained on.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import mis_lightning as ml
 from mis_lightning.config import EstimationConfig
+from mis_lightning.groundtruth.attacks import quantized, roc_metrics
 
 sys.path.insert(0, "benchmarks")
 import kfac_classifier as kf  # noqa: E402 - kf33's classifiers and fit
@@ -81,30 +83,32 @@ def _timed(*a, **k):
     return out, time.process_time() - t0
 
 
-def loss_attack(model, loss, members: tuple, fresh: tuple) -> float:
-    """A real attack's advantage on the unquantized model, in the report's game (a training member against a
-    fresh draw from the population): the loss-threshold attack at its best threshold, ``max_t |P(loss_member <= t)
-    - P(loss_fresh <= t)|`` (the two-sample KS statistic; the threshold chosen on the same records: its sampling
+def loss_attack(model, loss, members: tuple, fresh: tuple) -> dict[str, float]:
+    """A real attack's advantage on each scheme's release (``groundtruth.attacks.quantized``), in the report's game
+    (a training member against a fresh draw from the population): the loss-threshold attack at its best threshold
+    (``groundtruth.attacks.roc_metrics``' ``max (TPR - FPR)``, the threshold chosen on the same records: sampling
     noise ~ ``1.36 sqrt(2 / n)`` at 95%). A lower bound of the best attack's advantage up to that noise."""
-    with torch.no_grad():
-        a, b = loss(model(members[0]), members[1]).reshape(-1), loss(model(fresh[0]), fresh[1]).reshape(-1)
-    t = torch.cat([a, b]).sort().values
-    fa = torch.searchsorted(a.sort().values, t, right=True) / len(a)
-    fb = torch.searchsorted(b.sort().values, t, right=True) / len(b)
-    return float((fa - fb).abs().max())
+    out = {}
+    for s in SCHEMES:
+        released = quantized(model, s)
+        with torch.no_grad():
+            a, b = (loss(released(x), y).reshape(-1).numpy() for x, y in (members, fresh))
+        out[s] = roc_metrics(-a, -b).advantage
+    return out
 
 
 def compare(label: str, model, loader, loss, wd: float, off: bool = False, fresh: tuple | None = None,
-            **exact_kw) -> None:
+            other: str = "auto", **exact_kw) -> None:
     """One model: the figures and flag (above); each ``assess`` call's CPU seconds (``time.process_time``, one
     thread); ``off``: the figures with the leverage correction off in both too; ``fresh``: records the model never
-    saw, from the training records' population, for :func:`loss_attack` (the members: the loader's records)."""
-    (ex, t_ex), (auto, t_auto) = _timed(model, loader, loss, wd, "exact", **exact_kw), _timed(model, loader, loss, wd, "auto")
+    saw, from the training records' population, for :func:`loss_attack` (the members: the loader's records); ``other``:
+    the estimation compared with the exact one (``"diagonal"`` where ``"auto"`` picks the exact one)."""
+    (ex, t_ex), (auto, t_auto) = _timed(model, loader, loss, wd, "exact", **exact_kw), _timed(model, loader, loss, wd, other)
     dd, xd = auto.diagnostics, ex.diagnostics
     low = dd.get("diagonal_low_read")
     marks = sum("may read below" in (r.get("indicative") or "") for r in auto.rows())
     print(f"== {label}, wd {wd:g}: d = {auto.d}, n = {auto.n}; auto: {auto.estimation}\n"
-          f"   exact {' / '.join(f'{ex.schemes[s].leakage:.4g}' for s in SCHEMES)}; auto / exact "
+          f"   exact {' / '.join(f'{ex.schemes[s].leakage:.4g}' for s in SCHEMES)}; {other} / exact "
           f"{' / '.join(f'{auto.schemes[s].leakage / ex.schemes[s].leakage:.3f}' for s in SCHEMES)}\n"
           f"   exact mean leverage {xd['mean_leverage']:.3g} (max {xd['max_leverage']:.3g}, "
           f"{xd.get('leverage_capped', 0)} capped); auto per direction {dd.get('leverage_per_direction', float('nan')):.3g}"
@@ -112,13 +116,14 @@ def compare(label: str, model, loader, loss, wd: float, off: bool = False, fresh
           f"rows marked {marks}/{len(auto.rows())}; CPU s: exact {t_ex:.1f}, auto {t_auto:.1f}", flush=True)
     if fresh is not None:
         xs, ys = (torch.cat(c) for c in zip(*loader))
-        print(f"   loss-threshold attack on the unquantized model: advantage {loss_attack(model, loss, (xs, ys), fresh):.3f} "
-              f"(noise ~{1.36 * (2 / len(ys)) ** 0.5:.3f}); none: exact {ex.schemes['none'].leakage:.3f}, "
-              f"auto {auto.schemes['none'].leakage:.3f}", flush=True)
+        adv = loss_attack(model, loss, (xs, ys), fresh)
+        print(f"   loss-threshold attack's advantage {' / '.join(f'{adv[s]:.3f}' for s in SCHEMES)} (noise "
+              f"~{1.36 * (2 / len(ys)) ** 0.5:.3f}); over {other}'s figures "
+              f"{' / '.join(f'{adv[s] / auto.schemes[s].leakage:.2f}' for s in SCHEMES)}", flush=True)
     if off:
         ex0 = _run(model, loader, loss, wd, "exact", leverage_correction=False, **exact_kw)
-        auto0 = _run(model, loader, loss, wd, "auto", leverage_correction=False)
-        print(f"   leverage correction off in both: auto / exact "
+        auto0 = _run(model, loader, loss, wd, other, leverage_correction=False)
+        print(f"   leverage correction off in both: {other} / exact "
               f"{' / '.join(f'{auto0.schemes[s].leakage / ex0.schemes[s].leakage:.3f}' for s in SCHEMES)}", flush=True)
 
 
@@ -147,9 +152,24 @@ def cnn(n: int, off: bool = False) -> None:
                 loss, wd, off, fresh, hessian="ggn_residual")
 
 
+def nu48(n: int, off: bool = False) -> None:
+    """nu48's MLP calling a layer twice and its untied twin (dg52's fits, d = 54 / 74: "auto" picks the exact
+    estimator; the diagonal one forced) at ``n`` records: the correlation across layers at a low leverage."""
+    import dg52_sandwich_factor as dg52
+    from _nets import Repeated
+    t = dg52.t
+    fresh = t.data("flat", n, 1)  # the labels' rule and noise are the population's
+    for untied in (False, True):
+        torch.manual_seed(0)
+        x, y = t.data("flat", n, 0)
+        model = t.fit(Repeated(2, untied), x, y, t.ce)
+        compare(f"nu48 {'untied twin' if untied else 'twice'}, n = {n}", model, t.loader_of(x, y)[0], t.ce, t.WD, off,
+                fresh, other="diagonal")
+
+
 if __name__ == "__main__":
     what = sys.argv[1]
     if what == "rule":
         rule()
     else:
-        {"kf33": kf33, "cnn": cnn}[what](int(sys.argv[2]), sys.argv[3:4] == ["off"])
+        {"kf33": kf33, "cnn": cnn, "nu48": nu48}[what](int(sys.argv[2]), sys.argv[3:4] == ["off"])
