@@ -5,6 +5,7 @@ estimator's on models just above the rule's threshold (``estimate.EXACT_MAX_PARA
     python benchmarks/dg56_diagonal_auto.py kf33 N     # kf33's ReLU / tanh 20-80-5 (d = 2,085 > 2,000) at n = N
     python benchmarks/dg56_diagonal_auto.py cnn N      # kc32's ReLU CNN widened to 8 / 26 channels (d = 2,086) at n = N
     python benchmarks/dg56_diagonal_auto.py nu48 N     # nu48's twice-called MLP and its twin (d = 54 / 74; diagonal forced)
+    python benchmarks/dg56_diagonal_auto.py blocks N   # the same models: the block model's sigma against the full one
     (append ``off``: the figures with the leverage correction off in both estimators too)
 
 Each fitted model (full-batch L-BFGS, float64, decay 1e-2 and 1e-3): ``assess(estimation="auto")`` (the estimator
@@ -167,9 +168,78 @@ def nu48(n: int, off: bool = False) -> None:
                 fresh, other="diagonal")
 
 
+def _block_ratios(label: str, model: nn.Module, loss, x: torch.Tensor, y: torch.Tensor, wd: float) -> None:
+    """:func:`blocks` on one fitted model (float64 copy; every parameter assessed)."""
+    from torch.func import functional_call, grad, hessian, vmap
+    model = model.double().eval()
+    x, n = x.double(), len(y)
+    names = [k for k, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    d, eye = theta.numel(), torch.eye(theta.numel(), dtype=torch.float64)
+
+    def unflat(v: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, a = {}, 0
+        for k, sh in zip(names, shapes):
+            out[k] = v[a: a + sh.numel()].reshape(sh)
+            a += sh.numel()
+        return out
+
+    def one(v: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return loss(functional_call(model, unflat(v), (xi[None],)), yi[None]).sum()
+
+    H = hessian(lambda v: loss(functional_call(model, unflat(v), (x,)), y).mean())(theta) + wd * eye
+    g = vmap(grad(one), in_dims=(None, 0, 0))(theta, x, y)
+    g = g - g.mean(0)
+    V = g.T @ g / n
+    groups: dict[str, list[int]] = {}
+    a = 0
+    for k, sh in zip(names, shapes):
+        groups.setdefault(k.rsplit(".", 1)[0], []).extend(range(a, a + sh.numel()))
+        a += sh.numel()
+    B = torch.zeros_like(H)
+    for idx in groups.values():
+        i = torch.tensor(idx)
+        B[i[:, None], i] = H[i[:, None], i]
+    Hi, Bi = torch.linalg.pinv(H, hermitian=True), torch.linalg.pinv(B, hermitian=True)
+    ratio = (Hi @ V @ Hi).diagonal() / (Bi @ V @ Bi).diagonal()
+    U = g[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:512]] / 512 ** 0.5
+
+    def inv_diag(Uc: torch.Tensor) -> torch.Tensor:  # diag((lambda + Uc'Uc)^-1) times lambda
+        S = torch.linalg.solve(wd * torch.eye(Uc.shape[0], dtype=torch.float64) + Uc @ Uc.T, Uc)
+        return 1 - (Uc * S).sum(0)
+
+    blk = torch.empty(d, dtype=torch.float64)
+    for idx in groups.values():
+        blk[torch.tensor(idx)] = inv_diag(U[:, idx])
+
+    def q(v: torch.Tensor) -> str:
+        return " / ".join(f"{float(v.quantile(p)):.3g}" for p in (0.1, 0.5, 0.9))
+
+    print(f"{label}, n = {n}, d = {d}: Sigma_full / Sigma_block {q(ratio)}; (H^-1)_jj / (B^-1)_jj "
+          f"{q(Hi.diagonal() / Bi.diagonal())}; its record-space count {q(inv_diag(U) / blk)}", flush=True)
+
+
+def blocks(n: int, off: bool = False) -> None:
+    """Is the low-leverage gap on nu48's models (:func:`nu48`) a block model's sigma reading below the marginal sd?
+    Per weight ``Sigma_full_jj / Sigma_block_jj``, ``Sigma = M^-1 V M^-1`` with ``M`` the exact Hessian + decay
+    (torch.func, float64) or its block diagonal by module, ``V`` the gradient covariance over the ``n`` records;
+    then what 512 records' gradients say of ``(H^-1)_jj / (B^-1)_jj`` with ``H_data ~ U'U`` (``U`` the centred
+    gradients over ``sqrt(512)``; Woodbury in record space: the cheap count a finalize could form), against the
+    exact Hessian's own ratio. Deciles 10 / 50 / 90 over the weights. (``off``: unused.)"""
+    import dg52_sandwich_factor as dg52
+    from _nets import Repeated
+    t = dg52.t
+    for untied in (False, True):
+        torch.manual_seed(0)
+        x, y = t.data("flat", n, 0)
+        _block_ratios(f"nu48 {'untied twin' if untied else 'twice'}", t.fit(Repeated(2, untied), x, y, t.ce), t.ce,
+                      x, y, t.WD)
+
+
 if __name__ == "__main__":
     what = sys.argv[1]
     if what == "rule":
         rule()
     else:
-        {"kf33": kf33, "cnn": cnn, "nu48": nu48}[what](int(sys.argv[2]), sys.argv[3:4] == ["off"])
+        {"kf33": kf33, "cnn": cnn, "nu48": nu48, "blocks": blocks}[what](int(sys.argv[2]), sys.argv[3:4] == ["off"])
