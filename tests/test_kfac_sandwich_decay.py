@@ -297,6 +297,7 @@ def test_the_low_read_remedy_prices_the_exact_estimator_for_the_model():
     assert E.DIAGONAL_LOW_READ_AUTO_FIGURES in near and "out of reach" not in near
     far = E.diagonal_low_read_remedy({"diagonal_low_read": dict(flag, d=10**6, n=50_000)})
     assert far is not None and "out of reach" in far and "n d^2 = 5e+16 > 1e+11" in far and "Check them" not in far
+    assert "matrices of 7,451 GiB each" in far
     assert "more training records per weight or a stronger weight decay" in far
     assert E.diagonal_low_read_remedy({"diagonal_low_read": flag}) is None
     assert E.diagonal_low_read_remedy({}) is None

@@ -3096,6 +3096,7 @@ def diagonal_low_read_remedy(diagnostics: Mapping[str, Any]) -> str | None:
         return None
     d, n = int(low["d"]), int(low["n"])
     cost, mib = float(n) * d * d, 8.0 * d * d / 2**20
+    size = f"{mib:,.0f} MiB" if mib < 2**10 else f"{mib / 2**10:,.0f} GiB"
     head = (f"the diagonal estimator's figures may read below the exact estimator's (rows marked *; mean leverage "
             f"{float(low['leverage_per_direction']):.2g} per loss direction, above {float(low['threshold']):g}): "
             f"measured under estimation='auto' {DIAGONAL_LOW_READ_AUTO_FIGURES}. ")
@@ -3104,12 +3105,12 @@ def diagonal_low_read_remedy(diagnostics: Mapping[str, Any]) -> str | None:
             f"Check them with estimation='exact': for d = {d:,} weights and n = {n:,} records it costs about n d^2 = "
             f"{cost:.2g} (estimation='auto' takes the exact estimator up to n d^2 = {EXACT_MAX_COST:.0g} and "
             f"d = {EXACT_MAX_PARAMS:,} weights) and holds d x d float64 matrices of "
-            f"{mib:,.0f} MiB each; convolutions or a layer called several times add d passes of their forward "
+            f"{size} each; convolutions or a layer called several times add d passes of their forward "
             "(hessian='ggn_residual' avoids most of them on piecewise-linear convolutional networks); where it "
-            "reads higher, its figures are the ones to use")
+            "reads higher, its figures are the safer ones to report")
     return head + (
         f"The exact estimator is out of reach at this size (d = {d:,} weights, n = {n:,} records: n d^2 = {cost:.2g} "
-        f"> {EXACT_MAX_COST:.0g}, d x d float64 matrices of {mib:,.0f} MiB each): read these figures as possibly low "
+        f"> {EXACT_MAX_COST:.0g}, d x d float64 matrices of {size} each): read these figures as possibly low "
         "by the factors above; the flag's cause, a mean leverage that is not small, falls with more training "
         "records per weight or a stronger weight decay")
 
