@@ -297,8 +297,9 @@ DIAGONAL_LOW_READ_REMEDY = True
 # dg56 (docs/benchmarks.md "dg56"; benchmarks/dg56_diagonal_auto.py): the diagonal estimator under
 # estimation="auto" (chosen for d > EXACT_MAX_PARAMS) over the exact one, on models just above that threshold
 DIAGONAL_LOW_READ_AUTO_FIGURES = (
-    "0.44-0.45x on a ReLU 20-80-5 classifier (d = 2,085, n = 4,000, decay 1e-2; flagged at 0.054 per direction), "
-    "where the exact estimator's per-record leverages reach 3.3 (31 of its 512 stored records capped)")
+    "0.44-0.56x on ReLU 20-80-5 classifiers (d = 2,085, n = 4,000, decay 1e-2 / 1e-3; flagged at 0.054 / 0.16 per "
+    "direction), where the exact estimator's per-record leverages reach 3.3-4.6 (31 / 169 of its 512 stored records "
+    "capped) and a loss-threshold attack's advantage read 0.16-0.67x these figures")
 # records whose loss does not depend on the weights are left out of n (LossProgram.void_rows; sm45);
 # False: every record read counts (A/B of the test's cost: benchmarks/vb46_void_cost.py)
 VOID_RECORD_TEST = True
