@@ -5,6 +5,7 @@ estimator's on models just above the rule's threshold (``estimate.EXACT_MAX_PARA
     python benchmarks/dg56_diagonal_auto.py kf33 N     # kf33's ReLU / tanh 20-80-5 (d = 2,085 > 2,000) at n = N
     python benchmarks/dg56_diagonal_auto.py cnn N      # kc32's ReLU CNN widened to 8 / 26 channels (d = 2,086) at n = N
     python benchmarks/dg56_diagonal_auto.py nu48 N     # nu48's twice-called MLP and its twin (d = 54 / 74; diagonal forced)
+    python benchmarks/dg56_diagonal_auto.py hessians N # kf33's ReLU at decay 1e-2: ggn_mc against ggn in the diagonal one
     python benchmarks/dg56_diagonal_auto.py blocks N   # the same models: the block model's sigma against the full one
     (append ``off``: the figures with the leverage correction off in both estimators too)
 
@@ -140,6 +141,22 @@ def kf33(n: int, off: bool = False) -> None:
                     kf.ce, wd, off, fresh)
 
 
+def hessians(n: int, off: bool = False) -> None:
+    """kf33's ReLU 20-80-5 at ``n`` records, decay 1e-2: the diagonal estimator with ``"auto"``'s sampled-label
+    Gauss-Newton diagonal (``hessian="ggn_mc"``) and with the exact one (``"ggn"``), over the exact estimator."""
+    x, y = kf.data(n, 20, 5, 0.5, 0)
+    torch.manual_seed(0)
+    model = kf.mlp(20, [80], 5, "relu").double()
+    kf.fit(model, x, y, 1e-2)
+    model.eval()
+    loader = DataLoader(TensorDataset(x, y), batch_size=250)
+    ex = _run(model, loader, kf.ce, 1e-2, "exact")
+    for hessian in ("ggn_mc", "ggn"):
+        r = _run(model, loader, kf.ce, 1e-2, "diagonal", hessian=hessian)
+        print(f"kf33 ReLU, n = {n}, decay 1e-2, diagonal with hessian={hessian!r}: over the exact estimator "
+              f"{' / '.join(f'{r.schemes[s].leakage / ex.schemes[s].leakage:.3f}' for s in SCHEMES)}", flush=True)
+
+
 def cnn(n: int, off: bool = False) -> None:
     fresh = kc.case("cnn", n, 0.9, 1)[2:]  # the labels' rule and noise are the population's, seed-free
     for wd in (1e-2, 1e-3):
@@ -242,4 +259,4 @@ if __name__ == "__main__":
     if what == "rule":
         rule()
     else:
-        {"kf33": kf33, "cnn": cnn, "nu48": nu48, "blocks": blocks}[what](int(sys.argv[2]), sys.argv[3:4] == ["off"])
+        {"kf33": kf33, "cnn": cnn, "nu48": nu48, "blocks": blocks, "hessians": hessians}[what](int(sys.argv[2]), sys.argv[3:4] == ["off"])
