@@ -187,6 +187,7 @@ def nu48(n: int, off: bool = False) -> None:
 
 def _block_ratios(label: str, model: nn.Module, loss, x: torch.Tensor, y: torch.Tensor, wd: float) -> None:
     """:func:`blocks` on one fitted model (float64 copy; every parameter assessed)."""
+    from dg55_low_read import unflat
     from torch.func import functional_call, grad, hessian, vmap
     model = model.double().eval()
     x, n = x.double(), len(y)
@@ -195,17 +196,10 @@ def _block_ratios(label: str, model: nn.Module, loss, x: torch.Tensor, y: torch.
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     d, eye = theta.numel(), torch.eye(theta.numel(), dtype=torch.float64)
 
-    def unflat(v: torch.Tensor) -> dict[str, torch.Tensor]:
-        out, a = {}, 0
-        for k, sh in zip(names, shapes):
-            out[k] = v[a: a + sh.numel()].reshape(sh)
-            a += sh.numel()
-        return out
-
     def one(v: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        return loss(functional_call(model, unflat(v), (xi[None],)), yi[None]).sum()
+        return loss(functional_call(model, unflat(v, names, shapes), (xi[None],)), yi[None]).sum()
 
-    H = hessian(lambda v: loss(functional_call(model, unflat(v), (x,)), y).mean())(theta) + wd * eye
+    H = hessian(lambda v: loss(functional_call(model, unflat(v, names, shapes), (x,)), y).mean())(theta) + wd * eye
     g = vmap(grad(one), in_dims=(None, 0, 0))(theta, x, y)
     g = g - g.mean(0)
     V = g.T @ g / n
