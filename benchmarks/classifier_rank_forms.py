@@ -36,11 +36,12 @@ from mis_lightning.functional.correlated import RecordCorrelation  # noqa: E402
 from mis_lightning.functional.leakage import saturate  # noqa: E402
 
 
-def teacher_sample(num: int, fan: int, classes: int, rho: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_sample(num: int, fan: int, classes: int, rho: float, seed: int,
+                   n: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
     """``num`` fresh records of ``data(n, fan, classes, rho, seed)``'s distribution (its teacher, whose
-    weights follow its first ``n = 1,000`` inputs in the generator's stream)."""
+    weights follow its first ``n`` inputs in the generator's stream)."""
     g = torch.Generator().manual_seed(1000 + seed)
-    torch.randn(1000, fan, generator=g, dtype=torch.float64)
+    torch.randn(n, fan, generator=g, dtype=torch.float64)
     w1 = torch.randn(fan, 16, generator=g, dtype=torch.float64) / fan ** 0.5
     w2 = torch.randn(16, classes, generator=g, dtype=torch.float64) * 2.0
     g2 = torch.Generator().manual_seed(777 + seed)

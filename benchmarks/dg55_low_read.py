@@ -95,6 +95,16 @@ def tail() -> None:
         _tail(wd)
 
 
+def unflat(v: torch.Tensor, names: list[str], shapes: list[torch.Size]) -> dict[str, torch.Tensor]:
+    """The flat parameter vector ``v`` as ``{name: tensor}`` of ``shapes``, in ``names`` order (torch.func's
+    ``functional_call``)."""
+    out, a = {}, 0
+    for k, sh in zip(names, shapes):
+        out[k] = v[a: a + sh.numel()].reshape(sh)
+        a += sh.numel()
+    return out
+
+
 def _tail(wd: float) -> None:
     """:func:`tail` at one decay."""
     from torch.func import functional_call, hessian, jacrev, vmap
@@ -107,15 +117,8 @@ def _tail(wd: float) -> None:
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     d, n = theta.numel(), len(y)
 
-    def unflat(v: torch.Tensor) -> dict[str, torch.Tensor]:
-        out, a = {}, 0
-        for k, sh in zip(names, shapes):
-            out[k] = v[a: a + sh.numel()].reshape(sh)
-            a += sh.numel()
-        return out
-
     def f(v: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, unflat(v), (xb,))
+        return functional_call(model, unflat(v, names, shapes), (xb,))
 
     eye = torch.eye(d, dtype=torch.float64)
     H = hessian(lambda v: loss(f(v, x), y).mean())(theta) + wd * eye

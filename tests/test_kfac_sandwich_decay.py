@@ -237,6 +237,15 @@ def test_the_diagonal_estimator_flags_figures_that_may_read_low(monkeypatch, fla
     low = est.diagnostics["diagonal_low_read"]
     assert low["leverage_per_direction"] == pytest.approx(want, rel=1e-8) and want > 0.08
     assert low["threshold"] == E.DIAGONAL_LOW_READ_LEVERAGE and low["count"] == "kronecker"
+    # dg56: the flag carries the sizes its remedy line (estimator_warnings) prices the exact estimator with
+    assert (low["d"], low["n"]) == (est.d, n) == (63, 200)
+    said = [w for w in E.estimator_warnings(est.diagnostics) if "may read below the exact estimator's" in w]
+    assert len(said) == 1 and "Check them with estimation='exact'" in said[0] and "n d^2 = 7.9e+05" in said[0]
+    monkeypatch.setattr(E, "DIAGONAL_LOW_READ_REMEDY", False)
+    plain = estimate(full, [(x[i: i + 100], y[i: i + 100]) for i in (0, 100)], _sq, **kw)
+    monkeypatch.setattr(E, "DIAGONAL_LOW_READ_REMEDY", True)
+    assert plain.diagnostics["diagonal_low_read"] == {k: low[k] for k in ("leverage_per_direction", "threshold", "count")}
+    assert not any("may read below" in w for w in E.estimator_warnings(plain.diagnostics))
     # the large-model finalize (float32 state, chunked) flags it too, with the same count (float32: 1e-6)
     whole = E.FLOAT32_STATE_MIN_PARAMS
     monkeypatch.setattr(E, "FLOAT32_STATE_MIN_PARAMS", 0)
@@ -244,6 +253,7 @@ def test_the_diagonal_estimator_flags_figures_that_may_read_low(monkeypatch, fla
     monkeypatch.setattr(E, "FLOAT32_STATE_MIN_PARAMS", whole)
     assert lean.get("state_dtype") == "float32"
     assert lean["diagonal_low_read"]["leverage_per_direction"] == pytest.approx(want, rel=1e-6)
+    assert (lean["diagonal_low_read"]["d"], lean["diagonal_low_read"]["n"]) == (63, 200)
     # 20 of the records: ~1 per direction, capped at 0.95 (the figures near their maximum, said so): no flag
     capped = estimate(full, [(x[:20], y[:20])], _sq, **kw).diagnostics
     assert capped["leverage_capped"] and "diagonal_low_read" not in capped
@@ -270,3 +280,25 @@ def test_the_low_read_flag_marks_the_rows_and_says_why():
     note = _leverage_note(flagged)
     assert "may read below the exact estimator's (marked * in the table)" in note
     assert "is 0.086, above 0.04" in note and DIAGONAL_LOW_READ_FIGURES in note and "Kronecker" in note
+
+
+def test_the_low_read_remedy_prices_the_exact_estimator_for_the_model():
+    """dg56: the remedy line of a flagged diagonal report (``estimate.diagonal_low_read_remedy``, one of
+    ``estimator_warnings``' lines; hand-built flags): within ``EXACT_MAX_COST`` (d = 2,085 weights, n = 4,000
+    records: n d^2 = 1.7e10, just above ``EXACT_MAX_PARAMS`` where ``"auto"`` picks the diagonal estimator) it
+    names ``estimation='exact'`` as the check with its cost and memory; beyond it (d = 10^6) it says the exact
+    one is out of reach and what lowers the leverage; nothing without the flag or without its sizes (a report
+    saved before dg56)."""
+    E = importlib.import_module("mis_lightning.estimation.estimate")
+    flag = {"leverage_per_direction": 0.054, "threshold": 0.04, "count": "kronecker"}
+    near = E.diagonal_low_read_remedy({"diagonal_low_read": dict(flag, d=2085, n=4000)})
+    assert near is not None and "Check them with estimation='exact'" in near and "n d^2 = 1.7e+10" in near
+    assert "33 MiB" in near and "0.054 per loss direction, above 0.04" in near
+    assert E.DIAGONAL_LOW_READ_AUTO_FIGURES in near and "out of reach" not in near
+    far = E.diagonal_low_read_remedy({"diagonal_low_read": dict(flag, d=10**6, n=50_000)})
+    assert far is not None and "out of reach" in far and "n d^2 = 5e+16 > 1e+11" in far and "Check them" not in far
+    assert "matrices of 7,451 GiB each" in far
+    assert "more training records per weight or a stronger weight decay" in far
+    assert E.diagonal_low_read_remedy({"diagonal_low_read": flag}) is None
+    assert E.diagonal_low_read_remedy({}) is None
+    assert far in E.estimator_warnings({"diagonal_low_read": dict(flag, d=10**6, n=50_000)})

@@ -289,6 +289,17 @@ KFAC_LEVERAGE_TRACE = False
 # bitwise the same); False: no flag (the path before dg55)
 DIAGONAL_LOW_READ_FLAG = True
 DIAGONAL_LOW_READ_LEVERAGE = 0.04
+# dg56: where the flag is set, estimator_warnings says what to do about it with this model's sizes: the exact
+# estimator's cost n d^2 and memory d^2 (float64) against what "auto" itself allows it (EXACT_MAX_COST), and
+# the figures measured under "auto" just above EXACT_MAX_PARAMS (DIAGONAL_LOW_READ_AUTO_FIGURES); the flag's
+# dict carries d and n for it. False: no such line, the dict as before (A/B; the figures are the same either way)
+DIAGONAL_LOW_READ_REMEDY = True
+# dg56 (docs/benchmarks.md "dg56"; benchmarks/dg56_diagonal_auto.py): the diagonal estimator under
+# estimation="auto" (chosen for d > EXACT_MAX_PARAMS) over the exact one, on models just above that threshold
+DIAGONAL_LOW_READ_AUTO_FIGURES = (
+    "0.44-0.56x on ReLU 20-80-5 classifiers (d = 2,085, n = 4,000, decay 1e-2 / 1e-3; flagged at 0.054 / 0.16 per "
+    "direction), where the exact estimator's per-record leverages reach 3.3-4.6 (31 / 169 of its 512 stored records "
+    "capped) and a loss-threshold attack's advantage read 0.16-0.67x these figures")
 # records whose loss does not depend on the weights are left out of n (LossProgram.void_rows; sm45);
 # False: every record read counts (A/B of the test's cost: benchmarks/vb46_void_cost.py)
 VOID_RECORD_TEST = True
@@ -2413,6 +2424,8 @@ class MomentAccumulator:
             diagnostics["diagonal_low_read"] = {
                 "leverage_per_direction": per, "threshold": DIAGONAL_LOW_READ_LEVERAGE,
                 "count": "kronecker" if counted < diagonal else "diagonal"}
+            if DIAGONAL_LOW_READ_REMEDY:  # what estimator_warnings' remedy sizes (dg56)
+                diagnostics["diagonal_low_read"].update(d=int(self.d), n=int(n))
 
     def _kron_leverage_trace(self, st: dict[str, Any], n: int, v_centring: Tensor, trace: float,
                              diagnostics: dict[str, Any]) -> float:
@@ -3054,6 +3067,9 @@ def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
             f"chosen by their place in the stream, not by their content: {order['cause']}; the corrected sigma, so "
             "the leakage, depends on the records' order and their split over processes (by the sample's noise, "
             "a few percent); pass the number of training records (num_training_records) for a figure that does not")
+    remedy = diagonal_low_read_remedy(diagnostics)
+    if remedy:
+        out.append(remedy)
     med = diagnostics.get("ggn_mc_median_relative_error")
     if med is not None and med > GGN_MC_WARN_RELATIVE_ERROR:
         out.append(
@@ -3072,6 +3088,40 @@ def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
             "near 0 gets a sigma far too large); raise hutchinson_probes, or use hessian='ggn' (exact, needs "
             "loss_fn(outputs, targets) instead of a mis_per_sample_loss hook) or hessian='exact' on small models")
     return out
+
+
+def diagonal_low_read_remedy(diagnostics: Mapping[str, Any]) -> str | None:
+    """dg56: what to do where the diagonal estimator flagged its figures as possibly below the exact
+    estimator's (``diagnostics["diagonal_low_read"]`` with its ``d`` and ``n``: :data:`DIAGONAL_LOW_READ_REMEDY`),
+    as a report line; ``None`` where not flagged or the sizes are not there (a report saved before).
+
+    The exact sandwich (method.md section 4) holds ``d x d`` float64 matrices (``8 d^2`` bytes each) and
+    costs about ``n d^2`` (:func:`choose_estimator`'s own measure): where that is within
+    :data:`EXACT_MAX_COST`, the line names the exact one as the check to run (``"auto"`` stops at
+    :data:`EXACT_MAX_PARAMS` weights); beyond it, the line says it is out of reach and that more
+    records per weight or a stronger weight decay lower the leverage that set the flag."""
+    low = diagnostics.get("diagonal_low_read")
+    if not low or "d" not in low or "n" not in low:
+        return None
+    d, n = int(low["d"]), int(low["n"])
+    cost, mib = float(n) * d * d, 8.0 * d * d / 2**20
+    size = f"{mib:,.0f} MiB" if mib < 2**10 else f"{mib / 2**10:,.0f} GiB"
+    head = (f"the diagonal estimator's figures may read below the exact estimator's (rows marked *; mean leverage "
+            f"{float(low['leverage_per_direction']):.2g} per loss direction, above {float(low['threshold']):g}): "
+            f"measured under estimation='auto' {DIAGONAL_LOW_READ_AUTO_FIGURES}. ")
+    if cost <= EXACT_MAX_COST:
+        return head + (
+            f"Check them with estimation='exact': for d = {d:,} weights and n = {n:,} records it costs about n d^2 = "
+            f"{cost:.2g} (estimation='auto' takes the exact estimator up to n d^2 = {EXACT_MAX_COST:.0g} and "
+            f"d = {EXACT_MAX_PARAMS:,} weights) and holds d x d float64 matrices of "
+            f"{size} each; convolutions or a layer called several times add d passes of their forward "
+            "(hessian='ggn_residual' avoids most of them on piecewise-linear convolutional networks); where it "
+            "reads higher, its figures are the safer ones to report")
+    return head + (
+        f"The exact estimator is out of reach at this size (d = {d:,} weights, n = {n:,} records: n d^2 = {cost:.2g} "
+        f"> {EXACT_MAX_COST:.0g}, d x d float64 matrices of {size} each): read these figures as possibly low "
+        "by the factors above; the flag's cause, a mean leverage that is not small, falls with more training "
+        "records per weight or a stronger weight decay")
 
 
 def _dense(v: Any, rows: int) -> Tensor:
