@@ -114,10 +114,42 @@ def test_sweep_end_aggregate_counts_this_sweeps_jobs_only(tmp_path, monkeypatch)
     assert "2 jobs, 2 rows." in md and "note: 2 result(s) of earlier sweeps into this dir left out" in md
     assert "tinygemm" not in md and "bf16" not in md
 
+
     assert agg.main([str(tmp_path), "--quiet"]) == 1  # the whole dir: the stale failure counts ...
     md = (tmp_path / "aggregate.md").read_text()
     assert "4 jobs (1 failed)" in md
     assert f"note: this dir holds the results of 2 sweeps (sweep ids {', '.join(sorted([sid, 'earlier']))})" in md
+
+
+def test_sweep_end_exit_message_says_when_every_job_failed(tmp_path, monkeypatch):
+    """nux56: a sweep whose every job failed (a typo in schemes=[...]) exited with "the others are
+    aggregated in ...": there were no others. Some failed: "the others"; all failed: "no job scored"."""
+    import os
+
+    import pytest
+    from omegaconf import OmegaConf
+
+    monkeypatch.delenv("MIS_LIGHTNING_SWEEP_ID", raising=False)
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    for all_failed in (True, False):
+        for old in tmp_path.glob("*/result.json"):
+            old.unlink()
+        cb = agg.AggregateSweep(verbose=False)
+        cb.on_multirun_start(cfg)
+        sid = os.environ.get("MIS_LIGHTNING_SWEEP_ID", "none")
+        for num in range(2):
+            if all_failed or num == 0:
+                agg.write_failure(tmp_path / f"{num}_seed-{num}" / "result.json", ValueError("unknown scheme"),
+                                  stage="configuration", job={"num": num, "overrides": [f"seed={num}"], "sweep_id": sid})
+            else:
+                path = _result(tmp_path / f"{num}_seed-{num}", num, "rtn_int8", 0.2, {"rmse": 0.7})
+                res = json.loads(path.read_text())
+                res["job"]["sweep_id"] = sid
+                path.write_text(json.dumps(res))
+        with pytest.raises(SystemExit) as info:
+            cb.on_multirun_end(cfg)
+        msg = str(info.value.code)
+        assert ("no job scored a scheme" in msg) is all_failed and ("the others" in msg) is not all_failed, msg
 
 
 def test_a_multirun_job_records_its_sweep_id(monkeypatch):

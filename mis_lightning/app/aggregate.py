@@ -834,8 +834,10 @@ class AggregateSweep(Callback):
         if failed or unscored:
             what = [f"{len(failed)} job(s) of the sweep failed (job {', '.join(failed)})"] * bool(failed) + [
                 f"{len(unscored)} job(s) scored no scheme (job {', '.join(unscored)})"] * bool(unscored)
-            sys.exit(f"mis-lightning: {'; '.join(what)}; the others are aggregated in "
-                     f"{sweep_dir / 'aggregate.md'}, which lists the errors")
+            # "the others" where some job scored; a sweep whose every job failed has none (nux56)
+            rest = ("the others are aggregated in" if set(failed) | set(unscored) < {str(r.get("job")) for r in rows}
+                    else "no job scored a scheme: see")
+            sys.exit(f"mis-lightning: {'; '.join(what)}; {rest} {sweep_dir / 'aggregate.md'}, which lists the errors")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
