@@ -7,8 +7,9 @@ Model: benchmarks/newcomer_callback.py's MLP (20 -> 32 -> 3, d = 771) after 5 Ad
 synthetic records (a plain loop, no Lightning); ``run_estimation`` then ``score_schemes`` with
 int8_weight_only and intx_weight_only_int4, each timed (wall and CPU seconds) at 1, 2, 1, 2, ...
 threads, with the 1-minute load. Start it without ``OMP_NUM_THREADS`` and without
-``OMP_WAIT_POLICY=PASSIVE``, as a user's script starts: the scoring pass drops to one thread by itself
-on an oversubscribed machine (mis_lightning/threads.py), the estimation pass does not.
+``OMP_WAIT_POLICY=PASSIVE``, as a user's script starts: both passes drop to one thread by themselves
+on an oversubscribed machine (mis_lightning/threads.py; the estimation pass since lead56), so the "threads 2" rows
+read the one-thread rule there.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ region whose threads share cores with other busy processes waits for descheduled
 the scoring's memory-bound elementwise kernels ran 2-10x slower on 2 threads than on 1 on a
 loaded 2-core machine, and 2.8x faster than 1 thread with ``OMP_WAIT_POLICY=PASSIVE``.
 
-So the scoring pass and each scheme's finishing forms (Monte Carlo, box means) run on one
+So the scoring pass, each scheme's finishing forms (Monte Carlo, box means) and the estimation
+pass (each ``MomentAccumulator.update`` and its ``finalize``: every front end's) run on one
 thread when the machine is oversubscribed (1-minute load
 average above the number of cores) and the process was not started with a passive wait
 policy; the caller's thread count is restored afterwards. To use every core on a busy
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 import torch
 
 log = logging.getLogger(__name__)
+_told = False  # whether the one-thread decision was logged in this process
 
 
 def _passive_wait() -> bool:
@@ -46,10 +48,13 @@ def scoring_threads() -> Iterator[int]:
 
     The caller's ``torch.get_num_threads()`` is restored on exit (also on an exception).
     """
+    global _told
     n = torch.get_num_threads()
     if n > 1 and not _passive_wait() and _oversubscribed():
-        log.info("machine oversubscribed and OMP_WAIT_POLICY is not PASSIVE: scoring on 1 thread "
-                 "instead of %d (spinning OpenMP threads slow down on shared cores)", n)
+        if not _told:  # once a process: the estimation pass enters this once a batch
+            _told = True
+            log.info("machine oversubscribed and OMP_WAIT_POLICY is not PASSIVE: the assessment runs on 1 "
+                     "thread instead of %d (spinning OpenMP threads slow down on shared cores)", n)
         torch.set_num_threads(1)
         try:
             yield 1

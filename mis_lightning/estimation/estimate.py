@@ -37,6 +37,7 @@ from .._heap import raise_mmap_threshold
 from .._modelcopy import ModelCopyError, private_copy
 from .._precision import full_float32
 from .._rng import restores_rng
+from ..threads import scoring_threads
 from .._warning_filters import ignoring
 from ..config import DEFAULT_LEVERAGE_CORRECTION
 from ..functional.correlated import RCOND as CORRELATION_RCOND
@@ -1310,7 +1311,9 @@ class MomentAccumulator:
             RuntimeError: the forward uses activation checkpointing (says what to change).
         """
         try:
-            with vmap_fallback_quiet():  # torch's notice about the library's own vmap, not the user's
+            # the library's own pass: one thread on an oversubscribed machine, as the scoring pass
+            # (threads.py; nux56: 84 s on 2 threads against 6.8 s on 1 at load 9), the caller's restored
+            with vmap_fallback_quiet(), scoring_threads():  # vmap: torch's notice about the library's own vmap
                 return self._update(batch, state)
         except RuntimeError as exc:
             if "saved tensor hooks" in str(exc):
@@ -1975,7 +1978,8 @@ class MomentAccumulator:
         Raises:
             ValueError: fewer than 2 records were seen; exact mode without stored gradients.
         """
-        est = self._finalize(state)
+        with scoring_threads():  # as update's
+            est = self._finalize(state)
         n_void = int((self.state if state is None else state).get("n_void", 0))
         if n_void:
             # the decay as told (finalize used it scaled by (n + n_void) / n), and the records left out
