@@ -1,5 +1,5 @@
 """The estimation pass and the scoring pass on 1 and 2 torch threads, alternating (docs/benchmarks.md,
-"nux56"; README, "The Lightning callback": run your own script on one thread on a busy machine).
+"nux56"; README, "The Lightning callback": the assessment drops to one thread on a busy machine).
 
     python benchmarks/estimation_threads.py [--rounds 2]
 
