@@ -1383,3 +1383,35 @@ def test_the_interval_ends_hold_the_in_sample_leave_one_out_form_which_is_not_mo
     plain = RecordCorrelation.in_sample(W, loo=False)
     p_lo, p_hi = plain.gaussian_ends(W, k_lo, k_hi)
     assert torch.equal(p_lo, plain.gaussian_mean_abs(W, k_lo)) and torch.equal(p_hi, plain.gaussian_mean_abs(W, k_hi))
+
+
+def test_the_interval_ends_hold_the_leave_one_out_form_where_beta_peaks_at_a_mixed_corner(monkeypatch):
+    """rv56s: ``beta`` (the common divisor's ``a_K = sum(h inside) / sum(vv)``) is not monotone in the
+    ``kappa``s: raising those of low-leverage records (``vv`` below ``a_K / 2b``) lowers it. Two blocks
+    of coordinates, 8 high-leverage records on the first, 56 low-leverage ones on the second: ``beta``
+    is largest at the mixed corner (first block high, second low), where the low-leverage records'
+    forms fall ~0.9% below the ends that pair the corners' betas (cf56's, ``CORRELATED_BETA_BOUNDS``
+    off); the bounds over the box (``_inverse_bias_range``) hold them and every sampled vertex."""
+    C = importlib.import_module("mis_lightning.functional.correlated")
+    g = torch.Generator().manual_seed(0)
+    W = torch.zeros(64, 20, dtype=torch.float64)
+    W[:8, :10] = torch.randn(8, 3, dtype=torch.float64, generator=g) @ torch.randn(3, 10, dtype=torch.float64, generator=g)
+    W[8:, 10:] = torch.randn(56, 3, dtype=torch.float64, generator=g) @ torch.randn(3, 10, dtype=torch.float64, generator=g)
+    rc = RecordCorrelation.in_sample(W)
+    corr = rc.parts[0][1]
+    k_lo, k_hi = torch.full((20,), 0.3, dtype=torch.float64), torch.full((20,), 0.95, dtype=torch.float64)
+    mixed = torch.cat([k_hi[:10], k_lo[10:]])
+    x, b = corr.self_term.to(torch.float64), corr.self_weight.to(torch.float64)
+    betas = [corr._in_sample_loo_parts(W, x, b, k)[2] for k in (k_lo, k_hi, mixed)]
+    assert betas[2] > max(betas[:2])  # not monotone: the mixed corner's beta above both corners'
+    v = rc.gaussian_mean_abs(W, mixed)
+    monkeypatch.setattr(C, "CORRELATED_BETA_BOUNDS", False)
+    lo, _ = rc.gaussian_ends(W, k_lo, k_hi)
+    assert bool((v < lo).any())  # the corners' betas: records below the low end
+    monkeypatch.setattr(C, "CORRELATED_BETA_BOUNDS", True)
+    lo, hi = rc.gaussian_ends(W, k_lo, k_hi)
+    for _ in range(8):
+        k = torch.where(torch.rand(20, generator=g) < 0.5, k_hi, k_lo)
+        f = rc.gaussian_mean_abs(W, k)
+        assert bool((lo <= f).all()) and bool((f <= hi).all())
+    assert bool((lo <= v).all())
