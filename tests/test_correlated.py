@@ -1415,3 +1415,36 @@ def test_the_interval_ends_hold_the_leave_one_out_form_where_beta_peaks_at_a_mix
         f = rc.gaussian_mean_abs(W, k)
         assert bool((lo <= f).all()) and bool((f <= hi).all())
     assert bool((lo <= v).all())
+
+
+def test_factor_form_rows_that_pass_the_woodbury_test_are_certified_too(monkeypatch):
+    """rv56s: ``_factor_quadratic`` trusted the Woodbury difference of rows with ``s / q`` below
+    ``QUADRATIC_TOLERANCE / (eps sqrt(d))`` (~2.6e3 here), a rounding bound that assumes an exact
+    core solve. Two loadings of 6.8e6 nearly opposite over remainders clamped at 1e-9 make the core
+    ill-conditioned (~1e22): rows at ``s / q`` 4e2 and 2e3 passed the test 0.9% off the 60-digit
+    reference, finite and unflagged (``FACTOR_FORM_WOODBURY_CHECK`` off). Certified, they read NaN
+    (the bracket cannot hold 1e-4 there); a healthy model's rows keep the Woodbury value bitwise."""
+    C = importlib.import_module("mis_lightning.functional.correlated")
+    L = torch.tensor([[-6772801.638061039, 6760939.244185943], [-2.0198671977784755, 25.86870026314568],
+                      [2.7825668845798237, 34.04805762151154]], dtype=torch.float64)
+    direct = Correlation(factor=L, residual=torch.tensor([2.0432904067797093e-11, 6.187943908411396e-08,
+                                                          1.2653126470166576e-06], dtype=torch.float64))
+    rows = torch.tensor([[1028.6401072292142, -520.2126067094937, -0.00017993235971641255],
+                         [1050.94210740592, 1309.7536195493356, 0.0003553626367956661]], dtype=torch.float64)
+    ones = torch.ones(3, dtype=torch.float64)
+    ref = torch.tensor(_factor_form_reference(direct, ones, rows), dtype=torch.float64)
+    monkeypatch.setattr(C, "FACTOR_FORM_WOODBURY_CHECK", False)
+    old = direct._factor_quadratic(rows, ones)
+    assert bool(old.isfinite().all()) and float(((old - ref) / ref).abs().min()) > 5e-3
+    monkeypatch.setattr(C, "FACTOR_FORM_WOODBURY_CHECK", True)
+    new = direct._factor_quadratic(rows, ones)
+    assert bool((new.isnan() | ((new - ref).abs() <= C.FACTOR_FORM_RTOL * ref)).all()) and bool(new.isnan().all())
+    # a healthy factor model (unit-scale loadings, remainders 1e-3..1): the Woodbury rows bitwise
+    g = torch.Generator().manual_seed(3)
+    Lh = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    healthy = Correlation(factor=Lh, residual=10 ** (-3 * torch.rand(30, generator=g, dtype=torch.float64)))
+    u = torch.randn(16, 30, generator=g, dtype=torch.float64)
+    k = 1 - 0.5 * torch.rand(30, generator=g, dtype=torch.float64)
+    on = healthy._factor_quadratic(u, k)
+    monkeypatch.setattr(C, "FACTOR_FORM_WOODBURY_CHECK", False)
+    assert torch.equal(on, healthy._factor_quadratic(u, k))

@@ -141,6 +141,11 @@ FACTOR_FORM_CHECK = True
 # solves' v'y) read as the variational form's minimum (Correlation._variational; cf56): False restores
 # the stationary form and v'y (A/B; both still certified where FACTOR_FORM_CHECK)
 FACTOR_FORM_VARIATIONAL = True
+# The factor forms whose Woodbury difference passes QUADRATIC_TOLERANCE's test are certified too
+# (Correlation._factor_quadratic; rv56s): that test's rounding bound s eps sqrt(d) assumes an exact
+# core solve; an ill-conditioned core left a row 0.9% off. Kept where the bracket holds it (bitwise),
+# else the variational value, else NaN. False: trusted as before (A/B); only with FACTOR_FORM_CHECK
+FACTOR_FORM_WOODBURY_CHECK = True
 # Correlation.quadratic_ends bounds the in-sample leave-one-out form's beta over the whole kappa box
 # (_inverse_bias_range; rv56s: beta is not monotone in the kappas, its largest value can sit at a
 # mixed corner, and the corners' betas alone left records 0.9% below the low end); False: the
@@ -858,6 +863,22 @@ class Correlation:
         q = s - torch.linalg.vecdot(y, z)
         bound = torch.finfo(torch.float64).eps * math.sqrt(w.shape[1])
         bad = ~(q * QUADRATIC_TOLERANCE >= s * bound)       # NaN included
+        if FACTOR_FORM_CHECK and FACTOR_FORM_WOODBURY_CHECK and not bool(bad.all()):
+            # the difference's rows certified too (rv56s): s * eps sqrt(d) bounds its rounding only
+            # where the core's solve is exact; an ill-conditioned core (two loadings 6.8e6 and 1e-9
+            # remainders: C's condition ~1e22) passed that test 0.9% off. The Woodbury value kept
+            # where the variational bracket (widened by that rounding) holds it, else the
+            # variational value, else NaN
+            good = ~bad
+            every = bool(good.all())
+            qg, ug, zg, sg = (q, u, z, s) if every else (q[good], u[good], z[good], s[good])
+            qv, lower, upper = self._variational(ug, zg, D, A, solve_core)
+            kept = self._certified(qg, lower - sg * bound, upper + sg * bound)
+            kept = torch.where(kept.isnan(), self._certified(qv, lower, upper), kept)
+            if every:
+                q = kept
+            else:
+                q[good] = kept
         if bool(bad.all()):
             q = self._corrected_quadratic(u, Dinv_u, z, D, A, Dinv_A, solve_core)
         elif bool(bad.any()):
