@@ -1,11 +1,16 @@
-"""A kappa box where the in-sample leave-one-out form's beta is not monotone: the mixed corner
+"""python benchmarks/rv56s_beta_mixed_corner.py [--off]. A kappa box where the in-sample leave-one-out form's beta is not monotone: the mixed corner
 (the few high-leverage records' coordinates at kappa_hi, the many low-leverage ones' at kappa_lo)
 has the largest beta; the low-leverage records' value there falls below quadratic_ends' low end."""
 
+import sys
+
 import torch
+
+import mis_lightning.functional.correlated as C
 
 from mis_lightning.functional.correlated import RecordCorrelation
 
+C.CORRELATED_BETA_BOUNDS = '--off' not in sys.argv  # --off: cf56's corner betas
 g = torch.Generator().manual_seed(0)
 F64 = torch.float64
 W = torch.zeros(64, 20, dtype=F64)
