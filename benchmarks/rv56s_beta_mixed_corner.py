@@ -7,7 +7,6 @@ import sys
 import torch
 
 import mis_lightning.functional.correlated as C
-
 from mis_lightning.functional.correlated import RecordCorrelation
 
 C.CORRELATED_BETA_BOUNDS = '--off' not in sys.argv  # --off: cf56's corner betas
