@@ -1,5 +1,5 @@
 # ruff: noqa: B023 - the lambdas are called within their iteration
-"""python benchmarks/rv56s_certificate_fuzz.py SEED TRIALS. Fuzz cf56's certificate: factor models with wild scales; every certified form against an
+"""python benchmarks/rv56s_certificate_fuzz.py SEED TRIALS [--mild]. Fuzz cf56's certificate: factor models with wild scales; every certified form against an
 80-digit mpmath reference. BAD = certified (finite) but off by more than FACTOR_FORM_RTOL."""
 
 import sys
@@ -31,15 +31,21 @@ def ref(L, res, k, rows):
     return torch.tensor(out, dtype=F64)
 
 
-g = torch.Generator().manual_seed(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+MILD = "--mild" in sys.argv  # scales 1e-2..1e3, remainders >= 1e-6 (a healthy model's)
+ARGS = [a for a in sys.argv[1:] if a != "--mild"]
+g = torch.Generator().manual_seed(int(ARGS[0]) if ARGS else 0)
 U = lambda a, b, *s: a + (b - a) * torch.rand(*s, generator=g, dtype=F64)
 stats = dict(forms=0, nan=0, bad=0, bad_off=0, worst=0.0)
-trials = int(sys.argv[2]) if len(sys.argv) > 2 else 150
+trials = int(ARGS[1]) if len(ARGS) > 1 else 150
 for t in range(trials):
     d = int(torch.randint(2, 16, (1,), generator=g))
     k = int(torch.randint(1, 6, (1,), generator=g))
-    L = torch.randn(d, k, generator=g, dtype=F64) * 10 ** U(-3, 12, d, 1) * 10 ** U(-3, 6, 1, k)
-    res = 10 ** U(-14, 0, d)
+    if MILD:
+        L = torch.randn(d, k, generator=g, dtype=F64) * 10 ** U(-2, 3, d, 1) * 10 ** U(-1, 2, 1, k)
+        res = 10 ** U(-6, 0, d)
+    else:
+        L = torch.randn(d, k, generator=g, dtype=F64) * 10 ** U(-3, 12, d, 1) * 10 ** U(-3, 6, 1, k)
+        res = 10 ** U(-14, 0, d)
     kap = torch.ones(d, dtype=F64) if t % 3 == 0 else U(0.0, 1.0, d) ** 0.1
     z = torch.randn(k, 3, generator=g, dtype=F64)
     rows = (L @ z).T + torch.randn(3, d, generator=g, dtype=F64) * 10 ** U(-16, 0, 3, 1)
