@@ -1383,3 +1383,68 @@ def test_the_interval_ends_hold_the_in_sample_leave_one_out_form_which_is_not_mo
     plain = RecordCorrelation.in_sample(W, loo=False)
     p_lo, p_hi = plain.gaussian_ends(W, k_lo, k_hi)
     assert torch.equal(p_lo, plain.gaussian_mean_abs(W, k_lo)) and torch.equal(p_hi, plain.gaussian_mean_abs(W, k_hi))
+
+
+def test_the_interval_ends_hold_the_leave_one_out_form_where_beta_peaks_at_a_mixed_corner(monkeypatch):
+    """rv56s: ``beta`` (the common divisor's ``a_K = sum(h inside) / sum(vv)``) is not monotone in the
+    ``kappa``s: raising those of low-leverage records (``vv`` below ``a_K / 2b``) lowers it. Two blocks
+    of coordinates, 8 high-leverage records on the first, 56 low-leverage ones on the second: ``beta``
+    is largest at the mixed corner (first block high, second low), where the low-leverage records'
+    forms fall ~0.9% below the ends that pair the corners' betas (cf56's, ``CORRELATED_BETA_BOUNDS``
+    off); the bounds over the box (``_inverse_bias_range``) hold them and every sampled vertex."""
+    C = importlib.import_module("mis_lightning.functional.correlated")
+    g = torch.Generator().manual_seed(0)
+    W = torch.zeros(64, 20, dtype=torch.float64)
+    W[:8, :10] = torch.randn(8, 3, dtype=torch.float64, generator=g) @ torch.randn(3, 10, dtype=torch.float64, generator=g)
+    W[8:, 10:] = torch.randn(56, 3, dtype=torch.float64, generator=g) @ torch.randn(3, 10, dtype=torch.float64, generator=g)
+    rc = RecordCorrelation.in_sample(W)
+    corr = rc.parts[0][1]
+    k_lo, k_hi = torch.full((20,), 0.3, dtype=torch.float64), torch.full((20,), 0.95, dtype=torch.float64)
+    mixed = torch.cat([k_hi[:10], k_lo[10:]])
+    x, b = corr.self_term.to(torch.float64), corr.self_weight.to(torch.float64)
+    betas = [corr._in_sample_loo_parts(W, x, b, k)[2] for k in (k_lo, k_hi, mixed)]
+    assert betas[2] > max(betas[:2])  # not monotone: the mixed corner's beta above both corners'
+    v = rc.gaussian_mean_abs(W, mixed)
+    monkeypatch.setattr(C, "CORRELATED_BETA_BOUNDS", False)
+    lo, _ = rc.gaussian_ends(W, k_lo, k_hi)
+    assert bool((v < lo).any())  # the corners' betas: records below the low end
+    monkeypatch.setattr(C, "CORRELATED_BETA_BOUNDS", True)
+    lo, hi = rc.gaussian_ends(W, k_lo, k_hi)
+    for _ in range(8):
+        k = torch.where(torch.rand(20, generator=g) < 0.5, k_hi, k_lo)
+        f = rc.gaussian_mean_abs(W, k)
+        assert bool((lo <= f).all()) and bool((f <= hi).all())
+    assert bool((lo <= v).all())
+
+
+def test_factor_form_rows_that_pass_the_woodbury_test_are_certified_too(monkeypatch):
+    """rv56s: ``_factor_quadratic`` trusted the Woodbury difference of rows with ``s / q`` below
+    ``QUADRATIC_TOLERANCE / (eps sqrt(d))`` (~2.6e3 here), a rounding bound that assumes an exact
+    core solve. Two loadings of 6.8e6 nearly opposite over remainders clamped at 1e-9 make the core
+    ill-conditioned (~1e22): rows at ``s / q`` 4e2 and 2e3 passed the test 0.9% off the 60-digit
+    reference, finite and unflagged (``FACTOR_FORM_WOODBURY_CHECK`` off). Certified, they read NaN
+    (the bracket cannot hold 1e-4 there); a healthy model's rows keep the Woodbury value bitwise."""
+    C = importlib.import_module("mis_lightning.functional.correlated")
+    L = torch.tensor([[-6772801.638061039, 6760939.244185943], [-2.0198671977784755, 25.86870026314568],
+                      [2.7825668845798237, 34.04805762151154]], dtype=torch.float64)
+    direct = Correlation(factor=L, residual=torch.tensor([2.0432904067797093e-11, 6.187943908411396e-08,
+                                                          1.2653126470166576e-06], dtype=torch.float64))
+    rows = torch.tensor([[1028.6401072292142, -520.2126067094937, -0.00017993235971641255],
+                         [1050.94210740592, 1309.7536195493356, 0.0003553626367956661]], dtype=torch.float64)
+    ones = torch.ones(3, dtype=torch.float64)
+    ref = torch.tensor(_factor_form_reference(direct, ones, rows), dtype=torch.float64)
+    monkeypatch.setattr(C, "FACTOR_FORM_WOODBURY_CHECK", False)
+    old = direct._factor_quadratic(rows, ones)
+    assert bool(old.isfinite().all()) and float(((old - ref) / ref).abs().min()) > 5e-3
+    monkeypatch.setattr(C, "FACTOR_FORM_WOODBURY_CHECK", True)
+    new = direct._factor_quadratic(rows, ones)
+    assert bool((new.isnan() | ((new - ref).abs() <= C.FACTOR_FORM_RTOL * ref)).all()) and bool(new.isnan().all())
+    # a healthy factor model (unit-scale loadings, remainders 1e-3..1): the Woodbury rows bitwise
+    g = torch.Generator().manual_seed(3)
+    Lh = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    healthy = Correlation(factor=Lh, residual=10 ** (-3 * torch.rand(30, generator=g, dtype=torch.float64)))
+    u = torch.randn(16, 30, generator=g, dtype=torch.float64)
+    k = 1 - 0.5 * torch.rand(30, generator=g, dtype=torch.float64)
+    on = healthy._factor_quadratic(u, k)
+    monkeypatch.setattr(C, "FACTOR_FORM_WOODBURY_CHECK", False)
+    assert torch.equal(on, healthy._factor_quadratic(u, k))

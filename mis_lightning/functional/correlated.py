@@ -141,6 +141,16 @@ FACTOR_FORM_CHECK = True
 # solves' v'y) read as the variational form's minimum (Correlation._variational; cf56): False restores
 # the stationary form and v'y (A/B; both still certified where FACTOR_FORM_CHECK)
 FACTOR_FORM_VARIATIONAL = True
+# The factor forms whose Woodbury difference passes QUADRATIC_TOLERANCE's test are certified too
+# (Correlation._factor_quadratic; rv56s): that test's rounding bound s eps sqrt(d) assumes an exact
+# core solve; an ill-conditioned core left a row 0.9% off. Kept where the bracket holds it (bitwise),
+# else the variational value, else NaN. False: trusted as before (A/B); only with FACTOR_FORM_CHECK
+FACTOR_FORM_WOODBURY_CHECK = True
+# Correlation.quadratic_ends bounds the in-sample leave-one-out form's beta over the whole kappa box
+# (_inverse_bias_range; rv56s: beta is not monotone in the kappas, its largest value can sit at a
+# mixed corner, and the corners' betas alone left records 0.9% below the low end); False: the
+# corners' betas (cf56; A/B)
+CORRELATED_BETA_BOUNDS = True
 
 
 def nonfinite_coordinates(x: Tensor) -> Tensor:
@@ -663,13 +673,14 @@ class Correlation:
           records' own fourth moments; ``E[q^2] / (R E[q])`` unquantized, ``~3 d / R`` for rows
           with a normal per-record scale, ``kappa^2`` times that on a uniform ``kappa``): every
           ``q_loo`` is divided by ``1 + beta``."""
-        q0, q_loo, beta = self._in_sample_loo_parts(w, x, b, kappa)
+        q0, q_loo, beta, _ = self._in_sample_loo_parts(w, x, b, kappa)
         return q0, q_loo / (1.0 + beta)
 
-    def _in_sample_loo_parts(self, w: Tensor, x: Tensor, b: Tensor, kappa: Tensor) -> tuple[Tensor, Tensor, float]:
+    def _in_sample_loo_parts(self, w: Tensor, x: Tensor, b: Tensor, kappa: Tensor) -> tuple[Tensor, Tensor, float, Tensor]:
         """:meth:`_in_sample_loo_quadratic`'s ``q0 [R]``, ``q_loo [R]`` (own row out, before the
         common divisor; monotone in every ``kappa_j`` where the scored rows are the stored ones
-        times a scalar: ``q0 / (1 - h)``, both channel forms) and ``beta``."""
+        times a scalar: ``q0 / (1 - h)``, both channel forms), ``beta`` and the own rows' forms
+        ``vv = v'M^-1v [R]`` (certified, monotone in every ``kappa_j``)."""
         kh = kappa.sqrt()
         u, v = w * kh, x * kh
         q0 = (self._factor_quadratic(w, kappa) if self.factor is not None else
@@ -682,7 +693,7 @@ class Correlation:
         g = torch.where((q0 > 0) & (vv > 0), uv.square() / (q0 * vv).clamp_min(1e-300), torch.zeros_like(q0)).clamp(0.0, 1.0)
         h = (b * vv).clamp(0.0, IN_SAMPLE_LOO_LEVERAGE_CAP)
         q_loo = q0 * (1.0 + g * h / (1.0 - h))
-        return q0, q_loo, self._inverse_bias(vv, y, h, kappa)
+        return q0, q_loo, self._inverse_bias(vv, y, h, kappa), vv
 
     def quadratic_ends(self, influence: Tensor, k_lo: Tensor, k_hi: Tensor) -> tuple[Tensor, Tensor]:
         """``([R], [R])`` bounds of :meth:`quadratic` over every ``kappa`` with ``k_lo <= kappa <=
@@ -690,11 +701,11 @@ class Correlation:
         ends"). A form monotone in every ``kappa_j`` (the channel forms, full or factor, and the
         exact self term of proportional rows) gives its values at the two corners. The in-sample
         leave-one-out form is not (cf55): ``q_loo / (1 + beta)`` with ``q_loo`` monotone and the common
-        divisor ``1 + beta`` rising with the ``kappa``s too, so each end pairs ``q_loo`` at its own
-        corner with the divisor at the other's (the larger ``beta`` for the low end): an enclosure
-        wherever ``beta``'s range over the box is its corners' (cf56; it held on every interior
-        ``kappa`` sampled in ``tests/test_correlated.py``), wider than the corners' values by
-        ``beta``'s move (1e-5-1e-4 relative at cf55's deficits)."""
+        divisor ``1 + beta`` not monotone (it rises with most ``kappa``s, falls with those of
+        low-leverage records: rv56s), so each end pairs ``q_loo`` at its own corner with the
+        extreme divisor over the whole box (the largest ``beta`` for the low end;
+        :meth:`_inverse_bias_range`, ``CORRELATED_BETA_BOUNDS``; cf56 took the corners' betas, which
+        a mixed corner can pass), wider than the corners' values by ``beta``'s range."""
         w = influence.to(torch.float64)
         lo, hi = (k.to(torch.float64).clamp(0.0, 1.0) for k in (k_lo, k_hi))
         if not (self.self_mean and self.self_term is not None and self.self_weight is not None):
@@ -704,9 +715,70 @@ class Correlation:
             raise ValueError(f"the per-record self term has shape {tuple(x.shape)}, the influences "
                              f"{tuple(w.shape)}: its rows must be the stored records")
         b = self.self_weight.to(torch.float64)
-        _, q_lo, beta_lo = self._in_sample_loo_parts(w, x, b, lo)
-        _, q_hi, beta_hi = self._in_sample_loo_parts(w, x, b, hi)
-        return q_lo / (1.0 + max(beta_lo, beta_hi)), q_hi / (1.0 + min(beta_lo, beta_hi))
+        _, q_lo, beta_lo, vv_lo = self._in_sample_loo_parts(w, x, b, lo)
+        _, q_hi, beta_hi, vv_hi = self._in_sample_loo_parts(w, x, b, hi)
+        if not CORRELATED_BETA_BOUNDS:
+            return q_lo / (1.0 + max(beta_lo, beta_hi)), q_hi / (1.0 + min(beta_lo, beta_hi))
+        beta_min, beta_max = self._inverse_bias_range(vv_lo, vv_hi, b)
+        beta_min, beta_max = min(beta_min, beta_lo, beta_hi), max(beta_max, beta_lo, beta_hi)
+        if math.isnan(beta_lo) or math.isnan(beta_hi):  # (min / max would drop a NaN by its place)
+            beta_min = beta_max = math.nan
+        return q_lo / (1.0 + beta_max), q_hi / (1.0 + beta_min)
+
+    def _inverse_bias_range(self, vv_lo: Tensor, vv_hi: Tensor, b: Tensor) -> tuple[float, float]:
+        """``(beta_min, beta_max)``: bounds of :meth:`_inverse_bias` over the ``kappa`` box whose
+        corners give the own rows' forms ``vv_lo``, ``vv_hi`` (``[R]``; ``b [R]`` the self weights).
+        ``beta`` is increasing in ``a_K = sum(h inside) / sum(vv)``, which is not monotone in the
+        ``kappa``s (raising those of records with ``vv`` below ``a_K / 2b`` lowers it: rv56s). With
+        ``T = K^-1 - I`` and ``z = (T + R)^-1 x``: each record's ``vv = x'z`` is monotone (in
+        ``[vv_lo, vv_hi]``) and ``inside = z'Rz`` lies in ``[vv^2 / vv_1, vv]`` (``vv_1 = x'R^-1x``,
+        ``kappa = 1``; Cauchy-Schwarz on ``|G xi|^2``, ``G = R^1/2 (T + R)^-1 R^1/2 <= I``, ``xi =
+        R^-1/2 x``), ``h = min(b vv, cap)``: ``a_K``'s extremes over every record's ``vv`` in its own
+        range independently (a relaxation: the records' forms move together) by Dinkelbach's
+        bisection on the ratio, ``lambda`` where ``sum_j extreme_v (phi_j(v) - lambda v) = 0``
+        (each ``phi_j - lambda v`` piecewise convex: its extremes among the ends, the kink and the
+        pieces' stationary points)."""
+        exact, approx1 = self._loo_cache["unquantized"]
+        if not approx1 > 0:  # (beta is exact at every kappa; NaN stays NaN)
+            return exact, exact
+        vv1 = self._loo_cache["vv1"]
+        cap = IN_SAMPLE_LOO_LEVERAGE_CAP
+        lo, hi = torch.minimum(vv_lo, vv_hi), torch.maximum(vv_lo, vv_hi)
+        if not (bool(hi.sum() > 0) and bool(torch.isfinite(hi).all())):
+            return (0.0, math.inf) if bool(torch.isfinite(hi).all()) else (math.nan, math.nan)
+        c1 = torch.where(vv1 > 0, 1.0 / vv1.clamp_min(1e-300), torch.zeros_like(vv1))
+
+        def top(lam: float) -> float:  # sum_j max_v (b v^2 - lam v): convex, at an end (h <= b vv, inside <= vv)
+            return float(torch.maximum(b * lo.square() - lam * lo, b * hi.square() - lam * hi).sum())
+
+        def low(lam: float) -> float:  # sum_j min_v (min(b v, cap) v^2 / vv_1 - lam v)
+            kink = torch.where(b > 0, cap / b.clamp_min(1e-300), hi)
+            cands = [lo, hi, kink, (lam / (3.0 * b.clamp_min(1e-300) * c1.clamp_min(1e-300))).sqrt(),
+                     lam / (2.0 * cap * c1.clamp_min(1e-300))]
+            vals = [(torch.minimum(b * v, torch.full_like(v, cap)) * v.square() * c1 - lam * v)
+                    for v in (torch.minimum(torch.maximum(c, lo), hi) for c in cands)]
+            return float(torch.stack(vals).min(0).values.sum())
+
+        def root(f: Callable[[float], float], upper: float, upward: bool) -> float:
+            a, z = 0.0, upper  # f decreasing, f(a) >= 0 >= f(z): the bracket's end on the safe side
+            for _ in range(80):
+                mid = 0.5 * (a + z)
+                a, z = (mid, z) if f(mid) >= 0 else (a, mid)
+            return z if upward else a
+        crude = float((b * hi.square()).sum() / lo.sum()) if bool(lo.sum() > 0) else math.inf
+        a_max = root(top, crude, True) if math.isfinite(crude) else math.inf
+        a_min = root(low, a_max if math.isfinite(a_max) else float((b * hi.square()).sum() / hi.sum()), False)
+
+        def beta(a: float) -> float:
+            r = a / approx1
+            return math.inf if math.isinf(r) else approx1 * r + (exact - approx1) * r * r
+        return beta(a_min), beta(a_max)
+
+    @staticmethod
+    def _sorted_mean(t: Tensor) -> float:
+        # summed in sorted order: the same records give the same figure to the last bit
+        # whatever order they arrive in (processes, batch sizes), as the matrix itself
+        return float(torch.sort(t).values.sum()) / max(t.numel(), 1)
 
     def _inverse_bias(self, vv: Tensor, y: Tensor, h: Tensor, kappa: Tensor) -> float:
         """``beta`` of :meth:`_in_sample_loo_quadratic` at ``kappa``. Unquantized: exactly the
@@ -715,10 +787,7 @@ class Correlation:
         second-order estimate ``a_K = mean_j[h_j (v_j'y_j - y_j'(I - K)y_j)] / mean_j v_j'y_j``
         plus the higher orders ``beta_1 - a_1`` times ``(a_K / a_1)^2`` (on a uniform ``kappa``
         the second order scales as ``kappa^2``, the next even one as ``kappa^4``)."""
-        def mean(t: Tensor) -> float:
-            # summed in sorted order: the same records give the same figure to the last bit
-            # whatever order they arrive in (processes, batch sizes), as the matrix itself
-            return float(torch.sort(t).values.sum()) / max(t.numel(), 1)
+        mean = self._sorted_mean
 
         def second_order(vv_: Tensor, y_: Tensor, h_: Tensor, k_: Tensor) -> float:
             inside = (vv_ - ((1.0 - k_) * y_.square()).sum(-1)).clamp_min(0.0)
@@ -742,6 +811,7 @@ class Correlation:
             if IN_SAMPLE_TRACE_CHECK and target is not None and not abs(mean(vv1) - target) <= IN_SAMPLE_TRACE_RTOL * target:
                 exact = approx = math.nan  # the forms lost their digits: NaN, not a silent value
             self._loo_cache["unquantized"] = (exact, approx)
+            self._loo_cache["vv1"] = vv1  # (quadratic_ends' bound on beta over a box)
         exact, approx1 = self._loo_cache["unquantized"]
         if bool((kappa == 1).all()) or approx1 <= 0:
             return exact
@@ -793,6 +863,22 @@ class Correlation:
         q = s - torch.linalg.vecdot(y, z)
         bound = torch.finfo(torch.float64).eps * math.sqrt(w.shape[1])
         bad = ~(q * QUADRATIC_TOLERANCE >= s * bound)       # NaN included
+        if FACTOR_FORM_CHECK and FACTOR_FORM_WOODBURY_CHECK and not bool(bad.all()):
+            # the difference's rows certified too (rv56s): s * eps sqrt(d) bounds its rounding only
+            # where the core's solve is exact; an ill-conditioned core (two loadings 6.8e6 and 1e-9
+            # remainders: C's condition ~1e22) passed that test 0.9% off. The Woodbury value kept
+            # where the variational bracket (widened by that rounding) holds it, else the
+            # variational value, else NaN
+            good = ~bad
+            every = bool(good.all())
+            qg, ug, zg, sg = (q, u, z, s) if every else (q[good], u[good], z[good], s[good])
+            qv, lower, upper = self._variational(ug, zg, D, A, solve_core)
+            kept = self._certified(qg, lower - sg * bound, upper + sg * bound)
+            kept = torch.where(kept.isnan(), self._certified(qv, lower, upper), kept)
+            if every:
+                q = kept
+            else:
+                q[good] = kept
         if bool(bad.all()):
             q = self._corrected_quadratic(u, Dinv_u, z, D, A, Dinv_A, solve_core)
         elif bool(bad.any()):

@@ -15,8 +15,8 @@ the plug-in's error is dominated by where ``theta*`` sits. Two regimes:
   The leakage is increasing in each coordinate's ``kappa`` (Gaussian form; ``lam`` for one
   coordinate), so its range over the box is reached with every coordinate at its own
   extreme: a per-coordinate search. The in-sample leave-one-out correlated form is not
-  monotone (its common divisor rises with every ``kappa``): its ends pair each corner's form
-  with the other corner's divisor (:func:`correlated_ends`).
+  monotone (its common divisor moves with the ``kappa``s, not monotonically): its ends pair each
+  corner's form with the divisor's extreme over the box (:func:`correlated_ends`).
 * **averaged** (many coordinates): independent position errors average; the parametric
   bootstrap's spread (cell statistics re-evaluated around ``theta_hat + sigma xi``) has the
   right order, and the plug-in's error -- the difference between the statistics at the
