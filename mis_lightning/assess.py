@@ -1742,6 +1742,7 @@ def score_schemes(
     storage = storage_grids(model, est.names)
     prepared: list[_Prepared] = []
     failures: dict[str, str] = {}
+    interval_lost: list[str] = []  # schemes whose interval read NaN at a corner (dropped, warned)
     utility_records: int | None = None
     utility_errors: dict[str, dict[str, Any]] = {}  # Report.utility_errors
     shared_facts: list = []  # the scale facts the schemes reveal alike (scale_facts_shared)
@@ -1924,7 +1925,20 @@ def score_schemes(
         if result.error is None and not math.isfinite(result.leakage):  # never a silent NaN
             result.error = _nonfinite_error(result.method, rc, result.leakage_independent)
             failures[scheme.name] = result.error
+        elif result.error is None and result.interval is not None and \
+                not all(math.isfinite(v) for v in result.interval):
+            # rv56s: a corner of the kappa box whose correlated form could not be certified reads NaN
+            # while the headline holds; a NaN end compared as no overlap, and the verdict called the
+            # row clearly different: no interval then (the verdict's "cannot be judged"), said
+            result.interval = None
+            interval_lost.append(scheme.name)
         report.schemes[scheme.name] = result
+    if interval_lost:
+        report.warnings.append(
+            f"no 80% interval for {', '.join(interval_lost)}: an end of the interval's kappa box lost its "
+            "digits in the correlated form (read NaN), so the row has none and differences from it are not "
+            "judged; the headline itself was certified (covariance='independent' gives intervals of the "
+            "independent form)")
     if rc is not None and not math.isfinite(baseline):  # first: every figure beside it reads through it
         report.warnings.insert(0, _nonfinite_baseline_warning(rc, diagnostics.get("baseline_leakage_independent")))
     if rc is None and est.d > 1 and cfg.covariance == "auto":

@@ -979,9 +979,16 @@ def unknown_mode_message(name: str) -> str:
             "utility_mode=...); Hydra: mis.scoring.utility_mode=max), as Lightning's ModelCheckpoint mode=")
 
 
+def _has_interval(r: dict[str, Any]) -> bool:
+    """Whether row ``r`` has an 80% interval: both ends given and finite (an end read NaN, as an
+    uncertified correlated form can, is no interval: compared, it read as no overlap, rv56s)."""
+    lo, hi = r.get("leakage_p10"), r.get("leakage_p90")
+    return lo is not None and hi is not None and math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
 def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool | None:
     """Whether the 80% intervals of rows ``a`` and ``b`` overlap (``None``: one has none)."""
-    if a.get("leakage_p10") is None or b.get("leakage_p10") is None:
+    if not (_has_interval(a) and _has_interval(b)):
         return None
     return a["leakage_p10"] <= b["leakage_p90"] and b["leakage_p10"] <= a["leakage_p90"]
 
@@ -994,9 +1001,9 @@ def _unresolved(a: dict[str, Any], b: dict[str, Any]) -> bool:
     la, lb = float(a["leakage"]), float(b["leakage"])
     if _fmt(la) == _fmt(lb):
         return True
-    in_a = a.get("leakage_p10") is None or a["leakage_p10"] <= lb <= a["leakage_p90"]
-    in_b = b.get("leakage_p10") is None or b["leakage_p10"] <= la <= b["leakage_p90"]
-    if a.get("leakage_p10") is None and b.get("leakage_p10") is None:
+    in_a = not _has_interval(a) or a["leakage_p10"] <= lb <= a["leakage_p90"]
+    in_b = not _has_interval(b) or b["leakage_p10"] <= la <= b["leakage_p90"]
+    if not _has_interval(a) and not _has_interval(b):
         return False  # no interval on either side (uncertainty_draws=0): nothing to judge by
     return in_a and in_b
 

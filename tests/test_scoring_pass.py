@@ -775,3 +775,32 @@ def test_inert_zero_sd_unit_chunks_skip_the_point_masses(monkeypatch, mark):
             else:
                 for u, w in ((x.s2, y.s2), (x.s4, y.s4)):
                     assert torch.allclose(u, w, rtol=rtol, atol=0.0), float(((u - w).abs() / w.abs()).max())
+
+
+def test_an_interval_end_read_nan_is_no_interval_said_and_not_judged(monkeypatch):
+    """rv56s: the correlated form can fail its certificate at a corner of the interval's kappa box
+    while the headline holds, giving an interval with a NaN end; compared as "no overlap", the
+    verdict called that row clearly different. Now the row has no interval, a warning names the
+    scheme, and the report's comparisons treat a NaN end (an older report) as no interval."""
+    from mis_lightning import report as R
+
+    real = A._finish_scheme
+
+    def nan_end(est, prep, *a, **k):
+        res = real(est, prep, *a, **k)
+        if prep.scheme.name == "rtn_int2" and res.interval is not None:
+            res.interval = (res.interval[0], math.nan)
+        return res
+
+    monkeypatch.setattr(A, "_finish_scheme", nan_end)
+    model, est = _estimate("stored")
+    rep = A.score_schemes(est, model, SCHEMES)
+    assert rep.schemes["rtn_int2"].interval is None and math.isfinite(rep.schemes["rtn_int2"].leakage)
+    assert rep.schemes["rtn_int4"].interval is not None
+    assert any(w.startswith("no 80% interval for rtn_int2:") for w in rep.warnings), rep.warnings
+    a = {"leakage": 0.2, "leakage_p10": 0.1, "leakage_p90": math.nan}
+    b = {"leakage": 0.5, "leakage_p10": 0.45, "leakage_p90": 0.55}
+    assert R._overlap(a, b) is None and R._overlap(b, a) is None
+    none = {**a, "leakage_p10": None, "leakage_p90": None}
+    for c in (b, {"leakage": 0.21, "leakage_p10": 0.15, "leakage_p90": 0.3}):
+        assert R._unresolved(a, c) == R._unresolved(none, c) and R._unresolved(c, a) == R._unresolved(c, none)

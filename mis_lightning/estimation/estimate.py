@@ -37,7 +37,6 @@ from .._heap import raise_mmap_threshold
 from .._modelcopy import ModelCopyError, private_copy
 from .._precision import full_float32
 from .._rng import restores_rng
-from ..threads import scoring_threads
 from .._warning_filters import ignoring
 from ..config import DEFAULT_LEVERAGE_CORRECTION
 from ..functional.correlated import RCOND as CORRELATION_RCOND
@@ -47,6 +46,7 @@ from ..functional.correlated import (
     correlation_from_covariance,
     nonfinite_coordinates,
 )
+from ..threads import scoring_threads
 from . import linear_factors as LF
 from .batching import items_are_batches, loader_batches, merge_batches
 from .data_buffers import InputStatistics, persistent_float_buffers
