@@ -1743,6 +1743,7 @@ def score_schemes(
     prepared: list[_Prepared] = []
     failures: dict[str, str] = {}
     interval_lost: list[str] = []  # schemes whose interval read NaN at a corner (dropped, warned)
+    layers_lost: dict[str, list[str]] = {}  # per scheme, the layers whose figure read NaN (warned)
     utility_records: int | None = None
     utility_errors: dict[str, dict[str, Any]] = {}  # Report.utility_errors
     shared_facts: list = []  # the scale facts the schemes reveal alike (scale_facts_shared)
@@ -1932,7 +1933,16 @@ def score_schemes(
             # row clearly different: no interval then (the verdict's "cannot be judged"), said
             result.interval = None
             interval_lost.append(scheme.name)
+        if result.error is None:  # rv56s: a layer's figure read NaN (its block's form uncertified), never silent
+            nan_layers = [name for name, lr in result.layers.items() if not math.isfinite(lr.leakage)]
+            if nan_layers:
+                layers_lost[scheme.name] = nan_layers
         report.schemes[scheme.name] = result
+    if layers_lost:
+        report.warnings.append(
+            "per-layer figures not available (read NaN: the correlated form on the layer's block lost its "
+            "digits) for " + "; ".join(f"{s}: {', '.join(v)}" for s, v in layers_lost.items())
+            + "; the schemes' headlines do not read them")
     if interval_lost:
         report.warnings.append(
             f"no 80% interval for {', '.join(interval_lost)}: an end of the interval's kappa box lost its "

@@ -790,6 +790,7 @@ def test_an_interval_end_read_nan_is_no_interval_said_and_not_judged(monkeypatch
         res = real(est, prep, *a, **k)
         if prep.scheme.name == "rtn_int2" and res.interval is not None:
             res.interval = (res.interval[0], math.nan)
+            res.layers[next(iter(res.layers))].leakage = math.nan
         return res
 
     monkeypatch.setattr(A, "_finish_scheme", nan_end)
@@ -798,6 +799,9 @@ def test_an_interval_end_read_nan_is_no_interval_said_and_not_judged(monkeypatch
     assert rep.schemes["rtn_int2"].interval is None and math.isfinite(rep.schemes["rtn_int2"].leakage)
     assert rep.schemes["rtn_int4"].interval is not None
     assert any(w.startswith("no 80% interval for rtn_int2:") for w in rep.warnings), rep.warnings
+    first = next(iter(rep.schemes["rtn_int2"].layers))
+    assert any(w.startswith("per-layer figures not available") and f"rtn_int2: {first}" in w
+               for w in rep.warnings), rep.warnings
     a = {"leakage": 0.2, "leakage_p10": 0.1, "leakage_p90": math.nan}
     b = {"leakage": 0.5, "leakage_p10": 0.45, "leakage_p90": 0.55}
     assert R._overlap(a, b) is None and R._overlap(b, a) is None
