@@ -42,7 +42,8 @@ def choice_facts(acc: MomentAccumulator) -> dict[str, Any]:
     return {"probe": (list(acc._reused), acc._forward_floats, acc._choice_outputs) if probed else None, "ggn": ggn,
             # the per-sample programs the first batch settled on (the factored one falls back to the
             # per-layer one on a model with several outputs per record) and why one refused the model
-            "programs": {k: type(getattr(acc, k)).__name__ for k in _PROGRAMS}, "kfac_refused": acc._kfac_refused}
+            "programs": {k: type(getattr(acc, k)).__name__ for k in _PROGRAMS}, "kfac_refused": acc._kfac_refused,
+            "estimator": (acc.mode, acc.hessian)}
 
 
 def world_choice(facts: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -63,7 +64,11 @@ def world_choice(facts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for k, (choice, dirs) in f["ggn"].items():
             was = ggn.get(k, ("ggn", 0))
             ggn[k] = ("ggn_mc" if "ggn_mc" in (choice, was[0]) else "ggn", max(dirs, was[1]))
-    return {"probe": probe, "ggn": ggn, "programs": facts[0]["programs"],
+    # (the programs follow the estimator: those of the first process that chose each)
+    programs: dict[tuple[str, str], dict[str, str]] = {}
+    for f in facts:
+        programs.setdefault(tuple(f["estimator"]), f["programs"])
+    return {"probe": probe, "ggn": ggn, "programs": programs,
             "kfac_refused": next((f["kfac_refused"] for f in facts if f["kfac_refused"] is not None), None)}
 
 
@@ -86,9 +91,9 @@ def _estimator(acc: MomentAccumulator, world: dict[str, Any]) -> tuple[str, str]
 def follows(acc: MomentAccumulator, world: dict[str, Any]) -> bool:
     """Whether ``acc``'s sums are those ``world``'s choice accumulates: the same estimator, per-sample
     programs and Gauss-Newton choice of every first-batch program."""
-    own = choice_facts(acc)
-    return _estimator(acc, world) == (acc.mode, acc.hessian) and own["programs"] == world["programs"] and all(
-        own["ggn"].get(k, choice)[0] == choice[0] for k, choice in world["ggn"].items())
+    own, target = choice_facts(acc), _estimator(acc, world)
+    return target == (acc.mode, acc.hessian) and own["programs"] == world["programs"].get(target, own["programs"]) \
+        and all(own["ggn"].get(k, choice)[0] == choice[0] for k, choice in world["ggn"].items())
 
 
 def force(acc: MomentAccumulator, world: dict[str, Any]) -> None:
@@ -99,13 +104,19 @@ def force(acc: MomentAccumulator, world: dict[str, Any]) -> None:
         reused, floats, outputs = world["probe"]
         acc.resolve(reused, floats, outputs)
     acc._forced_ggn = dict(world["ggn"])
-    kinds = world["programs"]
+    kinds = world["programs"].get(_estimator(acc, world))
+    if kinds is None:  # (no process chose it: the programs of the first batch to come)
+        acc._settle_ggn()
+        return
     if type(acc.factored).__name__ != kinds["factored"]:  # (a process without records kept the first one)
         if acc.factored is not None:
             acc.factored.close()
         acc.factored = acc._fast_program(LayerProgram) if kinds["factored"] == "LayerProgram" else None
     if type(acc._kron_side).__name__ != kinds["_kron_side"]:
         acc._set_kron_side(LayerProgram if kinds["_kron_side"] == "LayerProgram" else FactoredProgram)
+        if kinds["_kron_side"] == "NoneType" and acc._kron_side is not None:
+            acc._kron_side.close()
+            acc._kron_side = None
     acc._kfac_refused = acc._kfac_refused or world["kfac_refused"]
     for k in _PROGRAMS:
         acc._apply_forced_ggn(getattr(acc, k), k)
