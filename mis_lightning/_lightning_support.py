@@ -50,6 +50,9 @@ from .estimation.per_sample import (
     check_record_outputs,
     loss_shape_hint,
 )
+from .estimation.world_choice import agree as agree_on_choice
+from .estimation.world_choice import force as force_choice
+from .estimation.world_choice import gather_objects
 from .evaluation import evaluate_utility, named_error, to_device
 from .progress import ProgressDisplay
 from .quantization import QuantizationScheme
@@ -1136,9 +1139,12 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     # the records of every process: "auto" weighs the exact sandwich's cost by it, as assess does
     # (None for items that are whole batches: their records are counted as they are read)
     n_total = None if ds is None else (len(records) if records is not None else len(ds))
-    metric = EstimationMetric(pl_module, None if hook else resolved["loss_fn"], seed=scoring_config.seed,
-                              estimation_config=estimation_config, batch_fn=None if hook else batch_fn,
-                              num_training_records=n_total)
+    def new_metric() -> EstimationMetric:
+        return EstimationMetric(pl_module, None if hook else resolved["loss_fn"], seed=scoring_config.seed,
+                                estimation_config=estimation_config, batch_fn=None if hook else batch_fn,
+                                num_training_records=n_total)
+
+    metric = new_metric()
     rank_zero_info(estimation_start_line(metric.mode, metric.accumulator.choice_pending, metric.accumulator.d,
                                          n_total, world))
     if items_are_batches(train) and "auto" in (estimation_config.mode, estimation_config.hessian):
@@ -1155,15 +1161,29 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
 
     pb = getattr(trainer, "progress_bar_callback", None)
     shown = pb is not None and trainer.is_global_zero and not getattr(pb, "is_disabled", False)
-    device, done = next(pl_module.parameters()).device, 0
+    device = next(pl_module.parameters()).device
     total = len(shard) if shard is not None and ds is not None else None
     with ProgressDisplay({"estimation": total, "schemes": len(schemes)}, enabled=shown) as show:
         # consecutive batches merged for the estimation pass (the same sums, fewer per-batch costs)
-        batches = (trainer_batch(trainer, batch, device) for batch in loader)
-        for batch, rows in merge_batches(batches, lambda: metric.accumulator.records_per_update):
-            metric.update(batch)
-            done += rows or getattr(loader, "batch_size", None) or 1
-            show("estimation", done if total is None else min(done, total))
+        def read(met: EstimationMetric) -> None:
+            done = 0
+            batches = (trainer_batch(trainer, batch, device) for batch in loader)
+            for batch, rows in merge_batches(batches, lambda: met.accumulator.records_per_update):
+                met.update(batch)
+                done += rows or getattr(loader, "batch_size", None) or 1
+                show("estimation", done if total is None else min(done, total))
+
+        read(metric)
+        if world > 1 and "auto" in (estimation_config.mode, estimation_config.hessian):
+            # "auto"'s first-batch choices from every process's first batches, as one process reading
+            # them all makes them (uneven or masked shards chose apart: refused at the sync before)
+            def reread(choice: dict[str, Any]) -> None:
+                nonlocal metric
+                metric = new_metric()
+                force_choice(metric.accumulator, choice)
+                read(metric)
+
+            agree_on_choice(metric.accumulator, not metric._fresh, gather_objects, reread)
         est = metric.estimate()
         # the records are the trainer's training records: "records not trained on" cannot be the cause
         # of a stiff offset here (nux51 #2: said of the 600 records a tied LM was trained on)

@@ -66,6 +66,8 @@ from .estimation.per_sample import (
     default_dtype,
     eval_mode,
 )
+from .estimation.world_choice import choice_facts, world_choice
+from .estimation.world_choice import force as force_choice
 from .functional.versions import tensor_version
 from .quantization import available_schemes
 
@@ -494,7 +496,8 @@ def first_batch_facts(acc: MomentAccumulator, who: int | None = None) -> dict[st
         "normalised": None if acc._normalised_probe else acc._normalised,
         "data_buffers": acc._data_buffers, "data_buffers_unchecked": acc._data_buffers_unchecked,
         "late": acc.late_leaves(), "estimator": (acc.mode, acc.hessian, acc.estimator),
-        "train_random": bool(acc._train_random), "input_stats": acc._input_stats.on_cpu() if acc._input_stats else None}
+        "train_random": bool(acc._train_random), "input_stats": acc._input_stats.on_cpu() if acc._input_stats else None,
+        "world_choice": choice_facts(acc)}
 
 
 def _align_first_batches(acc: MomentAccumulator, facts: list[dict[str, Any]],
@@ -859,8 +862,11 @@ class EstimationMetric(Metric):
 
         _align_first_batches(acc, facts, exchange)
         if empty and seen is not None:
-            if seen["resolved"] and acc._probe_pending:
-                acc.resolve(*seen["choice"])
+            # the others' choice, and the programs they settled on (ddp56: the factored program kept
+            # here read a multi-output model's K-FAC factors as one output's, leakage 0.62 vs 1.00)
+            resolve = acc._probe_pending
+            force_choice(acc, world_choice([f["world_choice"] for f in facts]))
+            if seen["resolved"] and resolve:
                 acc._residual_skip, acc._residual_info = seen["residual"]
             acc._probe_pending = False
         held = set(self._state_names.values())

@@ -82,6 +82,8 @@ def metric_workloads(rank: int, out_dir: str) -> None:
         json.dump(output_leaves_workload(rank), fh)
     with open(os.path.join(out_dir, f"shards_rank{rank}.json"), "w") as fh:
         json.dump(first_batches_workload(rank), fh)
+    with open(os.path.join(out_dir, f"choice_rank{rank}.json"), "w") as fh:
+        json.dump(choice_workload(rank), fh)
 
 
 EMPTY_CASES = {
@@ -602,3 +604,145 @@ def test_the_input_statistics_merge_from_other_devices():
     other = InputStatistics(model, ["mean", "std"], X[20:], 20)
     other.update(X[20:], 20)
     assert sorted(mine.merged([(other.sums, other.eps)]).matches(model)) == ["mean", "std"]
+
+
+# -- "auto"'s first-batch choices made from every rank's facts (ddp56) ---------------------------------
+CHOICE_SHARDS = {"split": ((0, 60, 30), (60, 90, 30)), "empty_rank1": ((0, 90, 90), (0, 0, 1))}
+
+
+def _masked_data() -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
+    """A 5-output linear model on 90 records whose masked least squares label outputs 0-1 of records
+    0-59 (2 loss directions each) and all 5 of records 60-89."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(90, 4, generator=g, dtype=torch.float64)
+    mask = torch.zeros(90, 5, dtype=torch.float64)
+    mask[:, :2], mask[60:] = 1, 1
+    torch.manual_seed(0)
+    model = nn.Linear(4, 5).double()
+    with torch.no_grad():
+        y = model(X) + 0.5 * torch.randn(90, 5, generator=g, dtype=torch.float64)
+    return X, torch.cat([y, mask], 1), model
+
+
+def _masked_loss(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (t[:, 5:] * (o - t[:, :5]) ** 2).sum(1)
+
+
+def choice_workload(rank: int | None) -> dict:
+    """Per case of ``CHOICE_SHARDS`` (this rank's ``(first, last, batch size)``; ``rank=None``: one case,
+    ``"one"``: all 90 in one batch, one process): ``[leakage of rtn_int4, n, estimator, re-read]``, or the
+    error's text. In the world, every rank runs ``world_choice.agree`` after its pass, as the callback
+    does (its re-read: a fresh Metric given the world's choice). ``"split"``: rank 0's first batch
+    needs 2 Gauss-Newton directions (exact), rank 1's 5 (sampled labels); ``"empty_rank1"``: rank 1
+    reads nothing. ``EXACT_MAX_PARAMS`` is 0 here, so that ``"auto"`` takes the diagonal sandwich with
+    the per-layer program's Gauss-Newton diagonal (``ggn_mode="auto"``) on this 25-weight model."""
+    E = importlib.import_module("mis_lightning.estimation.estimate")
+    saved, E.EXACT_MAX_PARAMS = E.EXACT_MAX_PARAMS, 0
+    res = {}
+    try:
+        for name, shards in CHOICE_SHARDS.items() if rank is not None else [("one", None)]:
+            try:
+                res[name] = _choice_case(rank, *((0, 90, 90) if rank is None else shards[rank]))
+            except Exception as exc:  # noqa: BLE001 - reported to the test, the world goes on
+                res[name] = f"{type(exc).__name__}: {exc}"
+    finally:
+        E.EXACT_MAX_PARAMS = saved
+    return res
+
+
+def _choice_case(rank: int | None, lo: int, hi: int, bs: int) -> list:
+    from mis_lightning.estimation import world_choice as W
+
+    X, Y, model = _masked_data()
+
+    def new():
+        return MISIndicator(model, _masked_loss, ["rtn_int4"], uncertainty_draws=0,
+                            weight_decay=1e-2, num_training_records=90)
+
+    def read(met):
+        for a in range(lo, hi, bs):
+            met.update(X[a:a + bs], Y[a:a + bs])
+
+    box = [new()]
+    read(box[0])
+    again = False
+    if rank is not None:
+        def reread(choice):
+            box[0] = new()
+            W.force(box[0].accumulator, choice)
+            read(box[0])
+
+        again = W.agree(box[0].accumulator, hi > lo, W.gather_objects, reread)
+    out = box[0].compute()
+    return [float(out["rtn_int4"]["leakage"]), box[0].report.n, box[0].accumulator.estimator, again]
+
+
+def test_ranks_whose_first_batches_would_choose_apart_take_the_worlds_choice(world):
+    """ddp56: "auto"'s first-batch choices read the ranks' own records (here the per-layer program's
+    Gauss-Newton directions: 2 on rank 0, 5 on rank 1, so exact vs sampled labels); before, the sync
+    refused them ("chose different estimators"). Now every rank gathers the facts after its pass
+    (``world_choice.agree``, as ``MISCallback`` does), takes the choice one process reading all first
+    batches at once makes (sampled labels: any rank needed more than 3 directions), and the rank that
+    chose apart re-reads its records: both equal one process reading all 90 records in one batch. A
+    rank without records takes the others' programs too: before, it kept the factored program and read
+    the multi-output K-FAC factors as one output's. Figures to 1e-9
+    relative (float64 sums in another order; the sampled labels are keyed by record content)."""
+    single = choice_workload(None)["one"]
+    assert "sampled-label" in single[2]
+    for name in CHOICE_SHARDS:
+        for k in range(2):
+            r = json.loads((world.path / "metric" / f"choice_rank{k}.json").read_text())[name]
+            assert not isinstance(r, str), (name, k, r)
+            assert r[1:3] == single[1:3], (name, k)
+            assert r[0] == pytest.approx(single[0], rel=1e-9), (name, k)
+            assert r[3] == (name == "split" and k == 0), (name, k)  # only the rank that chose apart re-reads
+
+
+class _MeanConv(nn.Module):
+    """A convolution over a sequence of any length, averaged: one output per record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.head = nn.Conv1d(2, 3, 3, padding=1), nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(x)).mean(-1))
+
+
+def test_the_worlds_choice_reads_every_ranks_first_batch(monkeypatch):
+    """The exact sandwich's measured cost ``n d F`` reads the floats ``F`` of one record's forward on the
+    first batch: sequences of length 8 on one rank and 32 on another fall on either side of
+    ``EXACT_REUSE_MAX_COST`` (set between them here), so the ranks chose apart (the sync refused). The
+    world's facts (``world_choice.world_choice``: the largest forward) give the choice one process makes
+    on a first batch holding both (padded to 32: the diagonal sandwich); the rank that chose the exact
+    one does not follow it, a fresh accumulator given it (``force``) takes it before its first batch and
+    keeps it there. No world: ``agree``'s gather stood in for by the list of both ranks' facts."""
+    from mis_lightning.estimation import world_choice as W
+
+    E = importlib.import_module("mis_lightning.estimation.estimate")
+    g = torch.Generator().manual_seed(0)
+    short, long_ = torch.randn(20, 2, 8, generator=g), torch.randn(20, 2, 32, generator=g)
+    y = torch.randn(20, generator=g)
+    d, n = 3 * 2 * 3 + 3 + 3 + 1, 40
+
+    def met():
+        return MISIndicator(_MeanConv(), mse, ["rtn_int4"], uncertainty_draws=0, num_training_records=n)
+
+    a, b, one = met(), met(), met()
+    floats = {L: E.forward_floats(a.model, x, 20) for L, x in ((8, short), (32, long_))}
+    monkeypatch.setattr(E, "EXACT_REUSE_MAX_COST", n * d * (floats[8] + floats[32]) / 2)
+    monkeypatch.setattr(E, "RESIDUAL_MAX_COST", 0.0)
+    a.update(short, y)
+    b.update(long_, y)
+    one.update(torch.cat([torch.nn.functional.pad(short, (0, 24)), long_]), torch.cat([y, y]))
+    assert (a.accumulator.mode, b.accumulator.mode, one.accumulator.mode) == ("exact", "diagonal", "diagonal")
+    world = W.world_choice([W.choice_facts(a.accumulator), W.choice_facts(b.accumulator)])
+    # (the forward's floats per record, counted on a batch of 20 and of 40: the same to 1e-3)
+    assert world["probe"][1] == b.accumulator._forward_floats
+    assert world["probe"][1] == pytest.approx(W.choice_facts(one.accumulator)["probe"][1], rel=1e-3)
+    assert not W.follows(a.accumulator, world) and W.follows(b.accumulator, world)
+    again = met()
+    W.force(again.accumulator, world)
+    again.update(short, y)
+    assert again.accumulator.mode == "diagonal" and W.follows(again.accumulator, world)

@@ -1009,6 +1009,10 @@ class MomentAccumulator:
         # "auto" chose an exact Hessian from the layer types: the first batch shows whether a
         # Linear is applied over atoms / positions (weight reuse the types do not show).
         self._probe_pending = hessian == "exact" and (self._request[0] == "auto" or self._request[1] == "auto")
+        self._probe_requested = self._probe_pending  # (world_choice: whether the first batch re-chooses)
+        # the per-layer programs' Gauss-Newton choice given by every DDP process's first batches
+        # ({program attribute: (choice, directions)}, world_choice.force); None: each program's own
+        self._forced_ggn: dict[str, tuple[str, int]] | None = None
         self._reused: list[str] = []
         self._forward_floats: float | None = None
         # the scale symmetries of layers before a normalisation, or under weight_norm (symmetries.py):
@@ -1201,7 +1205,15 @@ class MomentAccumulator:
             return None
         prog.num_records, prog.group_budget = self.num_records, self.budget
         prog.ggn_mode, prog.mc_samples, prog.mc_seed = "auto", self.ggn_mc_samples, self._mc_seed
+        self._apply_forced_ggn(prog, "_kron_side")
         return prog
+
+    def _apply_forced_ggn(self, prog: Any, attr: str) -> None:
+        """Give ``prog`` (the program held as ``attr``) the Gauss-Newton choice every DDP process's
+        first batches made (:mod:`.world_choice`), where it chooses one (``ggn_mode="auto"``)."""
+        forced = (self._forced_ggn or {}).get(attr)
+        if forced is not None and isinstance(prog, LayerProgram) and prog.ggn_mode == "auto":
+            prog.ggn_choice, prog.ggn_directions = forced
 
     def _kron_program(self) -> FactoredProgram | LayerProgram | None:
         """The program whose layers get the K-FAC correction: the estimation's own factored one,
@@ -1230,6 +1242,7 @@ class MomentAccumulator:
             prog.num_records, prog.group_budget = self.num_records, self.budget
             prog.ggn_mode = "auto" if self._request[1] == "auto" and self.hessian == "ggn" else self.hessian
             prog.mc_samples, prog.mc_seed = self.ggn_mc_samples, self._mc_seed
+            self._apply_forced_ggn(prog, "factored")
             return prog
         except NotImplementedError as exc:
             log.info("estimation: torch.func per-sample gradients (%s)", exc)

@@ -1,0 +1,154 @@
+"""One ``"auto"`` choice for every DDP process, from the facts all their first batches measured.
+
+``"auto"`` settles the estimator on a process's first batch (:meth:`MomentAccumulator._update`):
+
+* the exact-sandwich cost (:func:`~.estimate.choose_estimator`) reads the layers seen to reuse their
+  weights, the floats of one record's forward and the output floats per record (sequences padded per
+  batch: other lengths on each process), and the residual-block check of ``"ggn_residual"``;
+* the per-layer program's Gauss-Newton diagonal (``ggn_mode="auto"``, the estimation's own and the
+  K-FAC side program's) takes sampled labels where the first batch's loss Hessians need more than
+  ``GGN_EXACT_MAX_DIRECTIONS`` directions (a masked or multi-label loss: other records on each process).
+
+Processes whose shards hold other records can choose apart; their sums are then of two estimators
+(the sync's refusal, ``streaming._align_first_batches``). Here the choice is made from the facts of
+every process, reduced as one process reading all their first batches at once measures them (the
+union of the reusing layers, the largest forward and output, the residual block zero only where
+every process found it zero, sampled labels where any process needed them), and a process whose own
+choice differs re-reads its records under it. A process without records takes it too. Every process
+runs the one gather (:func:`agree`), then none or its own re-read, with no collective: no hang.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .estimate import MomentAccumulator, choose_estimator
+from .linear_factors import FactoredProgram, LayerProgram
+
+# the programs whose Gauss-Newton choice is made on the first batch: the estimation's, the K-FAC side one
+_PROGRAMS = ("factored", "_kron_side")
+
+
+def choice_facts(acc: MomentAccumulator) -> dict[str, Any]:
+    """What ``acc``'s first batch measured for ``"auto"``: ``{"probe": (reused layers, forward floats per
+    record, output floats per record) or None (not re-chosen at the first batch), "ggn": {program:
+    (choice, directions)}}``, plain Python values (for ``all_gather_object``)."""
+    probed = acc._probe_requested and not acc._probe_pending and (bool(acc._reused) or acc._forward_floats is not None)
+    ggn = {k: (p.ggn_choice, int(p.ggn_directions)) for k in _PROGRAMS
+           if isinstance(p := getattr(acc, k), LayerProgram) and p.ggn_mode == "auto" and p.ggn_choice is not None}
+    return {"probe": (list(acc._reused), acc._forward_floats, acc._choice_outputs) if probed else None, "ggn": ggn,
+            # the per-sample programs the first batch settled on (the factored one falls back to the
+            # per-layer one on a model with several outputs per record) and why one refused the model
+            "programs": {k: type(getattr(acc, k)).__name__ for k in _PROGRAMS}, "kfac_refused": acc._kfac_refused,
+            "estimator": (acc.mode, acc.hessian)}
+
+
+def world_choice(facts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The facts one process reading every process's first batch at once measures, from each process's
+    :func:`choice_facts` (those with records, in rank order): the union of the reusing layers, the
+    largest forward and output floats per record (a batch padded to its longest record), outputs
+    ``None`` where any process had none (its residual block not zero: no ``"ggn_residual"``), and per
+    program the most Gauss-Newton directions (sampled labels where any process took them)."""
+    probes = [f["probe"] for f in facts if f["probe"] is not None]
+    probe = None
+    if probes:
+        floats = [p[1] for p in probes if p[1] is not None]
+        outs = [p[2] for p in probes]
+        probe = (sorted({r for p in probes for r in p[0]}), max(floats) if floats else None,
+                 None if any(o is None for o in outs) else max(outs))
+    ggn: dict[str, tuple[str, int]] = {}
+    for f in facts:
+        for k, (choice, dirs) in f["ggn"].items():
+            was = ggn.get(k, ("ggn", 0))
+            ggn[k] = ("ggn_mc" if "ggn_mc" in (choice, was[0]) else "ggn", max(dirs, was[1]))
+    # (the programs follow the estimator: those of the first process that chose each)
+    programs: dict[tuple[str, str], dict[str, str]] = {}
+    for f in facts:
+        programs.setdefault(tuple(f["estimator"]), f["programs"])
+    return {"probe": probe, "ggn": ggn, "programs": programs,
+            "kfac_refused": next((f["kfac_refused"] for f in facts if f["kfac_refused"] is not None), None)}
+
+
+def _estimator(acc: MomentAccumulator, world: dict[str, Any]) -> tuple[str, str]:
+    """``(mode, hessian)`` that ``world``'s facts give ``acc``'s request."""
+    mode, hessian = acc.mode, acc.hessian
+    if world["probe"] is not None:
+        req_mode, req_hessian, n_hint, ggn = acc._request
+        reused, floats, outputs = world["probe"]
+        mode, hessian, _ = choose_estimator(
+            acc.model, acc.d, req_mode, req_hessian, n=n_hint, ggn=ggn, reused=reused,
+            forward_floats=float("inf") if floats is None else floats, outputs=outputs, largest=acc._largest,
+            symmetric=acc._symmetric_layers())
+    main = world["ggn"].get("factored")
+    if hessian in ("ggn", "ggn_mc") and main is not None:
+        hessian = main[0]
+    return mode, hessian
+
+
+def follows(acc: MomentAccumulator, world: dict[str, Any]) -> bool:
+    """Whether ``acc``'s sums are those ``world``'s choice accumulates: the same estimator, per-sample
+    programs and Gauss-Newton choice of every first-batch program."""
+    own, target = choice_facts(acc), _estimator(acc, world)
+    return target == (acc.mode, acc.hessian) and own["programs"] == world["programs"].get(target, own["programs"]) \
+        and all(own["ggn"].get(k, choice)[0] == choice[0] for k, choice in world["ggn"].items())
+
+
+def force(acc: MomentAccumulator, world: dict[str, Any]) -> None:
+    """Make ``acc`` (before its first batch, or without records) take ``world``'s choice: its estimator
+    re-chosen from ``world``'s facts (:meth:`MomentAccumulator.resolve`, a fresh state) and its
+    programs' Gauss-Newton choice set, kept where a program is rebuilt (:meth:`MomentAccumulator.reset_program`)."""
+    if world["probe"] is not None:
+        reused, floats, outputs = world["probe"]
+        acc.resolve(reused, floats, outputs)
+    acc._forced_ggn = dict(world["ggn"])
+    kinds = world["programs"].get(_estimator(acc, world))
+    if kinds is None:  # (no process chose it: the programs of the first batch to come)
+        acc._settle_ggn()
+        return
+    if type(acc.factored).__name__ != kinds["factored"]:  # (a process without records kept the first one)
+        if acc.factored is not None:
+            acc.factored.close()
+        acc.factored = acc._fast_program(LayerProgram) if kinds["factored"] == "LayerProgram" else None
+    if type(acc._kron_side).__name__ != kinds["_kron_side"]:
+        acc._set_kron_side(LayerProgram if kinds["_kron_side"] == "LayerProgram" else FactoredProgram)
+        if kinds["_kron_side"] == "NoneType" and acc._kron_side is not None:
+            acc._kron_side.close()
+            acc._kron_side = None
+    acc._kfac_refused = acc._kfac_refused or world["kfac_refused"]
+    for k in _PROGRAMS:
+        acc._apply_forced_ggn(getattr(acc, k), k)
+    acc._settle_ggn()
+
+
+def agree(acc: MomentAccumulator, read: bool, gather: Callable[[Any], list[Any]],
+          reread: Callable[[dict[str, Any]], None]) -> bool:
+    """Run by every process after its estimation pass, before the sync: ``gather`` (every process's
+    object, in rank order; one collective every process runs) the :func:`choice_facts` of those that
+    ``read`` records; where this process's choice is not the world's, ``reread(world)`` (its records
+    again under ``world``'s choice: a fresh accumulator given :func:`force`, no collective); a process
+    without records takes the choice without reading. Returns whether this process re-read."""
+    facts = [f for f in gather(choice_facts(acc) if read else None) if f is not None]
+    if not facts:
+        return False
+    world = world_choice(facts)
+    if not read:
+        force(acc, world)
+        return False
+    if follows(acc, world):
+        return False
+    reread(world)
+    return True
+
+
+def gather_objects(obj: Any, group: Any = None) -> list[Any]:
+    """Every process's ``obj`` in rank order (``torch.distributed.all_gather_object`` over ``group``,
+    default the world): one collective, run by every process."""
+    out: list[Any] = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(out, obj, group=group)
+    return out
+
+
+__all__ = ["agree", "choice_facts", "follows", "force", "gather_objects", "world_choice"]
