@@ -645,12 +645,17 @@ def choice_workload(rank: int | None) -> dict:
                 res[name] = _choice_case(rank, *((0, 90, 90) if rank is None else shards[rank]))
             except Exception as exc:  # noqa: BLE001 - reported to the test, the world goes on
                 res[name] = f"{type(exc).__name__}: {exc}"
+        if rank is not None:  # "split" whose re-read (rank 0's) raises: every rank must raise (rv56d)
+            try:
+                res["reread_fails"] = _choice_case(rank, *CHOICE_SHARDS["split"][rank], fail=True)
+            except Exception as exc:  # noqa: BLE001 - reported to the test, the world goes on
+                res["reread_fails"] = f"{type(exc).__name__}: {exc}"
     finally:
         E.EXACT_MAX_PARAMS = saved
     return res
 
 
-def _choice_case(rank: int | None, lo: int, hi: int, bs: int) -> list:
+def _choice_case(rank: int | None, lo: int, hi: int, bs: int, fail: bool = False) -> list:
     from mis_lightning.estimation import world_choice as W
 
     X, Y, model = _masked_data()
@@ -668,6 +673,8 @@ def _choice_case(rank: int | None, lo: int, hi: int, bs: int) -> list:
     again = False
     if rank is not None:
         def reread(choice):
+            if fail:
+                raise MemoryError("the re-read's forward ran out of memory (simulated)")
             box[0] = new()
             W.force(box[0].accumulator, choice)
             read(box[0])
@@ -696,6 +703,18 @@ def test_ranks_whose_first_batches_would_choose_apart_take_the_worlds_choice(wor
             assert r[1:3] == single[1:3], (name, k)
             assert r[0] == pytest.approx(single[0], rel=1e-9), (name, k)
             assert r[3] == (name == "split" and k == 0), (name, k)  # only the rank that chose apart re-reads
+
+
+def test_a_rank_whose_reread_fails_stops_every_rank(world):
+    """rv56d: "split" again, rank 0's re-read raising (an out-of-memory, simulated). Before, only rank 0
+    raised (``MISCallback`` with ``strict=False`` catches it and goes on training) while rank 1 went on
+    to the sync's gather and waited there for it: a hang (in this world: until rank 0's process ended,
+    "Connection closed by peer"). Now ``agree`` gathers every rank's failure
+    after the re-reads and every rank raises, naming the rank and its error."""
+    for k in range(2):
+        r = json.loads((world.path / "metric" / f"choice_rank{k}.json").read_text())["reread_fails"]
+        assert isinstance(r, str) and r.startswith("RuntimeError: process 0 failed to read its records"), (k, r)
+        assert "MemoryError: the re-read's forward ran out of memory" in r, (k, r)
 
 
 class _MeanConv(nn.Module):

@@ -15,7 +15,8 @@ every process, reduced as one process reading all their first batches at once me
 union of the reusing layers, the largest forward and output, the residual block zero only where
 every process found it zero, sampled labels where any process needed them), and a process whose own
 choice differs re-reads its records under it. A process without records takes it too. Every process
-runs the one gather (:func:`agree`), then none or its own re-read, with no collective: no hang.
+runs the one gather (:func:`agree`), then none or its own re-read, with no collective, then a second
+gather of whether that failed (all raise where one did): no hang.
 """
 
 from __future__ import annotations
@@ -126,21 +127,40 @@ def force(acc: MomentAccumulator, world: dict[str, Any]) -> None:
 def agree(acc: MomentAccumulator, read: bool, gather: Callable[[Any], list[Any]],
           reread: Callable[[dict[str, Any]], None]) -> bool:
     """Run by every process after its estimation pass, before the sync: ``gather`` (every process's
-    object, in rank order; one collective every process runs) the :func:`choice_facts` of those that
+    object, in rank order; a collective every process runs) the :func:`choice_facts` of those that
     ``read`` records; where this process's choice is not the world's, ``reread(world)`` (its records
     again under ``world``'s choice: a fresh accumulator given :func:`force`, no collective); a process
-    without records takes the choice without reading. Returns whether this process re-read."""
+    without records takes the choice without reading. Then a second ``gather`` of each process's
+    failure there (every process, whether it re-read or not), so that all raise or none does.
+    Returns whether this process re-read.
+
+    Raises:
+        RuntimeError: a process's re-read (or :func:`force`) raised: on every process, naming the
+            first such process and its error (chained from it on that process)."""
     facts = [f for f in gather(choice_facts(acc) if read else None) if f is not None]
     if not facts:
         return False
     world = world_choice(facts)
-    if not read:
-        force(acc, world)
-        return False
-    if follows(acc, world):
-        return False
-    reread(world)
-    return True
+    again, error = False, None
+    try:
+        if not read:
+            force(acc, world)
+        elif not follows(acc, world):
+            again = True
+            reread(world)
+    except Exception as exc:  # noqa: BLE001 - every process learns of it below, then every one raises
+        error = exc
+    # (rv56d: a re-read raising on one process alone, an out-of-memory say, left the others waiting
+    # at the sync's gather, the failing one gone on with training; the callback catches it with
+    # strict=False) every process runs this second gather and raises where any one failed
+    failed = [(k, msg) for k, msg in enumerate(gather(None if error is None else f"{type(error).__name__}: {error}"))
+              if msg is not None]
+    if failed:
+        k, msg = failed[0]
+        raise RuntimeError(f"process {k} failed to read its records under the DDP processes' common \"auto\" "
+                           f"choice ({msg}); every process stops the estimation here (the others would wait "
+                           "for it at the sync)") from error
+    return again
 
 
 def gather_objects(obj: Any, group: Any = None) -> list[Any]:
