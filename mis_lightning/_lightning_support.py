@@ -1178,7 +1178,11 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
             # "auto"'s first-batch choices from every process's first batches, as one process reading
             # them all makes them (uneven or masked shards chose apart: refused at the sync before)
             def reread(choice: dict[str, Any]) -> None:
-                nonlocal metric
+                nonlocal metric, loader
+                # a fresh loader: over an iterable dataset the first one is a private copy whose pass
+                # state (an epoch counter reshuffling, a cursor) the first read moved, so reading it again
+                # gave other records, cut to the first `limit` batches (rv56d); a fresh copy gives the first's
+                loader = reloader(train, shard, batch_size, limit=limit)
                 metric = new_metric()
                 force_choice(metric.accumulator, choice)
                 read(metric)

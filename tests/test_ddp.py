@@ -765,3 +765,52 @@ def test_the_worlds_choice_reads_every_ranks_first_batch(monkeypatch):
     W.force(again.accumulator, world)
     again.update(short, y)
     assert again.accumulator.mode == "diagonal" and W.follows(again.accumulator, world)
+
+
+class _Reshuffled(torch.utils.data.IterableDataset):
+    """``_masked_data``'s records 0-59 (2 loss directions each), in an order reshuffled at every pass
+    (``__iter__`` keeps the pass count: a stream's own state)."""
+
+    def __init__(self) -> None:
+        self.passes = 0
+
+    def __iter__(self):
+        X, Y, _ = _masked_data()
+        order = torch.randperm(60, generator=torch.Generator().manual_seed(self.passes)).tolist()
+        self.passes += 1
+        return iter([(X[i], Y[i]) for i in order])
+
+
+def test_the_callbacks_reread_reads_the_records_of_its_first_read(monkeypatch):
+    """rv56d: ``assess_on_trainer``'s re-read (ddp56) iterated its estimation loader again; over an
+    iterable dataset that loader reads one private copy, whose pass state the first read moved: the
+    re-read took other records (here the first 3 batches of 10, ``limit_train_batches=3``, of the
+    second pass's order), silently. Now it reads a fresh copy: the records of the first read. No world:
+    rank 0 of 2 on a stand-in trainer, ``agree``'s gathers stood in for by the other rank's facts (5
+    loss directions: sampled labels), so rank 0 (2 directions: exact) re-reads; the reference reads
+    the first pass's 30 records under that choice (the choice forced, ``force``)."""
+    from torch.utils.data import DataLoader
+
+    import mis_lightning._lightning_support as LS
+    from mis_lightning.config import EstimationConfig, ScoringConfig
+    from mis_lightning.estimation import world_choice as W
+
+    E = importlib.import_module("mis_lightning.estimation.estimate")
+    monkeypatch.setattr(E, "EXACT_MAX_PARAMS", 0)
+    X, Y, model = _masked_data()
+    cfg, scoring = EstimationConfig(weight_decay=1e-2), ScoringConfig(uncertainty_draws=0)
+    other = MISIndicator(model, _masked_loss, ["rtn_int4"], uncertainty_draws=0, weight_decay=1e-2)
+    other.update(X[60:90], Y[60:90])
+    facts = W.choice_facts(other.accumulator)
+    monkeypatch.setattr(LS, "gather_objects", lambda obj: [obj, facts if isinstance(obj, dict) else None])
+    trainer = SimpleNamespace(world_size=2, global_rank=0, is_global_zero=True, num_training_batches=3,
+                              fast_dev_run=False, val_dataloaders=None, limit_val_batches=0, progress_bar_callback=None,
+                              train_dataloader=DataLoader(_Reshuffled(), batch_size=10))
+    report = LS.assess_on_trainer(trainer, model, ["rtn_int4"], cfg, scoring, {"hook": False, "loss_fn": _masked_loss})
+    first = torch.randperm(60, generator=torch.Generator().manual_seed(0))[:30]
+    ref = MISIndicator(model, _masked_loss, ["rtn_int4"], uncertainty_draws=0, weight_decay=1e-2)
+    W.force(ref.accumulator, W.world_choice([facts]))
+    ref.update(X[first], Y[first])
+    single = ref.compute()
+    assert "sampled-label" in ref.accumulator.estimator and report.n == 30
+    assert report.schemes["rtn_int4"].leakage == pytest.approx(float(single["rtn_int4"]["leakage"]), rel=1e-9)
