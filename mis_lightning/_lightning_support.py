@@ -8,6 +8,7 @@ Lightning utilities and the core, never on the other front ends.
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 import math
 import pickle
@@ -1183,6 +1184,11 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
                 # state (an epoch counter reshuffling, a cursor) the first read moved, so reading it again
                 # gave other records, cut to the first `limit` batches (rv56d); a fresh copy gives the first's
                 loader = reloader(train, shard, batch_size, limit=limit)
+                # the first pass's Metric freed before the new one is built: it sits in reference cycles
+                # (torchmetrics' wrappers, the programs' hooks) with its private model copies and sums
+                # (exact: [d, d]), which only a collection frees (rv56d: both were held through the re-read)
+                metric = None  # type: ignore[assignment]
+                gc.collect()
                 metric = new_metric()
                 force_choice(metric.accumulator, choice)
                 read(metric)

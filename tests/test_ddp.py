@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -788,7 +789,9 @@ def test_the_callbacks_reread_reads_the_records_of_its_first_read(monkeypatch):
     second pass's order), silently. Now it reads a fresh copy: the records of the first read. No world:
     rank 0 of 2 on a stand-in trainer, ``agree``'s gathers stood in for by the other rank's facts (5
     loss directions: sampled labels), so rank 0 (2 directions: exact) re-reads; the reference reads
-    the first pass's 30 records under that choice (the choice forced, ``force``)."""
+    the first pass's 30 records under that choice (the choice forced, ``force``). The first pass's Metric
+    is freed before the re-read's is built (it sits in reference cycles with its private copies and sums:
+    before, they were held through the re-read)."""
     from torch.utils.data import DataLoader
 
     import mis_lightning._lightning_support as LS
@@ -803,6 +806,15 @@ def test_the_callbacks_reread_reads_the_records_of_its_first_read(monkeypatch):
     other.update(X[60:90], Y[60:90])
     facts = W.choice_facts(other.accumulator)
     monkeypatch.setattr(LS, "gather_objects", lambda obj: [obj, facts if isinstance(obj, dict) else None])
+    built = []  # a weak reference to each Metric the callback builds, and whether the earlier ones were alive then
+
+    class Recorded(LS.EstimationMetric):
+        def __init__(self, *args, **kwargs):
+            built.append((any(r() is not None for r, _ in built), None))
+            super().__init__(*args, **kwargs)
+            built[-1] = (weakref.ref(self.accumulator), built[-1][0])
+
+    monkeypatch.setattr(LS, "EstimationMetric", Recorded)
     trainer = SimpleNamespace(world_size=2, global_rank=0, is_global_zero=True, num_training_batches=3,
                               fast_dev_run=False, val_dataloaders=None, limit_val_batches=0, progress_bar_callback=None,
                               train_dataloader=DataLoader(_Reshuffled(), batch_size=10))
@@ -814,3 +826,5 @@ def test_the_callbacks_reread_reads_the_records_of_its_first_read(monkeypatch):
     single = ref.compute()
     assert "sampled-label" in ref.accumulator.estimator and report.n == 30
     assert report.schemes["rtn_int4"].leakage == pytest.approx(float(single["rtn_int4"]["leakage"]), rel=1e-9)
+    # the first pass's Metric (its private copies and sums) freed before the re-read's was built
+    assert [alive for _, alive in built] == [False, False]

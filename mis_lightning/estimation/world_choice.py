@@ -147,6 +147,7 @@ def agree(acc: MomentAccumulator, read: bool, gather: Callable[[Any], list[Any]]
             force(acc, world)
         elif not follows(acc, world):
             again = True
+            del acc  # (this frame's reference: the re-read can free the first pass's accumulator)
             reread(world)
     except Exception as exc:  # noqa: BLE001 - every process learns of it below, then every one raises
         error = exc
