@@ -979,16 +979,18 @@ def unknown_mode_message(name: str) -> str:
             "utility_mode=...); Hydra: mis.scoring.utility_mode=max), as Lightning's ModelCheckpoint mode=")
 
 
-def _has_interval(r: dict[str, Any]) -> bool:
+def has_interval(r: Mapping[str, Any]) -> bool:
     """Whether row ``r`` has an 80% interval: both ends given and finite (an end read NaN, as an
     uncertified correlated form can, is no interval: compared, it read as no overlap, rv56s)."""
-    lo, hi = r.get("leakage_p10"), r.get("leakage_p90")
-    return lo is not None and hi is not None and math.isfinite(float(lo)) and math.isfinite(float(hi))
+    try:
+        return math.isfinite(float(r["leakage_p10"])) and math.isfinite(float(r["leakage_p90"]))
+    except (KeyError, TypeError, ValueError):  # absent, None, or a table's "-"
+        return False
 
 
 def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool | None:
     """Whether the 80% intervals of rows ``a`` and ``b`` overlap (``None``: one has none)."""
-    if not (_has_interval(a) and _has_interval(b)):
+    if not (has_interval(a) and has_interval(b)):
         return None
     return a["leakage_p10"] <= b["leakage_p90"] and b["leakage_p10"] <= a["leakage_p90"]
 
@@ -1001,9 +1003,9 @@ def _unresolved(a: dict[str, Any], b: dict[str, Any]) -> bool:
     la, lb = float(a["leakage"]), float(b["leakage"])
     if _fmt(la) == _fmt(lb):
         return True
-    in_a = not _has_interval(a) or a["leakage_p10"] <= lb <= a["leakage_p90"]
-    in_b = not _has_interval(b) or b["leakage_p10"] <= la <= b["leakage_p90"]
-    if not _has_interval(a) and not _has_interval(b):
+    in_a = not has_interval(a) or a["leakage_p10"] <= lb <= a["leakage_p90"]
+    in_b = not has_interval(b) or b["leakage_p10"] <= la <= b["leakage_p90"]
+    if not has_interval(a) and not has_interval(b):
         return False  # no interval on either side (uncertainty_draws=0): nothing to judge by
     return in_a and in_b
 
@@ -2035,7 +2037,7 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
         if r.get("error"):
             body.append((label, str(r["error"])))
             continue
-        interval = "-" if r.get("leakage_p10") is None else \
+        interval = "-" if not has_interval(r) else \
             f"[{fmt['interval'](r['leakage_p10'])}, {fmt['interval'](r['leakage_p90'])}]"
         if interval != "-" and r.get("interval_regime") == "position-dominated":
             interval += " pos."  # the range over where few coarse weights' true values sit
@@ -2178,7 +2180,7 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
     names = [f"{name}  ({r['bits_per_weight']:.2f} b/w){leakage_marks(r)}" for r, name in points]
     for y, (r, _) in zip(ys, points):
         x = r["leakage"]
-        if r.get("leakage_p10") is not None:
+        if has_interval(r):
             ax.errorbar([x], [y], xerr=[[max(x - r["leakage_p10"], 0)], [max(r["leakage_p90"] - x, 0)]],
                         fmt="o", color="C0", capsize=3)
         else:

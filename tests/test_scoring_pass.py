@@ -805,6 +805,7 @@ def test_an_interval_end_read_nan_is_no_interval_said_and_not_judged(monkeypatch
     a = {"leakage": 0.2, "leakage_p10": 0.1, "leakage_p90": math.nan}
     b = {"leakage": 0.5, "leakage_p10": 0.45, "leakage_p90": 0.55}
     assert R._overlap(a, b) is None and R._overlap(b, a) is None
+    assert R.has_interval(b) and not R.has_interval(a) and not R.has_interval({"leakage_p10": "-", "leakage_p90": 1})
     none = {**a, "leakage_p10": None, "leakage_p90": None}
     for c in (b, {"leakage": 0.21, "leakage_p10": 0.15, "leakage_p90": 0.3}):
         assert R._unresolved(a, c) == R._unresolved(none, c) and R._unresolved(c, a) == R._unresolved(c, none)

@@ -57,6 +57,7 @@ from mis_lightning.report import (
     baseline_marks,
     column_formats,
     figure_notes,
+    has_interval,
     higher_is_better,
     leakage_marks,
     marks_legend,
@@ -300,7 +301,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
                 "-"] * len(uks) + [f"error: {short_error(str(r['error']))}", "-", "-", "-", "-", "-", "-"]
         else:
             p10, p90 = r.get("leakage_p10"), r.get("leakage_p90")
-            interval = "-" if p10 is None else f"[{fmt['interval'](p10)}, {fmt['interval'](p90)}]"
+            interval = "-" if not has_interval(r) else f"[{fmt['interval'](p10)}, {fmt['interval'](p90)}]"
             if interval != "-" and r.get("interval_regime") == "position-dominated":
                 interval += " pos."  # as in the job's own table: the interval is of another kind
             bits, ff = r.get("bits_per_weight"), _float(r.get("float_fraction"))
@@ -640,7 +641,7 @@ def _frontier_panel(ax: Any, rows: Sequence[dict[str, Any]], uk: str | None, fir
         if "(warned)" in name:  # hollow: a figure with caveats (merged rows: any of them)
             style["markerfacecolor"] = "none"
         p10, p90 = r.get("leakage_p10"), r.get("leakage_p90")
-        if p10 is not None and p90 is not None:
+        if has_interval(r):
             ax.errorbar([x], [y], yerr=[[max(y - p10, 0)], [max(p90 - y, 0)]], capsize=3, **style)
         else:
             ax.plot([x], [y], **style)
