@@ -1940,15 +1940,15 @@ def score_schemes(
         report.schemes[scheme.name] = result
     if layers_lost:
         report.warnings.append(
-            "per-layer figures not available (read NaN: the correlated form on the layer's block lost its "
-            "digits) for " + "; ".join(f"{s}: {', '.join(v)}" for s, v in layers_lost.items())
+            "per-layer figures not available (read NaN" + (": the correlated form on the layer's block lost its "
+                                                          "digits" if rc is not None else "") + ") for " + "; ".join(f"{s}: {', '.join(v)}" for s, v in layers_lost.items())
             + "; the schemes' headlines do not read them")
     if interval_lost:
         report.warnings.append(
-            f"no 80% interval for {', '.join(interval_lost)}: an end of the interval's kappa box lost its "
-            "digits in the correlated form (read NaN), so the row has none and differences from it are not "
-            "judged; the headline itself was certified (covariance='independent' gives intervals of the "
-            "independent form)")
+            f"no 80% interval for {', '.join(interval_lost)}: an end of the interval read NaN"
+            + (" (the correlated form lost its digits at a corner of the kappa box; covariance='independent' gives "
+               "intervals of the independent form)" if rc is not None else "")
+            + ", so the row has none and differences from it are not judged; the headline itself is finite")
     if rc is not None and not math.isfinite(baseline):  # first: every figure beside it reads through it
         report.warnings.insert(0, _nonfinite_baseline_warning(rc, diagnostics.get("baseline_leakage_independent")))
     if rc is None and est.d > 1 and cfg.covariance == "auto":

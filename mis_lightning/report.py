@@ -1316,7 +1316,8 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
                             + ")" for r in lower])) if lower else ""
         if all(_overlap(r, r) is None for r in others):
             return text + "; no intervals (uncertainty_draws=0): differences cannot be judged" + low
-        return text + "; it has no interval of its own (unquantized), so differences from it cannot be judged" + low
+        return (text + "; it has no interval of its own (unquantized, or its interval left out: see the warnings), "
+                "so differences from it cannot be judged" + low)
     inside = {id(r) for r in eligible}
 
     def vs_safest(r: dict[str, Any]) -> bool:
