@@ -66,7 +66,7 @@ from .estimation.per_sample import (
     default_dtype,
     eval_mode,
 )
-from .estimation.world_choice import choice_facts, world_choice
+from .estimation.world_choice import choice_facts, gather_objects, world_choice
 from .estimation.world_choice import force as force_choice
 from .functional.versions import tensor_version
 from .quantization import available_schemes
@@ -830,10 +830,9 @@ class EstimationMetric(Metric):
         # what a process's first batch decided ("auto"'s choice and the facts it measured), for a
         # process that saw no record (its figures are then those of the others: the same sums)
         empty = int(self._states()["n"]) == 0
-        me, world = dist.get_rank(group), dist.get_world_size(group)
+        me = dist.get_rank(group)
         first = None if empty else first_batch_facts(acc, me if loss_directions.GATHER_KEYS_FIRST else None)
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, (local, first, layout), group=group)
+        gathered = gather_objects((local, first, layout), group)
         metas = [g[0] if g is not None else None for g in gathered]
         ragged: dict[str, tuple[list[Tensor], list[list[tuple[int, tuple[int, ...]]]]]] = {}
         for a in layout:
@@ -855,10 +854,8 @@ class EstimationMetric(Metric):
         def exchange(want: dict[int, Tensor]) -> dict[int, Any]:
             # the rows of the world's loss-direction sample: each process sends those of its own it takes
             # (rv56: every process's whole sample went in the gather above), every process alike
-            rows: list[Any] = [None] * world
             mine = acc.loss_direction_rows(want[me]) if me in want and not empty else None
-            dist.all_gather_object(rows, mine, group=group)
-            return {w: r for w, r in enumerate(rows) if r is not None}
+            return {w: r for w, r in enumerate(gather_objects(mine, group)) if r is not None}
 
         _align_first_batches(acc, facts, exchange)
         if empty and seen is not None:
