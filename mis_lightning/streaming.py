@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import functional_call, grad, jacrev
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
@@ -64,6 +64,7 @@ from .estimation.per_sample import (
     check_record_values,
     default_batch_fn,
     default_dtype,
+    each_record,
     eval_mode,
 )
 from .estimation.world_choice import choice_facts, gather_objects, world_choice
@@ -379,7 +380,16 @@ class _HookProgram(LossProgram):
                         lambda t: t[:2] if isinstance(t, Tensor) else t, inputs), any_output=True)[1]
                 return pair if isinstance(pair, Tensor) else None
 
-            return tensor_record_shape(out, two, f"the model's output inside {HOOK_NAME}")
+            try:
+                return tensor_record_shape(out, two, f"the model's output inside {HOOK_NAME}")
+            except ValueError:
+                # its records not in dim 0 (a sequence-first [T, B, C], the tokens flattened [B*T, C],
+                # the batch concatenated with a copy [2B, C]): the hook's per-record reads
+                # (gauss_newton_factors, loss_output_hessians) call it on one record alone, whose
+                # whole output is that record's (the first-batch checks: its loss the batch's
+                # entry, its gradient J' dl/do), so they need its size only (est57: the leverage
+                # correction and the loss directions were skipped there, the figures 3% low)
+                return tuple(out.shape)
         if self._hook_layout is None:
             b = _batch_size(inputs)
             head = torch.utils._pytree.tree_map(
@@ -417,7 +427,8 @@ class _HookProgram(LossProgram):
             return self._through_output(self.params, _unsqueeze(x), delta)[0].reshape(())
 
         zero = torch.zeros(_batch_size(inputs), c, dtype=self.dtype, device=self.device)
-        return vmap(jacrev(grad(loss)))(zero, inputs)  # reverse-over-reverse (torch.func.hessian's matrix without torch's first forward-AD use, ~0.4 s once per process; pf28, pf29)
+        # reverse-over-reverse (torch.func.hessian's matrix without torch's first forward-AD use, ~0.4 s once per process; pf28, pf29)
+        return each_record(jacrev(grad(loss)), (0, 0), self.looped, zero, inputs)
 
     def gauss_newton_factors(self, inputs: Any, targets: Any, out_shape: OutputShape) -> tuple[dict[str, Tensor], Tensor]:
         """As :meth:`LossProgram.gauss_newton_factors`, the model's output taken inside the hook.
@@ -435,12 +446,13 @@ class _HookProgram(LossProgram):
         def loss(delta: Tensor, x: Any) -> Tensor:
             return self._through_output(self.params, _unsqueeze(x), delta)[0].reshape(())
 
-        jac = vmap(jacrev(output), in_dims=(None, 0))(self.params, inputs)
+        # (records one at a time where the model holds a recurrent layer, LossProgram.looped)
+        jac = each_record(jacrev(output), (None, 0), self.looped, self.params, inputs)
         b = _batch_size(inputs)
         zero = torch.zeros(b, c, dtype=self.dtype, device=self.device)
-        L = vmap(jacrev(grad(loss)))(zero, inputs)  # reverse-over-reverse, as loss_output_hessians
+        L = each_record(jacrev(grad(loss)), (0, 0), self.looped, zero, inputs)  # reverse-over-reverse, as loss_output_hessians
         if not self._factors_checked:
-            e = vmap(grad(loss))(zero, inputs)  # [B, C]
+            e = each_record(grad(loss), (0, 0), self.looped, zero, inputs)  # [B, C]
             grads = self.per_sample_grads(inputs, targets)
             for k, J in jac.items():
                 via = torch.einsum("bc,bc...->b...", e, J.reshape(b, c, *J.shape[2:]))
