@@ -67,7 +67,7 @@ from .estimation.per_sample import (
     each_record,
     eval_mode,
 )
-from .estimation.world_choice import choice_facts, gather_objects, world_choice
+from .estimation.world_choice import choice_facts, gather_objects, world_choice, world_residual
 from .estimation.world_choice import force as force_choice
 from .functional.versions import tensor_version
 from .quantization import available_schemes
@@ -531,6 +531,8 @@ def _align_first_batches(acc: MomentAccumulator, facts: list[dict[str, Any]],
       batches held one record each could not split one: "unchecked" only where none could);
     * the input statistics that tell a standardiser fitted on the training inputs, over every
       process's records (each shard's alone matches no buffer fitted on all of them);
+    * the ``"ggn_residual"`` block checks' diagnostics (:func:`~.estimation.world_choice.world_residual`),
+      reported by every process alike, one without records too;
     * the normalised layers (a structural probe): the first process's.
 
     ``exchange`` (facts whose loss directions came as keys only, :func:`first_batch_facts` with
@@ -580,6 +582,7 @@ def _align_first_batches(acc: MomentAccumulator, facts: list[dict[str, Any]],
         acc._normalised, acc._normalised_probe = facts[0]["normalised"], False
     stats = [f["input_stats"] for f in facts if f["input_stats"] is not None]
     acc.input_stats_synced = stats[0].merged([(t.sums, t.eps) for t in stats[1:]]) if stats else None
+    acc.residual_synced = world_residual([f["residual"][1] for f in facts])
 
 
 class EstimationMetric(Metric):
@@ -875,7 +878,9 @@ class EstimationMetric(Metric):
             # here read a multi-output model's K-FAC factors as one output's, leakage 0.62 vs 1.00)
             resolve = acc._probe_pending
             force_choice(acc, world_choice([f["world_choice"] for f in facts]))
-            if seen["resolved"] and resolve:
+            if seen["resolved"] and (resolve or acc._residual_info is None):
+                # (rv56d: the callback's world_choice.agree resolved it already, resolve False: the block
+                # facts were not taken; its diagnostics are the world's, residual_synced, either way)
                 acc._residual_skip, acc._residual_info = seen["residual"]
             acc._probe_pending = False
         held = set(self._state_names.values())
