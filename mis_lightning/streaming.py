@@ -67,7 +67,7 @@ from .estimation.per_sample import (
     each_record,
     eval_mode,
 )
-from .estimation.world_choice import choice_facts, gather_objects, world_choice, world_residual
+from .estimation.world_choice import choice_facts, gather_objects, world_choice, world_estimator, world_residual
 from .estimation.world_choice import force as force_choice
 from .functional.versions import tensor_version
 from .quantization import available_schemes
@@ -548,11 +548,18 @@ def _align_first_batches(acc: MomentAccumulator, facts: list[dict[str, Any]],
         return
     chosen = [f["estimator"] for f in facts]
     if len({c[:2] for c in chosen}) > 1:
+        # what "auto" chooses from every process's first batch (world_choice), the estimator to name
+        mode, hessian = world_estimator(acc, world_choice([f["world_choice"] for f in facts]))
         raise ValueError(
             "the DDP processes chose different estimators at their first batches ("
-            + "; ".join(f"process {i}: {c[2]}" for i, c in enumerate(chosen))
-            + "): their sums cannot be combined into one estimate. Pass the estimator explicitly "
-            f"(estimation={chosen[0][0]!r}, hessian={chosen[0][1]!r}) so that every process uses it")
+            + "; ".join(f"process {f.get('rank', i)}: {f['estimator'][2]}" for i, f in enumerate(facts))
+            + "): their sums cannot be combined into one estimate. estimation='auto' / hessian='auto' decide on "
+            "each process's own first batch (the forward's measured cost, e.g. sequences padded to other lengths "
+            "on each; the loss directions of a masked or multi-label loss), and a Metric used directly cannot "
+            f"re-read its records. Pass the estimator explicitly, the same on every process: estimation={mode!r}, "
+            f"hessian={hessian!r} (what 'auto' chooses from every process's first batch); or assess through "
+            "MISCallback, which makes that choice for every process and re-reads a process's records where it "
+            "chose apart")
     # measured here, after the gather, on the world's sample: every process (one without records too)
     # runs the same forwards (rv55: each measured its own before the gather, a different number)
     # in the union of the processes' output layouts (a leaf one process put back read by all; a process
@@ -847,6 +854,8 @@ class EstimationMetric(Metric):
         empty = int(self._states()["n"]) == 0
         me = dist.get_rank(group)
         first = None if empty else first_batch_facts(acc, me if loss_directions.GATHER_KEYS_FIRST else None)
+        if first is not None:
+            first["rank"] = me  # (the refusal names the processes by rank; an empty one sends no facts)
         gathered = gather_objects((local, first, layout), group)
         metas = [g[0] if g is not None else None for g in gathered]
         ragged: dict[str, tuple[list[Tensor], list[list[tuple[int, tuple[int, ...]]]]]] = {}

@@ -809,7 +809,9 @@ def test_the_worlds_choice_reads_every_ranks_first_batch(monkeypatch):
     world's facts (``world_choice.world_choice``: the largest forward) give the choice one process makes
     on a first batch holding both (padded to 32: the diagonal sandwich); the rank that chose the exact
     one does not follow it, a fresh accumulator given it (``force``) takes it before its first batch and
-    keeps it there. No world: ``agree``'s gather stood in for by the list of both ranks' facts."""
+    keeps it there. No world: ``agree``'s gather stood in for by the list of both ranks' facts. est57: as
+    Metrics used directly (no ``agree``) the sync refuses them naming the cause and the cures: that
+    estimator passed explicitly (the world's, not rank 0's), or ``MISCallback``."""
     from mis_lightning.estimation import world_choice as W
 
     E = importlib.import_module("mis_lightning.estimation.estimate")
@@ -838,6 +840,24 @@ def test_the_worlds_choice_reads_every_ranks_first_batch(monkeypatch):
     W.force(again.accumulator, world)
     again.update(short, y)
     assert again.accumulator.mode == "diagonal" and W.follows(again.accumulator, world)
+    # est57: the same two ranks as Metrics used directly (no agree) are refused at the sync: the refusal names
+    # the cause and both cures, with the estimator "auto" chooses for the world (not rank 0's exact one)
+    from mis_lightning.streaming import _align_first_batches, first_batch_facts
+
+    facts = [first_batch_facts(m.accumulator) | {"rank": k} for k, m in enumerate((a, b))]
+    with pytest.raises(ValueError) as err:
+        _align_first_batches(a.accumulator, facts)
+    msg = str(err.value)
+    assert "process 0: exact sandwich" in msg and "process 1: diagonal sandwich" in msg, msg
+    assert "decide on each process's own first batch" in msg and "sequences padded to other lengths" in msg, msg
+    assert "estimation='diagonal', hessian='ggn' (what 'auto' chooses from every process's first batch)" in msg, msg
+    assert "MISCallback, which makes that choice for every process and re-reads" in msg, msg
+    # ... and that estimator, forced on both, passes
+    forced = [MISIndicator(_MeanConv(), mse, ["rtn_int4"], uncertainty_draws=0, num_training_records=n,
+                           estimation="diagonal", hessian="ggn") for _ in range(2)]
+    forced[0].update(short, y)
+    forced[1].update(long_, y)
+    _align_first_batches(forced[0].accumulator, [first_batch_facts(m.accumulator) for m in forced])
 
 
 class _Reshuffled(torch.utils.data.IterableDataset):

@@ -102,7 +102,7 @@ def world_residual(infos: Sequence[dict[str, Any] | None]) -> dict[str, Any] | N
     return out
 
 
-def _estimator(acc: MomentAccumulator, world: dict[str, Any]) -> tuple[str, str]:
+def world_estimator(acc: MomentAccumulator, world: dict[str, Any]) -> tuple[str, str]:
     """``(mode, hessian)`` that ``world``'s facts give ``acc``'s request."""
     mode, hessian = acc.mode, acc.hessian
     if world["probe"] is not None:
@@ -121,7 +121,7 @@ def _estimator(acc: MomentAccumulator, world: dict[str, Any]) -> tuple[str, str]
 def follows(acc: MomentAccumulator, world: dict[str, Any]) -> bool:
     """Whether ``acc``'s sums are those ``world``'s choice accumulates: the same estimator, per-sample
     programs and Gauss-Newton choice of every first-batch program."""
-    own, target = choice_facts(acc), _estimator(acc, world)
+    own, target = choice_facts(acc), world_estimator(acc, world)
     return target == (acc.mode, acc.hessian) and own["programs"] == world["programs"].get(target, own["programs"]) \
         and all(own["ggn"].get(k, choice)[0] == choice[0] for k, choice in world["ggn"].items())
 
@@ -134,7 +134,7 @@ def force(acc: MomentAccumulator, world: dict[str, Any]) -> None:
         reused, floats, outputs = world["probe"]
         acc.resolve(reused, floats, outputs)
     acc._forced_ggn = dict(world["ggn"])
-    kinds = world["programs"].get(_estimator(acc, world))
+    kinds = world["programs"].get(world_estimator(acc, world))
     if kinds is None:  # (no process chose it: the programs of the first batch to come)
         acc._settle_ggn()
         return
@@ -201,4 +201,4 @@ def gather_objects(obj: Any, group: Any = None) -> list[Any]:
     return out
 
 
-__all__ = ["agree", "choice_facts", "follows", "force", "gather_objects", "world_choice", "world_residual"]
+__all__ = ["agree", "choice_facts", "follows", "force", "gather_objects", "world_choice", "world_estimator", "world_residual"]
