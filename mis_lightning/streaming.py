@@ -67,7 +67,13 @@ from .estimation.per_sample import (
     each_record,
     eval_mode,
 )
-from .estimation.world_choice import choice_facts, gather_objects, world_choice, world_estimator, world_residual
+from .estimation.world_choice import (
+    choice_facts,
+    gather_objects,
+    world_choice,
+    world_estimator,
+    world_residual,
+)
 from .estimation.world_choice import force as force_choice
 from .functional.versions import tensor_version
 from .quantization import available_schemes
