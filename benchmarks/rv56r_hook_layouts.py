@@ -18,7 +18,10 @@ prints the leakage and the loss directions' count (``MomentAccumulator.loss_dire
   model's output ``[B, ...]``: ``cat_bf`` (``self(torch.stack([x, 0.5 x], 1))``, ``[B, 2, C]``), ``flat_bf``
   (``[B, T, C]``), ``seq5_bf`` (the RNN's output transposed to ``[B, T, C]`` inside ``forward``). With
   ``--leverage`` each line says whether the leverage correction ran (the exact estimator) or the loss
-  directions were measured (the diagonal one), and why not.
+  directions were measured (the diagonal one), and why not;
+* (est57) ``penalty``: a weight penalty ``c |theta|^2`` added to each record's loss inside the hook (the
+  loss reads the weights other than through the model's output: no leverage factors), and
+  ``penalty_out``: the same objective with the penalty as weight decay (``lambda + 2 c``), the hook plain.
 
     python benchmarks/rv56r_hook_layouts.py [--estimation diagonal|exact] [--leverage]
 """
@@ -33,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mis_lightning import MISIndicator
+
+PENALTY = 5e-3  # the penalty case's c in c |theta|^2 per record
 
 
 class _Hooked(nn.Module):
@@ -59,7 +64,11 @@ class _Hooked(nn.Module):
             else:
                 a, b = self(x), self(0.5 * x)
             return F.cross_entropy(a, y, reduction="none") + 0.3 * (a - b).square().sum(1)
-        if self.kind in ("labelled", "masked"):
+        if self.kind == "penalty":  # a weight penalty inside the hook: the loss reads the weights directly
+            return F.cross_entropy(self(x), y, reduction="none") + PENALTY * sum(p.square().sum() for p in self.lin.parameters())
+        if self.kind in ("labelled", "masked", "penalty_out"):
+            if self.kind == "penalty_out":
+                return F.cross_entropy(self(x), y, reduction="none")
             keep = y >= 0
             if self.kind == "masked":
                 return F.cross_entropy(self(x), y.clamp(min=0), reduction="none") * keep
@@ -87,8 +96,10 @@ def indicator(kind: str, estimation: str) -> MISIndicator:
     y = torch.randint(0, 3, (64, 5) if kind.startswith("flat") else (64,))
     if kind in ("labelled", "masked"):
         y[torch.arange(64) % 4 == 1] = -1  # a quarter unlabelled
+    # (penalty_out: the hook's penalty c |theta|^2 as weight decay, lambda + 2 c: the same objective)
+    decay = 1e-3 + (2 * PENALTY if kind == "penalty_out" else 0.0)
     m = MISIndicator(_Hooked(kind).eval(), None, ["rtn_int4"], estimation=estimation, uncertainty_draws=0,
-                     weight_decay=1e-3, num_training_records=64, params=["lin.weight", "lin.bias"])
+                     weight_decay=decay, num_training_records=64, params=["lin.weight", "lin.bias"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for a in range(0, 64, 16):
@@ -117,7 +128,8 @@ def main() -> None:
     ap.add_argument("--estimation", default="diagonal", choices=["diagonal", "exact"])
     ap.add_argument("--leverage", action="store_true", help="say whether the leverage correction ran (exact)")
     args = ap.parse_args()
-    for kind in ("cat", "cat_bf", "twice", "flat", "flat_bf", "seq5", "seq5_bf", "labelled", "masked"):
+    for kind in ("cat", "cat_bf", "twice", "flat", "flat_bf", "seq5", "seq5_bf", "labelled", "masked", "penalty",
+                 "penalty_out"):
         print(f"{kind:7s} {run(kind, args.estimation, args.leverage)}")
 
 

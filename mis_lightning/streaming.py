@@ -154,6 +154,7 @@ class _HookProgram(LossProgram):
         self._shell = shell
         self._factors_checked = False
         self._hook_layout: OutputShape | None = None  # a tuple / dict output's sorted leaves (output_shape)
+        self._joined = False  # the hook calls the model several times: its reads join the calls' outputs
 
     @property
     def callee(self) -> nn.Module:
@@ -328,20 +329,24 @@ class _HookProgram(LossProgram):
 
     # -- the model's own output inside the hook (Gauss-Newton factors for the leverages) -----
     def _through_output(self, params: dict[str, Tensor], batch: Any, shift: Tensor | None = None,
-                        replace: Any = None, any_output: bool = False) -> tuple[Tensor, Any]:
+                        replace: Any = None, any_output: bool = False, joined: bool = False) -> tuple[Tensor, Any]:
         """``(losses, output)``: the hook's losses and the one output of the model's own
         ``__call__`` inside it (captured by a forward hook), the output moved by ``shift``
         first when given (so that the loss is a function of the output alone; a tuple / dict
         output's kept leaves moved, :func:`~.estimation.output_reads.shift_outputs`), or
-        ``replace`` in its place (the sorting of a tuple / dict output's leaves).
+        ``replace`` in its place (the sorting of a tuple / dict output's leaves). With
+        ``joined`` (:attr:`_joined`: the hook calls the model several times, each returning a
+        tensor) the output is every call's, flattened and joined in call order (``[N]``), and
+        ``shift [N]`` moves each call's part: the record's outputs for the per-record reads.
 
         Raises:
-            ValueError: the hook calls the model other than exactly once, or its output is
-                neither one tensor nor a pytree whose leaves were sorted (``any_output``: any
-                output; the factors are then unavailable; method.md section 4).
+            ValueError: the hook calls the model other than exactly once (``joined``: not at
+                all), or its output is neither one tensor nor a pytree whose leaves were sorted
+                (``any_output``: any output; the factors are then unavailable; method.md section 4).
         """
         seen: list[Any] = []
         layout = self._hook_layout
+        at = [0]  # (joined: where this call's part of the shift starts)
 
         def capture(module: nn.Module, args: Any, out: Any) -> Any:
             if module is self._shell:  # the shallow copy shares the model's hook dict
@@ -349,6 +354,10 @@ class _HookProgram(LossProgram):
             seen.append(out)
             if replace is not None:
                 return replace
+            if shift is not None and joined and isinstance(out, Tensor):
+                part = shift.reshape(-1)[at[0]: at[0] + out.numel()]
+                at[0] += out.numel()
+                return out + part.reshape(out.shape).to(out.dtype)
             if shift is not None and isinstance(out, Tensor):
                 return out + shift.reshape(out.shape).to(out.dtype)
             if shift is not None and isinstance(layout, OutputTree):
@@ -360,23 +369,52 @@ class _HookProgram(LossProgram):
             losses = self.outputs(params, batch)
         finally:
             handle.remove()
+        if joined and seen and all(isinstance(o, Tensor) for o in seen):
+            return losses, torch.cat([o.reshape(-1) for o in seen])
         if len(seen) != 1 or not (any_output or isinstance(seen[0], Tensor) or isinstance(layout, OutputTree)):
             what = f"{len(seen)} time(s)" if len(seen) != 1 else f"with a {type(seen[0]).__name__} output"
             raise ValueError(f"{HOOK_NAME} calls the model {what}; the leverages need one call "
-                             "returning one tensor")
+                             "returning one tensor, or several returning tensors")
         return losses, seen[0]
+
+    def _calls(self, batch: Any) -> list[Any]:
+        """The outputs of every call of the model inside the hook on ``batch`` (one forward, no grad)."""
+        seen: list[Any] = []
+
+        def capture(module: nn.Module, args: Any, out: Any) -> None:
+            if module is not self._shell:  # the shallow copy shares the model's hook dict
+                seen.append(out)
+
+        handle = self.model.register_forward_hook(capture)
+        try:
+            with torch.no_grad():
+                self.outputs(self.params, batch)
+        finally:
+            handle.remove()
+        return seen
 
     def output_shape(self, inputs: Any) -> OutputShape:
         """The per-record shape of the model's output inside the hook: a tensor's, or the
         :class:`~.estimation.output_reads.OutputTree` of a tuple / dict output, its leaves
-        sorted by what the hook's loss reads (once, on these inputs' first records).
+        sorted by what the hook's loss reads (once, on these inputs' first records); where the
+        hook calls the model several times, each returning a floating tensor, ``(N,)``: their
+        ``N`` floats on one record, joined (:attr:`_joined`, :meth:`_through_output`).
 
         Raises:
-            ValueError: as :meth:`_through_output`; a kept leaf that is not a floating tensor.
+            ValueError: the hook calls the model not at all, or several times with an output
+                other than a floating tensor; a kept leaf that is not a floating tensor.
         """
         first = torch.utils._pytree.tree_map(lambda t: t[:1] if isinstance(t, Tensor) else t, inputs)
-        with torch.no_grad():
-            _, out = self._through_output(self.params, first, any_output=True)
+        calls = self._calls(first)
+        # the model called several times (self(x), self(x_aug)), each a floating tensor: the record's
+        # outputs are every call's on it alone, joined (est57: the leverage correction was skipped there)
+        self._joined = len(calls) > 1 and all(isinstance(o, Tensor) and o.is_floating_point() for o in calls)
+        if self._joined:
+            return (sum(o.numel() for o in calls),)
+        if len(calls) != 1:
+            raise ValueError(f"{HOOK_NAME} calls the model {len(calls)} time(s); the leverages need one call "
+                             "returning one tensor, or several returning tensors")
+        out = calls[0]
         if isinstance(out, Tensor):
             def two() -> Tensor | None:  # (rv55: a sequence-first output read its steps as records)
                 if _batch_size(inputs) < 2:
@@ -430,7 +468,7 @@ class _HookProgram(LossProgram):
         c = output_numel(out_shape)
 
         def loss(delta: Tensor, x: Any) -> Tensor:
-            return self._through_output(self.params, _unsqueeze(x), delta)[0].reshape(())
+            return self._through_output(self.params, _unsqueeze(x), delta, joined=self._joined)[0].reshape(())
 
         zero = torch.zeros(_batch_size(inputs), c, dtype=self.dtype, device=self.device)
         # reverse-over-reverse (torch.func.hessian's matrix without torch's first forward-AD use, ~0.4 s once per process; pf28, pf29)
@@ -447,10 +485,10 @@ class _HookProgram(LossProgram):
         c = output_numel(out_shape)
 
         def output(p: dict[str, Tensor], x: Any) -> Tensor:
-            return flat_record(self._through_output(p, _unsqueeze(x))[1], out_shape)
+            return flat_record(self._through_output(p, _unsqueeze(x), joined=self._joined)[1], out_shape)
 
         def loss(delta: Tensor, x: Any) -> Tensor:
-            return self._through_output(self.params, _unsqueeze(x), delta)[0].reshape(())
+            return self._through_output(self.params, _unsqueeze(x), delta, joined=self._joined)[0].reshape(())
 
         # (records one at a time where the model holds a recurrent layer, LossProgram.looped)
         jac = each_record(jacrev(output), (None, 0), self.looped, self.params, inputs)
