@@ -1683,7 +1683,9 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
     its sigma's error there has no bound it can state (docs/benchmarks.md, "rn43"); so is the
     diagonal sandwich whose K-FAC correction a refused layer lost (``diagnostics["kfac_lost"]``: e.g. a
     transposed convolution called twice per forward; docs/benchmarks.md, "nu49", "tw51"). So is the
-    exact estimator's mean leverage above the d / n bound where d / n is not (:func:`leverage_failure`), and
+    exact estimator's mean leverage above the d / n bound where d / n is not (:func:`leverage_failure`), its
+    finite-sample (leverage) correction not run where d / n makes it matter (``diagnostics["leverage_not_run"]``:
+    the figures read low; docs/benchmarks.md, "est57"), and
     the diagonal estimator's flag that its figures may read below the exact one's
     (``diagnostics["diagonal_low_read"]``: its mean leverage per loss direction not small; docs/benchmarks.md,
     "dg55"). So
@@ -1722,6 +1724,8 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
         out.append("interpolating")
     if diagnostics.get("diagonal_over_recurrent"):
         out.append("diagonal sandwich over recurrent layers")
+    if diagnostics.get("leverage_not_run"):  # est57: the exact estimator's figures read low, said in a warning only
+        out.append("leverage correction not run")
     if diagnostics.get("kfac_lost"):  # nu49: a layer called twice lost it unmarked
         out.append("diagonal sigma without its K-FAC correction")
     low = diagnostics.get("diagonal_low_read")
@@ -1810,6 +1814,8 @@ STAR_WARNINGS: tuple[tuple[str, str, str | None], ...] = (
     ("d_eff / n = ", "d_eff / n is not small", "assess fewer weights or use more records"),
     ("mean leverage ", "finite-sample (leverage) correction", "assess fewer weights or use more records"),
     ("diagonal estimator at mean leverage", "finite-sample (leverage) correction", "estimation='exact' if affordable"),
+    # its warning's first sentence names the cause and what lets the correction run
+    ("leverage correction not run", "the finite-sample (leverage) correction could not run", None),
     # the warning's own headline: its likely causes (dropout trained in train mode, records not trained on, ...)
     ("not at a minimum", "the model is not at a minimum", None),
     ("records not trained on", "the model is not at a minimum", None),

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import functional_call, grad, jacrev
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
@@ -64,9 +64,16 @@ from .estimation.per_sample import (
     check_record_values,
     default_batch_fn,
     default_dtype,
+    each_record,
     eval_mode,
 )
-from .estimation.world_choice import choice_facts, gather_objects, world_choice
+from .estimation.world_choice import (
+    choice_facts,
+    gather_objects,
+    world_choice,
+    world_estimator,
+    world_residual,
+)
 from .estimation.world_choice import force as force_choice
 from .functional.versions import tensor_version
 from .quantization import available_schemes
@@ -147,6 +154,7 @@ class _HookProgram(LossProgram):
         self._shell = shell
         self._factors_checked = False
         self._hook_layout: OutputShape | None = None  # a tuple / dict output's sorted leaves (output_shape)
+        self._joined = False  # the hook calls the model several times: its reads join the calls' outputs
 
     @property
     def callee(self) -> nn.Module:
@@ -321,20 +329,24 @@ class _HookProgram(LossProgram):
 
     # -- the model's own output inside the hook (Gauss-Newton factors for the leverages) -----
     def _through_output(self, params: dict[str, Tensor], batch: Any, shift: Tensor | None = None,
-                        replace: Any = None, any_output: bool = False) -> tuple[Tensor, Any]:
+                        replace: Any = None, any_output: bool = False, joined: bool = False) -> tuple[Tensor, Any]:
         """``(losses, output)``: the hook's losses and the one output of the model's own
         ``__call__`` inside it (captured by a forward hook), the output moved by ``shift``
         first when given (so that the loss is a function of the output alone; a tuple / dict
         output's kept leaves moved, :func:`~.estimation.output_reads.shift_outputs`), or
-        ``replace`` in its place (the sorting of a tuple / dict output's leaves).
+        ``replace`` in its place (the sorting of a tuple / dict output's leaves). With
+        ``joined`` (:attr:`_joined`: the hook calls the model several times, each returning a
+        tensor) the output is every call's, flattened and joined in call order (``[N]``), and
+        ``shift [N]`` moves each call's part: the record's outputs for the per-record reads.
 
         Raises:
-            ValueError: the hook calls the model other than exactly once, or its output is
-                neither one tensor nor a pytree whose leaves were sorted (``any_output``: any
-                output; the factors are then unavailable; method.md section 4).
+            ValueError: the hook calls the model other than exactly once (``joined``: not at
+                all), or its output is neither one tensor nor a pytree whose leaves were sorted
+                (``any_output``: any output; the factors are then unavailable; method.md section 4).
         """
         seen: list[Any] = []
         layout = self._hook_layout
+        at = [0]  # (joined: where this call's part of the shift starts)
 
         def capture(module: nn.Module, args: Any, out: Any) -> Any:
             if module is self._shell:  # the shallow copy shares the model's hook dict
@@ -342,6 +354,10 @@ class _HookProgram(LossProgram):
             seen.append(out)
             if replace is not None:
                 return replace
+            if shift is not None and joined and isinstance(out, Tensor):
+                part = shift.reshape(-1)[at[0]: at[0] + out.numel()]
+                at[0] += out.numel()
+                return out + part.reshape(out.shape).to(out.dtype)
             if shift is not None and isinstance(out, Tensor):
                 return out + shift.reshape(out.shape).to(out.dtype)
             if shift is not None and isinstance(layout, OutputTree):
@@ -353,23 +369,52 @@ class _HookProgram(LossProgram):
             losses = self.outputs(params, batch)
         finally:
             handle.remove()
+        if joined and seen and all(isinstance(o, Tensor) for o in seen):
+            return losses, torch.cat([o.reshape(-1) for o in seen])
         if len(seen) != 1 or not (any_output or isinstance(seen[0], Tensor) or isinstance(layout, OutputTree)):
             what = f"{len(seen)} time(s)" if len(seen) != 1 else f"with a {type(seen[0]).__name__} output"
             raise ValueError(f"{HOOK_NAME} calls the model {what}; the leverages need one call "
-                             "returning one tensor")
+                             "returning one tensor, or several returning tensors")
         return losses, seen[0]
+
+    def _calls(self, batch: Any) -> list[Any]:
+        """The outputs of every call of the model inside the hook on ``batch`` (one forward, no grad)."""
+        seen: list[Any] = []
+
+        def capture(module: nn.Module, args: Any, out: Any) -> None:
+            if module is not self._shell:  # the shallow copy shares the model's hook dict
+                seen.append(out)
+
+        handle = self.model.register_forward_hook(capture)
+        try:
+            with torch.no_grad():
+                self.outputs(self.params, batch)
+        finally:
+            handle.remove()
+        return seen
 
     def output_shape(self, inputs: Any) -> OutputShape:
         """The per-record shape of the model's output inside the hook: a tensor's, or the
         :class:`~.estimation.output_reads.OutputTree` of a tuple / dict output, its leaves
-        sorted by what the hook's loss reads (once, on these inputs' first records).
+        sorted by what the hook's loss reads (once, on these inputs' first records); where the
+        hook calls the model several times, each returning a floating tensor, ``(N,)``: their
+        ``N`` floats on one record, joined (:attr:`_joined`, :meth:`_through_output`).
 
         Raises:
-            ValueError: as :meth:`_through_output`; a kept leaf that is not a floating tensor.
+            ValueError: the hook calls the model not at all, or several times with an output
+                other than a floating tensor; a kept leaf that is not a floating tensor.
         """
         first = torch.utils._pytree.tree_map(lambda t: t[:1] if isinstance(t, Tensor) else t, inputs)
-        with torch.no_grad():
-            _, out = self._through_output(self.params, first, any_output=True)
+        calls = self._calls(first)
+        # the model called several times (self(x), self(x_aug)), each a floating tensor: the record's
+        # outputs are every call's on it alone, joined (est57: the leverage correction was skipped there)
+        self._joined = len(calls) > 1 and all(isinstance(o, Tensor) and o.is_floating_point() for o in calls)
+        if self._joined:
+            return (sum(o.numel() for o in calls),)
+        if len(calls) != 1:
+            raise ValueError(f"{HOOK_NAME} calls the model {len(calls)} time(s); the leverages need one call "
+                             "returning one tensor, or several returning tensors")
+        out = calls[0]
         if isinstance(out, Tensor):
             def two() -> Tensor | None:  # (rv55: a sequence-first output read its steps as records)
                 if _batch_size(inputs) < 2:
@@ -379,7 +424,16 @@ class _HookProgram(LossProgram):
                         lambda t: t[:2] if isinstance(t, Tensor) else t, inputs), any_output=True)[1]
                 return pair if isinstance(pair, Tensor) else None
 
-            return tensor_record_shape(out, two, f"the model's output inside {HOOK_NAME}")
+            try:
+                return tensor_record_shape(out, two, f"the model's output inside {HOOK_NAME}")
+            except ValueError:
+                # its records not in dim 0 (a sequence-first [T, B, C], the tokens flattened [B*T, C],
+                # the batch concatenated with a copy [2B, C]): the hook's per-record reads
+                # (gauss_newton_factors, loss_output_hessians) call it on one record alone, whose
+                # whole output is that record's (the first-batch checks: its loss the batch's
+                # entry, its gradient J' dl/do), so they need its size only (est57: the leverage
+                # correction and the loss directions were skipped there, the figures 3% low)
+                return tuple(out.shape)
         if self._hook_layout is None:
             b = _batch_size(inputs)
             head = torch.utils._pytree.tree_map(
@@ -414,10 +468,11 @@ class _HookProgram(LossProgram):
         c = output_numel(out_shape)
 
         def loss(delta: Tensor, x: Any) -> Tensor:
-            return self._through_output(self.params, _unsqueeze(x), delta)[0].reshape(())
+            return self._through_output(self.params, _unsqueeze(x), delta, joined=self._joined)[0].reshape(())
 
         zero = torch.zeros(_batch_size(inputs), c, dtype=self.dtype, device=self.device)
-        return vmap(jacrev(grad(loss)))(zero, inputs)  # reverse-over-reverse (torch.func.hessian's matrix without torch's first forward-AD use, ~0.4 s once per process; pf28, pf29)
+        # reverse-over-reverse (torch.func.hessian's matrix without torch's first forward-AD use, ~0.4 s once per process; pf28, pf29)
+        return each_record(jacrev(grad(loss)), (0, 0), self.looped, zero, inputs)
 
     def gauss_newton_factors(self, inputs: Any, targets: Any, out_shape: OutputShape) -> tuple[dict[str, Tensor], Tensor]:
         """As :meth:`LossProgram.gauss_newton_factors`, the model's output taken inside the hook.
@@ -430,17 +485,18 @@ class _HookProgram(LossProgram):
         c = output_numel(out_shape)
 
         def output(p: dict[str, Tensor], x: Any) -> Tensor:
-            return flat_record(self._through_output(p, _unsqueeze(x))[1], out_shape)
+            return flat_record(self._through_output(p, _unsqueeze(x), joined=self._joined)[1], out_shape)
 
         def loss(delta: Tensor, x: Any) -> Tensor:
-            return self._through_output(self.params, _unsqueeze(x), delta)[0].reshape(())
+            return self._through_output(self.params, _unsqueeze(x), delta, joined=self._joined)[0].reshape(())
 
-        jac = vmap(jacrev(output), in_dims=(None, 0))(self.params, inputs)
+        # (records one at a time where the model holds a recurrent layer, LossProgram.looped)
+        jac = each_record(jacrev(output), (None, 0), self.looped, self.params, inputs)
         b = _batch_size(inputs)
         zero = torch.zeros(b, c, dtype=self.dtype, device=self.device)
-        L = vmap(jacrev(grad(loss)))(zero, inputs)  # reverse-over-reverse, as loss_output_hessians
+        L = each_record(jacrev(grad(loss)), (0, 0), self.looped, zero, inputs)  # reverse-over-reverse, as loss_output_hessians
         if not self._factors_checked:
-            e = vmap(grad(loss))(zero, inputs)  # [B, C]
+            e = each_record(grad(loss), (0, 0), self.looped, zero, inputs)  # [B, C]
             grads = self.per_sample_grads(inputs, targets)
             for k, J in jac.items():
                 via = torch.einsum("bc,bc...->b...", e, J.reshape(b, c, *J.shape[2:]))
@@ -519,6 +575,8 @@ def _align_first_batches(acc: MomentAccumulator, facts: list[dict[str, Any]],
       batches held one record each could not split one: "unchecked" only where none could);
     * the input statistics that tell a standardiser fitted on the training inputs, over every
       process's records (each shard's alone matches no buffer fitted on all of them);
+    * the ``"ggn_residual"`` block checks' diagnostics (:func:`~.estimation.world_choice.world_residual`),
+      reported by every process alike, one without records too;
     * the normalised layers (a structural probe): the first process's.
 
     ``exchange`` (facts whose loss directions came as keys only, :func:`first_batch_facts` with
@@ -534,11 +592,18 @@ def _align_first_batches(acc: MomentAccumulator, facts: list[dict[str, Any]],
         return
     chosen = [f["estimator"] for f in facts]
     if len({c[:2] for c in chosen}) > 1:
+        # what "auto" chooses from every process's first batch (world_choice), the estimator to name
+        mode, hessian = world_estimator(acc, world_choice([f["world_choice"] for f in facts]))
         raise ValueError(
             "the DDP processes chose different estimators at their first batches ("
-            + "; ".join(f"process {i}: {c[2]}" for i, c in enumerate(chosen))
-            + "): their sums cannot be combined into one estimate. Pass the estimator explicitly "
-            f"(estimation={chosen[0][0]!r}, hessian={chosen[0][1]!r}) so that every process uses it")
+            + "; ".join(f"process {f.get('rank', i)}: {f['estimator'][2]}" for i, f in enumerate(facts))
+            + "): their sums cannot be combined into one estimate. estimation='auto' / hessian='auto' decide on "
+            "each process's own first batch (the forward's measured cost, e.g. sequences padded to other lengths "
+            "on each; the loss directions of a masked or multi-label loss), and a Metric used directly cannot "
+            f"re-read its records. Pass the estimator explicitly, the same on every process: estimation={mode!r}, "
+            f"hessian={hessian!r} (what 'auto' chooses from every process's first batch); or assess through "
+            "MISCallback, which makes that choice for every process and re-reads a process's records where it "
+            "chose apart")
     # measured here, after the gather, on the world's sample: every process (one without records too)
     # runs the same forwards (rv55: each measured its own before the gather, a different number)
     # in the union of the processes' output layouts (a leaf one process put back read by all; a process
@@ -568,6 +633,7 @@ def _align_first_batches(acc: MomentAccumulator, facts: list[dict[str, Any]],
         acc._normalised, acc._normalised_probe = facts[0]["normalised"], False
     stats = [f["input_stats"] for f in facts if f["input_stats"] is not None]
     acc.input_stats_synced = stats[0].merged([(t.sums, t.eps) for t in stats[1:]]) if stats else None
+    acc.residual_synced = world_residual([f["residual"][1] for f in facts])
 
 
 class EstimationMetric(Metric):
@@ -832,6 +898,8 @@ class EstimationMetric(Metric):
         empty = int(self._states()["n"]) == 0
         me = dist.get_rank(group)
         first = None if empty else first_batch_facts(acc, me if loss_directions.GATHER_KEYS_FIRST else None)
+        if first is not None:
+            first["rank"] = me  # (the refusal names the processes by rank; an empty one sends no facts)
         gathered = gather_objects((local, first, layout), group)
         metas = [g[0] if g is not None else None for g in gathered]
         ragged: dict[str, tuple[list[Tensor], list[list[tuple[int, tuple[int, ...]]]]]] = {}
@@ -863,7 +931,9 @@ class EstimationMetric(Metric):
             # here read a multi-output model's K-FAC factors as one output's, leakage 0.62 vs 1.00)
             resolve = acc._probe_pending
             force_choice(acc, world_choice([f["world_choice"] for f in facts]))
-            if seen["resolved"] and resolve:
+            if seen["resolved"] and (resolve or acc._residual_info is None):
+                # (rv56d: the callback's world_choice.agree resolved it already, resolve False: the block
+                # facts were not taken; its diagnostics are the world's, residual_synced, either way)
                 acc._residual_skip, acc._residual_info = seen["residual"]
             acc._probe_pending = False
         held = set(self._state_names.values())

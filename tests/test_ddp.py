@@ -85,6 +85,8 @@ def metric_workloads(rank: int, out_dir: str) -> None:
         json.dump(first_batches_workload(rank), fh)
     with open(os.path.join(out_dir, f"choice_rank{rank}.json"), "w") as fh:
         json.dump(choice_workload(rank), fh)
+    with open(os.path.join(out_dir, f"residual_rank{rank}.json"), "w") as fh:
+        json.dump(residual_workload(rank), fh)
 
 
 EMPTY_CASES = {
@@ -718,6 +720,76 @@ def test_a_rank_whose_reread_fails_stops_every_rank(world):
         assert "MemoryError: the re-read's forward ran out of memory" in r, (k, r)
 
 
+# -- a rank without records reports the "ggn_residual" block checks as the others (est57) ---------------
+RESIDUAL_SHARDS = {"split": ((0, 32), (32, 64)), "empty_rank1": ((0, 64), (0, 0))}
+
+
+def residual_workload(rank: int | None) -> dict:
+    """Per case of ``RESIDUAL_SHARDS`` (this rank's records; ``rank=None``: ``"one"``, all 64 on one
+    process): ``[leakage of rtn_int4, n, hessian, the report's residual_* diagnostics]`` of
+    tests/test_estimation_conditions.py's ``_TinyCNN`` (a piecewise-linear CNN, 115 weights), for which
+    ``"auto"`` takes the exact sandwich with ``hessian="ggn_residual"`` (n = 1,000 training records
+    told). In the world every rank runs ``world_choice.agree`` after its pass, as ``MISCallback`` does:
+    it resolves the rank without records before the sync."""
+    from test_estimation_conditions import _cnn_data, _TinyCNN, ce
+
+    from mis_lightning.estimation import world_choice as W
+
+    x, y = _cnn_data(64, classes=3)
+    res = {}
+    for name, (lo, hi) in RESIDUAL_SHARDS.items() if rank is not None else [("one", (0, 64))]:
+        if rank is not None:
+            lo, hi = RESIDUAL_SHARDS[name][rank]
+        torch.manual_seed(0)
+        met = MISIndicator(_TinyCNN().eval(), ce, ["rtn_int4"], uncertainty_draws=0, num_training_records=1000,
+                           num_records=16)
+        for a in range(lo, hi, 16):
+            met.update(x[a:a + 16], y[a:a + 16])
+        if rank is not None:
+            def reread(_world):
+                raise AssertionError("no rank chooses apart here")
+
+            W.agree(met.accumulator, hi > lo, W.gather_objects, reread)
+        out = met.compute()
+        res[name] = [float(out["rtn_int4"]["leakage"]), met.report.n, met.accumulator.hessian,
+                     {k: v for k, v in met.report.diagnostics.items() if k.startswith("residual_")}]
+    return res
+
+
+def test_a_rank_without_records_reports_the_residual_checks_as_the_others(world):
+    """rv56d: under DDP a rank that saw no record, resolved by ``agree`` before the sync (as the
+    callback does), did not take the others' ``"ggn_residual"`` block checks at the sync
+    (``resolve`` False there), and its report lacked every ``residual_*`` diagnostic (the figures
+    the same). Now every rank reports the world's (``world_choice.world_residual``), equal to one
+    process reading all 64 records: the same skipped block, columns, zero blocks and ratios. Figures
+    to 1e-9 relative (float64 sums in another order)."""
+    single = residual_workload(None)["one"]
+    assert single[2] == "ggn_residual" and single[3]["residual_skipped_block"] == ["c2.weight", "c2.bias"]
+    for name in RESIDUAL_SHARDS:
+        for k in range(2):
+            r = json.loads((world.path / "metric" / f"residual_rank{k}.json").read_text())[name]
+            assert r[1:3] == single[1:3], (name, k)
+            assert r[3] == single[3], (name, k, r[3])
+            assert r[0] == pytest.approx(single[0], rel=1e-9), (name, k)
+
+
+def test_the_residual_checks_reduce_over_the_ranks():
+    """``world_residual``: the diagnostics one process reading every rank's first batch states: each
+    ratio the largest, the zero blocks those every rank found zero; ``None`` where no rank checked."""
+    from mis_lightning.estimation.world_choice import world_residual
+
+    a = {"residual_skipped_block": ["c2.weight"], "residual_block_ratio": 0.0, "residual_columns": 39,
+         "residual_zero_blocks": [["c1.weight"], ["head.weight"]], "residual_block_ratios": {"c1": 0.0, "head": 1e-12}}
+    b = {**a, "residual_block_ratio": 1e-17, "residual_zero_blocks": [["head.weight"]],
+         "residual_block_ratios": {"c1": 0.3, "head": 0.0}}
+    assert world_residual([None, None]) is None
+    assert world_residual([a, None]) == a
+    w = world_residual([a, b])
+    assert w == {**a, "residual_block_ratio": 1e-17, "residual_zero_blocks": [["head.weight"]],
+                 "residual_block_ratios": {"c1": 0.3, "head": 1e-12}}
+    assert world_residual([b, a]) == {**w, "residual_block_ratios": {"c1": 0.3, "head": 1e-12}}
+
+
 class _MeanConv(nn.Module):
     """A convolution over a sequence of any length, averaged: one output per record."""
 
@@ -737,7 +809,9 @@ def test_the_worlds_choice_reads_every_ranks_first_batch(monkeypatch):
     world's facts (``world_choice.world_choice``: the largest forward) give the choice one process makes
     on a first batch holding both (padded to 32: the diagonal sandwich); the rank that chose the exact
     one does not follow it, a fresh accumulator given it (``force``) takes it before its first batch and
-    keeps it there. No world: ``agree``'s gather stood in for by the list of both ranks' facts."""
+    keeps it there. No world: ``agree``'s gather stood in for by the list of both ranks' facts. est57: as
+    Metrics used directly (no ``agree``) the sync refuses them naming the cause and the cures: that
+    estimator passed explicitly (the world's, not rank 0's), or ``MISCallback``."""
     from mis_lightning.estimation import world_choice as W
 
     E = importlib.import_module("mis_lightning.estimation.estimate")
@@ -766,6 +840,24 @@ def test_the_worlds_choice_reads_every_ranks_first_batch(monkeypatch):
     W.force(again.accumulator, world)
     again.update(short, y)
     assert again.accumulator.mode == "diagonal" and W.follows(again.accumulator, world)
+    # est57: the same two ranks as Metrics used directly (no agree) are refused at the sync: the refusal names
+    # the cause and both cures, with the estimator "auto" chooses for the world (not rank 0's exact one)
+    from mis_lightning.streaming import _align_first_batches, first_batch_facts
+
+    facts = [first_batch_facts(m.accumulator) | {"rank": k} for k, m in enumerate((a, b))]
+    with pytest.raises(ValueError) as err:
+        _align_first_batches(a.accumulator, facts)
+    msg = str(err.value)
+    assert "process 0: exact sandwich" in msg and "process 1: diagonal sandwich" in msg, msg
+    assert "decide on each process's own first batch" in msg and "sequences padded to other lengths" in msg, msg
+    assert "estimation='diagonal', hessian='ggn' (what 'auto' chooses from every process's first batch)" in msg, msg
+    assert "MISCallback, which makes that choice for every process and re-reads" in msg, msg
+    # ... and that estimator, forced on both, passes
+    forced = [MISIndicator(_MeanConv(), mse, ["rtn_int4"], uncertainty_draws=0, num_training_records=n,
+                           estimation="diagonal", hessian="ggn") for _ in range(2)]
+    forced[0].update(short, y)
+    forced[1].update(long_, y)
+    _align_first_batches(forced[0].accumulator, [first_batch_facts(m.accumulator) for m in forced])
 
 
 class _Reshuffled(torch.utils.data.IterableDataset):

@@ -1088,6 +1088,9 @@ class MomentAccumulator:
         # process's next batch
         self.directions_synced: tuple[float, str, int] | None = None
         self.input_stats_synced: InputStatistics | None = None
+        # the "ggn_residual" block checks' diagnostics over every DDP process's first batch
+        # (world_choice.world_residual; a process without records has none of its own), likewise
+        self.residual_synced: dict[str, Any] | None = None
         # trainable weights left out of the assessment (a norm or bias kept in float): they fit
         # the data too, but neither estimator's leverage counts them (reported, method.md section 4)
         self._unassessed = sum(p.numel() for k, p in named.items() if p.requires_grad and k not in param_names)
@@ -1349,7 +1352,8 @@ class MomentAccumulator:
     def _update(self, batch: Any, state: dict[str, Any] | None) -> int:
         st = self.state if state is None else state
         program = self.program
-        self.directions_synced = self.input_stats_synced = None  # (a sync's merge: stale from this record on)
+        # (a sync's merge: stale from this record on)
+        self.directions_synced = self.input_stats_synced = self.residual_synced = None
         inputs, targets, b = program.prepare(batch)
         if self._train_random is None:  # dropout written in a forward (the not-at-a-minimum warning's cause, ux53)
             probe = getattr(program, "random_in_train_mode", None)
@@ -2157,8 +2161,9 @@ class MomentAccumulator:
                                   "self_term": v["self_term"], "self_weight": v["self_weight"],
                                   "correlation_factor": v["correlation_factor"]}
                               for f, v in variants.items()} or None
-            if self._residual_info is not None:
-                diagnostics.update(self._residual_info)
+            residual = self._residual_info if self.residual_synced is None else self.residual_synced
+            if residual is not None:
+                diagnostics.update(residual)
             return Estimate(mode="exact", hessian=self.hessian, sigma=_split(sigma_flat, names, offsets),
                             influence=w, num_records=w.shape[0], mahalanobis=mahal, correlation=corr,
                             leverage=records.get("leverage"), self_term=records.get("self_term"),

@@ -160,11 +160,12 @@ def check_records_first(out: Any, b: int, what: str, one: Any = None) -> None:
     ``one``: the output of the first record alone, where known (a ``mis_per_sample_loss`` hook's
     checks). Only an output :func:`tensor_record_shape` would read as records-first by its shapes is
     refused then: ``one``'s dim 0 is 1 (``[1, B, C]``), or 2 where the batch's is too and ``one`` is
-    its dim 1 squeezed (``[2, B]`` heads). A hook's other layouts are left to it, as before rv56
-    (rv56r): there they are refused, and the loss directions counted 1 a record, the largest
-    correction, with the reason (a sequence-first ``[T, B, C]`` of ``T > 1``, accepted since
-    rv54b; the batch concatenated ``self(torch.cat([x, x_aug]))``, ``[2B, C]``, whose figures equal
-    those of the same hook calling the model twice; the tokens flattened ``[B*T, C]``).
+    its dim 1 squeezed (``[2, B]`` heads). A hook's other layouts are accepted (rv56r): a sequence-first
+    ``[T, B, C]`` of ``T > 1`` (accepted since rv54b), the batch concatenated
+    ``self(torch.cat([x, x_aug]))`` (``[2B, C]``), the tokens flattened (``[B*T, C]``); the hook's
+    per-record reads call it on one record alone, whose whole output is the record's
+    (``streaming._HookProgram.output_shape``), so their figures are those of the same model laid out
+    batch-first (est57; before, the leverage correction and the loss directions were skipped there).
 
     Raises:
         ValueError: naming ``what`` and the shapes, and the cure (the output batch-first).

@@ -257,6 +257,18 @@ def _rows_of(tree: Any, i: int) -> Any:
     return torch.utils._pytree.tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, tree)
 
 
+def each_record(fn: Callable[..., Any], in_dims: tuple[int | None, ...], looped: bool, *args: Any) -> Any:
+    """``vmap(fn, in_dims)(*args)``, or with ``looped`` ``fn`` on each record in turn (record ``i``
+    of every argument whose ``in_dims`` entry is 0, the others whole), the results stacked: the
+    same values for a forward vmap cannot batch over the records (a recurrent layer,
+    :attr:`LossProgram.looped`)."""
+    if not looped:
+        return vmap(fn, in_dims=in_dims)(*args)
+    b = next(_batch_size(a) for a, d in zip(args, in_dims) if d == 0)
+    rows = [fn(*(a if d is None else _rows_of(a, i) for a, d in zip(args, in_dims))) for i in range(b)]
+    return torch.utils._pytree.tree_map(lambda *r: torch.stack(r), *rows)
+
+
 # record_loss_derivatives: output sizes up to which the loss Hessian's rows take one scalar
 # backward each instead of one batched backward with a gradient tensor (below: the import it avoids)
 LOSS_HESSIAN_LOOP_MAX = 16

@@ -73,7 +73,36 @@ def world_choice(facts: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "kfac_refused": next((f["kfac_refused"] for f in facts if f["kfac_refused"] is not None), None)}
 
 
-def _estimator(acc: MomentAccumulator, world: dict[str, Any]) -> tuple[str, str]:
+def world_residual(infos: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The ``"ggn_residual"`` block checks' diagnostics (``MomentAccumulator._residual_info``: the
+    largest module's block skipped, its ratio, the other modules' blocks found zero and their ratios)
+    as one process reading every process's first batch at once states them, from each process's
+    (``None``: it ran no check; ``None`` where none did): every ratio the largest over the processes
+    (a block is zero on the union where it is on each), the zero blocks those every process found
+    zero, the largest block skipped where every process skipped it. Every process reports this, one
+    without records too (rv56d: it reported none). The sums are each process's own and unchanged."""
+    seen = [i for i in infos if i is not None]
+    if not seen:
+        return None
+    first = seen[0]
+    out = dict(first)
+    same = all(i["residual_skipped_block"] == first["residual_skipped_block"] for i in seen)
+    if not same:
+        out["residual_skipped_block"] = []
+    out["residual_columns"] = max(i["residual_columns"] for i in seen)
+    out["residual_block_ratio"] = max(float(i["residual_block_ratio"]) for i in seen)
+    if all("residual_zero_blocks" in i for i in seen):
+        out["residual_zero_blocks"] = [g for g in first["residual_zero_blocks"]
+                                       if all(g in i["residual_zero_blocks"] for i in seen)]
+        keys = dict.fromkeys(k for i in seen for k in i["residual_block_ratios"])
+        out["residual_block_ratios"] = {k: max(float(i["residual_block_ratios"].get(k, 0.0)) for i in seen) for k in keys}
+    else:
+        out.pop("residual_zero_blocks", None)
+        out.pop("residual_block_ratios", None)
+    return out
+
+
+def world_estimator(acc: MomentAccumulator, world: dict[str, Any]) -> tuple[str, str]:
     """``(mode, hessian)`` that ``world``'s facts give ``acc``'s request."""
     mode, hessian = acc.mode, acc.hessian
     if world["probe"] is not None:
@@ -92,7 +121,7 @@ def _estimator(acc: MomentAccumulator, world: dict[str, Any]) -> tuple[str, str]
 def follows(acc: MomentAccumulator, world: dict[str, Any]) -> bool:
     """Whether ``acc``'s sums are those ``world``'s choice accumulates: the same estimator, per-sample
     programs and Gauss-Newton choice of every first-batch program."""
-    own, target = choice_facts(acc), _estimator(acc, world)
+    own, target = choice_facts(acc), world_estimator(acc, world)
     return target == (acc.mode, acc.hessian) and own["programs"] == world["programs"].get(target, own["programs"]) \
         and all(own["ggn"].get(k, choice)[0] == choice[0] for k, choice in world["ggn"].items())
 
@@ -105,7 +134,7 @@ def force(acc: MomentAccumulator, world: dict[str, Any]) -> None:
         reused, floats, outputs = world["probe"]
         acc.resolve(reused, floats, outputs)
     acc._forced_ggn = dict(world["ggn"])
-    kinds = world["programs"].get(_estimator(acc, world))
+    kinds = world["programs"].get(world_estimator(acc, world))
     if kinds is None:  # (no process chose it: the programs of the first batch to come)
         acc._settle_ggn()
         return
@@ -172,4 +201,4 @@ def gather_objects(obj: Any, group: Any = None) -> list[Any]:
     return out
 
 
-__all__ = ["agree", "choice_facts", "follows", "force", "gather_objects", "world_choice"]
+__all__ = ["agree", "choice_facts", "follows", "force", "gather_objects", "world_choice", "world_estimator", "world_residual"]
