@@ -117,6 +117,7 @@ from .report import (
     failure_warning,
     float_determined,
     higher_is_better,
+    interval_lost_warning,
     merge_scheme_warnings,
     metric_mode,
     metric_name,
@@ -1944,11 +1945,9 @@ def score_schemes(
                                                           "digits" if rc is not None else "") + ") for " + "; ".join(f"{s}: {', '.join(v)}" for s, v in layers_lost.items())
             + "; the schemes' headlines do not read them")
     if interval_lost:
-        report.warnings.append(
-            f"no 80% interval for {', '.join(interval_lost)}: an end of the interval read NaN"
-            + (" (the correlated form lost its digits at a corner of the kappa box; covariance='independent' gives "
-               "intervals of the independent form)" if rc is not None else "")
-            + ", so the row has none and differences from it are not judged; the headline itself is finite")
+        report.warnings.append(interval_lost_warning(
+            interval_lost, " (the correlated form lost its digits at a corner of the kappa box; covariance="
+            "'independent' gives intervals of the independent form)" if rc is not None else ""))
     if rc is not None and not math.isfinite(baseline):  # first: every figure beside it reads through it
         report.warnings.insert(0, _nonfinite_baseline_warning(rc, diagnostics.get("baseline_leakage_independent")))
     if rc is None and est.d > 1 and cfg.covariance == "auto":

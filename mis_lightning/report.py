@@ -417,20 +417,26 @@ class Report:
         Raises:
             KeyError: a required key is missing; TypeError: an unknown result field.
         """
-        schemes = {}
+        schemes, lost = {}, []
         for k, v in data["schemes"].items():
             v = _floats_back(SchemeResult, _new_keys(dict(v)))
             v["layers"] = {ln: LayerResult(**_floats_back(LayerResult, _new_keys(dict(lv))))
                            for ln, lv in v.get("layers", {}).items()}
             if v.get("interval") is not None:
                 v["interval"] = tuple(v["interval"])
+            if v.get("interval") is not None and not all(math.isfinite(float(e)) for e in v["interval"]):
+                v["interval"] = None  # saved before the scoring pass dropped NaN ends: no interval, said below
+                lost.append(k)
             schemes[k] = SchemeResult(**v)
         top = _floats_back(cls, {k: data[k] for k in ("baseline_leakage", "baseline_mis", "baseline_pool_leakage")
                                  if k in data})
+        warnings = list(data.get("warnings", []))
+        if lost:
+            warnings.append(interval_lost_warning(lost, " in this saved report"))
         return cls(
             n=data["n"], d=data["d"], estimation=data["estimation"], diagnostics=data["diagnostics"],
             schemes=schemes, baseline_leakage=top["baseline_leakage"],
-            baseline_mis=top["baseline_mis"], warnings=data.get("warnings", []),
+            baseline_mis=top["baseline_mis"], warnings=warnings,
             baseline_pool_leakage=top.get("baseline_pool_leakage", math.nan),
             game=data.get("game", GAME), row_notes=dict(data.get("row_notes") or {}),
             utility_modes=dict(data.get("utility_modes") or {}), utility_key=data.get("utility_key"),
@@ -986,6 +992,24 @@ def has_interval(r: Mapping[str, Any]) -> bool:
         return math.isfinite(float(r["leakage_p10"])) and math.isfinite(float(r["leakage_p90"]))
     except (KeyError, TypeError, ValueError):  # absent, None, or a table's "-"
         return False
+
+
+def interval_lost_warning(schemes: Sequence[str], detail: str = "") -> str:
+    """The warning for the schemes whose 80% interval was dropped as an end read NaN (``detail``:
+    why, where known); the scoring pass says it, and a report saved before that pass dropped such
+    intervals says it on loading (:meth:`Report.from_dict`, :func:`drop_nan_interval`)."""
+    return (f"no 80% interval for {', '.join(schemes)}: an end of the interval read NaN{detail}, so the row has "
+            "none and differences from it are not judged; the headline itself is finite")
+
+
+def drop_nan_interval(row: dict[str, Any]) -> bool:
+    """Set both ends of row ``row`` to ``None`` where one is given but :func:`has_interval` is false
+    (a row saved before the scoring pass dropped NaN ends: every reader then sees no interval, never
+    a NaN end); whether it did."""
+    if has_interval(row) or all(row.get(k) is None for k in ("leakage_p10", "leakage_p90")):
+        return False
+    row["leakage_p10"] = row["leakage_p90"] = None
+    return True
 
 
 def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool | None:
@@ -1937,7 +1961,7 @@ def column_formats(rows: Sequence[Mapping[str, Any]], utility_keys: Sequence[str
 
     def values(key: str) -> list[Any]:
         if key == "interval":
-            return [r.get(k) for r in ok for k in ("leakage_p10", "leakage_p90")]
+            return [r.get(k) for r in ok if has_interval(r) for k in ("leakage_p10", "leakage_p90")]
         return [zeros(r) if key == "zeros" else r.get(key) for r in ok]
 
     out = {k: column_format(values(k)) for k in FIGURE_COLUMNS}
@@ -2112,8 +2136,8 @@ def merge_identical(rows: list[dict[str, Any]], x_key: str | None) -> list[tuple
     groups: dict[tuple[float, ...], list[dict[str, Any]]] = {}
     for r in rows:
         x = r.get(x_key or "bits_per_weight")
-        key = tuple(round(float(v), 6) if v is not None else None for v in (
-            x, r["leakage"], r.get("leakage_p10"), r.get("leakage_p90")))
+        ends = (r.get("leakage_p10"), r.get("leakage_p90")) if has_interval(r) else (None, None)
+        key = tuple(round(float(v), 6) if v is not None else None for v in (x, r["leakage"], *ends))
         groups.setdefault(key, []).append(r)
     return [(rs[0], " = ".join(str(r["scheme"]) for r in rs)) for rs in groups.values()]
 
