@@ -1108,7 +1108,8 @@ def ties_line(rows: Sequence[dict[str, Any]], label: str = "scheme") -> str | No
         if left <= 0:  # the rest counted: the table lists them in order
             parts.append(f"and {len(groups) - i} more group(s) ({sum(len(h) for h in groups[i:])} schemes)")
             break
-        parts.append(name_list([f"{r.get(label)} ({_fmt(r['leakage'])})" for r in g], left))
+        # each figure with the table's marks (*, !, ...): the line is read apart from the table
+        parts.append(name_list([f"{r.get(label)} ({_fmt(r['leakage'])}{leakage_marks(r)})" for r in g], left))
         left -= len(g)
     text = "; ".join(parts)
     return (f"{NOT_RANKED}: {text} (each leakage inside its neighbour's 80% interval, or printed the same: "

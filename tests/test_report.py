@@ -650,14 +650,14 @@ def test_the_verdict_and_not_ranked_lines_name_the_first_schemes_and_count_the_r
     assert verdict(rows[:4] + rows[32:33]).endswith(f"; not ranked (leakage a lower bound, +): {names[32]}; "
                                                     f"indicative only (*): {names[0]}, {names[2]}")
     ties = ties_line(rows)
-    assert ties.startswith(f"{NOT_RANKED}: {names[0]} (0.1000), {names[1]} (0.1001)")
+    assert ties.startswith(f"{NOT_RANKED}: {names[0]} (0.1000 *), {names[1]} (0.1001)")  # the table's marks
     assert f"and {32 - TIES_NAMES} more (each leakage" in ties and len(ties) < 500, ties  # + rows: not ranked
     # several groups: names up to TIES_NAMES in all, the other groups counted
     far = [dict(r, leakage=r["leakage"] + 0.1 * (k // 4), leakage_p10=r["leakage_p10"] + 0.1 * (k // 4),
                 leakage_p90=r["leakage_p90"] - 0.015 + 0.1 * (k // 4), unscored=None)
            for k, r in enumerate(rows)]  # 10 groups of 4
     ties = ties_line(far)
-    assert f"{names[4]} (0.2004)" in ties and f"{names[8]} " not in ties, ties
+    assert f"{names[4]} (0.2004 *)" in ties and f"{names[8]} " not in ties, ties
     assert f"; and {10 - TIES_NAMES // 4} more group(s) ({40 - TIES_NAMES} schemes) (each" in ties, ties
 
 
