@@ -821,6 +821,11 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
     return True
 
 
+#: the report's caveat where the fit had no validation loader; the callback's console said it before training,
+#: with the fix (:func:`check_validation_batch`), and does not say it again at the end (ux57)
+NO_VALIDATION_WARNING = "no validation dataloader: the quantized copies' utility was not measured"
+
+
 def check_validation_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, batch_fn: Any,
                            metrics: Mapping[str, Any] | None, output_transform: Any,
                            schemes: Sequence[QuantizationScheme] = ()) -> None:
@@ -1225,7 +1230,7 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     if aug:
         report.warnings.append(aug)
     if val_loader is None:
-        report.warnings.append("no validation dataloader: the quantized copies' utility was not measured")
+        report.warnings.append(NO_VALIDATION_WARNING)
     elif num_val > 1:
         report.warnings.append(f"{num_val} validation dataloaders: the quantized copies' utility is measured "
                                "on the first (dataloader_idx 0)")

@@ -108,6 +108,7 @@ from .report import (
     D_EFF_OVER_N_MAX,
     D_EFF_SCHEMES_MARK,
     FLOOR_SENSITIVITY_MAX,
+    MINIMUM_CURE,
     UNDETERMINED_MOVE,
     UNSEEN_RECORDS_EXPLAIN_MAX,
     LayerResult,
@@ -2110,8 +2111,8 @@ def score_schemes(
             f"the model is not at a minimum of the training loss ({_not_at_minimum_suspects(model, diagnostics)}): "
             f"{_not_at_minimum_criterion(diagnostics)}{_not_at_minimum_detail(diagnostics)}"
             + "; the M-estimator analysis may not apply; " + _batch_statistics_cause(model, diagnostics)
-            + "train to convergence, with the weight decay and "
-            "loss you assess -- or, if the model is converged, pass the objective it was trained on: the "
+            + f"train to convergence, with the weight decay and loss you assess ({MINIMUM_CURE}) -- or, if the "
+            "model is converged, pass the objective it was trained on: the "
             "loss_fn and weight_decay given here must be its (class weights, label smoothing, a penalty or "
             "weight-decay convention that differ make a converged model read as unconverged), and the "
             "records given must be the ones it was trained on (a validation or test set is not at its "

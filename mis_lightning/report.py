@@ -1835,17 +1835,26 @@ STAR_WARNINGS: tuple[tuple[str, str, str | None], ...] = (
     ("d_eff / n = ", "d_eff / n is not small", "assess fewer weights or use more records"),
     ("mean leverage ", "finite-sample (leverage) correction", "assess fewer weights or use more records"),
     ("diagonal estimator at mean leverage", "finite-sample (leverage) correction", "estimation='exact' if affordable"),
+    # the diagonal estimator's remedy line (dg56): the same failed assumption, its figures "rows marked *"
+    ("diagonal estimator at mean leverage", "the diagonal estimator's figures may read below",
+     "estimation='exact' if affordable"),
     # the warning's own headline: its likely causes (dropout trained in train mode, records not trained on, ...)
     ("not at a minimum", "the model is not at a minimum", None),
     ("records not trained on", "the model is not at a minimum", None),
     ("records not trained on", "the records assessed are not", None),
     ("not trained in this fit", NOT_TRAINED, "assess a trained model"),
-    ("negative curvature", "the Hessian has negative curvature", "train on, with the loss and weight decay assessed"),
-    ("saddle not excluded", "saddle not excluded", "train on"),
+    ("negative curvature", "the Hessian has negative curvature", "train on, with the loss and weight decay assessed: "
+     "full-batch L-BFGS"),
+    ("saddle not excluded", "saddle not excluded", "train on: full-batch L-BFGS"),
     ("interpolating", "the model interpolates", "add weight decay, or assess fewer weights than records"),
 )
 #: the ``*`` line's lead on the console (:func:`console_warnings`)
-STAR_LINE = "figures marked * are indicative only (they may read above or below what attacks achieve): "
+STAR_LINE = "figures marked * are indicative only (they may read above or below what attacks achieve):"
+#: how a fit trained on minibatches (Adam, SGD) reaches the minimum the analysis assumes, as docs/lightning.md
+#: and the README say it (benchmarks/minibatch_polish.py: after 20 Adam epochs, one L-BFGS call of 1,000
+#: iterations cleared every warning and *); an L-BFGS fit that stopped short: more of it
+MINIMUM_CURE = ("after the minibatch epochs, full-batch L-BFGS (line_search_fn='strong_wolfe') on the same "
+                "objective, weight decay included, until the gradient is tiny (an L-BFGS fit: more iterations)")
 
 
 def console_warnings(warnings: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -1865,14 +1874,20 @@ def console_warnings(warnings: Sequence[str], rows: Sequence[Mapping[str, Any]])
         if hits:
             claimed.update(dict.fromkeys(i for i, _ in hits))
             i, todo = hits[0]
-            items.append(f"{phrase} ({todo})" if todo is not None
-                         else warning_line(warnings[i]).removesuffix(MORE).removeprefix("the model is "))
+            if todo is not None:
+                items.append(f"{phrase} ({todo})")
+                continue
+            head = warning_line(warnings[i]).removesuffix(MORE).removeprefix("the model is ")
+            # the cure that exists, where the headline suspects the training (nux56: not said)
+            items.append(head + ("; to converge: full-batch L-BFGS on the objective assessed"
+                                 if "not converged" in head else ""))
     out: list[str] = []
     for i, w in enumerate(warnings):
         if i not in claimed:
             out.append(warning_line(w))
-        elif i == min(claimed):
-            out.append(STAR_LINE + "; ".join(items) + MORE)
+        elif i == min(claimed):  # one assumption: one line; several: one each under the lead (ux56a: 372 characters)
+            out.append(f"{STAR_LINE} {items[0]}{MORE}" if len(items) == 1
+                       else STAR_LINE + "".join(f"\n    - {it}" for it in items) + MORE)
     return out
 
 

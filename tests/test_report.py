@@ -176,7 +176,9 @@ def test_table_prints_every_warning_one_line_each_and_in_full_where_verbose():
     # headline: its likely causes); every other warning keeps its first sentence, in order
     (star,) = [x for x in lines if x.startswith(STAR_LINE)]
     (w,) = [w for w in said if w.startswith("the model is not at a minimum")]
-    assert star == STAR_LINE + warning_line(w).removesuffix(MORE).removeprefix("the model is ") + MORE
+    head = warning_line(w).removesuffix(MORE).removeprefix("the model is ")
+    cure = "; to converge: full-batch L-BFGS on the objective assessed" if "not converged" in head else ""
+    assert star == f"{STAR_LINE} {head}{cure}{MORE}"
     assert [x for x in lines if x != star] == [warning_line(x) for x in said if x != w]
     assert "  - d_eff / n is not small for every scheme assessed here [...]" in tail
     assert tail[-1] == "  - a warning of one short sentence"  # whole: nothing cut
