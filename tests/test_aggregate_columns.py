@@ -304,3 +304,28 @@ def test_the_frontier_s_tie_letters_pair_points_of_one_trained_model_only(tmp_pa
     plt.close(fig)
     assert "0: int8_weight_only" in labels, labels  # base: "0: int8_weight_only (tie A)"
     assert {"1: bf16 (tie A)", "2: int8_weight_only (tie A)"} <= set(labels), labels
+
+
+def test_the_frontier_line_joins_points_of_one_trained_model_only(tmp_path):
+    """A seed sweep's frontier.png drew one "frontier (non-dominated)" line through points of separately
+    trained models (seed 0's int8 to seed 1's int4), a trade-off no single training offers: now one line per
+    training setup, as the tie letters. Seed 1's points are each dominated by seed 0's here: one line before."""
+    import matplotlib.pyplot as plt
+
+    figures = {("seed=0", "int8_weight_only"): (0.10, 0.50), ("seed=0", "intx_weight_only_int2"): (0.05, 0.70),
+               ("seed=1", "int8_weight_only"): (0.12, 0.52), ("seed=1", "intx_weight_only_int2"): (0.07, 0.72)}
+    for num, ((seed, scheme), (leak, rmse)) in enumerate(figures.items()):
+        job = tmp_path / f"{num}_{scheme}"
+        job.mkdir()
+        row = {**_row(scheme, "bootstrap", 0.0), "leakage": leak, "leakage_p10": leak - 0.002,
+               "leakage_p90": leak + 0.002, "utility_rmse": rmse}
+        (job / "result.json").write_text(json.dumps({
+            "job": {"num": num, "overrides": [f"quantizer={scheme}", seed]}, "status": "ok",
+            "rows": [row], "warnings": []}))
+    fig = agg.frontier_figure(agg.rows_of(agg.collect(tmp_path), tmp_path))
+    lines = [ln for ln in fig.axes[0].get_lines() if ln.get_linestyle() == "-"]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    plt.close(fig)
+    assert len(lines) == 2, len(lines)  # base: 1, through seed 0's points only
+    assert sorted(tuple(ln.get_xdata()) for ln in lines) == [(0.5, 0.7), (0.52, 0.72)]
+    assert "frontier (non-dominated), one per trained model" in labels

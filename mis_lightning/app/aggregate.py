@@ -656,11 +656,17 @@ def _frontier_panel(ax: Any, rows: Sequence[dict[str, Any]], uk: str | None, fir
             ax.errorbar([x], [y], yerr=[[max(y - p10, 0)], [max(p90 - y, 0)]], capsize=3, **style)
         else:
             ax.plot([x], [y], **style)
-    front = _pareto(pts, higher)
-    if len(front) > 1:
-        fp = sorted(((x, y) for x, y, i in pts if i in front))
-        ax.plot([p[0] for p in fp], [p[1] for p in fp], "-", color="k", lw=1, alpha=0.6,
-                label="frontier (non-dominated)" if first == 0 else None)
+    # one frontier per trained model (training setup): points of separately trained models (another seed)
+    # are no choice between each other, as their ties are none (a line across seeds joined them)
+    labelled = first != 0
+    for key in dict.fromkeys(training_key(r) for r, _ in points):
+        front = _pareto([p for p in pts if training_key(points[p[2]][0]) == key], higher)
+        if len(front) > 1:
+            fp = sorted(((x, y) for x, y, i in pts if i in front))
+            ax.plot([p[0] for p in fp], [p[1] for p in fp], "-", color="k", lw=1, alpha=0.6,
+                    label=None if labelled else "frontier (non-dominated)" + (
+                        ", one per trained model" if len({training_key(r) for r, _ in points}) > 1 else ""))
+            labelled = True
     baselines = {round(v, 12) for r in rows if (v := _float(r.get("baseline_leakage"))) is not None}
     if len(baselines) == 1:
         # the baseline's own (undet., ~), as aggregate.md prints it; where the jobs sharing it differ (one ran
