@@ -1864,8 +1864,8 @@ def console_warnings(warnings: Sequence[str], rows: Sequence[Mapping[str, Any]])
     phrases of :func:`failed_assumptions`): those are one entry, at the first one's place, starting
     with :data:`STAR_LINE` and naming each failed assumption by its phrase, as the ``*`` legend
     does, with what to do (or by its warning's headline, which names its likely causes, and where it
-    suspects the training the cure, full-batch L-BFGS: :data:`MINIMUM_CURE`), after the lead where
-    there is one, else a line each under it (``"\n    - "``); it ends in
+    suspects the training the cure, full-batch L-BFGS: :data:`MINIMUM_CURE`), after the lead where one
+    failed, else a line each under it (``"\n    - "``); it ends in
     :data:`~mis_lightning._warning_lines.MORE` (each in full in the report). A failed assumption is thus in the table's mark, in its legend and in a console
     warning; nothing is dropped: a warning no phrase claims keeps its own line."""
     claimed: dict[int, None] = {}
