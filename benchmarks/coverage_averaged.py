@@ -31,7 +31,7 @@ half-width, which decides that population's coverage when the draws are narrow.
 
     PYTHONPATH=. python benchmarks/coverage_averaged.py --settings 32x64:stored:mixed \\
         32x64:stored:4 64x128:stored:4 256x256:factored-full:4 --populations 100 --trainings 1 \\
-        --json out.json                                  # docs/validation.md, "2026-12-02 (cv25)"
+        --json out.json                                  # docs/validation.md, "2026-12-02: the averaged regime against a known truth"
     PYTHONPATH=. python benchmarks/coverage_averaged.py --settings 32x64:stored:4 \\
         --populations 10 --trainings 30                  # coverage per population
     PYTHONPATH=. python benchmarks/coverage_averaged.py --theory   # the centre's error, closed form

@@ -18,7 +18,7 @@ Models (random tensors, no download):
 Run from the repository root (the library imported from ``PYTHONPATH``: set it to another checkout
 to compare)::
 
-    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/ux56a_console.py --model cnn --epochs 3
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/ux56a_console.py --model cnn --epochs 3 [--info]
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/ux56a_console.py --model nux55 --epochs 15
 """
 
@@ -121,9 +121,22 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--channels", type=int, nargs=2, default=[8, 16], help="cnn: the two convolutions' channels")
     ap.add_argument("--weight-decay", type=float, default=0.0, help="cnn: Adam's (coupled) weight_decay")
+    ap.add_argument("--info", action="store_true",
+                    help="also print the callback's INFO lines (before training, and the closing line naming its files)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # this script's output only
+    infos: list[str] = []
+    if args.info:  # the callback's lines go through Lightning's rank_zero_info
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if record.getMessage().startswith("MISCallback: "):
+                    infos.append(record.getMessage())
+
+        rz = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+        rz.setLevel(logging.INFO)
+        rz.addHandler(Keep())
+        rz.propagate = False
     pl.seed_everything(0, verbose=False)
     if args.model == "cnn":
         model = CNN(tuple(args.channels), args.weight_decay)
@@ -145,9 +158,13 @@ def main() -> None:
     dg = cb.report.diagnostics
     print(f"model {args.model}, d = {d:,}, n = {n:,}, {args.epochs} epoch(s); report warnings {len(cb.report.warnings)} "
           f"({sum(map(len, cb.report.warnings)):,} characters in full)")
-    print(f"console: {len(said)} UserWarning(s), {sum(map(len, said)):,} characters, longest {max(map(len, said), default=0)}")
+    lines = [ln for s in said for ln in s.splitlines()]
+    print(f"console: {len(said)} UserWarning(s), {sum(map(len, said)):,} characters, {len(lines)} line(s), longest "
+          f"line {max(map(len, lines), default=0)}")
     for s in said:
         print("  " + s)
+    for s in infos:
+        print("  info: " + s)
     print(f"Newton step {dg.get('minimum_offset_sd', float('nan')):.3g} sd (limit 1), gradient norm ratio "
           f"{dg.get('gradient_norm_ratio', float('nan')):.3g} (limit 0.1), not_at_minimum "
           f"{bool(dg.get('not_at_minimum'))}; baseline leakage {cb.report.baseline_leakage:.4f}")

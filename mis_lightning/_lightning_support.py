@@ -821,6 +821,11 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
     return True
 
 
+#: the report's caveat where the fit had no validation loader; the callback's console said it before training,
+#: with the fix (:func:`check_validation_batch`), and does not say it again at the end (ux57)
+NO_VALIDATION_WARNING = "no validation dataloader: the quantized copies' utility was not measured"
+
+
 def check_validation_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, batch_fn: Any,
                            metrics: Mapping[str, Any] | None, output_transform: Any,
                            schemes: Sequence[QuantizationScheme] = ()) -> None:
@@ -1225,7 +1230,7 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     if aug:
         report.warnings.append(aug)
     if val_loader is None:
-        report.warnings.append("no validation dataloader: the quantized copies' utility was not measured")
+        report.warnings.append(NO_VALIDATION_WARNING)
     elif num_val > 1:
         report.warnings.append(f"{num_val} validation dataloaders: the quantized copies' utility is measured "
                                "on the first (dataloader_idx 0)")
@@ -1252,11 +1257,34 @@ def check_trainer_package(ours: str, trainer: Any) -> None:
 
 def report_dir(trainer: Any, dirpath: str | Path | None) -> Path:
     """``dirpath``, else the checkpoint callback's ``dirpath``, else the run's folder in an MLflow
-    ``file:`` store (:func:`mlflow_run_dir`), else ``trainer.log_dir``, else ``trainer.default_root_dir``.
-    Call it on every process: ``trainer.log_dir`` and the MLflow run's names are broadcasts."""
+    ``file:`` store (:func:`mlflow_run_dir`) or a W&B run's files folder (:func:`wandb_run_dir`),
+    else ``trainer.log_dir``, else ``trainer.default_root_dir``. Call it on every process:
+    ``trainer.log_dir`` and the runs' names and folders are broadcasts."""
     cb = getattr(trainer, "checkpoint_callback", None)
-    return Path(dirpath or getattr(cb, "dirpath", None) or mlflow_run_dir(trainer)
+    return Path(dirpath or getattr(cb, "dirpath", None) or mlflow_run_dir(trainer) or wandb_run_dir(trainer)
                 or getattr(trainer, "log_dir", None) or trainer.default_root_dir)
+
+
+def _first_wandb_logger(trainer: Any) -> Any | None:
+    """The Trainer's first logger where it is a W&B logger (Lightning's ``WandbLogger``, either
+    package, or a subclass), else ``None``."""
+    logger = next(iter(getattr(trainer, "loggers", None) or []), None)
+    return logger if any(c.__name__ == "WandbLogger" for c in type(logger).__mro__) else None
+
+
+def wandb_run_dir(trainer: Any) -> Path | None:
+    """The W&B run's files folder (``run.dir``: ``<save_dir>/wandb/<run>/files``, online or offline)
+    where the Trainer's first logger is a W&B logger, else ``None``. Lightning's ``trainer.log_dir``
+    is then the logger's ``save_dir``, the root that holds every run (ux56b: the report went there,
+    beside W&B's own ``wandb/`` folder); this is the run's own folder, whose files W&B uploads with
+    the run (``wandb sync`` offline), where :func:`~mis_lightning.tracking.log_files` puts its copy.
+    Only rank 0 has the run (``rank_zero_experiment``): its folder is broadcast."""
+    logger = _first_wandb_logger(trainer)
+    if logger is None:
+        return None
+    run_dir = getattr(logger.experiment, "dir", None) if getattr(trainer, "is_global_zero", True) else None
+    run_dir = trainer.strategy.broadcast(run_dir if isinstance(run_dir, str) else None)
+    return Path(run_dir) if run_dir else None
 
 
 def mlflow_run_dir(trainer: Any) -> Path | None:
@@ -1281,13 +1309,13 @@ def root_dir_note(trainer: Any, dirpath: str | Path | None) -> str | None:
     ``dirpath`` and no checkpoint callback, and no logger folder other than the Trainer's
     ``default_root_dir`` (the working directory unless set): no logger, where Lightning's own
     ``log_dir`` is then that folder and its profilers write, or a logger whose ``save_dir`` is it
-    (``WandbLogger()``'s ``"."``) or that has none (an MLflow logger with a database store), where
-    :func:`report_dir` falls back to it (nux54: ``logger=False`` wrote ``mis_report.json`` there
+    or that has none (an MLflow logger with a database store), where :func:`report_dir` falls back to
+    it (a W&B logger's files go to its run's folder, :func:`wandb_run_dir`) (nux54: ``logger=False`` wrote ``mis_report.json`` there
     unannounced). ``None`` where another folder applies, or under ``fast_dev_run`` (nothing is written).
     Call it on every process: it reads ``trainer.log_dir``, a broadcast."""
     if (dirpath is not None or getattr(trainer, "checkpoint_callback", None) is not None
-            or getattr(trainer, "fast_dev_run", False)):
-        return None
+            or getattr(trainer, "fast_dev_run", False) or _first_wandb_logger(trainer) is not None):
+        return None  # a W&B run's own folder applies (wandb_run_dir)
     root = Path(trainer.default_root_dir).resolve()
     if Path(getattr(trainer, "log_dir", None) or root).resolve() != root:
         return None

@@ -6,7 +6,7 @@ report's warnings as :func:`warning_line`, its first clause naming what failed a
 the full text stays in the report (``Report.warnings``, the JSON, :meth:`Report.warnings_text`,
 ``Report.table(verbose=True)``, the app's ``report.md``). A line that leaves text out ends in
 :data:`MORE`, and is a prefix of the full text, so the full text is found by it. The warnings behind
-the table's ``*`` mark are one line instead, naming each (:func:`mis_lightning.report.console_warnings`,
+the table's ``*`` mark are one entry instead (a line each under one lead), naming each (:func:`mis_lightning.report.console_warnings`,
 nux55).
 """
 

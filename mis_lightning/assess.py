@@ -108,6 +108,7 @@ from .report import (
     D_EFF_OVER_N_MAX,
     D_EFF_SCHEMES_MARK,
     FLOOR_SENSITIVITY_MAX,
+    MINIMUM_CURE,
     UNDETERMINED_MOVE,
     UNSEEN_RECORDS_EXPLAIN_MAX,
     LayerResult,
@@ -117,6 +118,7 @@ from .report import (
     failure_warning,
     float_determined,
     higher_is_better,
+    interval_lost_warning,
     merge_scheme_warnings,
     metric_mode,
     metric_name,
@@ -1976,11 +1978,9 @@ def score_schemes(
                                                           "digits" if rc is not None else "") + ") for " + "; ".join(f"{s}: {', '.join(v)}" for s, v in layers_lost.items())
             + "; the schemes' headlines do not read them")
     if interval_lost:
-        report.warnings.append(
-            f"no 80% interval for {', '.join(interval_lost)}: an end of the interval read NaN"
-            + (" (the correlated form lost its digits at a corner of the kappa box; covariance='independent' gives "
-               "intervals of the independent form)" if rc is not None else "")
-            + ", so the row has none and differences from it are not judged; the headline itself is finite")
+        report.warnings.append(interval_lost_warning(
+            interval_lost, " (the correlated form lost its digits at a corner of the kappa box; covariance="
+            "'independent' gives intervals of the independent form)" if rc is not None else ""))
     if rc is not None and not math.isfinite(baseline):  # first: every figure beside it reads through it
         report.warnings.insert(0, _nonfinite_baseline_warning(rc, diagnostics.get("baseline_leakage_independent")))
     if rc is None and est.d > 1 and cfg.covariance == "auto":
@@ -2141,8 +2141,8 @@ def score_schemes(
             f"the model is not at a minimum of the training loss ({_not_at_minimum_suspects(model, diagnostics)}): "
             f"{_not_at_minimum_criterion(diagnostics)}{_not_at_minimum_detail(diagnostics)}"
             + "; the M-estimator analysis may not apply; " + _batch_statistics_cause(model, diagnostics)
-            + "train to convergence, with the weight decay and "
-            "loss you assess -- or, if the model is converged, pass the objective it was trained on: the "
+            + f"train to convergence, with the weight decay and loss you assess ({MINIMUM_CURE}) -- or, if the "
+            "model is converged, pass the objective it was trained on: the "
             "loss_fn and weight_decay given here must be its (class weights, label smoothing, a penalty or "
             "weight-decay convention that differ make a converged model read as unconverged), and the "
             "records given must be the ones it was trained on (a validation or test set is not at its "

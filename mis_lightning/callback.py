@@ -587,21 +587,23 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                 # the warnings the table's * stands for: one line naming each (nux55: six warnings of a CNN)
                 lines = report.console_warnings()
                 for w in lines:
-                    rank_zero_warn(f"MISCallback: {w}")
+                    if w != lt.NO_VALIDATION_WARNING:  # said before training, with its fix; the verdict says it too
+                        rank_zero_warn(f"MISCallback: {w}")
                 for w in report.notes:  # information (layers quantized by another method): logged, not warned
                     if w != getattr(self, "_decay_info", None):  # said at the start of fit (nux52 #7)
                         rank_zero_info(f"MISCallback: {w}")
+                # one copy per mid-training run (several per epoch with val_check_interval)
+                copy = None if stage == "fit_end" else versioned(f"mis_report_epoch={epoch}-step={step}.json", version)
                 self.report_path, self.figure_path = publish_report(
                     out, report, trainer.loggers, step=step, prefix=self.prefix, log_figure=self.log_figure,
-                    extra=where, epoch=epoch,
-                    # one copy per mid-training run (several per epoch with val_check_interval)
-                    copy_name=None if stage == "fit_end" else versioned(f"mis_report_epoch={epoch}-step={step}.json",
-                                                                        version), version=version)
+                    extra=where, epoch=epoch, copy_name=copy, version=version)
                 failed = sum(1 for r in report.schemes.values() if r.error)
                 rank_zero_info(f"MISCallback: assessed {len(report.schemes) - failed} scheme(s)"
                                + (f" ({failed} failed: see the warnings)" if failed else "")
                                + f" on n={report.n} records in {time.perf_counter() - t0:.1f} s; "
-                               f"report: {self.report_path}"
+                               # every file written, each named (nux56: the figure was not)
+                               f"report: {self.report_path}, beside it {self.figure_path.name}"
+                               + (f" and {copy}" if copy else "")
                                + (f" ({', '.join(self._kept_names)} already there, kept)" if version
                                   else " (an earlier run's, overwritten: dirpath= given)"
                                   if getattr(self, "_overwrites", False) else "")

@@ -93,7 +93,9 @@ from .report import (
     _unresolved,
     baseline_marks,
     column_format,
+    drop_nan_interval,
     figure_notes,
+    has_interval,
     leakage_marks,
     marks_legend,
     metric_mode,
@@ -573,14 +575,16 @@ def _interval_row(r: Mapping[str, Any] | None) -> dict[str, Any]:
     row) as a report row for :func:`~mis_lightning.report._unresolved`."""
     r = r or {}
     iv = r.get("interval")
-    return {"leakage": r.get("leakage", math.nan), "leakage_p10": iv[0] if iv else None,
-            "leakage_p90": iv[1] if iv else None}
+    row = {"leakage": r.get("leakage", math.nan), "leakage_p10": iv[0] if iv else None,
+           "leakage_p90": iv[1] if iv else None}
+    drop_nan_interval(row)  # an end read NaN is no interval (report.has_interval)
+    return row
 
 
 def _interval_text(r: Mapping[str, Any]) -> str:
-    """`` [p10, p90]`` of a re-assessed plan, or ``""`` without an interval."""
-    iv = r.get("interval")
-    return f" [{_fmt(iv[0])}, {_fmt(iv[1])}]" if iv else ""
+    """`` [p10, p90]`` of a re-assessed plan, or ``""`` without an interval (:func:`_interval_row`)."""
+    row = _interval_row(r)
+    return f" [{_fmt(row['leakage_p10'])}, {_fmt(row['leakage_p90'])}]" if has_interval(row) else ""
 
 
 def plan_direction(cfg: PlanConfig, scoring_config: ScoringConfig | None) -> bool | None:

@@ -417,20 +417,26 @@ class Report:
         Raises:
             KeyError: a required key is missing; TypeError: an unknown result field.
         """
-        schemes = {}
+        schemes, lost = {}, []
         for k, v in data["schemes"].items():
             v = _floats_back(SchemeResult, _new_keys(dict(v)))
             v["layers"] = {ln: LayerResult(**_floats_back(LayerResult, _new_keys(dict(lv))))
                            for ln, lv in v.get("layers", {}).items()}
             if v.get("interval") is not None:
                 v["interval"] = tuple(v["interval"])
+            if v.get("interval") is not None and not all(math.isfinite(float(e)) for e in v["interval"]):
+                v["interval"] = None  # saved before the scoring pass dropped NaN ends: no interval, said below
+                lost.append(k)
             schemes[k] = SchemeResult(**v)
         top = _floats_back(cls, {k: data[k] for k in ("baseline_leakage", "baseline_mis", "baseline_pool_leakage")
                                  if k in data})
+        warnings = list(data.get("warnings", []))
+        if lost:
+            warnings.append(interval_lost_warning(lost, " in this saved report"))
         return cls(
             n=data["n"], d=data["d"], estimation=data["estimation"], diagnostics=data["diagnostics"],
             schemes=schemes, baseline_leakage=top["baseline_leakage"],
-            baseline_mis=top["baseline_mis"], warnings=data.get("warnings", []),
+            baseline_mis=top["baseline_mis"], warnings=warnings,
             baseline_pool_leakage=top.get("baseline_pool_leakage", math.nan),
             game=data.get("game", GAME), row_notes=dict(data.get("row_notes") or {}),
             utility_modes=dict(data.get("utility_modes") or {}), utility_key=data.get("utility_key"),
@@ -988,6 +994,24 @@ def has_interval(r: Mapping[str, Any]) -> bool:
         return False
 
 
+def interval_lost_warning(schemes: Sequence[str], detail: str = "") -> str:
+    """The warning for the schemes whose 80% interval was dropped as an end read NaN (``detail``:
+    why, where known); the scoring pass says it, and a report saved before that pass dropped such
+    intervals says it on loading (:meth:`Report.from_dict`, :func:`drop_nan_interval`)."""
+    return (f"no 80% interval for {', '.join(schemes)}: an end of the interval read NaN{detail}, so the row has "
+            "none and differences from it are not judged; the headline itself is finite")
+
+
+def drop_nan_interval(row: dict[str, Any]) -> bool:
+    """Set both ends of row ``row`` to ``None`` where one is given but :func:`has_interval` is false
+    (a row saved before the scoring pass dropped NaN ends: every reader then sees no interval, never
+    a NaN end); whether it did."""
+    if has_interval(row) or all(row.get(k) is None for k in ("leakage_p10", "leakage_p90")):
+        return False
+    row["leakage_p10"] = row["leakage_p90"] = None
+    return True
+
+
 def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool | None:
     """Whether the 80% intervals of rows ``a`` and ``b`` overlap (``None``: one has none)."""
     if not (has_interval(a) and has_interval(b)):
@@ -1084,7 +1108,8 @@ def ties_line(rows: Sequence[dict[str, Any]], label: str = "scheme") -> str | No
         if left <= 0:  # the rest counted: the table lists them in order
             parts.append(f"and {len(groups) - i} more group(s) ({sum(len(h) for h in groups[i:])} schemes)")
             break
-        parts.append(name_list([f"{r.get(label)} ({_fmt(r['leakage'])})" for r in g], left))
+        # each figure with the table's marks (*, !, ...): the line is read apart from the table
+        parts.append(name_list([f"{r.get(label)} ({_fmt(r['leakage'])}{leakage_marks(r)})" for r in g], left))
         left -= len(g)
     text = "; ".join(parts)
     return (f"{NOT_RANKED}: {text} (each leakage inside its neighbour's 80% interval, or printed the same: "
@@ -1816,27 +1841,38 @@ STAR_WARNINGS: tuple[tuple[str, str, str | None], ...] = (
     ("diagonal estimator at mean leverage", "finite-sample (leverage) correction", "estimation='exact' if affordable"),
     # its warning's first sentence names the cause and what lets the correction run
     ("leverage correction not run", "the finite-sample (leverage) correction could not run", None),
+    # the diagonal estimator's remedy line (dg56): the same failed assumption, its figures "rows marked *"
+    ("diagonal estimator at mean leverage", "the diagonal estimator's figures may read below",
+     "estimation='exact' if affordable"),
     # the warning's own headline: its likely causes (dropout trained in train mode, records not trained on, ...)
     ("not at a minimum", "the model is not at a minimum", None),
     ("records not trained on", "the model is not at a minimum", None),
     ("records not trained on", "the records assessed are not", None),
     ("not trained in this fit", NOT_TRAINED, "assess a trained model"),
-    ("negative curvature", "the Hessian has negative curvature", "train on, with the loss and weight decay assessed"),
-    ("saddle not excluded", "saddle not excluded", "train on"),
+    ("negative curvature", "the Hessian has negative curvature", "train on, with the loss and weight decay assessed: "
+     "full-batch L-BFGS"),
+    ("saddle not excluded", "saddle not excluded", "train on: full-batch L-BFGS"),
     ("interpolating", "the model interpolates", "add weight decay, or assess fewer weights than records"),
 )
 #: the ``*`` line's lead on the console (:func:`console_warnings`)
-STAR_LINE = "figures marked * are indicative only (they may read above or below what attacks achieve): "
+STAR_LINE = "figures marked * are indicative only (they may read above or below what attacks achieve):"
+#: how a fit trained on minibatches (Adam, SGD) reaches the minimum the analysis assumes, as docs/lightning.md
+#: and the README say it (benchmarks/minibatch_polish.py: after 20 Adam epochs, one L-BFGS call of 1,000
+#: iterations cleared every warning and *); an L-BFGS fit that stopped short: more of it
+MINIMUM_CURE = ("after the minibatch epochs, full-batch L-BFGS (line_search_fn='strong_wolfe') on the same "
+                "objective, weight decay included, until the gradient is tiny (an L-BFGS fit: more iterations)")
 
 
 def console_warnings(warnings: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """The console's lines of ``warnings`` (the callback's and the Metric's ``UserWarning``s, the
     printed table): each warning by its first sentence (:func:`~mis_lightning._warning_lines.warning_line`),
     except the warnings that the rows' ``*`` mark stands for (:data:`STAR_WARNINGS`, matched to the
-    phrases of :func:`failed_assumptions`): those are one line, at the first one's place, starting
+    phrases of :func:`failed_assumptions`): those are one entry, at the first one's place, starting
     with :data:`STAR_LINE` and naming each failed assumption by its phrase, as the ``*`` legend
-    does, with what to do (or by its warning's headline, which names its likely causes); it ends in :data:`~mis_lightning._warning_lines.MORE` (each in full in
-    the report). A failed assumption is thus in the table's mark, in its legend and in a console
+    does, with what to do (or by its warning's headline, which names its likely causes, and where it
+    suspects the training the cure, full-batch L-BFGS: :data:`MINIMUM_CURE`), after the lead where one
+    failed, else a line each under it (``"\n    - "``); it ends in
+    :data:`~mis_lightning._warning_lines.MORE` (each in full in the report). A failed assumption is thus in the table's mark, in its legend and in a console
     warning; nothing is dropped: a warning no phrase claims keeps its own line."""
     claimed: dict[int, None] = {}
     items: list[str] = []
@@ -1846,14 +1882,20 @@ def console_warnings(warnings: Sequence[str], rows: Sequence[Mapping[str, Any]])
         if hits:
             claimed.update(dict.fromkeys(i for i, _ in hits))
             i, todo = hits[0]
-            items.append(f"{phrase} ({todo})" if todo is not None
-                         else warning_line(warnings[i]).removesuffix(MORE).removeprefix("the model is "))
+            if todo is not None:
+                items.append(f"{phrase} ({todo})")
+                continue
+            head = warning_line(warnings[i]).removesuffix(MORE).removeprefix("the model is ")
+            # the cure that exists, where the headline suspects the training (nux56: not said)
+            items.append(head + ("; to converge: full-batch L-BFGS on the objective assessed"
+                                 if "not converged" in head else ""))
     out: list[str] = []
     for i, w in enumerate(warnings):
         if i not in claimed:
             out.append(warning_line(w))
-        elif i == min(claimed):
-            out.append(STAR_LINE + "; ".join(items) + MORE)
+        elif i == min(claimed):  # one assumption: one line; several: one each under the lead (ux56a: 372 characters)
+            out.append(f"{STAR_LINE} {items[0]}{MORE}" if len(items) == 1
+                       else STAR_LINE + "".join(f"\n    - {it}" for it in items) + MORE)
     return out
 
 
@@ -1943,7 +1985,7 @@ def column_formats(rows: Sequence[Mapping[str, Any]], utility_keys: Sequence[str
 
     def values(key: str) -> list[Any]:
         if key == "interval":
-            return [r.get(k) for r in ok for k in ("leakage_p10", "leakage_p90")]
+            return [r.get(k) for r in ok if has_interval(r) for k in ("leakage_p10", "leakage_p90")]
         return [zeros(r) if key == "zeros" else r.get(key) for r in ok]
 
     out = {k: column_format(values(k)) for k in FIGURE_COLUMNS}
@@ -2118,8 +2160,8 @@ def merge_identical(rows: list[dict[str, Any]], x_key: str | None) -> list[tuple
     groups: dict[tuple[float, ...], list[dict[str, Any]]] = {}
     for r in rows:
         x = r.get(x_key or "bits_per_weight")
-        key = tuple(round(float(v), 6) if v is not None else None for v in (
-            x, r["leakage"], r.get("leakage_p10"), r.get("leakage_p90")))
+        ends = (r.get("leakage_p10"), r.get("leakage_p90")) if has_interval(r) else (None, None)
+        key = tuple(round(float(v), 6) if v is not None else None for v in (x, r["leakage"], *ends))
         groups.setdefault(key, []).append(r)
     return [(rs[0], " = ".join(str(r["scheme"]) for r in rs)) for rs in groups.values()]
 

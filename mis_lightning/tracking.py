@@ -207,7 +207,9 @@ def log_files(logger: Any, paths: Iterable[str | Path], table: str | None = None
         for p in paths:
             # into the run's files dir, which W&B uploads with the run; not `run.save(path)`,
             # which globs the path (a job dir named `schemes=[a,b]` would match nothing)
-            shutil.copyfile(p, Path(exp.dir) / Path(p).name)
+            # (the callback's own file is there already where no dirpath= or checkpoint folder applies)
+            if (dest := Path(exp.dir) / Path(p).name).resolve() != Path(p).resolve():
+                shutil.copyfile(p, dest)
             done.append(f"wandb:{Path(p).name}")
     elif hasattr(exp, "add_text") and table is not None:  # TensorBoard SummaryWriter
         exp.add_text("mis_report", "\n".join("    " + ln for ln in table.splitlines()), global_step=step)

@@ -238,3 +238,94 @@ def test_across_seeds_chooses_nothing_where_the_headline_is_undetermined():
     one_job = [{**r, "job": r["key"]} for r in rows(0.0)]
     assert verdict([r for r in one_job if r["key"] == "seed=0"]).startswith("verdict: safest: rtn_int4 ")
     assert across_seeds_section(one_job, lambda r: r["key"], lambda g: None, lambda s, keys: s) == fine
+
+
+def _seeds_rows(eq_seed: str | None, int4_leak: float = 0.095) -> list[dict]:
+    """Two seeds' rows of one job each (rtn_int8, rtn_int4, the seed's baseline 0.10): rtn_int4 reads
+    the baseline's figure, marked ``=`` (``float_determined``), in ``eq_seed``."""
+    out = []
+    for seed in ("seed=0", "seed=1", "seed=2"):
+        for scheme, leak in (("rtn_int8", 0.099), ("rtn_int4", int4_leak)):
+            eq = scheme == "rtn_int4" and seed == eq_seed
+            out.append({"job": seed, "key": seed, "scheme": scheme, "leakage": 0.1 if eq else leak,
+                        "leakage_p10": (0.1 if eq else leak) - 0.0005, "leakage_p90": (0.1 if eq else leak) + 0.0005,
+                        "baseline_leakage": 0.1, "float_fraction": 0.01, "float_determined": eq,
+                        "bits_per_weight": 8.0 if scheme == "rtn_int8" else 4.0, "mis": 0.9, "d_eff": 10.0})
+    return out
+
+
+def test_across_seeds_keeps_a_seed_s_baseline_figure_out_of_the_scheme_s_mean():
+    """nux56: in one seed int4's headline was the baseline's (``=``: the float weights fix the
+    quantized ones, no credit of its own), and "Across seeds" averaged it with int4's own figures of
+    the other seeds (a mean a reader takes for int4's expected leakage). Now the mean and range are
+    over the seeds with a figure of the scheme's own, the seeds cell counts the ``=`` ones, a line
+    says so; a seed whose safest in the band reads the baseline chooses nothing, as its verdict."""
+    from mis_lightning.app.replicates import NO_SAFER, across_seeds_section
+    from mis_lightning.report import verdict
+
+    def section(rows):
+        return across_seeds_section(rows, lambda r: r["key"], lambda g: None, lambda s, keys: s)
+
+    text = section(_seeds_rows("seed=2"))
+    cells = {ln.split(" | ")[0].lstrip("| "): ln.split(" | ") for ln in text.splitlines() if ln.startswith("| rtn")}
+    assert cells["rtn_int4"][1:4] == ["3 (1 =)", "0.0950", "0.0950 to 0.0950"], cells  # base: 3, 0.0967
+    assert cells["rtn_int4"][4] == "=" and cells["rtn_int8"][1:3] == ["3", "0.0990"]
+    assert "(k =) after seeds: in k seeds the scheme's figure is the unquantized baseline's" in text
+    assert "(k =)" not in section(_seeds_rows(None))
+    # every seed `=`: that figure, marked (nothing else to average); the verdict names no scheme then
+    every = [{**r, "leakage": 0.1, "float_determined": r["scheme"] == "rtn_int4"} if r["scheme"] == "rtn_int4" else
+             {**r, "leakage": 0.1} for r in _seeds_rows(None)]
+    v = verdict([r for r in every if r["key"] == "seed=0"])
+    assert v.startswith("verdict: no scheme is safer than the unquantized model"), v
+    text = section(every)
+    assert f"no scheme is chosen in any seed: in each, {NO_SAFER}" in text and "chosen in every seed" not in text
+    cells = {ln.split(" | ")[0].lstrip("| "): ln.split(" | ") for ln in text.splitlines() if ln.startswith("| rtn")}
+    assert cells["rtn_int4"][1:3] == ["3 (3 =)", "0.1000"] and cells["rtn_int4"][-1] == "0 of 3 |"
+
+
+def test_the_frontier_s_tie_letters_pair_points_of_one_trained_model_only(tmp_path):
+    """nux56: the seed sweep's frontier.png labelled points of separately trained models "tie A"
+    (not ranked beyond their intervals), a ranking statement across models that aggregate.md's
+    ties line never makes; now the letters group points of one training setup only, as that line."""
+    import matplotlib.pyplot as plt
+
+    for num, (seed, scheme, leak) in enumerate((("seed=0", "int8_weight_only", 0.1001),
+                                                ("seed=1", "bf16", 0.1002),
+                                                ("seed=1", "int8_weight_only", 0.1003))):
+        job = tmp_path / f"{num}_{scheme}"
+        job.mkdir()
+        row = {**_row(scheme, "bootstrap", 0.0), "leakage": leak, "bits_per_weight": 8.0 + num}
+        (job / "result.json").write_text(json.dumps({
+            "job": {"num": num, "overrides": [f"quantizer={scheme}", seed]}, "status": "ok",
+            "rows": [row], "warnings": []}))
+    rows = agg.rows_of(agg.collect(tmp_path), tmp_path)
+    fig = agg.frontier_figure(rows)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    plt.close(fig)
+    assert "0: int8_weight_only" in labels, labels  # base: "0: int8_weight_only (tie A)"
+    assert {"1: bf16 (tie A)", "2: int8_weight_only (tie A)"} <= set(labels), labels
+
+
+def test_the_frontier_line_joins_points_of_one_trained_model_only(tmp_path):
+    """A seed sweep's frontier.png drew one "frontier (non-dominated)" line through points of separately
+    trained models (seed 0's int8 to seed 1's int4), a trade-off no single training offers: now one line per
+    training setup, as the tie letters. Seed 1's points are each dominated by seed 0's here: one line before."""
+    import matplotlib.pyplot as plt
+
+    figures = {("seed=0", "int8_weight_only"): (0.10, 0.50), ("seed=0", "intx_weight_only_int2"): (0.05, 0.70),
+               ("seed=1", "int8_weight_only"): (0.12, 0.52), ("seed=1", "intx_weight_only_int2"): (0.07, 0.72)}
+    for num, ((seed, scheme), (leak, rmse)) in enumerate(figures.items()):
+        job = tmp_path / f"{num}_{scheme}"
+        job.mkdir()
+        row = {**_row(scheme, "bootstrap", 0.0), "leakage": leak, "leakage_p10": leak - 0.002,
+               "leakage_p90": leak + 0.002, "utility_rmse": rmse}
+        (job / "result.json").write_text(json.dumps({
+            "job": {"num": num, "overrides": [f"quantizer={scheme}", seed]}, "status": "ok",
+            "rows": [row], "warnings": []}))
+    fig = agg.frontier_figure(agg.rows_of(agg.collect(tmp_path), tmp_path))
+    lines = [ln for ln in fig.axes[0].get_lines() if ln.get_linestyle() == "-"]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    plt.close(fig)
+    assert len(lines) == 2, len(lines)  # base: 1, through seed 0's points only
+    assert sorted(tuple(ln.get_xdata()) for ln in lines) == [(0.5, 0.7), (0.52, 0.72)]
+    assert "frontier (non-dominated), one per trained model" in labels

@@ -88,3 +88,21 @@ def test_benchmarks_import_only_what_the_test_helpers_define():
             defined = _top_level_names(helper)
             broken += [f"{path.name}:{node.lineno}: {node.module}.{a.name}" for a in node.names if a.name not in defined]
     assert not broken, "benchmarks import names the tests' modules lack:\n" + "\n".join(broken)
+
+
+# A session tag opening a bracket, "(cf56)", "(p52a)", "(rv52: median ...)", "(nux53 #14: ...)": the developers'
+# provenance, which the user documentation does not carry (docs/benchmarks.md, the measurements' log, does); the
+# technical names of that shape (dtypes, percentiles, group sizes) are no tags.
+_TAG = re.compile(r"\(([a-z]{1,5}\d{2}[a-z]?)(?=[) :;,#]|$)")
+_NOT_TAGS = {"float16", "float32", "float64", "bf16", "fp16", "int4", "int8", "p10", "p90", "g32", "g64", "g128"}
+
+
+def test_the_user_docs_carry_no_session_tags():
+    """cf56 wrote "(cf56)" into docs/method.md's new paragraphs, and ~100 earlier headings and
+    sentences of docs/method.md and docs/validation.md carried such tags ("**Convolutions (kc32).**",
+    "(rv52: median 0.155 ...)"); the README and docs/*.md other than docs/benchmarks.md now carry none
+    opening a bracket (ux57)."""
+    found = [f"{path}:{no}: ({m.group(1)})" for path, no, line in _lines()
+             if path.suffix == ".md" and path.name != "benchmarks.md"
+             for m in _TAG.finditer(line) if m.group(1) not in _NOT_TAGS]
+    assert not found, "session tags in the user docs:\n" + "\n".join(found)

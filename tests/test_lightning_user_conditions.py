@@ -341,8 +341,9 @@ def test_an_explicit_dirpath_names_every_file_it_overwrites(tmp_path):
 def test_the_folder_is_said_where_it_is_the_default_root_dir_nobody_named():
     """ux55a: the report's folder is said at the start of fit where it is the Trainer's
     ``default_root_dir`` by default: no logger (Lightning's ``log_dir`` is then that folder), or a
-    logger whose ``save_dir`` is it (``WandbLogger()``'s ``"."``) or that has none (an MLflow database
-    store); not where ``dirpath=``, a checkpoint callback or a logger's own folder names another."""
+    logger whose ``save_dir`` is it or that has none (an MLflow database store); not where ``dirpath=``,
+    a checkpoint callback or a logger's own folder names another (a W&B logger: its run's files folder,
+    whatever its ``save_dir``; ux57)."""
     from types import SimpleNamespace
 
     from mis_lightning._lightning_support import root_dir_note
@@ -357,6 +358,11 @@ def test_the_folder_is_said_where_it_is_the_default_root_dir_nobody_named():
     assert [root_dir_note(trainer(log_dir="lightning_logs/version_0"), None), root_dir_note(trainer(), "."),
             root_dir_note(trainer(checkpoint_callback=object()), None),
             root_dir_note(trainer(fast_dev_run=1), None)] == [None] * 4
+
+    class WandbLogger:  # the name is what marks a W&B logger (either Lightning package)
+        save_dir = "."
+
+    assert root_dir_note(trainer(log_dir=".", loggers=[WandbLogger()]), None) is None
 
 
 def test_an_mlflow_file_store_gets_the_report_in_the_runs_folder(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import importlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +170,35 @@ def test_report_logged_from_another_process_keeps_the_csv_training_rows(tmp_path
     rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
     assert [r["train_loss"] for r in rows[:3]] == ["1.0", "0.5", "0.3333333333333333"]
     assert float(rows[-1]["mis/rtn_int8/leakage"]) == pytest.approx(report.schemes["rtn_int8"].leakage)
+
+
+def test_a_wandb_run_gets_the_report_in_its_own_files_folder(tmp_path, monkeypatch):
+    """ux56b's leftover: without checkpointing nor ``dirpath=``, Lightning's ``trainer.log_dir`` is a W&B
+    logger's ``save_dir``, the root beside W&B's ``wandb/`` folder of every run: the report and figure
+    went there. They now go to the run's files folder (``run.dir``), uploaded with the run; the
+    logger's copy of them is that same file (no second copy, no error); no note of the working
+    directory at the start of fit. A real offline run."""
+    pytest.importorskip("wandb")
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import WandbLogger
+
+    from mis_lightning import MISCallback
+
+    torch.set_num_threads(1)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    save_dir = tmp_path / "runs"
+    save_dir.mkdir()
+    logger = WandbLogger(project="mis", save_dir=str(save_dir), offline=True)
+    cb = MISCallback(SCHEMES, uncertainty_draws=0, num_records=64)
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_epochs=1, logger=logger, callbacks=[cb], enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    train, val = _loaders()
+    trainer.fit(_module_class(pl)(), train, val)
+    run_dir = Path(logger.experiment.dir)
+    assert run_dir.parent.parent == save_dir / "wandb" and run_dir.name == "files", run_dir
+    assert sorted(p.name for p in run_dir.glob("mis_*")) == ["mis_privacy_utility.png", "mis_report.json"]
+    assert not list(save_dir.glob("mis_*")) and not list(tmp_path.glob("mis_*"))  # base: in save_dir
+    assert list(json.loads((run_dir / "mis_report.json").read_text())["schemes"]) == SCHEMES
+    logger.experiment.finish()

@@ -175,3 +175,15 @@ def test_offsets_keep_order_on_random_clusters():
         dx, _, same_as = agg._coincident_offsets(xy, [str(i) for i in range(n)])
         _assert_drawn_in_order(xs, [x + d for x, d in zip(xs, dx)])
         assert all((d == 0) == (s is None) for d, s in zip(dx, same_as)) or min(xs) == max(xs)
+
+
+def test_the_ties_line_quotes_each_figure_with_its_marks():
+    """Read apart from the table (a sweep's aggregate prints it under a 9-row table; a log keeps
+    the line alone), the ties line quoted bare figures that the table marks ``*``/``!``: each now
+    carries the table's marks after it, as the table's cell."""
+    rows = [{"scheme": "a", "leakage": 0.0548, "leakage_p10": 0.0510, "leakage_p90": 0.0586, "indicative": True,
+             "baseline_leakage": 0.06},
+            {"scheme": "b", "leakage": 0.05142, "leakage_p10": 0.0460, "leakage_p90": 0.0797,
+             "baseline_leakage": 0.05}]
+    line = ties_line(rows)
+    assert line.startswith(f"{NOT_RANKED}: b (0.0514 !), a (0.0548 *) "), line  # base: b (0.0514), a (0.0548)

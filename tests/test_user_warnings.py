@@ -177,7 +177,10 @@ def test_callback_warns_at_fit_and_logs_its_notes(tmp_path, caplog):
     assert any(w.endswith(MORE) for w in lines)
     assert all(len(w) <= WARNING_LINE_WIDTH + len(MORE) for w in lines if not w.startswith(STAR_LINE))
     (said,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("MISCallback: assessed ")]
-    assert said.endswith(f"report: {cb.report_path}; the warnings above in full: print(callback.report.warnings_text())")
+    # every file it wrote, named (nux56: the figure was not)
+    assert said.endswith(f"report: {cb.report_path}, beside it mis_privacy_utility.png; the warnings above in full: "
+                         "print(callback.report.warnings_text())")
+    assert (cb.report_path.parent / "mis_privacy_utility.png").is_file()
     table = cb.report.table()
     assert "\nnotes:\n  - " + cb.report.notes[0] in table and "not at a minimum" in table.split("warnings:")[1]
     # the notes are in the JSON and back

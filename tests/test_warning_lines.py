@@ -104,15 +104,27 @@ def test_the_warnings_the_star_stands_for_are_one_console_line_naming_each():
               "not at a minimum; saddle not excluded; diagonal sandwich over recurrent layers")
     rows = [{"indicative": failed}, {"indicative": "d / n = 2.6", "error": None}, {"error": "x", "indicative": "no"}]
     lines = console_warnings(said, rows)
-    star = (STAR_LINE + "d / n = 2.6 (assess fewer weights or use more records); diagonal estimator at mean leverage "
-            "0.27 per direction: may read below the exact one (estimation='exact' if affordable); not at a minimum of "
-            "the training loss (not converged, or another loss or weight decay)" + MORE)
+    # one failed assumption a line under the lead (ux57: one line of ~370 characters); not converged: the cure
+    star = (STAR_LINE + "\n    - d / n = 2.6 (assess fewer weights or use more records)\n    - diagonal estimator at "
+            "mean leverage 0.27 per direction: may read below the exact one (estimation='exact' if affordable)\n    - "
+            "not at a minimum of the training loss (not converged, or another loss or weight decay); to converge: "
+            "full-batch L-BFGS on the objective assessed" + MORE)
     assert lines == [star, warning_line(beyond), warning_line(mc), warning_line(rec), warning_line(said[-1])], lines
+    # the diagonal estimator's remedy line (its figures "rows marked *") is the same assumption: claimed too
+    remedy = ("the diagonal estimator's figures may read below the exact estimator's (rows marked *; mean leverage 0.27 "
+              "per loss direction, above 0.04): measured under estimation='auto' ...")
+    assert console_warnings([dn, remedy, lev, nam], rows) == [star]  # base: the remedy on a line of its own
     # d / n alone (the exact estimator's leverage note, ~d / n, the same regime): both in the * line, one item
     exact = ("finite-sample (leverage) correction: mean leverage 0.279 (max 1.65) of the stored records, above 0.1 (the "
              "figures are marked *: the asymptotic regime needs it small, as d / n)")
     assert console_warnings([exact, dn, mc], [{"indicative": "d / n = 0.57"}]) == [
-        STAR_LINE + "d / n = 0.57 (assess fewer weights or use more records)" + MORE, warning_line(mc)]
+        STAR_LINE + " d / n = 0.57 (assess fewer weights or use more records)" + MORE, warning_line(mc)]
+    # a headline that does not suspect the training (dropout trained in train mode) names no L-BFGS cure
+    drop = ("the model is not at a minimum of the training loss (likely: dropout 'drop' trained in train mode, "
+            "assessed in eval mode): a Newton step ...")
+    (line,) = console_warnings([drop], [{"indicative": "not at a minimum"}])
+    assert line == f"{STAR_LINE} {warning_line(drop).removesuffix(MORE).removeprefix('the model is ')}{MORE}"
+    assert "L-BFGS" not in line and "dropout 'drop'" in line
     # the recurrent phrase, not in STAR_WARNINGS, keeps its warning's own line (nothing dropped); "saddle not
     # excluded", with no warning here, adds nothing to the * line
     assert console_warnings(said, [{"indicative": None}]) == [warning_line(w) for w in said]  # no *: as before
@@ -131,3 +143,16 @@ def test_a_layer_above_the_whole_model_says_what_it_means_for_the_figures_first(
     assert warning_line(w) == ("the per-layer and whole-model figures are not reliable here, as one layer alone leaks "
                                "more than the whole model (0.2023) unquantized" + MORE)
     assert "fc1.weight (0.2116), fc2.weight (0.2381); releasing more weights cannot leak less" in w
+
+
+def test_the_monte_carlo_hessian_line_says_the_error_and_the_fix():
+    """ux56a: the sampled-label Gauss-Newton's console line named the estimator only ("the Hessian
+    diagonal is a Monte Carlo estimate (hessian='ggn_mc', 1 sampled label(s) per record) [...]"):
+    its first sentence, the console's line, now gives the error sigma carries and what lowers it."""
+    from mis_lightning.estimation.estimate import estimator_warnings
+
+    (w,) = [w for w in estimator_warnings({"ggn_mc_median_relative_error": 0.11, "ggn_mc_samples": 1,
+                                           "ggn_mc_p90_relative_error": 0.3}) if "Monte Carlo" in w]
+    line = warning_line(w)
+    assert "median relative standard error 0.11" in line and "raise ggn_mc_samples or use hessian='ggn'" in line, line
+    assert len(line) <= WARNING_LINE_WIDTH + len(MORE)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import mis_lightning as ml
 from mis_lightning.estimation import estimate
 from mis_lightning.estimation.estimate import GRADIENT_NORM_RATIO_MAX
-from mis_lightning.report import UNSEEN_RECORDS_EXPLAIN_MAX
+from mis_lightning.report import MINIMUM_CURE, UNSEEN_RECORDS_EXPLAIN_MAX
 
 HINT = "the weights look like a minimum of the training loss plus weight decay"
 
@@ -148,6 +148,8 @@ def test_no_hint_off_the_minimum_and_the_criterion_that_fired_leads(wd):
     assert not any(HINT in w for w in rep.warnings)
     (w,) = [w for w in rep.warnings if w.startswith("the model is not at a minimum")]
     head = w.split(";")[0]
+    # the cure the docs give (full-batch L-BFGS after the minibatch epochs) is in the warning (nux56: it was not)
+    assert f"train to convergence, with the weight decay and loss you assess ({MINIMUM_CURE})" in w, w
     # the console's line (nux51 #9); above 3 sd along the stiff directions (6.3 here) records it was not trained on
     # do not explain it (rv55z), so the headline names the fit's causes and that figure (ux56a)
     assert dg["stiff_offset_sd"] > UNSEEN_RECORDS_EXPLAIN_MAX, dg

@@ -56,9 +56,11 @@ from mis_lightning.report import (
     ZEROS_ENTRY,
     baseline_marks,
     column_formats,
+    drop_nan_interval,
     figure_notes,
     has_interval,
     higher_is_better,
+    interval_lost_warning,
     leakage_marks,
     marks_legend,
     merge_identical,
@@ -219,6 +221,9 @@ def rows_of(results: Sequence[dict[str, Any]], sweep_dir: str | Path | None = No
             row["job_dir"] = str(job_dir) if job_dir is not None else ""
             # the report's warnings (d / n regime, not at a minimum, ...) travel with its figures
             row["warnings"] = " | ".join(" ".join(str(w).split()) for w in res.get("warnings") or [])
+            if drop_nan_interval(row):  # a result.json saved before NaN ends were dropped: no interval, said
+                row["warnings"] = " | ".join(
+                    w for w in (row["warnings"], interval_lost_warning([row["scheme"]], " in this saved result")) if w)
             rows.append(row)
     return rows
 
@@ -615,9 +620,15 @@ def _frontier_panel(ax: Any, rows: Sequence[dict[str, Any]], uk: str | None, fir
                    "leakage_p10": _float(r.get("leakage_p10")), "leakage_p90": _float(r.get("leakage_p90"))})
     points = sorted(merge_identical(ok, xkey), key=lambda p: p[0]["leakage"])
     # runs of points whose order by leakage the figures do not resolve: the legend's "safest
-    # first" is no ranking there, so each run gets a letter ("tie A": not ranked beyond intervals)
+    # first" is no ranking there, so each run gets a letter ("tie A": not ranked beyond intervals);
+    # among the points of one trained model only, as aggregate.md's ties (another seed's figures are
+    # another model's: no ranking, and no tie, with them; nux56)
     tie_of: dict[int, str] = {}
-    groups = unranked_groups([{**r, "scheme": name, "_i": i} for i, (r, name) in enumerate(points)])
+    by_training: dict[str, list[dict[str, Any]]] = {}
+    for i, (r, name) in enumerate(points):
+        by_training.setdefault(training_key(r), []).append({**r, "scheme": name, "_i": i})
+    groups = sorted((g for part in by_training.values() for g in unranked_groups(part)),
+                    key=lambda g: min(m["_i"] for m in g))  # letters in the legend's order
     for g, members in enumerate(groups):
         for m in members:
             tie_of[m["_i"]] = TIE_LETTERS[(first_tie + g) % len(TIE_LETTERS)]
@@ -645,11 +656,17 @@ def _frontier_panel(ax: Any, rows: Sequence[dict[str, Any]], uk: str | None, fir
             ax.errorbar([x], [y], yerr=[[max(y - p10, 0)], [max(p90 - y, 0)]], capsize=3, **style)
         else:
             ax.plot([x], [y], **style)
-    front = _pareto(pts, higher)
-    if len(front) > 1:
-        fp = sorted(((x, y) for x, y, i in pts if i in front))
-        ax.plot([p[0] for p in fp], [p[1] for p in fp], "-", color="k", lw=1, alpha=0.6,
-                label="frontier (non-dominated)" if first == 0 else None)
+    # one frontier per trained model (training setup): points of separately trained models (another seed)
+    # are no choice between each other, as their ties are none (a line across seeds joined them)
+    labelled = first != 0
+    for key in dict.fromkeys(training_key(r) for r, _ in points):
+        front = _pareto([p for p in pts if training_key(points[p[2]][0]) == key], higher)
+        if len(front) > 1:
+            fp = sorted(((x, y) for x, y, i in pts if i in front))
+            ax.plot([p[0] for p in fp], [p[1] for p in fp], "-", color="k", lw=1, alpha=0.6,
+                    label=None if labelled else "frontier (non-dominated)" + (
+                        ", one per trained model" if len({training_key(r) for r, _ in points}) > 1 else ""))
+            labelled = True
     baselines = {round(v, 12) for r in rows if (v := _float(r.get("baseline_leakage"))) is not None}
     if len(baselines) == 1:
         # the baseline's own (undet., ~), as aggregate.md prints it; where the jobs sharing it differ (one ran

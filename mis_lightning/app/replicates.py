@@ -21,12 +21,17 @@ from typing import Any
 from mis_lightning.report import (
     UTILITY_TOLERANCE,
     _ranked_rows,
+    _ties_baseline,
     _utility_band,
     headline_undetermined,
     leakage_marks,
 )
 
-__all__ = ["REPLICATE_OVERRIDES", "across_seeds_section", "seed_of"]
+__all__ = ["NO_SAFER", "REPLICATE_OVERRIDES", "across_seeds_section", "seed_of"]
+
+#: a seed's choice where the safest in its utility band reads the unquantized figure (the verdict's
+#: "no scheme is safer than the unquantized model")
+NO_SAFER = "no scheme safer than the unquantized model"
 
 #: the overrides that replicate a training: jobs that differ in these (and their schemes) alone
 #: ran the same setup on another seed
@@ -102,7 +107,9 @@ def across_seeds_section(rows: Sequence[dict[str, Any]], training_key: Callable[
                 _, band = _utility_band(group, uk, float(group[0].get("utility_tolerance", UTILITY_TOLERANCE)))
             except ValueError:  # a utility whose direction is unknown: no guessed choice
                 continue
-            chosen[seed] = str(min(band, key=lambda r: float(r["leakage"]))["scheme"])
+            pick = min(band, key=lambda r: float(r["leakage"]))
+            # the verdict's own rule: a quantized row at the unquantized figure is no choice (cr49)
+            chosen[seed] = NO_SAFER if _ties_baseline(pick) else str(pick["scheme"])
         by_scheme: dict[str, list[dict[str, Any]]] = {}
         for group in seeds.values():
             for r in group:
@@ -120,19 +127,30 @@ def across_seeds_section(rows: Sequence[dict[str, Any]], training_key: Callable[
                  "the verdict's choice (the safest within "
                  f"{100 * float(ok[0].get('utility_tolerance', UTILITY_TOLERANCE)):g}% of that seed's best utility).", "",
                  "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        order = sorted(by_scheme, key=lambda s: sum(float(r["leakage"]) for r in by_scheme[s]) / len(by_scheme[s]))
+        # a seed whose figure is the baseline's (``=``: no credit of its own) is not averaged with the
+        # seeds' own figures (nux56: int4's mean took seed 2's baseline figure); all ``=``: that figure
+        own = {s: [r for r in rs if not r.get("float_determined")] or rs for s, rs in by_scheme.items()}
+        order = sorted(by_scheme, key=lambda s: sum(float(r["leakage"]) for r in own[s]) / len(own[s]))
         for s in order:
             rs = by_scheme[s]
-            cells = [s, str(len(rs)), *_stats([float(r["leakage"]) for r in rs])]
+            n_eq = sum(bool(r.get("float_determined")) for r in rs)
+            cells = [s, str(len(rs)) + (f" ({n_eq} =)" if n_eq else ""),
+                     *_stats([float(r["leakage"]) for r in own[s]])]
             if metric:
                 cells += _stats([v for r in rs if (v := _f(r.get(uk))) is not None])
             marks = sorted({m for r in rs for m in leakage_marks(r).split()})
             n_chosen = sum(c == s for c in chosen.values())
             cells += [" ".join(marks) or "-", f"{n_chosen} of {len(chosen)}" if chosen else "-"]
             lines.append("| " + " | ".join(cells) + " |")
+        if any(r.get("float_determined") for rs in by_scheme.values() for r in rs):
+            lines += ["", "(k =) after seeds: in k seeds the scheme's figure is the unquantized baseline's (=: no credit "
+                          "of its own, see the legend above); its leakage mean and range are over the other seeds "
+                          "(over those k where every seed's is)"]
         if chosen:
             picks = set(chosen.values())
-            if len(picks) == 1 and len(chosen) == len(seeds):
+            if picks == {NO_SAFER}:
+                lines += ["", f"no scheme is chosen in any seed: in each, {NO_SAFER}"]
+            elif len(picks) == 1 and len(chosen) == len(seeds):
                 (pick,) = picks
                 lines += ["", f"chosen in every seed: {pick} (the safest within the utility band of each seed's jobs)"]
             else:

@@ -3094,11 +3094,13 @@ def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
         out.append(remedy)
     med = diagnostics.get("ggn_mc_median_relative_error")
     if med is not None and med > GGN_MC_WARN_RELATIVE_ERROR:
+        # its first sentence, the console's line, says what the error is and the fix (ux56a: it named the estimator only)
         out.append(
-            f"the Hessian diagonal is a Monte Carlo estimate (hessian='ggn_mc', "
-            f"{diagnostics['ggn_mc_samples']} sampled label(s) per record): median relative standard "
-            f"error {med:.2g} (90th percentile {diagnostics['ggn_mc_p90_relative_error']:.2g}; a bound), which "
-            "sigma and the leakage's cell sizes carry; raise ggn_mc_samples or use hessian='ggn' (exact)")
+            f"the Hessian diagonal is a Monte Carlo estimate (median relative standard error {med:.2g}, carried by "
+            f"sigma): raise ggn_mc_samples or use hessian='ggn'. It samples {diagnostics['ggn_mc_samples']} "
+            f"label(s) per record (hessian='ggn_mc'): median relative standard error {med:.2g} (90th percentile "
+            f"{diagnostics['ggn_mc_p90_relative_error']:.2g}; a bound), which sigma and the leakage's cell sizes carry; "
+            "hessian='ggn' is exact")
     med = diagnostics.get("hutchinson_median_relative_error")
     if med is not None and med > GGN_MC_WARN_RELATIVE_ERROR:
         # the other Monte Carlo Hessian diagonal (nu44a: 1.39 on a 1,467-weight Transformer

@@ -1,6 +1,6 @@
 """Cell moments of a weight whose sd spans its release's bounded window, on any partition of the
 window into cells, as a Taylor series about the window's centre with a derived error bound
-(method.md section 5, "The bounded window on stored grids (wc37)").
+(method.md section 5, "The bounded window on stored grids").
 
 Standardise ``u = (x - theta) / sigma``. The window ``[lower, upper]`` has centre ``u0`` and
 half-width ``rho`` (sd units; ``W = 2 rho``), ``M = |u0| + rho`` bounds ``|u|`` on it and

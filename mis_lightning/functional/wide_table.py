@@ -1,6 +1,6 @@
 """The series of :mod:`~mis_lightning.functional.wide_series` on a value table's own cells, one
 window per block, from the table's prefix sums (method.md section 5, "The bounded window on value
-tables (p43b)").
+tables").
 
 A value-table grid (float8, float4, nf4: at most ``WIDE_TABLE_MAX_VALUES`` values ``v``, scale
 ``s``) with bounds ``[lower, upper]`` per block: take the window about the table's 0,
