@@ -1448,3 +1448,94 @@ def test_factor_form_rows_that_pass_the_woodbury_test_are_certified_too(monkeypa
     on = healthy._factor_quadratic(u, k)
     monkeypatch.setattr(C, "FACTOR_FORM_WOODBURY_CHECK", False)
     assert torch.equal(on, healthy._factor_quadratic(u, k))
+
+
+def test_narrow_block_forms_are_certified_where_their_matrix_is_well_conditioned(monkeypatch):
+    """cf57: a narrow block (``d = 2`` coordinates, rank 3: a layer's block of the in-sample model)
+    whose loadings (1e13) dwarf its remainders (1e-2): ``M = D + AA'`` has condition 89, its forms are
+    well determined, but the variational bound at ``t = A'x`` cancels ``|u|`` against ``|At|`` and the
+    Woodbury core's condition passes float64's, so every form and leave-one-out form read NaN. The
+    stationary form plus the residual's ``|r|^2 / lambda_min(M)`` (``_residual_gap``) certifies them,
+    each within 1e-12 of a 60-digit reference, at ``kappa`` 1 and quantized. A core singular in
+    float64 (loadings 1e20) raised ``LinAlgError`` from the leave-one-out solve; now a value or NaN."""
+    import mis_lightning.functional.correlated as C
+
+    g = torch.Generator().manual_seed(0)
+    L = torch.randn(2, 3, generator=g, dtype=torch.float64) * torch.tensor([[1e13], [3e12]], dtype=torch.float64)
+    c = Correlation(factor=L, residual=torch.tensor([1e-2, 5e-2], dtype=torch.float64))
+    rows = (L @ torch.randn(3, 4, generator=g, dtype=torch.float64)).T
+    M = torch.diag(c.residual) + L @ L.T
+    assert float(torch.linalg.cond(M)) < 100.0
+    for k in (torch.ones(2, dtype=torch.float64), torch.tensor([0.7, 0.9], dtype=torch.float64)):
+        ref = torch.tensor(_factor_form_reference(c, k, rows), dtype=torch.float64)
+        q = c._factor_quadratic(rows, k)
+        vv = c._certified_solve(rows * k.sqrt(), k)[1]
+        assert torch.allclose(q, ref, rtol=1e-12, atol=0.0), (q, ref)
+        assert torch.allclose(vv, ref, rtol=1e-12, atol=0.0), (vv, ref)
+        monkeypatch.setattr(C, "FACTOR_FORM_RESIDUAL_BOUND", False)  # the variational bound alone
+        assert bool(c._factor_quadratic(rows, k).isnan().all())
+        assert bool(c._certified_solve(rows * k.sqrt(), k)[1].isnan().all())
+        monkeypatch.setattr(C, "FACTOR_FORM_RESIDUAL_BOUND", True)
+    # one coordinate, loadings 1e20: the core I + A'D^-1A rounds to a singular [2, 2]
+    c1 = Correlation(factor=torch.tensor([[1e20, 1e20]], dtype=torch.float64),
+                     residual=torch.ones(1, dtype=torch.float64))
+    one = torch.ones(1, dtype=torch.float64)
+    vv = c1._certified_solve(torch.tensor([[3e20]], dtype=torch.float64), one)[1]
+    assert bool(vv.isnan().all()) or torch.allclose(vv, torch.tensor([9e40 / (1.0 + 2e40)], dtype=torch.float64),
+                                                    rtol=1e-12)
+
+
+def test_factor_model_coefficients_read_nan_where_their_solve_lost_its_digits(monkeypatch):
+    """cf57: the factor model's Monte Carlo weights (``Correlation.coefficients``, the correlated
+    Monte Carlo form's ``c = K^-1/2 M^-1 u``) came from the refined Woodbury solve unchecked: on
+    cf55's rows with column 0 1e6 / 1e9 times the rest (in-sample model, a quantized ``kappa``) they
+    read 7e-4 / 1.8e5 off in ``M``'s norm (relative to ``sqrt(u'M^-1u)``, what moves the form's
+    scale) against a 60-digit reference. Now each row is certified (``_certified_coefficients``)
+    or NaN (the form then gives way to the certified Gaussian one); certified rows are within
+    5e-5 there, and rows of unscaled columns are unchanged (bitwise)."""
+    import mis_lightning.functional.correlated as C
+
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = 60
+    kq = 1.0 - 0.5 * torch.rand(40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def m_norm_errors(c, coef, rows):
+        """``sqrt(e'Me / u'M^-1u)`` per row, ``e = K^1/2 c - M^-1 u``, in 60 digits (Woodbury: low rank)."""
+        L, res = c.factor.tolist(), c.residual.tolist()
+        d, r = len(L), len(L[0])
+        kk = [mp.mpf(x) for x in kq.tolist()]
+        D = [max(1 - kk[i] + kk[i] * mp.mpf(res[i]), mp.mpf(C_RCOND)) for i in range(d)]
+        A = [[mp.sqrt(kk[i]) * mp.mpf(L[i][a]) for a in range(r)] for i in range(d)]
+        core = mp.matrix(r, r)
+        for a in range(r):
+            for b in range(r):
+                core[a, b] = (1 if a == b else 0) + mp.fsum(A[i][a] * A[i][b] / D[i] for i in range(d))
+        out = []
+        for w, cw in zip(rows.tolist(), coef.tolist()):
+            u = [mp.sqrt(kk[i]) * mp.mpf(x) for i, x in enumerate(w)]
+            z = mp.lu_solve(core, mp.matrix([mp.fsum(A[i][a] * u[i] / D[i] for i in range(d)) for a in range(r)]))
+            y = [(u[i] - mp.fsum(A[i][a] * z[a] for a in range(r))) / D[i] for i in range(d)]
+            e = [mp.sqrt(kk[i]) * mp.mpf(cw[i]) - y[i] for i in range(d)]
+            eMe = mp.fsum(D[i] * e[i] ** 2 for i in range(d)) + mp.fsum(
+                mp.fsum(A[i][a] * e[i] for i in range(d)) ** 2 for a in range(r))
+            out.append(float(mp.sqrt(eMe / mp.fsum(u[i] * y[i] for i in range(d)))))
+        return torch.tensor(out, dtype=torch.float64)
+
+    for big, worst_old in ((1e6, 5e-4), (1e9, 1e3)):
+        W = _scaled_column_rows(64, 40, big)
+        c = RecordCorrelation.in_sample(W, loo=False).parts[0][1]
+        new = c.coefficients(W[:6], kq)
+        monkeypatch.setattr(C, "FACTOR_FORM_CHECK", False)
+        old = c.coefficients(W[:6], kq)
+        monkeypatch.setattr(C, "FACTOR_FORM_CHECK", True)
+        assert bool(old.isfinite().all()) and float(m_norm_errors(c, old, W[:6]).max()) > worst_old
+        fin = new.isfinite().all(-1)
+        assert bool(new[~fin].isnan().all()) and int(fin.sum()) < 6
+        if bool(fin.any()):
+            assert float(m_norm_errors(c, new[fin], W[:6][fin]).max()) <= 5e-5
+            assert torch.equal(new[fin], old[fin])
+    W = _scaled_column_rows(64, 40, 1.0)
+    c = RecordCorrelation.in_sample(W, loo=False).parts[0][1]
+    new = c.coefficients(W[:6], kq)
+    monkeypatch.setattr(C, "FACTOR_FORM_CHECK", False)
+    assert torch.equal(new, c.coefficients(W[:6], kq))

@@ -151,6 +151,11 @@ FACTOR_FORM_WOODBURY_CHECK = True
 # mixed corner, and the corners' betas alone left records 0.9% below the low end); False: the
 # corners' betas (cf56; A/B)
 CORRELATED_BETA_BOUNDS = True
+# A narrow block's bracket (Correlation._narrow_quadratic) takes above also the stationary form plus
+# the residual's r'M^-1r <= |r|^2 / lambda_min(M) (Correlation._residual_gap, cf57): the variational
+# bound at t = A'x cancels |u| against |At| where the loadings dwarf the remainder, and read NaN for
+# blocks whose M is well conditioned (condition 7e3). False: the variational bound alone (A/B)
+FACTOR_FORM_RESIDUAL_BOUND = True
 
 
 def nonfinite_coordinates(x: Tensor) -> Tensor:
@@ -556,7 +561,21 @@ class Correlation:
         ``v'y``, checked against its bracket)."""
         y, t, D, A, solve_core = self._solve_parts(v, kappa)
         q, lower, upper = self._variational(v, t, D, A, solve_core)
-        return y, self._certified(q if FACTOR_FORM_VARIATIONAL else (v * y).sum(-1), lower, upper)
+        q = self._certified(q if FACTOR_FORM_VARIATIONAL else (v * y).sum(-1), lower, upper)
+        bad = q.isnan()
+        if FACTOR_FORM_RESIDUAL_BOUND and A.shape[0] <= A.shape[1] and bool(bad.any()):
+            # a narrow block (d <= k, a layer's block of the in-sample model): the rows the
+            # Woodbury path cannot certify (an ill-conditioned core over a well-conditioned M) from
+            # the d x d matrix itself, its solution with them (cf57)
+            assert self.factor is not None
+            kh = kappa.sqrt()
+            w = torch.where(kh > 0, v[bad] / kh.clamp_min(1e-300), torch.zeros_like(v[bad]))
+            narrow = self._narrow_quadratic(w, kappa, D, self.factor.to(torch.float64), solution=True)
+            if narrow is not None:
+                x, qn = narrow
+                q[bad] = qn
+                y[bad] = torch.where(qn.isnan().unsqueeze(-1), y[bad], x)
+        return y, q
 
     @staticmethod
     def _certified(value: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
@@ -620,7 +639,13 @@ class Correlation:
         chol, info = torch.linalg.cholesky_ex(core)
 
         def solve_core(y: Tensor) -> Tensor:
-            return (torch.cholesky_solve(y.T, chol) if int(info) == 0 else torch.linalg.solve(core, y.T)).T
+            if int(info) == 0:
+                return torch.cholesky_solve(y.T, chol).T
+            # C >= I, singular only by its rounding (loadings 1e13 over remainders 1e-9): an LU
+            # solve raised LinAlgError there; a least-squares solution is some t, which the
+            # variational forms' brackets certify or read NaN (cf57)
+            sol, bad = torch.linalg.solve_ex(core, y.T)
+            return (sol if int(bad) == 0 else torch.linalg.lstsq(core, y.T).solution).T
 
         return D, A, Dinv_A, solve_core
 
@@ -917,7 +942,8 @@ class Correlation:
         return 2.0 * torch.linalg.vecdot(u, x) - torch.linalg.vecdot(x, x * D) - (x @ A).square().sum(-1)
 
     @staticmethod
-    def _narrow_quadratic(w: Tensor, kappa: Tensor, D: Tensor, L: Tensor) -> Tensor | None:
+    def _narrow_quadratic(w: Tensor, kappa: Tensor, D: Tensor, L: Tensor,
+                          solution: bool = False) -> Tensor | tuple[Tensor, Tensor] | None:
         """``[R]`` ``u' M^-1 u`` through ``M = diag(D) + A A' [d, d]`` (``A = K^1/2 L``, ``L [d, k]``,
         ``d <= k``) by Cholesky with one refinement step; ``None`` where ``M`` is not numerically
         positive definite (the caller's Woodbury path then). Woodbury would factor the ``k x k``
@@ -926,7 +952,8 @@ class Correlation:
         :meth:`_corrected_quadratic`): on a 2,610-weight Transformer (rank 387, 20 blocks of 2-768
         weights, 5 schemes) the forms took 6.4 s that way, 4.5 s with this one, the report's fields
         within 1.3e-12 relative (docs/benchmarks.md, "wf41"); a small block costs far less than the
-        core's factorization, and at ``d = k`` the two cost about the same."""
+        core's factorization, and at ``d = k`` the two cost about the same. ``solution``: ``(x [R, d],
+        q [R])``, ``x = M^-1 u'`` with the form (:meth:`_certified_solve`)."""
         kh = kappa.sqrt()
         u = w * kh
         A = kh.unsqueeze(-1) * L
@@ -941,7 +968,7 @@ class Correlation:
         x = x + (u - x @ M) @ Minv  # refinement: M's condition reaches 1/D
         q = torch.linalg.vecdot(u, x)
         if not FACTOR_FORM_CHECK:
-            return q
+            return (x, q) if solution else q
         # bracketed (cf56): a Cholesky of an M whose condition is past float64 (a column 1e9 times
         # the rest) can succeed and return digits of nothing. Any x gives the lower bound 2u'x -
         # x'Mx and any t the upper |D^-1/2 (u - At)|^2 + |t|^2 (t = A'x here: no k x k core),
@@ -955,7 +982,32 @@ class Correlation:
         scale = ((u.abs() + At.abs()).square() / D).sum(-1) + t.square().sum(-1)
         lo_round = eps * (2.0 * (u * x).abs().sum(-1) + (x.abs() * (x.abs() @ M.abs())).sum(-1))
         up_round = eps * (scale * upper.clamp_min(0.0)).sqrt()
-        return Correlation._certified(q, lower - lo_round, upper + up_round)
+        upper = upper + up_round
+        if FACTOR_FORM_RESIDUAL_BOUND:
+            upper = torch.minimum(upper, lower + lo_round + Correlation._residual_gap(u, x, M, D, A))
+        q = Correlation._certified(q, lower - lo_round, upper)
+        return (x, q) if solution else q
+
+    @staticmethod
+    def _residual_gap(u: Tensor, x: Tensor, M: Tensor, D: Tensor, A: Tensor) -> Tensor:
+        """``[R]`` an upper bound of ``e'Me = r'M^-1 r`` (``r = u - Mx`` the residual of ``x [R, d]``,
+        ``e`` its error), the gap between ``u'M^-1u`` and the stationary form ``2u'x - x'Mx``, for
+        ``M = diag(D) + AA' [d, d]`` formed (a narrow block): ``(|r| + delta)^2 / lambda``, ``delta``
+        the residual's rounding (``M``'s own included: ``(d + k) eps (|u| + (D + |A||A|')|x|)``),
+        ``lambda`` a lower bound of ``M``'s smallest eigenvalue (its computed one less ``M``'s
+        rounding and the eigensolver's, ``(d + k) eps`` times ``|M|_F``; never below ``min D``,
+        ``M >= diag(D)`` exactly). Where ``M`` is well conditioned this is ``~eps^2`` of the form,
+        while the variational bound at ``t = A'x`` cancels ``|u|`` against ``|At|`` (loadings 1e13
+        over remainders 1e-2: ``M``'s condition 7e3, that bound 100 times the form; cf57)."""
+        eps = torch.finfo(torch.float64).eps
+        d, k = A.shape
+        Aabs = A.abs()
+        delta = 4.0 * (d + k + 2) * eps * (u.abs() + x.abs() * D + (x.abs() @ Aabs) @ Aabs.T)
+        r = (u - x @ M).norm(dim=-1) + delta.norm(dim=-1)
+        AA = Aabs @ Aabs.T
+        floor = float(D.min())
+        lam = float(torch.linalg.eigvalsh(M)[0]) - 4.0 * (d + k + 2) * eps * float(M.norm() + AA.norm())
+        return r.square() / max(lam, floor)
 
     def inverse_diagonal(self) -> Tensor:
         """``[d]`` the diagonal of ``R^+`` (full, within its rank rule) or of the factor model's inverse (Woodbury):
@@ -977,14 +1029,43 @@ class Correlation:
 
     def coefficients(self, influence: Tensor, kappa: Tensor) -> Tensor:
         """``[R, d]`` weights ``c = K^-1/2 M^+ u`` of the cell means in the Monte Carlo form
-        (0 for coordinates with ``kappa = 0``)."""
+        (0 for coordinates with ``kappa = 0``). The factor model's rows are certified like its forms
+        (:meth:`_certified_coefficients`): a row whose solve cannot be had to
+        :data:`FACTOR_FORM_RTOL` reads NaN (the Monte Carlo form then gives way to the certified
+        Gaussian one), not weights off by orders."""
         w = influence.to(torch.float64)
         k = kappa.to(torch.float64).clamp(0.0, 1.0)
         if self.full is not None:
             return self._full_coefficients(w, k)
         kh = k.sqrt()
         sol = self._solve(w * kh, k)
+        if FACTOR_FORM_CHECK:
+            sol = self._certified_coefficients(w, sol, k)
         return torch.where(kh > 0, sol / kh.clamp_min(1e-300), torch.zeros_like(sol))
+
+    def _certified_coefficients(self, w: Tensor, x: Tensor, kappa: Tensor) -> Tensor:
+        """``x [R, d]`` (a computed ``M^-1 u``, ``u = K^1/2 w``, of the factor model) where its error
+        in ``M``'s norm, ``e'Me = r'M^-1r`` (``r = u - Mx``), is within half :data:`FACTOR_FORM_RTOL` of
+        ``sqrt(u'M^-1u)`` (the certified form, :meth:`_factor_quadratic`; the Monte Carlo form's
+        statistic ``x'Y`` has the channel's covariance ``M``, so its scale moves by at most that
+        share, as a form's bracket moves its figure by at most half its width); NaN rows elsewhere (cf57: the in-sample form of rows whose column 0 is 1e6 times
+        the rest read its weights 7e-4 off in that norm, 1e9 times: 1.8e5, against an 80-digit
+        reference). ``r'M^-1r`` is bounded by its variational form at the core's solution
+        (:meth:`_variational`'s upper end) plus the residual's rounding ``delta``, ``2 r'M^-1r +
+        2 delta'D^-1 delta``."""
+        D, A, _, solve_core = self._woodbury(kappa)
+        u = w * kappa.sqrt()
+        r = u - (x * D + (x @ A) @ A.T)
+        eps = torch.finfo(torch.float64).eps
+        d, k = A.shape
+        # (eps sqrt(n) per sum of n terms, as _variational's rounding terms: the worst case n eps
+        # read NaN for a solve within 7e-7 of the reference at s / q ~ 1e12)
+        delta = 4.0 * math.sqrt(d + k + 2) * eps * (u.abs() + x.abs() * D + (x.abs() @ A.abs()) @ A.abs().T)
+        upper = self._variational(r, solve_core((r / D) @ A), D, A, solve_core)[2]
+        err = 2.0 * upper + 2.0 * (delta.square() / D).sum(-1)
+        q = self._factor_quadratic(w, kappa)
+        ok = (err <= (0.5 * FACTOR_FORM_RTOL) ** 2 * q) | ((q == 0) & (err == 0))
+        return torch.where(ok.unsqueeze(-1), x, torch.full_like(x, math.nan))
 
     def _regression(self, w: Tensor, kappa: Tensor) -> Tensor:
         """``[R, d]`` ``beta`` with ``E[w'R^+U | Y] = beta'Y`` for the channel at ``kappa [d]`` (full
