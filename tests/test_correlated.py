@@ -611,8 +611,9 @@ def test_every_factor_form_that_cannot_be_certified_reads_nan(monkeypatch):
     assert float(((both(lambda: c._factor_quadratic(W[:3], ones))[1] - ref) / ref).abs().min()) > 1.0
     monkeypatch.setattr(C, "FACTOR_FORM_VARIATIONAL", True)
     # a narrow block (d = 2 <= rank 2): certified at columns 1e6 times the rest, its own value (the
-    # reference to 1e-13); at 1e16 its Cholesky still read 1e-16 here, the bracket (t = A'x) cannot
-    # tell and the variational path cannot certify either: NaN (conservative)
+    # reference to 1e-13); at 1e16 the bracket's variational end (t = A'x) cannot tell and the
+    # Woodbury path cannot certify either, but M (condition 11) is well conditioned: the residual's
+    # bound certifies it (cf57; NaN before, conservatively), the reference to 1e-13
     g = torch.Generator().manual_seed(1)
     X = torch.randn(64, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 40, generator=g, dtype=torch.float64)
     X = X + 1e-2 * torch.randn(64, 40, generator=g, dtype=torch.float64)
@@ -621,7 +622,21 @@ def test_every_factor_form_that_cannot_be_certified_reads_nan(monkeypatch):
     blk = RecordCorrelation.in_sample(X, loo=False).parts[0][1].restrict(slice(0, 2))
     assert blk.factor.shape[0] <= blk.factor.shape[1]
     k4 = torch.ones(2, dtype=torch.float64)
+    assert torch.allclose(blk._factor_quadratic(X[:4, :2], k4),
+                          torch.tensor(_factor_form_reference(blk, k4, X[:4, :2]), dtype=torch.float64),
+                          rtol=1e-13, atol=0.0)
+    monkeypatch.setattr(C, "FACTOR_FORM_RESIDUAL_BOUND", False)
     assert bool(blk._factor_quadratic(X[:4, :2], k4).isnan().all())
+    monkeypatch.setattr(C, "FACTOR_FORM_RESIDUAL_BOUND", True)
+    # a narrow block whose M is past float64 (two columns 1e-10 apart in direction, remainders 1e-6:
+    # condition 1.4e16): NaN; unchecked, its forms read up to 12 times off (cf57)
+    Ln = torch.tensor([[1e8, 1e8], [1e8, 1e8 * (1 + 1e-10)]], dtype=torch.float64)
+    near = Correlation(factor=Ln, residual=torch.full((2,), 1e-6, dtype=torch.float64))
+    un = (Ln @ torch.randn(2, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)).T
+    un = un + 1e-3 * torch.randn(4, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    on, off = both(lambda: near._factor_quadratic(un, k4))
+    ref = torch.tensor(_factor_form_reference(near, k4, un), dtype=torch.float64)
+    assert bool(on.isnan().all()) and float(((off - ref) / ref).abs().max()) > 1e-4
     # at 1e6 the same block is certified, the narrow path's own value (the reference to 1e-13)
     X[:, 0] /= 1e10
     X[:, 1] /= 1e10
