@@ -1554,3 +1554,38 @@ def test_factor_model_coefficients_read_nan_where_their_solve_lost_its_digits(mo
     new = c.coefficients(W[:6], kq)
     monkeypatch.setattr(C, "FACTOR_FORM_CHECK", False)
     assert torch.equal(new, c.coefficients(W[:6], kq))
+
+
+def test_forms_that_cancel_past_float64_are_certified_through_a_compensated_residual(monkeypatch):
+    """cf57: rows whose ``u - At`` cancels past float64 (cf55's rows with column 0 1e12 times the
+    rest under the in-sample model's absolute 1e-6 remainder: ``s / q`` ~1e23) read NaN: the
+    variational value's rounding bound (``eps sqrt(s / q)``) passed ``FACTOR_FORM_RTOL``. The
+    residual again in twice float64's precision (``_compensated_residual``, Dot2) certifies them,
+    within 1e-7 of a 60-digit reference (forms and leave-one-out solves, ``kappa`` 1 and quantized;
+    records 1-4: record 0's quantized form stays NaN, its core's gap bound too wide); the residual itself is within Dot2's bound of the exact rational value."""
+    from fractions import Fraction
+
+    import mis_lightning.functional.correlated as C
+
+    g = torch.Generator().manual_seed(4)
+    A = torch.randn(7, 3, generator=g, dtype=torch.float64) * 1e8
+    t = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    u = t @ A.T + 1e-6 * torch.randn(5, 7, generator=g, dtype=torch.float64)
+    r = Correlation._compensated_residual(u, t, A)
+    eps = torch.finfo(torch.float64).eps
+    for i in range(5):
+        for j in range(7):
+            exact = Fraction(u[i, j].item()) - sum(Fraction(t[i, a].item()) * Fraction(A[j, a].item()) for a in range(3))
+            terms = abs(u[i, j].item()) + sum(abs(t[i, a].item() * A[j, a].item()) for a in range(3))
+            assert abs(float(Fraction(r[i, j].item()) - exact)) <= eps * abs(float(exact)) + (4 * eps) ** 2 * terms
+    W = _scaled_column_rows(64, 40, 1e12)
+    c = RecordCorrelation.in_sample(W, loo=False).parts[0][1]
+    kq = 1.0 - 0.5 * torch.rand(40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for k in (torch.ones(40, dtype=torch.float64), kq):
+        ref = torch.tensor(_factor_form_reference(c, k, W[1:5]), dtype=torch.float64)
+        for form in (lambda: c._factor_quadratic(W[1:5], k), lambda: c._certified_solve(W[1:5] * k.sqrt(), k)[1]):
+            q = form()
+            assert bool(q.isfinite().all()) and torch.allclose(q, ref, rtol=1e-7, atol=0.0), (q, ref)
+            monkeypatch.setattr(C, "FACTOR_FORM_COMPENSATED", False)
+            assert bool(form().isnan().all())
+            monkeypatch.setattr(C, "FACTOR_FORM_COMPENSATED", True)

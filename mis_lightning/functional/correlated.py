@@ -156,6 +156,10 @@ CORRELATED_BETA_BOUNDS = True
 # bound at t = A'x cancels |u| against |At| where the loadings dwarf the remainder, and read NaN for
 # blocks whose M is well conditioned (condition 7e3). False: the variational bound alone (A/B)
 FACTOR_FORM_RESIDUAL_BOUND = True
+# The variational form's rows that its own rounding leaves uncertified (u - At cancels: s / q past
+# ~1e20, the absolute in-sample shrinkage under columns 1e10 apart) are read again with u - At
+# compensated (Correlation._compensated_residual, Dot2; cf57). False: NaN there (A/B)
+FACTOR_FORM_COMPENSATED = True
 
 
 def nonfinite_coordinates(x: Tensor) -> Tensor:
@@ -615,15 +619,63 @@ class Correlation:
         # above, b = B C^-1 rho attains it. Not rho'(solve of rho) itself: a solve of a C whose
         # condition passed float64's (1e22, 8 columns 1e8 times the rest) read ~0 and certified a
         # form 6e4 times the truth; a bad solve here only widens the bracket (to |rho|^2 at worst)
-        As = solve_core(rho) @ A.T                                     # [R, d] A C^-1 rho
-        BtBs = (As / D) @ A                                            # [R, k] B'B C^-1 rho
         eps = torch.finfo(torch.float64).eps
         d, k = A.shape
-        off = (rho - BtBs).norm(dim=-1) + eps * math.sqrt(d + k) * (rho.abs() + BtBs.abs()).norm(dim=-1)
-        gap = off.square() + (As.square() / D).sum(-1) * (1.0 + 4.0 * eps * math.sqrt(d))
+
+        def gap_of(rho: Tensor) -> Tensor:
+            As = solve_core(rho) @ A.T                                     # [R, d] A C^-1 rho
+            BtBs = (As / D) @ A                                            # [R, k] B'B C^-1 rho
+            off = (rho - BtBs).norm(dim=-1) + eps * math.sqrt(d + k) * (rho.abs() + BtBs.abs()).norm(dim=-1)
+            return off.square() + (As.square() / D).sum(-1) * (1.0 + 4.0 * eps * math.sqrt(d))
+
+        gap = gap_of(rho)
         scale = ((u.abs() + At.abs()).square() / D).sum(-1) + t.square().sum(-1)
         up = 4.0 * eps * math.sqrt(k + 1) * (q.clamp_min(0.0) * scale).sqrt()
-        return q, q - gap - 4.0 * eps * eps * (d + k) * scale - up, q + up
+        lower, upper = q - gap - 4.0 * eps * eps * (d + k) * scale - up, q + up
+        redo = ~(upper - lower <= FACTOR_FORM_RTOL * q) & (4.0 * up > FACTOR_FORM_RTOL * q) & (q > 0)
+        if not (FACTOR_FORM_COMPENSATED and FACTOR_FORM_CHECK and bool(redo.any())):
+            return q, lower, upper
+        # the rows whose bracket the value's rounding widens past FACTOR_FORM_RTOL (s / q past ~1e20:
+        # u - At cancels): u - At again, compensated (_compensated_residual), to ~eps of itself plus
+        # ((k + 1) eps)^2 of its terms, so that the value's rounding is ~eps (d + k) of it (cf57)
+        ur, tr = u[redo], t[redo]
+        xr = Correlation._compensated_residual(ur, tr, A) / D
+        qr = (xr.square() * D).sum(-1) + tr.square().sum(-1)
+        sr = ((ur.abs() + tr.abs() @ A.abs().T).square() / D).sum(-1) + tr.square().sum(-1)
+        g2 = ((k + 1) * eps) ** 2
+        upr = 4.0 * eps * math.sqrt(d + k + 1) * qr + 2.0 * g2 * (qr * sr).sqrt() + g2 * g2 * sr
+        q, lower, upper = q.clone(), lower.clone(), upper.clone()
+        q[redo] = qr
+        lower[redo] = qr - gap_of(xr @ A - tr) - 4.0 * eps * eps * (d + k) * sr - upr
+        upper[redo] = qr + upr
+        return q, lower, upper
+
+    @staticmethod
+    def _compensated_residual(u: Tensor, t: Tensor, A: Tensor) -> Tensor:
+        """``[R, d]`` ``u - t A'`` (``u [R, d]``, ``t [R, k]``, ``A [d, k]``) by Ogita, Rump and Oishi's
+        ``Dot2`` (SIAM J. Sci. Comput. 26, 2005: error-free products by Dekker's split, sums by
+        Knuth's TwoSum): within ``eps |result| + ((k + 1) eps)^2 (|u| + |t| |A|')`` of the exact
+        value, as if computed in twice float64's precision (barring under- and overflow). ``k``
+        passes of ``[R, d]`` element-wise work: read for the few rows whose form cancels past
+        float64 (:meth:`_variational`)."""
+        def split(x: Tensor) -> tuple[Tensor, Tensor]:
+            c = 134217729.0 * x                                     # 2^27 + 1
+            hi = c - (c - x)
+            return hi, x - hi
+
+        Ah, Al = split(A)
+        th, tl = split(-t)
+        p, s = u.clone(), torch.zeros_like(u)
+        for a in range(A.shape[1]):
+            b, bh, bl = -t[:, a:a + 1], th[:, a:a + 1], tl[:, a:a + 1]
+            ah, al = Ah[:, a], Al[:, a]
+            h = b * A[:, a]
+            err = ((bh * ah - h) + bh * al + bl * ah) + bl * al     # TwoProduct: h + err = b a exactly
+            pn = p + h
+            z = pn - p
+            s = s + (((p - (pn - z)) + (h - z)) + err)              # TwoSum: pn + . = p + h exactly
+            p = pn
+        return p + s
 
     def _woodbury(self, kappa: Tensor) -> tuple[Tensor, Tensor, Tensor, Callable[[Tensor], Tensor]]:
         """The factor model's channel matrix ``M = diag(D) + A A'`` at ``kappa [d]`` for Woodbury
