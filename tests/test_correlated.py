@@ -1583,7 +1583,8 @@ def test_forms_that_cancel_past_float64_are_certified_through_a_compensated_resi
     kq = 1.0 - 0.5 * torch.rand(40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     for k in (torch.ones(40, dtype=torch.float64), kq):
         ref = torch.tensor(_factor_form_reference(c, k, W[1:5]), dtype=torch.float64)
-        for form in (lambda: c._factor_quadratic(W[1:5], k), lambda: c._certified_solve(W[1:5] * k.sqrt(), k)[1]):
+        for form in (lambda k=k: c._factor_quadratic(W[1:5], k),
+                     lambda k=k: c._certified_solve(W[1:5] * k.sqrt(), k)[1]):
             q = form()
             assert bool(q.isfinite().all()) and torch.allclose(q, ref, rtol=1e-7, atol=0.0), (q, ref)
             monkeypatch.setattr(C, "FACTOR_FORM_COMPENSATED", False)
