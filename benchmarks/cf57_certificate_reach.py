@@ -3,6 +3,9 @@
 
     OMP_NUM_THREADS=1 python benchmarks/cf57_certificate_reach.py fuzz SEED TRIALS [--mild]
     OMP_NUM_THREADS=1 python benchmarks/cf57_certificate_reach.py narrow
+    OMP_NUM_THREADS=1 python benchmarks/cf57_certificate_reach.py cancel
+    OMP_NUM_THREADS=1 python benchmarks/cf57_certificate_reach.py coefficients
+    OMP_NUM_THREADS=1 python benchmarks/cf57_certificate_reach.py models --records 512|4096 --json PATH
 
 ``fuzz``: rv56s's wild factor models (``benchmarks/rv56s_certificate_fuzz.py``: ``d`` 2-15, ``k``
 1-5, loadings 1e-3..1e18, remainders 1e-14..1, ``kappa`` 1 or random; ``--mild``: a healthy model's
@@ -23,6 +26,10 @@ diagonal (the variance inflation factors) of cf55's rows (64 x 40, column 0 scal
 and the cross-fitted parts, which fit unit columns) against an 80-digit mpmath inverse of ``M``: the
 weights' error in ``M``'s norm relative to ``sqrt(u'M^-1u)`` (what moves the Monte Carlo form's scale),
 the largest entry's relative error, NaN rows.
+
+``cancel``: cf55's rows (64 x 40 and 32 x 64, column 0 scaled 1e9..1e15; plain in-sample model, 8 rows)
+with ``FACTOR_FORM_COMPENSATED`` off and on: how many forms (``_factor_quadratic``) and leave-one-out
+solves (``_certified_solve``) are certified and their largest error against a 60-digit reference.
 
 ``narrow``: layer blocks no wider than the rank (``d <= k``) of an in-sample model whose columns are
 1e6 apart (cf55's rows, column 0 scaled) with remainders 1e-2..1e-6: NaN forms of ``quadratic`` and of
@@ -222,9 +229,36 @@ def models(records: int, json_path: str | None, draws: int) -> None:
           f"{sum('correlat' in str(w.message) for w in caught)}")
 
 
+def cancel() -> None:
+    import math
+
+    sys.path.insert(0, "tests")
+    from test_correlated import _factor_form_reference, _scaled_column_rows
+
+    from mis_lightning.functional.correlated import RecordCorrelation
+
+    for R, d in ((64, 40), (32, 64)):
+        kq = 1.0 - 0.5 * torch.rand(d, dtype=F64, generator=torch.Generator().manual_seed(1))
+        for big in (1e9, 1e10, 1e11, 1e12, 1e13, 1e15):
+            W = _scaled_column_rows(R, d, big)
+            c = RecordCorrelation.in_sample(W, loo=False).parts[0][1]
+            for name, k in (("kappa 1", torch.ones(d, dtype=F64)), ("quantized", kq)):
+                ref = torch.tensor(_factor_form_reference(c, k, W[:8]), dtype=F64)
+                out = []
+                for on in (False, True):
+                    C.FACTOR_FORM_COMPENSATED = on
+                    for fn in (lambda: c._factor_quadratic(W[:8], k), lambda: c._certified_solve(W[:8] * k.sqrt(), k)[1]):
+                        q = fn()
+                        fin = q.isfinite()
+                        err = float(((q[fin] - ref[fin]) / ref[fin]).abs().max()) if bool(fin.any()) else math.nan
+                        out.append(f"{int(fin.sum())}/8 ({err:.2g})")
+                print(f"{R} x {d} x{big:g} {name}: certified (largest error) forms / solves, off: {out[0]} / {out[1]}; "
+                      f"on: {out[2]} / {out[3]}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["fuzz", "narrow", "coefficients", "models"])
+    p.add_argument("what", choices=["fuzz", "narrow", "coefficients", "models", "cancel"])
     p.add_argument("seed", nargs="?", type=int, default=0)
     p.add_argument("trials", nargs="?", type=int, default=150)
     p.add_argument("--mild", action="store_true")
@@ -234,6 +268,8 @@ def main() -> None:
     a = p.parse_args()
     if a.what == "fuzz":
         fuzz(a.seed, a.trials, a.mild)
+    elif a.what == "cancel":
+        cancel()
     elif a.what == "models":
         models(a.records, a.json, a.draws)
     else:
