@@ -55,17 +55,10 @@ BUCKETS = ((1e8, "cond <= 1e8"), (1e16, "1e8-1e16"), (float("inf"), "> 1e16"))
 
 def reference(L: torch.Tensor, res: torch.Tensor, k: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``[R]`` ``u'M^-1u`` (``u = K^1/2 w``) of the factor model in 80 digits (an LU solve of ``M``)."""
-    d, r = L.shape
-    kk = [mp.mpf(x) for x in k.tolist()]
-    D = [max(1 - kk[i] + kk[i] * mp.mpf(res[i].item()), mp.mpf(RCOND)) for i in range(d)]
-    A = [[mp.sqrt(kk[i]) * mp.mpf(L[i, a].item()) for a in range(r)] for i in range(d)]
-    M = mp.matrix(d, d)
-    for i in range(d):
-        for j in range(d):
-            M[i, j] = (D[i] if i == j else 0) + mp.fsum(A[i][a] * A[j][a] for a in range(r))
+    _, kh, M = _mp_inverse(Correlation(factor=L, residual=res), k, invert=False)
     out = []
     for w in rows.tolist():
-        u = mp.matrix([mp.sqrt(kk[i]) * mp.mpf(x) for i, x in enumerate(w)])
+        u = mp.matrix([kh[i] * mp.mpf(x) for i, x in enumerate(w)])
         out.append(float((u.T * mp.lu_solve(M, u))[0]))
     return torch.tensor(out, dtype=F64)
 
@@ -151,8 +144,9 @@ def narrow() -> None:
           f"{bad}, worst certified error {worst:.2g}")
 
 
-def _mp_inverse(c: Correlation, k: torch.Tensor):
-    """``(M^-1, K^1/2)`` of the factor model at ``k`` in 80 digits (mpmath matrices)."""
+def _mp_inverse(c: Correlation, k: torch.Tensor, invert: bool = True):
+    """``(M^-1, K^1/2, M)`` of the factor model at ``k`` in 80 digits (mpmath; ``invert`` False: no
+    ``M^-1``, None)."""
     L, res = c.factor.to(F64), c.residual.to(F64)
     d, r = L.shape
     kk = [mp.mpf(x) for x in k.tolist()]
@@ -162,7 +156,7 @@ def _mp_inverse(c: Correlation, k: torch.Tensor):
     for i in range(d):
         for j in range(d):
             M[i, j] = (D[i] if i == j else 0) + mp.fsum(A[i][a] * A[j][a] for a in range(r))
-    return M ** -1, [mp.sqrt(x) for x in kk], M
+    return (M ** -1 if invert else None), [mp.sqrt(x) for x in kk], M
 
 
 def coefficients() -> None:

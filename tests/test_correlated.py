@@ -532,8 +532,9 @@ def _scaled_column_rows(R: int, d: int, big: float) -> torch.Tensor:
     return W
 
 
-def _factor_form_reference(c, k: torch.Tensor, rows: torch.Tensor) -> list[float]:
-    """``u'M^-1u`` of the factor model ``c`` at ``k`` in 60 digits (Woodbury in mpmath: rank <= 4)."""
+def _factor_model_mp(c, k: torch.Tensor):
+    """``(mp, kk, D, A, core)``: the factor model ``c``'s ``M = diag(D) + AA'`` at ``k`` and its core
+    ``I + A'D^-1A`` in 60 digits (mpmath lists; ``kk`` the kappas)."""
     mp = pytest.importorskip("mpmath")
     mp.mp.dps = 60
     L, res = c.factor.tolist(), c.residual.tolist()
@@ -545,6 +546,13 @@ def _factor_form_reference(c, k: torch.Tensor, rows: torch.Tensor) -> list[float
     for a in range(r):
         for b in range(r):
             core[a, b] = (1 if a == b else 0) + mp.fsum(A[i][a] * A[i][b] / D[i] for i in range(d))
+    return mp, kk, D, A, core
+
+
+def _factor_form_reference(c, k: torch.Tensor, rows: torch.Tensor) -> list[float]:
+    """``u'M^-1u`` of the factor model ``c`` at ``k`` in 60 digits (Woodbury in mpmath: rank <= 4)."""
+    mp, kk, D, A, core = _factor_model_mp(c, k)
+    d, r = len(A), len(A[0])
     out = []
     for w in rows.tolist():
         u = [mp.sqrt(kk[i]) * mp.mpf(x) for i, x in enumerate(w)]
@@ -1510,21 +1518,12 @@ def test_factor_model_coefficients_read_nan_where_their_solve_lost_its_digits(mo
     5e-5 there, and rows of unscaled columns are unchanged (bitwise)."""
     import mis_lightning.functional.correlated as C
 
-    mp = pytest.importorskip("mpmath")
-    mp.mp.dps = 60
     kq = 1.0 - 0.5 * torch.rand(40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
     def m_norm_errors(c, coef, rows):
         """``sqrt(e'Me / u'M^-1u)`` per row, ``e = K^1/2 c - M^-1 u``, in 60 digits (Woodbury: low rank)."""
-        L, res = c.factor.tolist(), c.residual.tolist()
-        d, r = len(L), len(L[0])
-        kk = [mp.mpf(x) for x in kq.tolist()]
-        D = [max(1 - kk[i] + kk[i] * mp.mpf(res[i]), mp.mpf(C_RCOND)) for i in range(d)]
-        A = [[mp.sqrt(kk[i]) * mp.mpf(L[i][a]) for a in range(r)] for i in range(d)]
-        core = mp.matrix(r, r)
-        for a in range(r):
-            for b in range(r):
-                core[a, b] = (1 if a == b else 0) + mp.fsum(A[i][a] * A[i][b] / D[i] for i in range(d))
+        mp, kk, D, A, core = _factor_model_mp(c, kq)
+        d, r = len(A), len(A[0])
         out = []
         for w, cw in zip(rows.tolist(), coef.tolist()):
             u = [mp.sqrt(kk[i]) * mp.mpf(x) for i, x in enumerate(w)]
