@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=1 python benchmarks/cf57_certificate_reach.py fuzz SEED TRIALS [--mild]
     OMP_NUM_THREADS=1 python benchmarks/cf57_certificate_reach.py narrow
     OMP_NUM_THREADS=1 python benchmarks/cf57_certificate_reach.py cancel
+    OMP_NUM_THREADS=1 python benchmarks/cf57_certificate_reach.py layer --records 4096
     OMP_NUM_THREADS=1 python benchmarks/cf57_certificate_reach.py coefficients
     OMP_NUM_THREADS=1 python benchmarks/cf57_certificate_reach.py models --records 512|4096 --json PATH
 
@@ -31,6 +32,13 @@ the largest entry's relative error, NaN rows.
 with ``FACTOR_FORM_COMPENSATED`` off and on: how many forms (``_factor_quadratic``) and leave-one-out
 solves (``_certified_solve``) are certified and their largest error against a 60-digit reference.
 
+``layer --records 4096``: rv55r's MLP at d / N = 1.31, the in-sample correlation captured from its
+rtn_int8 scoring (``benchmarks/cf55_kappa_monotone.py``'s capture), restricted to the ``2.bias`` block (64
+coordinates, rank 72: a narrow block, whose per-layer figure read NaN): its forms and leave-one-out
+solves unquantized and at rtn_int8's kappa with the cf57 switches (``FACTOR_FORM_RESIDUAL_BOUND``,
+``FACTOR_FORM_COMPENSATED``) off and on, how many are certified, and the records certified only with
+them (up to 4) and records 0-1 against an 80-digit LU solve of ``M``.
+
 ``narrow``: layer blocks no wider than the rank (``d <= k``) of an in-sample model whose columns are
 1e6 apart (cf55's rows, column 0 scaled) with remainders 1e-2..1e-6: NaN forms of ``quadratic`` and of
 the leave-one-out form, against the 80-digit reference.
@@ -39,6 +47,7 @@ the leave-one-out form, against the 80-digit reference.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 sys.path.insert(0, ".")
@@ -197,7 +206,6 @@ def coefficients() -> None:
 
 
 def models(records: int, json_path: str | None, draws: int) -> None:
-    import math
     import warnings
     from pathlib import Path
 
@@ -224,8 +232,6 @@ def models(records: int, json_path: str | None, draws: int) -> None:
 
 
 def cancel() -> None:
-    import math
-
     sys.path.insert(0, "tests")
     from test_correlated import _factor_form_reference, _scaled_column_rows
 
@@ -250,9 +256,43 @@ def cancel() -> None:
                       f"on: {out[2]} / {out[3]}")
 
 
+def layer(records: int) -> None:
+    sys.path.insert(0, "benchmarks")
+    import cf55_kappa_monotone as K
+    import rv55r_wide_gate_correlated as B
+
+    cap = K._capture(records)
+    m, _ = B._model(records)
+    lo = 0
+    for name, p in m.named_parameters():
+        if name == "2.bias":
+            break
+        lo += p.numel()
+    sl = slice(lo, lo + 64)
+    c = cap["rc"].parts[0][1].restrict(sl)
+    W = cap["W"].double()[:, sl]
+    for label, k in (("unquantized", torch.ones(64, dtype=F64)), ("rtn_int8", cap["kvec"].double().clamp(0, 1)[sl])):
+        out = {}
+        for on in (False, True):
+            C.FACTOR_FORM_RESIDUAL_BOUND = C.FACTOR_FORM_COMPENSATED = on
+            out[on] = (c._factor_quadratic(W, k), c._certified_solve(W * k.sqrt(), k)[1])
+        Minv, kh, _ = _mp_inverse(c, k)
+        new = (out[False][0].isnan() | out[False][1].isnan()) & out[True][0].isfinite() & out[True][1].isfinite()
+        rows = new.nonzero().flatten()[:4].tolist() + out[True][0].isfinite().nonzero().flatten()[:2].tolist()
+        errs = []
+        for i in rows:
+            u = mp.matrix([kh[j] * mp.mpf(W[i, j].item()) for j in range(64)])
+            ref = (u.T * Minv * u)[0]
+            errs.append(max(float(abs((mp.mpf(f[i].item()) - ref) / ref)) for f in out[True]))
+        print(f"{label}: block rank {c.factor.shape[1]}; certified forms / solves of {W.shape[0]}: off "
+              f"{int(out[False][0].isfinite().sum())} / {int(out[False][1].isfinite().sum())}, on "
+              f"{int(out[True][0].isfinite().sum())} / {int(out[True][1].isfinite().sum())}; records {rows} (NaN before: "
+              f"{new.nonzero().flatten().tolist()[:4]}) against 80 digits: largest relative error {max(errs) if errs else math.nan:.2g}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["fuzz", "narrow", "coefficients", "models", "cancel"])
+    p.add_argument("what", choices=["fuzz", "narrow", "coefficients", "models", "cancel", "layer"])
     p.add_argument("seed", nargs="?", type=int, default=0)
     p.add_argument("trials", nargs="?", type=int, default=150)
     p.add_argument("--mild", action="store_true")
@@ -262,6 +302,8 @@ def main() -> None:
     a = p.parse_args()
     if a.what == "fuzz":
         fuzz(a.seed, a.trials, a.mild)
+    elif a.what == "layer":
+        layer(a.records)
     elif a.what == "cancel":
         cancel()
     elif a.what == "models":
