@@ -1589,3 +1589,39 @@ def test_forms_that_cancel_past_float64_are_certified_through_a_compensated_resi
             monkeypatch.setattr(C, "FACTOR_FORM_COMPENSATED", False)
             assert bool(form().isnan().all())
             monkeypatch.setattr(C, "FACTOR_FORM_COMPENSATED", True)
+
+
+def test_a_monte_carlo_form_without_certified_weights_gives_way_to_the_gaussian_form_and_says_so(monkeypatch):
+    """cf57: where the factor model's Monte Carlo weights are NaN (``Correlation.coefficients``: not
+    certified), the correlated Monte Carlo form is not finite and the scheme takes the certified
+    Gaussian form; that fall-back only logged, the row now notes it (the row's form still reads
+    "mc"). OLS with correlated features, rtn_int4's coarse weights, ``covariance="factor"``."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("mis_lightning.estimation.estimate"), "KFAC_CORRECTION", False)
+    g = torch.Generator().manual_seed(28)
+    n, d = 400, 20
+    X = torch.randn(n, 1, dtype=torch.float64, generator=g) + 0.1 * torch.randn(n, d, dtype=torch.float64,
+                                                                                 generator=g)
+    y = (X @ (0.3 * torch.randn(d, dtype=torch.float64, generator=g))
+         + torch.randn(n, dtype=torch.float64, generator=g))[:, None]
+    m, dl = _ols(X, y), DataLoader(TensorDataset(X, y), batch_size=100)
+
+    def run():
+        return assess(m, ["rtn_int4"], dl, _loss, estimation="diagonal", weight_decay=0.0, num_records=n,
+                      covariance="factor", uncertainty_draws=0).schemes["rtn_int4"]
+
+    said = "correlated Monte Carlo form not finite"
+    plain = run()
+    assert plain.method == "mc" and plain.covariance == "factor" and not any(said in x for x in plain.notes)
+    coefficients = Correlation.coefficients
+
+    def uncertified(self, influence, kappa):
+        c = coefficients(self, influence, kappa)
+        c[0] = math.nan  # one row whose solve could not be certified
+        return c
+
+    monkeypatch.setattr(Correlation, "coefficients", uncertified)
+    fallen = run()
+    assert math.isfinite(fallen.leakage) and fallen.leakage != plain.leakage
+    assert any(said in x and "the Gaussian form" in x for x in fallen.notes), fallen.notes
