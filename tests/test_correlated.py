@@ -1515,14 +1515,15 @@ def test_factor_model_coefficients_read_nan_where_their_solve_lost_its_digits(mo
     read 7e-4 / 1.8e5 off in ``M``'s norm (relative to ``sqrt(u'M^-1u)``, what moves the form's
     scale) against a 60-digit reference. Now each row is certified (``_certified_coefficients``)
     or NaN (the form then gives way to the certified Gaussian one); certified rows are within
-    5e-5 there, and rows of unscaled columns are unchanged (bitwise)."""
+    5e-5 there, rows of unscaled columns are unchanged (bitwise), and at 1e3 (kappa 1, within 7e-7)
+    the compensated residual certifies what its plain rounding bound could not."""
     import mis_lightning.functional.correlated as C
 
     kq = 1.0 - 0.5 * torch.rand(40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
-    def m_norm_errors(c, coef, rows):
+    def m_norm_errors(c, coef, rows, k=kq):
         """``sqrt(e'Me / u'M^-1u)`` per row, ``e = K^1/2 c - M^-1 u``, in 60 digits (Woodbury: low rank)."""
-        mp, kk, D, A, core = _factor_model_mp(c, kq)
+        mp, kk, D, A, core = _factor_model_mp(c, k)
         d, r = len(A), len(A[0])
         out = []
         for w, cw in zip(rows.tolist(), coef.tolist()):
@@ -1548,6 +1549,16 @@ def test_factor_model_coefficients_read_nan_where_their_solve_lost_its_digits(mo
         if bool(fin.any()):
             assert float(m_norm_errors(c, new[fin], W[:6][fin]).max()) <= 5e-5
             assert torch.equal(new[fin], old[fin])
+    # column 0 1e3 times the rest at kappa 1: the weights within 7e-7 in M's norm; the residual's plain
+    # rounding bound (A'x cancels) could not tell, its compensated one (FACTOR_FORM_COMPENSATED) does
+    W = _scaled_column_rows(64, 40, 1e3)
+    c = RecordCorrelation.in_sample(W, loo=False).parts[0][1]
+    ones = torch.ones(40, dtype=torch.float64)
+    new = c.coefficients(W[:6], ones)
+    assert bool(new.isfinite().all()) and float(m_norm_errors(c, new, W[:6], ones).max()) <= 5e-5
+    monkeypatch.setattr(C, "FACTOR_FORM_COMPENSATED", False)
+    assert bool(c.coefficients(W[:6], ones).isnan().all())
+    monkeypatch.setattr(C, "FACTOR_FORM_COMPENSATED", True)
     W = _scaled_column_rows(64, 40, 1.0)
     c = RecordCorrelation.in_sample(W, loo=False).parts[0][1]
     new = c.coefficients(W[:6], kq)
@@ -1577,6 +1588,16 @@ def test_forms_that_cancel_past_float64_are_certified_through_a_compensated_resi
             exact = Fraction(u[i, j].item()) - sum(Fraction(t[i, a].item()) * Fraction(A[j, a].item()) for a in range(3))
             terms = abs(u[i, j].item()) + sum(abs(t[i, a].item() * A[j, a].item()) for a in range(3))
             assert abs(float(Fraction(r[i, j].item()) - exact)) <= eps * abs(float(exact)) + (4 * eps) ** 2 * terms
+    # r = u - (diag(D) + AA')x, likewise (the Monte Carlo weights' certificate)
+    D = torch.rand(7, generator=g, dtype=torch.float64) * 1e-6
+    x = torch.linalg.solve(torch.diag(D) + A @ A.T, u.T).T
+    r, bound = Correlation._compensated_matrix_residual(u, x, D, A)
+    for i in range(5):
+        for j in range(7):
+            exact = Fraction(u[i, j].item()) - Fraction(D[j].item()) * Fraction(x[i, j].item()) - sum(
+                Fraction(A[j, a].item()) * Fraction(A[m, a].item()) * Fraction(x[i, m].item())
+                for a in range(3) for m in range(7))
+            assert abs(float(Fraction(r[i, j].item()) - exact)) <= float(bound[i, j])
     W = _scaled_column_rows(64, 40, 1e12)
     c = RecordCorrelation.in_sample(W, loo=False).parts[0][1]
     kq = 1.0 - 0.5 * torch.rand(40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))

@@ -162,6 +162,13 @@ FACTOR_FORM_RESIDUAL_BOUND = True
 FACTOR_FORM_COMPENSATED = True
 
 
+def _split(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Dekker's split of float64 ``x`` into ``hi + lo`` of 26 bits each (their products exact)."""
+    c = 134217729.0 * x                                             # 2^27 + 1
+    hi = c - (c - x)
+    return hi, x - hi
+
+
 def nonfinite_coordinates(x: Tensor) -> Tensor:
     """``[k]`` long: the rows of ``x [d, ...]`` holding a NaN or inf (the flat coordinates)."""
     return (~torch.isfinite(x)).reshape(x.shape[0], -1).any(-1).nonzero().flatten()
@@ -651,21 +658,18 @@ class Correlation:
         return q, lower, upper
 
     @staticmethod
-    def _compensated_residual(u: Tensor, t: Tensor, A: Tensor) -> Tensor:
+    def _compensated_residual(u: Tensor, t: Tensor, A: Tensor, low: Tensor | None = None,
+                              pair: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """``[R, d]`` ``u - t A'`` (``u [R, d]``, ``t [R, k]``, ``A [d, k]``) by Ogita, Rump and Oishi's
         ``Dot2`` (SIAM J. Sci. Comput. 26, 2005: error-free products by Dekker's split, sums by
         Knuth's TwoSum): within ``eps |result| + ((k + 1) eps)^2 (|u| + |t| |A|')`` of the exact
         value, as if computed in twice float64's precision (barring under- and overflow). ``k``
         passes of ``[R, d]`` element-wise work: read for the few rows whose form cancels past
-        float64 (:meth:`_variational`)."""
-        def split(x: Tensor) -> tuple[Tensor, Tensor]:
-            c = 134217729.0 * x                                     # 2^27 + 1
-            hi = c - (c - x)
-            return hi, x - hi
-
-        Ah, Al = split(A)
-        th, tl = split(-t)
-        p, s = u.clone(), torch.zeros_like(u)
+        float64 (:meth:`_variational`, :meth:`_certified_coefficients`). ``low``: ``u``'s own low
+        part (``u + low`` the value); ``pair``: the unrounded ``(high, low)`` instead of their sum."""
+        Ah, Al = _split(A)
+        th, tl = _split(-t)
+        p, s = u.clone(), (torch.zeros_like(u) if low is None else low.clone())
         for a in range(A.shape[1]):
             b, bh, bl = -t[:, a:a + 1], th[:, a:a + 1], tl[:, a:a + 1]
             ah, al = Ah[:, a], Al[:, a]
@@ -675,7 +679,30 @@ class Correlation:
             z = pn - p
             s = s + (((p - (pn - z)) + (h - z)) + err)              # TwoSum: pn + . = p + h exactly
             p = pn
-        return p + s
+        return (p, s) if pair else p + s
+
+    @staticmethod
+    def _compensated_matrix_residual(u: Tensor, x: Tensor, D: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+        """``([R, d], [R, d])``: ``r = u - Mx`` for ``M = diag(D) + AA'`` (``x [R, d]``) in twice float64's
+        precision (:meth:`_compensated_residual` for ``A'x``, kept as a (high, low) pair, then for
+        ``u - Dx - A(A'x)``) and a bound of its error, ``eps |r| + ((2k + 2) eps)^2 (|u| + D|x| +
+        |A||A'x|) + (d eps)^2 |A||A|'|x|`` (Dot2's, twice). ``d + k`` passes of element-wise work."""
+        eps = torch.finfo(torch.float64).eps
+        d, k = A.shape
+        yh, yl = Correlation._compensated_residual(torch.zeros(x.shape[0], k, dtype=x.dtype), x, A.T, pair=True)
+        h = -D * x                                                   # -(A'x) = yh + yl above
+        Dh, Dl = _split(-D)
+        xh, xl = _split(x)
+        err = ((Dh * xh - h) + Dh * xl + Dl * xh) + Dl * xl
+        p = u + h
+        z = p - u
+        low = ((u - (p - z)) + (h - z)) + err
+        r = Correlation._compensated_residual(p, -torch.cat([yh, yl], -1), torch.cat([A, A], -1), low=low)
+        assert isinstance(r, Tensor)
+        Aabs = A.abs()
+        bound = (eps * r.abs() + ((2 * k + 2) * eps) ** 2 * (u.abs() + D * x.abs() + (yh.abs() + yl.abs()) @ Aabs.T)
+                 + ((d + 1) * eps) ** 2 * (x.abs() @ Aabs) @ Aabs.T)
+        return r, bound
 
     def _woodbury(self, kappa: Tensor) -> tuple[Tensor, Tensor, Tensor, Callable[[Tensor], Tensor]]:
         """The factor model's channel matrix ``M = diag(D) + A A'`` at ``kappa [d]`` for Woodbury
@@ -1116,7 +1143,15 @@ class Correlation:
         upper = self._variational(r, solve_core((r / D) @ A), D, A, solve_core)[2]
         err = 2.0 * upper + 2.0 * (delta.square() / D).sum(-1)
         q = self._factor_quadratic(w, kappa)
-        ok = (err <= (0.5 * FACTOR_FORM_RTOL) ** 2 * q) | ((q == 0) & (err == 0))
+        tol = (0.5 * FACTOR_FORM_RTOL) ** 2 * q
+        ok = (err <= tol) | ((q == 0) & (err == 0))
+        redo = ~ok & (q > 0)
+        if FACTOR_FORM_COMPENSATED and bool(redo.any()):
+            # the residual's rounding bound (|A||A|'|x|: A'x cancels) failed them: r again in twice
+            # float64's precision, its error bound ~eps^2 of those terms (cf57)
+            rr, bound = self._compensated_matrix_residual(u[redo], x[redo], D, A)
+            up_r = self._variational(rr, solve_core((rr / D) @ A), D, A, solve_core)[2]
+            ok[redo] = 2.0 * up_r + 2.0 * (bound.square() / D).sum(-1) <= tol[redo]
         return torch.where(ok.unsqueeze(-1), x, torch.full_like(x, math.nan))
 
     def _regression(self, w: Tensor, kappa: Tensor) -> Tensor:
