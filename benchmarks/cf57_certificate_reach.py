@@ -78,27 +78,34 @@ def condition(L: torch.Tensor, res: torch.Tensor, k: torch.Tensor) -> float:
     return float(torch.linalg.cond(torch.diag(D) + A @ A.T))
 
 
-def fuzz(seed: int, trials: int, mild: bool) -> None:
-    g = torch.Generator().manual_seed(seed)
-
+def wild_model(g: torch.Generator, t: int, mild: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(L [d, k], residual [d], kappa [d], rows [3, d])``: trial ``t`` of rv56s's wild factor models
+    (``--mild``: a healthy model's scales), drawn from ``g`` (``benchmarks/rv56s_certificate_fuzz.py`` too)."""
     def U(a, b, *s):
         return a + (b - a) * torch.rand(*s, generator=g, dtype=F64)
 
+    d = int(torch.randint(2, 16, (1,), generator=g))
+    k = int(torch.randint(1, 6, (1,), generator=g))
+    if mild:
+        L = torch.randn(d, k, generator=g, dtype=F64) * 10 ** U(-2, 3, d, 1) * 10 ** U(-1, 2, 1, k)
+        res = 10 ** U(-6, 0, d)
+    else:
+        L = torch.randn(d, k, generator=g, dtype=F64) * 10 ** U(-3, 12, d, 1) * 10 ** U(-3, 6, 1, k)
+        res = 10 ** U(-14, 0, d)
+    kap = torch.ones(d, dtype=F64) if t % 3 == 0 else U(0.0, 1.0, d) ** 0.1
+    z = torch.randn(k, 3, generator=g, dtype=F64)
+    rows = (L @ z).T + torch.randn(3, d, generator=g, dtype=F64) * 10 ** U(-16, 0, 3, 1)
+    if t % 4 == 1:
+        rows = rows * 10 ** U(-6, 6, 1, d)
+    return L, res, kap, rows
+
+
+def fuzz(seed: int, trials: int, mild: bool) -> None:
+    g = torch.Generator().manual_seed(seed)
     stats = {name: dict(forms=0, nan=0, bad=0, worst=0.0, crash=0) for _, name in BUCKETS}
     for t in range(trials):
-        d = int(torch.randint(2, 16, (1,), generator=g))
-        k = int(torch.randint(1, 6, (1,), generator=g))
-        if mild:
-            L = torch.randn(d, k, generator=g, dtype=F64) * 10 ** U(-2, 3, d, 1) * 10 ** U(-1, 2, 1, k)
-            res = 10 ** U(-6, 0, d)
-        else:
-            L = torch.randn(d, k, generator=g, dtype=F64) * 10 ** U(-3, 12, d, 1) * 10 ** U(-3, 6, 1, k)
-            res = 10 ** U(-14, 0, d)
-        kap = torch.ones(d, dtype=F64) if t % 3 == 0 else U(0.0, 1.0, d) ** 0.1
-        z = torch.randn(k, 3, generator=g, dtype=F64)
-        rows = (L @ z).T + torch.randn(3, d, generator=g, dtype=F64) * 10 ** U(-16, 0, 3, 1)
-        if t % 4 == 1:
-            rows = rows * 10 ** U(-6, 6, 1, d)
+        L, res, kap, rows = wild_model(g, t, mild)
+        d, k = L.shape
         c = Correlation(factor=L, residual=res)
         cond = condition(L, res, kap)
         s = stats[next(name for top, name in BUCKETS if cond <= top)]

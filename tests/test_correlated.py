@@ -935,6 +935,22 @@ def test_ghk_layout_gives_the_former_simulator_to_rounding(c, qmc):
     assert torch.allclose(got, ref, rtol=0.0, atol=1e-12), float((got - ref).abs().max())
 
 
+def _correlated_ols(monkeypatch):
+    """``(model, loader, n)``: OLS on 20 correlated features (VIF ~ 100), 400 records, K-FAC's
+    correction off (dg30): the diagonal sigma ~10x below the marginal sd makes rtn_int4's weights
+    coarse (the factor model's Monte Carlo form, the averaged interval regime)."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("mis_lightning.estimation.estimate"), "KFAC_CORRECTION", False)
+    g = torch.Generator().manual_seed(28)
+    n, d = 400, 20
+    X = torch.randn(n, 1, dtype=torch.float64, generator=g) + 0.1 * torch.randn(n, d, dtype=torch.float64,
+                                                                                 generator=g)
+    y = (X @ (0.3 * torch.randn(d, dtype=torch.float64, generator=g))
+         + torch.randn(n, dtype=torch.float64, generator=g))[:, None]
+    return _ols(X, y), DataLoader(TensorDataset(X, y), batch_size=100), n
+
+
 def test_averaged_interval_is_carried_from_the_form_of_its_draws(monkeypatch):
     # iv28: in the averaged regime the bootstrap draws are of the independent form, but the
     # interval was built around the CORRELATED plug-in (stretched down to it), then carried by
@@ -947,16 +963,7 @@ def test_averaged_interval_is_carried_from_the_form_of_its_draws(monkeypatch):
     # independent ~ 0.5 for rtn_int4, whose 21 coarse weights give the averaged regime. The
     # uncorrected diagonal sigma (K-FAC off, dg30): its sigma ~10x below the marginal sd is what
     # makes the int4 weights coarse here; the subject is the interval's construction.
-    import importlib
-
-    monkeypatch.setattr(importlib.import_module("mis_lightning.estimation.estimate"), "KFAC_CORRECTION", False)
-    g = torch.Generator().manual_seed(28)
-    n, d = 400, 20
-    X = torch.randn(n, 1, dtype=torch.float64, generator=g) + 0.1 * torch.randn(n, d, dtype=torch.float64,
-                                                                                 generator=g)
-    y = (X @ (0.3 * torch.randn(d, dtype=torch.float64, generator=g))
-         + torch.randn(n, dtype=torch.float64, generator=g))[:, None]
-    m, dl = _ols(X, y), DataLoader(TensorDataset(X, y), batch_size=100)
+    m, dl, n = _correlated_ols(monkeypatch)
     out = {cov: assess(m, ["rtn_int4"], dl, _loss, estimation="diagonal", weight_decay=0.0, num_records=n,
                        covariance=cov).schemes["rtn_int4"] for cov in ("factor", "independent")}
 
@@ -1617,16 +1624,7 @@ def test_a_monte_carlo_form_without_certified_weights_gives_way_to_the_gaussian_
     certified), the correlated Monte Carlo form is not finite and the scheme takes the certified
     Gaussian form; that fall-back only logged, the row now notes it (the row's form still reads
     "mc"). OLS with correlated features, rtn_int4's coarse weights, ``covariance="factor"``."""
-    import importlib
-
-    monkeypatch.setattr(importlib.import_module("mis_lightning.estimation.estimate"), "KFAC_CORRECTION", False)
-    g = torch.Generator().manual_seed(28)
-    n, d = 400, 20
-    X = torch.randn(n, 1, dtype=torch.float64, generator=g) + 0.1 * torch.randn(n, d, dtype=torch.float64,
-                                                                                 generator=g)
-    y = (X @ (0.3 * torch.randn(d, dtype=torch.float64, generator=g))
-         + torch.randn(n, dtype=torch.float64, generator=g))[:, None]
-    m, dl = _ols(X, y), DataLoader(TensorDataset(X, y), batch_size=100)
+    m, dl, n = _correlated_ols(monkeypatch)
 
     def run():
         return assess(m, ["rtn_int4"], dl, _loss, estimation="diagonal", weight_decay=0.0, num_records=n,
