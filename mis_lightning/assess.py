@@ -5421,7 +5421,7 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
     if rc is not None:
         assert est.influence is not None
         kvec = _kappa_vector(est, prep.kappa)
-        leak = _correlated_leakage(est, prep, rc, kvec, chosen, draws_used, gen, 1.0, n)
+        leak = _correlated_leakage(est, prep, rc, kvec, chosen, draws_used, gen, 1.0, n, notes)
         # the float weights' span of R's kept eigenspace (cr49): where it is whole, they determine
         # the quantized ones and the headline is the baseline's (report.float_determined)
         span = rc.parts[0][1].exact_span(kvec) if rc.kind == "full" else None
@@ -5940,10 +5940,12 @@ CORRELATED_MC_FLOPS = 4_000_000_000
 
 
 def _correlated_leakage(est: Estimate, prep: _Prepared, rc: F.correlated.RecordCorrelation, kvec: Tensor,
-                        chosen: str, draws: int, gen: torch.Generator, sigma_scale: float, n: float) -> Tensor:
+                        chosen: str, draws: int, gen: torch.Generator, sigma_scale: float, n: float,
+                        notes: list[str] | None = None) -> Tensor:
     """``[R]`` leakage with the correlation of the weights (functional/correlated.py): the
     Gaussian form, or, where the independent form would use Monte Carlo and some weight is
-    coarse, jointly drawn cells; capped by the unquantized value (conditional Jensen)."""
+    coarse, jointly drawn cells; capped by the unquantized value (conditional Jensen).
+    ``notes``: the row's notes, told where the Monte Carlo form gave way to the Gaussian one."""
     assert est.influence is not None
     W = est.influence
     if bool((kvec == 1.0).all()):  # nothing quantized: the unquantized (Mahalanobis) form
@@ -5968,8 +5970,12 @@ def _correlated_leakage(est: Estimate, prep: _Prepared, rc: F.correlated.RecordC
                 return F.saturate(torch.minimum(mean_abs, cap) / (2 * math.sqrt(n)))
             # a near-singular correlation (most of the Hessian's spectrum floored, d ~ n) can
             # leave the jointly drawn cells without a finite value: the Gaussian form below
+            lost = int((~torch.isfinite(mean_abs)).sum())
             log.warning("correlated Monte Carlo form not finite for %d of %d records; using the Gaussian form",
-                        int((~torch.isfinite(mean_abs)).sum()), mean_abs.numel())
+                        lost, mean_abs.numel())
+            if notes is not None:  # (its weights not certified, Correlation.coefficients, or cells not drawn)
+                notes.append(f"correlated Monte Carlo form not finite for {lost} of {mean_abs.numel()} records "
+                             "(its weights could not be had in float64, or its cells drawn): the Gaussian form")
     # capped like the forms above: per record, no release leaks more than the unquantized one
     # (the two agree unless the Hessian is singular; the report warns then)
     cap = _unquantized_mean_abs(est, rc)

@@ -532,8 +532,9 @@ def _scaled_column_rows(R: int, d: int, big: float) -> torch.Tensor:
     return W
 
 
-def _factor_form_reference(c, k: torch.Tensor, rows: torch.Tensor) -> list[float]:
-    """``u'M^-1u`` of the factor model ``c`` at ``k`` in 60 digits (Woodbury in mpmath: rank <= 4)."""
+def _factor_model_mp(c, k: torch.Tensor):
+    """``(mp, kk, D, A, core)``: the factor model ``c``'s ``M = diag(D) + AA'`` at ``k`` and its core
+    ``I + A'D^-1A`` in 60 digits (mpmath lists; ``kk`` the kappas)."""
     mp = pytest.importorskip("mpmath")
     mp.mp.dps = 60
     L, res = c.factor.tolist(), c.residual.tolist()
@@ -545,6 +546,13 @@ def _factor_form_reference(c, k: torch.Tensor, rows: torch.Tensor) -> list[float
     for a in range(r):
         for b in range(r):
             core[a, b] = (1 if a == b else 0) + mp.fsum(A[i][a] * A[i][b] / D[i] for i in range(d))
+    return mp, kk, D, A, core
+
+
+def _factor_form_reference(c, k: torch.Tensor, rows: torch.Tensor) -> list[float]:
+    """``u'M^-1u`` of the factor model ``c`` at ``k`` in 60 digits (Woodbury in mpmath: rank <= 4)."""
+    mp, kk, D, A, core = _factor_model_mp(c, k)
+    d, r = len(A), len(A[0])
     out = []
     for w in rows.tolist():
         u = [mp.sqrt(kk[i]) * mp.mpf(x) for i, x in enumerate(w)]
@@ -611,8 +619,9 @@ def test_every_factor_form_that_cannot_be_certified_reads_nan(monkeypatch):
     assert float(((both(lambda: c._factor_quadratic(W[:3], ones))[1] - ref) / ref).abs().min()) > 1.0
     monkeypatch.setattr(C, "FACTOR_FORM_VARIATIONAL", True)
     # a narrow block (d = 2 <= rank 2): certified at columns 1e6 times the rest, its own value (the
-    # reference to 1e-13); at 1e16 its Cholesky still read 1e-16 here, the bracket (t = A'x) cannot
-    # tell and the variational path cannot certify either: NaN (conservative)
+    # reference to 1e-13); at 1e16 the bracket's variational end (t = A'x) cannot tell and the
+    # Woodbury path cannot certify either, but M (condition 11) is well conditioned: the residual's
+    # bound certifies it (cf57; NaN before, conservatively), the reference to 1e-13
     g = torch.Generator().manual_seed(1)
     X = torch.randn(64, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 40, generator=g, dtype=torch.float64)
     X = X + 1e-2 * torch.randn(64, 40, generator=g, dtype=torch.float64)
@@ -621,7 +630,21 @@ def test_every_factor_form_that_cannot_be_certified_reads_nan(monkeypatch):
     blk = RecordCorrelation.in_sample(X, loo=False).parts[0][1].restrict(slice(0, 2))
     assert blk.factor.shape[0] <= blk.factor.shape[1]
     k4 = torch.ones(2, dtype=torch.float64)
+    assert torch.allclose(blk._factor_quadratic(X[:4, :2], k4),
+                          torch.tensor(_factor_form_reference(blk, k4, X[:4, :2]), dtype=torch.float64),
+                          rtol=1e-13, atol=0.0)
+    monkeypatch.setattr(C, "FACTOR_FORM_RESIDUAL_BOUND", False)
     assert bool(blk._factor_quadratic(X[:4, :2], k4).isnan().all())
+    monkeypatch.setattr(C, "FACTOR_FORM_RESIDUAL_BOUND", True)
+    # a narrow block whose M is past float64 (two columns 1e-10 apart in direction, remainders 1e-6:
+    # condition 1.4e16): NaN; unchecked, its forms read up to 12 times off (cf57)
+    Ln = torch.tensor([[1e8, 1e8], [1e8, 1e8 * (1 + 1e-10)]], dtype=torch.float64)
+    near = Correlation(factor=Ln, residual=torch.full((2,), 1e-6, dtype=torch.float64))
+    un = (Ln @ torch.randn(2, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)).T
+    un = un + 1e-3 * torch.randn(4, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    on, off = both(lambda: near._factor_quadratic(un, k4))
+    ref = torch.tensor(_factor_form_reference(near, k4, un), dtype=torch.float64)
+    assert bool(on.isnan().all()) and float(((off - ref) / ref).abs().max()) > 1e-4
     # at 1e6 the same block is certified, the narrow path's own value (the reference to 1e-13)
     X[:, 0] /= 1e10
     X[:, 1] /= 1e10
@@ -912,6 +935,22 @@ def test_ghk_layout_gives_the_former_simulator_to_rounding(c, qmc):
     assert torch.allclose(got, ref, rtol=0.0, atol=1e-12), float((got - ref).abs().max())
 
 
+def _correlated_ols(monkeypatch):
+    """``(model, loader, n)``: OLS on 20 correlated features (VIF ~ 100), 400 records, K-FAC's
+    correction off (dg30): the diagonal sigma ~10x below the marginal sd makes rtn_int4's weights
+    coarse (the factor model's Monte Carlo form, the averaged interval regime)."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("mis_lightning.estimation.estimate"), "KFAC_CORRECTION", False)
+    g = torch.Generator().manual_seed(28)
+    n, d = 400, 20
+    X = torch.randn(n, 1, dtype=torch.float64, generator=g) + 0.1 * torch.randn(n, d, dtype=torch.float64,
+                                                                                 generator=g)
+    y = (X @ (0.3 * torch.randn(d, dtype=torch.float64, generator=g))
+         + torch.randn(n, dtype=torch.float64, generator=g))[:, None]
+    return _ols(X, y), DataLoader(TensorDataset(X, y), batch_size=100), n
+
+
 def test_averaged_interval_is_carried_from_the_form_of_its_draws(monkeypatch):
     # iv28: in the averaged regime the bootstrap draws are of the independent form, but the
     # interval was built around the CORRELATED plug-in (stretched down to it), then carried by
@@ -924,16 +963,7 @@ def test_averaged_interval_is_carried_from_the_form_of_its_draws(monkeypatch):
     # independent ~ 0.5 for rtn_int4, whose 21 coarse weights give the averaged regime. The
     # uncorrected diagonal sigma (K-FAC off, dg30): its sigma ~10x below the marginal sd is what
     # makes the int4 weights coarse here; the subject is the interval's construction.
-    import importlib
-
-    monkeypatch.setattr(importlib.import_module("mis_lightning.estimation.estimate"), "KFAC_CORRECTION", False)
-    g = torch.Generator().manual_seed(28)
-    n, d = 400, 20
-    X = torch.randn(n, 1, dtype=torch.float64, generator=g) + 0.1 * torch.randn(n, d, dtype=torch.float64,
-                                                                                 generator=g)
-    y = (X @ (0.3 * torch.randn(d, dtype=torch.float64, generator=g))
-         + torch.randn(n, dtype=torch.float64, generator=g))[:, None]
-    m, dl = _ols(X, y), DataLoader(TensorDataset(X, y), batch_size=100)
+    m, dl, n = _correlated_ols(monkeypatch)
     out = {cov: assess(m, ["rtn_int4"], dl, _loss, estimation="diagonal", weight_decay=0.0, num_records=n,
                        covariance=cov).schemes["rtn_int4"] for cov in ("factor", "independent")}
 
@@ -1448,3 +1478,169 @@ def test_factor_form_rows_that_pass_the_woodbury_test_are_certified_too(monkeypa
     on = healthy._factor_quadratic(u, k)
     monkeypatch.setattr(C, "FACTOR_FORM_WOODBURY_CHECK", False)
     assert torch.equal(on, healthy._factor_quadratic(u, k))
+
+
+def test_narrow_block_forms_are_certified_where_their_matrix_is_well_conditioned(monkeypatch):
+    """cf57: a narrow block (``d = 2`` coordinates, rank 3: a layer's block of the in-sample model)
+    whose loadings (1e13) dwarf its remainders (1e-2): ``M = D + AA'`` has condition 89, its forms are
+    well determined, but the variational bound at ``t = A'x`` cancels ``|u|`` against ``|At|`` and the
+    Woodbury core's condition passes float64's, so every form and leave-one-out form read NaN. The
+    stationary form plus the residual's ``|r|^2 / lambda_min(M)`` (``_residual_gap``) certifies them,
+    each within 1e-12 of a 60-digit reference, at ``kappa`` 1 and quantized. A core singular in
+    float64 (loadings 1e20) raised ``LinAlgError`` from the leave-one-out solve; now a value or NaN."""
+    import mis_lightning.functional.correlated as C
+
+    g = torch.Generator().manual_seed(0)
+    L = torch.randn(2, 3, generator=g, dtype=torch.float64) * torch.tensor([[1e13], [3e12]], dtype=torch.float64)
+    c = Correlation(factor=L, residual=torch.tensor([1e-2, 5e-2], dtype=torch.float64))
+    rows = (L @ torch.randn(3, 4, generator=g, dtype=torch.float64)).T
+    M = torch.diag(c.residual) + L @ L.T
+    assert float(torch.linalg.cond(M)) < 100.0
+    for k in (torch.ones(2, dtype=torch.float64), torch.tensor([0.7, 0.9], dtype=torch.float64)):
+        ref = torch.tensor(_factor_form_reference(c, k, rows), dtype=torch.float64)
+        q = c._factor_quadratic(rows, k)
+        vv = c._certified_solve(rows * k.sqrt(), k)[1]
+        assert torch.allclose(q, ref, rtol=1e-12, atol=0.0), (q, ref)
+        assert torch.allclose(vv, ref, rtol=1e-12, atol=0.0), (vv, ref)
+        monkeypatch.setattr(C, "FACTOR_FORM_RESIDUAL_BOUND", False)  # the variational bound alone
+        assert bool(c._factor_quadratic(rows, k).isnan().all())
+        assert bool(c._certified_solve(rows * k.sqrt(), k)[1].isnan().all())
+        monkeypatch.setattr(C, "FACTOR_FORM_RESIDUAL_BOUND", True)
+    # one coordinate, loadings 1e20: the core I + A'D^-1A rounds to a singular [2, 2]
+    c1 = Correlation(factor=torch.tensor([[1e20, 1e20]], dtype=torch.float64),
+                     residual=torch.ones(1, dtype=torch.float64))
+    one = torch.ones(1, dtype=torch.float64)
+    vv = c1._certified_solve(torch.tensor([[3e20]], dtype=torch.float64), one)[1]
+    assert bool(vv.isnan().all()) or torch.allclose(vv, torch.tensor([9e40 / (1.0 + 2e40)], dtype=torch.float64),
+                                                    rtol=1e-12)
+
+
+def test_factor_model_coefficients_read_nan_where_their_solve_lost_its_digits(monkeypatch):
+    """cf57: the factor model's Monte Carlo weights (``Correlation.coefficients``, the correlated
+    Monte Carlo form's ``c = K^-1/2 M^-1 u``) came from the refined Woodbury solve unchecked: on
+    cf55's rows with column 0 1e6 / 1e9 times the rest (in-sample model, a quantized ``kappa``) they
+    read 7e-4 / 1.8e5 off in ``M``'s norm (relative to ``sqrt(u'M^-1u)``, what moves the form's
+    scale) against a 60-digit reference. Now each row is certified (``_certified_coefficients``)
+    or NaN (the form then gives way to the certified Gaussian one); certified rows are within
+    5e-5 there, rows of unscaled columns are unchanged (bitwise), and at 1e3 (kappa 1, within 7e-7)
+    the compensated residual certifies what its plain rounding bound could not."""
+    import mis_lightning.functional.correlated as C
+
+    kq = 1.0 - 0.5 * torch.rand(40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def m_norm_errors(c, coef, rows, k=kq):
+        """``sqrt(e'Me / u'M^-1u)`` per row, ``e = K^1/2 c - M^-1 u``, in 60 digits (Woodbury: low rank)."""
+        mp, kk, D, A, core = _factor_model_mp(c, k)
+        d, r = len(A), len(A[0])
+        out = []
+        for w, cw in zip(rows.tolist(), coef.tolist()):
+            u = [mp.sqrt(kk[i]) * mp.mpf(x) for i, x in enumerate(w)]
+            z = mp.lu_solve(core, mp.matrix([mp.fsum(A[i][a] * u[i] / D[i] for i in range(d)) for a in range(r)]))
+            y = [(u[i] - mp.fsum(A[i][a] * z[a] for a in range(r))) / D[i] for i in range(d)]
+            e = [mp.sqrt(kk[i]) * mp.mpf(cw[i]) - y[i] for i in range(d)]
+            eMe = mp.fsum(D[i] * e[i] ** 2 for i in range(d)) + mp.fsum(
+                mp.fsum(A[i][a] * e[i] for i in range(d)) ** 2 for a in range(r))
+            out.append(float(mp.sqrt(eMe / mp.fsum(u[i] * y[i] for i in range(d)))))
+        return torch.tensor(out, dtype=torch.float64)
+
+    for big, worst_old in ((1e6, 5e-4), (1e9, 1e3)):
+        W = _scaled_column_rows(64, 40, big)
+        c = RecordCorrelation.in_sample(W, loo=False).parts[0][1]
+        new = c.coefficients(W[:6], kq)
+        monkeypatch.setattr(C, "FACTOR_FORM_CHECK", False)
+        old = c.coefficients(W[:6], kq)
+        monkeypatch.setattr(C, "FACTOR_FORM_CHECK", True)
+        assert bool(old.isfinite().all()) and float(m_norm_errors(c, old, W[:6]).max()) > worst_old
+        fin = new.isfinite().all(-1)
+        assert bool(new[~fin].isnan().all()) and int(fin.sum()) < 6
+        if bool(fin.any()):
+            assert float(m_norm_errors(c, new[fin], W[:6][fin]).max()) <= 5e-5
+            assert torch.equal(new[fin], old[fin])
+    # column 0 1e3 times the rest at kappa 1: the weights within 7e-7 in M's norm; the residual's plain
+    # rounding bound (A'x cancels) could not tell, its compensated one (FACTOR_FORM_COMPENSATED) does
+    W = _scaled_column_rows(64, 40, 1e3)
+    c = RecordCorrelation.in_sample(W, loo=False).parts[0][1]
+    ones = torch.ones(40, dtype=torch.float64)
+    new = c.coefficients(W[:6], ones)
+    assert bool(new.isfinite().all()) and float(m_norm_errors(c, new, W[:6], ones).max()) <= 5e-5
+    monkeypatch.setattr(C, "FACTOR_FORM_COMPENSATED", False)
+    assert bool(c.coefficients(W[:6], ones).isnan().all())
+    monkeypatch.setattr(C, "FACTOR_FORM_COMPENSATED", True)
+    W = _scaled_column_rows(64, 40, 1.0)
+    c = RecordCorrelation.in_sample(W, loo=False).parts[0][1]
+    new = c.coefficients(W[:6], kq)
+    monkeypatch.setattr(C, "FACTOR_FORM_CHECK", False)
+    assert torch.equal(new, c.coefficients(W[:6], kq))
+
+
+def test_forms_that_cancel_past_float64_are_certified_through_a_compensated_residual(monkeypatch):
+    """cf57: rows whose ``u - At`` cancels past float64 (cf55's rows with column 0 1e12 times the
+    rest under the in-sample model's absolute 1e-6 remainder: ``s / q`` ~1e23) read NaN: the
+    variational value's rounding bound (``eps sqrt(s / q)``) passed ``FACTOR_FORM_RTOL``. The
+    residual again in twice float64's precision (``_compensated_residual``, Dot2) certifies them,
+    within 1e-7 of a 60-digit reference (forms and leave-one-out solves, ``kappa`` 1 and quantized;
+    records 1-4: record 0's quantized form stays NaN, its core's gap bound too wide); the residual itself is within Dot2's bound of the exact rational value."""
+    from fractions import Fraction
+
+    import mis_lightning.functional.correlated as C
+
+    g = torch.Generator().manual_seed(4)
+    A = torch.randn(7, 3, generator=g, dtype=torch.float64) * 1e8
+    t = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    u = t @ A.T + 1e-6 * torch.randn(5, 7, generator=g, dtype=torch.float64)
+    r = Correlation._compensated_residual(u, t, A)
+    eps = torch.finfo(torch.float64).eps
+    for i in range(5):
+        for j in range(7):
+            exact = Fraction(u[i, j].item()) - sum(Fraction(t[i, a].item()) * Fraction(A[j, a].item()) for a in range(3))
+            terms = abs(u[i, j].item()) + sum(abs(t[i, a].item() * A[j, a].item()) for a in range(3))
+            assert abs(float(Fraction(r[i, j].item()) - exact)) <= eps * abs(float(exact)) + (4 * eps) ** 2 * terms
+    # r = u - (diag(D) + AA')x, likewise (the Monte Carlo weights' certificate)
+    D = torch.rand(7, generator=g, dtype=torch.float64) * 1e-6
+    x = torch.linalg.solve(torch.diag(D) + A @ A.T, u.T).T
+    r, bound = Correlation._compensated_matrix_residual(u, x, D, A)
+    for i in range(5):
+        for j in range(7):
+            exact = Fraction(u[i, j].item()) - Fraction(D[j].item()) * Fraction(x[i, j].item()) - sum(
+                Fraction(A[j, a].item()) * Fraction(A[m, a].item()) * Fraction(x[i, m].item())
+                for a in range(3) for m in range(7))
+            assert abs(float(Fraction(r[i, j].item()) - exact)) <= float(bound[i, j])
+    W = _scaled_column_rows(64, 40, 1e12)
+    c = RecordCorrelation.in_sample(W, loo=False).parts[0][1]
+    kq = 1.0 - 0.5 * torch.rand(40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for k in (torch.ones(40, dtype=torch.float64), kq):
+        ref = torch.tensor(_factor_form_reference(c, k, W[1:5]), dtype=torch.float64)
+        for form in (lambda k=k: c._factor_quadratic(W[1:5], k),
+                     lambda k=k: c._certified_solve(W[1:5] * k.sqrt(), k)[1]):
+            q = form()
+            assert bool(q.isfinite().all()) and torch.allclose(q, ref, rtol=1e-7, atol=0.0), (q, ref)
+            monkeypatch.setattr(C, "FACTOR_FORM_COMPENSATED", False)
+            assert bool(form().isnan().all())
+            monkeypatch.setattr(C, "FACTOR_FORM_COMPENSATED", True)
+
+
+def test_a_monte_carlo_form_without_certified_weights_gives_way_to_the_gaussian_form_and_says_so(monkeypatch):
+    """cf57: where the factor model's Monte Carlo weights are NaN (``Correlation.coefficients``: not
+    certified), the correlated Monte Carlo form is not finite and the scheme takes the certified
+    Gaussian form; that fall-back only logged, the row now notes it (the row's form still reads
+    "mc"). OLS with correlated features, rtn_int4's coarse weights, ``covariance="factor"``."""
+    m, dl, n = _correlated_ols(monkeypatch)
+
+    def run():
+        return assess(m, ["rtn_int4"], dl, _loss, estimation="diagonal", weight_decay=0.0, num_records=n,
+                      covariance="factor", uncertainty_draws=0).schemes["rtn_int4"]
+
+    said = "correlated Monte Carlo form not finite"
+    plain = run()
+    assert plain.method == "mc" and plain.covariance == "factor" and not any(said in x for x in plain.notes)
+    coefficients = Correlation.coefficients
+
+    def uncertified(self, influence, kappa):
+        c = coefficients(self, influence, kappa)
+        c[0] = math.nan  # one row whose solve could not be certified
+        return c
+
+    monkeypatch.setattr(Correlation, "coefficients", uncertified)
+    fallen = run()
+    assert math.isfinite(fallen.leakage) and fallen.leakage != plain.leakage
+    assert any(said in x and "the Gaussian form" in x for x in fallen.notes), fallen.notes

@@ -151,6 +151,22 @@ FACTOR_FORM_WOODBURY_CHECK = True
 # mixed corner, and the corners' betas alone left records 0.9% below the low end); False: the
 # corners' betas (cf56; A/B)
 CORRELATED_BETA_BOUNDS = True
+# A narrow block's bracket (Correlation._narrow_quadratic) takes above also the stationary form plus
+# the residual's r'M^-1r <= |r|^2 / lambda_min(M) (Correlation._residual_gap, cf57): the variational
+# bound at t = A'x cancels |u| against |At| where the loadings dwarf the remainder, and read NaN for
+# blocks whose M is well conditioned (condition 7e3). False: the variational bound alone (A/B)
+FACTOR_FORM_RESIDUAL_BOUND = True
+# The variational form's rows that its own rounding leaves uncertified (u - At cancels: s / q past
+# ~1e20, the absolute in-sample shrinkage under columns 1e10 apart) are read again with u - At
+# compensated (Correlation._compensated_residual, Dot2; cf57). False: NaN there (A/B)
+FACTOR_FORM_COMPENSATED = True
+
+
+def _split(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Dekker's split of float64 ``x`` into ``hi + lo`` of 26 bits each (their products exact)."""
+    c = 134217729.0 * x                                             # 2^27 + 1
+    hi = c - (c - x)
+    return hi, x - hi
 
 
 def nonfinite_coordinates(x: Tensor) -> Tensor:
@@ -556,7 +572,21 @@ class Correlation:
         ``v'y``, checked against its bracket)."""
         y, t, D, A, solve_core = self._solve_parts(v, kappa)
         q, lower, upper = self._variational(v, t, D, A, solve_core)
-        return y, self._certified(q if FACTOR_FORM_VARIATIONAL else (v * y).sum(-1), lower, upper)
+        q = self._certified(q if FACTOR_FORM_VARIATIONAL else (v * y).sum(-1), lower, upper)
+        bad = q.isnan()
+        if FACTOR_FORM_RESIDUAL_BOUND and A.shape[0] <= A.shape[1] and bool(bad.any()):
+            # a narrow block (d <= k, a layer's block of the in-sample model): the rows the
+            # Woodbury path cannot certify (an ill-conditioned core over a well-conditioned M) from
+            # the d x d matrix itself, its solution with them (cf57)
+            assert self.factor is not None
+            kh = kappa.sqrt()
+            w = torch.where(kh > 0, v[bad] / kh.clamp_min(1e-300), torch.zeros_like(v[bad]))
+            narrow = self._narrow_quadratic(w, kappa, D, self.factor.to(torch.float64), solution=True)
+            if narrow is not None:
+                x, qn = narrow
+                q[bad] = qn
+                y[bad] = torch.where(qn.isnan().unsqueeze(-1), y[bad], x)
+        return y, q
 
     @staticmethod
     def _certified(value: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
@@ -596,15 +626,83 @@ class Correlation:
         # above, b = B C^-1 rho attains it. Not rho'(solve of rho) itself: a solve of a C whose
         # condition passed float64's (1e22, 8 columns 1e8 times the rest) read ~0 and certified a
         # form 6e4 times the truth; a bad solve here only widens the bracket (to |rho|^2 at worst)
-        As = solve_core(rho) @ A.T                                     # [R, d] A C^-1 rho
-        BtBs = (As / D) @ A                                            # [R, k] B'B C^-1 rho
         eps = torch.finfo(torch.float64).eps
         d, k = A.shape
-        off = (rho - BtBs).norm(dim=-1) + eps * math.sqrt(d + k) * (rho.abs() + BtBs.abs()).norm(dim=-1)
-        gap = off.square() + (As.square() / D).sum(-1) * (1.0 + 4.0 * eps * math.sqrt(d))
+
+        def gap_of(rho: Tensor) -> Tensor:
+            As = solve_core(rho) @ A.T                                     # [R, d] A C^-1 rho
+            BtBs = (As / D) @ A                                            # [R, k] B'B C^-1 rho
+            off = (rho - BtBs).norm(dim=-1) + eps * math.sqrt(d + k) * (rho.abs() + BtBs.abs()).norm(dim=-1)
+            return off.square() + (As.square() / D).sum(-1) * (1.0 + 4.0 * eps * math.sqrt(d))
+
+        gap = gap_of(rho)
         scale = ((u.abs() + At.abs()).square() / D).sum(-1) + t.square().sum(-1)
         up = 4.0 * eps * math.sqrt(k + 1) * (q.clamp_min(0.0) * scale).sqrt()
-        return q, q - gap - 4.0 * eps * eps * (d + k) * scale - up, q + up
+        lower, upper = q - gap - 4.0 * eps * eps * (d + k) * scale - up, q + up
+        redo = ~(upper - lower <= FACTOR_FORM_RTOL * q) & (4.0 * up > FACTOR_FORM_RTOL * q) & (q > 0)
+        if not (FACTOR_FORM_COMPENSATED and FACTOR_FORM_CHECK and bool(redo.any())):
+            return q, lower, upper
+        # the rows whose bracket the value's rounding widens past FACTOR_FORM_RTOL (s / q past ~1e20:
+        # u - At cancels): u - At again, compensated (_compensated_residual), to ~eps of itself plus
+        # ((k + 1) eps)^2 of its terms, so that the value's rounding is ~eps (d + k) of it (cf57)
+        ur, tr = u[redo], t[redo]
+        xr = Correlation._compensated_residual(ur, tr, A) / D
+        qr = (xr.square() * D).sum(-1) + tr.square().sum(-1)
+        sr = ((ur.abs() + tr.abs() @ A.abs().T).square() / D).sum(-1) + tr.square().sum(-1)
+        g2 = ((k + 1) * eps) ** 2
+        upr = 4.0 * eps * math.sqrt(d + k + 1) * qr + 2.0 * g2 * (qr * sr).sqrt() + g2 * g2 * sr
+        q, lower, upper = q.clone(), lower.clone(), upper.clone()
+        q[redo] = qr
+        lower[redo] = qr - gap_of(xr @ A - tr) - 4.0 * eps * eps * (d + k) * sr - upr
+        upper[redo] = qr + upr
+        return q, lower, upper
+
+    @staticmethod
+    def _compensated_residual(u: Tensor, t: Tensor, A: Tensor, low: Tensor | None = None,
+                              pair: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """``[R, d]`` ``u - t A'`` (``u [R, d]``, ``t [R, k]``, ``A [d, k]``) by Ogita, Rump and Oishi's
+        ``Dot2`` (SIAM J. Sci. Comput. 26, 2005: error-free products by Dekker's split, sums by
+        Knuth's TwoSum): within ``eps |result| + ((k + 1) eps)^2 (|u| + |t| |A|')`` of the exact
+        value, as if computed in twice float64's precision (barring under- and overflow). ``k``
+        passes of ``[R, d]`` element-wise work: read for the few rows whose form cancels past
+        float64 (:meth:`_variational`, :meth:`_certified_coefficients`). ``low``: ``u``'s own low
+        part (``u + low`` the value); ``pair``: the unrounded ``(high, low)`` instead of their sum."""
+        Ah, Al = _split(A)
+        th, tl = _split(-t)
+        p, s = u.clone(), (torch.zeros_like(u) if low is None else low.clone())
+        for a in range(A.shape[1]):
+            b, bh, bl = -t[:, a:a + 1], th[:, a:a + 1], tl[:, a:a + 1]
+            ah, al = Ah[:, a], Al[:, a]
+            h = b * A[:, a]
+            err = ((bh * ah - h) + bh * al + bl * ah) + bl * al     # TwoProduct: h + err = b a exactly
+            pn = p + h
+            z = pn - p
+            s = s + (((p - (pn - z)) + (h - z)) + err)              # TwoSum: pn + . = p + h exactly
+            p = pn
+        return (p, s) if pair else p + s
+
+    @staticmethod
+    def _compensated_matrix_residual(u: Tensor, x: Tensor, D: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+        """``([R, d], [R, d])``: ``r = u - Mx`` for ``M = diag(D) + AA'`` (``x [R, d]``) in twice float64's
+        precision (:meth:`_compensated_residual` for ``A'x``, kept as a (high, low) pair, then for
+        ``u - Dx - A(A'x)``) and a bound of its error, ``eps |r| + ((2k + 2) eps)^2 (|u| + D|x| +
+        |A||A'x|) + (d eps)^2 |A||A|'|x|`` (Dot2's, twice). ``d + k`` passes of element-wise work."""
+        eps = torch.finfo(torch.float64).eps
+        d, k = A.shape
+        yh, yl = Correlation._compensated_residual(torch.zeros(x.shape[0], k, dtype=x.dtype), x, A.T, pair=True)
+        h = -D * x                                                   # -(A'x) = yh + yl above
+        Dh, Dl = _split(-D)
+        xh, xl = _split(x)
+        err = ((Dh * xh - h) + Dh * xl + Dl * xh) + Dl * xl
+        p = u + h
+        z = p - u
+        low = ((u - (p - z)) + (h - z)) + err
+        r = Correlation._compensated_residual(p, -torch.cat([yh, yl], -1), torch.cat([A, A], -1), low=low)
+        assert isinstance(r, Tensor)
+        Aabs = A.abs()
+        bound = (eps * r.abs() + ((2 * k + 2) * eps) ** 2 * (u.abs() + D * x.abs() + (yh.abs() + yl.abs()) @ Aabs.T)
+                 + ((d + 1) * eps) ** 2 * (x.abs() @ Aabs) @ Aabs.T)
+        return r, bound
 
     def _woodbury(self, kappa: Tensor) -> tuple[Tensor, Tensor, Tensor, Callable[[Tensor], Tensor]]:
         """The factor model's channel matrix ``M = diag(D) + A A'`` at ``kappa [d]`` for Woodbury
@@ -620,7 +718,13 @@ class Correlation:
         chol, info = torch.linalg.cholesky_ex(core)
 
         def solve_core(y: Tensor) -> Tensor:
-            return (torch.cholesky_solve(y.T, chol) if int(info) == 0 else torch.linalg.solve(core, y.T)).T
+            if int(info) == 0:
+                return torch.cholesky_solve(y.T, chol).T
+            # C >= I, singular only by its rounding (loadings 1e13 over remainders 1e-9): an LU
+            # solve raised LinAlgError there; a least-squares solution is some t, which the
+            # variational forms' brackets certify or read NaN (cf57)
+            sol, bad = torch.linalg.solve_ex(core, y.T)
+            return (sol if int(bad) == 0 else torch.linalg.lstsq(core, y.T).solution).T
 
         return D, A, Dinv_A, solve_core
 
@@ -917,7 +1021,8 @@ class Correlation:
         return 2.0 * torch.linalg.vecdot(u, x) - torch.linalg.vecdot(x, x * D) - (x @ A).square().sum(-1)
 
     @staticmethod
-    def _narrow_quadratic(w: Tensor, kappa: Tensor, D: Tensor, L: Tensor) -> Tensor | None:
+    def _narrow_quadratic(w: Tensor, kappa: Tensor, D: Tensor, L: Tensor,
+                          solution: bool = False) -> Tensor | tuple[Tensor, Tensor] | None:
         """``[R]`` ``u' M^-1 u`` through ``M = diag(D) + A A' [d, d]`` (``A = K^1/2 L``, ``L [d, k]``,
         ``d <= k``) by Cholesky with one refinement step; ``None`` where ``M`` is not numerically
         positive definite (the caller's Woodbury path then). Woodbury would factor the ``k x k``
@@ -926,7 +1031,8 @@ class Correlation:
         :meth:`_corrected_quadratic`): on a 2,610-weight Transformer (rank 387, 20 blocks of 2-768
         weights, 5 schemes) the forms took 6.4 s that way, 4.5 s with this one, the report's fields
         within 1.3e-12 relative (docs/benchmarks.md, "wf41"); a small block costs far less than the
-        core's factorization, and at ``d = k`` the two cost about the same."""
+        core's factorization, and at ``d = k`` the two cost about the same. ``solution``: ``(x [R, d],
+        q [R])``, ``x = M^-1 u'`` with the form (:meth:`_certified_solve`)."""
         kh = kappa.sqrt()
         u = w * kh
         A = kh.unsqueeze(-1) * L
@@ -941,7 +1047,7 @@ class Correlation:
         x = x + (u - x @ M) @ Minv  # refinement: M's condition reaches 1/D
         q = torch.linalg.vecdot(u, x)
         if not FACTOR_FORM_CHECK:
-            return q
+            return (x, q) if solution else q
         # bracketed (cf56): a Cholesky of an M whose condition is past float64 (a column 1e9 times
         # the rest) can succeed and return digits of nothing. Any x gives the lower bound 2u'x -
         # x'Mx and any t the upper |D^-1/2 (u - At)|^2 + |t|^2 (t = A'x here: no k x k core),
@@ -955,7 +1061,32 @@ class Correlation:
         scale = ((u.abs() + At.abs()).square() / D).sum(-1) + t.square().sum(-1)
         lo_round = eps * (2.0 * (u * x).abs().sum(-1) + (x.abs() * (x.abs() @ M.abs())).sum(-1))
         up_round = eps * (scale * upper.clamp_min(0.0)).sqrt()
-        return Correlation._certified(q, lower - lo_round, upper + up_round)
+        upper = upper + up_round
+        if FACTOR_FORM_RESIDUAL_BOUND:
+            upper = torch.minimum(upper, lower + lo_round + Correlation._residual_gap(u, x, M, D, A))
+        q = Correlation._certified(q, lower - lo_round, upper)
+        return (x, q) if solution else q
+
+    @staticmethod
+    def _residual_gap(u: Tensor, x: Tensor, M: Tensor, D: Tensor, A: Tensor) -> Tensor:
+        """``[R]`` an upper bound of ``e'Me = r'M^-1 r`` (``r = u - Mx`` the residual of ``x [R, d]``,
+        ``e`` its error), the gap between ``u'M^-1u`` and the stationary form ``2u'x - x'Mx``, for
+        ``M = diag(D) + AA' [d, d]`` formed (a narrow block): ``(|r| + delta)^2 / lambda``, ``delta``
+        the residual's rounding (``M``'s own included: ``(d + k) eps (|u| + (D + |A||A|')|x|)``),
+        ``lambda`` a lower bound of ``M``'s smallest eigenvalue (its computed one less ``M``'s
+        rounding and the eigensolver's, ``(d + k) eps`` times ``|M|_F``; never below ``min D``,
+        ``M >= diag(D)`` exactly). Where ``M`` is well conditioned this is ``~eps^2`` of the form,
+        while the variational bound at ``t = A'x`` cancels ``|u|`` against ``|At|`` (loadings 1e13
+        over remainders 1e-2: ``M``'s condition 7e3, that bound 100 times the form; cf57)."""
+        eps = torch.finfo(torch.float64).eps
+        d, k = A.shape
+        Aabs = A.abs()
+        delta = 4.0 * (d + k + 2) * eps * (u.abs() + x.abs() * D + (x.abs() @ Aabs) @ Aabs.T)
+        r = (u - x @ M).norm(dim=-1) + delta.norm(dim=-1)
+        AA = Aabs @ Aabs.T
+        floor = float(D.min())
+        lam = float(torch.linalg.eigvalsh(M)[0]) - 4.0 * (d + k + 2) * eps * float(M.norm() + AA.norm())
+        return r.square() / max(lam, floor)
 
     def inverse_diagonal(self) -> Tensor:
         """``[d]`` the diagonal of ``R^+`` (full, within its rank rule) or of the factor model's inverse (Woodbury):
@@ -977,14 +1108,51 @@ class Correlation:
 
     def coefficients(self, influence: Tensor, kappa: Tensor) -> Tensor:
         """``[R, d]`` weights ``c = K^-1/2 M^+ u`` of the cell means in the Monte Carlo form
-        (0 for coordinates with ``kappa = 0``)."""
+        (0 for coordinates with ``kappa = 0``). The factor model's rows are certified like its forms
+        (:meth:`_certified_coefficients`): a row whose solve cannot be had to
+        :data:`FACTOR_FORM_RTOL` reads NaN (the Monte Carlo form then gives way to the certified
+        Gaussian one), not weights off by orders."""
         w = influence.to(torch.float64)
         k = kappa.to(torch.float64).clamp(0.0, 1.0)
         if self.full is not None:
             return self._full_coefficients(w, k)
         kh = k.sqrt()
         sol = self._solve(w * kh, k)
+        if FACTOR_FORM_CHECK:
+            sol = self._certified_coefficients(w, sol, k)
         return torch.where(kh > 0, sol / kh.clamp_min(1e-300), torch.zeros_like(sol))
+
+    def _certified_coefficients(self, w: Tensor, x: Tensor, kappa: Tensor) -> Tensor:
+        """``x [R, d]`` (a computed ``M^-1 u``, ``u = K^1/2 w``, of the factor model) where its error
+        in ``M``'s norm, ``e'Me = r'M^-1r`` (``r = u - Mx``), is within half :data:`FACTOR_FORM_RTOL` of
+        ``sqrt(u'M^-1u)`` (the certified form, :meth:`_factor_quadratic`; the Monte Carlo form's
+        statistic ``x'Y`` has the channel's covariance ``M``, so its scale moves by at most that
+        share, as a form's bracket moves its figure by at most half its width); NaN rows elsewhere (cf57: the in-sample form of rows whose column 0 is 1e6 times
+        the rest read its weights 7e-4 off in that norm, 1e9 times: 1.8e5, against an 80-digit
+        reference). ``r'M^-1r`` is bounded by its variational form at the core's solution
+        (:meth:`_variational`'s upper end) plus the residual's rounding ``delta``, ``2 r'M^-1r +
+        2 delta'D^-1 delta``."""
+        D, A, _, solve_core = self._woodbury(kappa)
+        u = w * kappa.sqrt()
+        r = u - (x * D + (x @ A) @ A.T)
+        eps = torch.finfo(torch.float64).eps
+        d, k = A.shape
+        # (eps sqrt(n) per sum of n terms, as _variational's rounding terms: the worst case n eps
+        # read NaN for a solve within 7e-7 of the reference at s / q ~ 1e12)
+        delta = 4.0 * math.sqrt(d + k + 2) * eps * (u.abs() + x.abs() * D + (x.abs() @ A.abs()) @ A.abs().T)
+        upper = self._variational(r, solve_core((r / D) @ A), D, A, solve_core)[2]
+        err = 2.0 * upper + 2.0 * (delta.square() / D).sum(-1)
+        q = self._factor_quadratic(w, kappa)
+        tol = (0.5 * FACTOR_FORM_RTOL) ** 2 * q
+        ok = (err <= tol) | ((q == 0) & (err == 0))
+        redo = ~ok & (q > 0)
+        if FACTOR_FORM_COMPENSATED and bool(redo.any()):
+            # the residual's rounding bound (|A||A|'|x|: A'x cancels) failed them: r again in twice
+            # float64's precision, its error bound ~eps^2 of those terms (cf57)
+            rr, bound = self._compensated_matrix_residual(u[redo], x[redo], D, A)
+            up_r = self._variational(rr, solve_core((rr / D) @ A), D, A, solve_core)[2]
+            ok[redo] = 2.0 * up_r + 2.0 * (bound.square() / D).sum(-1) <= tol[redo]
+        return torch.where(ok.unsqueeze(-1), x, torch.full_like(x, math.nan))
 
     def _regression(self, w: Tensor, kappa: Tensor) -> Tensor:
         """``[R, d]`` ``beta`` with ``E[w'R^+U | Y] = beta'Y`` for the channel at ``kappa [d]`` (full
