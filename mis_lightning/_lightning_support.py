@@ -54,7 +54,7 @@ from .estimation.per_sample import (
 from .estimation.world_choice import agree as agree_on_choice
 from .estimation.world_choice import force as force_choice
 from .estimation.world_choice import gather_objects
-from .evaluation import evaluate_utility, named_error, to_device
+from .evaluation import evaluate_utility, metric_side_fix, named_error, to_device
 from .progress import ProgressDisplay
 from .quantization import QuantizationScheme
 from .quantization.release_forward import (
@@ -882,10 +882,7 @@ def check_validation_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: An
         how = (f"{HOOK_NAME}(batch)" if hook else
                f"loss_fn(model(inputs), targets) with (inputs, targets) = "
                f"{'batch_fn(batch)' if batch_fn is not None else 'the batch as a pair'}")
-        culprit = _metric_side_culprit(exc, metrics, output_transform)
-        fix = (f"{culprit}, which each copy's (outputs, targets) go through after the loss: output_transform "
-               "takes (outputs, targets) and returns (preds, targets), the arguments of each metric's update"
-               if culprit else
+        fix = (metric_side_fix(exc, metrics, output_transform) or
                f"each copy's utility is the mean of {how} over the validation batches, as for the training "
                f"batches: give the validation batches the training batches' layout, or pass batch_fn=<a "
                f"module-level function that takes both layouts, e.g. returning (batch[0], batch[1])>")
@@ -902,33 +899,6 @@ def check_validation_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: An
         err = joined(errors)
         raise ReleaseForwardError(f"MISCallback (checked before training): {err}", err.params, err.op,
                                   err.scheme) from err.__cause__
-
-
-def _metric_side_culprit(exc: BaseException, metrics: Mapping[str, Any] | None, output_transform: Any) -> str | None:
-    """``"output_transform 'f'"`` or ``"utility metric 'k'"`` where ``exc`` was raised in that
-    function (a frame of its code, or of a method of the metric; or torch-free call errors that
-    name the function, e.g. ``f() takes 1 positional argument but 2 were given``), else None:
-    the layout advice does not fit those (nu57: a one-argument output_transform was told to give
-    the validation batches the training layout)."""
-    fn_code = getattr(output_transform, "__code__", None)
-    name = getattr(output_transform, "__name__", None)
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:  # the error and its causes (evaluate_utility names a metric's)
-        seen.add(id(e))
-        tb = e.__traceback__
-        while tb is not None:
-            frame = tb.tb_frame
-            if fn_code is not None and frame.f_code is fn_code:
-                return f"output_transform {name!r}"
-            for key, m in (metrics or {}).items():
-                if type(frame.f_locals.get("self")) is type(m) and not isinstance(m, type):  # (m or a clone)
-                    return f"utility metric {key!r}"
-            tb = tb.tb_next
-        if name and isinstance(e, TypeError) and str(e).startswith(f"{name}()"):
-            return f"output_transform {name!r}"
-        e = e.__cause__
-    return None
 
 
 def _first_batch_curvature(metric: EstimationMetric) -> None:
