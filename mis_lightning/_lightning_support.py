@@ -12,7 +12,7 @@ import gc
 import itertools
 import math
 import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ from .estimation.per_sample import (
 from .estimation.world_choice import agree as agree_on_choice
 from .estimation.world_choice import force as force_choice
 from .estimation.world_choice import gather_objects
-from .evaluation import evaluate_utility, named_error, to_device
+from .evaluation import evaluate_utility, metric_side_fix, named_error, to_device
 from .progress import ProgressDisplay
 from .quantization import QuantizationScheme
 from .quantization.release_forward import (
@@ -64,7 +64,7 @@ from .quantization.release_forward import (
     uses_outside_layers,
 )
 from .record_count import check_enough_records, records_read, records_read_note
-from .report import Report
+from .report import STREAM_RECORDS_DIFFER, Report
 from .streaming import HOOK_NAME, EstimationMetric
 
 
@@ -468,21 +468,35 @@ def decoupled_decay_note(trainer: Any, pl_module: Any, names: list[str]) -> str 
             "to the assessed objective itself")
 
 
-def weights_fingerprint(module: nn.Module) -> str | None:
-    """A digest of ``module``'s parameters and buffers (names, dtypes, shapes, bytes): tells
-    whether the weights changed between two hooks at the same step (weight averaging or
-    pruning applied in ``on_train_end``); None where a tensor cannot be read as bytes."""
+def _tensors_digest(named: Iterable[tuple[str, Tensor]]) -> str | None:
+    """A digest of named tensors (names, dtypes, shapes, bytes); None where a tensor cannot be
+    read as bytes (a tensor subclass)."""
     import hashlib
 
     h = hashlib.blake2b(digest_size=16)
     try:
-        for name, t in itertools.chain(module.named_parameters(), module.named_buffers()):
+        for name, t in named:
             t = t.detach()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
             h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
     except Exception:  # noqa: BLE001 - a tensor subclass without bytes: treat as changed
         return None
     return h.hexdigest()
+
+
+def weights_fingerprint(module: nn.Module) -> str | None:
+    """A digest of ``module``'s parameters and buffers (names, dtypes, shapes, bytes): tells
+    whether the weights changed between two hooks at the same step (weight averaging or
+    pruning applied in ``on_train_end``); None where a tensor cannot be read as bytes."""
+    return _tensors_digest(itertools.chain(module.named_parameters(), module.named_buffers()))
+
+
+def batch_digest(batch: Any) -> str | None:
+    """A digest of a batch's tensor leaves (their order, dtypes, shapes, bytes): tells whether
+    two passes of a stream began with the same batch; None where a leaf cannot be read as bytes."""
+    from torch.utils._pytree import tree_leaves
+
+    return _tensors_digest((str(i), t) for i, t in enumerate(x for x in tree_leaves(batch) if isinstance(x, Tensor)))
 
 
 def _first_read(cb: Any, trainer: Any) -> int | None:
@@ -873,12 +887,13 @@ def check_validation_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: An
         how = (f"{HOOK_NAME}(batch)" if hook else
                f"loss_fn(model(inputs), targets) with (inputs, targets) = "
                f"{'batch_fn(batch)' if batch_fn is not None else 'the batch as a pair'}")
+        fix = (metric_side_fix(exc, metrics, output_transform) or
+               f"each copy's utility is the mean of {how} over the validation batches, as for the training "
+               f"batches: give the validation batches the training batches' layout, or pass batch_fn=<a "
+               f"module-level function that takes both layouts, e.g. returning (batch[0], batch[1])>")
         raise named_error(exc, (
             f"MISCallback: the first validation batch ({layout}) fails in the utility evaluation the "
-            f"quantized copies get after training ({type(exc).__name__}: {exc}); each copy's utility is the "
-            f"mean of {how} over the validation batches, as for the training batches: give the validation "
-            f"batches the training batches' layout, or pass batch_fn=<a module-level function that takes "
-            f"both layouts, e.g. returning (batch[0], batch[1])>")) from exc
+            f"quantized copies get after training ({type(exc).__name__}: {exc}); {fix}")) from exc
     if not outside:  # every weight used by its layer's function: the quantized copies run it
         return
     with isolated_rng(), torch.inference_mode(False):
@@ -1093,7 +1108,7 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
                       batch_size: int | None = None, metrics: Mapping[str, Any] | None = None,
                       output_transform: Any = None, keep: dict[str, Any] | None = None,
                       full_pass: bool = False, read: int | None = None,
-                      eval_in_training: list[str] | None = None) -> Report:
+                      eval_in_training: list[str] | None = None, stream_starts: int | None = None) -> Report:
     """The pipeline on a Trainer's data: the estimation pass over this process's unpadded shard
     of ``trainer.train_dataloader.dataset`` (indices ``rank, rank + world, ...``; states synced
     over processes by :class:`~mis_lightning.streaming.EstimationMetric`), then
@@ -1107,7 +1122,11 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     training has read its loader to the end at least once; ``read``: the most batches one pass
     has read from its start (:func:`trained_batches`). ``eval_in_training``: the
     :func:`~mis_lightning.assess.mode_dependent_modules` the last training batch ran in eval mode
-    (``None``: no batch seen), as ``diagnostics["eval_mode_in_training"]``.
+    (``None``: no batch seen), as ``diagnostics["eval_mode_in_training"]``. ``stream_starts``: how
+    many different first batches the training passes over an iterable dataset began with (the
+    callback's digests, counted up to 2; ``None``: not counted): above 1 under an integer ``limit_train_batches``,
+    the first batches of the copy's next pass are not the records trained on, which the report
+    says and marks (``diagnostics["stream_records_differ"]``).
 
     Raises:
         RuntimeError: the trainer has no training dataloader.
@@ -1135,7 +1154,17 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
         if ds is not None and records else None
     limit, what = trained_batches(trainer, full_pass, read)
     loader = reloader(train, shard, batch_size, limit=limit)
-    if isinstance(loader, _FirstBatches):
+    # a stream cut by limit_train_batches whose passes began with other batches (it reshuffles or draws
+    # anew each pass): the copy's next pass yields other records again, not those trained on (nu57: 47
+    # of the 192 records assessed never trained on, said only as "when each pass yields the same records first")
+    reshuffled = isinstance(loader, _FirstBatches) and (stream_starts or 0) > 1
+    stream_note = (
+        f"{STREAM_RECORDS_DIFFER} ({what}): the training passes over the iterable training data did not all "
+        f"begin with the same batch (a stream that reshuffles or draws anew each pass), so the first {limit} "
+        "batches of another pass, which are assessed, are not the records trained on: some were never trained "
+        "on and others trained on are missing; every figure is marked '*'. To assess the records trained on, "
+        "collect them and call mis_lightning.assess") if reshuffled else None
+    if isinstance(loader, _FirstBatches) and not reshuffled:
         note = "; ".join(x for x in (note, f"{what}: the first {limit} batches of the iterable training data are "
                                            "assessed (the records trained on when each pass yields the same "
                                            "records first)") if x)
@@ -1202,7 +1231,9 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
         est = metric.estimate()
         # the records are the trainer's training records: "records not trained on" cannot be the cause
         # of a stiff offset here (nux51 #2: said of the 600 records a tied LM was trained on)
-        est.diagnostics["records_from_training_loader"] = True
+        est.diagnostics["records_from_training_loader"] = not reshuffled
+        if reshuffled:
+            est.diagnostics["stream_records_differ"] = True
         if eval_in_training is not None:  # how the training ran its mode-dependent layers (ux54c)
             est.diagnostics["eval_mode_in_training"] = list(eval_in_training)
         if items_are_batches(train):  # the report states the count "auto" assumed
@@ -1227,6 +1258,8 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
         report.warnings.insert(0, counted)
     if note:
         report.warnings.append(note)
+    if stream_note:
+        report.warnings.append(stream_note)
     if aug:
         report.warnings.append(aug)
     if val_loader is None:

@@ -57,7 +57,7 @@ from .estimation.estimate import (
 )
 from .estimation.linear_factors import KFAC_MAX_WIDTH
 from .estimation.per_sample import BatchFn, LossFn
-from .evaluation import OutputTransform, evaluate_utility
+from .evaluation import OutputTransform, evaluate_utility, metric_side_fix
 from .functional._checks import check_finite
 from .functional.bounds import _SPLIT_STATE
 from .functional.correlated import nonfinite_coordinates
@@ -1156,11 +1156,12 @@ def check_validation_batch(model: nn.Module, val_dataloader: Iterable, loss_fn: 
             evaluate_utility(copy_, [batch], loss_fn, metrics, batch_fn=batch_fn, output_transform=output_transform)
     except Exception as exc:  # noqa: BLE001 - named and re-raised
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
-        raise RuntimeError(
-            f"val_dataloader's first batch fails on the model ({type(exc).__name__}: {exc}); checked before the "
-            f"estimation pass: each quantized copy's utility is loss_fn(model(inputs), targets) over these "
+        fix = metric_side_fix(exc, metrics, output_transform) or (
+            f"each quantized copy's utility is loss_fn(model(inputs), targets) over these "
             f"batches, so give them in the layout, dtype and device the model takes (its parameters are "
-            f"{', '.join(dtypes)})") from exc
+            f"{', '.join(dtypes)})")
+        raise RuntimeError(f"val_dataloader's first batch fails on the model ({type(exc).__name__}: {exc}); checked "
+                           f"before the estimation pass: {fix}") from exc
     if not outside:  # every weight used by its layer's function: the quantized copies run it
         return
     with isolated_rng():

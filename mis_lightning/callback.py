@@ -359,6 +359,10 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                                                           collate_fn=getattr(train, "collate_fn", None))):
             rank_zero_warn(f"MISCallback: {aug}")
         self._sets = TrainingSets()  # this fit's loaders only
+        # a stream: the first batch of each pass, to tell one that yields other records first each pass
+        # (limit_train_batches then trains on other records than a later pass's first batches: nu57)
+        self._stream_starts: set[str | None] | None = set() if train is not None and lt.map_items(train) is None \
+            else None
 
     @names_callback
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
@@ -392,6 +396,10 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         # dropout / running statistics the user runs in eval mode (e.g. a polish in eval mode, as
         # the not-at-a-minimum warning advises) are no cause of an objective mismatch (ux54c)
         self._eval_in_training = [n for n, m in getattr(self, "_mode_modules", ()) if not m.training]
+        starts = getattr(self, "_stream_starts", None)
+        if starts is not None and self._pass_read == 0 and len(starts) < 2 \
+                and (digest := lt.batch_digest(batch)) is not None:  # two tell it: no more digests
+            starts.add(digest)
         if self._batch_unchecked:
             self._batch_unchecked = False
             res = self._loss(trainer, pl_module)
@@ -480,7 +488,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             self._loss(trainer, pl_module), batch_fn=self.batch_fn, batch_size=self.estimation_batch_size,
             metrics=self.utility_metrics, output_transform=self.output_transform, keep=self._kept,
             full_pass=getattr(self, "_full_pass", False), read=getattr(self, "_most_read", None) or None,
-            eval_in_training=getattr(self, "_eval_in_training", None))
+            eval_in_training=getattr(self, "_eval_in_training", None),
+            stream_starts=len(starts) if (starts := getattr(self, "_stream_starts", None)) is not None else None)
 
     def _plan(self, trainer: Any, pl_module: Any) -> PlanResult:
         """The planner on the assessment's estimate, loader and utility (rank 0)."""

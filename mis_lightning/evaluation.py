@@ -19,7 +19,8 @@ from .estimation.per_sample import BatchFn, LossFn, default_batch_fn
 OutputTransform = Callable[[Any, Any], tuple[Any, Any]]
 BatchLoss = Callable[[nn.Module, Any], Tensor]
 
-__all__ = ["BatchLoss", "OutputTransform", "UtilityValues", "evaluate_utility", "named_error", "to_device"]
+__all__ = ["BatchLoss", "OutputTransform", "UtilityValues", "evaluate_utility", "metric_side_fix", "named_error",
+           "to_device"]
 
 
 class UtilityValues(dict):
@@ -143,3 +144,40 @@ def evaluate_utility(
         if (err := accuracy_error(m)) is not None:  # from the counts compute() read (macro: per class)
             out.errors[k] = err
     return out
+
+
+def _metric_side_culprit(exc: BaseException, metrics: Mapping[str, Any] | None, output_transform: Any) -> str | None:
+    """``"output_transform 'f'"`` or ``"utility metric 'k'"`` where ``exc`` was raised in that
+    function (a frame of its code, or of a method of the metric; or torch-free call errors that
+    name the function, e.g. ``f() takes 1 positional argument but 2 were given``), else None:
+    the layout advice does not fit those (nu57: a one-argument output_transform was told to give
+    the validation batches the training layout)."""
+    fn_code = getattr(output_transform, "__code__", None)
+    name = getattr(output_transform, "__name__", None)
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:  # the error and its causes (evaluate_utility names a metric's)
+        seen.add(id(e))
+        tb = e.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            if fn_code is not None and frame.f_code is fn_code:
+                return f"output_transform {name!r}"
+            for key, m in (metrics or {}).items():
+                if type(frame.f_locals.get("self")) is type(m) and not isinstance(m, type):  # (m or a clone)
+                    return f"utility metric {key!r}"
+            tb = tb.tb_next
+        if name and isinstance(e, TypeError) and str(e).startswith(f"{name}()"):
+            return f"output_transform {name!r}"
+        e = e.__cause__
+    return None
+
+
+def metric_side_fix(exc: BaseException, metrics: Mapping[str, Any] | None, output_transform: Any) -> str | None:
+    """The fix to give where a validation batch's utility evaluation failed in ``output_transform``
+    or a utility metric (:func:`_metric_side_culprit`), naming it and ``output_transform``'s
+    signature; None where the failure is elsewhere (the batches' layout, the loss, the model)."""
+    culprit = _metric_side_culprit(exc, metrics, output_transform)
+    return (f"{culprit}, which each copy's (outputs, targets) go through after the loss: output_transform takes "
+            "(outputs, targets) and returns (preds, targets), the arguments of each metric's update"
+            if culprit else None)

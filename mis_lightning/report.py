@@ -1716,7 +1716,9 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
     "dg55"). So
     is a callback's loss several-fold above the one ``training_step`` returned on the same batches
     (``diagnostics["loss_mismatch"]``: :mod:`mis_lightning._loss_match`), and a model the callback's
-    fit took no optimizer step on (``diagnostics["not_trained"]``: :data:`NOT_TRAINED`)."""
+    fit took no optimizer step on (``diagnostics["not_trained"]``: :data:`NOT_TRAINED`), and a callback's
+    records read from a stream cut by ``limit_train_batches`` whose passes began with other batches
+    (``diagnostics["stream_records_differ"]``: not the records trained on)."""
     diagnostics = diagnostics or {}
     out = []
     if n > 0 and d / n > D_EFF_OVER_N_MAX:
@@ -1739,6 +1741,8 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
                    else "records not trained on, or not at a minimum")
     if diagnostics.get("not_trained"):  # nux53 #3: no optimizer step in the fit assessed
         out.append("not trained in this fit")
+    if diagnostics.get("stream_records_differ"):  # nu57: a reshuffling stream cut by limit_train_batches
+        out.append("records assessed not those trained on")
     if diagnostics.get("loss_mismatch"):  # nux52 #2: the callback's loss is not training_step's
         out.append("assessed loss not the training loss")
     if diagnostics.get("negative_curvature"):
@@ -1824,6 +1828,9 @@ def baseline_marks(row: Mapping[str, Any]) -> str:
 #: records, so their true advantage is 0, yet the estimator reads the curvature and gradient spread
 #: of a model far from any minimum. ``diagnostics["not_trained"]``, ``row["not_trained"]``.
 NOT_TRAINED = "the model was not trained in this fit (no optimizer step): the figures are not membership leakage"
+#: the start of the callback's warning where a stream that yields other records first each pass was
+#: cut by ``limit_train_batches`` (nu57). ``diagnostics["stream_records_differ"]``.
+STREAM_RECORDS_DIFFER = "the stream's records assessed are not those trained on"
 
 
 #: the ``*`` mark's phrases (:func:`regime_failures`) and the warnings that say each in full: ``(the
@@ -1849,6 +1856,7 @@ STAR_WARNINGS: tuple[tuple[str, str, str | None], ...] = (
     ("records not trained on", "the model is not at a minimum", None),
     ("records not trained on", "the records assessed are not", None),
     ("not trained in this fit", NOT_TRAINED, "assess a trained model"),
+    ("records assessed not those trained on", STREAM_RECORDS_DIFFER, "assess the records trained on with assess()"),
     ("negative curvature", "the Hessian has negative curvature", "train on, with the loss and weight decay assessed: "
      "full-batch L-BFGS"),
     ("saddle not excluded", "saddle not excluded", "train on: full-batch L-BFGS"),

@@ -200,6 +200,42 @@ def first_two(batch):
     return batch[0], batch[1]
 
 
+def _preds_only(out):  # a one-argument output_transform: the documented form is (outputs, targets)
+    return out
+
+
+def _squared(out, t):
+    return out, t
+
+
+def test_an_output_transform_or_metric_failing_on_the_validation_batch_is_named_without_the_layout_advice(tmp_path):
+    """nu57: ``output_transform`` taking one argument failed before training with "dict_logits() takes 1
+    positional argument but 2 were given", then "give the validation batches the training batches'
+    layout, or pass batch_fn=...": advice for another fault (the batches had the training layout);
+    ``assess`` said "give them in the layout, dtype and device the model takes". The function or
+    metric that failed is named now, with its signature."""
+    import torchmetrics
+
+    data = DataLoader(TensorDataset(X[:120], Y[:120]), batch_size=32), DataLoader(TensorDataset(X[120:], Y[120:]),
+                                                                                 batch_size=64)
+    cases = [({"output_transform": _preds_only, "utility_metrics": {"mae": torchmetrics.MeanAbsoluteError()}},
+              r"output_transform '_preds_only', which .* takes \(outputs, targets\) and returns \(preds, targets\)"),
+             ({"output_transform": _squared, "utility_metrics": {"acc": torchmetrics.classification.BinaryAccuracy()}},
+              r"utility metric 'acc', which")]
+    for i, (kw, match) in enumerate(cases):
+        cb = MISCallback(SCHEMES, loss_fn=mse, **kw, **FAST)
+        pl.seed_everything(0)
+        trainer = _trainer(tmp_path / str(i), cb)
+        with pytest.raises(Exception, match=match) as info:
+            trainer.fit(Regressor(), *data)
+        assert "batch_fn=" not in str(info.value) and trainer.global_step == 0
+    # assess's own check of the validation batch: the same naming instead of "give them in the layout"
+    with pytest.raises(RuntimeError, match=r"output_transform '_preds_only', which") as info:
+        ml.assess(Regressor(), SCHEMES, data[0], mse, val_dataloader=data[1], output_transform=_preds_only,
+                  metrics={"mae": torchmetrics.MeanAbsoluteError()}, **FAST)
+    assert "layout" not in str(info.value)
+
+
 def test_a_best_checkpoint_other_than_the_assessed_weights_is_said(tmp_path):
     """EarlyStopping(patience) with ModelCheckpoint(monitor="val_loss"): the report is of the last
     weights, the best checkpoint (what test(ckpt_path="best") evaluates) is another model; the

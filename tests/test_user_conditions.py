@@ -889,6 +889,47 @@ def test_a_recurrent_cell_loop_is_refused_naming_the_cell():
                   uncertainty_draws=0)
 
 
+class _PackedGRU(nn.Module):
+    """A GRU classifier over records of 2-6 steps: through pack_padded_sequence (the usual idiom), or
+    on the padded batch with each record's last valid step gathered (the same outputs)."""
+
+    def __init__(self, packed: bool):
+        super().__init__()
+        self.packed, self.rnn, self.head = packed, nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, inputs):
+        x, lens = inputs
+        if self.packed:
+            _, h = self.rnn(nn.utils.rnn.pack_padded_sequence(x, lens, batch_first=True, enforce_sorted=False))
+            return self.head(h[-1])
+        out, _ = self.rnn(x)
+        return self.head(out[torch.arange(len(lens)), lens - 1])
+
+
+def test_a_recurrent_layer_over_a_packed_sequence_is_named_with_its_cure():
+    """nu57: a GRU run on a PackedSequence, only the head assessed, failed every estimation mode with
+    torch's "Cannot access data pointer of Tensor that doesn't have storage" (assess: that bare
+    RuntimeError; the callback: "assess fewer parameters, another estimation= mode", neither of
+    which helps). It names the layer and the padded form now; that form gives the same outputs and
+    is assessed."""
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(2, 7, (40,), generator=g)
+    X = torch.randn(40, 6, 3, generator=g) * (torch.arange(6)[None] < lens[:, None])[..., None]
+    ds = TensorDataset(X, lens, (X[..., 0].sum(1) > 0).long())
+    torch.manual_seed(0)
+    packed = _PackedGRU(True)
+    padded = copy.deepcopy(packed)
+    padded.packed = False
+    assert torch.allclose(packed((X, lens)), padded((X, lens)), atol=1e-6)
+    kw = dict(batch_fn=lambda b: ((b[0], b[1]), b[2]), params=["head.weight", "head.bias"], uncertainty_draws=0)
+    loss = lambda o, t: F.cross_entropy(o, t, reduction="none")  # noqa: E731
+    for mode in ("exact", "diagonal"):
+        with pytest.raises(ValueError, match=r"runs GRU 'rnn' on a PackedSequence .*out\[torch.arange"):
+            ml.assess(packed, ["rtn_int8"], DataLoader(ds, batch_size=20), loss, estimation=mode, **kw)
+    rep = ml.assess(padded, ["rtn_int8"], DataLoader(ds, batch_size=20), loss, **kw)
+    assert 0 < rep.schemes["rtn_int8"].leakage < 1
+
+
 class _TiedRecurrentLM(nn.Module):
     """Embedding -> recurrent layer -> a Linear decoder tied to the embedding (nu42a's model, small)."""
 

@@ -88,6 +88,8 @@ from .per_sample import (
     LossProgram,
     default_batch_fn,
     load_forward_ad_decompositions,
+    packed_sequence_error,
+    packed_sequence_watch,
     vmap_fallback_quiet,
 )
 from .records import (
@@ -1323,15 +1325,18 @@ class MomentAccumulator:
 
         Raises:
             ValueError: the model's forward updates a tensor it holds in place in eval mode
-                (torch.func cannot differentiate through it; the message says what to change).
+                (torch.func cannot differentiate through it; the message says what to change), or
+                runs a recurrent layer on a ``PackedSequence`` (names the layer and the cure).
             RuntimeError: the forward uses activation checkpointing (says what to change).
         """
         try:
             # the library's own pass: one thread on an oversubscribed machine, as the scoring pass
             # (threads.py; nux56: 84 s on 2 threads against 6.8 s on 1 at load 9), the caller's restored
-            with vmap_fallback_quiet(), scoring_threads():  # vmap: torch's notice about the library's own vmap
-                return self._update(batch, state)
+            with vmap_fallback_quiet(), scoring_threads(), packed_sequence_watch(self.model) as packed:
+                return self._update(batch, state)  # (vmap: torch's notice about the library's own vmap)
         except RuntimeError as exc:
+            if packed and "doesn't have storage" in str(exc):  # a recurrent layer over a PackedSequence (nu57)
+                raise packed_sequence_error(self.model, packed, exc) from exc
             if "saved tensor hooks" in str(exc):
                 raise RuntimeError(
                     f"{type(self.model).__name__}'s forward uses activation checkpointing "

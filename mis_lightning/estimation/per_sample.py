@@ -828,6 +828,44 @@ def vmap_fallback_quiet() -> ignoring:
     return ignoring((VMAP_FALLBACK_WARNING, UserWarning))
 
 
+@contextmanager
+def packed_sequence_watch(model: nn.Module) -> Iterator[list[str]]:
+    """Within it, the recurrent layers (``nn.RNNBase``: RNN, LSTM, GRU) that any forward
+    (``model``'s or a private copy's) runs on a ``PackedSequence`` are listed by type, so that an
+    estimation failure there can be named: torch's packed recurrent kernels read the data pointers
+    of their inputs, which tensors under ``torch.func`` transforms do not have ("Cannot access
+    data pointer of Tensor that doesn't have storage"), whether or not the layer's weights are
+    assessed (nu57). A module-level forward pre-hook, only while ``model`` holds such a layer."""
+    seen: list[str] = []
+    if not any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        yield seen
+        return
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        if isinstance(module, nn.RNNBase) and args and isinstance(args[0], nn.utils.rnn.PackedSequence):
+            seen.append(type(module).__name__)
+
+    handle = nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def packed_sequence_error(model: nn.Module, seen: list[str], exc: BaseException) -> ValueError:
+    """The error for an estimation pass that failed where recurrent layers ran on a
+    ``PackedSequence`` (:func:`packed_sequence_watch`), naming the layers and the cure."""
+    names = [f"{type(m).__name__} {n!r}" for n, m in model.named_modules()
+             if isinstance(m, nn.RNNBase) and type(m).__name__ in seen]
+    return ValueError(
+        f"{type(model).__name__}'s forward runs {', '.join(names) or ', '.join(dict.fromkeys(seen))} on a "
+        f"PackedSequence (nn.utils.rnn.pack_padded_sequence), which the per-sample gradients (torch.func) "
+        f"cannot run: torch's packed recurrent kernel reads its inputs' storage ({exc}), also where the "
+        "layer's own weights are not assessed. Run the layer on the padded batch instead and take each "
+        "record's last valid step, out[torch.arange(len(lengths)), lengths - 1] (the same outputs for a "
+        "unidirectional layer), at least when not self.training")
+
+
 #: torch's DeprecationWarning from ``torch.jit.script``, which torch's own
 #: ``torch._decomp.decompositions_for_jvp`` calls at its import, on the process's first forward-AD
 #: dual tensor (``torch.func.jvp`` / ``jacfwd`` inside the exact Hessian and the leverage factors):
