@@ -612,9 +612,12 @@ class Report:
                      "model b/w are its), the leakage is that of the assessed weights" if total > self.d else "")
             line = (f"estimated by: {est['estimator']}{cov}; n = {self.n} training records, "
                     f"d = {self.d} assessed weights{whole}")
-            if est.get("num_records_requested"):  # num_records above n: every record was used (fu31)
-                line += (f"; influences of all {est['num_records']} records stored (num_records="
-                         f"{est['num_records_requested']} asked for more than there are)")
+            if asked := est.get("num_records_requested"):  # num_records above n: every record was used (fu31)
+                from .config import EstimationConfig  # lazily: config imports this module
+                # not "asked for": on a small training set the default exceeds n unasked (nux57)
+                default = ", its default," if asked == EstimationConfig.num_records else ""
+                line += (f"; leakage averaged over all {est['num_records']} training records "
+                         f"(num_records={asked}{default} is more than there are)")
             text += "\n" + (line if width is None else wrap_entry(line, width))
         if stats := (self.diagnostics or {}).get("running_statistics_layers"):
             # the same for every row, so no row mark (the verdict's order stands), but next to the

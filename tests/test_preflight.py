@@ -175,11 +175,24 @@ def test_num_records_above_the_training_records_is_stated_in_the_report():
     assert rep.estimation["num_records"] == 120
     assert rep.estimation["num_records_requested"] == 10_000
     line = next(ln for ln in rep.table().splitlines() if ln.startswith("estimated by"))
-    assert "all 120 records" in line and "num_records=10000" in line
+    assert "all 120 training records" in line and "(num_records=10000 is more than there are)" in line
     assert Report.from_dict(rep.to_dict()).estimation["num_records_requested"] == 10_000
     small = assess(model, ["rtn_int8"], _data(), lambda o, t: mse(o[:, 0], t), num_records=64,
                    uncertainty_draws=0, estimation="exact", weight_decay=1e-2)
     assert "num_records_requested" not in small.estimation  # asked for fewer than n: nothing to say
+
+
+def test_the_default_num_records_above_n_is_not_called_a_request():
+    """A newcomer's 500-record fit never passed ``num_records``, yet the table said "num_records=512
+    asked for more than there are" (nux57): the line says what happened (every record averaged) and,
+    for the default, that it is the default, not the user's request."""
+    model = nn.Linear(4, 1)
+    rep = assess(model, ["rtn_int8"], _data(), lambda o, t: mse(o[:, 0], t),
+                 uncertainty_draws=0, estimation="exact", weight_decay=1e-2)
+    assert rep.estimation["num_records_requested"] == 512
+    line = " ".join(ln.strip() for ln in rep.table(width=100).splitlines()).split("estimated by")[1]
+    assert "asked for" not in line
+    assert "leakage averaged over all 120 training records (num_records=512, its default, is more" in line
 
 
 # -- 4. the utility's direction -----------------------------------------------------------------------
