@@ -618,6 +618,9 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                                   if getattr(self, "_overwrites", False) else "")
                                + ("; the warnings above in full: print(callback.report.warnings_text())"
                                   if lines != report.warnings else ""))
+                # the choice the table's verdict makes (nux57: a user of the two-line snippet read the
+                # "not ranked" line below without the verdict it qualifies)
+                rank_zero_info(f"MISCallback: {report.verdict_text()}")
                 ties = ties_line(report.rows())  # the figures' order where the intervals do not resolve it
                 if ties:
                     rank_zero_info(f"MISCallback: {ties}")

@@ -555,6 +555,24 @@ class Report:
         each warning's first sentence, the warnings the ``*`` mark stands for in one line."""
         return console_warnings(self.warnings if warnings is None else warnings, self.rows())
 
+    def verdict_text(self, utility_key: str | None = None, utility_tolerance: float | None = None,
+                     rows: list[dict[str, Any]] | None = None) -> str:
+        """The verdict line :meth:`table` prints (:func:`verdict`; :attr:`verdict_note` in its place
+        where the report carries one): the safest scheme within the utility tolerance, or why
+        none is chosen. ``utility_key``, ``utility_tolerance``: as :meth:`table`'s (``None``: the
+        report's own). ``rows``: :meth:`rows`, where the caller already has them.
+
+        Raises:
+            ValueError: ``utility_tolerance`` is negative; the utility metric's direction is unknown.
+        """
+        if self.verdict_note is not None:
+            return self.verdict_note
+        return verdict(self.rows() if rows is None else rows,
+                       utility_key if utility_key is not None else self.utility_key,
+                       self.utility_tolerance if utility_tolerance is None else utility_tolerance,
+                       modes=self.utility_modes, records=self.utility_records, classes=self.utility_classes,
+                       errors=self.utility_errors)
+
     def table(self, utility_key: str | None = None, utility_tolerance: float | None = None,
               with_verdict: bool = True, legend_columns: str | None = None,
               verdict_note: str | None = None, verbose: bool = False,
@@ -639,9 +657,7 @@ class Report:
         verdict_note = verdict_note if verdict_note is not None else self.verdict_note
         if with_verdict:
             # wrapped as the legend's entries (one line was 290-545 characters: cv53); the words unchanged
-            text += "\n" + wrap_entry(verdict(rows, utility_key, utility_tolerance, modes=modes,
-                                               records=self.utility_records, classes=self.utility_classes,
-                                               errors=self.utility_errors)
+            text += "\n" + wrap_entry(self.verdict_text(utility_key, utility_tolerance, rows=rows)
                                        if verdict_note is None else verdict_note)
         elif utility_tolerance < 0:
             raise ValueError(f"utility_tolerance must be >= 0, got {utility_tolerance}")

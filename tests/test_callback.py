@@ -496,6 +496,19 @@ def test_first_line_says_in_one_sentence_what_runs_on_how_many_weights_and_recor
     assert deepest <= 1 and depth == 0
 
 
+def test_the_console_says_the_verdict_the_not_ranked_line_qualifies(tmp_path, caplog):
+    """nux57: after fit the console named the files, the warnings and the "not ranked beyond their
+    intervals" line, but never the verdict that line qualifies: a user of the two-line snippet did
+    not learn which scheme to ship without printing the table. Now the table's verdict line is
+    logged, word for word, before the ties line."""
+    cb = MISCallback(["rtn_int8", "rtn_int4"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    with caplog.at_level(logging.INFO):
+        fit(tmp_path, Regressor, [cb], max_epochs=1)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("MISCallback: verdict")]
+    assert said == [f"MISCallback: {cb.report.verdict_text()}"]
+    assert cb.report.verdict_text().startswith("verdict: ")
+
+
 # -- one callback object, several fits (issue 9, item 4) ------------------------------------------
 def test_one_callback_for_two_models_assesses_each(tmp_path):
     """The second model gets its own report (it used to keep the first one's: a step counter
