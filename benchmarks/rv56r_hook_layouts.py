@@ -19,6 +19,8 @@ prints the leakage and the loss directions' count (``MomentAccumulator.loss_dire
   (``[B, T, C]``), ``seq5_bf`` (the RNN's output transposed to ``[B, T, C]`` inside ``forward``). With
   ``--leverage`` each line says whether the leverage correction ran (the exact estimator) or the loss
   directions were measured (the diagonal one), and why not;
+* (rv57a) ``teacher``: the model called twice, the second call (on ``0.5 x``) under ``torch.no_grad()`` as a
+  target, and its twin ``teacher_bf``: one batch-first call ``[B, 2, C]``, the target ``.detach()``-ed;
 * (est57) ``penalty``: a weight penalty ``c |theta|^2`` added to each record's loss inside the hook (the
   loss reads the weights other than through the model's output: no leverage factors), and
   ``penalty_out``: the same objective with the penalty as weight decay (``lambda + 2 c``), the hook plain.
@@ -54,6 +56,15 @@ class _Hooked(nn.Module):
 
     def mis_per_sample_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
+        if self.kind in ("teacher", "teacher_bf"):  # rv57a: a stop-gradient target, the model's output on 0.5 x
+            if self.kind == "teacher":
+                a = self(x)
+                with torch.no_grad():
+                    t = self(0.5 * x)
+            else:
+                o = self(torch.stack([x, 0.5 * x], 1))
+                a, t = o[:, 0], o[:, 1].detach()
+            return F.cross_entropy(a, y, reduction="none") + 0.3 * (a - t).square().sum(1)
         if self.kind in ("cat", "twice", "cat_bf"):
             if self.kind == "cat":
                 o = self(torch.cat([x, 0.5 * x]))
@@ -129,7 +140,7 @@ def main() -> None:
     ap.add_argument("--leverage", action="store_true", help="say whether the leverage correction ran (exact)")
     args = ap.parse_args()
     for kind in ("cat", "cat_bf", "twice", "flat", "flat_bf", "seq5", "seq5_bf", "labelled", "masked", "penalty",
-                 "penalty_out"):
+                 "penalty_out", "teacher", "teacher_bf"):
         print(f"{kind:7s} {run(kind, args.estimation, args.leverage)}")
 
 

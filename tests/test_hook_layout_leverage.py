@@ -10,6 +10,10 @@ of their batch-first twins. Before, it was skipped with a warning only: the exac
 figures read 3-7% low (0.152328 against 0.156941 for the flattened tokens, 0.172965 against 0.186034
 for the two calls; docs/benchmarks.md "rv56r", "est57"). Where it still cannot run (a weight penalty
 inside the hook) the rows are marked ``*`` and the warning's first sentence names what lets it run.
+A second call under ``torch.no_grad()`` (``teacher``: a stop-gradient target) reads as its twin with
+the target ``.detach()``-ed: forward AD does not see ``no_grad``, so the records' forward-over-reverse
+Hessians carried the target's tangent (rv57a: 0.176771 against 0.181997, symmetric, unflagged); the
+first such product is checked against reverse-over-reverse (``estimate._forward_ad_agrees``).
 
 The hooks: ``benchmarks/rv56r_hook_layouts.py``'s ``indicator`` (``_Hooked``: ``flat`` / ``flat_bf``,
 ``cat`` / ``cat_bf`` / ``twice``, ``seq5`` / ``seq5_bf``, ``penalty`` / ``penalty_out``; 64 records,
@@ -28,7 +32,8 @@ _assess = pytest.importorskip("benchmarks.rv56r_hook_layouts").indicator
 
 
 @pytest.mark.parametrize("estimation", ["exact", "diagonal"])
-@pytest.mark.parametrize("kind, twin", [("flat", "flat_bf"), ("cat", "cat_bf"), ("seq5", "seq5_bf"), ("twice", "cat_bf")])
+@pytest.mark.parametrize("kind, twin", [("flat", "flat_bf"), ("cat", "cat_bf"), ("seq5", "seq5_bf"), ("twice", "cat_bf"),
+                                       ("teacher", "teacher_bf")])
 def test_a_hook_output_not_records_first_reads_as_its_batch_first_twin(kind: str, twin: str, estimation: str) -> None:
     hook, twin = _assess(kind, estimation).report, _assess(twin, estimation).report
     d = hook.diagnostics

@@ -4582,8 +4582,40 @@ def _forward_ad_first(program: LossProgram) -> bool:
     """Whether second derivatives try forward-over-reverse first (:data:`HESSIAN_FORWARD_AD`),
     except for a model with recurrent layers (``program.looped``): there torch's first forward-AD
     pass through the recurrent kernel cost ~5 s (a 3-unit LSTM, one core, once per process) and
-    every later one ~2x reverse-over-reverse (docs/benchmarks.md, "rn43")."""
-    return HESSIAN_FORWARD_AD and not getattr(program, "looped", False)
+    every later one ~2x reverse-over-reverse (docs/benchmarks.md, "rn43"); and except for a
+    program whose forward-over-reverse products disagreed with reverse-over-reverse ones
+    (:func:`_forward_ad_agrees`)."""
+    return HESSIAN_FORWARD_AD and not getattr(program, "looped", False) \
+        and not getattr(program, "forward_ad_wrong", False)
+
+
+def _forward_ad_agrees(program: LossProgram, forward: Tensor, reverse: Callable[[], Tensor]) -> bool:
+    """Once per program (its first forward-over-reverse result, ``forward``): whether it equals the
+    reverse-over-reverse one (``reverse()``, to 1e-8 float64 / 1e-4 float32 of the largest entry);
+    where not, ``program.forward_ad_wrong`` is set and every later second derivative of the program
+    is reverse-over-reverse (:func:`_forward_ad_first`). Forward AD is blind to ``torch.no_grad``:
+    a loss whose target is computed under it (a teacher's or a copy's output, ``with
+    torch.no_grad(): t = model(x_aug)``) is a constant to the per-sample gradients but its tangent
+    still flows, a Hessian that can be symmetric and wrong (rv57a: a two-call hook's leverages
+    2.9% off their ``.detach()`` twin's; the symmetry check saw nothing). Where ``reverse()`` raises
+    (torch has no reverse-over-reverse there, e.g. ``F.layer_norm`` with a bias only) the forward
+    result stands, unchecked."""
+    if getattr(program, "forward_ad_checked", False):
+        return not getattr(program, "forward_ad_wrong", False)
+    program.forward_ad_checked = True
+    try:
+        rev = reverse().to(forward.dtype)
+    except (RuntimeError, NotImplementedError) as exc:  # no reverse-over-reverse here (F.layer_norm's bias
+        log.info("estimation: forward-over-reverse unchecked (%s)", exc)  # alone): forward, as before
+        return True
+    tol = (1e-8 if forward.dtype == torch.float64 else 1e-4) * max(float(rev.abs().max()) if rev.numel() else 0.0,
+                                                                    1e-30)
+    if bool(((forward - rev).abs() > tol).any()):
+        program.forward_ad_wrong = True
+        log.info("estimation: forward-over-reverse second derivatives disagree with reverse-over-reverse "
+                 "(e.g. a target computed under torch.no_grad): reverse-over-reverse from here on")
+        return False
+    return True
 
 
 def _batch_hessian(program: LossProgram, inputs: Any, targets: Any, names: list[str],
@@ -4630,6 +4662,15 @@ def _batch_hessian(program: LossProgram, inputs: Any, targets: Any, names: list[
             scale = float(H.abs().max()) if H.numel() else 0.0
             tol = (1e-8 if H.dtype == torch.float64 else 1e-4) * max(scale, 1e-30)
             if bool(((H - H.T).abs() > tol).any()):
+                H = None
+        if H is not None:  # (once: two reverse-over-reverse products H v, v random, against H's)
+            v = torch.randn(2, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(flat0)
+
+            def reverse_products() -> Tensor:
+                back = torch.func.vjp(torch.func.grad(f), flat0)[1]
+                return torch.stack([back(u)[0] for u in v]).T
+
+            if not _forward_ad_agrees(program, H.reshape(d, d) @ v.T, reverse_products):
                 H = None
         if H is None:
             with ignoring(("There is a performance drop", Warning)):  # functorch's "no batching rule" notes
@@ -4733,6 +4774,8 @@ def _record_curvature(program: LossProgram, inputs: Any, targets: Any, J: Tensor
         tol = (1e-8 if S.dtype == torch.float64 else 1e-4) * S.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-300)
         if bool(((S - S.transpose(1, 2)).abs() > tol).any()):
             S = None
+    if S is not None and not _forward_ad_agrees(program, S, lambda: curvature(True)):
+        S = None
     if S is None:
         S = curvature(True)
     S = S.to(torch.float64)

@@ -76,11 +76,14 @@ def world_choice(facts: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def world_residual(infos: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
     """The ``"ggn_residual"`` block checks' diagnostics (``MomentAccumulator._residual_info``: the
     largest module's block skipped, its ratio, the other modules' blocks found zero and their ratios)
-    as one process reading every process's first batch at once states them, from each process's
-    (``None``: it ran no check; ``None`` where none did): every ratio the largest over the processes
-    (a block is zero on the union where it is on each), the zero blocks those every process found
-    zero, the largest block skipped where every process skipped it. Every process reports this, one
-    without records too (rv56d: it reported none). The sums are each process's own and unchanged."""
+    over every process's first batch, from each process's (``None``: it ran no check; ``None`` where
+    none did): the zero blocks those every process found zero and the largest block skipped where
+    every process skipped it (the decisions one process reading the union of the first batches makes:
+    a block is zero on the union where it is on each); every ratio the largest over the processes, an
+    upper summary only, not the union's ratio (``max |(R v)_B| / max |R v|`` of the summed ``R``: on a
+    tanh CNN split 32 / 32 the union read 0.200 for a block the processes read 0.043 and 0.127;
+    docs/benchmarks.md "rv57a"). Every process reports this, one without records too (rv56d: it
+    reported none). The sums are each process's own and unchanged."""
     seen = [i for i in infos if i is not None]
     if not seen:
         return None
