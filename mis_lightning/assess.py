@@ -177,7 +177,7 @@ VARIANCE_INFLATION_WARN = 2.0
 # MLP, 27% at 0.083 on an embedding + Conv1d model, against the 5% accuracy target).
 LEVERAGE_NOTE_MIN_D_OVER_N = 0.02
 # What the report says of the diagonal estimator's mean leverage (its measured accuracy against
-# the exact estimator: docs/validation.md, "hc27"; the derivation: method.md section 4).
+# the exact estimator: docs/validation.md, "the diagonal estimator's leverage correction"; the derivation: method.md section 4).
 # (the measurements themselves are in docs/validation.md: a warning says what to read, not the table)
 # Ratio of the largest to the smallest lower-is-better utility (a loss) over the schemes from which,
 # with no weight decay and an indefinite or floored Hessian, the report names large weights as the
@@ -191,7 +191,7 @@ LOSS_EXPLOSION_RATIO = 10.0
 LARGE_WEIGHT_SCALE = 5.0
 DIAGONAL_LEVERAGE_ACCURACY = (
     "an approximation, exact for least squares without weight decay; its accuracy against the exact "
-    "estimator: docs/validation.md, \"hc27\"; the derivation: docs/method.md section 4")
+    "estimator: docs/validation.md, \"the diagonal estimator's leverage correction\"; the derivation: docs/method.md section 4")
 # dg55: what the diagonal estimator's low-read flag (diagnostics["diagonal_low_read"]) quotes: its
 # figures over the exact estimator's on dg52's models (benchmarks/dg55_low_read.py; docs/benchmarks.md "dg55")
 DIAGONAL_LOW_READ_FIGURES = (

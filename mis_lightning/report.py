@@ -888,6 +888,26 @@ def _utility_band(ok: list[dict[str, Any]], uk: str | None, utility_tolerance: f
     return best, [r for r in have if (float(r[uk]) >= b - tol if hib else float(r[uk]) <= b + tol)]
 
 
+def safest_in_band(band: Sequence[Mapping[str, Any]], uk: str | None,
+                   modes: Mapping[str, str] | None = None) -> Any:
+    """The verdict's choice among the utility band's rows ``band`` (:func:`_utility_band`): the
+    lowest leakage, and among rows of the same leakage the best utility ``uk`` (a scheme whose
+    leakage equals another's and whose utility is worse is dominated: rv57b, a seed sweep's
+    ``int8_weight_only`` chosen at rmse 1.0404 over ``int8_dynamic_activation_int8_weight``'s 1.0394 at
+    the same 0.05637162343063942, by the rows' order); then the rows' order. Read by the verdict and
+    the sweep's across-seeds count (:mod:`mis_lightning.app.replicates`).
+
+    Raises:
+        ValueError: ``uk``'s direction is unknown (:func:`higher_is_better`)."""
+    sign = (-1.0 if higher_is_better(uk, modes) else 1.0) if uk else 0.0
+
+    def cost(r: Mapping[str, Any]) -> float:
+        u = r.get(uk) if uk else None
+        return sign * float(u) if u is not None and math.isfinite(float(u)) else math.inf
+
+    return min(band, key=lambda r: (float(r["leakage"]), cost(r)))
+
+
 def _ranked_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows the verdict ranks: no error, a finite leakage, not a lower bound (``unscored``)."""
     return [r for r in rows if not r.get("error") and r.get("leakage") is not None
@@ -1296,7 +1316,7 @@ def utility_noise_note(ranked: list[dict[str, Any]], utility_key: str | None, ut
     else:
         se, formula = math.sqrt(p * (1.0 - p) / records), "sqrt(p(1-p)/m)"
     edge = p - utility_tolerance * abs(p)
-    safest = min(eligible, key=lambda r: float(r["leakage"]))
+    safest = safest_in_band(eligible, uk, modes)
     inside = {id(r) for r in eligible}
     # the rows whose side of the band's edge decides the choice: the safest in it, lower leakage outside
     deciding = [safest] + [r for r in ranked if id(r) not in inside and r.get(uk) is not None
@@ -1337,7 +1357,7 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
         metric = uk.removeprefix("utility_")
         how = (f" with {metric} within {100 * utility_tolerance:g}% of the best "
                f"({_fmt(float(best[uk]), extra)}, {best['scheme']})")
-    safest = min(eligible, key=lambda r: float(r["leakage"]))
+    safest = safest_in_band(eligible, uk if best is not None else None, modes)
     if _ties_baseline(safest):
         # cr49: a quantized scheme at the unquantized figure is not "safest": none is safer than the float model
         return _no_safer_verdict(ok, eligible, how, uk, extra)

@@ -329,3 +329,38 @@ def test_the_frontier_line_joins_points_of_one_trained_model_only(tmp_path):
     assert len(lines) == 2, len(lines)  # base: 1, through seed 0's points only
     assert sorted(tuple(ln.get_xdata()) for ln in lines) == [(0.5, 0.7), (0.52, 0.72)]
     assert "frontier (non-dominated), one per trained model" in labels
+
+
+def test_the_verdict_and_the_seeds_count_choose_the_better_utility_among_equal_leakages():
+    """rv57b (a real `-m seed=0,1,2 data=synthetic_linear model=linear` sweep): int8_weight_only,
+    int8_dynamic_activation_int8_weight and native_int8_dynamic read the same leakage to the last
+    bit (0.05637162343063942, seed 2); the verdict chose int8_weight_only, first in the table, at rmse
+    1.0404 over int8_dynamic_activation_int8_weight's 1.0394 (a dominated scheme), and the Across
+    seeds section counted it "chosen in". Among equal leakages the better utility is chosen, in
+    either direction of the metric, by both (report.safest_in_band)."""
+    from mis_lightning.app.replicates import across_seeds_section
+    from mis_lightning.report import verdict
+
+    leak = 0.05637162343063942
+
+    def rows(metric, first, second):
+        out = []
+        for seed in ("seed=0", "seed=1"):
+            for job, (scheme, lk, u) in enumerate((("int8_weight_only", leak, first),
+                                                   ("int8_dynamic_activation_int8_weight", leak, second),
+                                                   ("bf16", 0.0573, first))):
+                out.append({"job": f"{seed}-{job}", "key": seed, "scheme": scheme, "leakage": lk,
+                            "leakage_p10": lk - 0.003, "leakage_p90": lk + 0.003, "baseline_leakage": 0.0575,
+                            "bits_per_weight": 16.0 if scheme == "bf16" else 9.7, f"utility_{metric}": u,
+                            "mis": 1 - lk, "d_eff": 30.0})
+        return out
+
+    for metric, first, second in (("rmse", 1.0404, 1.0394), ("accuracy", 0.901, 0.905)):
+        r = rows(metric, first, second)
+        v = verdict([x for x in r if x["key"] == "seed=0"])
+        assert "): int8_dynamic_activation_int8_weight (leakage 0.0564)" in v, v
+        text = across_seeds_section(r, lambda x: x["key"], lambda g, m=metric: f"utility_{m}", lambda s, keys: s)
+        assert "chosen in every seed: int8_dynamic_activation_int8_weight" in text, text
+        # the worse utility second: the table's order no longer decides, the utility does
+        r = rows(metric, second, first)
+        assert "): int8_weight_only (leakage 0.0564)" in verdict([x for x in r if x["key"] == "seed=0"])

@@ -189,7 +189,7 @@ def test_the_report_says_what_the_diagonal_correction_did():
         # quoting them
         assert line[0].startswith("finite-sample (leverage) correction: mean leverage 0.16 per loss direction (one per "
                                   "record"), line[0]
-        assert 'docs/validation.md, "hc27"' in line[0] and "-16%" not in line[0]
+        assert 'docs/validation.md, "the diagonal estimator\'s leverage correction"' in line[0] and "-16%" not in line[0]
         (dn,) = [w for w in rep.warnings if w.startswith("d / n = 0.16 is not small")]
         assert "leverage" not in dn and dn.endswith(
             "To act: assess fewer weights (e.g. a head over a frozen encoder) or use more records"), dn

@@ -1,6 +1,6 @@
 """Weights of a bf16 / fp16 model whose sd spans their release's bounded window: the series of
 ``functional/wide_series.py`` on the stored cells (``base.STORED_WIDE_CLOSED_FORM``,
-``ParamGrid._stored_wide``; docs/method.md section 5, "wc37").
+``ParamGrid._stored_wide``; docs/method.md section 5, "The bounded window on stored grids").
 
 References, each on the same elements:
 * the exact partition sums of ``tests/_wide_reference.py`` (Gauss-Legendre per cell, each moment

@@ -25,6 +25,7 @@ from mis_lightning.report import (
     _utility_band,
     headline_undetermined,
     leakage_marks,
+    safest_in_band,
 )
 
 __all__ = ["NO_SAFER", "REPLICATE_OVERRIDES", "across_seeds_section", "seed_of"]
@@ -104,10 +105,10 @@ def across_seeds_section(rows: Sequence[dict[str, Any]], training_key: Callable[
             if base and max(base) - min(base) > 1e-9 * max(abs(max(base)), 1e-12):
                 continue  # not one trained model (aggregate_verdicts gives this seed no verdict either)
             try:
-                _, band = _utility_band(group, uk, float(group[0].get("utility_tolerance", UTILITY_TOLERANCE)))
+                best, band = _utility_band(group, uk, float(group[0].get("utility_tolerance", UTILITY_TOLERANCE)))
+                pick = safest_in_band(band, uk if best is not None else None)
             except ValueError:  # a utility whose direction is unknown: no guessed choice
                 continue
-            pick = min(band, key=lambda r: float(r["leakage"]))
             # the verdict's own rule: a quantized row at the unquantized figure is no choice (cr49)
             chosen[seed] = NO_SAFER if _ties_baseline(pick) else str(pick["scheme"])
         by_scheme: dict[str, list[dict[str, Any]]] = {}

@@ -802,7 +802,7 @@ class Correlation:
     def quadratic_ends(self, influence: Tensor, k_lo: Tensor, k_hi: Tensor) -> tuple[Tensor, Tensor]:
         """``([R], [R])`` bounds of :meth:`quadratic` over every ``kappa`` with ``k_lo <= kappa <=
         k_hi`` (``[d]`` each, coordinate-wise; the interval's box, method.md section 3, "Correlated
-        ends"). A form monotone in every ``kappa_j`` (the channel forms, full or factor, and the
+        headline"). A form monotone in every ``kappa_j`` (the channel forms, full or factor, and the
         exact self term of proportional rows) gives its values at the two corners. The in-sample
         leave-one-out form is not (cf55): ``q_loo / (1 + beta)`` with ``q_loo`` monotone and the common
         divisor ``1 + beta`` not monotone (it rises with most ``kappa``s, falls with those of

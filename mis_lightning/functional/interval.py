@@ -282,7 +282,7 @@ def correlated_ends(ctx: CorrelatedEnds, n: float, low: tuple[Tensor, Tensor], h
     Gaussian channel form's bounds over the whole ``kappa`` box
     (:meth:`~mis_lightning.functional.correlated.RecordCorrelation.gaussian_ends`): the corners'
     values for the monotone forms, a pairing that holds the in-sample leave-one-out form, which is
-    not monotone in ``kappa`` (cf55, cf56; method.md section 3, "Correlated ends")."""
+    not monotone in ``kappa`` (cf55, cf56; method.md section 3, "Correlated headline")."""
     rc = ctx.correlation
     exact_box = method == "mc" and rc.kind == "full" and ctx.index.numel() <= EXACT_MAX_COARSE
     if CORRELATED_ENDS_OVER_BOX and not exact_box:

@@ -59,7 +59,7 @@ SERIES_MAX_SHIFT = 4.0
 # truncation takes at most a 16th of it. Not functional.wide.WIDE_TOL (1e-8 since p55b): the
 # terms chosen for kappa's bound at a looser figure leave m4's own bound above it on bf16 blocks
 # (tests/test_stored_wide_series.py), which would send m4 to the exact stored-cell sums, the
-# path this form replaced (docs/method.md section 5, "wc37", "p43b")
+# path this form replaced (docs/method.md section 5, "The bounded window on stored grids", "p43b")
 SERIES_TOL = 1e-11
 # Cramer's constant: |He_n(x)| exp(-x^2 / 4) <= K sqrt(n!) for every n and x
 _CRAMER = 1.086435
@@ -188,7 +188,7 @@ def series_moments(u0: Tensor, rho: Tensor, Q: Tensor, c3: Tensor, c5: Tensor, k
 def fourth_moment_error_terms(M: Tensor, M2: Tensor, W: Tensor, grow: Tensor | float, phimax: Tensor | float,
                               C5: float, Es2: Tensor) -> tuple[Tensor, Tensor]:
     """The fourth moment's truncation and curvature error terms ``(Es4, Ec4)`` of the series
-    (docs/method.md section 5, "wc37"), from kappa's ``Es2`` and the window's ``M``, ``M^2``,
+    (docs/method.md section 5, "The bounded window on stored grids"), from kappa's ``Es2`` and the window's ``M``, ``M^2``,
     ``W``, growth ``grow``, density bound ``phimax`` and ``C5``: shared by the stored grids' series
     and the value tables' (:mod:`~mis_lightning.functional.wide_table`)."""
     d1 = M * grow / 12.0

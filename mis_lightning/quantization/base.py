@@ -194,7 +194,7 @@ SHARES_COUNT_SD_ZERO = True
 # draw), take the series of functional.wide_series on the stored cells themselves (one row of
 # stored edges per block, ParamGrid._stored_wide) where its derived error bound on kappa is at most
 # functional.wide_series.SERIES_TOL (1e-11, kappa on the conservative side; m4 from the exact sums where its
-# own bound exceeds it): docs/method.md section 5, "wc37". Before, a bound within reach sent every
+# own bound exceeds it): docs/method.md section 5, "The bounded window on stored grids". Before, a bound within reach sent every
 # such weight to the exact stored-cell sums over the whole code range (bf16 1e6 MLP: ~90-110 s of
 # scoring against ~4.5 s on float32 weights). False: the exact stored-cell sums for them
 STORED_WIDE_CLOSED_FORM = True
@@ -1337,7 +1337,7 @@ class ParamGrid:
         one row of stored edges per run of elements with equal scale, zero point and bounds (a
         block). ``kappa`` reads at least the exact stored-cell sums' value and at most
         ``SERIES_TOL`` above it, ``m4`` is within ``SERIES_TOL`` of theirs, ``mean_abs`` exact on the
-        stored own cell (docs/method.md section 5, "wc37")."""
+        stored own cell (docs/method.md section 5, "The bounded window on stored grids")."""
         n_edges = (self.qmax - self.qmin) if self.kind != "table" else self.values.numel() - 1  # type: ignore[union-attr]
         if n_edges + 1 > WIDE_TABLE_MAX_VALUES:
             return None
@@ -2261,7 +2261,7 @@ class ParamGrid:
                       ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None] | None:
         """Value tables of at most ``WIDE_TABLE_MAX_VALUES`` values: the weights whose sd spans
         their bounded window, on the grid's own cells clipped to the bounds, by the series of
-        :mod:`~mis_lightning.functional.wide_series` (docs/method.md section 5, "wc37", "p43b"):
+        :mod:`~mis_lightning.functional.wide_series` (docs/method.md section 5, "The bounded window on stored grids", "p43b"):
         ``(ii, kappa, mean_abs, m4)``, ``ii`` ``[m]`` the elements it holds for, their float64
         moments (``mean_abs`` exact on the own cell, :func:`~mis_lightning.functional.wide.own_cell_mean_abs`;
         ``mean_abs`` and ``m4`` ``None`` when ``kappa_only``; coverage 1 is the caller's), or
