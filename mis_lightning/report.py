@@ -1809,7 +1809,8 @@ STAR_WARNINGS: tuple[tuple[str, str, str | None], ...] = (
     ("d / n = ", "finite-sample (leverage) correction", "assess fewer weights or use more records"),
     ("d_eff / n = ", "d_eff / n is not small", "assess fewer weights or use more records"),
     ("mean leverage ", "finite-sample (leverage) correction", "assess fewer weights or use more records"),
-    ("diagonal estimator at mean leverage", "finite-sample (leverage) correction", "estimation='exact' if affordable"),
+    ("diagonal estimator at mean leverage", "finite-sample (leverage) correction",
+     "estimation='exact' if affordable, for the more conservative figure"),  # dg57: real attacks read below both
     # the warning's own headline: its likely causes (dropout trained in train mode, records not trained on, ...)
     ("not at a minimum", "the model is not at a minimum", None),
     ("records not trained on", "the model is not at a minimum", None),

@@ -105,7 +105,8 @@ def test_the_warnings_the_star_stands_for_are_one_console_line_naming_each():
     rows = [{"indicative": failed}, {"indicative": "d / n = 2.6", "error": None}, {"error": "x", "indicative": "no"}]
     lines = console_warnings(said, rows)
     star = (STAR_LINE + "d / n = 2.6 (assess fewer weights or use more records); diagonal estimator at mean leverage "
-            "0.27 per direction: may read below the exact one (estimation='exact' if affordable); not at a minimum of "
+            "0.27 per direction: may read below the exact one (estimation='exact' if affordable, for the more conservative "
+            "figure); not at a minimum of "
             "the training loss (not converged, or another loss or weight decay)" + MORE)
     assert lines == [star, warning_line(beyond), warning_line(mc), warning_line(rec), warning_line(said[-1])], lines
     # d / n alone (the exact estimator's leverage note, ~d / n, the same regime): both in the * line, one item
