@@ -46,6 +46,7 @@ from .estimation import Estimate, estimate
 from .estimation.batching import items_are_batches
 from .estimation.estimate import (
     DECAY_HELD_FACTOR,
+    DIAGONAL_LOW_READ_ATTACK_FIGURES,
     EXACT_MAX_PARAMS,
     GRADIENT_NORM_RATIO_MAX,
     KFAC_INFLUENCE_MAX_WIDTH,
@@ -923,8 +924,9 @@ def _diagonal_low_read_sentence(diagnostics: Mapping[str, Any]) -> str:
     """dg55: the diagonal estimator's flag that its figures may read below the exact estimator's
     (``diagnostics["diagonal_low_read"]``, set by the estimator where its mean leverage per loss
     direction exceeds :data:`~mis_lightning.estimation.estimate.DIAGONAL_LOW_READ_LEVERAGE`; the rows
-    are marked * by :func:`~mis_lightning.report.regime_failures`), as a sentence ending in ". ";
-    ``""`` where not flagged."""
+    are marked * by :func:`~mis_lightning.report.regime_failures`), with what real attacks read where
+    measured (:data:`~mis_lightning.estimation.estimate.DIAGONAL_LOW_READ_ATTACK_FIGURES`, dg57), as a
+    sentence ending in ". "; ``""`` where not flagged."""
     low = diagnostics.get("diagonal_low_read")
     if not low:
         return ""
@@ -935,8 +937,9 @@ def _diagonal_low_read_sentence(diagnostics: Mapping[str, Any]) -> str:
             f"{float(low['threshold']):g}: there this estimator, which corrects every record by one mean leverage and "
             "models the weights' correlation within each layer only, read below the exact estimator where measured "
             f"({DIAGONAL_LOW_READ_FIGURES}; docs/benchmarks.md, \"dg55\"; an empirical threshold, not a bound). "
-            "estimation='exact' forms each record's leverage and the correlation across layers (its cost grows as "
-            "n d^2). ")
+            f"Against real attacks, {DIAGONAL_LOW_READ_ATTACK_FIGURES} (docs/benchmarks.md, \"dg57\"). "
+            "estimation='exact' forms each record's leverage and the correlation across layers, for the more "
+            "conservative figure (its cost grows as n d^2 and d^3). ")
 
 
 def _frozen_left_out_note(model: nn.Module, names: Sequence[str]) -> str | None:

@@ -1884,12 +1884,13 @@ STAR_WARNINGS: tuple[tuple[str, str, str | None], ...] = (
     ("d / n = ", "finite-sample (leverage) correction", "assess fewer weights or use more records"),
     ("d_eff / n = ", "d_eff / n is not small", "assess fewer weights or use more records"),
     ("mean leverage ", "finite-sample (leverage) correction", "assess fewer weights or use more records"),
-    ("diagonal estimator at mean leverage", "finite-sample (leverage) correction", "estimation='exact' if affordable"),
+    ("diagonal estimator at mean leverage", "finite-sample (leverage) correction",
+     "estimation='exact' if affordable, for the more conservative figure"),  # dg57: real attacks read below both
     # its warning's first sentence names the cause and what lets the correction run
     ("leverage correction not run", "the finite-sample (leverage) correction could not run", None),
     # the diagonal estimator's remedy line (dg56): the same failed assumption, its figures "rows marked *"
     ("diagonal estimator at mean leverage", "the diagonal estimator's figures may read below",
-     "estimation='exact' if affordable"),
+     "estimation='exact' if affordable, for the more conservative figure"),
     # the warning's own headline: its likely causes (dropout trained in train mode, records not trained on, ...)
     ("not at a minimum", "the model is not at a minimum", None),
     ("records not trained on", "the model is not at a minimum", None),

@@ -240,7 +240,7 @@ def test_the_diagonal_estimator_flags_figures_that_may_read_low(monkeypatch, fla
     # dg56: the flag carries the sizes its remedy line (estimator_warnings) prices the exact estimator with
     assert (low["d"], low["n"]) == (est.d, n) == (63, 200)
     said = [w for w in E.estimator_warnings(est.diagnostics) if "may read below the exact estimator's" in w]
-    assert len(said) == 1 and "Check them with estimation='exact'" in said[0] and "n d^2 = 7.9e+05" in said[0]
+    assert len(said) == 1 and "run estimation='exact'" in said[0] and "n d^2 = 7.9e+05" in said[0]
     monkeypatch.setattr(E, "DIAGONAL_LOW_READ_REMEDY", False)
     plain = estimate(full, [(x[i: i + 100], y[i: i + 100]) for i in (0, 100)], _sq, **kw)
     monkeypatch.setattr(E, "DIAGONAL_LOW_READ_REMEDY", True)
@@ -270,6 +270,7 @@ def test_the_low_read_flag_marks_the_rows_and_says_why():
     leverage warning naming the leverage, the threshold and the measured figures; without the key neither."""
     from mis_lightning.assess import DIAGONAL_LOW_READ_FIGURES, _leverage_note
     from mis_lightning.report import regime_failures
+    E = importlib.import_module("mis_lightning.estimation.estimate")
     diag = {"leverage_estimate": "diagonal", "leverage_per_direction": 0.11, "mean_leverage": 0.33,
             "leverage_directions": 3.0, "leverage_trace": 330.0, "leverage_correction": True}
     flagged = dict(diag, diagonal_low_read={"leverage_per_direction": 0.086, "threshold": 0.04, "count": "kronecker"})
@@ -280,23 +281,35 @@ def test_the_low_read_flag_marks_the_rows_and_says_why():
     note = _leverage_note(flagged)
     assert "may read below the exact estimator's (marked * in the table)" in note
     assert "is 0.086, above 0.04" in note and DIAGONAL_LOW_READ_FIGURES in note and "Kronecker" in note
+    # dg57: what real attacks read on the flagged classifiers (below these figures): the exact one's higher
+    # figures are named the more conservative ones, not the truth
+    assert f"Against real attacks, {E.DIAGONAL_LOW_READ_ATTACK_FIGURES}" in note
+    assert "for the more conservative figure" in note and "n d^2 and d^3" in note
 
 
 def test_the_low_read_remedy_prices_the_exact_estimator_for_the_model():
-    """dg56: the remedy line of a flagged diagonal report (``estimate.diagonal_low_read_remedy``, one of
+    """dg56, dg57: the remedy line of a flagged diagonal report (``estimate.diagonal_low_read_remedy``, one of
     ``estimator_warnings``' lines; hand-built flags): within ``EXACT_MAX_COST`` (d = 2,085 weights, n = 4,000
     records: n d^2 = 1.7e10, just above ``EXACT_MAX_PARAMS`` where ``"auto"`` picks the diagonal estimator) it
-    names ``estimation='exact'`` as the check with its cost and memory; beyond it (d = 10^6) it says the exact
-    one is out of reach and what lowers the leverage; nothing without the flag or without its sizes (a report
-    saved before dg56)."""
+    names ``estimation='exact'`` as the run for the more conservative figure with its cost (``n d^2``, ``d^3``,
+    the measured CPU time) and memory; beyond it (d = 10^6) it says the exact one is out of reach and what lowers
+    the leverage; both first say what real attacks read where measured (dg57: below the diagonal figures);
+    nothing without the flag or without its sizes (a report saved before dg56)."""
     E = importlib.import_module("mis_lightning.estimation.estimate")
     flag = {"leverage_per_direction": 0.054, "threshold": 0.04, "count": "kronecker"}
     near = E.diagonal_low_read_remedy({"diagonal_low_read": dict(flag, d=2085, n=4000)})
-    assert near is not None and "Check them with estimation='exact'" in near and "n d^2 = 1.7e+10" in near
+    assert near is not None and "For the more conservative figure run estimation='exact'" in near
+    assert "n d^2 = 1.7e+10" in near and "d^3 = 9.1e+09 each" in near and E.EXACT_MEASURED_COST in near
     assert "33 MiB" in near and "0.054 per loss direction, above 0.04" in near
     assert E.DIAGONAL_LOW_READ_AUTO_FIGURES in near and "out of reach" not in near
+    # dg57: the attacks measured there read below the diagonal figures: the line says so first, and no longer
+    # calls the exact estimator's higher figures "the safer ones to report" as if these were the wrong ones
+    attacks = f"Against real attacks, {E.DIAGONAL_LOW_READ_ATTACK_FIGURES}."
+    assert attacks in near and "safer ones" not in near
+    assert near.index(attacks) < near.index("For the more conservative figure")
     far = E.diagonal_low_read_remedy({"diagonal_low_read": dict(flag, d=10**6, n=50_000)})
-    assert far is not None and "out of reach" in far and "n d^2 = 5e+16 > 1e+11" in far and "Check them" not in far
+    assert far is not None and "out of reach" in far and "n d^2 = 5e+16 > 1e+11" in far and "estimation='exact'" not in far
+    assert attacks in far
     assert "matrices of 7,451 GiB each" in far
     assert "more training records per weight or a stronger weight decay" in far
     assert E.diagonal_low_read_remedy({"diagonal_low_read": flag}) is None

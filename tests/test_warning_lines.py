@@ -106,7 +106,7 @@ def test_the_warnings_the_star_stands_for_are_one_console_line_naming_each():
     lines = console_warnings(said, rows)
     # one failed assumption a line under the lead (ux57: one line of ~370 characters); not converged: the cure
     star = (STAR_LINE + "\n    - d / n = 2.6 (assess fewer weights or use more records)\n    - diagonal estimator at "
-            "mean leverage 0.27 per direction: may read below the exact one (estimation='exact' if affordable)\n    - "
+            "mean leverage 0.27 per direction: may read below the exact one (estimation='exact' if affordable, for the more conservative figure)\n    - "
             "not at a minimum of the training loss (not converged, or another loss or weight decay); to converge: "
             "full-batch L-BFGS on the objective assessed" + MORE)
     assert lines == [star, warning_line(beyond), warning_line(mc), warning_line(rec), warning_line(said[-1])], lines
