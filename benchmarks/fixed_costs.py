@@ -727,11 +727,12 @@ def _scored(A: Any, est: Any, model: Any, schemes: list[str], sc_cfg: Any) -> tu
     return time.process_time() - c, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
 
 
-def _time_builds(acc: collections.Counter, cnt: collections.Counter | None = None, label: str | None = None) -> None:
-    """Wrap the one-time builds of :data:`_ONCE` (outermost calls): CPU seconds in ``acc`` under each
-    build's name, or all under ``label``; calls in ``cnt``."""
+def _time_builds(acc: collections.Counter, cnt: collections.Counter | None = None, label: str | None = None,
+                 builds: tuple[tuple[str, str], ...] = _ONCE) -> None:
+    """Wrap the one-time builds ``builds`` (default :data:`_ONCE`; outermost calls): CPU seconds in
+    ``acc`` under each build's name, or all under ``label``; calls in ``cnt``."""
     depth = [0]
-    for modname, dotted in _ONCE:
+    for modname, dotted in builds:
         owner: Any = importlib.import_module(modname)
         *path_, attr = dotted.split(".")
         for p in path_:
@@ -795,8 +796,10 @@ def _split(path: str, calls: int, inside: bool = False) -> None:
         _import_torchao_quantization()
         print(f"torchao's import (before the calls, apart): {(time.process_time() - c) * 1e3:.1f} ms CPU")
     # the registry's first load (its backend modules' imports, the entry points) apart from the tables
+    # (the tables' label without it: before p57b it held the registry's load too, which the
+    # summary's fixed part then counted twice)
     _timed(reg, "_load_backends", "registry", once, depth=[0])
-    _time_builds(once, label="builds")
+    _time_builds(once, label="builds", builds=tuple(b for b in _ONCE if b[1] != "_load_backends"))
     lf = importlib.import_module("mis_lightning.estimation.linear_factors")
     f0 = lf.factored_power_sums
     unit: collections.Counter = collections.Counter()
