@@ -158,6 +158,15 @@ scheme's leakage and interval ends; then, per scheme and weight tensor, the elem
 the two gates sends to the closed form and the tighter does not (at theta-hat and in the pool
 protocol) and, on up to 40 of them, ``|kappa - exact|`` and ``|m4 - exact|`` of the paths (the
 tighter gate) and of the closed form against the exact partition sums (tests/_wide_reference.py).
+
+``cycles`` (p57b): what an estimation pass leaves to the interpreter's cyclic collector. In one
+process (lightning_fabric imported, one Adam step, a warm-up estimation), ``--rounds`` pairs of
+default "assess" estimations with ``estimation.estimate.LOSS_RANKS_WEAK`` on and off (alternating
+which goes first): each one's CPU ms, the RSS when it returns, then a ``gc.collect(1)`` (the
+collection that, left alone, first runs inside the next scoring call: at the imports of its
+registry and of torchao): its CPU ms, the objects it found unreachable and the RSS it freed.
+
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/fixed_costs.py cycles /tmp/m1e7.pt --rounds 3
 """
 
 from __future__ import annotations
@@ -727,11 +736,12 @@ def _scored(A: Any, est: Any, model: Any, schemes: list[str], sc_cfg: Any) -> tu
     return time.process_time() - c, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
 
 
-def _time_builds(acc: collections.Counter, cnt: collections.Counter | None = None, label: str | None = None) -> None:
-    """Wrap the one-time builds of :data:`_ONCE` (outermost calls): CPU seconds in ``acc`` under each
-    build's name, or all under ``label``; calls in ``cnt``."""
+def _time_builds(acc: collections.Counter, cnt: collections.Counter | None = None, label: str | None = None,
+                 builds: tuple[tuple[str, str], ...] = _ONCE) -> None:
+    """Wrap the one-time builds ``builds`` (default :data:`_ONCE`; outermost calls): CPU seconds in
+    ``acc`` under each build's name, or all under ``label``; calls in ``cnt``."""
     depth = [0]
-    for modname, dotted in _ONCE:
+    for modname, dotted in builds:
         owner: Any = importlib.import_module(modname)
         *path_, attr = dotted.split(".")
         for p in path_:
@@ -795,8 +805,10 @@ def _split(path: str, calls: int, inside: bool = False) -> None:
         _import_torchao_quantization()
         print(f"torchao's import (before the calls, apart): {(time.process_time() - c) * 1e3:.1f} ms CPU")
     # the registry's first load (its backend modules' imports, the entry points) apart from the tables
+    # (the tables' label without it: before p57b it held the registry's load too, which the
+    # summary's fixed part then counted twice)
     _timed(reg, "_load_backends", "registry", once, depth=[0])
-    _time_builds(once, label="builds")
+    _time_builds(once, label="builds", builds=tuple(b for b in _ONCE if b[1] != "_load_backends"))
     lf = importlib.import_module("mis_lightning.estimation.linear_factors")
     f0 = lf.factored_power_sums
     unit: collections.Counter = collections.Counter()
@@ -982,6 +994,40 @@ def _est(path: str) -> None:
     print(f"load {os.getloadavg()[0]:.1f}")
 
 
+def _cycles(path: str, rounds: int) -> None:
+    """``cycles``: estimations with ``LOSS_RANKS_WEAK`` on and off, and what a ``gc.collect(1)``
+    after each frees (see the module docstring)."""
+    import gc
+
+    _adam_step()
+    A = importlib.import_module("mis_lightning.assess")
+    E = importlib.import_module("mis_lightning.estimation.estimate")
+    from benchmarks.first_call import load_saved
+
+    _, model, loader, loss_fn, est_cfg, _ = load_saved(path)
+
+    def rss() -> float:
+        return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
+
+    A.run_estimation(model, loader, loss_fn, est_cfg)  # (warm-up; its result freed)
+    gc.collect()
+    for r in range(rounds):
+        for on in ((True, False) if r % 2 == 0 else (False, True)):
+            E.LOSS_RANKS_WEAK = on
+            gc.collect()
+            r0, c = rss(), time.process_time()
+            est = A.run_estimation(model, loader, loss_fn, est_cfg)
+            t, r1 = time.process_time() - c, rss()
+            c = time.process_time()
+            n = gc.collect(1)
+            tc, r2 = time.process_time() - c, rss()
+            print(f"LOSS_RANKS_WEAK {'on ' if on else 'off'}: estimation {t * 1e3:.0f} ms, RSS {r0:.0f} -> {r1:.0f} MiB "
+                  f"when it returns; then gc.collect(1) {tc * 1e3:.1f} ms, {n} objects unreachable, "
+                  f"{r1 - r2:.0f} MiB freed", flush=True)
+            del est
+    print(f"load {os.getloadavg()[0]:.1f}")
+
+
 def _adam_step() -> None:
     """What scale.py's child has done before the estimation: lightning_fabric imported, an Adam
     step taken (its constructor imports torch._dynamo and sympy)."""
@@ -1136,9 +1182,9 @@ def _tol(path: str, tol: float, calls: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("import", "aoparts", "aoneeds", "first", "params", "est", "heap", "tol", "once", "faults",
-                                     "ops", "split", "scaling", "faultsby", "window", "gate", "_faults_child"))
+                                     "ops", "split", "scaling", "faultsby", "window", "gate", "cycles", "_faults_child"))
     ap.add_argument("path", nargs="?", help="a model saved by first_call.py train (first, params)")
-    ap.add_argument("--rounds", type=int, default=3, help="fresh processes per case (import)")
+    ap.add_argument("--rounds", type=int, default=3, help="fresh processes per case (import); pairs (cycles)")
     ap.add_argument("--calls", type=int, default=6, help="steady calls (params, tol); scoring calls (once, split, faultsby)")
     ap.add_argument("--small", type=int, default=4096, help="the small parameters' most weights (params)")
     ap.add_argument("--tol", type=float, default=1e-11, help="the other closed-form gate (tol)")
@@ -1174,7 +1220,7 @@ def main(argv: list[str] | None = None) -> None:
            "faults": lambda p: _faults(p, args.rounds), "ops": _ops, "_faults_child": lambda p: _faults_child(p, args.prefault),
            "split": lambda p: _split(p, args.calls, args.inside), "faultsby": lambda p: _faults_by(p, args.calls),
            "window": lambda p: _window(p, args.apart), "scaling": lambda p: _scaling(p, args.calls),
-           "gate": lambda p: _gate(p, args.gate, args.calls)}
+           "gate": lambda p: _gate(p, args.gate, args.calls), "cycles": lambda p: _cycles(p, args.rounds)}
     run[args.what](args.path)
 
 

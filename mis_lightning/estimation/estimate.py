@@ -19,10 +19,12 @@ Every accumulator is a sum over records, so the pass streams over batches.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
@@ -908,6 +910,48 @@ def _flatten(d: dict[str, Tensor], names: list[str], lead: int) -> Tensor:
     return torch.cat([d[n].reshape(lead, -1) for n in names], dim=1)
 
 
+# The accumulator's loss-directions sample measures through a weak reference to the accumulator
+# (_LossRanksOf): a bound method there closed a reference cycle (accumulator -> sample -> method ->
+# accumulator) that kept the pass's private model copy, program, scratch and sums alive after the
+# pass until the interpreter's cyclic collector ran (~400 MiB on the 1e7 benchmark MLP, freed inside
+# the next scoring call, ~0.1 s of it; p57b). False: the bound method (A/B)
+LOSS_RANKS_WEAK = True
+
+
+class _LossRanksOf:
+    """``acc._loss_ranks`` (the sample's ``measure``) without a strong reference to ``acc``, so that
+    an accumulator no one holds is freed when its last reference goes, not at the next cyclic
+    collection. Copied and pickled as the bound method is: a deep copy measures through the copy of
+    the accumulator (the one in ``memo`` where the copy began there), a pickle through the unpickled
+    one. Raises RuntimeError where called after the accumulator was freed (nothing holds the sample
+    but the accumulator)."""
+
+    __slots__ = ("_acc",)
+
+    def __init__(self, acc: MomentAccumulator) -> None:
+        self._acc = weakref.ref(acc)
+
+    def _owner(self) -> MomentAccumulator:
+        acc = self._acc()
+        if acc is None:
+            raise RuntimeError("the loss directions' sample was measured after its estimation pass was freed")
+        return acc
+
+    def __call__(self, inputs: Any, targets: Any, k: int) -> tuple[Tensor, str]:
+        return self._owner()._loss_ranks(inputs, targets, k)
+
+    def __deepcopy__(self, memo: dict) -> _LossRanksOf:
+        return _LossRanksOf(copy.deepcopy(self._owner(), memo))
+
+    def __reduce__(self) -> tuple:
+        return _LossRanksOf, (self._owner(),)
+
+
+def _loss_ranks_of(acc: MomentAccumulator) -> Callable[[Any, Any, int], tuple[Tensor, str]]:
+    """The measure of ``acc``'s loss-directions sample (:data:`LOSS_RANKS_WEAK`)."""
+    return _LossRanksOf(acc) if LOSS_RANKS_WEAK else acc._loss_ranks
+
+
 class MomentAccumulator:
     """Streaming sums of method.md section 4, shared by :func:`estimate` and ``MISIndicator``.
 
@@ -1097,7 +1141,7 @@ class MomentAccumulator:
         # The diagonal estimator's loss directions per record: mean rank(L_i) over a content-keyed
         # sample of the pass's records (loss_directions.py; _loss_ranks measures them); a model with
         # one output per record has one (rank(L_i) <= 1, counted as 1) and holds no sample
-        self._loss_rank = LossDirectionSample(self._loss_ranks, LOSS_RANK_RECORDS)
+        self._loss_rank = LossDirectionSample(_loss_ranks_of(self), LOSS_RANK_RECORDS)
         self._one_output: bool | None = None
         # the count over every DDP process's records (EstimationMetric's sync, world_sample), and the
         # input statistics likewise (InputStatistics.merged); None outside a sync, and again at this
@@ -1275,7 +1319,7 @@ class MomentAccumulator:
         # a new pass's records only (EstimationMetric.reset(): the figures of a new Metric; rv54: the
         # loss directions' sample kept the records read before the reset, and the input statistics
         # counted a pass read again twice: a standardiser's ddof-1 sd then matched no statistic)
-        self._loss_rank = LossDirectionSample(self._loss_ranks, LOSS_RANK_RECORDS)
+        self._loss_rank = LossDirectionSample(_loss_ranks_of(self), LOSS_RANK_RECORDS)
         if self._input_stats:
             self._input_stats = False
         if self.factored is not None:
