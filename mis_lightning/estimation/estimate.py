@@ -1177,6 +1177,16 @@ class MomentAccumulator:
         self.records_per_update = 0
         self.state = self.empty_state()
 
+    def __copy__(self) -> MomentAccumulator:
+        """A shallow copy (``copy.copy``): every attribute shared, the loss directions' sample too,
+        whose measure reaches this accumulator through a weak reference (:data:`LOSS_RANKS_WEAK`); the
+        copy holds this accumulator, as the sample's bound method did, so that the shared sample is
+        measured after the original's last other reference went (rv57c: a RuntimeError there)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._shallow_of = self  # (no cycle: this accumulator does not hold the copy)
+        return new
+
     @property
     def choice_pending(self) -> bool:
         """Whether ``"auto"``'s choice still waits for the first batch (weight reuse and the
