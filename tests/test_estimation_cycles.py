@@ -84,3 +84,38 @@ def test_a_copied_or_pickled_accumulator_measures_through_its_own_copy(monkeypat
     del acc, who
     with pytest.raises(RuntimeError, match="after its estimation pass was freed"):
         measure(x[:3], y[:3], 3)
+
+
+def test_a_shallow_copy_of_an_accumulator_measures_after_the_original_is_freed():
+    """rv57c: ``copy.copy`` of an accumulator shares its loss-directions sample, whose measure holds the
+    original only weakly: once the original's last other reference went (here the Metric that held it,
+    freed by a collection), the copy's ``loss_directions()`` raised RuntimeError; with the bound method it
+    read the count. The copy now holds the original (``MomentAccumulator.__copy__``), the count as the
+    original's own read (2 loss directions of the 3-class ReLU classifier's records, 64 sampled)."""
+    from torch import nn
+
+    import mis_lightning as ml
+
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 8), torch.randint(0, 3, (256,))
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def make():
+        m = ml.MISIndicator(model, _ce, ["rtn_int8"], estimation="diagonal", hessian="ggn")
+        for i in range(0, 256, 64):
+            m.update(x[i:i + 64], y[i:i + 64])
+        return m
+
+    own = make().accumulator.loss_directions()
+    assert own is not None and own[1] == "measured" and own[2] == 64
+    acc = make().accumulator
+    probe = weakref.ref(acc)
+    twin = copy.copy(acc)
+    del acc
+    gc.collect()
+    assert probe() is not None  # held by the copy, not only by the collected Metric
+    assert twin.loss_directions() == own
+
+
+def _ce(o, t):
+    return torch.nn.functional.cross_entropy(o, t, reduction="none")

@@ -287,6 +287,28 @@ def test_the_low_read_flag_marks_the_rows_and_says_why():
     assert "for the more conservative figure" in note and "n d^2 and d^3" in note
 
 
+def test_the_attack_figures_name_the_models_they_were_measured_on():
+    """rv57c: the leverage warning quotes dg57's attack clause right after dg55's figures, whose "ReLU 20-80-5
+    classifiers" are kf33's at d / n = 2.1 (n about 1,000); the clause said "on those ReLU classifiers", so it
+    read as attacks on those, while dg57 attacked the n = 4,000 fits (d = 2,085). The clause now names the
+    models' sizes itself, as benchmark models (not the user's). And no line claims the exact estimator's
+    per-record leverages were capped there: dg56's capped figures (3.3-4.6, 31 / 169 records) did not
+    reproduce in dg57 (decay 1e-2: max 0.65, none capped)."""
+    from mis_lightning.assess import DIAGONAL_LOW_READ_FIGURES, _leverage_note
+    E = importlib.import_module("mis_lightning.estimation.estimate")
+    flagged = {"leverage_estimate": "diagonal", "leverage_per_direction": 0.11, "mean_leverage": 0.33,
+               "leverage_directions": 3.0, "leverage_trace": 330.0, "leverage_correction": True,
+               "diagonal_low_read": {"leverage_per_direction": 0.086, "threshold": 0.04, "count": "kronecker"}}
+    note = _leverage_note(flagged)
+    attack = note[note.index("Against real attacks, "):]
+    assert note.index(DIAGONAL_LOW_READ_FIGURES) < note.index(attack)  # what "those" would point back to
+    assert "those" not in E.DIAGONAL_LOW_READ_ATTACK_FIGURES
+    assert "d = 2,085, n = 4,000" in attack[:200] and "benchmark" in attack[:200]  # in its first words
+    remedy = E.diagonal_low_read_remedy({"diagonal_low_read": dict(flagged["diagonal_low_read"], d=2085, n=4000)})
+    for text in (note, remedy, E.DIAGONAL_LOW_READ_AUTO_FIGURES):
+        assert "capped" not in text.split("Sigma and the influences")[0], text
+
+
 def test_the_low_read_remedy_prices_the_exact_estimator_for_the_model():
     """dg56, dg57: the remedy line of a flagged diagonal report (``estimate.diagonal_low_read_remedy``, one of
     ``estimator_warnings``' lines; hand-built flags): within ``EXACT_MAX_COST`` (d = 2,085 weights, n = 4,000

@@ -303,22 +303,25 @@ DIAGONAL_LOW_READ_REMEDY = True
 # estimation="auto" (chosen for d > EXACT_MAX_PARAMS) over the exact one, on models just above that threshold
 DIAGONAL_LOW_READ_AUTO_FIGURES = (
     "0.44-0.64x on ReLU 20-80-5 classifiers (d = 2,085, n = 4,000, decay 1e-2 / 1e-3; flagged at 0.054 / 0.16 per "
-    "direction), where the exact estimator's per-record leverages reach 3.3-4.6 (31 / 169 of its 512 stored records "
-    "capped) and a loss-threshold attack's advantage read 0.16-0.67x these figures")
+    "direction), where a loss-threshold attack's advantage read 0.16-0.67x these figures")
 # dg57 (docs/benchmarks.md "dg57"; benchmarks/dg57_lira_auto.py): reference-model attacks (RMIA, LiRA; the pool
 # protocol, 15 references per target) on those classifiers against both estimators' pool_leakage: the real
 # attacks stay below the diagonal figures, so there the exact estimator's higher figures are the more
-# conservative ones, not shown to be nearer the truth (its own per-record leverages are capped there too)
+# conservative ones, not shown to be nearer the truth. The clause names the models itself: the leverage
+# warning quotes it after dg55's figures, whose ReLU 20-80-5 classifiers are kf33's at n = 1,000 (rv57c: "those
+# ReLU classifiers" read as them). dg56's exact per-record leverages (3.3-4.6, 31 / 169 records capped) did not
+# reproduce in dg57 (decay 1e-2: max 0.65, none capped), so no text claims them
 DIAGONAL_LOW_READ_ATTACK_FIGURES = (
-    "reference-model attacks (RMIA, LiRA; the pool protocol, 15 references per target) on those ReLU classifiers "
-    "reached 0.14 / 0.26 unquantized at decay 1e-2 / 1e-3 (0.11 / 0.19 under rtn_int4), below this estimator's "
+    "reference-model attacks (RMIA, LiRA; the pool protocol, 15 references per target) on two benchmark "
+    "ReLU 20-80-5 classifiers (d = 2,085, n = 4,000) reached 0.14 / 0.26 unquantized at decay 1e-2 / 1e-3 "
+    "(0.11 / 0.19 under rtn_int4), below the diagonal estimator's "
     "pool_leakage 0.21 / 0.32 (1.5x / 1.2x the attacks) and far below the exact estimator's 0.37 / 0.52 (2.7x / "
     "2.0x): there the exact figures are the more conservative ones, not shown to be nearer the truth")
 # dg57: the exact estimator's CPU time at the size of those classifiers (d = 2,085, n = 4,000; one thread, load
 # 8-15; benchmarks/dg57_lira_auto.py profile): its Hessian's d forward-over-reverse passes over the n records
 # took about half, the d x d decompositions of its finalize and of the correlated scoring (d^3 each, some 20
 # of them) the rest; the n d^2 of its sums alone would be seconds
-EXACT_MEASURED_COST = "57-110 CPU s at d = 2,085, n = 4,000"
+EXACT_MEASURED_COST = "57-111 CPU s at d = 2,085, n = 4,000"
 # records whose loss does not depend on the weights are left out of n (LossProgram.void_rows; sm45);
 # False: every record read counts (A/B of the test's cost: benchmarks/vb46_void_cost.py)
 VOID_RECORD_TEST = True
@@ -1173,6 +1176,16 @@ class MomentAccumulator:
         # they come) until the first batch of a fast program has shown its taps' size
         self.records_per_update = 0
         self.state = self.empty_state()
+
+    def __copy__(self) -> MomentAccumulator:
+        """A shallow copy (``copy.copy``): every attribute shared, the loss directions' sample too,
+        whose measure reaches this accumulator through a weak reference (:data:`LOSS_RANKS_WEAK`); the
+        copy holds this accumulator, as the sample's bound method did, so that the shared sample is
+        measured after the original's last other reference went (rv57c: a RuntimeError there)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._shallow_of = self  # (no cycle: this accumulator does not hold the copy)
+        return new
 
     @property
     def choice_pending(self) -> bool:
