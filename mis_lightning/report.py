@@ -424,9 +424,9 @@ class Report:
                            for ln, lv in v.get("layers", {}).items()}
             if v.get("interval") is not None:
                 v["interval"] = tuple(v["interval"])
-            if v.get("interval") is not None and not all(math.isfinite(float(e)) for e in v["interval"]):
-                v["interval"] = None  # saved before the scoring pass dropped NaN ends: no interval, said below
-                lost.append(k)
+                if not all(math.isfinite(float(e)) for e in v["interval"]):
+                    v["interval"] = None  # saved before the scoring pass dropped NaN ends: no interval, said below
+                    lost.append(k)
             schemes[k] = SchemeResult(**v)
         top = _floats_back(cls, {k: data[k] for k in ("baseline_leakage", "baseline_mis", "baseline_pool_leakage")
                                  if k in data})
@@ -654,11 +654,10 @@ class Report:
             text += (f"\nnot scored: {len(fitted)} buffer(s) / frozen parameter(s) equal to statistics of the training "
                      f"inputs ({shown}), released in float with every scheme: each leakage is a lower bound for the "
                      "release (see warnings)")
-        verdict_note = verdict_note if verdict_note is not None else self.verdict_note
         if with_verdict:
             # wrapped as the legend's entries (one line was 290-545 characters: cv53); the words unchanged
-            text += "\n" + wrap_entry(self.verdict_text(utility_key, utility_tolerance, rows=rows)
-                                       if verdict_note is None else verdict_note)
+            text += "\n" + wrap_entry(verdict_note if verdict_note is not None else
+                                       self.verdict_text(utility_key, utility_tolerance, rows=rows))
         elif utility_tolerance < 0:
             raise ValueError(f"utility_tolerance must be >= 0, got {utility_tolerance}")
         ties = ties_line(rows)  # also without the verdict: the table's figures still invite an order
