@@ -1,5 +1,5 @@
 """Reference-model attacks in the pool protocol against the indicator on kf33's ReLU MLP
-classifiers at d > n (docs/validation.md "ac36"; "Reference-model attacks in the pool protocol
+classifiers at d > n (docs/validation.md "The correlated headline of ReLU MLP classifiers at d > n"; "Reference-model attacks in the pool protocol
 (issue 11)" for the protocol).
 
 Pool = ``2 n`` records of ``benchmarks/kfac_classifier.py``'s data (AR(1) ``--rho`` Gaussian inputs,
@@ -23,7 +23,7 @@ with the full correlated form in ``R``'s own eigenspace (``estimate.SANDWICH_FAC
 instead of the sandwich's own factor (rc46), on the same models (acc46); ``--data pl44``: pl44's clf
 records instead of kfac_classifier's.
 
-    PYTHONPATH=. python benchmarks/classifier_pool_attacks.py --models 16 --targets 5   # docs/validation.md, "ac36"
+    PYTHONPATH=. python benchmarks/classifier_pool_attacks.py --models 16 --targets 5   # docs/validation.md, "The correlated headline of ReLU MLP classifiers at d > n"
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The records' quadratic forms on a ReLU MLP classifier at d > n (docs/validation.md, "ac36"): the exact
+"""The records' quadratic forms on a ReLU MLP classifier at d > n (docs/validation.md, "The correlated headline of ReLU MLP classifiers at d > n"): the exact
 estimator's in-sample ``g' V^+ g`` (every record ``n - 1``: the rank), with and without its leverage
 correction, against the first-order quantity with the population's gradient covariance (``V`` from
 ``--fresh`` records of the same distribution, full rank) and the diagonal path's cross-fitted factor
@@ -9,7 +9,7 @@ One model of ``benchmarks/kfac_classifier.py`` (``--act relu``, 20-80-5, n = 1,0
 median, p10 / p90; the unquantized headline ``mean saturate(sqrt(2/pi) sqrt(q) / (2 sqrt n))`` and
 its pool-protocol value (``sqrt 2`` times the shift). Also the estimators' own headlines.
 
-    PYTHONPATH=. python benchmarks/classifier_rank_forms.py --seed 0     # docs/validation.md, "ac36"
+    PYTHONPATH=. python benchmarks/classifier_rank_forms.py --seed 0     # docs/validation.md, "The correlated headline of ReLU MLP classifiers at d > n"
 """
 
 from __future__ import annotations

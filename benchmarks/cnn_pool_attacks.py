@@ -1,5 +1,5 @@
 """Reference-model attacks in the pool protocol against the indicator on kc32's ReLU CNN
-classifier (docs/validation.md "cn37"; ac36's ``classifier_pool_attacks.py`` for MLPs).
+classifier (docs/validation.md "The ReLU CNN's quantized figures"; ac36's ``classifier_pool_attacks.py`` for MLPs).
 
 Pool = ``2 n`` records of ``benchmarks/kfac_conv.py``'s ``cnn`` case (8 x 8 one-channel images,
 AR(1) ``--rho`` along both axes; 4 classes from the signs of two half-image means, 20% of the
@@ -19,7 +19,7 @@ Per target the script also prints the exact estimator's ingredients (``gradient_
 of the centred per-record gradients, the objective Hessian's spectrum, the share of the sandwich's
 trace along its largest single eigen-direction and the twelve ReLU scale symmetries' share.
 
-    PYTHONPATH=. python benchmarks/cnn_pool_attacks.py --models 16 --targets 5   # docs/validation.md, "cn37"
+    PYTHONPATH=. python benchmarks/cnn_pool_attacks.py --models 16 --targets 5   # docs/validation.md, "The ReLU CNN's quantized figures"
 
 ``--anatomy``: kc32's one model (``kfac_conv.py``'s fit on ``--n`` records), the same ingredients and
 both estimators' figures after the fit and after each of ``--refit`` further fit calls:

@@ -5,7 +5,7 @@ the quantized Gaussian channel's sqrt(s2) at a fixed kappa (random in [0.3, 1]),
 scoring reads them (with the per-record self term where the code has one).
     PYTHONPATH=$PWD python benchmarks/hc2_stored_records.py DESIGN n d R subsets   # DESIGN: iid, hetero, scaled, logit
 
-method.md section 4, *Gradient covariance*; docs/validation.md, "lo29". Runs on code without the per-record
+method.md section 4, *Gradient covariance*; docs/validation.md, "The HC2 term with R < n stored records". Runs on code without the per-record
 term too (the "before" column there)."""
 import sys
 

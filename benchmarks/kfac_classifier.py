@@ -19,7 +19,7 @@ correction ``off`` (``estimate.KFAC_CORRECTION = False``: every classifier's pat
   (``uncertainty_draws=0``), with each scheme's median grid step over the exact sigma (the 5%
   target holds where the step is at most the weight's sd).
 
-    PYTHONPATH=. python benchmarks/kfac_classifier.py                    # docs/validation.md, "kf33"
+    PYTHONPATH=. python benchmarks/kfac_classifier.py                    # docs/validation.md, "The K-FAC correction for MLP classifiers (2026-12-03)"
     PYTHONPATH=. python benchmarks/kfac_classifier.py --hidden 36 36 --fan 16 --classes 10 --decay 1e-3 0
 
 ``--cost``: the estimation pass (``estimate(mode="diagonal")``, its defaults) on a ReLU MLP

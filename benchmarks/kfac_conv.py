@@ -54,7 +54,7 @@ figures are the code's before ct41 for these layers):
 Since cq41 the rtn schemes quantize the transposed convolutions too (per output channel,
 ``quantization/beyond_linear.py``); the float share of each scheme is printed with its leakage.
 
-    PYTHONPATH=. python benchmarks/kfac_conv.py                      # docs/validation.md, "kc32"
+    PYTHONPATH=. python benchmarks/kfac_conv.py                      # docs/validation.md, "The K-FAC correction and psi influences for convolutions"
 
 ``--cost``: the estimation pass (``estimate(mode="diagonal")``, its defaults) on a ReLU CNN of
 ~3e5 weights (``--n`` 8 x 8 ... 16 x 16 images in batches of 256), correction off and on,

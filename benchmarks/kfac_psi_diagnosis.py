@@ -1,5 +1,5 @@
 """Why the K-FAC ``psi`` influences lower the diagonal estimator's headline on ReLU MLP classifiers
-at weight decay 1e-2 (kfd34; docs/validation.md "kfd34", "kf33"). One case of
+at weight decay 1e-2 (kfd34; docs/validation.md "The K-FAC correction for MLP classifiers on every diagonal path", "The K-FAC correction for MLP classifiers (2026-12-03)"). One case of
 ``benchmarks/kfac_classifier.py`` (the same data, model and L-BFGS fit, ``--fit-rounds`` calls of up
 to 1,000 iterations), the exact estimator and the diagonal one (its default: the sampled-label
 Gauss-Newton diagonal, kf33's K-FAC partial traces, ``psi`` influences), then:

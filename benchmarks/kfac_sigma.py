@@ -13,7 +13,7 @@ the stationary point) to a teacher MLP plus Gaussian noise on AR(1) inputs of co
 
 Run it on two checkouts to compare code (the script puts its own checkout first on the path):
 
-    PYTHONPATH=. python benchmarks/kfac_sigma.py --rho 0.9 0       # docs/validation.md, "dg30"
+    PYTHONPATH=. python benchmarks/kfac_sigma.py --rho 0.9 0       # docs/validation.md, "The diagonal estimator's sigma on correlated weights, K-FAC-corrected"
 
 ``--cost SIZE``: the estimation pass (``estimate`` with its defaults, the diagonal estimator's
 factored Linear path above 2,000 weights) on ``benchmarks/assess_speed.py``'s MLP of that size,
@@ -21,14 +21,14 @@ factored Linear path above 2,000 weights) on ``benchmarks/assess_speed.py``'s ML
 (``estimate.KFAC_CORRECTION``), interleaved ``--repeats`` times in one process; CPU seconds
 (``time.process_time``) and the ratio on / off:
 
-    PYTHONPATH=. python benchmarks/kfac_sigma.py --cost 1e6 --n 4096   # docs/validation.md, "dg30"
+    PYTHONPATH=. python benchmarks/kfac_sigma.py --cost 1e6 --n 4096   # docs/validation.md, "The diagonal estimator's sigma on correlated weights, K-FAC-corrected"
 
 ``--cost SIZE --influences``: the same A/B for the stored influences of ``psi = -H^-1 g`` under K-FAC
 (``estimate.KFAC_INFLUENCES``; the sigma correction on in both), on a model whose influences are
 stored (``num_records * d <= budget``: up to 65,536 weights at the 512 default records); ``SIZE``
 an assess_speed.py size or ``IN-H1-H2...`` (a ReLU MLP with those widths and one output):
 
-    PYTHONPATH=. python benchmarks/kfac_sigma.py --cost 1e4 --n 4096 --influences      # docs/validation.md, "dg31"
+    PYTHONPATH=. python benchmarks/kfac_sigma.py --cost 1e4 --n 4096 --influences      # docs/validation.md, "The diagonal estimator's influences under K-FAC"
     PYTHONPATH=. python benchmarks/kfac_sigma.py --cost 200-256-1 --n 4096 --influences
 """
 

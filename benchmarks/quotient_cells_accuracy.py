@@ -1,5 +1,5 @@
 """The quotient grid of intx schemes on bf16 / fp16 weights against the Gaussian truth on
-torchao's cells, in the continuous model of the weights (qx28; docs/validation.md, "qx28").
+torchao's cells, in the continuous model of the weights (qx28; docs/validation.md, "Intx schemes on bf16 / fp16 weights, scored on torchao's real cells").
 
 Per case (dtype x int8 / int4 x per-row / group-32 x symmetric / asymmetric, the cases of
 ``tests/test_lowp_quotient_cells.py``, whose reference ``_truth_kappa`` / ``_truth_edges`` this

@@ -12,7 +12,7 @@ Per bits and spread ``S`` (rows ``theta* ~ N(0, S^2)`` in sd units of ``theta-ha
 * ``sum kappa(theta*; grid of theta*)`` with the plug-in also read on ``theta*``'s grid (the
   smoothing alone, grid held fixed);
 * the mean over the same trainings of ``sum kappa(theta*; grid of theta-hat)`` (the cells of the
-  grid each training released, read at ``theta*``: the release's quantity, docs/validation.md "cg30").
+  grid each training released, read at ``theta*``: the release's quantity, docs/validation.md "Where the population weights sit in their cells").
 
 numpy/scipy only.
 """

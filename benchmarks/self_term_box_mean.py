@@ -1,6 +1,6 @@
 """The box-mean (GHK) form with each stored record's HC2 self term carried by the Gaussian
 channel's ratio, against the same form run with each record's own matrix ``R_bar - beta x x'``
-built explicitly, and against the shared matrix alone (lo29; docs/validation.md, "lo29", "The
+built explicitly, and against the shared matrix alone (lo29; docs/validation.md, "The HC2 term with R < n stored records", "The
 Monte Carlo and box-mean forms"; ``tests/test_leverage.py::
 test_box_mean_form_carries_each_records_self_term`` checks the same at a smaller size).
 

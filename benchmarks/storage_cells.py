@@ -1,5 +1,5 @@
 """How far the grid's kappa is from the Gaussian truth on the cells a bf16 / fp16 model's stored
-weights really have (bf29; docs/validation.md "bf29", method.md section 5 "Weights stored in
+weights really have (bf29; docs/validation.md "bf16 / fp16 models, the cells of the stored weights and the released values", method.md section 5 "Weights stored in
 bf16 / fp16").
 
 A bf16 / fp16 model holds ``w = rnd_D(theta-hat)`` and the scheme quantizes ``w``: in the Gaussian

@@ -1,6 +1,6 @@
 """CPU time and figures of one ``assess`` with the exact estimator and R of n records stored, on
 an OLS design whose rows are scaled by ``1 + |x_1|`` (spread leverages; lo29: the per-record HC2
-self term's cost and the one-selection figures of docs/validation.md, "lo29").
+self term's cost and the one-selection figures of docs/validation.md, "The HC2 term with R < n stored records").
 
 ``nn.Linear(d, 1)`` at its least-squares solution (float64), n records, batches of 500;
 ``assess(..., ["rtn_int8", "rtn_int4", "rtn_int2"], num_records=R, seed=0, estimation="exact")``.

@@ -1,6 +1,6 @@
 """The wide-sd closed form (``quantization.base.WIDE_SD_CLOSED_FORM``, ``functional/wide.py``)
 against an independent exact reference and against the grid paths it replaces, across its gate
-(docs/validation.md, "wsd34").
+(docs/validation.md, "The wide-sd closed form against an exact partition sum").
 
     PYTHONPATH=$PWD python benchmarks/wide_sd_check.py [--rows 16 --cols 64]
 

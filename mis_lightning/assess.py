@@ -839,7 +839,7 @@ def _exact_rank_note(mode: str, d: int, n: int, diagnostics: Mapping[str, Any]) 
             + (", and the finite-sample correction, at leverages near 1, raises the figures towards saturation"
                if corrected else "")
             + f"; where measured, such figures were far above what attacks achieved ({EXACT_RANK_FIGURES}; "
-            "docs/validation.md, \"ac36\"): read them as conservative, not as a reference for the diagonal estimator")
+            "docs/validation.md, \"The correlated headline of ReLU MLP classifiers at d > n\"): read them as conservative, not as a reference for the diagonal estimator")
 
 
 #: why the exact estimator's per-record leverage factors could not be formed (the first batch's
@@ -2596,7 +2596,7 @@ KFAC_CLASSIFIER_FIGURES = (
     "them. Against reference-model attacks in the pool protocol the figures read high there, not low: the best "
     "of five attacks reached 0.31-0.37 where the diagonal estimator read 0.48-0.50 (the exact "
     "estimator 0.76-0.88) and the first-order form with the population's gradient covariance about 0.40, "
-    "docs/validation.md, \"ac36\")")
+    "docs/validation.md, \"The correlated headline of ReLU MLP classifiers at d > n\")")
 
 
 def _kfac_layer_kinds(diag: Mapping[str, Any]) -> str:

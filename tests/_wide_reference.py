@@ -1,5 +1,5 @@
 """An exact reference for the cell moments' deficits of a weight whose release bounds it
-(docs/validation.md, "wsd34"; tests/test_wide_sd.py, benchmarks/wide_sd_check.py): every cell of
+(docs/validation.md, "The wide-sd closed form against an exact partition sum"; tests/test_wide_sd.py, benchmarks/wide_sd_check.py): every cell of
 the partition clipped to the bounds (the regions beyond are revealed: no deficit) integrated by
 16-point Gauss-Legendre quadrature in each cell's own coordinates, each moment computed as a
 deficit (``1 - kappa = sum p_k Var_k``, ``3 - m4 = sum E[u^4; k] - p_k mu_k^4``, the own cell's

@@ -210,7 +210,7 @@ def test_diagonal_estimators_unquantized_headline_reads_the_ols_reference():
     scored with its own row in the matrix: the compression of the large forms, ``d / 2R``),
     while its independent form (same ``sigma``, ``w`` and leverage term) read 1.00: measured
     1.051-1.052 over 16 trainings at n = 4,000, rho 0 and 0.9, sd 0.7-0.9% per training
-    (docs/validation.md, "dx32"). Asserts one training within 2.5% (about 3 sd); the old form
+    (docs/validation.md, "The diagonal estimator's unquantized headline 5% high"). Asserts one training within 2.5% (about 3 sd); the old form
     reads 1.05 here. Can fail: a bias of the in-sample form, of ``sigma``, ``w`` or the diagonal
     leverage term."""
     import mis_lightning as ml

@@ -1,4 +1,4 @@
-"""The exact estimator at d >= n (more assessed weights than records; ac36, docs/validation.md "ac36"):
+"""The exact estimator at d >= n (more assessed weights than records; ac36, docs/validation.md "The correlated headline of ReLU MLP classifiers at d > n"):
 its gradient covariance has rank at most n - 1, so every record's in-sample ``g' V^+ g`` is the rank
 (the trace identity with a projection), and the report says so; the K-FAC classifier sentence says
 which way the ReLU classifiers' figures read against reference-model attacks."""
@@ -84,7 +84,7 @@ def test_the_report_says_what_the_exact_estimator_reads_at_d_above_n(n, mode, sa
 def test_the_kfac_classifier_sentence_says_the_relu_figures_read_high_against_attacks():
     """kfd34's sentence said the ReLU classifiers' figures "can read low" (0.41-0.52x the exact
     estimator's given its own inputs); against reference-model attacks they read above the best
-    attack (docs/validation.md, "ac36"): the sentence says so, with the measured figures."""
+    attack (docs/validation.md, "The correlated headline of ReLU MLP classifiers at d > n"): the sentence says so, with the measured figures."""
     assert "can read low" not in KFAC_CLASSIFIER_FIGURES and "0.41-0.52x" not in KFAC_CLASSIFIER_FIGURES
     assert "read high there, not low" in KFAC_CLASSIFIER_FIGURES and "@" not in KFAC_CLASSIFIER_FIGURES
     assert "@" not in EXACT_RANK_FIGURES

@@ -171,7 +171,7 @@ def test_the_report_names_the_convolutions_and_the_layers_left_out():
 def test_models_without_convolutions_keep_their_path():
     """A classifier with a LayerNorm (several outputs: the per-layer program) has no KFC blocks,
     and its estimate no ``kfac_convolutions`` (its figures are the code's before kc32: checked bit
-    for bit on three MLPs with benchmarks/compare_reports.py, docs/validation.md "kc32"; an
+    for bit on three MLPs with benchmarks/compare_reports.py, docs/validation.md "The K-FAC correction and psi influences for convolutions"; an
     all-Linear classifier has the partial-trace blocks since kf33, tests/test_kfac_classifier.py);
     with one convolution, every Linear layer joins."""
     mlp = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 3))
@@ -210,7 +210,7 @@ def test_the_large_model_path_applies_the_convolutions_correction(monkeypatch):
 def test_the_conv_sentence_says_the_relu_cnn_figures_read_high_against_attacks():
     """kc32's sentence put the ReLU CNN's 0.68x on "the correlation across layers" and left it as a
     possible low reading; against reference-model attacks in the pool protocol (16 such CNNs,
-    docs/validation.md, "cn37") the diagonal figures read above the best attack and the exact
+    docs/validation.md, "The ReLU CNN's quantized figures") the diagonal figures read above the best attack and the exact
     estimator's sigma is mostly nearly flat directions, not the scale symmetry: the sentence a model with
     convolutions gets says so, with the measured figures."""
     from mis_lightning.assess import KFAC_CONV_FIGURES, _kfac_sentence

@@ -130,7 +130,7 @@ def test_none_the_identity_and_a_lossless_cast_read_one_figure():
     figure, in every form the report shows (headline with the weights' correlation, the independent
     form, the pool protocol, the interval's ends, d_eff), and the report's baseline is that figure.
     Before st31 ``none`` and the baseline read kappa = 1, and ``bf16`` 0.8% less than ``none`` on a
-    larger MLP (docs/validation.md "st30")."""
+    larger MLP (docs/validation.md "The stored cells tabulated once per block")."""
     model, loader, loss = _mlp(torch.bfloat16)
     rep = _report(model, loader, loss, ["none", "bf16", "fp16"])
     none = rep.schemes["none"]

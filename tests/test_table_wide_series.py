@@ -1,6 +1,6 @@
 """float8 weights whose sd spans their bounded window past the wide-sd closed form's reach: the
 series of ``functional/wide_table.py`` on the table's own cells (``base.TABLE_WIDE_SERIES``,
-``ParamGrid._table_series``; docs/method.md section 5, "p43b").
+``ParamGrid._table_series``; docs/method.md section 5, "The bounded window on value tables").
 
 Reference: the exact partition sums of ``tests/_wide_reference.py`` (16-point Gauss-Legendre per
 cell, each moment as a deficit, ~1e-15 relative of each deficit), on the table's cells clipped to

@@ -58,7 +58,7 @@ WIDE_MAX_WINDOW = 0.5
 # their own functional.wide_series.SERIES_TOL, 1e-11.) 1e-11 until tol47: 1e-9 takes 4-5% off the
 # 1e5 MLP's steady scoring call and moves its leakages by at most 4.2e-14 relative; 1e-8 since p55b
 # (with the window at 0.5: 4-15% off that call in fresh-process pairs, 13% in-process; mis moved
-# by at most 9.4e-10 relative; docs/method.md section 5, "wsd34"; docs/benchmarks.md, "wsd34",
+# by at most 9.4e-10 relative; docs/method.md section 5, "Weights whose sd spans the bounded window"; docs/benchmarks.md, "wsd34",
 # "p47d", "tol47", "p55b"). The bound is kappa's: the correlated headline reads kappa through
 # (1 - kappa) / kappa, whose relative error is up to 1 - lambda (13% at W = 0.5); rv55r measured
 # its moves at -4.1e-7 to +3.4e-6 relative on a 5k-weight MLP (1.2e-9 at the old gate), whose in-sample

@@ -182,7 +182,7 @@ POINT_MASS_LIVE_ONLY = True
 # weights whose sd dwarfs the window their release bounds them to (the bounds within
 # functional.wide.WIDE_MAX_WINDOW sd of each other; the 1e7 MLP's first layer: sd 1e3-1e6 steps)
 # take the closed form of functional.wide (kappa = 1 - lambda S, mean_abs exact, m4 = 3) where its
-# derived error bound is at most functional.wide.WIDE_TOL (docs/method.md section 5, "wsd34");
+# derived error bound is at most functional.wide.WIDE_TOL (docs/method.md section 5, "Weights whose sd spans the bounded window");
 # False: the grid paths (windowed sums, fine-grid expansion, outer-cell split) for every element
 WIDE_SD_CLOSED_FORM = True
 # ParamGrid.wide_shares (the compile policy's count of the fused kernel's coming elements) counts
