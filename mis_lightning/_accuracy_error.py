@@ -1,7 +1,7 @@
 """The sampling error of a torchmetrics accuracy, read from its own counts after ``compute()``
-(ux54c; the verdict's noise clause, :func:`mis_lightning.report.utility_noise_note`).
+(the verdict's noise clause, :func:`mis_lightning.report.utility_noise_note`).
 
-ux53d set every accuracy's gaps against the binomial error sqrt(p (1 - p) / m). That is the error
+Every accuracy's gaps were first set against the binomial error sqrt(p (1 - p) / m). That is the error
 of a share of the m records (``average="micro"``, and ``"weighted"``, whose class weights
 m_c / m make it the same share). ``MulticlassAccuracy``'s default ``average="macro"`` is the mean
 of the K classes' recalls r_c = tp_c / m_c (m_c = tp_c + fn_c: the class's records), each a

@@ -3,7 +3,7 @@
 The assessment reads each training record once. A dataset that draws random augmentation in
 ``__getitem__`` (``torchvision`` transforms, noise, a random crop) returns another draw at each
 read: training saw one draw per epoch, the assessment scores one more draw per record, not the
-records trained on (fu24: leakage 0.182 on the augmented draws against 0.158 on the clean
+records trained on (leakage 0.182 on the augmented draws against 0.158 on the clean
 records, with nothing in the report). :func:`random_records_note` reads a few records twice and
 says so when they differ. It reads in this process, with every random state the reads can move
 restored afterwards: the global streams (torch, ``random``, ``numpy``) and the generators the

@@ -2,7 +2,7 @@
 
 Lightning runs the callback's hooks inside ``trainer.fit``: an error from the assessment (or from
 the checks before training) would otherwise surface as a bare ``KeyError`` / ``SchemeError`` with
-nothing saying that the callback, not the user's module or Lightning, raised it (sm45). As the
+nothing saying that the callback, not the user's module or Lightning, raised it. As the
 app's ``mis-lightning: job failed during <stage>: ...`` and the Metric's ``MISIndicator: ...``
 warnings name themselves, each such error becomes the same type with its message prefixed
 ``MISCallback: `` (and what failed), raised ``from`` the original, whose traceback is kept.

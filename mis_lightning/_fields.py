@@ -4,7 +4,7 @@ quantization :class:`~mis_lightning.quantization.base.SchemeConfig`, a user's ow
 included): one check, declared here, that names the unknown keyword and the field meant.
 
 A dataclass's generated ``__init__`` raises a bare ``TypeError: __init__() got an unexpected
-keyword argument 'estimation'`` that names neither the field meant nor the other fields (nu42a:
+keyword argument 'estimation'`` that names neither the field meant nor the other fields (e.g.
 ``EstimationConfig(estimation="exact")``, whose field is ``mode``). ``__new__`` runs before
 ``__init__`` with the same arguments, so a base class's ``__new__`` checks the keywords of every
 dataclass below it, without touching their generated ``__init__``.
@@ -105,7 +105,7 @@ def close_param_names(name: str, named: Iterable[str]) -> list[str]:
     is a module path (``"fc1"`` -> ``"fc1.weight"``, ``"fc1.bias"``), the tensors a reparametrized
     weight is computed from (``"fc1.weight"`` -> ``"fc1.parametrizations.weight.original0"``, ...,
     or the hook-based ``"fc1.weight_g"``, ``"fc1.weight_v"``, ``"fc1.weight_orig"``: the closest
-    spelling was another layer's weight, nu45), else the closest spellings."""
+    spelling was another layer's weight), else the closest spellings."""
     named = list(named)
     under = [n for n in named if n.startswith(name + ".")]
     if under:
@@ -123,7 +123,7 @@ def parameter_aliases(model: Any) -> dict[str, str]:
     parameter's other holders (``'head.weight'`` for an output layer tied to ``'emb.weight'``, as
     ``state_dict`` names it), and a compiled submodule's names without its ``_orig_mod.`` segment
     (``'backbone.0.weight'`` for ``'backbone._orig_mod.0.weight'``: the names of the module before
-    ``torch.compile``; nu43 left them refused with a suggestion, nu45). A short name that is itself
+    ``torch.compile``; formerly refused with a suggestion). A short name that is itself
     another parameter's name is not an alias."""
     named = dict(model.named_parameters())
     first = {id(p): n for n, p in named.items()}

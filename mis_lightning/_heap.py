@@ -1,4 +1,4 @@
-"""The C heap's mmap threshold, raised once per process before the first large pass (pf40).
+"""The C heap's mmap threshold, raised once per process before the first large pass.
 
 glibc's ``malloc`` serves a block at least its *mmap threshold* long (128 KiB at start) with a
 fresh ``mmap`` and returns it to the kernel when freed, so its pages are faulted in and zeroed

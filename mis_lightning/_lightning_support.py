@@ -377,7 +377,7 @@ def _transfer(trainer: Any, batch: Any, device: torch.device, dataloader_idx: in
 def trainer_batch(trainer: Any, batch: Any, device: torch.device, dataloader_idx: int = 0) -> Any:
     """``batch`` as the Trainer's loops hand it to the module: through the batch-transfer hooks
     of the module and its datamodule (a module that standardises its inputs in
-    ``on_after_batch_transfer`` trains on the standardised ones: raw ones were assessed, fu24),
+    ``on_after_batch_transfer`` trains on the standardised ones: raw ones were assessed),
     on ``device``, and through the precision plugin's ``convert_input`` (``precision="bf16-true"``
     / ``"64-true"`` cast the floating inputs to the weights' dtype; the mixed precisions leave
     them as they are)."""
@@ -589,7 +589,7 @@ def best_checkpoint_note(trainer: Any) -> str | None:
     another model as its best than the one assessed: its best score differs from the monitored
     value at the last validation (an ``EarlyStopping`` with patience stops epochs after the best;
     the best checkpoint is what ``trainer.test(ckpt_path="best")`` evaluates and what is often
-    shipped). The report was silently of the last weights (fu24: leakage 0.158 reported, 0.183
+    shipped). The report was silently of the last weights (leakage 0.158 reported, 0.183
     for the best checkpoint). None when no such checkpoint."""
     for ck in getattr(trainer, "checkpoint_callbacks", None) or []:
         monitor, path = getattr(ck, "monitor", None), getattr(ck, "best_model_path", "") or ""
@@ -664,7 +664,7 @@ def check_optimizer_decay(trainer: Any, pl_module: Any, weight_decay: Any, names
       info line); other disagreements are warned about.
     * Without the attribute, coupled decay of one value over every assessed parameter
       (:func:`coupled_decay`: SGD, Adam, RMSprop, ... ``weight_decay=wd``) is the objective's
-      coefficient: used, with the information line (nux51). Other decay in the optimizer
+      coefficient: used, with the information line. Other decay in the optimizer
       (decoupled: AdamW; values that differ by group) is warned about: the objective is then
       taken as unpenalised.
     """
@@ -718,7 +718,7 @@ def recheck_coupled_decay(trainer: Any, pl_module: Any, names: list[str], first:
     """At the assessment, the optimizers' coupled decay against ``first``, the value
     :func:`check_optimizer_decay` read at ``on_train_start`` and took as the objective's: ``None``
     where it is still that value, else the warning that the training ended at another
-    objective (a weight-decay schedule: rv51), for which the caller assesses unpenalised, as
+    objective (a weight-decay schedule), for which the caller assesses unpenalised, as
     before the value was read from the optimizer (the caller adds it to the report's warnings)."""
     now = coupled_decay(trainer, pl_module, names)
     if now is not None and abs(now - first) <= 1e-12 * max(first, 1.0):
@@ -844,11 +844,11 @@ def check_validation_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: An
                            metrics: Mapping[str, Any] | None, output_transform: Any,
                            schemes: Sequence[QuantizationScheme] = ()) -> None:
     """Where there is no validation loader: a note that utility will not be measured (it is
-    optional; nux51: said only after the fit). Else the first validation batch through a private copy of the model, as each quantized copy's
+    optional; formerly said only after the fit). Else the first validation batch through a private copy of the model, as each quantized copy's
     utility will be measured at the assessment (the loss, ``batch_fn``, the utility metrics,
     ``output_transform``): validation batches of another layout than the training ones
     (``(x, y, w)`` against ``(x, y)`` pairs, a dict) failed every scheme's row, the float
-    baseline's too, after the whole training (fu24). Only a sized map-style validation set is
+    baseline's too, after the whole training. Only a sized map-style validation set is
     read (a stream is not read twice); the RNG streams and the loaders' generators are kept.
     Then the batch through each of ``schemes``' quantized copies of that private copy (in eval
     mode, without autograd: nothing of the module, its buffers or its running statistics moves).
@@ -857,7 +857,7 @@ def check_validation_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: An
         the error's own type (``RuntimeError`` if it cannot be rebuilt): names the validation
         data, the layout and the fix, with the original error as the cause.
         ReleaseForwardError: a scheme's quantized copy cannot run the forward (a quantized weight
-            used outside its module, nux50: ``h @ self.emb.weight.T`` under torchao); names the
+            used outside its module, ``h @ self.emb.weight.T`` under torchao); names the
             schemes, the parameters, the op and the fixes, before the first training step.
     """
     with isolated_rng(*trainer_loaders(trainer)):  # setting the loader up reads no record
@@ -1064,7 +1064,7 @@ def runs_validation(trainer: Any, pl_module: Any) -> bool | None:
 
 def _validation_dataloaders(trainer: Any) -> Any:
     """The Trainer's validation loaders, set up by its validation loop when the fit never ran it
-    (a checkpoint resumed after its last epoch, with no sanity check: fu18 U4 warned "no
+    (a checkpoint resumed after its last epoch, with no sanity check: a user was warned "no
     validation dataloader" although one was passed), or read from their source when the loop
     never runs (a module without ``validation_step``); None when there are none."""
     loaders = trainer.val_dataloaders
@@ -1308,7 +1308,7 @@ def _first_wandb_logger(trainer: Any) -> Any | None:
 def wandb_run_dir(trainer: Any) -> Path | None:
     """The W&B run's files folder (``run.dir``: ``<save_dir>/wandb/<run>/files``, online or offline)
     where the Trainer's first logger is a W&B logger, else ``None``. Lightning's ``trainer.log_dir``
-    is then the logger's ``save_dir``, the root that holds every run (ux56b: the report went there,
+    is then the logger's ``save_dir``, the root that holds every run (the report went there,
     beside W&B's own ``wandb/`` folder); this is the run's own folder, whose files W&B uploads with
     the run (``wandb sync`` offline), where :func:`~mis_lightning.tracking.log_files` puts its copy.
     Only rank 0 has the run (``rank_zero_experiment``): its folder is broadcast."""
@@ -1324,7 +1324,7 @@ def mlflow_run_dir(trainer: Any) -> Path | None:
     """``<store>/<experiment id>/<run id>`` where the Trainer's first logger is an MLflow logger with
     a ``file:`` store, else ``None``. Lightning's ``trainer.log_dir`` is then the store's root (the
     ``save_dir`` of a logger other than TensorBoard's or CSV's), which holds every experiment's runs:
-    the report went there, unannounced, where nothing was checkpointed (ux55a). This is the run's own
+    the report went there, unannounced, where nothing was checkpointed. This is the run's own
     folder, where ``ModelCheckpoint`` puts its ``checkpoints/`` (``save_dir/name/version``). A database
     store has no ``save_dir``: ``None``, and the report goes to ``default_root_dir``, said at the
     start of fit (:func:`root_dir_note`). Only rank 0 has the run (``rank_zero_experiment``): its names
@@ -1343,7 +1343,7 @@ def root_dir_note(trainer: Any, dirpath: str | Path | None) -> str | None:
     ``default_root_dir`` (the working directory unless set): no logger, where Lightning's own
     ``log_dir`` is then that folder and its profilers write, or a logger whose ``save_dir`` is it
     or that has none (an MLflow logger with a database store), where :func:`report_dir` falls back to
-    it (a W&B logger's files go to its run's folder, :func:`wandb_run_dir`) (nux54: ``logger=False`` wrote ``mis_report.json`` there
+    it (a W&B logger's files go to its run's folder, :func:`wandb_run_dir`) (``logger=False`` wrote ``mis_report.json`` there
     unannounced). ``None`` where another folder applies, or under ``fast_dev_run`` (nothing is written).
     Call it on every process: it reads ``trainer.log_dir``, a broadcast."""
     if (dirpath is not None or getattr(trainer, "checkpoint_callback", None) is not None

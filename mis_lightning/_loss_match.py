@@ -1,4 +1,4 @@
-"""Does the callback's loss reproduce the loss ``training_step`` trained on? (nux52 #2)
+"""Does the callback's loss reproduce the loss ``training_step`` trained on?
 
 The callback assesses ``loss_fn(model(inputs), targets)`` (or the module's
 ``mis_per_sample_loss(batch)``) on the training records. It cannot see what ``training_step``
@@ -54,7 +54,7 @@ class TrainingLosses:
 
     A ``training_step`` that transforms its batch in place (``x.sub_(mu)``) leaves the batch it was
     given transformed: kept by reference it would show the check the inputs training saw, while the
-    assessment reads the loader's, and the mismatch went unseen (ux52b, left). :meth:`start` reads the
+    assessment reads the loader's, and the mismatch went unseen. :meth:`start` reads the
     batch's version counters before the step; where :meth:`see` finds them moved, that batch is not
     kept and every later batch is kept as a copy taken before its step (the cost falls on such
     modules only: one copy of each batch)."""

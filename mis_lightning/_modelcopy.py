@@ -16,9 +16,9 @@ instance attribute (``m.forward = torch.compile(m.forward)``; Lightning does it 
 ``trainer.fit(torch.compile(module))``) or a lambda / hook closing over the module would make
 the copy run the *original* module, so that every quantized copy evaluated the float weights
 and every per-sample gradient with respect to the copy's parameters was 0 (leakage 0 for every
-scheme, fu22). :func:`private_copy` points such closures at the copy's own modules -- through
+scheme). :func:`private_copy` points such closures at the copy's own modules -- through
 closure cells, default arguments, plain lists / tuples / dicts in them, and parameters or
-buffers closed over (vf22) -- and replaces a ``torch.compile`` wrapper by the callable it wraps
+buffers closed over -- and replaces a ``torch.compile`` wrapper by the callable it wraps
 (the same computation, eager: the copies run under ``torch.func`` transforms; the user's own
 ``functools.wraps`` decorators are kept). A trainable *parameter* closed over directly (not
 through its module) is refused with :class:`ModelCopyError`: the estimation substitutes
@@ -493,7 +493,7 @@ class SwapCheck:
     function (a ``TorchFunctionMode``), so that autograd sees it too. Every path is covered, at
     the cost of one forward and one backward on the first batch (its first
     :data:`SWAP_CHECK_RECORDS` records: a forward that branches on the batch, e.g. on its size,
-    takes the path the estimation's batches take; cb25 measured leakage 0.695 for every scheme,
+    takes the path the estimation's batches take; leakage 0.695 was measured for every scheme,
     0.103 read through the module, on a forward that left the substitution for batches of more
     than one record, which a one-record check passed). A tensor that is only read (a hook
     logging a norm) does not reach the output and passes. Frozen parameters are watched where
@@ -501,7 +501,7 @@ class SwapCheck:
     follows that selection, so their quantized copies would run the float weight), swapped for
     a leaf that requires grad as they reach a torch function; the others are not differentiated
     and a path past the substitution reads their values as they are (the schemes quantize them
-    in the copies too, fz44, so such a path runs their float values there: a utility-only
+    in the copies too, so such a path runs their float values there: a utility-only
     effect, their leakage is not assessed).
 
     Args:

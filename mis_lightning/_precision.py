@@ -5,14 +5,14 @@ Under autocast (Lightning's ``precision="bf16-mixed"`` / ``"16-mixed"`` wraps ea
 ``training_step`` / ``validation_step`` in it; a user may call ``assess`` inside one) matmuls and
 convolutions on float32 tensors run in bfloat16 / float16. The estimation pass of a model above
 ``estimate.FAST_FLOAT64_MAX_PARAMS`` weights computes its per-sample gradients and Gauss-Newton
-diagonals in float32, so autocast would silently compute them in bfloat16 (nu43: a 11,619-weight
+diagonals in float32, so autocast would silently compute them in bfloat16 (a 11,619-weight
 MLP assessed inside ``torch.autocast("cpu", dtype=torch.bfloat16)`` read leakage 0.872 instead of
 0.636 for ``int8_weight_only``; the utilities moved too). The same holds for a reduced float32
 precision: ``torch.set_float32_matmul_precision("medium")`` / ``"high"`` (Lightning's own hint on
 GPUs with tensor cores) runs float32 matmuls in bfloat16 on CPUs with AMX / AVX512-BF16 (oneDNN)
 and in TF32 on CUDA, and cuDNN convolutions take TF32 by default: the scoring's float32 power sums,
 whose stated bound is 1e-4 relative at p = 2, read 7.6e-4 off under "medium" on this project's
-CPU (rv50; docs/benchmarks.md "lead50"). The method (docs/method.md section 4) needs the
+CPU (docs/benchmarks.md "lead50"). The method (docs/method.md section 4) needs the
 gradients' second moments and the power sums to float32 precision at least: every public entry
 point runs with autocast off (:func:`autocast_off`) and IEEE float32 (:func:`ieee_float32`),
 restored on exit (:func:`full_float32`).

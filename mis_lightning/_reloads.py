@@ -3,10 +3,10 @@
 
 The callback assesses the records of ``trainer.train_dataloader`` as it stands when it runs: with
 reloads, the last loader's. Lightning rebuilds the loader before ``on_train_epoch_start``
-(measured, Lightning 2.6: ``scripts/f6_reload_probe.py`` of cb25), so :class:`TrainingSets`, fed
+(measured, Lightning 2.6, with a probe script not kept), so :class:`TrainingSets`, fed
 there, sees each epoch's dataset: one object throughout (a hook returning
 ``DataLoader(self.ds, ...)``: the records trained on are those assessed, unless the dataset
-changes them in place), or several (a curriculum: fu24 trained on 384 records in three datasets
+changes them in place), or several (a curriculum: a user trained on 384 records in three datasets
 of 128 and the report counted the last 128, saying nothing). Either way the report says which.
 """
 

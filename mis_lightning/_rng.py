@@ -2,7 +2,7 @@
 
 The global streams Lightning's ``isolate_rng`` keeps (torch CPU, ``random``, ``numpy``; CUDA only
 where CUDA is already initialised: reading its states would otherwise initialise it), saved and
-restored by :func:`_isolate` without importing Lightning (pf29: the import cost ~1 s, and
+restored by :func:`_isolate` without importing Lightning (the import cost ~1 s, and
 ``lightning_fabric.utilities.seed`` of lightning 2.6 has no ``isolate_rng``, so the fallback
 ``torch.random.fork_rng`` had kept the torch stream only). Lightning's restores the states on a
 normal exit only: a block that raised (a failed scheme or assessment, caught and reported) left
@@ -39,7 +39,7 @@ def _isolate() -> Iterator[None]:
     initialised, ``numpy``, ``random``), saved and restored here: importing it loads
     lightning_fabric with torchmetrics, ~1 s CPU once per process that has not imported
     Lightning (a plain ``assess`` caller's: ~25 Adam epochs of the 1e5-weight benchmark MLP;
-    docs/benchmarks.md, pf29). Restored on errors too (:func:`isolated_rng` re-raises after)."""
+    docs/benchmarks.md, "pf29"). Restored on errors too (:func:`isolated_rng` re-raises after)."""
     include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     torch_state = torch.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if include_cuda else None

@@ -1,7 +1,7 @@
 """Warnings attributed to the user's call site: :func:`warn` shows a warning at the first frame of
 the call stack outside the library and the frameworks that call it (``assess(...)``,
 ``metric.compute()``, ``trainer.fit(...)`` in the user's script), not at the library line that
-raised it (nux48: ``callback.py:481``, torchmetrics' ``prints.py:43``).
+raised it (``callback.py:481``, torchmetrics' ``prints.py:43``).
 
 Python 3.12's ``warnings.warn(..., skip_file_prefixes=...)`` does this; on 3.11 the
 ``stacklevel`` is computed (:func:`user_stacklevel`), counting frames as ``warnings.warn`` does

@@ -2,7 +2,7 @@
 notices (torch's vmap fallback, Lightning's about the app's Trainer) without touching the user's
 warnings state. ``warnings.catch_warnings`` restored the whole filter list on exit, dropping the
 filters that code run inside added (a module imported there: sympy's ``"once"``), and reset every
-module's shown-once registry (ln42, ln43)."""
+module's shown-once registry."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A warning's one console line: its first sentence (nux51 #9: seven warnings of a fit printed 4,870
+"""A warning's one console line: its first sentence (seven warnings of a fit printed 4,870
 characters on the console, and the table repeated them in full under the figures).
 
 The console (the callback's and the Metric's ``UserWarning``s, the printed table) shows each of the
@@ -6,8 +6,7 @@ report's warnings as :func:`warning_line`, its first clause naming what failed a
 the full text stays in the report (``Report.warnings``, the JSON, :meth:`Report.warnings_text`,
 ``Report.table(verbose=True)``, the app's ``report.md``). A line that leaves text out ends in
 :data:`MORE`, and is a prefix of the full text, so the full text is found by it. The warnings behind
-the table's ``*`` mark are one entry instead (a line each under one lead), naming each (:func:`mis_lightning.report.console_warnings`,
-nux55).
+the table's ``*`` mark are one entry instead (a line each under one lead), naming each (:func:`mis_lightning.report.console_warnings`).
 """
 
 from __future__ import annotations

@@ -216,7 +216,7 @@ def never_moved(sigma: Tensor) -> Tensor:
     (``sigma <= 0``; float32-held, so none lies between 0 and float64's tiny, the moments
     paths' floor). They leak nothing (their influences are 0), so ``d_eff`` counts them 0 and
     the pinned share 1 in every release, float or grid, whatever kappa the cell moments give
-    them there (a revealed block absmax: 1; one exactly on a cell edge: 2/pi; de49)."""
+    them there (a revealed block absmax: 1; one exactly on a cell edge: 2/pi)."""
     return sigma <= 0
 
 
@@ -247,7 +247,7 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
     Inference tensors (a model built or loaded under ``torch.inference_mode``) are read as any
     other: the checks read detached values (autograd refuses ``isfinite`` / ``abs`` on an
     inference tensor that requires grad), and the estimation and the schemes work on private
-    copies, which hold ordinary tensors (inf50).
+    copies, which hold ordinary tensors.
 
     Raises:
         ValueError: the model is already quantized (see ``check_float_model``), holds tensors on
@@ -297,7 +297,7 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
 def check_materialized(model: nn.Module) -> None:
     """Refuse a model whose parameters or buffers are on the ``meta`` device (built under
     ``torch.device("meta")`` or moved there, its weights not loaded yet): they hold no values,
-    so there is no trained model to estimate or quantize (until nu48 the NaN check below failed
+    so there is no trained model to estimate or quantize (formerly the NaN check below failed
     with torch's "Tensor.item() cannot be called on meta tensors").
 
     Raises:
@@ -341,7 +341,7 @@ def _check_recurrent(model: nn.Module, names: Sequence[str]) -> None:
     """Refuse selected parameters of recurrent layers, naming the layer: assessing a recurrent
     layer's own weights is not supported (it crashed deep in the estimation pass, after a whole
     training under the callback, where torch.func's vmap over the records met the RNN kernel; the
-    loss program now takes such models one record at a time (rn43), but no scheme here but the
+    loss program now takes such models one record at a time, but no scheme here but the
     bf16 / fp16 casts quantizes them and their estimation is unvalidated). A head or embedding
     around a recurrent encoder is assessed by selecting its parameters (exact sandwich included)."""
     chosen = set(names)
@@ -437,10 +437,10 @@ def _d_over_n_warning(d: int, n: int, d_eff_over_n: Mapping[str, float] | None =
                       num_schemes: int = 0, still: int = 0) -> str:
     """The warning for ``d / n`` above :data:`D_EFF_OVER_N_MAX`: the estimate itself (sigma, the
     influences; method.md section 2) and the baseline (``d_eff = d`` less the ``still`` weights
-    no record moves, :func:`never_moved`: the table's unquantized d_eff, de49) are then outside the
+    no record moves, :func:`never_moved`: the table's unquantized d_eff) are then outside the
     asymptotic regime, whatever the schemes' ``d_eff``. ``d_eff_over_n``: the schemes (of
     ``num_schemes``) whose own ``d_eff / n`` is above it too, named in the same warning
-    (:data:`D_EFF_STILL_LARGE`; the separate d_eff / n warning said nearly the same, ux29)."""
+    (:data:`D_EFF_STILL_LARGE`; the separate d_eff / n warning said nearly the same)."""
     # the schemes between the cause and the consequence: the warning still ends with its action (fu28)
     schemes = (_d_eff_over_n_sentence(d_eff_over_n, num_schemes, D_EFF_STILL_LARGE) + ". ") if d_eff_over_n else ""
     return (f"d / n = {d / n:.3g} is not small ({d:,} assessed weights, {n:,} records): sigma, the "
@@ -530,13 +530,13 @@ DECAY_REACH_MIN = 0.5
 def _decay_cancelled_cause(diagnostics: Mapping[str, Any], decay: float, lo: float, hi: float) -> str:
     """:func:`_covariance_cause` where weight decay ``decay`` was passed and H's lowest eigenvalue
     ``lo`` still reads ``<= 0`` (``hessian_condition`` inf) with no exact flat direction found: not
-    a singular matrix of the data's, as "condition inf" alone suggested (nux53 #8 read "no
+    a singular matrix of the data's, as "condition inf" alone suggested (a user read "no
     symmetry found" with weight decay 1e-3 passed), but the records' curvature cancelling the
     decay's along some direction. Names the likely causes, the parameters the directions the decay
     alone holds carry the Newton step in (``offset_held_parameters``, :func:`_not_at_minimum_detail`)
     and the cures. Where the lowest direction lies mostly (share of its squared entries above
     ``1 - DECAY_REACH_MIN``, ``hessian_min_direction_decayed``) in weights left undecayed (a
-    per-parameter decay with biases at 0), the records' own curvature is said instead (rv55)."""
+    per-parameter decay with biases at 0), the records' own curvature is said instead."""
     shares = diagnostics.get("offset_held_parameters") or {}
     where = (" (here the directions the decay alone holds carry the Newton step in "
              + ", ".join(f"{nm} ({100 * v:.0f}%)" for nm, v in list(shares.items())[:4]) + ")") if shares else ""
@@ -700,7 +700,7 @@ def _same_reading(report: Report, named: set[str]) -> str:
     """The stuck-headline warning's clause for the other quantized schemes printed at the
     baseline's value (those not ``named`` by it or the determination warning): the warning named
     only the stuck ones, and a table whose every row reads the same made it look as if the others
-    were forgotten (nux52 #7). ``""`` without any."""
+    were forgotten. ``""`` without any."""
     base = f"{report.baseline_leakage:.4g}"
     same = sorted(k for k, r in report.schemes.items() if k not in named and not r.error and r.quantized_fraction > 0
                   and f"{r.leakage:.4g}" == base)
@@ -716,8 +716,8 @@ def _fmt_or_nan(x: float | None) -> str:
 
 
 def _determined_warning(spanned: Mapping[str, SchemeResult], base: float) -> str:
-    """The warning for schemes whose float weights span R's kept eigenspace (cr49;
-    ``SchemeResult.exact_determination``, functional.correlated.ExactSpan): the quantized weights
+    """The warning for schemes whose float weights span R's kept eigenspace
+    (``SchemeResult.exact_determination``, functional.correlated.ExactSpan): the quantized weights
     are then determined by the float ones through the fitted correlation, and the correlated
     headline is the baseline's; an upper bound where that runs through directions near R's rule."""
     parts, near = [], []
@@ -761,7 +761,7 @@ def _duplicate_warning(diagnostics: Mapping[str, Any], n: int) -> str | None:
     read): each shift is ``1/k`` and each sd ``1/sqrt(k)`` of the distinct records', so the figures read
     about ``1/sqrt(k)`` of theirs where leverages are small and the figures well below 1, and less
     where leverages are not small: the leverage correction is computed at ``n`` too, ``k`` times
-    below the distinct records' (nux47: 1.14 -> 0.568 per loss direction, 0.32x, not the 0.71x the
+    below the distinct records' (1.14 -> 0.568 per loss direction, 0.32x, not the 0.71x the
     warning said). The stored records are a hash sample whose copies are kept or left together, so
     their share of repeats estimates the whole data's: ``k = 1 / (1 - share)`` copies per distinct
     record on average, ``n (1 - share)`` distinct records."""
@@ -813,8 +813,9 @@ def _leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
                    "about 1 / (1 - leverage); leverage_correction=True corrects them")
 
 
-# What the exact estimator reads at d >= n, against reference-model attacks (ac36; docs/validation.md,
-# "ac36": benchmarks/classifier_pool_attacks.py, ReLU 20-80-5 classifiers, d / n = 2.1, decay 1e-2)
+# What the exact estimator reads at d >= n, against reference-model attacks (docs/validation.md,
+# "The correlated headline of ReLU MLP classifiers at d > n": benchmarks/classifier_pool_attacks.py,
+# ReLU 20-80-5 classifiers, d / n = 2.1, decay 1e-2)
 EXACT_RANK_FIGURES = (
     "on ReLU 20-80-5 classifiers at d / n = 2.1 (weight decay 1e-2) the exact estimator's pool-protocol "
     "figures read 0.76-0.88 where the best of five reference-model attacks (LiRA, RMIA, loss) reached "
@@ -829,7 +830,7 @@ def _exact_rank_note(mode: str, d: int, n: int, diagnostics: Mapping[str, Any]) 
     identity with a projection: all leverages in ``G (G'G)^+ G'`` are 1), whatever the record: the
     first-order figures are the rank's, not the records', and the leverage correction, at leverages
     near 1, raises them towards saturation (method.md section 3, "Large models"; docs/validation.md,
-    "ac36")."""
+    "The correlated headline of ReLU MLP classifiers at d > n")."""
     if mode != "exact" or d < n:
         return None
     corrected = bool(diagnostics.get("leverage_correction"))
@@ -921,11 +922,11 @@ def _diagonal_leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
 
 
 def _diagonal_low_read_sentence(diagnostics: Mapping[str, Any]) -> str:
-    """dg55: the diagonal estimator's flag that its figures may read below the exact estimator's
+    """The diagonal estimator's flag that its figures may read below the exact estimator's
     (``diagnostics["diagonal_low_read"]``, set by the estimator where its mean leverage per loss
     direction exceeds :data:`~mis_lightning.estimation.estimate.DIAGONAL_LOW_READ_LEVERAGE`; the rows
     are marked * by :func:`~mis_lightning.report.regime_failures`), with what real attacks read where
-    measured (:data:`~mis_lightning.estimation.estimate.DIAGONAL_LOW_READ_ATTACK_FIGURES`, dg57), as a
+    measured (:data:`~mis_lightning.estimation.estimate.DIAGONAL_LOW_READ_ATTACK_FIGURES`), as a
     sentence ending in ". "; ``""`` where not flagged."""
     low = diagnostics.get("diagonal_low_read")
     if not low:
@@ -995,7 +996,7 @@ def _outside_inference_mode(fn: Callable[..., Report]) -> Callable[..., Report]:
     """Run ``fn`` outside ``torch.inference_mode`` when called inside it (a Lightning validation or
     test loop, a user's ``with torch.inference_mode():``): the estimation needs autograd, and the
     scoring's copies and caches key on version counters, which inference mode does not keep
-    (rv47: every scheme failed late, "Inference tensors do not track version counter"). The
+    (every scheme failed late, "Inference tensors do not track version counter"). The
     user's tensors are read only."""
 
     @functools.wraps(fn)
@@ -1137,7 +1138,7 @@ def check_validation_batch(model: nn.Module, val_dataloader: Iterable, loss_fn: 
     model, a wrong layout) fails before the estimation pass rather than after it. Only for a
     map-style DataLoader (a stream is not read twice); the random streams are restored. Then
     each of ``schemes``' quantized copies on that batch: one that cannot run the forward (a
-    quantized weight used outside its module, nux50) raises with ``strict``, else is warned
+    quantized weight used outside its module) raises with ``strict``, else is warned
     (its row keeps its leakage, its utility reads failed).
 
     Raises:
@@ -1414,7 +1415,7 @@ def mode_dependent_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     lists name it (the model itself: its class name). A front end that watches the training
     records which of them its last training batch ran in eval mode
     (``diagnostics["eval_mode_in_training"]``): those are no cause of the eval-mode objective
-    differing from the one trained (ux54c)."""
+    differing from the one trained."""
     from torch.nn.modules.batchnorm import _NormBase
     from torch.nn.modules.dropout import _DropoutNd
 
@@ -1448,13 +1449,13 @@ def _batch_statistics_cause(model: nn.Module, diagnostics: Mapping[str, Any] | N
     (:func:`_running_statistics_layers`; trained with batch statistics, assessed with the running
     ones) and dropout-like layers (:func:`_stochastic_layers`; trained on the loss averaged over
     random masks, assessed without them). Either way training minimised another objective than
-    the one assessed in eval mode, whose minimum no amount of train-mode training reaches (nux50
-    #3, BatchNorm: 4.50 sd after 4 L-BFGS rounds, 4.53 after 20, 1.16 after as many in eval mode;
-    nux52 #3, Dropout(0.3): 3.0 sd after 400 Adam steps, 4.7 after 1,600, at a minimum after 300
+    the one assessed in eval mode, whose minimum no amount of train-mode training reaches
+    (BatchNorm: 4.50 sd after 4 L-BFGS rounds, 4.53 after 20, 1.16 after as many in eval mode;
+    Dropout(0.3): 3.0 sd after 400 Adam steps, 4.7 after 1,600, at a minimum after 300
     more in eval mode). A forward random in train mode without such a layer
     (``diagnostics["random_in_train_mode"]``, the estimation's first batch:
     :meth:`~.estimation.per_sample.LossProgram.random_in_train_mode`) has dropout written in it
-    (``F.dropout(x, p, self.training)``), named as such (ux53). Layers the training's last batch
+    (``F.dropout(x, p, self.training)``), named as such. Layers the training's last batch
     ran in eval mode are none of them (:func:`_mode_suspects`). ``""`` without any of them."""
     norms, drops, written = _mode_suspects(model, diagnostics)
     if not norms and not drops and not written:
@@ -1486,12 +1487,12 @@ STIFF_READINGS = (f"a fit's training records read ~0 at its minimum, m records i
 
 def _not_at_minimum_suspects(model: nn.Module, diagnostics: Mapping[str, Any] | None = None) -> str:
     """The not-at-a-minimum warning's likely causes, short: its first sentence is what the console
-    shows (:func:`~mis_lightning._warning_lines.warning_line`, nux51 #9); the warning's text after
+    shows (:func:`~mis_lightning._warning_lines.warning_line`); the warning's text after
     it says each in full (:func:`_batch_statistics_cause` for the layers named here, and dropout
     written in the forward, found as :func:`_batch_statistics_cause` finds it). Where the front end
     watched the training (``diagnostics["eval_mode_in_training"]``, the callback) the layers it ran
     in eval mode are left out and the rest named as trained in train mode; elsewhere (``assess``:
-    how training ended is not known) they are named on that condition (ux54c: a model whose dropout
+    how training ended is not known) they are named on that condition (a model whose dropout
     the user ended in eval mode, as the warning advises, read "likely: dropout ...")."""
     norms, drops, written = _mode_suspects(model, diagnostics)
     if norms or drops or written:
@@ -1524,7 +1525,7 @@ def _not_at_minimum_suspects(model: nn.Module, diagnostics: Mapping[str, Any] | 
 
 def _not_at_minimum_detail(diagnostics: Mapping[str, Any]) -> str:
     """The not-at-a-minimum warning's sentence on what the exact estimator's diagnostics single
-    out (nux53 #14, ux54b), ``""`` where nothing: records that read like records the model was not
+    out, ``""`` where nothing: records that read like records the model was not
     trained on, or a fit off its minimum along the stiff directions whatever the records
     (:func:`~mis_lightning.report.stiff_offset_cause`), or a Newton step that lies along directions the
     weight decay alone holds (``offset_decay_held``, :func:`~.estimation.estimate._decay_held`)."""
@@ -1589,7 +1590,7 @@ def _running_statistics_note(model: nn.Module) -> str | None:
 def _data_buffers_note(names: Sequence[str]) -> str:
     """The warning for buffers of the user's own modules that a forward sets from the records
     (:func:`~mis_lightning.estimation.data_buffers.data_dependent_buffers`): like running
-    statistics, released in float and not scored (nu45)."""
+    statistics, released in float and not scored."""
     shown = ", ".join(repr(k) for k in names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
     return (f"the release holds {len(names)} buffer(s) or frozen parameter(s) that the forward sets from the "
             f"records it sees in train mode ({shown}: two halves of a training batch leave them at different "
@@ -1603,7 +1604,7 @@ def _data_buffers_note(names: Sequence[str]) -> str:
 
 def _fitted_buffers_note(fitted: dict[str, str]) -> str:
     """The warning for buffers that equal statistics of the training inputs read (a standardiser or
-    scaler fitted on them before training, which no forward sets: vb46)."""
+    scaler fitted on them before training, which no forward sets)."""
     items = list(fitted.items())
     shown = "; ".join(f"{k!r}: {v}" for k, v in items[:4]) + (f"; and {len(items) - 4} more" if len(items) > 4 else "")
     return (f"the release holds {len(items)} buffer(s) or frozen parameter(s) equal to statistics of the training "
@@ -1616,7 +1617,7 @@ def _fitted_buffers_note(fitted: dict[str, str]) -> str:
 def _data_buffers_unchecked_note(names: Sequence[str], why: str) -> str:
     """The warning where the probe for buffers a forward sets from the records could not run
     (:func:`~mis_lightning.estimation.data_buffers.probe_data_buffers`): the candidates are
-    named, as unknown rather than clean (vb45)."""
+    named, as unknown rather than clean."""
     shown = ", ".join(repr(k) for k in names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
     return (f"could not check whether the forward sets {len(names)} buffer(s) or frozen parameter(s) from the "
             f"records ({shown}): {why}. If any was updated from the training records while training (an input "
@@ -1892,7 +1893,7 @@ def score_schemes(
         ref_t = F.cells.SQRT_2_OVER_PI * _total(cont, R).s2.clamp_min(0.0).sqrt() / (2 * math.sqrt(n))
 
     def spread(t: Tensor, ref: Tensor) -> float:
-        """The baseline with the spread term (float32 weights: the operations before st31)."""
+        """The baseline with the spread term (float32 weights: the operations before the storage grid)."""
         assert est.leverage is not None
         if not stored_base:
             return float(F.saturate_spread(t, est.leverage).mean())
@@ -2197,7 +2198,7 @@ def _not_at_minimum_criterion(diagnostics: Mapping[str, Any]) -> str:
     """The clause naming which stationarity criterion fired (:func:`~.estimation.estimate._not_at_minimum`):
     the gradient norm ratio above :data:`~.estimation.estimate.GRADIENT_NORM_RATIO_MAX`, the Newton
     step above :data:`~.estimation.estimate.MINIMUM_OFFSET_SD` sampling sds, or both; the other's
-    figure follows (nux48 #12: a message that led with the Newton step hid which one fired)."""
+    figure follows (a message that led with the Newton step hid which one fired)."""
     ratio = float(diagnostics["gradient_norm_ratio"])
     offset = float(diagnostics.get("minimum_offset_sd", float("nan")))
     by_ratio, by_offset = ratio > GRADIENT_NORM_RATIO_MAX, offset > MINIMUM_OFFSET_SD
@@ -2219,11 +2220,11 @@ def _unseen_records_warning(diagnostics: Mapping[str, Any]) -> str:
     """The warning that the records' mean gradient is off along the Hessian's stiff directions
     (``diagnostics["records_unlike_training"]``: :func:`~.estimation.estimate._stiff_offset` above
     :data:`~.estimation.estimate.UNSEEN_RECORDS_SD`; method.md section 6), for a model under the
-    not-at-a-minimum limits (nux50 #2: a held-out set read 0.66 sd there, its figures 1.9x the members').
+    not-at-a-minimum limits (a held-out set read 0.66 sd there, its figures 1.9x the members').
     Two causes read alike: records the model was not trained on, or a model off the minimum of the
     objective assessed along those directions; where the records are known to be the training
     records (``records_from_training_loader``: the callback read the trainer's loader) only the
-    second is named (nux51 #2: a tied LM at chance trained by AdamW, decay not passed, read 0.66
+    second is named (a tied LM at chance trained by AdamW, decay not passed, read 0.66
     on its own 600 training records and was told they looked unseen)."""
     stat = (f"along the stiffer half of the Hessian's directions, where training converges first, the records' mean "
             f"gradient is {float(diagnostics['stiff_offset_sd']):.3g} of its own sampling standard deviation (root "
@@ -2250,7 +2251,7 @@ def _decay_hint_warning(diagnostics: Mapping[str, Any]) -> str | None:
     """The warning that the weights look like a minimum of the loss plus another weight decay
     than the one assessed (``diagnostics["weight_decay_mismatch"]``,
     :func:`~.estimation.estimate._decay_hint`), naming the decay implied and the option; ``None``
-    when not flagged (nux48 #3: a missing ``weight_decay=`` moved the figures 7% under a saddle warning)."""
+    when not flagged (a missing ``weight_decay=`` moved the figures 7% under a saddle warning)."""
     if not diagnostics.get("weight_decay_mismatch"):
         return None
     given = float(diagnostics.get("weight_decay", 0.0))
@@ -2283,7 +2284,7 @@ def _curvature_action(diagnostics: Mapping[str, Any], default: str) -> str:
     """The closing action of the curvature warnings ("negative curvature", "saddle not excluded"):
     ``default`` (train further), or, where the weight-decay hint fired, that hint's fix: the Hessian
     of an objective without the decay the weights were trained with reads indefinite or flat, and
-    training further does not change that (wd48 / nux48: both warnings fired and the saddle one
+    training further does not change that (both warnings fired and the saddle one
     said "train further")."""
     if not diagnostics.get("weight_decay_mismatch"):
         return default
@@ -2315,7 +2316,7 @@ def utility_classes(metrics: Mapping[str, Any] | None) -> dict[str, int]:
     """``{utility metric name: number of classes}`` for each metric object that exposes an integer
     ``num_classes`` (torchmetrics' multiclass metrics) and no ``top_k`` above 1 (whose chance is
     top_k / num_classes): what :attr:`Report.utility_classes` records, so the verdict can tell an
-    accuracy at chance (1 / num_classes; nux53 #10)."""
+    accuracy at chance (1 / num_classes)."""
     out: dict[str, int] = {}
     for name, m in (metrics or {}).items():
         k = getattr(m, "num_classes", None)
@@ -2383,7 +2384,7 @@ def _large_weights_sentence(report: Report, model: nn.Module, theta: Mapping[str
     """The likely cause of an indefinite or floored Hessian together with quantized copies whose
     loss explodes, in a model assessed without weight decay whose weights are far above their
     initial scale: weights grown large without regularisation, with the cure; ``None`` otherwise
-    (ux29: full-batch L-BFGS, no weight decay, a tanh MLP whose first layer reached root mean
+    (full-batch L-BFGS, no weight decay, a tanh MLP whose first layer reached root mean
     square 12.6 on 8 inputs; int4 / int2 lost all utility, loss 41x and 1,180x int8's).
 
     Fires when all hold: no weight decay in the objective assessed (``diagnostics``); the
@@ -2565,8 +2566,9 @@ def _recurrent_diagonal_warning(est: Estimate) -> str | None:
             f"quantized schemes' figures can be far off in either direction (* in the table): " + cure)
 
 
-# the measured figures the K-FAC sentence quotes for a model with convolutions (kc32; docs/validation.md,
-# "kc32": benchmarks/kfac_conv.py; the attacks: "cn37", benchmarks/cnn_pool_attacks.py)
+# the measured figures the K-FAC sentence quotes for a model with convolutions (docs/validation.md,
+# "The K-FAC correction and psi influences for convolutions": benchmarks/kfac_conv.py; the attacks:
+# "The ReLU CNN's quantized figures", benchmarks/cnn_pool_attacks.py)
 KFAC_CONV_FIGURES = (
     "(the convolutions' factors are the partial traces of their Gauss-Newton blocks; on linear convolutions "
     "over inputs correlated along their positions, dense outputs or pooled to one, the corrected sigma read "
@@ -2578,12 +2580,13 @@ KFAC_CONV_FIGURES = (
     "attacks in the pool protocol the figures read high there, not low: on such CNNs at decay 1e-3 (two pools) "
     "the best of five attacks reached 0.21 / 0.17 / 0.07-0.08 (rtn_int8 / 6 / 4) where the diagonal estimator "
     "read 0.29-0.30 / 0.26-0.27 / 0.29-0.30 and the exact estimator 0.39 / 0.38 / 0.33-0.35, docs/validation.md, "
-    "\"cn37\")")
+    "\"The ReLU CNN's quantized figures\")")
 
 
-# ... and for an all-Linear model with several outputs per record, e.g. an MLP classifier (kf33; the
-# per-layer program's partial traces, under every Hessian diagonal since kfd34; docs/validation.md,
-# "kf33", "kfd34": benchmarks/kfac_classifier.py, benchmarks/kfac_psi_diagnosis.py)
+# ... and for an all-Linear model with several outputs per record, e.g. an MLP classifier (the
+# per-layer program's partial traces, under every Hessian diagonal; docs/validation.md,
+# "The K-FAC correction for MLP classifiers (2026-12-03)", "The K-FAC correction for MLP classifiers on
+# every diagonal path": benchmarks/kfac_classifier.py, benchmarks/kfac_psi_diagnosis.py)
 KFAC_CLASSIFIER_FIGURES = (
     "(the layers' factors are the partial traces of their Gauss-Newton blocks; on a softmax regression over "
     "inputs correlated along their features the corrected sigma read a median 0.98-1.44x the exact estimator's "
@@ -2601,7 +2604,7 @@ KFAC_CLASSIFIER_FIGURES = (
 
 def _kfac_layer_kinds(diag: Mapping[str, Any]) -> str:
     """``"nn.Linear"``, or ``"convolution or nn.Linear"`` where the per-layer program's factors were
-    used (``kfac_convolutions``: a model with convolutions, kc32)."""
+    used (``kfac_convolutions``: a model with convolutions)."""
     return "nn.Linear" if diag.get("kfac_convolutions") is None else "convolution or nn.Linear"
 
 
@@ -2611,7 +2614,7 @@ def _kfac_sentence(diag: Mapping[str, Any], short: bool = False) -> str | None:
     sandwich and correlated weights"), or ``None`` where it was not applied. ``short``: the
     warning's sentence (what was corrected, what was not), without the influences' model and the
     measured accuracy, which the full sentence (the report's ``diagnostics["variance_inflation_detail"]``)
-    quotes (ux48: the warning ran to 2,231 characters on nux47's CNN)."""
+    quotes (the warning ran to 2,231 characters on a user's CNN)."""
     if not diag.get("kfac_correction"):
         return None
     left = list(diag.get("kfac_uncorrected_layers") or [])
@@ -3298,7 +3301,7 @@ def _fused_elements(est: Estimate, prepared: list[_Prepared], chunk_size: int, k
     :func:`_joint_sums` will: once per equal grid (:func:`_equal_grid_leads`), main and pool
     positions, and the draws' evaluations on their sample of the rows where a chunk is
     subsampled (``DRAW_SAMPLE_FRACTION``; not where the moments are kept). What decides whether
-    the compiled kernel is warmed up before the pass (pf27: counting every scheme's grid and every
+    the compiled kernel is warmed up before the pass (counting every scheme's grid and every
     draw evaluation read about 3.4x the kernel's own count, compiling where the pass would not).
     The share of the main and pool positions the wide-sd closed form takes, and of the draws'
     evaluations the wide-sd shortcut of :func:`_position_free` keeps (:meth:`ParamGrid.wide_shares`,
@@ -3887,7 +3890,7 @@ class StillParts(tuple):
     """``(basis, mix, groups)`` of :func:`_sampled_draw_parts` for a sample where no kappa moves:
     every basis and group entry exactly 0 (the zeros may be one value expanded: read them, never
     write them). The flag lets the draws' sums (:func:`_draw_sums`, :func:`_joint_draw_sums`)
-    take it as moving no row without scanning it (tb36, for ps36's GEMMs)."""
+    take it as moving no row without scanning it (for the draws' GEMMs)."""
 
 
 def _sampled_draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main: Tensor, xi: Tensor,
@@ -4965,7 +4968,7 @@ def _distinct_list_sums(reader: _InfluenceReader, a: int, b: int, cols: dict[int
     ``[c]`` columns) from the distinct non-zero columns only: ``keys[p][m]`` identifies what
     column ``m`` is computed from (equal keys: bitwise-equal columns); a column with no non-zero
     element sums to exactly 0 (finite influences, as ``score_schemes`` checks). Only those
-    columns are stacked, in order of first use (pf30: no matrix of every column to gather
+    columns are stacked, in order of first use (no matrix of every column to gather
     them from; the same matrix reaches ``reader.sums`` as before, so bitwise the same sums).
 
     ``deficits``: ``(m, key, u, W)`` entries (:data:`UNIT_KAPPA_EXACT`): the power-2 column ``m``'s
@@ -5221,7 +5224,7 @@ def _summed_s2(per_layer: Iterable[Tensor], rows: int, R: int) -> Tensor:
     """``[rows, R]`` float64: the layers' ``s2`` (each ``[rows, R]`` or ``[R]``) summed in
     :func:`_total`'s order (0, then each layer in turn): row ``i`` is bitwise ``_total``'s ``s2``
     of the layers' rows ``i`` (the same additions, element by element), in one operation per
-    layer instead of one per row and layer (the interval's draws and groups; py37)."""
+    layer instead of one per row and layer (the interval's draws and groups)."""
     out = torch.zeros(rows, R, dtype=torch.float64)
     for s2 in per_layer:
         out = out + s2
@@ -5543,8 +5546,8 @@ def _baseline_cutoff_check(est: Estimate, rc: F.correlated.RecordCorrelation, n:
     no full correlation through the exact estimator's own factor (``SandwichFactor``; without it
     the unquantized figure is the estimator's, read at a rule the scoring does not hold), or
     ``d > CUTOFF_CHECK_MAX_D``. Not capped: it is the cap. Where ``V``'s spectrum runs smoothly
-    through the rule this figure moves too (pl44's MLP: mean ``g'V^+g`` +16% from 1e-9 to 1e-11;
-    rc46), and every quantized figure, capped by it, with it."""
+    through the rule this figure moves too (a 197-weight MLP: mean ``g'V^+g`` +16% from 1e-9 to 1e-11;
+    docs/benchmarks.md, "pl44", "rc46"), and every quantized figure, capped by it, with it."""
     if (rc.kind != "full" or est.influence is None or est.d > CUTOFF_CHECK_MAX_D
             or any(c.sandwich is None for _, c in rc.parts)):
         return None
@@ -5682,7 +5685,7 @@ def _correlation_name(rc: F.correlated.RecordCorrelation) -> str:
 def _nonfinite_error(method: str, rc: F.correlated.RecordCorrelation | None, independent: float | None) -> str:
     """A scheme's error where its leakage is not finite: the correlation's form where the
     independent-coordinate value beside it is finite (``method``, e.g. 'mc', then computed the
-    independent value, not the NaN; rv55r: a NaN under the in-sample factor correlation at
+    independent value, not the NaN; formerly a NaN under the in-sample factor correlation at
     d / n = 1.31 was blamed on 'mc'), else the ``method``'s form."""
     if rc is not None and independent is not None and math.isfinite(independent):
         return (f"the leakage is not finite: a numerical failure of {_correlation_name(rc)}, not of the "

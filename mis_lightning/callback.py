@@ -134,7 +134,7 @@ def files_overwritten(out: Path, plan: bool, copies: bool) -> tuple[list[str], l
     overwrites: ``(fixed, copies)``, the existing ones of ``mis_report.json``, the figure and, with
     ``plan``, :data:`PLAN_NAMES` (each rewritten by the fit), and, with ``copies`` (mid-training
     runs), the existing ``mis_report_epoch=<E>-step=<S>.json`` copies, of which the fit rewrites those
-    whose epoch and step it assesses at. The callback writes no other name in ``out`` (rv54c)."""
+    whose epoch and step it assesses at. The callback writes no other name in ``out``."""
     names = (REPORT_NAME, FIGURE_NAME) + (PLAN_NAMES if plan else ())
     found = [n for n in names if (out / n).is_file()]
     # the unversioned mid-training copies (taken_names' pattern), in epoch and step order
@@ -506,13 +506,13 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
     def _out_version(self, out: Path, trainer: Any) -> str:
         """This fit's suffix of the file names in ``out`` (:func:`~mis_lightning.tracking.free_version`),
         chosen at the fit's first write: its later runs (mid-training, fit end) rewrite its own
-        files, never an earlier run's (nux53: ``logger=False`` writes to ``default_root_dir``, the
+        files, never an earlier run's (``logger=False`` writes to ``default_root_dir``, the
         working directory by default, where a second run overwrote the first's report silently).
 
         An explicit ``dirpath=`` is the user's choice of where ``mis_report.json`` is read: its
         names stay fixed and files there under those names are overwritten, with a warning naming
-        each (:func:`files_overwritten`; ux54c: ``-v1`` names left code reading
-        ``<dirpath>/mis_report.json`` on the earlier run's report; rv54c: the warning named the report
+        each (:func:`files_overwritten`; formerly ``-v1`` names left code reading
+        ``<dirpath>/mis_report.json`` on the earlier run's report, and the warning named the report
         alone). ``fast_dev_run`` writes nothing: no warning."""
         if getattr(self, "_version", None) is None:
             self._version = "" if self.dirpath is not None else free_version(out)
@@ -669,7 +669,7 @@ def not_trained_note(trainer: Any) -> str | None:
     (``trainer.global_step == 0``, with no training batch completed either: ``max_epochs=0``,
     ``limit_train_batches=0``, and no checkpoint with steps resumed), else ``None``: this fit
     never trained the weights on its records (an untrained model's true membership advantage is 0),
-    while the estimator reads them as at a minimum of its loss (nux53 #3: a fresh model read 0.70 and a "safest" scheme).
+    while the estimator reads them as at a minimum of its loss (a fresh model read 0.70 and a "safest" scheme).
     Begins with :data:`~mis_lightning.report.NOT_TRAINED`, the verdict's reason for choosing none
     (:func:`~mis_lightning.report.not_trained_warning`)."""
     progress = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "batch_progress", None)

@@ -26,7 +26,7 @@ __all__ = ["BatchLoss", "OutputTransform", "UtilityValues", "evaluate_utility", 
 class UtilityValues(dict):
     """:func:`evaluate_utility`'s ``{name: value}`` (a plain ``dict`` to every reader) that also
     carries ``records``: the number of held-out records the values were measured on (per-sample
-    losses counted), so the verdict can set an accuracy's gaps against its sampling error (nux53 #10)."""
+    losses counted), so the verdict can set an accuracy's gaps against its sampling error."""
 
     records: int | None = None
     #: ``{metric name: accuracy_error(metric)}`` for the torchmetrics accuracies among the metrics
@@ -150,7 +150,7 @@ def _metric_side_culprit(exc: BaseException, metrics: Mapping[str, Any] | None, 
     """``"output_transform 'f'"`` or ``"utility metric 'k'"`` where ``exc`` was raised in that
     function (a frame of its code, or of a method of the metric; or torch-free call errors that
     name the function, e.g. ``f() takes 1 positional argument but 2 were given``), else None:
-    the layout advice does not fit those (nu57: a one-argument output_transform was told to give
+    the layout advice does not fit those (a one-argument output_transform was told to give
     the validation batches the training layout)."""
     fn_code = getattr(output_transform, "__code__", None)
     name = getattr(output_transform, "__name__", None)

@@ -83,11 +83,11 @@ def report_summary(report: Report) -> dict[str, dict[str, Any]]:
     """``{scheme: {leakage, mis, baseline_leakage, d_eff, d, leakage_p10, leakage_p90, indicative,
     undetermined, layers, [error]}}`` with 0-d float64 tensors (NaN for a failed scheme; ``leakage_p10`` /
     ``leakage_p90`` NaN where a scheme has no interval: the unquantized ``none``,
-    ``uncertainty_draws=0``), the same keys for every scheme (nux48: a loop over the entries met a
+    ``uncertainty_draws=0``), the same keys for every scheme (a loop over the entries met a
     KeyError at ``none``). ``indicative``: 1 where the table marks the leakage ``*`` (outside the
     analysis's assumptions); ``undetermined``: 1 where it reads ``undet.`` after the baseline (the
     headline set by the rank rule: no figure ranks a scheme); else 0: the marks the tensors would
-    otherwise drop, as the trackers' keys carry them (:mod:`mis_lightning.tracking`; cor52).
+    otherwise drop, as the trackers' keys carry them (:mod:`mis_lightning.tracking`).
 
     Raises:
         Nothing for a report built by the pipeline.
@@ -284,7 +284,7 @@ class MISIndicator(EstimationMetric):
         """The warning where the updates held another number of records than
         ``num_training_records`` states (:func:`~mis_lightning.record_count.records_read_note`),
         with the Metric's likely causes: the torchmetrics habit of updating every epoch without
-        ``reset()`` feeds each record again (nux47: a CNN fed twice read 0.31x the figure of one
+        ``reset()`` feeds each record again (a CNN fed twice read 0.31x the figure of one
         pass), a ``drop_last`` loader or a sampler leaves records out, and a DDP process computed
         alone counts its shard only."""
         stated = getattr(self, "num_training_records", None)  # a Metric pickled before nux47 lacks it

@@ -24,10 +24,10 @@ target), and returns the Pareto frontier of the plans it saw. It works in three 
    choice is made among those.
 
 Before any re-assessment, with ``max_utility_loss``, plans are **measured** (one validation pass
-each: the real mixed copy's utility): the ones predicted within the budget in the objective's order
-(pl44), then those the additive prediction puts over it but whose interaction bound
-(:func:`_interaction_bound`) leaves within it and that beat the choice so far (pl47,
-:data:`INTERACTION_SEARCH`); a plan is chosen only on its measured utility.
+each: the real mixed copy's utility): the ones predicted within the budget in the objective's order,
+then those the additive prediction puts over it but whose interaction bound
+(:func:`_interaction_bound`) leaves within it and that beat the choice so far
+(:data:`INTERACTION_SEARCH`); a plan is chosen only on its measured utility.
 
 The chosen plan and a few others of the frontier are then **re-assessed** through the pipeline
 (:func:`~mis_lightning.assess.score_schemes` with :class:`~mis_lightning.quantization.mixed.
@@ -216,7 +216,7 @@ class PlanPoint:
         utility: predicted value of the utility metric.
         utility_loss: predicted relative utility loss versus the float model.
         bits_per_weight: mean bits per weight of the whole quantized model (exact: the grids' accounting;
-            a frozen layer counts at its candidate, pl44).
+            a frozen layer counts at its candidate).
         name: the scheme's name when re-assessed; ``result``: its pipeline result then.
     """
 
@@ -232,7 +232,7 @@ class PlanPoint:
         """The pipeline's ``{"leakage", "mis", "utility", "bits_per_weight", "interval"}``, or
         ``None``; ``bits_per_weight`` is the whole quantized model's (the report's ``model b/w``,
         its assessed weights' ``bits/w`` when every parameter is assessed): the release's size,
-        which the plans' and ``max_bits`` are (pl44)."""
+        which the plans' and ``max_bits`` are."""
         r = self.result
         if r is None:
             return None
@@ -271,9 +271,9 @@ class PlanResult:
             ``"measured_over"``: the plans predicted within ``max_utility_loss`` that the search
             preferred and whose real copy measured over it before any re-assessment (``[{"choices",
             "predicted_utility", "predicted_utility_loss", "measured_utility",
-            "measured_utility_loss"}]``; pl44: passed over for the next plans by the objective), and
-            ``"searched"``: the plans the interaction search looked at (:data:`INTERACTION_SEARCH`,
-            pl47; ``[{"choices", "predicted_utility", "predicted_utility_loss", "bound",
+            "measured_utility_loss"}]``; passed over for the next plans by the objective), and
+            ``"searched"``: the plans the interaction search looked at (:data:`INTERACTION_SEARCH`;
+            ``[{"choices", "predicted_utility", "predicted_utility_loss", "bound",
             "measured_utility", "measured_utility_loss"}]``, ``bound``: the interaction bound
             relative to the float utility; ``lead``: the one that became the search's choice).
         not_ranked_against: the re-assessed plans within the budget (report rows) whose
@@ -286,7 +286,7 @@ class PlanResult:
             every plan's, moves beyond ``report.UNDETERMINED_MOVE`` with the rank rule), else
             ``None``. Where set, ``scheme`` is the plan of least leakage by figures that rule sets,
             within the budget by its measured utility and size: the search's order, not a privacy
-            choice (the table, the warnings and the report's row notes say so; hd51, cor52).
+            choice (the table, the warnings and the report's row notes say so).
     """
 
     scheme: MixedPrecisionScheme
@@ -1371,7 +1371,7 @@ def _interaction_bound(du: Tensor) -> float:
     d_h' H d_h)``, with ``d_g' H d_g ~ 2 |du_g|`` (the absolute value: the validation loss is not at
     its minimum, and a layer whose quantization lowers it still moves the others). A heuristic
     bound (int2 is far from the quadratic regime): it only selects the plans measured, never a
-    plan's reported utility (pl47; docs/planner.md step 5: 0 of 209 plans of three brute-force
+    plan's reported utility (docs/planner.md step 5: 0 of 209 plans of three brute-force
     models below it, 3 of 64 of a fourth by at most 0.03 float losses)."""
     a = du.abs().sqrt()
     return float(a.sum() ** 2 - (a ** 2).sum())
@@ -1464,7 +1464,7 @@ def _best(pts: list[tuple[float, float, float]], cfg: PlanConfig,
     with ``target_mis`` the fewest bits, then least leakage; else the least leakage, where
     leakages within :data:`LEAKAGE_TIE` (relative) of the least count as tied, and so do those
     ``unresolved(least, i)`` says are not ranked against the least one beyond their 80%
-    intervals (the re-assessed plans: pl48, a plan 0.2% leakier inside the same interval and
+    intervals (the re-assessed plans: a plan 0.2% leakier inside the same interval and
     2.4% better in rmse lost on the point leakage), then the least utility loss, then the
     fewest bits."""
     if cfg.target_mis is not None:
@@ -1478,7 +1478,7 @@ def _best(pts: list[tuple[float, float, float]], cfg: PlanConfig,
 
 def _meets(pt: tuple[float, float, float], cfg: PlanConfig, slack: float = 0.0) -> bool:
     """Whether a plan's ``(leakage, utility loss, bits)`` meets the budgets, its utility loss
-    taken ``slack`` lower (pl47: at its interaction bound)."""
+    taken ``slack`` lower (at its interaction bound)."""
     leak, ul, b = pt
     return ((cfg.max_utility_loss is None or ul - slack <= cfg.max_utility_loss)
             and (cfg.max_bits is None or b <= cfg.max_bits + 1e-9)
@@ -1488,7 +1488,7 @@ def _meets(pt: tuple[float, float, float], cfg: PlanConfig, slack: float = 0.0) 
 def _budget_misses(r: Mapping[str, float], ul: float, cfg: PlanConfig) -> list[tuple[str, str]]:
     """The budgets a re-assessed row ``r`` misses (utility loss ``ul``), each as ``(short name, what
     it reads against its option)``: ``"utility"``, ``"bits"``, ``"MIS"`` (the row note names which:
-    nux54, "(over budget)" on rows within the bits but over the utility read as the size)."""
+    "(over budget)" on rows within the bits but over the utility read as the size)."""
     out = []
     if cfg.max_utility_loss is not None and ul > cfg.max_utility_loss:
         out.append(("utility", f"utility loss {ul:.4g} > max_utility_loss {cfg.max_utility_loss}"))

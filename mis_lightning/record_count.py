@@ -2,7 +2,7 @@
 
 Every figure is computed with ``n`` = the records the pass read (``Estimate.n``, plus the records
 without a loss). A front end that knows the training set's size checks it here, one
-implementation for all of them (ux48, after nux47): :func:`~mis_lightning.assess.assess` the
+implementation for all of them: :func:`~mis_lightning.assess.assess` the
 size of ``train_dataloader``'s dataset, ``MISIndicator`` its ``num_training_records``, the Lightning
 callback the records the training draws from. A mismatch (a ``drop_last`` batch, a sampler over
 part of the data, one DDP process's shard, records fed twice, a wrong stated number) would make

@@ -238,7 +238,7 @@ class SchemeResult:
         ``int8_weight_only``) quantized beyond the layers torchao's ``quantize_(model, config)``
         takes (its default filter: ``nn.Linear``), as :meth:`_quantized_by`, in the whole release:
         the assessed weights and those outside the assessment (frozen, or left out by ``params=``:
-        :attr:`quantized_by_unassessed`, not scored but shipped; ux55b); ``{}`` for the other
+        :attr:`quantized_by_unassessed`, not scored but shipped); ``{}`` for the other
         schemes (``rtn_*``, casts, native: no torchao release to differ from) and where nothing was."""
         if self.error or not self.description.get("config"):
             return {}
@@ -249,7 +249,7 @@ class SchemeResult:
         more layers than torchao's ``quantize_`` with that config (:meth:`beyond_torchao`):
         naming every such layer (those outside the assessment said to be so: they change the
         utility and model b/w, not the leakage), the call that exports the scored release and the
-        option that scores torchao's own (``beyond_linear=False``); ``None`` otherwise (nux54 #1)."""
+        option that scores torchao's own (``beyond_linear=False``); ``None`` otherwise."""
         by = self.beyond_torchao()
         if not by:
             return None
@@ -323,17 +323,17 @@ class Report:
         metric name: {"average": ..., "se": {scheme: standard error}, "chance_se": ...}}`` for the
         torchmetrics accuracies, from their own counts (:func:`~mis_lightning._accuracy_error.accuracy_error`:
         a macro average's error is its classes' binomial errors averaged, not the binomial of its
-        value; ux54c). These only let the verdict set an accuracy's gaps against its sampling error
+        value). These only let the verdict set an accuracy's gaps against its sampling error
         and tell an accuracy at chance (:func:`utility_noise_note`); in the JSON only where set.
         verdict_note: a line :meth:`table` prints in place of the verdict (``None``: the
         verdict), kept in the JSON so that a loaded report prints what its front end printed: a
         sweep's job that assessed one scheme has no choice to make
         (:func:`mis_lightning.app.job.sweep_verdict_note`), and its ``report.json`` loaded with
-        :meth:`from_json` named that one scheme "safest" before fu32.
+        :meth:`from_json` formerly named that one scheme "safest".
         notes: lines for information, not problems (which layers a scheme quantized by another
         method than its backend: :meth:`SchemeResult.methods_line`): :meth:`table` prints them
         under ``notes:``, the callback and the Metric log them (INFO) where ``warnings`` are
-        raised as ``UserWarning`` (ux49: a note raised as a warning read as a problem).
+        raised as ``UserWarning`` (a note raised as a warning read as a problem).
     """
 
     n: int
@@ -596,7 +596,7 @@ class Report:
         one scheme has no choice to make: :func:`mis_lightning.app.job.sweep_verdict_note`);
         ``None``: :attr:`verdict_note`, the report's own (``None`` too: the verdict).
 
-        ``width``: a terminal's columns (the app's printed table: :data:`CONSOLE_WIDTH`; cv53): the
+        ``width``: a terminal's columns (the app's printed table: :data:`CONSOLE_WIDTH`): the
         table without its derived columns and with long scheme names shortened
         (:func:`format_table`'s ``width``), the fixed columns' legend one short entry pointing to
         ``warnings_in_full`` (where the table is in full: the app's ``report.md``) unless
@@ -776,7 +776,7 @@ def pick_utility_key(rows: list[dict[str, Any]], utility_key: str | None = None,
 
 
 def check_utility_key_measured(rows: Sequence[Mapping[str, Any]], utility_key: str | None, picked: str | None) -> None:
-    """Refuse a named ``utility_key`` that no row measured while others were (nux48: the table
+    """Refuse a named ``utility_key`` that no row measured while others were (the table
     dropped the column and its verdict ranked by leakage alone, recommending the scheme that costs
     the model most, silently).
 
@@ -815,7 +815,7 @@ def _needs_exponent(v: float) -> bool:
 def column_format(values: Iterable[Any], extra: int = 0) -> Callable[[Any], str]:
     """The formatter of one table column: every float of the column in one notation, 4 decimals,
     or 4 significant digits in exponent notation (``3.870e-06``) for the whole column when any of
-    its values needs it (below 1e-3, from 1e5: :func:`_fmt`); ``extra`` digits more. ux48: an MIS
+    its values needs it (below 1e-3, from 1e5: :func:`_fmt`); ``extra`` digits more. Before, an MIS
     column read ``0.0367`` over ``3.870e-06`` over ``0.0000``, three styles for one quantity; a
     per-value choice would hide a small value behind ``0.0000`` or break the column's alignment."""
     exponent = any(_needs_exponent(float(v)) for v in values if isinstance(v, float))
@@ -844,7 +844,7 @@ def count_format(values: Iterable[Any]) -> Callable[[Any], str]:
     up to ``d``): fixed decimals, as few as show the smallest nonzero value to 3 significant digits
     (at least 1, at most 4: ``1004.2``, ``18.7``, ``0.0123``), never exponent notation for a large
     count; exponent notation for the whole column only where a value is below 1e-3 (4 decimals
-    would read 0). ux49: ``15889.0000``, four decimals of a near-count."""
+    would read 0). Before: ``15889.0000``, four decimals of a near-count."""
     floats = [abs(float(v)) for v in values if isinstance(v, float) and math.isfinite(v) and v != 0]
     if any(v < 1e-3 for v in floats):
         return lambda v: _fmt(v, 0, True)
@@ -855,7 +855,7 @@ def count_format(values: Iterable[Any]) -> Callable[[Any], str]:
 def share_format(v: Any) -> str:
     """A share of weights (0 to 1) as a percentage with one decimal (``29.1%``), the float and
     zeros columns' one notation; ``<0.1%`` / ``>99.9%`` where a nonzero share (or one short of
-    all) would round to ``0.0%`` / ``100.0%``; ``-`` for a missing value. ux49: the zeros column
+    all) would round to ``0.0%`` / ``100.0%``; ``-`` for a missing value. Before, the zeros column
     read ``2.907e-01`` beside the float column's ``0.9%``."""
     if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -891,8 +891,8 @@ def safest_in_band(band: Sequence[Mapping[str, Any]], uk: str | None,
                    modes: Mapping[str, str] | None = None) -> Any:
     """The verdict's choice among the utility band's rows ``band`` (:func:`_utility_band`): the
     lowest leakage, and among rows of the same leakage the best utility ``uk`` (a scheme whose
-    leakage equals another's and whose utility is worse is dominated: rv57b, a seed sweep's
-    ``int8_weight_only`` chosen at rmse 1.0404 over ``int8_dynamic_activation_int8_weight``'s 1.0394 at
+    leakage equals another's and whose utility is worse is dominated; before, a seed sweep chose
+    ``int8_weight_only`` at rmse 1.0404 over ``int8_dynamic_activation_int8_weight``'s 1.0394 at
     the same 0.05637162343063942, by the rows' order); then the rows' order. Read by the verdict and
     the sweep's across-seeds count (:mod:`mis_lightning.app.replicates`).
 
@@ -920,7 +920,7 @@ def utility_digits(rows: list[dict[str, Any]], utility_key: str | None = None,
     (:func:`significant_extra`) and no row inside the verdict's utility band shows the same value
     as one outside it: 0 where 4 decimals do both (e.g. rmse 0.6669 against 0.6755), more where
     the values are small or the band is narrower than the last digit (loss 0.005003 inside a 1%
-    band, 0.005061 outside: both 0.0050 at 4 decimals; fu25), at most
+    band, 0.005061 outside: both 0.0050 at 4 decimals), at most
     :data:`MAX_EXTRA_UTILITY_DIGITS`."""
     ranked = _ranked_rows(rows)
     uk = pick_utility_key(ranked, utility_key, modes)
@@ -1025,7 +1025,7 @@ def unknown_mode_message(name: str) -> str:
 
 def has_interval(r: Mapping[str, Any]) -> bool:
     """Whether row ``r`` has an 80% interval: both ends given and finite (an end read NaN, as an
-    uncertified correlated form can, is no interval: compared, it read as no overlap, rv56s)."""
+    uncertified correlated form can, is no interval: compared, it read as no overlap)."""
     try:
         return math.isfinite(float(r["leakage_p10"])) and math.isfinite(float(r["leakage_p90"]))
     except (KeyError, TypeError, ValueError):  # absent, None, or a table's "-"
@@ -1079,7 +1079,7 @@ def unranked_groups(rows: Sequence[dict[str, Any]], label: str = "scheme") -> li
     sorted by leakage, in order of leakage. ``label``: the key naming a row (only for the sort's
     tie-break, so that the groups do not depend on the rows' order).
 
-    E.g. rtn_int4 0.05142 [0.0460, 0.0797] and rtn_int2 0.05140 [0.0447, 0.1071] (fu28): each
+    E.g. rtn_int4 0.05142 [0.0460, 0.0797] and rtn_int2 0.05140 [0.0447, 0.1071]: each
     inside the other's interval, one group; a table or legend listing them "safest first"
     would otherwise rank them by digits the data do not carry.
     """
@@ -1122,7 +1122,7 @@ def name_list(names: Sequence[str], limit: int = LINE_NAMES) -> str:
 def brief_list(names: Sequence[str], limit: int = LINE_NAMES) -> str:
     """The verdict's secondary lists (outside the utility band, lower bounds, indicative):
     ``names`` in full when there are at most ``limit``, else only their number (``"29 schemes"``;
-    the table names each). ux49: all_schemes.py's verdict named 2 of each list and counted the rest,
+    the table names each). Formerly all_schemes.py's verdict named 2 of each list and counted the rest,
     598 characters; the list the verdict is about (not clearly different from the safest) keeps
     :func:`name_list`."""
     names = list(names)
@@ -1238,14 +1238,14 @@ NEAR_IDENTITY_GAP = 0.02
 
 def near_identity_bias(ranked: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], float] | None:
     """The row that shows how far the figures of a report whose every row is indicative (``*``)
-    can move without a cause in the release (nux54 #2), with its relative gap: a quantized row
+    can move without a cause in the release, with its relative gap: a quantized row
     with ``d_eff / d >= NEAR_IDENTITY_DEFF`` (almost no information removed, so it should read
     the baseline: method.md section 3) reading more than :data:`NEAR_IDENTITY_GAP` below its
     ``baseline_leakage``; the largest gap if several, ``None`` if none. Whatever assumption
     failed (the caller asks only where every row is ``*``; the verdict names the rows' failures),
     since a gap between two releases that differ by almost nothing is the figures' own error
     wherever it comes from. Measured twice (docs/benchmarks.md, "ux54e", "rv54c", "ux55b"):
-    (a) off a minimum (nux54's Adam-trained MLP, 2.9-15%): an indefinite Hessian (35 negative
+    (a) off a minimum (an Adam-trained MLP, 2.9-15%): an indefinite Hessian (35 negative
     eigenvalues) with an eigenvalue near 0 puts 97% of the weights' standardised variance on one
     direction, so int8's cells, fine against each weight's marginal sd, hide the narrow directions
     that carry most of the Mahalanobis norm -- right within the Gaussian model, but that model's
@@ -1280,11 +1280,11 @@ def utility_noise_note(ranked: list[dict[str, Any]], utility_key: str | None, ut
                        modes: Mapping[str, str] | None = None, records: int | None = None,
                        classes: Mapping[str, int] | None = None, extra: int = 0,
                        errors: Mapping[str, Mapping[str, Any]] | None = None) -> str:
-    """The verdict's clause on the validation set's sampling noise (nux53 #10): ``""`` unless the
+    """The verdict's clause on the validation set's sampling noise: ``""`` unless the
     utility is a top-1 accuracy (:data:`ACCURACY_NAMES`, larger is better, values in [0, 1]) and
     ``records`` (m, the validation records) is known. Its standard error se at the best scheme's
     accuracy p: ``errors[name]["se"][scheme]`` where the metric's own counts gave it
-    (:func:`~mis_lightning._accuracy_error.accuracy_error`: for a macro average, ux54c,
+    (:func:`~mis_lightning._accuracy_error.accuracy_error`: for a macro average,
     sqrt(sum_c r_c (1 - r_c) / m_c) / K over the classes' recalls; none given for an average
     that is neither a share of the records nor the classes' mean of shares: no clause), else
     sqrt(p (1 - p) / m) (binomial: a share of the m records). Says (a) when the choice rests on a
@@ -1416,7 +1416,7 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
 def _ties_baseline(row: dict[str, Any]) -> bool:
     """Whether a quantized row's leakage is its unquantized baseline's by the verdict's tie rule
     (both print the same, :func:`_fmt`), or the float weights determine its quantized ones
-    (``float_determined``, ``=``; cr49). The unquantized row itself (no quantized weight) is not."""
+    (``float_determined``, ``=``). The unquantized row itself (no quantized weight) is not."""
     try:
         quantized = float(row.get("float_fraction", math.nan)) < 1.0
         base = row.get("baseline_leakage")
@@ -1479,7 +1479,7 @@ def position_dominated(rows: list[dict[str, Any]]) -> bool:
 def _bits_example(rows: list[dict[str, Any]]) -> str:
     """The bits/w legend's example, taken from ``rows``: the first row with weights left in float
     (its scheme, bits/w and float share, as the table prints them), ``""`` where none has any
-    (nux55: a static "e.g. 12.91" under tables without such a value)."""
+    (a static "e.g. 12.91" under tables without such a value)."""
     for r in rows:
         ff, bits = r.get("float_fraction"), r.get("bits_per_weight")
         if not r.get("error") and bits is not None and ff is not None and math.isfinite(ff) and ff > 0:
@@ -1680,7 +1680,7 @@ def float_determined(s: SchemeResult) -> bool:
     unquantized one because the weights left in float determine the quantized ones through the
     fitted correlation (``exact_determination["determined"]``, functional.correlated.ExactSpan),
     or equals the baseline within :data:`BASELINE_TIE_RTOL` (relative) for another reason: ``=``
-    in the table, one warning (assess._consistency_warnings; cr49)."""
+    in the table, one warning (assess._consistency_warnings)."""
     if s.error or s.quantized_fraction <= 0 or s.covariance not in ("full", "factor"):
         return False
     if s.exact_determination is not None and s.exact_determination.get("determined"):
@@ -1699,7 +1699,7 @@ def leverage_failure(diagnostics: Mapping[str, Any]) -> bool:
     """Whether the exact estimator's mean leverage (``diagnostics["mean_leverage"]``, the records'
     average share of the fit, ~d / n at a well-posed minimum) exceeds :data:`D_EFF_OVER_N_MAX`, the
     bound the d / n rule puts on the same regime, and the warning's threshold
-    (``assess._leverage_note``). nux54 #5: 11 of 12 seeds of one design (d / n = 0.081) read mean
+    (``assess._leverage_note``). Measured: 11 of 12 seeds of one design (d / n = 0.081) read mean
     leverage 0.078-0.090 and leakage 0.098-0.102; the twelfth 0.247 (max 6.72, a near-singular Hessian),
     its figure 0.150, 27% of it the leverage correction, unmarked. The diagonal estimator's leverage is
     one approximate mean per loss direction (its own note): not read here."""
@@ -1822,7 +1822,7 @@ def unstable(row: dict[str, Any]) -> bool:
     """Whether a row's leakage moves by more than :data:`FLOOR_SENSITIVITY_MAX` (relative) when
     the exact sandwich's eigenvalue floor is set 10x higher or lower, or when the full
     correlation's rank rule (eigenvalue cutoff) is set :data:`CUTOFF_CHECK_FACTOR` x finer
-    (``cutoff_sensitivity`` above :data:`CUTOFF_SENSITIVITY_MAX`; rc44)."""
+    (``cutoff_sensitivity`` above :data:`CUTOFF_SENSITIVITY_MAX`)."""
     return any(v is not None and math.isfinite(float(v)) and float(v) > cap
                for v, cap in ((row.get("floor_sensitivity"), FLOOR_SENSITIVITY_MAX),
                               (row.get("cutoff_sensitivity"), CUTOFF_SENSITIVITY_MAX)))
@@ -1848,7 +1848,7 @@ def headline_undetermined(row: Mapping[str, Any]) -> bool:
 def baseline_unstable(row: dict[str, Any]) -> bool:
     """Whether a row's unquantized baseline moves by more than :data:`CUTOFF_SENSITIVITY_MAX`
     (relative) when the rank rule of the gradient covariance it is read with is set
-    :data:`CUTOFF_CHECK_FACTOR` x finer (``baseline_cutoff_sensitivity``; pl46): ``~`` after the
+    :data:`CUTOFF_CHECK_FACTOR` x finer (``baseline_cutoff_sensitivity``): ``~`` after the
     baseline in the table."""
     v = row.get("baseline_cutoff_sensitivity")
     return v is not None and math.isfinite(float(v)) and float(v) > CUTOFF_SENSITIVITY_MAX
@@ -1995,7 +1995,7 @@ def above_baseline(row: dict[str, Any]) -> bool:
 def independent_column(rows: list[dict[str, Any]]) -> bool:
     """Whether the table shows ``indep.``, each scheme's independent-coordinate leakage: some
     row carries it (:meth:`Report.rows`, where the correlated headline does not rank some schemes:
-    ``diagnostics["headline_unranked"]``, assess.headline_unranked; nux51 #1)."""
+    ``diagnostics["headline_unranked"]``, assess.headline_unranked)."""
     return any(r.get("leakage_independent") is not None for r in rows if not r.get("error"))
 
 

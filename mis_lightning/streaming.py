@@ -167,7 +167,7 @@ class _HookProgram(LossProgram):
     def check_records(self, inputs: Any, targets: Any, outputs: Any, losses: Tensor, what: str,
                       records: int = 8) -> None:
         """As :meth:`LossProgram.check_records`, for the hook, whose loss and model call are one
-        function of the batch (ux53b left it unchecked; ux54b): the hook on each of the first
+        function of the batch (formerly unchecked): the hook on each of the first
         ``records`` records alone must give its entry (:func:`check_record_values`; where it does
         not, a model output that itself mixes the records is named as such first,
         :func:`check_record_outputs` on the model's output inside the hook), and each record's
@@ -565,7 +565,7 @@ def _align_first_batches(acc: MomentAccumulator, facts: list[dict[str, Any]],
     shard decides them.
 
     * the loss directions per record: the bottom-k records by content key over every process's sample
-      (:func:`~.estimation.loss_directions.world_sample`; ux53: each process's own first batch read
+      (:func:`~.estimation.loss_directions.world_sample`; formerly each process's own first batch read
       1.81 vs 1.94 directions, rank 1's ``rtn_int4`` leakage 1% off rank 0's), measured here by every
       process alike (the same records and forwards on each: a forward holding a collective meets its
       peers);
@@ -880,7 +880,7 @@ class EstimationMetric(Metric):
         ``estimation.records.prune_bottom_k``) cannot be gathered as one tensor: such a state is
         zero-padded to the largest shape for the gather and its layout (rows and shape of every
         process's chunks) returned, ``{state: (this process's chunks, layouts)}``, for
-        :meth:`sync` to cut each chunk back to its own shape (nu44a: ``torch.cat`` raised)."""
+        :meth:`sync` to cut each chunk back to its own shape (``torch.cat`` raised)."""
         dist = torch.distributed
         local: dict[str, tuple[tuple[int, ...], torch.dtype, str] | None] = {}
         layout: dict[str, list[tuple[int, tuple[int, ...]]]] = {}
@@ -983,7 +983,7 @@ class EstimationMetric(Metric):
         return {k: tensor_version(named[k]) for k in self.accumulator.param_names if k in named}
 
     def _check_weights_unchanged(self) -> None:
-        """Refuse an update whose weights differ from those the first update read (nux51: a
+        """Refuse an update whose weights differ from those the first update read (a
         Metric updated in ``training_step`` trained on and failed only at ``compute()``). Only a
         parameter whose version counter moved is compared, with ``compute()``'s own test
         (:func:`~mis_lightning.assess._check_model_matches_estimate`), against the accumulator's
@@ -1049,7 +1049,7 @@ class EstimationMetric(Metric):
     def reset(self) -> None:
         """Clear the states; the next ``update`` reads the model's weights again. The sampling
         generator (sampled Gauss-Newton labels, Hutchinson probes) is reseeded with ``seed``, so
-        the figures after ``reset()`` are those of a new Metric on the same weights (until nu42b
+        the figures after ``reset()`` are those of a new Metric on the same weights (formerly
         they moved with the epoch: 0.08975 fresh, 0.08849 after a reset, tests/test_kfac_conv.py)."""
         super().reset()
         self._fresh = True

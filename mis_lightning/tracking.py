@@ -147,7 +147,7 @@ def log_figure(logger: Any, figure: Any, name: str, step: int = 0, pixels: Any |
 
     ``pixels``: the figure as already drawn, ``[H, W, 3]`` uint8 RGB (:func:`draw_figure`):
     TensorBoard logs them as they are (``add_figure`` would draw the figure again: 0.3-0.4 s of
-    CPU for the report's figure, fx33); ``None``: the logger draws the figure.
+    CPU for the report's figure); ``None``: the logger draws the figure.
 
     Raises:
         Exception: whatever the logger's experiment object raises.
@@ -251,7 +251,7 @@ def free_version(out: Path) -> str:
     else ``"-v<k>"`` with the least ``k >= 1`` whose names are all free: a fit's files are kept apart
     from an earlier run's (or any file of the user's with such a name) in the same folder, named as
     Lightning's ``ModelCheckpoint`` names a checkpoint whose name is taken (``STARTING_VERSION = 1``,
-    ``"-v1"``; nux53: a second run overwrote the first's report; ux55a: a figure whose report was
+    ``"-v1"``; before, a second run overwrote the first's report, and a figure whose report was
     gone was overwritten)."""
     if not taken_names(out):
         return ""

@@ -179,8 +179,8 @@ def test_the_baseline_reads_the_storage_grid_of_stored_weights():
 
 def test_float32_weights_keep_the_continuous_baseline(monkeypatch):
     """Float32 weights are continuous: no storage grid, kappa = 1 for ``none`` and the baseline, the
-    storage-grid code never runs (the report is bitwise the one before st31, docs/validation.md
-    "st31"); a ``bf16`` cast of them is scored on its own table."""
+    storage-grid code never runs (the report is bitwise the one before the storage grid, docs/validation.md
+    "The storage grid of bf16 / fp16 weights"); a ``bf16`` cast of them is scored on its own table."""
     import sys
 
     from mis_lightning.quantization import base

@@ -258,7 +258,7 @@ def _fmt(v: Any) -> str:
 
 
 def _fmt_bits(v: float | None) -> str:
-    """A bits-per-weight cell (``-`` where a row has none: a report before fz44)."""
+    """A bits-per-weight cell (``-`` where a row has none: a report from before bits per weight were recorded)."""
     return "-" if v is None or math.isnan(v) else f"{v:.2f}"
 
 
@@ -360,7 +360,7 @@ def aggregate_ties(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
     """The sweep's rows whose order by leakage the figures do not resolve
     (:func:`~mis_lightning.report.ties_line`, rows named ``"<job>: <scheme>"``), among the rows of
     one training setup only (:func:`training_key`: jobs that differ in more than their schemes,
-    e.g. another seed, assessed other trained models, whose rows are no comparison; nu41b), one
+    e.g. another seed, assessed other trained models, whose rows are no comparison), one
     line per utility the rows are judged by (the figure's panels; one line when there is one),
     prefixed with the setup's overrides when the sweep has several."""
     ok = [r for r in rows if not r.get("error") and _float(r.get("leakage")) is not None]
@@ -433,7 +433,7 @@ def _group_noise(group: Sequence[dict[str, Any]], noise: Mapping[Any, Mapping[st
 
 def aggregate_verdicts(rows: Sequence[dict[str, Any]], utility_key: str | None = None,
                        noise: Mapping[Any, Mapping[str, Any]] | None = None) -> list[str]:
-    """The verdict over the jobs of a sweep that differ only in their schemes (fu32: each job of
+    """The verdict over the jobs of a sweep that differ only in their schemes (each job of
     ``-m quantizer=a,b,c`` assesses one scheme and points to the aggregate, which chose none).
 
     Jobs are compared only when every other override is the same (same data, model, training
@@ -546,7 +546,7 @@ def _coincident_offsets(xy: Sequence[tuple[float, float]], names: Sequence[str]
     of each marker in data units, the same in points (used only when all points share one
     utility), and, for each later member of a cluster of points that would hide each other,
     the name of its first member (``None`` otherwise). Points are coincident when closer than
-    :data:`COINCIDENT_SHARE` of the axis span in both coordinates (fu28: int8_weight_only at
+    :data:`COINCIDENT_SHARE` of the axis span in both coordinates (int8_weight_only at
     rmse 0.6627, leakage 0.0975 was hidden under bf16 at 0.6627, 0.0976).
 
     The first of a cluster stays; the others step :data:`COINCIDENT_STEP_SHARE` of the span
@@ -554,7 +554,7 @@ def _coincident_offsets(xy: Sequence[tuple[float, float]], names: Sequence[str]
     equal), in the order of their own values, so the drawn order of a cluster is its order
     of utility. The steps on one side are scaled down together until none moves more than
     :data:`COINCIDENT_GAP_SHARE` of the gap to the nearest point of another cluster on its
-    side: the drawn order along the utility axis is the order of the values (nux48: bf16 at
+    side: the drawn order along the utility axis is the order of the values (bf16 at
     rmse 0.6595 was drawn 14 points right, past float8 at 0.6626)."""
     xs, ys = [p[0] for p in xy], [p[1] for p in xy]
     span_x = (max(xs) - min(xs)) if xs else 0.0

@@ -6,7 +6,7 @@ and measures each quantized copy's utility on the validation loader, both as
 ``model.per_sample_loss(model(inputs), targets)`` with ``(inputs, targets) = batch_fn(batch)``
 (``batch_fn: null``: batches are ``(inputs, targets)`` pairs). A datamodule of another layout
 (a dict batch, ``(x, y, w)``), a forward that does not take the inputs, or a loss that is not
-per-sample would otherwise fail after the whole training (nu42c): :func:`check_first_batches`
+per-sample would otherwise fail after the whole training: :func:`check_first_batches`
 runs them on the first records of each loader, through a private copy of the model.
 """
 
@@ -59,8 +59,8 @@ def batch_fn_of(cfg: DictConfig) -> Callable[[Any], tuple[Any, Any]] | None:
 def assessment_loader(dm: Any) -> Any:
     """A non-shuffled loader over ``dm.train_dataset`` (every training record once, in order),
     batched as the datamodule's own training loader batches: its ``batch_size`` and its
-    ``collate_fn`` (a datamodule that pads or builds dict batches in its collate_fn was assessed
-    on ``default_collate``'s batches before nu42c)."""
+    ``collate_fn`` (a datamodule that pads or builds dict batches in its collate_fn was formerly assessed
+    on ``default_collate``'s batches)."""
     from torch.utils.data import DataLoader
 
     collate = None

@@ -1,4 +1,4 @@
-"""Whether ``mode=assess``'s ``ckpt_path`` fits the model and data the config builds (nux53 #13).
+"""Whether ``mode=assess``'s ``ckpt_path`` fits the model and data the config builds.
 
 ``mis-lightning mode=assess ckpt_path=<a sweep's model.ckpt of the user's own model>`` without
 repeating ``data=`` / ``model=`` poured the checkpoint's hyperparameters (``hidden=8``, an int of
@@ -133,7 +133,7 @@ def _trained_by_lightning(ckpt: Mapping[str, Any]) -> bool:
 
 def checkpoint_untrained(path: str | Path, ckpt: Mapping[str, Any], initial: bool) -> tuple[bool, str] | None:
     """What ``mode=assess`` knows of whether the checkpoint at ``path`` was trained, where its
-    ``global_step`` is 0 (nux53 #3; ux54c: a model trained outside Lightning and saved with
+    ``global_step`` is 0 (a model trained outside Lightning and saved with
     ``trainer.save_checkpoint`` has ``global_step`` 0 too). ``initial``: its weights equal the
     model the config builds (:func:`same_weights`, before loading).
 

@@ -197,7 +197,7 @@ def _hydra_config() -> Any | None:
     """The running Hydra job's config, ``None`` outside one. A config Hydra left set in the process
     without a job (``runtime.output_dir`` still ``???``: an app run here that stopped before its job,
     Hydra's ``--cfg``/``--info`` paths) is no job's: ``run_job(cfg)`` called after it read
-    ``MissingMandatoryValue: hydra.runtime.output_dir`` (lead53, under xdist)."""
+    ``MissingMandatoryValue: hydra.runtime.output_dir`` (under xdist)."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
@@ -469,7 +469,7 @@ def job_params(cfg: DictConfig, scheme_names: list[str], info: dict[str, Any]) -
     hyperparameters (which Lightning logs itself): the seed, the assessed schemes, the job's
     command-line overrides and its number in a multirun, under ``job/`` keys (no clash with the
     modules' own names; MLflow refuses a parameter logged twice with another value). Without them
-    a sweep's runs could be told apart only by their names (nu42c)."""
+    a sweep's runs could be told apart only by their names."""
     out: dict[str, Any] = {"job/seed": cfg.get("seed"), "job/schemes": ",".join(scheme_names),
                            "job/overrides": " ".join(info.get("overrides") or []) or "-"}
     if info.get("num") is not None:
@@ -697,7 +697,7 @@ def lightning_notices_quieted() -> Iterator[None]:
 def sweep_verdict_note(report: Report, info: Mapping[str, Any]) -> str | None:
     """In a multirun, the line a job that assessed one scheme prints in place of the verdict (a
     verdict chooses among schemes; each job of ``-m quantizer=a,b,...`` has one, and printed
-    "verdict: safest ...: a": fu30), pointing to the sweep's aggregate; ``None`` otherwise (a
+    "verdict: safest ...: a"), pointing to the sweep's aggregate; ``None`` otherwise (a
     single run, or a job with several schemes, keeps its verdict). ``info``: :func:`job_info`."""
     if not info.get("multirun") or len(report.schemes) != 1:
         return None
@@ -718,7 +718,7 @@ def sweep_table(report: Report, table: str, info: Mapping[str, Any], *, with_ver
     """The table a job prints: ``table`` (``report.table(with_verdict=...)``) in a single run and
     in a sweep's first job; in its other jobs the legend's entries for the columns every table has
     are one line pointing to job 0's (a sweep printed them once per job: six legends before the
-    aggregate, ux29). ``info``: :func:`job_info`. ``warnings_in_full``: where the one-line
+    aggregate). ``info``: :func:`job_info`. ``warnings_in_full``: where the one-line
     warnings are in full (``Report.table``'s; ``None``: its default)."""
     if not info.get("multirun") or info.get("num") in (None, 0):
         return table

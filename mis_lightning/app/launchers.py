@@ -2,7 +2,7 @@
 cannot resolve: a dotted path into ``__main__`` (the ``_target_`` of a class defined in the script
 that starts the sweep, ``batch_fn=__main__.xy``) names the worker's own ``__main__`` there (a
 joblib/loky worker, a Ray task, a SLURM or RQ job), not the script, and every job failed with
-Hydra's "Error locating target '__main__.X'" (nu42c). :func:`check_main_module_paths` refuses such
+Hydra's "Error locating target '__main__.X'". :func:`check_main_module_paths` refuses such
 a sweep before anything is launched or trained (:class:`~mis_lightning.app.aggregate.AggregateSweep`
 in the launching process, and each job's own checks in :func:`~mis_lightning.app.job.run_job`).
 """

@@ -90,10 +90,10 @@ def job_subdir(num: Any, scheme: Any = None, overrides: Any = None, swept: set[s
     """``0_int4_weight_only``, ``1_int8_weight_only_seed-1``, ``3_seed-1`` or ``5`` (safe as one
     path component; long labels cut at a whole override, see the module docstring). The job's
     swept overrides (``swept``: the keys swept; ``None``: read from the command line,
-    :func:`swept_keys`) as ``<key>-<value>``, ``_``-joined, after its scheme (nux53 #13's
+    :func:`swept_keys`) as ``<key>-<value>``, ``_``-joined, after its scheme (a user's
     ``quantizer=int8_weight_only seed=0,1`` named two jobs ``0_int8_weight_only`` and
     ``1_int8_weight_only``); without a scheme the swept ones, or where none is known every
-    override of the job (ux54c: ``3_seed=1,data.d=16`` before, whose ``=`` and ``,`` broke the
+    override of the job (``3_seed=1,data.d=16`` before, whose ``=`` and ``,`` broke the
     printed ``ckpt_path=<folder>/model.ckpt`` hint unquoted)."""
     has_scheme = scheme not in (None, "", "None", "null")
     pairs = [(k.lstrip("+~"), v) for k, _, v in (o.partition("=") for o in _split_overrides(str(overrides or "")))
@@ -113,7 +113,7 @@ def run_name(name: Any, scheme: Any = None, overrides: Any = None) -> str:
     """A tracker run's name (``conf/logger/mlflow.yaml``, ``wandb.yaml``): in a multirun,
     ``<job name>-<job folder>`` (``cli-0_int8_weight_only``, ``cli-3_seed-1``: each job's own, as
     :func:`job_subdir` names its folder); in a single run ``<job name>-<scheme>`` or the job name.
-    Until nu42c it was ``<job name>-<scheme>``: a sweep over seeds gave its runs of one scheme one
+    Formerly it was ``<job name>-<scheme>``: a sweep over seeds gave its runs of one scheme one
     name, and a single run without ``quantizer=`` was named ``cli-None``."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -135,7 +135,7 @@ def mlflow_store() -> str:
     ``MLFLOW_TRACKING_URI`` is unset): ``sqlite:///<dir>/mlflow.db`` with ``<dir>`` the run's output
     folder (``outputs/<date>/<time>``), or in a multirun the sweep's (``multirun/<date>/<time>``:
     one store for its jobs, compared in one ``mlflow ui``), absolute. Outside Hydra: ``mlflow.db``
-    in the working directory. nux48/ux49: the default was ``sqlite:///mlflow.db`` in the working
+    in the working directory. Formerly the default was ``sqlite:///mlflow.db`` in the working
     directory, and MLflow put the artifacts in ``./mlruns`` there too, outside every run's folder."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode

@@ -84,7 +84,7 @@ def probe_data_buffers(model: nn.Module, inputs: Any, batch_size: int,
         ``(found, unchecked)``: the names found, in module order, and ``None``; or, where there
         are candidates but the batch cannot be split or the model cannot be copied or run on a
         half batch in train mode (nothing can be told then; the assessment goes on), ``[]`` and
-        ``{"buffers": candidates, "why": reason}`` for the report to say so (vb45). ``([], None)``
+        ``{"buffers": candidates, "why": reason}`` for the report to say so. ``([], None)``
         where there is no candidate.
     """
     names = persistent_float_buffers(model)
@@ -176,7 +176,7 @@ class InputStatistics:
     feature) or its channel count (per channel, dimension 1 of ``[B, C, ...]``), to tell a
     standardiser or scaler fitted on the training inputs before training: such a buffer is not
     set by the forward (:func:`probe_data_buffers` does not see it) but holds the inputs' mean,
-    sd, min or max (vb46). Counts, means, centred sums of squares (merged per batch: Chan et
+    sd, min or max. Counts, means, centred sums of squares (merged per batch: Chan et
     al.'s pairwise update), minima and maxima in float64.
 
     Args:
@@ -248,7 +248,7 @@ class InputStatistics:
 
     def on_cpu(self) -> InputStatistics:
         """A copy with its statistics on the CPU (:meth:`matches` reads them there): what a DDP
-        process sends the others and merges (rv54: each process's statistics on its own GPU, the
+        process sends the others and merges (each process's statistics on its own GPU, the
         merge of ``cuda:0`` with ``cuda:1`` tensors raised at the sync)."""
         out = copy.copy(self)
         out.sums = {key: _cpu(acc) for key, acc in self.sums.items()}

@@ -372,7 +372,7 @@ class Estimate:
             scored through its own covariance ``R - self_weight_i x_i x_i'`` (``x_i`` the row of
             ``self_term``, in the units of ``influence``; ``R`` = ``correlation`` times
             ``diag Sigma``'s scale, i.e. the same standardisation), the HC2 term's
-            leave-one-out estimate (method.md section 4, *Gradient covariance*; lo29).
+            leave-one-out estimate (method.md section 4, *Gradient covariance*).
             ``mahalanobis`` already includes it; the correlated forms apply it by
             Sherman-Morrison (``functional.correlated.Correlation``).
         influence_scale: the factor the diagonal estimator's finite-sample (leverage) correction
@@ -449,7 +449,7 @@ class Estimate:
         """This estimate with every tensor it holds on the CPU (``self`` when all are): the
         scoring runs on the CPU, whatever device the estimation pass ran on (its buffers and
         float64 sums are CPU tensors; a CUDA model's stored factors and influences mixed with them
-        failed, session 42). The model and batches (``_program``, ``_records``) stay where they
+        failed on GPU). The model and batches (``_program``, ``_records``) stay where they
         are: what they recompute is moved by :meth:`iter_influence` / :meth:`_layer_blocks`."""
         keep = ("_program", "_records")
         # the scoring's caches key on the copy's own tensors: the copy starts its own (rv51: shared
@@ -804,8 +804,8 @@ def choose_estimator(
     The exact sandwich costs about ``n d^2`` for a dense model, and ``n d F`` where a forward
     pass costs ``F >> d`` (layers in :data:`WEIGHT_REUSE_LAYERS`; recurrent ones included, whose
     records the loss program takes one at a time: 2.6e-7 CPU s per unit against ~5e-8 vmapped, 10.5 s at
-    nu42a's ``n d F = 4.1e7``, docs/benchmarks.md "rn43"; ``n d F`` is weighted by
-    :func:`recurrent_cost_factor`, 5 for an LSTM, fu43); it is chosen only for
+    a recurrent model's ``n d F = 4.1e7``, docs/benchmarks.md "rn43"; ``n d F`` is weighted by
+    :func:`recurrent_cost_factor`, 5 for an LSTM); it is chosen only for
     dense models with ``d <= EXACT_MAX_PARAMS`` and ``n d^2 <= EXACT_MAX_COST``. The diagonal
     mode's Hessian is then exact for the same small dense models, else Gauss-Newton (or
     Hutchinson without model outputs). ``mode="exact", hessian="ggn"`` (asked for, never
@@ -1181,7 +1181,7 @@ class MomentAccumulator:
         """A shallow copy (``copy.copy``): every attribute shared, the loss directions' sample too,
         whose measure reaches this accumulator through a weak reference (:data:`LOSS_RANKS_WEAK`); the
         copy holds this accumulator, as the sample's bound method did, so that the shared sample is
-        measured after the original's last other reference went (rv57c: a RuntimeError there)."""
+        measured after the original's last other reference went (a RuntimeError there)."""
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new._shallow_of = self  # (no cycle: this accumulator does not hold the copy)
@@ -1254,13 +1254,13 @@ class MomentAccumulator:
         """The per-layer side program (K-FAC factors only) of
 
         * an all-Linear model with several outputs per record (an MLP classifier, softmax
-          regression) under the exact or Hutchinson Hessian diagonal: kf33's partial-trace factors;
+          regression) under the exact or Hutchinson Hessian diagonal: the per-layer program's partial-trace factors;
         * a model with convolutions whose estimation runs no per-layer program: the Hessian
           diagonal is exact or Hutchinson's, or another assessed layer is one the per-layer program
           refuses (``nn.GroupNorm``, an affine ``nn.InstanceNorm*d``;
           :func:`~mis_lightning.estimation.linear_factors.per_layer_parameters`). The program is
           built over the parameters it can take: the convolutions and Linear layers get their KFC
-          factors (kc32) as on a model without the refused layers, which stay uncorrected and are
+          factors as on a model without the refused layers, which stay uncorrected and are
           named in ``kfac_uncorrected_layers`` (:meth:`_kfac_factors`). Without this the
           convolutions' sigma read 0.01-0.5x the exact sandwich's (docs/benchmarks.md, "cv40").
 
@@ -1293,7 +1293,7 @@ class MomentAccumulator:
 
     def _kron_program(self) -> FactoredProgram | LayerProgram | None:
         """The program whose layers get the K-FAC correction: the estimation's own factored one,
-        else the side one (factored, or per-layer for a classifier: kfd34), else the per-layer
+        else the side one (factored, or per-layer for a classifier), else the per-layer
         program of a model with convolutions or an all-Linear classifier (partial traces:
         :meth:`LayerProgram.kron_blocks`), else ``None``."""
         if isinstance(self.factored, FactoredProgram):
@@ -1953,7 +1953,7 @@ class MomentAccumulator:
         of training records known (``n_hint``), a threshold sample by record content
         (:mod:`~mis_lightning.estimation.kron_sample`: the same records whatever the order,
         batching and process split), at most ``KFAC_SAMPLE_CEILING`` caps per process; else, as
-        before kf43, the first cap records read (order-dependent, reported)."""
+        formerly, the first cap records read (order-dependent, reported)."""
         caps = self._kron_caps(st, prog)
         alt_caps = ({m: c for m, c in self._kron_caps(st, prog, positions=True).items() if c < caps[m]}
                     if isinstance(prog, LayerProgram) and not prog.kron_conv else {})
@@ -2021,7 +2021,7 @@ class MomentAccumulator:
         program cannot take (found on the first batch: several outputs per record) moves the
         side to the per-layer program where every assessed layer is an nn.Linear
         (:meth:`_layer_kron_side`; the state's ``[p, p]`` factors take its ``[1, p, p]`` sums, as
-        kf33's); otherwise it is dropped, and the sigma keeps no correction."""
+        the classifiers' side program's); otherwise it is dropped, and the sigma keeps no correction."""
         side = self._kron_side
         if side is None:
             return
@@ -2492,7 +2492,7 @@ class MomentAccumulator:
 
     def _low_read_flag(self, st: dict[str, Any], n: int, v_centring: Tensor, trace: float, diagonal: float,
                        diagnostics: dict[str, Any]) -> None:
-        """dg55: ``diagnostics["diagonal_low_read"]`` where the mean leverage per loss direction,
+        """``diagnostics["diagonal_low_read"]`` where the mean leverage per loss direction,
         counted with each decayed layer of the per-layer program under its Kronecker model
         (:meth:`_kron_leverage_trace`: at most the diagonal count; the diagonal count ``diagonal``
         where no layer is), over ``n rank(L)``, exceeds :data:`DIAGONAL_LOW_READ_LEVERAGE`:
@@ -2531,7 +2531,7 @@ class MomentAccumulator:
         counted under its Kronecker model (:func:`~.linear_factors.kfac_leverage_trace`, capped at the
         diagonal terms it replaces: the diagonal count is an upper bound of the layer block's trace by
         Schur-Horn, :func:`leverage_trace`); ``trace`` unchanged elsewhere (method.md section 4,
-        "Finite-sample (leverage) correction"; dg52). Diagnostics, where a layer was counted so:
+        "Finite-sample (leverage) correction"). Diagnostics, where a layer was counted so:
         ``leverage_trace_diagonal`` (the diagonal count) and ``leverage_kronecker_layers``.
         ``v_centring``: ``[d]``, ``+inf`` at the weights left out of the trace (rounding gradients)."""
         prog = self._kron_program()
@@ -2600,7 +2600,7 @@ class MomentAccumulator:
     def _kfac_lost(self, diagnostics: dict[str, Any], prog: Any) -> None:
         """Where the model's assessed convolutions, and the nn.Linear layers of a model whose
         assessed layers are all nn.Linear or convolutions (its factored or per-layer program, or
-        kf33's side program, corrects them otherwise), get no K-FAC correction because a per-layer
+        the classifiers' side program, corrects them otherwise), get no K-FAC correction because a per-layer
         program refused the model at its first batch (a transposed convolution, a norm or an
         embedding called twice per forward, a Linear or convolution called twice on an input
         without the batch's records first, a transposed convolution on unbatched input, a weight
@@ -2609,7 +2609,7 @@ class MomentAccumulator:
         ``kfac_uncorrected_layers`` (those layers) and ``kfac_uncorrected_weights``;
         :func:`estimator_warnings` puts it in the report, :func:`~mis_lightning.report.regime_failures`
         marks the rows. Nothing where the correction is switched off (``KFAC_CORRECTION``) or was
-        never due. (nu49: a Linear called twice lost it unsaid; since tw51 the per-layer program
+        never due. (A Linear called twice lost it unsaid; now the per-layer program
         takes a Linear's or a convolution's calls as positions of one call,
         ``linear_factors.REPEATED_LINEAR_CALLS`` / ``REPEATED_CONV_CALLS``, and corrects it.)"""
         if self._kfac_refused is None or prog is not None or not KFAC_CORRECTION or self.mode != "diagonal":
@@ -2647,7 +2647,7 @@ class MomentAccumulator:
         bias before a GroupNorm / InstanceNorm, whose output gradients sum to zero over the
         positions) is a zero row and column of ``A``, its exact value: its rounding there, divided
         by its own tiny diagonal in ``A``'s correlations, read as O(1) correlations with the weights
-        and moved their VIF (cv40: the weights' sigma 0.43x against 4.1x the exact one for the same
+        and moved their VIF (the weights' sigma 0.43x against 4.1x the exact one for the same
         Conv1d without the bias, benchmarks/kfac_conv.py ``instancenorm``)."""
         f64 = torch.float64
         kron, blocks = prog.kron_layers(), prog.kron_blocks()
@@ -2956,7 +2956,7 @@ class MomentAccumulator:
 
 def _add_void(st: dict[str, Any], count: int) -> None:
     """``st["n_void"] += count`` in place (a Metric's registered state tensor), or set where a
-    state saved before sm45 lacks it."""
+    state saved by an earlier version lacks it."""
     if isinstance(st.get("n_void"), Tensor):
         st["n_void"] += count
     else:
@@ -2979,7 +2979,7 @@ class _LazyKeys:
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """``torch.zeros(shape, dtype=dtype)``; from :data:`LAZY_ZEROS_MIN_BYTES` on, on an anonymous
     memory map, whose pages the kernel zeroes at their first touch: ``torch.zeros`` writes every
-    page at once, and most of the large sums' pages are written late or never (es33: a ReLU
+    page at once, and most of the large sums' pages are written late or never (a ReLU
     layer's dead rows of ``g_sum``, ``h2_sum`` outside Hutchinson and ``ggn_mc``, all but the live
     block of a 4,096-wide ``G``: ~270 of the 1e7 MLP's ~380 MB of state). Not numpy's ``calloc``:
     numpy advises huge pages for large buffers, each first touch then zeroes 2 MB (the 1e7 pass
@@ -3000,9 +3000,9 @@ def _quantile(v: Tensor, q: float) -> float:
     """``torch.quantile(v, q)`` (linear interpolation between the order statistics at
     ``floor`` / ``ceil`` of ``q (n - 1)``; NaN if ``v`` holds one) of a non-empty 1-D ``v`` by one
     ``kthvalue`` selection and the least value above it instead of a sort: the same two order
-    statistics and the same ``lerp``, so the same float (es32: the sort was ~0.6 s of the 1e7
+    statistics and the same ``lerp``, so the same float (the sort was ~0.6 s of the 1e7
     MLP's estimation), and no size limit (torch's quantile takes at most 2^24 elements; the
-    median stood in above it before es32)."""
+    median formerly stood in above it)."""
     if bool(torch.isnan(v).any()):
         return float("nan")
     n = v.numel()
@@ -3063,7 +3063,7 @@ SCALE_SYMMETRY_FIGURES = (
     "is what is off: scored with the exact estimator's sigma, the diagonal estimate read 0.95-1.09x; on "
     "Conv1d -> affine InstanceNorm1d -> tanh -> Linear (n = 300) the default form read 0.80-1.07x and "
     "covariance=\"independent\" 1.5-2.5x, the convolution's K-FAC psi influences carrying ~21x the gradients' "
-    "mean square there (ct41); on "
+    "mean square there; on "
     "Linear -> LayerNorm -> ReLU -> Linear MLPs (n = 400-1,000) 0.62-0.97x (rtn_int8) and 0.39-0.83x (rtn_int4)")
 
 
@@ -3072,9 +3072,8 @@ SCALE_SYMMETRY_FIGURES = (
 # (the tanh MLPs' figures are of the path before tw51, which refused a Linear called twice: the same
 # uncorrected sandwich; their weights 54 and 769, nu48's table and scratch model; tw51 takes those
 # layers and convolutions called twice, docs/benchmarks.md "tw51")
-KFAC_LOST_FIGURES = ("0.01-0.5x the exact one on convolutions (cv40); on tanh MLPs calling one Linear twice (54 and "
-                     "769 weights) with the correction off, their rtn_int4 figures read 0.75x the exact estimator's "
-                     "(nu48, nu49)")
+KFAC_LOST_FIGURES = ("0.01-0.5x the exact one on convolutions; on tanh MLPs calling one Linear twice (54 and "
+                     "769 weights) with the correction off, their rtn_int4 figures read 0.75x the exact estimator's")
 
 
 def scale_symmetry_warning(diagnostics: Mapping[str, Any]) -> str | None:
@@ -3191,12 +3190,12 @@ def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
 
 
 def diagonal_low_read_remedy(diagnostics: Mapping[str, Any]) -> str | None:
-    """dg56: what to do where the diagonal estimator flagged its figures as possibly below the exact
+    """What to do where the diagonal estimator flagged its figures as possibly below the exact
     estimator's (``diagnostics["diagonal_low_read"]`` with its ``d`` and ``n``: :data:`DIAGONAL_LOW_READ_REMEDY`),
     as a report line; ``None`` where not flagged or the sizes are not there (a report saved before).
 
     Both lines first say what real attacks read on the flagged classifiers where this was measured
-    (:data:`DIAGONAL_LOW_READ_ATTACK_FIGURES`, dg57: below this estimator's figures, so a higher exact figure is
+    (:data:`DIAGONAL_LOW_READ_ATTACK_FIGURES`, below this estimator's figures, so a higher exact figure is
     the more conservative one, not shown to be nearer the truth). The exact sandwich (method.md section 4)
     holds ``d x d`` float64 matrices (``8 d^2`` bytes each); its sums cost ``n d^2`` (:func:`choose_estimator`'s
     own measure), its Hessian's ``d`` forward-over-reverse passes and its ``d x d`` decompositions (``d^3``
@@ -3324,7 +3323,7 @@ def flat_directions(gg_mean: Tensor, H: Tensor, G: Tensor | None = None, decay: 
     columns, the scale of a weight under ``weight_norm``, softmax's shift, a rescaling between
     ReLU layers, and, under weight decay too, a rotation of a hidden space that leaves
     ``|theta|^2`` unchanged (two Linear layers with nothing between them, an attention head's
-    ``W_q, W_k -> R W_q, R W_k``; nu48: weight decay ruled it out before, and sigma read rounding
+    ``W_q, W_k -> R W_q, R W_k``; weight decay ruled it out before, and sigma read rounding
     over rounding along it). The loss is constant along them: they carry no information and no
     membership signal. An L2 penalty that the symmetry moves (a rescaling, a shift) breaks it
     (curvature ``wd``): such directions are kept, as are near-flat ones (near-collinear features,
@@ -3349,10 +3348,10 @@ def flat_directions(gg_mean: Tensor, H: Tensor, G: Tensor | None = None, decay: 
             record's loss and the penalty are unchanged along their group, so the penalty test
             below is not needed; each is still checked (every record's gradient rounding along it,
             as above) and kept where the objective's curvature along it is below the same cut and,
-            under a penalty, below 1% of the penalty's own (the data loss cancels it: nu49; a head
+            under a penalty, below 1% of the penalty's own (the data loss cancels it; a head
             whose weights the penalty holds near 0 has an orbit of rounding size, not flat). The
             rule above misses them where the penalty's curvature is close to the cut (a float32
-            fit: nu48's ``nn.MultiheadAttention``, 0 found, sigma up to 2.6x the reference).
+            fit of an ``nn.MultiheadAttention``: 0 found, sigma up to 2.6x the reference).
 
     All are read in units where each weight's gradient has unit second moment (``D = diag(
     E[g_j^2])^-1/2``; a weight whose gradients are rounding of the largest's gets the largest's
@@ -3531,7 +3530,7 @@ def _project_out(H: Tensor, flat: Tensor) -> Tensor:
     identifiable part. Off an exact stationary point H couples a flat direction to the others by
     a gradient-level term (``H v = -grad L`` for a loss invariant to the scale of ``v``), which
     read as negative eigenvalues ("negative curvature (1 of 13)" on a converged weight_norm MLP,
-    "(3 of 19)" on a ReLU one without weight decay; sy27); at the minimum it is 0 and ``P H P = H``."""
+    "(3 of 19)" on a ReLU one without weight decay); at the minimum it is 0 and ``P H P = H``."""
     HF = H @ flat
     FHF = flat.T @ HF
     return H - HF @ flat.T - flat @ HF.T + flat @ FHF @ flat.T
@@ -3543,7 +3542,7 @@ def _newton_offset(step: Tensor, sigma: Tensor, ratio: float, held: Tensor | Non
     sd, ``(H^+ g)_j / sigma_j``, its root mean square over the weights with ``sigma_j > 0``
     (``minimum_offset_covariance = "full"``). The diagonal estimator's figure is the same with H
     and V diagonal (:func:`_not_at_minimum`). A Mahalanobis form ``n g' V^+ g`` read float32
-    L-BFGS fits 1-8 sd off where training on moved them 0.06-0.4 (vf21b: their rounding-level
+    L-BFGS fits 1-8 sd off where training on moved them 0.06-0.4 (their rounding-level
     gradient divided by V eigenvalues 1e-12..1e-8 of the largest).
 
     ``held`` ``[d]``: the step's part along the directions the weight decay alone holds
@@ -3552,7 +3551,7 @@ def _newton_offset(step: Tensor, sigma: Tensor, ratio: float, held: Tensor | Non
     ``sum_j (held_j / sigma_j)^2`` per parameter of ``owners``, ``{name: (start, end)}``, largest
     first, shares of at least 1%) and ``offset_decay_held``: the step exceeds
     :data:`MINIMUM_OFFSET_SD` but not without that part, and the gradient norm ratio is under its
-    limit (nux53 #14: a converged LayerNorm model read 18.5 sd, 0.0752 without them)."""
+    limit (a converged LayerNorm model read 18.5 sd, 0.0752 without them)."""
     ok = sigma > 0
     z = step[ok].to(torch.float64) / sigma[ok].to(torch.float64)
     offset = float(z.square().mean().sqrt()) if z.numel() else 0.0
@@ -3585,7 +3584,7 @@ def _decay_held(evals: Tensor, evecs: Tensor, decay: Tensor | None) -> Tensor | 
     u_k' diag(decay) u_k`` (``decay [d]``, the L2 coefficient per weight in the same units);
     ``None`` where there is none or no decay. Along them a fit converges at the decay's slow rate and
     the Newton-step test (:func:`_newton_offset`) divides the residual gradient by a sampling sd
-    the records barely set: the step's size there says little about the fit elsewhere (ux54b)."""
+    the records barely set: the step's size there says little about the fit elsewhere."""
     if decay is None or not bool((decay > 0).any()):
         return None
     pen = (evecs.square() * decay.to(evecs)[:, None]).sum(0)
@@ -3648,7 +3647,7 @@ def _decay_hint(g_theta: float, g_sq: float, theta_sq: float, rms_g: float, deca
     ``loss + wd/2 |theta|^2`` the data loss's mean gradient is ``-wd * theta``; so the assessed
     objective's mean gradient ``g`` (penalised by the decay given) reads ``-c * theta`` with
     ``c = -<g, theta> / <theta, theta>`` the decay missing (``c > 0``: too little decay passed, ``g``
-    along ``-theta``) or in excess (``c < 0``: too much, ``g`` along ``+theta``; nux54 #3: 10x and 100x
+    along ``-theta``) or in excess (``c < 0``: too much, ``g`` along ``+theta``; before, 10x and 100x
     the decay trained read only the generic not-at-a-minimum warning). Inputs are the sums
     ``<g, theta>``, ``|g|^2``, ``|theta|^2`` over the assessed weights (float), ``rms_g`` the
     per-sample gradients' root mean square (``gradient_norm_ratio``'s scale) and ``decay`` the
@@ -4032,7 +4031,7 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
     ``c = J' e``: ``c / (1 - h_i)``). HC2: ``V + sum_i a_i c_i c_i' / n`` over the n records,
     ``a_i = h'_i / (1 - h'_i)``, ``h'_i = h_i / rank(L_i)`` (the mean leverage per output
     direction; ``h_i`` for one output). With every record kept (``R >= n``) that sum itself.
-    With ``R < n`` kept (lo29, method.md section 4, *Gradient covariance*) each kept record ``i``
+    With ``R < n`` kept (method.md section 4, *Gradient covariance*) each kept record ``i``
     is scored through its own leave-one-out estimate, unbiased for that sum given ``i``:
     its own term at ``a_i / n`` and the ``n - 1`` others by the regression (control-variate)
     estimate ``a_bar V_{-i} + mean_{kept j != i} (a_j - a_bar) c_j c_j'``. That is one shared
@@ -4141,7 +4140,7 @@ def _directional_leverage(C: Tensor, V: Tensor, J: Tensor, L: Tensor, n: int, h:
     variance is not 1) scales ``B_i`` by ``1 / s`` while the narrowing is unchanged. The
     returned narrowing is therefore the leverage ``h_i`` (``h``, scale-free) times the share of
     ``B_i`` along the shift, ``u' B_i u / tr B_i`` (at most 1): equal to ``u' B_i u`` under the
-    information equality (``tr B_i = h_i``), and the same figure whatever the loss's scale (fu22:
+    information equality (``tr B_i = h_i``), and the same figure whatever the loss's scale (before,
     the exact estimator's leakage moved 0.193 -> 0.182 -> 0.177 for a 3-output loss scaled by
     1, 3, 10). ``V^+`` is taken through the correlation matrix with the pseudo-inverse cutoff of
     the influences' Mahalanobis norm (functional/correlated.py); ``nan`` where ``c' V^+ c = 0``
@@ -4286,9 +4285,9 @@ def _curvature_ratio_reference(r: Tensor) -> float:
     A low quantile, not the maximum or the median: a class the model gives probability
     ``p ~ 0`` has ``H ~ p x^2`` and ``V ~ p^2 x^2`` on its head row, so ``H/V ~ 1/p`` (1e22 at
     p = 1e-22). A floor scaled by the maximum rose above every other weight's curvature and
-    shrank every sigma (1e-13 of itself; at p = 2e-10, 5x and int8 leakage 5% low; fu23 F1);
+    shrank every sigma (1e-13 of itself; at p = 2e-10, 5x and int8 leakage 5% low);
     one scaled by the median did the same when such rows held most weights (a 100-class softmax
-    with 10 classes present: sigma 1.5e-8 of itself, int8 leakage 0.0400 for 0.0721; vf23)."""
+    with 10 classes present: sigma 1.5e-8 of itself, int8 leakage 0.0400 for 0.0721)."""
     # one filtered copy (NaN compares False): at 1e8 weights each copy is 400 MB
     pos = r[r > 0]
     r = pos if pos.numel() else r[r < 0].abs()
@@ -4320,7 +4319,7 @@ def check_curvature(h_max: float, varies: bool) -> None:
     estimator floored ``H_jj`` at 1e-300 and read every scheme at the unquantized leakage (int2 =
     int8 = float, no warning; a 6-16-1 tanh MLP under the Gauss-Newton diagonal, the "auto" choice
     above 2,000 weights: 0.1335 for all three); the exact one failed in ``linalg.eigh`` or said no
-    weight moves the loss (fu24).
+    weight moves the loss.
 
     Args:
         h_max: the largest eigenvalue of the objective's Hessian (weight decay included), or
@@ -4555,9 +4554,9 @@ def _records_per_update(fac: Any, b: int, batch: Any = None, saved: float | None
     per-record taps, measured on a batch of ``b``, would exceed :data:`MERGE_FLOATS`; the factored
     Linear program of a small model :data:`MERGE_SMALL_RECORDS`, :data:`SMALL_MODEL_MERGES`); at least 1.
     The small model's test bounds all an update holds per record, in bytes (float32 floats x 4): the
-    batch's ``(inputs, targets)`` (``batch``; the merged batch is held, concatenated and cast: rv54b),
+    batch's ``(inputs, targets)`` (``batch``; the merged batch is held, concatenated and cast),
     the forward's ``saved`` bytes per record (``FactoredProgram.saved_bytes``: the activations of
-    every layer, those not assessed included; rv55: a frozen 8,192-wide layer before a 16-input assessed
+    every layer, those not assessed included; a frozen 8,192-wide layer before a 16-input assessed
     head held 2048 x 16k floats, +256 MB against +32 MB at 512 records) and the taps, together within
     :data:`MERGE_SMALL_FLOATS` x 4 bytes x :data:`MERGE_SMALL_RECORDS` (``saved`` ``None``: not
     measured, no small merges)."""
@@ -4673,7 +4672,7 @@ def _forward_ad_agrees(program: LossProgram, forward: Tensor, reverse: Callable[
     is reverse-over-reverse (:func:`_forward_ad_first`). Forward AD is blind to ``torch.no_grad``:
     a loss whose target is computed under it (a teacher's or a copy's output, ``with
     torch.no_grad(): t = model(x_aug)``) is a constant to the per-sample gradients but its tangent
-    still flows, a Hessian that can be symmetric and wrong (rv57a: a two-call hook's leverages
+    still flows, a Hessian that can be symmetric and wrong (a two-call hook's leverages
     2.9% off their ``.detach()`` twin's; the symmetry check saw nothing). Where ``reverse()`` raises
     (torch has no reverse-over-reverse there, e.g. ``F.layer_norm`` with a bias only) the forward
     result stands, unchecked."""
@@ -5021,9 +5020,9 @@ def batch_residual(program: LossProgram, inputs: Any, targets: Any, names: list[
     whose own block ``R_MM`` is zero (checked like ``skip``'s, :func:`residual_block_check`): their
     own rows are left out of their pass (``R_MM = 0``; the last module's pass then needs no backward
     beyond its own output). Every entry computed is the same derivative as the full column's, so
-    ``R`` is the same to rounding (cn29: within 1e-15 of the largest entry).
+    ``R`` is the same to rounding (within 1e-15 of the largest entry).
     Cost: ``d - |B|`` Hessian-vector products of the batch, each cheaper than the full column's
-    (cn29: 2-4x less CPU on the benchmark CNNs), :data:`RESIDUAL_TANGENT_CHUNK` at a time."""
+    (2-4x less CPU on the benchmark CNNs), :data:`RESIDUAL_TANGENT_CHUNK` at a time."""
     skipped = [k for k in names if k in set(skip or ())]
     groups = [g for g in parameter_groups(names) if not set(g) & set(skipped)]
     params0 = {k: program.params[k] for k in names}

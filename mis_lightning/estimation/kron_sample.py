@@ -21,7 +21,7 @@ Within a batch the selected records come first, sorted by their hash (:func:`sam
 a layer with a higher rate then takes a longer prefix of the same order.
 
 Needs ``n`` before the pass (``assess`` / ``estimate``: ``len(dataset)``, or for a list or tuple of
-batches the sum of their leading dimensions (fu43); ``MISCallback``: the trainer's data, the batches
+batches the sum of their leading dimensions; ``MISCallback``: the trainer's data, the batches
 ``limit_train_batches`` leaves; ``MISIndicator``: ``num_training_records``). Without it the first records read
 are summed as before, and the report says the figure depends on the order.
 """

@@ -166,7 +166,7 @@ class FactoredProgram:
 
     def _verify_first(self, inputs: Any, targets: Any, b: int) -> None:
         """:meth:`_verify` on the first :data:`VERIFY_RECORDS` records of the first batch, in a
-        forward and backward of their own (es33: the whole merged batch's weight gradients and
+        forward and backward of their own (the whole merged batch's weight gradients and
         factored products were ~0.25 s of the 1e7 MLP's first call; a weight used outside its
         layer adds its terms on any record)."""
         r = min(b, VERIFY_RECORDS)
@@ -373,7 +373,7 @@ def _saved_bytes(b: int, on: bool = True) -> Iterator[list[float]]:
 
 
 class Scratch:
-    """Reused output buffers of the per-batch sums' GEMMs (es33): ``get(key, shape, dtype)`` a
+    """Reused output buffers of the per-batch sums' GEMMs: ``get(key, shape, dtype)`` a
     contiguous ``shape`` view of a flat buffer kept per ``key`` (grown when too small). A fresh
     multi-MB result per GEMM and batch was memory the kernel mapped and zeroed each time (~0.3 s of
     page faults over the 1e7 MLP's pass); a GEMM writing into a contiguous buffer gives the same
@@ -415,7 +415,7 @@ def _add_live_rows(into: tuple[Tensor, Tensor, Tensor], x: Tensor, x2: Tensor, d
     (:func:`_live_rows`; the others add exact zeros). The float32 products are added to the
     ``acc`` sums as the former ``.to(acc)`` copies were (exact widening, then one rounding), with
     no whole-layer temporary; the live rows' GEMMs are the same dot products over the batch, in
-    MKL's blocking for the smaller shape (pf31 measured such shapes equal or ~1e-7 relative
+    MKL's blocking for the smaller shape (such shapes measured equal or ~1e-7 relative
     apart). Non-finite inputs take the whole GEMM (``0 * inf`` is NaN in a dead row). ``scratch``:
     the products are written to one reused buffer, one at a time (:class:`Scratch`)."""
     rows = _live_rows(d, c)
@@ -443,7 +443,7 @@ def _live_gram(u: Tensor, v: Tensor, into: Tensor | None = None, scratch: Scratc
     """``u^T v`` ``[k, k]`` for ``u``, ``v`` ``[B, k]`` with the same zero columns (``u`` is ``v``
     or ``v`` scaled by record): the GEMM over the columns non-zero in the batch only, the rest
     exact zeros. A ReLU layer's dead units (``delta = 0``) and the next layer's inputs from them
-    are most of a wide trained MLP's columns (91% of the 1e7 benchmark MLP's second layer: pf31),
+    are most of a wide trained MLP's columns (91% of the 1e7 benchmark MLP's second layer),
     and the factors' GEMMs were most of the K-FAC correction's cost. The live block's entries are
     the same dot products, summed by the GEMM in another blocking: equal to float rounding.
     ``into``: a ``[k, k]`` running sum to which ``u^T v`` is added in place (its live block only:
@@ -468,7 +468,7 @@ def _live_gram(u: Tensor, v: Tensor, into: Tensor | None = None, scratch: Scratc
 
 def _add_widened(into: Tensor, t: Tensor, scratch: Scratch | None = None) -> Tensor:
     """``into.add_(t)`` for a 2-D ``t`` of a narrower dtype (float32 products into a float64 sum):
-    the same additions, with ``t`` widened by blocks of rows into a reused buffer (es33: the
+    the same additions, with ``t`` widened by blocks of rows into a reused buffer (the
     in-place add widened all of ``t`` to a fresh ``[k, k]`` float64 copy, 34 MB per 2,049-wide
     factor and batch, each page mapped and zeroed by the kernel). Returns ``into``."""
     if scratch is None or t.dtype == into.dtype or t.dim() != 2:
@@ -489,7 +489,7 @@ def _gram(u: Tensor, v: Tensor | None, scratch: Scratch | None = None) -> Tensor
     block rows from the diagonal block rightwards (:data:`GRAM_BLOCKS` row blocks, ``(b + 1) / (2 b)``
     of the flops), the blocks below the diagonal mirrored: each entry the same dot product over
     the records as the whole GEMM's, equal to float rounding (measured bitwise equal with MKL at
-    the 1e7 MLP's float32 shapes; es32). ``scratch``: the result and the blocks are written to its
+    the 1e7 MLP's float32 shapes). ``scratch``: the result and the blocks are written to its
     reused buffers (:class:`Scratch`; valid until the next call with it), each GEMM into a
     contiguous buffer of its own shape: the same floats (MKL's result can depend on the output's
     row stride, so a block is not written straight into the result's rows)."""
@@ -580,7 +580,7 @@ def kfac_influence_subsample_scale(m: int, n: int, p: int, q: int) -> float:
     own ``k / n`` is the in-sample value). Measured: OLS on independent inputs (``d = 64``, factors
     from 2,048 of 4,000 records) read the independent form +2.7% with no rescaling, +1.1% with the
     first-order one, +0.4% with this (all-record factors read the gradients' figures to the third
-    digit; docs/validation.md, dg31);
+    digit; docs/validation.md, "The diagonal estimator's influences under K-FAC");
     1 where ``m >= n``."""
     if m >= n:
         return 1.0
@@ -607,7 +607,7 @@ def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float 
             the marginal variance to the diagonal sandwich's ``V_jj / (K_jj + lambda_j)^2`` where the
             gradients' covariance ``V`` is proportional to ``K`` (not to ``K + lambda``: the decay is
             no data); without it ``VIF_j`` over-reads along directions of ``K`` whose eigenvalues are
-            near ``lambda`` (kc32: 1.4-2.0x the exact sigma on a pooled linear Conv1d at
+            near ``lambda`` (1.4-2.0x the exact sigma on a pooled linear Conv1d at
             ``lambda = 1e-3``). The same as ``VIF_j`` without decay.
 
     Returns:
@@ -706,7 +706,7 @@ def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float 
 def kfac_leverage_trace(A: Tensor, G: Tensor, n: int, decay: Tensor | float) -> float | None:
     """``tr((K + diag(lambda))^-1 K)`` of a layer's Kronecker-factored Gauss-Newton block
     ``K = (A / n) (x) (G / n)``: the layer's effective dimension under that model (method.md section 4,
-    "Finite-sample (leverage) correction"; dg52).
+    "Finite-sample (leverage) correction").
 
     Args:
         A: ``[p, p]`` the inputs' factor (bias column last); ``G``: ``[out, out]``; ``n``: records summed.
@@ -789,7 +789,7 @@ def kfac_inverse_apply(A: Tensor, G: Tensor, n: int, Y: Tensor, decay: Tensor | 
 def _live_block(S: Tensor, idx: Tensor, n: int) -> Tensor:
     """``(S_l / n + (S_l / n)^T) / 2`` in float64, ``S_l = S[idx][:, idx]`` (the live block of a
     factor, symmetrised): the same operations with one ``[k, k]`` result and block temporaries
-    instead of five ``[k, k]`` ones (es33: each freshly mapped memory, ~0.1 s of page faults per
+    instead of five ``[k, k]`` ones (each freshly mapped memory, ~0.1 s of page faults per
     2,048-wide factor), and no ``[k, p]`` row gather where a few rows of a wide factor are live."""
     blk = S if idx.numel() == S.shape[0] else S[idx.unsqueeze(1), idx.unsqueeze(0)]
     k = blk.shape[0]
@@ -864,7 +864,7 @@ def _cholesky_inverse_diagonal(L: Tensor) -> Tensor:
     """``diag((L L^T)^-1)`` ``[k]`` of a lower-triangular ``L`` ``[k, k]``: the squared column norms
     of ``L^-1``, whose columns ``j0:j1`` are zero above row ``j0``, so each block of
     :data:`INVERSE_DIAGONAL_BLOCK` columns is one triangular solve of ``L[j0:, j0:]``: ``k^3 / 3``
-    flops (``torch.cholesky_inverse`` forms the whole inverse, ``2 k^3 / 3``; es33: 0.41 -> 0.20 s
+    flops (``torch.cholesky_inverse`` forms the whole inverse, ``2 k^3 / 3``; 0.41 -> 0.20 s
     over the 1e7 MLP's 1,025-, 2,048- and 2,049-wide factors, within 2.3e-15 relative of it)."""
     k = L.shape[0]
     out = torch.empty(k, dtype=L.dtype)
@@ -1000,7 +1000,7 @@ FUSED_S32 = True
 
 class PowerCache:
     """The input side of one Linear layer's power sums, reused by every call on the same ``x``
-    (the chunks, schemes and draws of a scoring pass read the same ``[R, in]`` inputs; pf30:
+    (the chunks, schemes and draws of a scoring pass read the same ``[R, in]`` inputs;
     their powers were ~40% of a call's GEMM time at the 1e7 MLP's widths): the exact scale
     ``2^k >= max |x|`` and ``(x / 2^k)^a`` in float32 (:func:`_even_power_sums_f32`), ``x^a`` in
     float64 (:func:`_binomial_sums_f64`). Entries are the same operations on the same tensor,
@@ -1054,7 +1054,7 @@ class PowerCache:
         memory on every call that asks for ``slot`` (grown when too small), where the cache has a
         budget (else a new tensor). Why: the chunk-sized ``[numel, M]`` temporaries of
         :func:`factored_power_sums` (tens of MB) came back from the allocator as fresh pages on
-        most calls, and the page faults cost more than the arithmetic (ps33: ``A / V^(p/2)``
+        most calls, and the page faults cost more than the arithmetic (``A / V^(p/2)``
         6.8 ms against 1.9 ms in a held buffer, a 2^18-weight chunk of 13 columns). The caller
         must not keep the tensor beyond the call (the next call overwrites it). At most one
         buffer per slot: a few chunk-sized tensors per layer, dropped with the cache."""
@@ -1124,7 +1124,7 @@ def _leading_max(t: Tensor, dims: tuple[int, ...]) -> Tensor:
     maximum over the leading ``out * in`` rows of each of the ``M`` columns, taken over
     ``[rows / k, k * M]`` blocks then the ``k`` partial maxima (the maximum is exact in any order,
     so the same values; a reduction over the leading dimension of ``[out * in, M]`` with few
-    columns ran ~6x slower: 10.4 -> 1.8 ms a 2^18-weight chunk of 13 columns, ps33)."""
+    columns ran ~6x slower: 10.4 -> 1.8 ms a 2^18-weight chunk of 13 columns)."""
     if dims != (0, 1) or t.dim() != 3 or not t.is_contiguous() or t.numel() == 0:
         return t.amax(dim=dims, keepdim=True)
     rows, M = t.shape[0] * t.shape[1], t.shape[2]
@@ -1643,7 +1643,7 @@ def _nonzero_pairs(S: Tensor) -> tuple[Tensor, Tensor] | None:
     """``(o [N], m [N])`` the pairs whose block ``S[o, :, m]`` has a non-zero element, ordered by
     ``m`` then ``o``, where they are at most :data:`PACK_FRACTION` of the ``out * M`` pairs; else
     ``None``. Why: a block of zeros adds exact zeros to every term (finite inputs), and the draws'
-    signed columns are mostly such blocks (ps35: a 1e7 first-layer chunk's draws read 16 sampled
+    signed columns are mostly such blocks (a 1e7 first-layer chunk's draws read 16 sampled
     rows, but a scheme's 8 sample-group columns 2 rows each; the schemes whose draws moved no row
     of the chunk are left out by the caller)."""
     if S.dim() != 3 or S.numel() == 0:
@@ -2524,7 +2524,7 @@ class LayerProgram:
         that choice (:attr:`ggn_choice`). Per-sample products are formed a chunk of records at a
         time (:meth:`chunk_rows`) in the program's dtype; the sums are float64. ``squares=False``:
         the directions' Kronecker factors only (:attr:`kron_rows`), the diagonal sums left zero
-        (the side program of an estimator whose Hessian diagonal comes from elsewhere, kfd34)."""
+        (the side program of an estimator whose Hessian diagonal comes from elsewhere)."""
         f64 = torch.float64
         draw_keys, self.draw_keys = self.draw_keys, None  # this batch's only
         h_all = {k: torch.zeros(self._numels[k], dtype=f64) for k in self.names}
@@ -2706,7 +2706,7 @@ class LayerProgram:
     def _make_kron_blocks(self, holders: dict[str, list[str]]) -> dict[str, KronBlock]:
         """The layers of :meth:`kron_blocks`: every convolution and nn.Linear holding no parameter
         of another layer (tied weights: a sum of uses, no Kronecker factor), where the model has
-        at least one convolution (kc32), or where every assessed layer is an nn.Linear (kf33: the
+        at least one convolution, or where every assessed layer is an nn.Linear (the
         layouts :class:`FactoredProgram` takes, on this path only where its batch could not: several
         outputs per record, e.g. an MLP classifier; a single-output MLP keeps the FactoredProgram's
         factors, which the accumulator prefers). Other models without convolutions (norms,

@@ -7,7 +7,7 @@ is the training set's count of loss directions, so ``r`` is a mean over *every* 
 Where ``rank(L_i)`` is the same for every record (a softmax over ``C`` classes: ``C - 1``; least
 squares on ``C`` outputs: ``C``) any record gives it; where it differs between records (a second
 head read only for records that carry its label, masked or ``ignore_index`` targets) a fixed set of
-*first* records made the figures depend on the loader's order (rv53: 4-6% on a two-head model whose
+*first* records made the figures depend on the loader's order (4-6% on a two-head model whose
 labelled records came last or first). Every record's ``rank(L_i)`` would cost a forward and a
 ``C x C`` eigendecomposition per record (seconds per record at ``C`` ~ 1,000), so ``r`` is the mean
 over a *bottom-k* sample by content key (:func:`~mis_lightning.estimation.records.record_keys`:
@@ -15,7 +15,7 @@ the records with the ``k`` smallest keys of the whole pass): a simple random sam
 replacement of the records (an unbiased estimate of the mean, standard error
 ``sd(rank) / sqrt(k)``; exact where the pass holds at most ``k`` records). A record read twice (a
 dataset's duplicates, a DDP sampler's padding) counts twice, as in the sums: its copies share a key
-and a rank, and are taken together (rv54: counted once, 20 copies of one record among 30 read 2.91
+and a rank, and are taken together (counted once, 20 copies of one record among 30 read 2.91
 directions against the records' mean 2.33). The sample is the same whatever the
 loader's order, batch sizes and the split over processes (the bottom-k of a union is the bottom-k of
 the parts' bottom-k: :func:`world_sample`, :func:`merge_counts`). The sampled records' rows are held (``k`` records)
@@ -229,7 +229,7 @@ def world_sample(parts: Sequence[Held | None], measure: Measure, records: int,
     ``records`` smallest keys over all parts, their rows moved to ``device`` (where ``measure``
     runs the model). Every process of a DDP world forms it from the same gathered parts, so each
     measures the same records in the same groups: the same forwards on every process, a process
-    without records included (rv55: each measured its own sample inside the sync, 4 forwards on
+    without records included (each measured its own sample inside the sync, 4 forwards on
     one process and 3 on the other, a model whose eval forward holds a collective would hang),
     and the same count as the one process reading every part's records."""
     out = LossDirectionSample(measure, records)

@@ -1,4 +1,4 @@
-"""Second derivatives through ``F.layer_norm`` (ln41, lf41; method.md section 4, the exact Hessian).
+"""Second derivatives through ``F.layer_norm`` (method.md section 4, the exact Hessian).
 
 torch.func's second derivatives of ``F.layer_norm`` (and ``F.instance_norm``) with a weight are
 wrong in torch 2.13 (CPU) when the inner derivative is a vmapped vjp -- ``jacrev``, so
@@ -7,7 +7,7 @@ before the norm)`` reads 0.25-0.47 off (layer_norm, five shapes) and 0.94 (insta
 examples; with ``grad`` inside (``jacfwd(grad)``, ``jvp`` / ``vjp`` of ``grad``, as the records'
 curvature and the residual passes take them) they agree with autograd's double backward to 1e-15,
 as do group_norm, rms_norm and batch_norm (eval) either way (``python benchmarks/layer_norm_hessian.py``;
-docs/benchmarks.md, lf41). The exact Hessian of a Conv1d -> LayerNorm([8, 6]) -> Linear fit was off
+docs/benchmarks.md, "lf41"). The exact Hessian of a Conv1d -> LayerNorm([8, 6]) -> Linear fit was off
 by 2.2e-4 (relative, Frobenius) and read 36 negative eigenvalues. Two guards, each right alone:
 the estimation's Hessian passes take the inner derivative with ``grad``, and every pass that
 differentiates the forward twice (``LossProgram.second_derivatives()``) evaluates ``layer_norm``
@@ -15,7 +15,7 @@ with a weight written out (:class:`WrittenOutLayerNorm`, whatever calls it: a mo
 user's forward), the same function (forward within 4.4e-16 in float64) with autograd-built
 derivatives. First-order passes keep torch's kernel (its first derivatives are right).
 
-A ``bias`` without a ``weight`` (``F.layer_norm(x, shape, None, b)``) is written out too (ln42):
+A ``bias`` without a ``weight`` (``F.layer_norm(x, shape, None, b)``) is written out too:
 torch's kernel then has no double backward at all -- autograd's second derivative (``jacrev(grad)``,
 the reverse fallbacks) raises "Expected a proper Tensor but got None ... for argument #1 'other'"
 (torch 2.13; its forward-over-reverse is right, 2.9e-10 off finite differences).

@@ -7,7 +7,7 @@ section 4, "Per-record factors"), the Gauss-Newton factors ``J' L J``, the resid
 factored / per-layer programs' one-output-per-record layout -- must see only the outputs the loss
 reads: an output the loss never reads has ``dl/do = 0`` and ``d2l/do2 = 0``, so it contributes
 nothing to the loss as a function of the parameters, but its Jacobian rows widened the span the
-leverage projects onto (nux52's finding: +18-20% leakage for a 5-10-3 classifier returning its
+leverage projects onto (a user's finding: +18-20% leakage for a 5-10-3 classifier returning its
 hidden features beside the logits, max leverage 0.65 -> 2.27).
 
 Each floating, batched leaf of the output is sorted once per program, on the first records of the
@@ -93,14 +93,14 @@ def tensor_record_shape(one: Tensor, two: Callable[[], Tensor | None], what: str
     """The per-record shape of a model's tensor output, read on a forward of one record (``one``):
     its shape without dim 0 where dim 0 is that record's (size 1). Where it is not, the forward
     dropped the record's dim (a ``.squeeze()``: ``[B, C]`` for ``B > 1``, ``[C]`` for one record;
-    rv55: read as ``()``, one output per record, a 3-class head counted 1 loss direction) or the
+    formerly read as ``()``, one output per record, a 3-class head counted 1 loss direction) or the
     records are not in dim 0 (a sequence-first ``[T, B, C]`` output, ``nn.RNN``'s default layout):
     told apart on a forward of two records (``two()``; ``None`` where there is one): dim 0 of 2
     and each record ``one``'s shape is a squeeze, whose per-record shape is ``one``'s own. Where
     ``one``'s dim 0 is 2 that shape test cannot tell a squeeze from two heads stacked ``[2, B]``
     (or a sequence-first ``[2, B]``) and squeezed: ``one`` must then be the pair's row 0 (its value,
     to the rounding of a batch of one against two), refused where it is the pair's column 0 instead
-    (rv56; where both or neither hold -- equal outputs, a forward depending on the batch -- the
+    (where both or neither hold -- equal outputs, a forward depending on the batch -- the
     squeeze is taken, the per-record loss checks standing behind it). A sequence-first output whose
     dim 0 is 1 (``[1, B, C]``) is told by :func:`check_records_first` on a batch's output.
 
@@ -151,7 +151,7 @@ def check_records_first(out: Any, b: int, what: str, one: Any = None) -> None:
     """Check that a batch's tensor output ``out`` holds its ``b`` records in dim 0 (where ``b >= 2``;
     one record cannot tell), at no cost: the output is the first batch's own forward. A
     sequence-first ``[T, B, C]`` output of ``T = 1`` step has a one-record output ``[1, 1, C]`` that
-    :func:`tensor_record_shape` reads as records-first (rv55r, rv56), and heads stacked ``[K, B]``
+    :func:`tensor_record_shape` reads as records-first, and heads stacked ``[K, B]``
     likewise ``[K]`` per record where ``K = 2``; the batch's dim 0 (``T``, ``K``) tells them. An output
     whose dim 0 holds several rows per record (``[B*T, C]``: a per-token model called on the tokens
     flattened) is refused too, saying so (the plain loss's checks refused it before, blaming the
@@ -160,12 +160,12 @@ def check_records_first(out: Any, b: int, what: str, one: Any = None) -> None:
     ``one``: the output of the first record alone, where known (a ``mis_per_sample_loss`` hook's
     checks). Only an output :func:`tensor_record_shape` would read as records-first by its shapes is
     refused then: ``one``'s dim 0 is 1 (``[1, B, C]``), or 2 where the batch's is too and ``one`` is
-    its dim 1 squeezed (``[2, B]`` heads). A hook's other layouts are accepted (rv56r): a sequence-first
-    ``[T, B, C]`` of ``T > 1`` (accepted since rv54b), the batch concatenated
+    its dim 1 squeezed (``[2, B]`` heads). A hook's other layouts are accepted: a sequence-first
+    ``[T, B, C]`` of ``T > 1``, the batch concatenated
     ``self(torch.cat([x, x_aug]))`` (``[2B, C]``), the tokens flattened (``[B*T, C]``); the hook's
     per-record reads call it on one record alone, whose whole output is the record's
     (``streaming._HookProgram.output_shape``), so their figures are those of the same model laid out
-    batch-first (est57; before, the leverage correction and the loss directions were skipped there).
+    batch-first (before, the leverage correction and the loss directions were skipped there).
 
     Raises:
         ValueError: naming ``what`` and the shapes, and the cure (the output batch-first).
@@ -335,7 +335,7 @@ def unread_entries(out: Any, loss_fn: Callable[[Any, Any], Tensor], targets: Any
 
     A loss that reads 3 of 13 columns (``out[:, :3]``) left the other 10 in every record's output
     Jacobian ``J_i``, whose row span the exact estimator's leverages project onto (method.md
-    section 4, "Per-record factors"): the over-read of this module, within one tensor (ux53: 2-9%
+    section 4, "Per-record factors"): the over-read of this module, within one tensor (2-9%
     high). The estimator leaves these rows out of its per-record factors (``LossProgram.read_rows``).
     """
     if not (isinstance(out, Tensor) and out.is_floating_point() and out.dim() >= 1 and out.shape[0] == b):

@@ -168,8 +168,8 @@ class ComputeDtypeLoss:
     parameters and buffers are cast to the outputs' dtype (no precision lost); any other loss
     that fails with a dtype error runs again with every lower-precision floating argument of its
     torch calls cast up to the outputs' dtype (:class:`_Upcast`: a closure's class weights; no
-    precision lost either: nu48 measured the float32 arithmetic 0.55-1.8% off on rtn_int4's
-    correlated figure, nu49); one that still fails gets its floating inputs cast to
+    precision lost either: the float32 arithmetic measured 0.55-1.8% off on rtn_int4's
+    correlated figure); one that still fails gets its floating inputs cast to
     ``reference_dtype`` (the model's own) and its losses cast back, with a warning that its
     arithmetic then runs in ``reference_dtype``. The choice is made on the first call per outputs dtype.
 
@@ -281,7 +281,7 @@ def record_loss_derivatives(one: Callable[[Tensor, Any], Tensor], outputs: Tenso
     ``vmap`` reads them; float as ``outputs``. The matrix of ``vmap(jacrev(grad(one)))``
     (reverse-over-reverse; method.md section 4, "Finite-sample (leverage) correction", and the
     Gauss-Newton factors) without torch.func's ``grad``, whose first call in a process imports
-    ``torch._dynamo`` (~1 s CPU where no optimizer ran before; pf30): the per-record losses by a
+    ``torch._dynamo`` (~1 s CPU where no optimizer ran before): the per-record losses by a
     plain ``vmap(one)`` (each call sees its own record alone, as before: a loss that would couple
     the records of a batch gets no cross-record term), differentiated by ``torch.autograd``; the
     second derivatives one backward per output direction (up to :data:`LOSS_HESSIAN_LOOP_MAX`
@@ -354,7 +354,7 @@ def loss_shape_hint(shape: tuple[int, ...] | None, b: int | None, targets: Any =
     would count the padding, so a record's loss would depend on its batch's longest record.
     ``[B, B]`` losses from ``outputs [B, 1]`` against ``targets [B]`` (or the reverse; ``outputs``
     ``None``: the targets alone are read) are a broadcast, each record's output against every
-    record's target: the advice is to give both the same shape, not to reduce (nux54 #4: the
+    record's target: the advice is to give both the same shape, not to reduce (the
     per-output clause's ``.mean(dim=-1)`` came first and led to the "not per-sample" error)."""
     if shape is None or b is None:
         return ""
@@ -392,7 +392,7 @@ def check_record_dimension(inputs: Any, targets: Any, what: str) -> int | None:
     (per-sample gradients by ``vmap`` over the first dimension, per-record slicing and hashes).
     A concatenated layout -- graphs batched as PyG does, every molecule's atoms stacked with a
     ``batch`` index and edges ``[2, E]`` -- has no such dimension: its per-record gradients
-    would be taken over atoms (nu44b: the loss was then blamed for "shape [32], not [B] =
+    would be taken over atoms (the loss was then blamed for "shape [32], not [B] =
     [1024]", or the forward failed on an edge list cut to one row).
 
     Returns:
@@ -566,7 +566,7 @@ def check_record_gradients(loss_fn: Any, outputs: Any, targets: Any, what: str, 
     l.mean().detach()``, passes :func:`check_record_losses` (a record alone gives its entry)
     but each record's gradient alone is another function's (here 0: its value is a constant):
     the assessment then found that no record's gradient differs from the others' after the
-    whole training (nux53). A per-record loss reads record ``j``'s outputs only for record ``j``,
+    whole training. A per-record loss reads record ``j``'s outputs only for record ``j``,
     so autograd's cross terms are exactly 0 (label smoothing, masks and reductions over a
     record's tokens, ``ignore_index`` included); the threshold, ``CROSS_GRADIENT_TOL = 1e-6`` of the
     largest entry of that record's gradient (``CROSS_GRADIENT_EPS = 4`` of the dtype's eps where
@@ -599,7 +599,7 @@ def check_loss_batches(loss_fn: Any, outputs: Any, targets: Any, what: str) -> N
     (one record's outputs and targets with a batch dimension of 1), on the first two records.
 
     A loss with data-dependent Python control flow or ``.item()`` cannot: torch's own
-    ``F.gaussian_nll_loss`` tests ``torch.any(var < 0)`` (fu27). The estimation would then fail
+    ``F.gaussian_nll_loss`` tests ``torch.any(var < 0)``. The estimation would then fail
     with torch's bare vmap error, which names neither the loss nor the model; probing the loss
     alone on outputs already computed tells the two apart.
 
@@ -624,7 +624,7 @@ def check_loss_batches(loss_fn: Any, outputs: Any, targets: Any, what: str) -> N
 def check_forward(model: nn.Module, what: str) -> None:
     """Refuse a model whose class defines no ``forward`` (nn.Module's default raises a bare
     ``NotImplementedError``; a LightningModule whose ``training_step`` calls ``self.net(x)`` has
-    none, nux52 #6), before the assessment calls ``model(inputs)``.
+    none), before the assessment calls ``model(inputs)``.
 
     Raises:
         NotImplementedError: naming ``what``, the class and the two cures.
@@ -699,7 +699,7 @@ def _check_deterministic(forward: Callable[[Any], Any], inputs: Any, i: int, fir
                          scale: float, what: str) -> None:
     """Record ``i`` alone through ``forward`` a second time: outputs that differ from ``first``
     (its first run) beyond ``atol`` come from a random forward (MC dropout, noise), not from one
-    that mixes records, which :func:`check_record_outputs` would otherwise name (nux52 #5). The
+    that mixes records, which :func:`check_record_outputs` would otherwise name. The
     caller's RNG is isolated (both front ends), so the second draw changes no user state.
 
     Raises:
@@ -772,7 +772,7 @@ def plain_embedding_gradients(model: nn.Module) -> None:
     gradient by its index's count in the *mini-batch* -- a training device, not the loss's
     gradient, and per record under vmap a different one again (its count within the record):
     the sandwich needs ``grad l(z, theta)`` (method.md section 4). With the flag the figures read
-    4.6% lower than those of the same weights without it (fu23 F7); now equal."""
+    4.6% lower than those of the same weights without it; now equal."""
     for m in model.modules():
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
             m.sparse = False
@@ -803,7 +803,7 @@ def attention_twice_differentiable() -> Any:
     """Within it, ``F.scaled_dot_product_attention`` (which ``nn.MultiheadAttention`` and
     ``nn.TransformerEncoderLayer`` call) runs torch's math backend, for passes that differentiate
     the forward twice: the fused CPU kernel's backward has no derivative ("derivative for
-    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented": nu44a, every
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented": every
     Hutchinson pass and every ``mis_per_sample_loss`` hook's Hessian diagonal through attention
     failed). The math backend is the same function written in differentiable operations."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -824,7 +824,7 @@ def vmap_fallback_quiet() -> ignoring:
     estimation's own ``vmap`` passes raise it, not the user's code, and the user can do nothing
     about it (the result is right, only slower). Every other warning passes as the user's filters
     say, and the user's warnings state is left as it was (:func:`~mis_lightning._warning_filters.
-    ignoring`: filters added inside stay, shown-once registries are not reset; ln43)."""
+    ignoring`: filters added inside stay, shown-once registries are not reset)."""
     return ignoring((VMAP_FALLBACK_WARNING, UserWarning))
 
 
@@ -835,7 +835,7 @@ def packed_sequence_watch(model: nn.Module) -> Iterator[list[str]]:
     estimation failure there can be named: torch's packed recurrent kernels read the data pointers
     of their inputs, which tensors under ``torch.func`` transforms do not have ("Cannot access
     data pointer of Tensor that doesn't have storage"), whether or not the layer's weights are
-    assessed (nu57). A module-level forward pre-hook, only while ``model`` holds such a layer."""
+    assessed. A module-level forward pre-hook, only while ``model`` holds such a layer."""
     seen: list[str] = []
     if not any(isinstance(m, nn.RNNBase) for m in model.modules()):
         yield seen
@@ -1064,7 +1064,7 @@ class LossProgram:
         from two random states give different outputs. The module tree's dropout layers are
         named by :func:`~mis_lightning.assess._stochastic_layers`; this finds the randomness a
         forward writes itself (``F.dropout(x, p, self.training)``, ``torch.dropout``, noise under
-        ``if self.training``), which no layer shows (ux53). Runs the program's private model on
+        ``if self.training``), which no layer shows. Runs the program's private model on
         copies of its buffers (a BatchNorm's running statistics are not moved), without grad, each
         forward inside an isolated random state (the caller's streams untouched); ``False`` where a
         train-mode forward fails (nothing is told then). A ``mis_per_sample_loss`` hook's program
@@ -1185,7 +1185,7 @@ class LossProgram:
         missing targets after computing on them, ``torch.where(mask, bce(outputs, targets), 0)``
         with NaN targets, has finite values but gradients ``0 x NaN = NaN``; the exact sandwich
         then failed in ``linalg.eigh`` and the diagonal one said that no record's gradient
-        differs from the others' (nu44b), after the whole training.
+        differs from the others', after the whole training.
 
         Raises:
             ValueError: naming ``what``, the parameters and the first record concerned, and the cure.
@@ -1232,12 +1232,12 @@ class LossProgram:
         exactly zero gradient in the outputs (so in the weights: the loss reads them through the
         outputs); ``None`` when there is no such record.
         Their loss does not depend on the weights: the fit does not see them, so they carry no
-        information about the weights and are not members in the sense of the loss (sm45; nu44b's
-        molecules). The marks only choose which records to test (so that ordinary batches cost
+        information about the weights and are not members in the sense of the loss (e.g. a
+        padded molecule's void atoms). The marks only choose which records to test (so that ordinary batches cost
         nothing); the loss test decides: a record a loss trains on (a hinge past its margin, an
-        imputed label) has a nonzero loss at one of the far outputs (rv45, vb45). A
-        ``mis_per_sample_loss`` hook's batches: ``streaming._HookProgram.void_rows`` (vb46).
-        Each candidate is decided on its own loss (vb46: before, one trained candidate, e.g. a
+        imputed label) has a nonzero loss at one of the far outputs. A
+        ``mis_per_sample_loss`` hook's batches: ``streaming._HookProgram.void_rows``.
+        Each candidate is decided on its own loss (before, one trained candidate, e.g. a
         float label 0 beside a sample weight, kept every other one of its batch counted).
 
         A loss that raises at the far outputs (defined on a bounded range, e.g.

@@ -48,8 +48,8 @@ def _index_weights(leaf: int, shape: tuple[int, ...]) -> Tensor:
     ``prod_k T_k[j_k] mod (2^31 - 1)``, one random table ``T_k`` per dimension (fixed seeds), so
     that a byte's weight depends on its index in each dimension and not on the sizes of the
     others: a record padded with zeros at the end of *any* dimension keeps its key (per-batch
-    padding of edge lists ``[2, E]``, adjacencies ``[N, N]``, images; nu44b: with weights by flat
-    position the same 711 graphs batched by 16 and by 128 drew other samples, 1.8% apart).
+    padding of edge lists ``[2, E]``, adjacencies ``[N, N]``, images; formerly, with weights by flat
+    position, the same 711 graphs batched by 16 and by 128 drew other samples, 1.8% apart).
     Distinct records collide only where a polynomial of degree ``len(shape)`` in the tables'
     random entries vanishes (Schwartz-Zippel: probability ``<= len(shape) / (2^31 - 1)``)."""
     key = (leaf, shape)
@@ -80,11 +80,11 @@ def record_keys(inputs: Any, targets: Any, b: int) -> Tensor:
     row length, the same records padded by batches of 4 and of 64 drew other samples and moved
     the figures by up to 2.4%. A record of several dimensions (``[b, d_1, ..., d_k]``, k >= 2)
     weighs each byte by its index in every dimension (:func:`_index_weights`), so zeros padded at
-    the end of any of them leave its key unchanged too (nu44b; padding with another value still
+    the end of any of them leave its key unchanged too (padding with another value still
     changes the bytes: pad with 0 for batch-independent figures). An integer record's (a
     multi-dimensional record's: each last-dimension row's) trailing run of one negative value --
     an ignore index, -100 for ``F.cross_entropy``, which sequence labels are padded with, or -1 in
-    a padded edge list -- is hashed as zeros, for the same reason (nu42a: labels padded with -100
+    a padded edge list -- is hashed as zeros, for the same reason (labels padded with -100
     to each batch's longest changed the keys with the batch).
     """
     h = torch.zeros(b, dtype=torch.int64)
@@ -317,8 +317,8 @@ def prune_bottom_k(st: dict[str, Any], k: int) -> None:
     record is kept as its batch padded it (the model read it so in training; a pad value cannot
     be guessed: 0 for token ids, -100 for ignored labels), one chunk per row shape, each in key
     order, and ``rec_key`` in the same order (the next prune reads the keys against the rows).
-    The figures do not depend on that order (nu44a: batches of 5, 7 and 32 gave equal figures
-    and intervals to 1e-15); until nu44a ``torch.cat`` raised "Sizes of tensors must match" at
+    The figures do not depend on that order (batches of 5, 7 and 32 gave equal figures
+    and intervals to 1e-15); formerly ``torch.cat`` raised "Sizes of tensors must match" at
     the end of training once ``num_records * d`` exceeded ``budget``."""
     keys = cat_state(st["rec_key"])
     if keys is None:

@@ -57,7 +57,7 @@ def scale_free_reparametrizations(model: nn.Module, param_names: Iterable[str] |
     (``parametrizations.weight.original1``, or the hook-based ``weight_v``) and
     ``spectral_norm``'s ``original`` (or ``weight_orig``: ``W = W_orig / (u' W_orig v)`` with
     the power iteration's ``u``, ``v`` fixed in eval mode, so any ``c W_orig`` gives the same
-    ``W``; nu45: it was not named, and the diagonal estimator read across it unmarked). Found by
+    ``W``; formerly not named, and the diagonal estimator read across it unmarked). Found by
     the parametrization or hook object, not by name (``torch.nn.utils.prune`` names its tensor
     ``weight_orig`` too, without a symmetry). A parametrization chained with another is not
     named (the chain may see the scale). In ``named_modules`` order."""
@@ -169,7 +169,7 @@ def normalised_layers(model: nn.Module, inputs: Any, param_names: Iterable[str] 
     in between (a residual sum, a nonlinearity such as tanh) breaks the chain, so the result may
     miss a symmetry (e.g. a scale by a constant), never name one that is absent. A forward that
     fails under the mode (a compiled model, say) is run again with module hooks alone (norm
-    modules only, as before ln41).
+    modules only, as formerly).
 
     ``owned``: ``model`` is already the caller's private copy in eval mode (the estimation's
     program holds one: no second copy of a large model), run as it is with hooks removed
@@ -312,8 +312,8 @@ def _frozen_head_block(w: Tensor, name: str, third: int, how: str, h: int, dh: i
 
 
 def _pins_every_generator(blocks: list[Tensor]) -> bool:
-    """Whether the frozen head blocks (:func:`_frozen_head_block`) leave no generator combination
-    (rv49): some square block's least singular value is above the SVD's rank cut (``1e-12`` of the
+    """Whether the frozen head blocks (:func:`_frozen_head_block`) leave no generator combination:
+    some square block's least singular value is above the SVD's rank cut (``1e-12`` of the
     stacked moves' largest, which is at most the root of the sum of the blocks' largest squared).
     ``X B = 0``, ``X' B = 0`` or ``W X = 0`` with such a block forces ``X = 0``, and the stacked
     moves' least singular value is at least the block's: the SVD would keep none (the same answer,

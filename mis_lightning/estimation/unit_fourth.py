@@ -6,7 +6,7 @@ scheme-free bounds settle the diagnostics).
 
 ``w_rj = -(g_rj - gbar_j) / sqrt(V_jj)`` with ``g_r = d_r x_r^T`` (weight) or ``d_r`` (bias), 0 where
 ``V_jj <= V_NONE`` (as :func:`~.linear_factors.factored_power_sums`, whose sums of a column of ones
-these are within the same float32 tolerance). Why a function of its own (p52a, docs/benchmarks.md):
+these are within the same float32 tolerance). Why a function of its own (docs/benchmarks.md, "p52a"):
 a chunk-by-chunk call of ``factored_power_sums`` on the column of ones read each chunk's rows in
 their own small GEMMs, summed the ``a = 0`` term and formed ``A / V^2`` per chunk and fell back to
 float64 per chunk (~0.5 s of the 1e7 MLP's first scoring call). Here:

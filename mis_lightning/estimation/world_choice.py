@@ -82,7 +82,7 @@ def world_residual(infos: Sequence[dict[str, Any] | None]) -> dict[str, Any] | N
     a block is zero on the union where it is on each); every ratio the largest over the processes, an
     upper summary only, not the union's ratio (``max |(R v)_B| / max |R v|`` of the summed ``R``: on a
     tanh CNN split 32 / 32 the union read 0.200 for a block the processes read 0.043 and 0.127;
-    docs/benchmarks.md "rv57a"). Every process reports this, one without records too (rv56d: it
+    docs/benchmarks.md "rv57a"). Every process reports this, one without records too (it
     reported none). The sums are each process's own and unchanged."""
     seen = [i for i in infos if i is not None]
     if not seen:

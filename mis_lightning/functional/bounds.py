@@ -116,7 +116,7 @@ def _revealed_tail(b: Tensor, tail_b: Tensor, pb: Tensor, b_pos: Tensor | None =
     scalar zeros, ``|b| < inf`` for ``isfinite`` and the constant ``2 phi(0)``: the same numbers
     bit for bit, in fewer element-wise operations.) ``|b|`` from ``_FAR_B`` on counts as
     infinite: ``phi(b)`` is 0 there and ``b^2`` would overflow, ``inf * 0`` a NaN ``m4`` (an
-    sd-0 weight beyond its bound, ``b`` ~1e305 from the floored sd: fx49); below it the same
+    sd-0 weight beyond its bound, ``b`` ~1e305 from the floored sd); below it the same
     operations as before."""
     fin = b.abs() < _FAR_B  # isfinite's answer (NaN: False) in 2 operations instead of 4
     bphi = torch.where(fin, b * pb, 0.0)

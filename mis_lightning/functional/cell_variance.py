@@ -25,7 +25,7 @@ symmetric, so ``-X`` is one too), the largest with ``r X <= CORE_SPAN``:
   probability and ``int u^2 phi`` from the smaller tails, as the run sums
   (:func:`~mis_lightning.functional.runs.run_moments`).
 
-Measured: within 1e-15 of 40-digit sums over every cell (docs/benchmarks.md, p48a).
+Measured: within 1e-15 of 40-digit sums over every cell (docs/benchmarks.md, "p48a").
 
 Tensors ``[c]`` float64 throughout.
 """

@@ -14,7 +14,7 @@ A Gaussian channel ``Y_j = U_j + e_j`` keeps exactly that fraction when
     s2(w) = u' M^+ u,   u = K^1/2 w,   M = I - K + K^1/2 R K^1/2,   K = diag(kappa)
 
 and the Gaussian form is ``E|S| = sqrt(2/pi) sqrt(s2)``. The full ``R`` is evaluated without
-forming ``M`` (cf45): in ``R``'s kept eigenspace ``U = B z`` (``B = Q Lambda^1/2 [d, r]``,
+forming ``M``: in ``R``'s kept eigenspace ``U = B z`` (``B = Q Lambda^1/2 [d, r]``,
 ``z ~ N(0, I_r)``, ``g = Lambda^-1/2 Q' w`` so that ``|g|^2 = w'R^+w``); the coordinates with
 ``kappa = 1`` fix ``z`` along the row space of ``B_E`` (``g_E`` its part of ``g``, ``h`` the
 rest), the others add the information ``F = C' diag(kappa / (1 - kappa)) C`` there
@@ -40,18 +40,18 @@ for every full form (Gaussian, the Monte Carlo and box forms' coefficients, the 
 variance inflation factors): eigenvalues above ``max(RCOND, d eps) lambda_max`` kept, the rule of
 the estimator's unquantized Mahalanobis norm (never ``lstsq``'s default driver, whose answer on a
 singular system depends on the run). Why not ``d eps`` alone: ``R`` comes through
-``H^-1 V H^-1``, whose round-off reaches far above float64's ``d eps``; on pl44's MLP
-(d = 197, n = 300) R's most negative computed eigenvalue is -4.9e-13 of the largest, and the
+``H^-1 V H^-1``, whose round-off reaches far above float64's ``d eps``; on an MLP
+(d = 197, n = 300; docs/benchmarks.md, "pl44") R's most negative computed eigenvalue is -4.9e-13 of the largest, and the
 mean ``w'R^+w`` reads 48.2 / 52.6 / 77.9 / 108 with the rule at 1e-8 / 1e-9 / 1e-12 / 1e-14
 against 48.2 from the gradient covariance (which the Hessian cancels out of; its own rule at
 1e-9; docs/benchmarks.md, "cf45"). The exactly observed block's rank is by float64 round-off only
 (:data:`EXACT_BLOCK_RTOL`). The exact box-mean form's regressions go through the same channel
 (:meth:`Correlation._regression`).
 
-The exact estimator's own factor (rc46; :class:`SandwichFactor`, ``Estimate.correlation_factor``):
+The exact estimator's own factor (:class:`SandwichFactor`, ``Estimate.correlation_factor``):
 ``R = B B'`` with ``B = D^-1 H^+ L``, ``L L' = V`` within the gradient covariance's rule, replaces
 ``R``'s eigendecomposition where the estimator gives it. A rule on ``R`` and the rule on ``V`` keep
-different directions where both spectra are continuous (pl44's MLP: mean ``w'R^+w`` 52.6 against
+different directions where both spectra are continuous (that MLP: mean ``w'R^+w`` 52.6 against
 ``g'V^+g`` 48.2), so quantized figures sat above the unquantized one and were capped record by
 record; through the factor every kappa = 1 gives ``g'V^+g`` (2.3e-10 there) and no quantized value
 exceeds it. Per-layer blocks (:meth:`Correlation.restrict`) keep ``R``'s own eigenspace.
@@ -198,7 +198,7 @@ class SandwichFactor:
     (``L L' = V``, the gradient covariance within its rank rule; ``D`` the sd of ``Sigma``), so that
     the full form's one rank rule is the rule of the unquantized figure (the gradient covariance's,
     :data:`RCOND` on its correlation) and every kappa = 1 gives that figure (method.md section 3,
-    "Correlated coordinates"; rc46).
+    "Correlated coordinates").
 
     ``evals [m]``: the eigenvalues of ``V``'s correlation above ``d eps`` of the largest, ascending;
     ``root [d, m]``: ``D^-1 H^+ D_V Q sqrt(evals)`` (``B``'s columns, one per eigenvalue);
@@ -272,13 +272,13 @@ class Correlation:
     ``self_term [R, d]`` and ``self_weight [R]`` (full only; the exact estimator with fewer
     records stored than trained on, ``Estimate.self_term``): stored record ``r`` is scored
     through its own ``full - self_weight_r x_r x_r'`` (``x_r`` the row), the leave-one-out
-    HC2 term (method.md section 4, *Gradient covariance*; lo29). :meth:`quadratic` applies it
+    HC2 term (method.md section 4, *Gradient covariance*). :meth:`quadratic` applies it
     exactly by Sherman-Morrison, ``s2 = u'M^+u + b (u'M^+v)^2 / (1 - b v'M^+v)`` with
     ``v = K^1/2 x_r``, ``b = self_weight_r`` (``M`` changes by ``-b v v'``); the Monte Carlo and
     box-mean forms, which draw from one ``full``, are scaled per record by the Gaussian
     channel's ratio (:meth:`self_term_ratio`). The rows must be the stored records, in order.
 
-    ``self_mean`` (the in-sample factor model, :meth:`RecordCorrelation.in_sample`; dx32): the
+    ``self_mean`` (the in-sample factor model, :meth:`RecordCorrelation.in_sample`): the
     self term is the record's own row of the sample correlation, taken out (``b = (1 - s) / R``,
     a downdate), with its in-sample leverage ``b v'M^+v`` capped at
     ``IN_SAMPLE_LOO_LEVERAGE_CAP``, and every record's form of a scheme is then divided by one
@@ -505,7 +505,7 @@ class Correlation:
         model, or when no weight is quantized (every ``kappa = 1``) or none is exact. Where the
         exact block ``B_E`` spans ``R``'s whole kept eigenspace (:attr:`ExactSpan.determined`),
         the float weights determine the quantized ones through ``R`` and the form equals the
-        unquantized ``w'R^+w`` whatever the quantized weights' ``kappa`` (cr49).
+        unquantized ``w'R^+w`` whatever the quantized weights' ``kappa``.
 
         Raises:
             ValueError: ``kappa`` not finite (:meth:`_channel`).
@@ -548,7 +548,7 @@ class Correlation:
     def _solve_parts(self, u: Tensor, kappa: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Callable[[Tensor], Tensor]]:
         """:meth:`_solve`'s ``x = M^-1 u'`` ``[R, d]``, ``t = C^-1 A'D^-1 u`` ``[R, k]`` (the first
         pass's core solution, ``A'x`` at the exact solution; the refinement's sum with the second
-        pass's carries ``A'x``'s cancellation: 2e7 times the form on cf55's scaled column) and
+        pass's carries ``A'x``'s cancellation: 2e7 times the form on a column scaled by 1e6) and
         ``M``'s ``D [d]``, ``A [d, k]`` and the core's solve: what :meth:`_variational` reads."""
         assert self.factor is not None
         D, A, Dinv_A, solve_core = self._woodbury(kappa)
@@ -567,7 +567,7 @@ class Correlation:
 
     def _certified_solve(self, v: Tensor, kappa: Tensor) -> tuple[Tensor, Tensor]:
         """``(y, vv)``: ``y = M^-1 v'`` ``[R, d]`` (:meth:`_solve`) and ``v'M^-1v`` ``[R]``, NaN
-        where it cannot be had to :data:`FACTOR_FORM_RTOL` (cf56: the leave-one-out solves of the
+        where it cannot be had to :data:`FACTOR_FORM_RTOL` (the leave-one-out solves of the
         in-sample form's own rows), from :meth:`_variational` (``FACTOR_FORM_VARIATIONAL``; else
         ``v'y``, checked against its bracket)."""
         y, t, D, A, solve_core = self._solve_parts(v, kappa)
@@ -592,7 +592,7 @@ class Correlation:
     def _certified(value: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
         """``[R]`` ``value`` (a computed ``u'M^-1u``) where ``[lower, upper]``, which holds the exact
         form (rounding included), holds ``value`` and is narrower than :data:`FACTOR_FORM_RTOL` of
-        it; NaN elsewhere (cf56; method.md section 3, *Each form's digits*): a form that cannot be
+        it; NaN elsewhere (method.md section 3, *Each form's digits*): a form that cannot be
         had in float64 reads NaN, which the report names, not a value off by orders. A ``u = 0``
         row (``upper`` 0) is exact at 0."""
         if not FACTOR_FORM_CHECK:
@@ -606,7 +606,7 @@ class Correlation:
         """``([R], [R], [R])``: ``u'M^-1u`` of the factor model ``M = diag(D) + AA'`` (``u [R, d]``,
         ``D [d]``, ``A [d, k]``) as the minimum of its variational form, ``|D^-1/2 (u - A t)|^2 +
         |t|^2``, at the core's solution ``t [R, k]`` (``C^-1 A'D^-1u``, ``C = I + A'D^-1A``,
-        ``solve_core`` its solve), and a bracket ``[lower, upper]`` of the exact form (cf56).
+        ``solve_core`` its solve), and a bracket ``[lower, upper]`` of the exact form.
 
         Why: a sum of non-negative terms, no difference of large ones; its error is second order in
         ``t``'s, ``(t - t*)'C(t - t*) = rho'C^-1 rho`` with the core's residual ``rho = A'D^-1(u -
@@ -804,12 +804,12 @@ class Correlation:
         k_hi`` (``[d]`` each, coordinate-wise; the interval's box, method.md section 3, "Correlated
         headline"). A form monotone in every ``kappa_j`` (the channel forms, full or factor, and the
         exact self term of proportional rows) gives its values at the two corners. The in-sample
-        leave-one-out form is not (cf55): ``q_loo / (1 + beta)`` with ``q_loo`` monotone and the common
+        leave-one-out form is not: ``q_loo / (1 + beta)`` with ``q_loo`` monotone and the common
         divisor ``1 + beta`` not monotone (it rises with most ``kappa``s, falls with those of
-        low-leverage records: rv56s), so each end pairs ``q_loo`` at its own corner with the
+        low-leverage records), so each end pairs ``q_loo`` at its own corner with the
         extreme divisor over the whole box (the largest ``beta`` for the low end;
-        :meth:`_inverse_bias_range`, ``CORRELATED_BETA_BOUNDS``; cf56 took the corners' betas, which
-        a mixed corner can pass), wider than the corners' values by ``beta``'s range."""
+        :meth:`_inverse_bias_range`, ``CORRELATED_BETA_BOUNDS``; the corners' betas alone, taken formerly,
+        a mixed corner can pass beyond), wider than the corners' values by ``beta``'s range."""
         w = influence.to(torch.float64)
         lo, hi = (k.to(torch.float64).clamp(0.0, 1.0) for k in (k_lo, k_hi))
         if not (self.self_mean and self.self_term is not None and self.self_weight is not None):
@@ -833,7 +833,7 @@ class Correlation:
         """``(beta_min, beta_max)``: bounds of :meth:`_inverse_bias` over the ``kappa`` box whose
         corners give the own rows' forms ``vv_lo``, ``vv_hi`` (``[R]``; ``b [R]`` the self weights).
         ``beta`` is increasing in ``a_K = sum(h inside) / sum(vv)``, which is not monotone in the
-        ``kappa``s (raising those of records with ``vv`` below ``a_K / 2b`` lowers it: rv56s). With
+        ``kappa``s (raising those of records with ``vv`` below ``a_K / 2b`` lowers it). With
         ``T = K^-1 - I`` and ``z = (T + R)^-1 x``: each record's ``vv = x'z`` is monotone (in
         ``[vv_lo, vv_hi]``) and ``inside = z'Rz`` lies in ``[vv^2 / vv_1, vv]`` (``vv_1 = x'R^-1x``,
         ``kappa = 1``; Cauchy-Schwarz on ``|G xi|^2``, ``G = R^1/2 (T + R)^-1 R^1/2 <= I``, ``xi =
@@ -943,10 +943,10 @@ class Correlation:
         its relative error stayed below ``eps sqrt(d) s / q`` (``eps`` float64's; d = 64-9,377,
         ``s / q`` 1-3e8), so rows where that bound exceeds ``QUADRATIC_TOLERANCE`` (records in
         the span of the factors with a small remainder: the in-sample form's 1e-6 gives
-        ``s / q`` up to ~1e8; on the nu41b Transformer every row) take
+        ``s / q`` up to ~1e8; on a 2,610-weight Transformer every row) take
         :meth:`_corrected_quadratic`, which continues from the difference's own ``C^-1 y`` (the
         variational form, certified: four products where the stationary form took two; NaN where it
-        cannot be had, cf56). The
+        cannot be had). The
         cross-fitted models' records read ``s / q`` ~2 (up to ~100).
 
         A block no wider than the rank (``d <= k``: a layer's block of the in-sample model, whose
@@ -995,8 +995,7 @@ class Correlation:
     def _corrected_quadratic(cls, u: Tensor, Dinv_u: Tensor, z: Tensor, D: Tensor, A: Tensor,
                              Dinv_A: Tensor, solve_core: Callable[[Tensor], Tensor]) -> Tensor:
         """``[R]`` the rows of :meth:`_factor_quadratic` whose Woodbury difference cancels: the
-        variational form at the core's ``z`` (:meth:`_variational`; ``FACTOR_FORM_VARIATIONAL``,
-        cf56), else the stationary form (:meth:`_stationary_quadratic`), either NaN where its
+        variational form at the core's ``z`` (:meth:`_variational`; ``FACTOR_FORM_VARIATIONAL``), else the stationary form (:meth:`_stationary_quadratic`), either NaN where its
         bracket cannot certify it (:meth:`_certified`)."""
         q, lower, upper = cls._variational(u, z, D, A, solve_core)
         if not FACTOR_FORM_VARIATIONAL:
@@ -1012,10 +1011,10 @@ class Correlation:
         of its size) and the stationary form ``2 u'x - x'M x = u'M^-1 u - e'M e`` (``e`` the
         error of ``x``), whose error is second order in ``e``: what one step of iterative
         refinement of ``x`` then ``u'x`` gives (the old path, :meth:`_solve`), without the
-        refinement's second Woodbury pass. On the nu41b Transformer's 26 in-sample forms both
+        refinement's second Woodbury pass. On a 2,610-weight Transformer's 26 in-sample forms both
         read within 1.7e-12 relative of two refinement steps (docs/benchmarks.md, "wf42"). Its
         error is second order in ``x``'s, which carries the core's error times ``D^-1 A``: past
-        ``s / q ~ 1e11`` it lost digits where :meth:`_variational` kept them (cf56; the default
+        ``s / q ~ 1e11`` it lost digits where :meth:`_variational` kept them (the default
         since, ``FACTOR_FORM_VARIATIONAL``)."""
         x = Dinv_u - z @ Dinv_A.T
         return 2.0 * torch.linalg.vecdot(u, x) - torch.linalg.vecdot(x, x * D) - (x @ A).square().sum(-1)
@@ -1027,7 +1026,7 @@ class Correlation:
         ``d <= k``) by Cholesky with one refinement step; ``None`` where ``M`` is not numerically
         positive definite (the caller's Woodbury path then). Woodbury would factor the ``k x k``
         core and then, its difference cancelling ``s / q`` digits (``s / q`` ~1e5 on the in-sample
-        form's 1e-6 remainder), redo every row by the refined ``[R, d]`` solve (before wf42; now
+        form's 1e-6 remainder), redo every row by the refined ``[R, d]`` solve (formerly; now
         :meth:`_corrected_quadratic`): on a 2,610-weight Transformer (rank 387, 20 blocks of 2-768
         weights, 5 schemes) the forms took 6.4 s that way, 4.5 s with this one, the report's fields
         within 1.3e-12 relative (docs/benchmarks.md, "wf41"); a small block costs far less than the
@@ -1077,7 +1076,7 @@ class Correlation:
         rounding and the eigensolver's, ``(d + k) eps`` times ``|M|_F``; never below ``min D``,
         ``M >= diag(D)`` exactly). Where ``M`` is well conditioned this is ``~eps^2`` of the form,
         while the variational bound at ``t = A'x`` cancels ``|u|`` against ``|At|`` (loadings 1e13
-        over remainders 1e-2: ``M``'s condition 7e3, that bound 100 times the form; cf57)."""
+        over remainders 1e-2: ``M``'s condition 7e3, that bound 100 times the form)."""
         eps = torch.finfo(torch.float64).eps
         d, k = A.shape
         Aabs = A.abs()
@@ -1127,7 +1126,7 @@ class Correlation:
         in ``M``'s norm, ``e'Me = r'M^-1r`` (``r = u - Mx``), is within half :data:`FACTOR_FORM_RTOL` of
         ``sqrt(u'M^-1u)`` (the certified form, :meth:`_factor_quadratic`; the Monte Carlo form's
         statistic ``x'Y`` has the channel's covariance ``M``, so its scale moves by at most that
-        share, as a form's bracket moves its figure by at most half its width); NaN rows elsewhere (cf57: the in-sample form of rows whose column 0 is 1e6 times
+        share, as a form's bracket moves its figure by at most half its width); NaN rows elsewhere (the in-sample form of rows whose column 0 is 1e6 times
         the rest read its weights 7e-4 off in that norm, 1e9 times: 1.8e5, against an 80-digit
         reference). ``r'M^-1r`` is bounded by its variational form at the core's solution
         (:meth:`_variational`'s upper end) plus the residual's rounding ``delta``, ``2 r'M^-1r +
@@ -1420,7 +1419,7 @@ class RecordCorrelation:
 
         Each record without its own row (``loo``; default ``IN_SAMPLE_LOO``, True, where the rows'
         rank is at most ``IN_SAMPLE_LOO_MAX_RANK_SHARE`` = 0.15 of the records, else the plain
-        form, which reads high; dx32; method.md section 3, "Large models"). The right mean is not the right spread: scored with the
+        form, which reads high; method.md section 3, "Large models"). The right mean is not the right spread: scored with the
         matrix it helped build, a record's form is ``q = q_ / (1 + q_ / R)`` (Sherman-Morrison,
         ``q_`` through the other rows' matrix), and ``q_``, through an inverted sample matrix,
         reads high by ``~E[q^2] / (R E[q])`` (``E[S^-1] ~ Sigma^-1 + Sigma^-1 E[(ww' - Sigma)
@@ -1439,7 +1438,7 @@ class RecordCorrelation:
         ``influence`` times a scalar); one more ``[R, d]`` solve per form (1.8x the form's time
         at R = 512, d = 8,000, rank 300). With ``loo`` the forms are not monotone in ``kappa``
         (unlike the shared channel form ``u'M^-1u``): ``beta`` grows with every ``kappa_j`` and can
-        lower most records' scores when one ``kappa`` nears 1 (cf55: deficits < 1e-6 halved on a
+        lower most records' scores when one ``kappa`` nears 1 (deficits < 1e-6 halved on a
         5,378-weight MLP, 505 of 512 records down, the headline -4.1e-5 relative). With ``loo`` the
         stored records' mean own form is checked against ``trace(M^-1 W'W / R)`` (``trace_target``;
         :data:`IN_SAMPLE_TRACE_RTOL`): forms that lost their digits read NaN, not a silent value.
@@ -1503,7 +1502,7 @@ class RecordCorrelation:
     def with_rcond(self, rcond: float) -> RecordCorrelation:
         """The same correlations with the full ``R``'s rank rule ``rcond`` (relative eigenvalue
         cutoff; :data:`RCOND` by default), sharing ``R``'s eigendecomposition: the scoring's
-        cutoff check (rc44; since cf45 the only cutoff of the full form is this rule on ``R``)."""
+        cutoff check (the only cutoff of the full form is this rule on ``R``)."""
         parts = [(i, Correlation(full=c.full, factor=c.factor, residual=c.residual, self_term=c.self_term,
                                  self_weight=c.self_weight, self_mean=c.self_mean, rcond=rcond,
                                  sandwich=c.sandwich, _eigh=c._eigh))

@@ -1,4 +1,4 @@
-"""Stored-cell sums over the distinct edges of each window (issue 13, bf41).
+"""Stored-cell sums over the distinct edges of each window (issue 13).
 
 A weight stored in bf16 and quantized by a finer grid (the ``fp16`` scheme: 8 fp16 codes per bf16
 storage cell near most values), or clipped at its bounds, has windows of stored-cell edges

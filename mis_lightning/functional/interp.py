@@ -25,7 +25,7 @@ against the exact sum over every cell is bounded by measurement (``TOLERANCE``, 
 tests/test_fp8_interp.py against the table built from all 256 bit patterns), and the callers use
 the table only where that was measured: own cell at most ``MAX_OWN_STEP`` sd wide, ``s`` within
 range, ``|x|`` at most the largest value (the unbounded top cell: its span below the largest
-value at most ``MAX_OWN_STEP`` sd, fp23), tensors on the CPU.
+value at most ``MAX_OWN_STEP`` sd), tensors on the CPU.
 """
 
 from __future__ import annotations

@@ -234,7 +234,7 @@ class CorrelatedEnds:
 
     The independent form's plug-in and record error stay :func:`leakage_interval`'s ``value``
     and ``record_se``: the averaged regime's bootstrap draws are of that form, so an interval
-    built there is of it and carried to the headline by the caller (iv28).
+    built there is of it and carried to the headline by the caller.
     """
 
     correlation: RecordCorrelation
@@ -282,7 +282,7 @@ def correlated_ends(ctx: CorrelatedEnds, n: float, low: tuple[Tensor, Tensor], h
     Gaussian channel form's bounds over the whole ``kappa`` box
     (:meth:`~mis_lightning.functional.correlated.RecordCorrelation.gaussian_ends`): the corners'
     values for the monotone forms, a pairing that holds the in-sample leave-one-out form, which is
-    not monotone in ``kappa`` (cf55, cf56; method.md section 3, "Correlated headline")."""
+    not monotone in ``kappa`` (method.md section 3, "Correlated headline")."""
     rc = ctx.correlation
     exact_box = method == "mc" and rc.kind == "full" and ctx.index.numel() <= EXACT_MAX_COARSE
     if CORRELATED_ENDS_OVER_BOX and not exact_box:
@@ -366,7 +366,7 @@ def form_extremes(influence: Tensor, n: float, theta: Tensor, sigma: Tensor, bou
         ValueError: ``halfwidth < 0`` or mismatched shapes (``influence``, ``sigma``,
             ``box_sigma``, ``boundaries`` against ``theta``'s ``d``).
 
-    Source: docs/method.md section 3, "Extremes by the form" (cov47).
+    Source: docs/method.md section 3, "Extremes by the form".
     """
     check_shape("theta", theta, 1, "[d]")
     check_shape("influence", influence, 2, "[R, d]")

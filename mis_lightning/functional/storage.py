@@ -9,14 +9,14 @@ edge is the midpoint between the last ``D`` value of one code and the first of t
 edges move by up to half a storage ulp from the grid's own edges: 0.25 int8 step near a bf16
 block's absmax (docs/quantization.md).
 
-Overflow (fs40): ``rnd_D`` sends every real value from the midpoint between ``D``'s largest finite
+Overflow: ``rnd_D`` sends every real value from the midpoint between ``D``'s largest finite
 value and the next power of two on (fp16: ``|x| >= 65520``; bf16: ``>= (2 - 2^-8) 2^127``) to
 ``+-inf``, a stored value of its own: the largest value's storage cell ends there and an unbounded
 cell of ``inf`` lies beyond, released as ``Q(inf)``. The storage cells' table
 (:func:`storage_values`) holds that power of two (:func:`overflow_value`, 65536; ``2^128``) at each
 end standing for ``+-inf`` (as ``casts.cast_cell_values``), and the stored edges and bounds take it
 as the value after the largest one (:func:`stored_edges`, :func:`stored_bounds`), the keys being
-those of ``+-inf`` itself (:func:`as_stored`). Before fs40 the largest value's cell ran on to
+those of ``+-inf`` itself (:func:`as_stored`). Formerly the largest value's cell ran on to
 infinity: kappa read low, 0.229 for 0.428 at fp16's 65504 with sd 9.8, 0 for a ``bf16`` cast of an
 fp16-stored weight there (tests/test_stored_overflow.py).
 

@@ -398,7 +398,7 @@ def table_cell_moments(
         the process with a ``RuntimeWarning`` and the previous windowed sums are used (then the
         reference sums, should those disagree too). Under ``torch.inference_mode`` or on
         inference tensors it runs outside inference mode on their copies (its caches read
-        tensors' version counters, which inference tensors do not keep; rv49).
+        tensors' version counters, which inference tensors do not keep).
     """
     if torch.is_inference_mode_enabled() or any(t.is_inference() for t in (theta, sigma, values, scale)):
         with torch.inference_mode(False):
@@ -1565,7 +1565,7 @@ def _open_fine_moments(th: Tensor, sg: Tensor, sc: Tensor, h2: Tensor, layout: T
     widths in sd): a float format's cells are at most its relative step (fp16 ``2^-10``) times
     their value wide, so ~``2^-20 E[(theta / sigma + u)^2] / 12`` (~1e-7; measured against the
     sums over every edge: tests/test_table_open_cells.py). Before it such elements took the
-    expansion alone (kappa 1 where the cells give 0.637 at sd 1e8: tb37)."""
+    expansion alone (kappa 1 where the cells give 0.637 at sd 1e8)."""
     prob, i2, f, pdf, p_end, ratio, sq = _open_ends(th, sg, sc, layout)
     kappa = (i2 - (h2 / 12.0 - h2 * h2 / 144.0) * prob + sq.sum(0)).clamp_(0.0, 1.0)
     if kappa_only:
@@ -1778,7 +1778,7 @@ def _sd_floor_ties(th: Tensor, sg: Tensor, sc: Tensor, rest: Tensor, values: Ten
     value in ``(0, tiny]``; scale 1; ``theta`` exactly its own cell's lower edge, both its cells
     finite), else ``None``. The numbers are :func:`_table_window_moments`' on one such element of
     the same local geometry (sign, binade, the two cells' widths, whether ``theta / sd``
-    overflows; keyed so that no path's numbers are assumed alike across these: before tie48 the
+    overflows; keyed so that no path's numbers are assumed alike across these: formerly the
     windowed path gave kappa 2/pi below ``|theta| ~ 4`` and 0 above at sd 2.2e-308; now 2/pi,
     the reference's, on each), cached per table, sd and ``kappa_only``."""
     t, g, k = th.index_select(0, rest), sg.index_select(0, rest), sc.index_select(0, rest)
@@ -1920,8 +1920,8 @@ def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tens
     (:func:`_table_window_moments`) as a subset, whose per-element values do not depend on
     which other elements it is given (its groups and blocks hold the same elements in the same
     order either way, and its sums over cells and runs add each element's terms in one order,
-    :func:`~.cells.column_sums`): what the windowed path gives on the whole call, bitwise (before
-    fx49 ~1 ulp apart beside other elements: 1.1e-16 on fp16 weights at sd 1.5e4, p48a). In a
+    :func:`~.cells.column_sums`): what the windowed path gives on the whole call, bitwise (formerly
+    ~1 ulp apart beside other elements: 1.1e-16 on fp16 weights at sd 1.5e4). In a
     kappa-only call the elements whose sd dwarfs every finite cell take
     :func:`_open_overflow_kappa` (:data:`OVERFLOW_CLOSED_FORM`) before the windowed path, whatever
     else the call holds (a call with nothing settled too: tests/test_table_call_independence.py). ``kappa_only``: the settled elements' ``mean_abs`` and ``m4`` are NaN (not computed),

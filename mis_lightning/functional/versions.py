@@ -5,7 +5,7 @@ run / interpolation / layout tables, the grids' chunk facts, the power caches) c
 counter of an inference tensor (made under ``torch.inference_mode``: it keeps none, and reading
 ``_version`` raises "Inference tensors do not track version counter"); such a tensor can still be
 written in place inside inference mode, unseen. :func:`tensor_version` gives ``None`` there, and a
-cache given ``None`` never takes that shortcut: it compares the values or recomputes (hy50: a
+cache given ``None`` never takes that shortcut: it compares the values or recomputes (a
 grid made by ``scheme.apply`` under inference mode failed in every ``moments`` call, and
 ``table_boundaries`` on an inference value table).
 """

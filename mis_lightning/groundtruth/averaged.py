@@ -451,7 +451,8 @@ def make_ols_design(d: int, n: int, rho: float, *, design: str = "ar1", spread_s
     averaged regime's assumption) on each of them. A smaller spread on a coarse grid puts the
     positions where it cuts the cells: ``spread_sd = 6`` on an 8-sd grid leaves two thirds of the
     weights in the outer half of their cells, where ``kappa`` peaks, and the plug-in (``kappa``
-    smoothed over one sd) reads 0.2-5% low (11 of 12 designs at least 2% low; docs/validation.md, cv29).
+    smoothed over one sd) reads 0.2-5% low (11 of 12 designs at least 2% low; docs/validation.md,
+    "The averaged interval beside a CORRELATED headline, against a closed-form reference").
 
     Raises:
         ValueError: ``d < 2``, ``n <= d + 1``, or what :func:`design_inputs` raises.

@@ -674,7 +674,7 @@ def _split_sample_tv(log_probs: Callable[[], tuple[torch.Tensor, torch.Tensor]],
     The standard error over the ``M`` releases alone treats the ``K`` designs as fixed, but the
     value is that of their mixtures, a Monte Carlo over designs too: at ``K = 150`` its spread
     over design seeds is 1.4x (a TV of 0.053) to 4-5x (0.003) the release se (linear d = 2,
-    ``rtn_int4``; docs/benchmarks.md, section gt46). With ``design_error`` the returned se
+    ``rtn_int4``; docs/benchmarks.md, "gt46"). With ``design_error`` the returned se
     adds a delete-a-group jackknife over the designs (:data:`DESIGN_JACKKNIFE_GROUPS` groups;
     each group's value reweights the same releases to the other designs' mixture)."""
     o1, i1 = log_probs()
@@ -784,7 +784,7 @@ def exact_tv_ols_unquantized(s: Setting, zx: np.ndarray, zy: float, K: int = 150
     :func:`exact_tv_ols_absmax` draws with the same ``seed`` (the same designs and weights: a
     paired comparison). Every release is a function of the weights, so by data processing this
     bounds each quantized truth from above; a fine absmax grid sits just below it (linear
-    ``d = 2``, ``rtn_int8``: -0.04%; docs/benchmarks.md, section cov43)."""
+    ``d = 2``, ``rtn_int8``: -0.04%; docs/benchmarks.md, "cov43")."""
     if s.model != "linear":
         raise ValueError(f"exact_tv_ols_unquantized needs a linear setting, got {s.label()}")
     rng = np.random.default_rng([seed, 2026])  # the stream of exact_tv_ols_absmax
@@ -915,7 +915,7 @@ def oracle_mean(s: Setting, grids: list[Grid], records: int, seed: int) -> tuple
     records ``z ~ P`` (the ``[seed, 99]`` stream), and its standard error ``[G]``. The per-record
     values spread about as much as their mean (linear ``d = 2, 5``: sd / mean 1.06 / 0.9), so
     4,000 records leave a 1.5% error, shared by every target and every grid of one seed; with
-    ``beta ~ 1`` it passes whole into the truth (``docs/benchmarks.md``, section cov43)."""
+    ``beta ~ 1`` it passes whole into the truth (docs/benchmarks.md, "cov43")."""
     xb, yb = draw_records(s, records, np.random.default_rng([seed, 99]))
     vals = np.stack([np.concatenate([oracle_first_order(s, g, xb[a:a + ORACLE_CHUNK], yb[a:a + ORACLE_CHUNK])
                                      for a in range(0, records, ORACLE_CHUNK)]) for g in grids], 1)

@@ -320,7 +320,7 @@ def tv_debiased(keys_in: np.ndarray, keys_out: np.ndarray, iters: int = 60) -> d
     value ``s_c sqrt(2 / pi)``). Not a bound: a null cell's root is ``>= 0``, so where cells are
     noise-dominated it keeps part of the plug-in's excess (removes ~40% of it,
     tests/test_logistic_truth.py) and reads above the TV; with sparse cells (fine absmax bins)
-    the Gaussian model of ``mu_hat_c`` fails (docs/benchmarks.md, section cov46: +0.7 / +1.1% of
+    the Gaussian model of ``mu_hat_c`` fails (docs/benchmarks.md, "cov46": +0.7 / +1.1% of
     the exact OLS absmax TV at 0.4 / 0.2 sd bins, M = 10^6; +2% at 0.1 sd). ``keys_in [M]``, ``keys_out [M, R]`` as
     :func:`tv_bracket`. Returns ``{"plug", "debiased", "floor"}``: ``floor`` is the plug-in's
     excess were every ``mu_c`` zero, ``sum_c s_c sqrt(2 / pi) / 2``.

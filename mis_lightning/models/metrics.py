@@ -51,7 +51,7 @@ def metric_inputs(
 
     Raises:
         ValueError: outputs that are not one value per record (``[B]`` or ``[B, 1]``: a multi-task
-            ``[B, k]`` was flattened and scored as ``B k`` records, nu44b), targets of another size,
+            ``[B, k]`` was flattened and scored as ``B k`` records), targets of another size,
             or non-finite targets (missing labels as NaN: the regression metrics read NaN, the
             binary ones an integer cast of it); the message gives the shapes.
     """

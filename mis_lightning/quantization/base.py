@@ -469,7 +469,7 @@ def zero_counts_only() -> Iterator[None]:
     may leave a grid's ``dequantized`` empty and set :attr:`ParamGrid.zero_count` instead
     (:func:`dequantized_kept` is ``False``). For callers that read nothing else of ``dequantized``
     (the scoring's scheme preparation): a backend's full float32 release per weight and scheme
-    is fresh memory (fx35, 1e7 MLP: ~25k page faults and 0.05 s per torchao scheme)."""
+    is fresh memory (1e7 MLP: ~25k page faults and 0.05 s per torchao scheme)."""
     with _flag_off(_DEQUANTIZED_KEPT):
         yield
 
@@ -519,7 +519,7 @@ def scale_facts_shared(shared: list) -> Iterator[None]:
     the same version) with the same block size and rule share one :func:`scale_facts` call and its
     tensors, which every reader reads and none writes; ``shared`` (a list, empty at first) holds
     them across blocks: a scoring call's schemes with per-row absmax scales (int8, int8 dynamic,
-    intx per row, float8) reveal the same facts (fx35: at 1e7, ~0.1 s and a weight-sized bool
+    intx per row, float8) reveal the same facts (at 1e7, ~0.1 s and a weight-sized bool
     mask per further scheme)."""
     token = _SHARED_SCALE_FACTS.set(shared)
     try:
@@ -1187,7 +1187,7 @@ class ParamGrid:
         range of every grid whose :attr:`revealed` is the same tensor (:data:`REUSE_CHUNK_FACTS`,
         :data:`_REVEALED`: the pool call's after the main one, the other schemes' with the same
         scale facts, the point-mass proof's): the indices write the revealed elements' moments in
-        place (a few per block, not a pass over the chunk's mask per field; cm36). Read, never
+        place (a few per block, not a pass over the chunk's mask per field). Read, never
         written, by the callers."""
         if self.revealed is None:
             return None, None
@@ -2261,7 +2261,7 @@ class ParamGrid:
                       ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None] | None:
         """Value tables of at most ``WIDE_TABLE_MAX_VALUES`` values: the weights whose sd spans
         their bounded window, on the grid's own cells clipped to the bounds, by the series of
-        :mod:`~mis_lightning.functional.wide_series` (docs/method.md section 5, "The bounded window on stored grids", "p43b"):
+        :mod:`~mis_lightning.functional.wide_series` (docs/method.md section 5, "The bounded window on stored grids", "The bounded window on value tables"):
         ``(ii, kappa, mean_abs, m4)``, ``ii`` ``[m]`` the elements it holds for, their float64
         moments (``mean_abs`` exact on the own cell, :func:`~mis_lightning.functional.wide.own_cell_mean_abs`;
         ``mean_abs`` and ``m4`` ``None`` when ``kappa_only``; coverage 1 is the caller's), or
@@ -2772,7 +2772,7 @@ class ParamGrid:
         within ``STORAGE_EXACT_MAX_ULPS`` storage ulps at the edges within reach, or within
         ``STORAGE_FINE_CELLS`` of the grid's cells, or a bound within reach), their cell keys and
         the grid's keys each side they need (any number: the windows go up to the whole table;
-        before st31 an element needing more than ``_MAX_WINDOW`` was scored on the grid's own
+        formerly an element needing more than ``_MAX_WINDOW`` was scored on the grid's own
         cells, 8x too fine for fp16 on a bf16 model: kappa up to 4.5e-3 too high). ``wide``: the
         elements not exact whose reach passes an overflow threshold the grid keys apart, with a
         window wider than ``STORAGE_OVERFLOW_MAX_WINDOW`` (:meth:`_overflow_open_moments`)."""
@@ -2857,7 +2857,7 @@ class ParamGrid:
         (:func:`~mis_lightning.functional.kernel.own_cell_mean_abs`; ``zp``: ``[c]`` zero points,
         default 0). With ``kernel.EXACT_AFFINE_MEAN_ABS`` False: ``2 phi(median(a, 0, b)) - 0.05
         h^2 P(a, b)`` (the fine cells' ``int |u| phi`` and the end cells' ``p |mu|``, the
-        expansion's average over the position in the cell: off by up to ``0.05 h^2``). Before fs40 these read the grid's own cells running on past ``T``:
+        expansion's average over the position in the cell: off by up to ``0.05 h^2``). Formerly these read the grid's own cells running on past ``T``:
         kappa 0.18 high at fp16's 65504 under ``bf16`` with sd 1e4."""
         D = self.storage_dtype
         assert D is not None

@@ -16,8 +16,8 @@ Overflow: torch casts finite weights from the midpoint between the largest finit
 the next power of two on (float16: ``|w| >= 65520``; bfloat16: ``>= 3.3961775e38``) to
 ``+-inf``, so the largest value's cell ends there and an unbounded cell of ``inf`` lies beyond.
 The grid's table (:func:`cast_cell_values`) holds that power of two (65536; ``2^128``) at each
-end as the ``inf`` cell's value: its cells are the cast's (tests/test_cast_cells.py; before
-fh38 the largest value's cell ran on to infinity, kappa up to 7e-5 low at sds of 3e4-1e6 around
+end as the ``inf`` cell's value: its cells are the cast's (tests/test_cast_cells.py; formerly
+the largest value's cell ran on to infinity, kappa up to 7e-5 low at sds of 3e4-1e6 around
 0, 0.2 at 65504), and the grid's ``release_dtype`` turns it into ``inf`` where a released value is
 asked for (:meth:`~mis_lightning.quantization.ParamGrid.cell_value`). ``apply`` adds a note
 naming the parameters where a weight overflowed.

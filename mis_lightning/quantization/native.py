@@ -9,7 +9,7 @@
   ``q_zero_point()`` or ``q_per_channel_scales()`` / ``q_per_channel_zero_points()``,
   values ``dequantize()``. ``torch.ao.quantization`` is deprecated, but still ships: the
   scheme's notes say so; torch's ``DeprecationWarning``, raised by the library's call and by
-  torch's own calls inside it, is filtered around that call only (ux48: it reached the user's
+  torch's own calls inside it, is filtered around that call only (it reached the user's
   ``MISIndicator.compute()``, which they cannot act on).
 * ``native_int8_per_row`` -- ``torch.quantize_per_channel(w, scales, zero_points, 0,
   torch.qint8)`` with the scales and zero points of torch's own

@@ -141,7 +141,7 @@ def get_scheme(spec: str | QuantizationScheme, **kwargs: Any) -> QuantizationSch
 
 class UnknownSchemeError(KeyError):
     """An unknown scheme name (a ``KeyError``, as a missing registry key); its message prints as
-    written: ``KeyError``'s own ``str`` quotes it (nux48)."""
+    written: ``KeyError``'s own ``str`` quotes it."""
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
@@ -150,7 +150,7 @@ class UnknownSchemeError(KeyError):
 def _close_names(spec: str) -> list[str]:
     """Up to 3 registered names close to ``spec``: the same name in other letter case first, then
     the names holding it as a word, then :func:`~mis_lightning._fields.close_names`' spelling
-    matches on lower case (``INT8_weight_only`` suggested float8 first before, nux48); an alias
+    matches on lower case (``INT8_weight_only`` suggested float8 first before); an alias
     that is close suggests the name it stands for (a deprecated alias would point outside the list
     printed with them)."""
     names = [*_FACTORIES, *_ALIASES]
@@ -191,7 +191,7 @@ def _unknown_names_message(unknown: Sequence[str]) -> str:
 def check_scheme_names(specs: Iterable[Any]) -> None:
     """Every registry name among ``specs`` (other entries: scheme objects, config mappings, are
     skipped) is registered or a deprecated alias; checked all at once, so that a list with
-    several misspelt names is corrected in one try (fu31).
+    several misspelt names is corrected in one try.
 
     Raises:
         KeyError: the unknown names, each with up to 3 close registered names, then where the

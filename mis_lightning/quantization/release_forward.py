@@ -4,8 +4,8 @@ A backend such as torchao releases a weight as a tensor subclass (``IntxUnpacked
 that implements its module's own function (``F.linear`` for a Linear, ``F.embedding`` for an
 Embedding) and little else. A forward that uses that weight in another op (the tied output head
 ``h @ self.emb.weight.T``: ``aten.permute``; indexing; ``torch.matmul``) then fails in the
-quantized copy with the backend's own error, which names neither the parameter nor the cause
-(nux50). :func:`release_forward` runs a forward under a ``TorchFunctionMode`` that, only when
+quantized copy with the backend's own error, which names neither the parameter nor the cause.
+:func:`release_forward` runs a forward under a ``TorchFunctionMode`` that, only when
 an op fails on such a weight, raises :class:`ReleaseForwardError` naming the parameter(s), the op
 and the fixes. Ops that succeed pass through unchanged (the mode only calls them).
 """

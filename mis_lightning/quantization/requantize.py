@@ -159,7 +159,7 @@ _MIDS: dict[tuple[int, int, str], _Midpoints] = {}
 def _midpoints(values: Tensor) -> Tensor:
     """Midpoints of a value table, cached per table (by address, its values compared before reuse:
     a freed table's address reused by another, or a table changed in place, is not served the
-    old midpoints; keyed by address alone before s51)."""
+    old midpoints; formerly keyed by address alone)."""
     return per_table(_MIDS, values, values.device, _Midpoints).mids
 
 
@@ -320,7 +320,7 @@ class JointRequant:
         num_draws: ``S``.
         seed: the seed of the draws (the same for every scheme: common random numbers).
         d_eff: ``sum kappa`` over the re-quantized elements that move (``sigma > 0``: one with sd
-            0 leaks nothing and counts 0 even where revealed, as in the scoring pass; de49).
+            0 leaks nothing and counts 0 even where revealed, as in the scoring pass).
         d_eff_se: its Monte Carlo standard error (delete-a-group jackknife over the draws).
         seconds: wall time of the ``S`` scheme runs.
     """
