@@ -10,7 +10,7 @@ unbounded (it only reduces variance). This script evaluates the first-order indi
 (true theta, sd and influences of 4,000 fresh records; independent coordinates, Monte Carlo
 form) on the linear ``d = 5`` validation setting, with the outer cells unbounded and bounded,
 for ``rtn_int2/4/8``, next to the exact truth of ``ground_truth.exact_tv_ols_absmax`` (pooled
-values of docs/validation.md, "Eighth session"):
+values of docs/validation.md, "Exact truths for the absmax releases"):
 
     python benchmarks/absmax_outer_cells.py
 """

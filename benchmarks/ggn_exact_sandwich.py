@@ -10,7 +10,7 @@ classes, 1,066 weights): each scheme's leakage and the estimation pass's CPU tim
 Training: ``adam`` is the example's (12 epochs of Adam, batches of 128, no weight decay);
 ``lbfgs`` is full-batch L-BFGS (5 steps of 200 iterations, eval mode) on
 ``mean CE + 5e-4 |theta|^2``, passed as ``weight_decay=1e-3`` (near the minimum the analysis
-assumes). docs/validation.md "Twenty-seventh session: the exact sandwich with the Gauss-Newton Hessian on a CNN", "Twenty-eighth session: CNNs get the exact sandwich by default" hold the figures.
+assumes). docs/validation.md "The exact sandwich with the Gauss-Newton Hessian on a CNN", "CNNs get the exact sandwich by default" hold the figures.
 
     OMP_NUM_THREADS=1 python benchmarks/ggn_exact_sandwich.py --n 4096 --train adam
     OMP_NUM_THREADS=1 python benchmarks/ggn_exact_sandwich.py --n 4096 --train lbfgs

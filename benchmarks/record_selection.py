@@ -1,7 +1,7 @@
 """Which records are stored: the headline's spread over random selections of the R stored
 records against the interval's record term, and how often the 80% interval holds the
 all-records figure (method.md section 3, "The uncertainty interval", *What the record term
-covers*; docs/validation.md, "Twenty-eighth session: which records are stored").
+covers*; docs/validation.md, "Which records are stored; sigma's sample").
 
     python benchmarks/record_selection.py MODEL [SALTS] [R] [N]      # MODEL: ols100 ols200 logit50 mlp_diag
     COV=independent python benchmarks/record_selection.py mlp_diag 20 512

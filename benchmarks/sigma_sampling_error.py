@@ -1,7 +1,7 @@
 """The sampling error of ``sigma-hat`` (exact sandwich) over simulated trainings against the
 position search's relative se: ``sd(w^2) / (2 sqrt(n))`` (since rn28: ``sigma-hat^2`` is a mean
 over all ``n`` records) and the former ``sd(w^2) / (2 sqrt(R))`` (R stored records). method.md
-section 3, "The step in sd units"; docs/validation.md, "Twenty-eighth session: which records are stored".
+section 3, "The step in sd units"; docs/validation.md, "Which records are stored; sigma's sample".
 
 Independent of the library: closed-form OLS (d = 2, correlated features; normal, Student-t(3) and
 heteroscedastic errors) and a Newton-fitted logistic regression, each sandwich computed directly.
