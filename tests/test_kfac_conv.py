@@ -215,7 +215,7 @@ def test_the_conv_sentence_says_the_relu_cnn_figures_read_high_against_attacks()
     convolutions gets says so, with the measured figures."""
     from mis_lightning.assess import KFAC_CONV_FIGURES, _kfac_sentence
 
-    assert "read high there, not low" in KFAC_CONV_FIGURES and "cn37" in KFAC_CONV_FIGURES
+    assert "read high there, not low" in KFAC_CONV_FIGURES and "The ReLU CNN's quantized figures" in KFAC_CONV_FIGURES
     assert "0.21 / 0.17 / 0.07-0.08" in KFAC_CONV_FIGURES and "the ReLU scale symmetries 0.2-35%" in KFAC_CONV_FIGURES
     assert "the correlation across layers kept sigma" not in KFAC_CONV_FIGURES and "@" not in KFAC_CONV_FIGURES
     torch.manual_seed(0)
