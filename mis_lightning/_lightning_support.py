@@ -1190,7 +1190,8 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
                       output_transform: Any = None, keep: dict[str, Any] | None = None,
                       full_pass: bool = False, read: int | None = None,
                       eval_in_training: list[str] | None = None,
-                      stream_starts: Sequence[tuple[str | None, ...]] | None = None) -> Report:
+                      stream_starts: Sequence[tuple[str | None, ...]] | None = None,
+                      train_in_validation: Sequence[str] | None = None) -> Report:
     """The pipeline on a Trainer's data: the estimation pass over this process's unpadded shard
     of ``trainer.train_dataloader.dataset`` (indices ``rank, rank + world, ...``; states synced
     over processes by :class:`~mis_lightning.streaming.EstimationMetric`), then
@@ -1210,7 +1211,9 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     they or the copy's next pass differ in values no hook draws at random, the first batches assessed
     are not the records trained on, which the report says and marks
     (``diagnostics["stream_records_differ"]``), or the same records at another draw of their augmented
-    values, which it says (:func:`stream_records_note`).
+    values, which it says (:func:`stream_records_note`). ``train_in_validation``: the
+    mode-dependent layers the last validation ran in train mode (Monte Carlo dropout): the report
+    says the utility is the eval-mode model's (:func:`eval_mode_utility_note`).
 
     Raises:
         RuntimeError: the trainer has no training dataloader.
@@ -1343,12 +1346,29 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
         report.warnings.append(stream_note)
     if aug:
         report.warnings.append(aug)
+    if val_loader is not None and train_in_validation:
+        report.warnings.append(eval_mode_utility_note(train_in_validation))
     if val_loader is None:
         report.warnings.append(NO_VALIDATION_WARNING)
     elif num_val > 1:
         report.warnings.append(f"{num_val} validation dataloaders: the quantized copies' utility is measured "
                                "on the first (dataloader_idx 0)")
     return report
+
+
+def eval_mode_utility_note(layers: Sequence[str]) -> str:
+    """The report's line where the validation loop ran ``layers`` (dropout, running-statistics
+    normalisation) in train mode, as Monte Carlo dropout does: every utility figure is the quantized
+    copy's in eval mode (:func:`~mis_lightning.evaluation.evaluate_utility`), deterministic, not the
+    figure the validation logs (nu58, Dropout(0.3): eval-mode loss 0.457; the validation's, dropout
+    on, 0.469-0.501 over 20 draws; the 20-draw averaged prediction's 0.465)."""
+    shown = ", ".join(repr(n) for n in layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
+    return (f"utility measured in eval mode: the validation loop ran {shown} in train mode (Monte Carlo dropout, "
+            "e.g. kept on by on_validation_model_eval), while each scheme's utility here is its quantized copy's "
+            "in eval mode (dropout off, running statistics used), one deterministic prediction per record: it is "
+            "not comparable with the metrics the validation logs; to weigh the schemes by the Monte Carlo "
+            "prediction, measure each quantized copy with dropout on (mis_lightning.assess.score_schemes takes a "
+            "utility_fn(quantized_copy) -> {name: value})")
 
 
 def bind_callback(impl: type, base: type, name: str, package: str) -> type:

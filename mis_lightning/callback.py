@@ -317,6 +317,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         # checkpoint written in on_train_batch_end has that batch read, not completed.)
         # the layers whose mode changes the function: which ran in eval mode is read per batch (ux54c)
         self._mode_modules, self._eval_in_training = mode_dependent_modules(pl_module), None
+        self._train_in_validation: list[str] | None = None  # those the validation ran in train mode (MC dropout)
         progress = trainer.fit_loop.epoch_loop.batch_progress
         self._full_pass = int(trainer.fit_loop.epoch_progress.current.completed) >= 1
         self._most_read = 0 if self._full_pass else int(progress.total.ready)
@@ -414,6 +415,14 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                                  curvature=getattr(self, "_curvature_check", False))
 
     @names_callback
+    def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        # the layers this validation ran in train mode (Monte Carlo dropout kept on by on_validation_model_eval
+        # or the step): the report says the utility is the eval-mode model's, not the validation's (nu58)
+        if batch_idx == 0 and dataloader_idx == 0 and getattr(self, "_mode_modules", None) is not None:
+            self._train_in_validation = [n for n, m in self._mode_modules if m.training and m is not pl_module]
+
+    @names_callback
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.every_n_val_epochs is None or trainer.sanity_checking or trainer.state.fn != "fit":
             return
@@ -492,6 +501,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             metrics=self.utility_metrics, output_transform=self.output_transform, keep=self._kept,
             full_pass=getattr(self, "_full_pass", False), read=getattr(self, "_most_read", None) or None,
             eval_in_training=getattr(self, "_eval_in_training", None),
+            train_in_validation=getattr(self, "_train_in_validation", None),
             stream_starts=getattr(self, "_stream_starts", None))
 
     def _plan(self, trainer: Any, pl_module: Any) -> PlanResult:

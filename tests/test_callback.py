@@ -1546,6 +1546,30 @@ def test_random_augmentation_of_a_stream_is_not_called_a_reshuffle(tmp_path):
     assert marks and not any("records assessed" in m for m in marks)
 
 
+class _MCDropout(Regressor):
+    """Monte Carlo dropout at validation: dropout kept on by ``on_validation_model_eval``."""
+
+    def __init__(self):
+        super().__init__(dropout=0.3)
+
+    def on_validation_model_eval(self):
+        super().on_validation_model_eval()
+        self.net[2].train()
+
+
+def test_the_utility_under_monte_carlo_dropout_at_validation_is_said_to_be_the_eval_mode_model_s(tmp_path):
+    """With dropout kept on at validation the user's val_loss is a dropout-on figure, while every
+    utility in the report is the quantized copy's in eval mode, with no word of it (nu58: 0.457
+    eval-mode against 0.469-0.501 for the validation's own loss). The report says which it is."""
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    fit(tmp_path, _MCDropout, [cb], max_epochs=1)
+    said = [w for w in cb.report.warnings if w.startswith("utility measured in eval mode")]
+    assert len(said) == 1 and "ran 'net.2' in train mode" in said[0], cb.report.warnings
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    fit(tmp_path / "e", lambda: Regressor(dropout=0.3), [cb], max_epochs=1)  # Lightning's eval at validation
+    assert not any(w.startswith("utility measured in eval mode") for w in cb.report.warnings)
+
+
 class HeadOnlyOptimizer(Regressor):
     """Freezes its body by leaving it out of the optimizer (requires_grad stays True)."""
 
