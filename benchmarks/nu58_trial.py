@@ -13,11 +13,8 @@ Runtime: under a minute per case at load 9 on 2 shared cores (1 thread).
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -30,6 +27,7 @@ from mis_lightning import MISCallback
 from mis_lightning.evaluation import evaluate_utility
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import nu57_trial  # noqa: E402
 from nu43_trial import per_sample_loss  # noqa: E402
 from nu57_trial import NREC, SCHEMES, TRAIN, VAL, WD, Net, Stream  # noqa: E402
 
@@ -136,19 +134,7 @@ CASES = {"oneepoch": oneepoch, "augment": augment, "mcdropout": mcdropout}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("case", choices=[*CASES, "all"])
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    import logging
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "mis_lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    t0 = time.perf_counter()
-    for name, fn in CASES.items():
-        if args.case in (name, "all"):
-            fn(args)
-    print(f"total {time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.1f}")
+    nu57_trial.main(CASES, __doc__)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ from .quantization.release_forward import (
     uses_outside_layers,
 )
 from .record_count import check_enough_records, records_read, records_read_note
-from .report import STREAM_RECORDS_DIFFER, Report
+from .report import STREAM_RECORDS_DIFFER, Report, name_list
 from .streaming import HOOK_NAME, EstimationMetric
 
 
@@ -1362,7 +1362,7 @@ def eval_mode_utility_note(layers: Sequence[str]) -> str:
     copy's in eval mode (:func:`~mis_lightning.evaluation.evaluate_utility`), deterministic, not the
     figure the validation logs (nu58, Dropout(0.3): eval-mode loss 0.501; the validation's, dropout
     on, 0.507-0.561 over 20 draws; the 20-draw averaged prediction's 0.509)."""
-    shown = ", ".join(repr(n) for n in layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
+    shown = name_list([repr(n) for n in layers], 3)
     return (f"utility measured in eval mode: the validation loop ran {shown} in train mode (Monte Carlo dropout, "
             "e.g. kept on by on_validation_model_eval), while each scheme's utility here is its quantized copy's "
             "in eval mode (dropout off, running statistics used), one deterministic prediction per record: it is "
