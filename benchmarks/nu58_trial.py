@@ -4,6 +4,7 @@ hook augments at random; Monte Carlo dropout at validation. Each prints what the
 beside ``mis_lightning.assess`` on the records that were (or were not) trained on.
 
     python benchmarks/nu58_trial.py oneepoch    # reshuffling stream, max_epochs=1, limit_train_batches=3
+    python benchmarks/nu58_trial.py workers     # unshuffled stream sharded over 2 workers, limit_train_batches=3
     python benchmarks/nu58_trial.py augment     # unshuffled / reshuffling stream, a hook adding noise in training
     python benchmarks/nu58_trial.py mcdropout   # Dropout kept on in validation: which model's utility is reported
     python benchmarks/nu58_trial.py all
@@ -81,6 +82,22 @@ def oneepoch(args) -> None:
         _stream_lines(cb.report)
 
 
+def workers(args) -> None:
+    """An unshuffled stream sharded over 2 workers (``Stream``: ``order[id::2]``), one epoch of 3 batches
+    of 64: worker 0 yields batches 1 and 3, worker 1 batch 2, so the training read records 0-127 and the
+    even ones 128-254, while the copy, read in one process, yields records 0-191."""
+    pl.seed_everything(0, verbose=False)
+    m = Net()
+    cb = MISCallback(SCHEMES, loss_fn=per_sample_loss, num_records=NREC)
+    _fit(m, DataLoader(Stream(TRAIN, shuffle=False), batch_size=64, num_workers=2), cb, limit_train_batches=3)
+    trained, copy = list(range(128)) + list(range(128, 256, 2)), list(range(192))
+    print(f"[workers] records trained on {len(trained)}; assessed {len(copy)}, {len(set(copy) - set(trained))} "
+          f"never trained on; callback (n={cb.report.n}): {_figures(cb.report)}")
+    print(f"   assess on the copy's first 192      {_assess(m, copy)}")
+    print(f"   assess on the records trained on    {_assess(m, trained)}")
+    _stream_lines(cb.report)
+
+
 class Noisy(Net):
     """Gaussian noise on the inputs in a batch-transfer hook, in training only (Lightning's pattern)."""
 
@@ -130,7 +147,7 @@ def mcdropout(args) -> None:
             print(f"   warning: {w[:400]}")
 
 
-CASES = {"oneepoch": oneepoch, "augment": augment, "mcdropout": mcdropout}
+CASES = {"oneepoch": oneepoch, "workers": workers, "augment": augment, "mcdropout": mcdropout}
 
 
 def main() -> None:

@@ -535,7 +535,12 @@ def stream_records_note(trainer: Any, train: Any, starts: Sequence[tuple[str | N
     (``other_records`` False: each record is assessed at one draw, as for a map-style dataset). Every
     such leaf differing: other records (the stream reshuffles or draws anew each pass; nu57: 47 of
     192 assessed never trained on after 3 epochs, nu58: 121 of 192 after one), or values augmented
-    in every leaf, which the text names too (``other_records`` True: the figures are marked ``*``).
+    in every leaf, which the text names too, or the training loader's worker processes each yielding a
+    part of the stream, interleaved, while the copy is read in one process (nu58: an unshuffled stream
+    sharded over 2 workers, 3 batches of 64: trained on records 0-127 and the even ones to 254, the copy's
+    0-191 assessed, 32 of them never trained on; with 2 batches the same 128 records, in another order),
+    named where ``train`` has workers
+    (``other_records`` True: the figures are marked ``*``).
     """
     probe = reloader(train, None, None, limit=1)
     with isolated_rng():  # the copy's read draws its workers' seed (and any shuffle) from the global streams
@@ -566,10 +571,17 @@ def stream_records_note(trainer: Any, train: Any, starts: Sequence[tuple[str | N
                 f"or its collate_fn, {what}): each record is assessed at one random draw, not as the records "
                 "trained on; to assess the records themselves, assess over the stream without its random "
                 "transforms (mis_lightning.assess, or a MISIndicator updated on its batches)"), False
+    workers = int(getattr(train, "num_workers", 0) or 0)
+    # workers each yield their part of the stream (sharded by get_worker_info, interleaved batch by batch),
+    # the copy is read in one process: its first batches hold other records than the training's
+    split = (f", or its {workers} worker processes each yield a part of it, interleaved, while the copy assessed "
+             "is read in one process (the same records only where the batches trained on span whole rounds of the "
+             "workers' parts)") if workers else ""
     return (f"{STREAM_RECORDS_DIFFER} ({what}): {begun}{hooks}, in every value that varies over the batch, so the "
-            "stream yields other records at each pass (it reshuffles or draws anew) or augments every value of its "
-            f"records at random: the first {limit} batches of another pass, which are assessed, are not the records "
-            "trained on (reshuffled: some were never trained on and others trained on are missing; augmented: the "
+            f"stream yields other records at each pass (it reshuffles or draws anew){split}, or it augments every "
+            f"value of its records at random: the first {limit} batches of another pass, which are assessed, are not "
+            "the records trained on (reshuffled: some were never trained on and others trained on are missing; "
+            "augmented: the "
             "records at another random draw); every figure is marked '*'. To assess the records trained on, collect "
             "them and call mis_lightning.assess"), True
 
