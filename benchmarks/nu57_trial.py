@@ -508,9 +508,12 @@ CASES = {"datamodule": datamodule, "iterable": iterable, "twice": twice, "overfi
          "compile": compiled, "truecast": truecast, "trainmode": trainmode}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("case", choices=[*CASES, "all"])
+def main(cases: dict | None = None, doc: str | None = None) -> None:
+    """Run the case named on the command line (or all) of ``cases`` (this trial's by default; a later
+    trial passes its own and its docstring)."""
+    cases = CASES if cases is None else cases
+    ap = argparse.ArgumentParser(description=doc or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("case", choices=[*cases, "all"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table", action="store_true", help="print the callback's table where a case says so")
     args = ap.parse_args()
@@ -519,7 +522,7 @@ def main() -> None:
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "mis_lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
     t0 = time.perf_counter()
-    for name, fn in CASES.items():
+    for name, fn in cases.items():
         if args.case in (name, "all"):
             fn(args)
     print(f"total {time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.1f}")

@@ -64,7 +64,7 @@ from .quantization.release_forward import (
     uses_outside_layers,
 )
 from .record_count import check_enough_records, records_read, records_read_note
-from .report import STREAM_RECORDS_DIFFER, Report
+from .report import STREAM_RECORDS_DIFFER, Report, name_list
 from .streaming import HOOK_NAME, EstimationMetric
 
 
@@ -345,11 +345,12 @@ def trained_batches(trainer: Any, full_pass: bool = False, read: int | None = No
     return limit, what
 
 
-def _transfer(trainer: Any, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+def _transfer(trainer: Any, batch: Any, device: torch.device, dataloader_idx: int, stage: str = "validate") -> Any:
     """``batch`` through the batch-transfer hooks of the module and its datamodule
     (``on_before_batch_transfer``, ``transfer_batch_to_device``, ``on_after_batch_transfer``),
-    as the Trainer's loops apply them; a plain device move where the module has no such hooks
-    (another Lightning layout) or is not attached to ``trainer``."""
+    as the Trainer's loops apply them, the Trainer in ``stage`` (Lightning's ``RunningStage``
+    value: ``"validate"``, the assessment's, or ``"train"``); a plain device move where the module
+    has no such hooks (another Lightning layout) or is not attached to ``trainer``."""
     module = getattr(trainer, "lightning_module", None)
     before = getattr(module, "_on_before_batch_transfer", None)
     handler = getattr(module, "_apply_batch_transfer_handler", None)
@@ -360,18 +361,18 @@ def _transfer(trainer: Any, batch: Any, device: torch.device, dataloader_idx: in
     # `if self.trainer.training` (Lightning's own example) would augment the assessed records
     # and the validation batches of the utility
     state = getattr(trainer, "state", None)
-    stage = getattr(state, "stage", None)
+    current = getattr(state, "stage", None)
     try:
-        validating = type(stage)("validate") if stage is not None else None
+        wanted = type(current)(stage) if current is not None else None
     except ValueError:  # another enum layout: the stage as it is
-        validating = None
-    if validating is not None:
-        state.stage = validating
+        wanted = None
+    if wanted is not None:
+        state.stage = wanted
     try:
         return handler(before(batch, dataloader_idx=dataloader_idx), device=device, dataloader_idx=dataloader_idx)
     finally:
-        if validating is not None:
-            state.stage = stage
+        if wanted is not None:
+            state.stage = current
 
 
 def trainer_batch(trainer: Any, batch: Any, device: torch.device, dataloader_idx: int = 0) -> Any:
@@ -491,12 +492,107 @@ def weights_fingerprint(module: nn.Module) -> str | None:
     return _tensors_digest(itertools.chain(module.named_parameters(), module.named_buffers()))
 
 
-def batch_digest(batch: Any) -> str | None:
-    """A digest of a batch's tensor leaves (their order, dtypes, shapes, bytes): tells whether
-    two passes of a stream began with the same batch; None where a leaf cannot be read as bytes."""
-    from torch.utils._pytree import tree_leaves
+def _tensor_leaves(batch: Any) -> list[tuple[str, Tensor]]:
+    """A batch's tensor leaves, each with its place in the batch (``"batch[1]"``, ``"batch['x']"``)."""
+    from torch.utils._pytree import keystr, tree_flatten_with_path
 
-    return _tensors_digest((str(i), t) for i, t in enumerate(x for x in tree_leaves(batch) if isinstance(x, Tensor)))
+    return [(f"batch{keystr(path)}", t) for path, t in tree_flatten_with_path(batch)[0] if isinstance(t, Tensor)]
+
+
+def batch_digests(batch: Any) -> tuple[str | None, ...]:
+    """A digest of each tensor leaf of a batch (dtype, shape, bytes), in the batch's order: tells
+    whether two passes of a stream began with the same batch, leaf by leaf (inputs a hook augments
+    at random apart from the targets it leaves); None for a leaf that cannot be read as bytes."""
+    return tuple(_tensors_digest([("", t)]) for _, t in _tensor_leaves(batch))
+
+
+def _training_view(trainer: Any, batch: Any, device: torch.device) -> Any:
+    """``batch`` as the training loop hands it to the callbacks' ``on_train_batch_start``: the
+    precision plugin's ``convert_input``, then the batch-transfer hooks in the training stage
+    (Lightning 2.6 ``_TrainingEpochLoop.advance``); a private clone of its tensors goes in (a hook
+    that writes into its batch leaves ``batch`` as it was)."""
+    from torch.utils._pytree import tree_map
+
+    batch = tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, batch)
+    convert = getattr(getattr(trainer, "precision_plugin", None), "convert_input", None)
+    return _transfer(trainer, convert(batch) if callable(convert) else batch, device, 0, stage="train")
+
+
+def stream_records_note(trainer: Any, train: Any, starts: Sequence[tuple[str | None, ...]], device: torch.device,
+                        limit: int, what: str) -> tuple[str, bool] | None:
+    """Whether the first ``limit`` batches of a copy of the stream ``train`` (what the callback
+    assesses under ``limit_train_batches``) are the records trained on: ``(text, other_records)``
+    for the report, or None when nothing tells them apart.
+
+    ``starts``: the distinct :func:`batch_digests` of the batches the training passes began with
+    (the callback's ``on_train_batch_start``). The copy's first batch is read (RNG isolated) and
+    put through :func:`_training_view` twice: a leaf that differs between the two is drawn at random
+    by the batch-transfer hooks (augmentation on the device: the assessment reads such batches in
+    the validation stage, the records themselves) and is not compared. The other leaves of the
+    passes' first batches and the copy's are compared: all equal, the same records (None). A leaf
+    that differs while another, not constant over the batch (the targets), agrees: the same records
+    at another random draw of the differing values (augmentation in the dataset), said as such
+    (``other_records`` False: each record is assessed at one draw, as for a map-style dataset). Every
+    such leaf differing: other records (the stream reshuffles or draws anew each pass; nu57: 47 of
+    192 assessed never trained on after 3 epochs, nu58: 121 of 192 after one), or values augmented
+    in every leaf, which the text names too, or the training loader's worker processes each yielding a
+    part of the stream, interleaved, while the copy is read in one process (nu58: an unshuffled stream
+    sharded over 2 workers, 3 batches of 64: trained on records 0-127 and the even ones to 254, the copy's
+    0-191 assessed, 32 of them never trained on; with 2 batches the same 128 records, in another order),
+    named where ``train`` has workers
+    (``other_records`` True: the figures are marked ``*``).
+    """
+    probe = reloader(train, None, None, limit=1)
+    with isolated_rng():  # the copy's read draws its workers' seed (and any shuffle) from the global streams
+        try:
+            raw = next(iter(probe), None)
+            if raw is None:
+                return None
+            view, again = _training_view(trainer, raw, device), _training_view(trainer, raw, device)
+        except Exception:  # noqa: BLE001 - the estimation's own read reports it
+            return None
+    leaves, first, second = _tensor_leaves(view), batch_digests(view), batch_digests(again)
+    kept = [i for i in range(len(first)) if first[i] is not None and first[i] == second[i]]
+    if any(len(s) != len(first) for s in starts):  # another layout than the training's: no leaf to pair
+        differ, agree = ["the batch's layout"], []
+    else:
+        diff_i = [i for i in kept if len({s[i] for s in starts} | {first[i]}) > 1]
+        if not diff_i:
+            return None
+        differ = [leaves[i][0] for i in diff_i]
+        agree = [leaves[i][0] for i in kept if i not in diff_i and not _constant_rows(leaves[i][1])]
+    begun = ("the training passes over the iterable training data did not all begin with the same batch"
+             if len(starts) > 1 else "the copy of the iterable training data assessed (its next pass) begins with "
+             "another batch than the training's pass did")
+    hooks = " (values the batch-transfer hooks draw at random aside)" if len(kept) < len(first) else ""
+    if agree:
+        return (f"the iterable training data yields its records with other values at each pass: {begun}{hooks}, "
+                f"in {', '.join(differ)} while {', '.join(agree)} agree (random augmentation in the dataset "
+                f"or its collate_fn, {what}): each record is assessed at one random draw, not as the records "
+                "trained on; to assess the records themselves, assess over the stream without its random "
+                "transforms (mis_lightning.assess, or a MISIndicator updated on its batches)"), False
+    workers = int(getattr(train, "num_workers", 0) or 0)
+    # workers each yield their part of the stream (sharded by get_worker_info, interleaved batch by batch),
+    # the copy is read in one process: its first batches hold other records than the training's
+    split = (f", or its {workers} worker processes each yield a part of it, interleaved, while the copy assessed "
+             "is read in one process (the same records only where the batches trained on span whole rounds of the "
+             "workers' parts)") if workers else ""
+    return (f"{STREAM_RECORDS_DIFFER} ({what}): {begun}{hooks}, in every value that varies over the batch, so the "
+            f"stream yields other records at each pass (it reshuffles or draws anew){split}, or it augments every "
+            f"value of its records at random: the first {limit} batches of another pass, which are assessed, are not "
+            "the records trained on (reshuffled: some were never trained on and others trained on are missing; "
+            "augmented: the "
+            "records at another random draw); every figure is marked '*'. To assess the records trained on, collect "
+            "them and call mis_lightning.assess"), True
+
+
+def _constant_rows(t: Tensor) -> bool:
+    """Whether every record of a batch leaf holds the same value (a mask of ones, one class): its
+    equality between two batches says nothing of their records."""
+    try:
+        return t.dim() == 0 or t.shape[0] <= 1 or bool((t == t[:1]).all())
+    except Exception:  # noqa: BLE001 - a tensor subclass without elementwise equality: no claim from it
+        return True
 
 
 def _first_read(cb: Any, trainer: Any) -> int | None:
@@ -1108,7 +1204,9 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
                       batch_size: int | None = None, metrics: Mapping[str, Any] | None = None,
                       output_transform: Any = None, keep: dict[str, Any] | None = None,
                       full_pass: bool = False, read: int | None = None,
-                      eval_in_training: list[str] | None = None, stream_starts: int | None = None) -> Report:
+                      eval_in_training: list[str] | None = None,
+                      stream_starts: Sequence[tuple[str | None, ...]] | None = None,
+                      train_in_validation: Sequence[str] | None = None) -> Report:
     """The pipeline on a Trainer's data: the estimation pass over this process's unpadded shard
     of ``trainer.train_dataloader.dataset`` (indices ``rank, rank + world, ...``; states synced
     over processes by :class:`~mis_lightning.streaming.EstimationMetric`), then
@@ -1122,11 +1220,15 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     training has read its loader to the end at least once; ``read``: the most batches one pass
     has read from its start (:func:`trained_batches`). ``eval_in_training``: the
     :func:`~mis_lightning.assess.mode_dependent_modules` the last training batch ran in eval mode
-    (``None``: no batch seen), as ``diagnostics["eval_mode_in_training"]``. ``stream_starts``: how
-    many different first batches the training passes over an iterable dataset began with (the
-    callback's digests, counted up to 2; ``None``: not counted): above 1 under an integer ``limit_train_batches``,
-    the first batches of the copy's next pass are not the records trained on, which the report
-    says and marks (``diagnostics["stream_records_differ"]``).
+    (``None``: no batch seen), as ``diagnostics["eval_mode_in_training"]``. ``stream_starts``: the
+    distinct first batches the training passes over an iterable dataset began with (the callback's
+    :func:`batch_digests`; ``None`` or empty: not known): under an integer ``limit_train_batches``, where
+    they or the copy's next pass differ in values no hook draws at random, the first batches assessed
+    are not the records trained on, which the report says and marks
+    (``diagnostics["stream_records_differ"]``), or the same records at another draw of their augmented
+    values, which it says (:func:`stream_records_note`). ``train_in_validation``: the
+    mode-dependent layers the last validation ran in train mode (Monte Carlo dropout): the report
+    says the utility is the eval-mode model's (:func:`eval_mode_utility_note`).
 
     Raises:
         RuntimeError: the trainer has no training dataloader.
@@ -1154,16 +1256,13 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
         if ds is not None and records else None
     limit, what = trained_batches(trainer, full_pass, read)
     loader = reloader(train, shard, batch_size, limit=limit)
-    # a stream cut by limit_train_batches whose passes began with other batches (it reshuffles or draws
-    # anew each pass): the copy's next pass yields other records again, not those trained on (nu57: 47
-    # of the 192 records assessed never trained on, said only as "when each pass yields the same records first")
-    reshuffled = isinstance(loader, _FirstBatches) and (stream_starts or 0) > 1
-    stream_note = (
-        f"{STREAM_RECORDS_DIFFER} ({what}): the training passes over the iterable training data did not all "
-        f"begin with the same batch (a stream that reshuffles or draws anew each pass), so the first {limit} "
-        "batches of another pass, which are assessed, are not the records trained on: some were never trained "
-        "on and others trained on are missing; every figure is marked '*'. To assess the records trained on, "
-        "collect them and call mis_lightning.assess") if reshuffled else None
+    # a stream cut by limit_train_batches whose passes, or the copy's next one, began with other batches (it
+    # reshuffles or draws anew each pass): the copy's first batches are not the records trained on (nu57: 47
+    # of the 192 records assessed never trained on, said only as "when each pass yields the same records
+    # first"; nu58: after one epoch, 121 of 192), unless only values a hook or the dataset draws at random differ
+    checked = stream_records_note(trainer, train, stream_starts, next(pl_module.parameters()).device, limit, what) \
+        if isinstance(loader, _FirstBatches) and stream_starts else None
+    stream_note, reshuffled = checked if checked is not None else (None, False)
     if isinstance(loader, _FirstBatches) and not reshuffled:
         note = "; ".join(x for x in (note, f"{what}: the first {limit} batches of the iterable training data are "
                                            "assessed (the records trained on when each pass yields the same "
@@ -1262,12 +1361,29 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
         report.warnings.append(stream_note)
     if aug:
         report.warnings.append(aug)
+    if val_loader is not None and train_in_validation:
+        report.warnings.append(eval_mode_utility_note(train_in_validation))
     if val_loader is None:
         report.warnings.append(NO_VALIDATION_WARNING)
     elif num_val > 1:
         report.warnings.append(f"{num_val} validation dataloaders: the quantized copies' utility is measured "
                                "on the first (dataloader_idx 0)")
     return report
+
+
+def eval_mode_utility_note(layers: Sequence[str]) -> str:
+    """The report's line where the validation loop ran ``layers`` (dropout, running-statistics
+    normalisation) in train mode, as Monte Carlo dropout does: every utility figure is the quantized
+    copy's in eval mode (:func:`~mis_lightning.evaluation.evaluate_utility`), deterministic, not the
+    figure the validation logs (nu58, Dropout(0.3): eval-mode loss 0.501; the validation's, dropout
+    on, 0.507-0.561 over 20 draws; the 20-draw averaged prediction's 0.509)."""
+    shown = name_list([repr(n) for n in layers], 3)
+    return (f"utility measured in eval mode: the validation loop ran {shown} in train mode (Monte Carlo dropout, "
+            "e.g. kept on by on_validation_model_eval), while each scheme's utility here is its quantized copy's "
+            "in eval mode (dropout off, running statistics used), one deterministic prediction per record: it is "
+            "not comparable with the metrics the validation logs; to weigh the schemes by the Monte Carlo "
+            "prediction, measure each quantized copy with dropout on (mis_lightning.assess.score_schemes takes a "
+            "utility_fn(quantized_copy) -> {name: value})")
 
 
 def bind_callback(impl: type, base: type, name: str, package: str) -> type:

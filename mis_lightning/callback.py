@@ -67,6 +67,8 @@ __all__ = ["MISCallback", "lightning_callback"]  # LightningMISCallback: lazy, n
 
 # a run's stage as the strict mode's error says it ("MISCallback: the assessment at the end of fit ...")
 _WHEN = {"fit_end": "at the end of fit", "validation": "after a validation epoch"}
+# distinct first batches of a stream's passes kept (digests: a few bytes each; one hashing of a batch per epoch)
+STREAM_STARTS = 16
 
 
 def _plan_config(plan: PlanConfig | Mapping[str, Any] | None, metrics: Mapping[str, Any],
@@ -315,6 +317,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         # checkpoint written in on_train_batch_end has that batch read, not completed.)
         # the layers whose mode changes the function: which ran in eval mode is read per batch (ux54c)
         self._mode_modules, self._eval_in_training = mode_dependent_modules(pl_module), None
+        self._train_in_validation: list[str] | None = None  # those the validation ran in train mode (MC dropout)
         progress = trainer.fit_loop.epoch_loop.batch_progress
         self._full_pass = int(trainer.fit_loop.epoch_progress.current.completed) >= 1
         self._most_read = 0 if self._full_pass else int(progress.total.ready)
@@ -360,9 +363,10 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             rank_zero_warn(f"MISCallback: {aug}")
         self._sets = TrainingSets()  # this fit's loaders only
         # a stream: the first batch of each pass, to tell one that yields other records first each pass
-        # (limit_train_batches then trains on other records than a later pass's first batches: nu57)
-        self._stream_starts: set[str | None] | None = set() if train is not None and lt.map_items(train) is None \
-            else None
+        # (limit_train_batches then trains on other records than a later pass's, or the copy's, first
+        # batches: nu57, nu58), leaf by leaf (a hook that augments the inputs leaves the targets)
+        self._stream_starts: list[tuple[str | None, ...]] | None = [] \
+            if train is not None and lt.map_items(train) is None else None
 
     @names_callback
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
@@ -397,9 +401,9 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         # the not-at-a-minimum warning advises) are no cause of an objective mismatch (ux54c)
         self._eval_in_training = [n for n, m in getattr(self, "_mode_modules", ()) if not m.training]
         starts = getattr(self, "_stream_starts", None)
-        if starts is not None and self._pass_read == 0 and len(starts) < 2 \
-                and (digest := lt.batch_digest(batch)) is not None:  # two tell it: no more digests
-            starts.add(digest)
+        if starts is not None and self._pass_read == 0 and len(starts) < STREAM_STARTS \
+                and (digests := lt.batch_digests(batch)) not in starts:
+            starts.append(digests)
         if self._batch_unchecked:
             self._batch_unchecked = False
             res = self._loss(trainer, pl_module)
@@ -409,6 +413,14 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                                  estimation_config=self._dry_config(self._optimized(trainer, pl_module, names)[0]
                                                                     or names),
                                  curvature=getattr(self, "_curvature_check", False))
+
+    @names_callback
+    def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        # the layers this validation ran in train mode (Monte Carlo dropout kept on by on_validation_model_eval
+        # or the step): the report says the utility is the eval-mode model's, not the validation's (nu58)
+        if batch_idx == 0 and dataloader_idx == 0 and getattr(self, "_mode_modules", None) is not None:
+            self._train_in_validation = [n for n, m in self._mode_modules if m.training and m is not pl_module]
 
     @names_callback
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
@@ -489,7 +501,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             metrics=self.utility_metrics, output_transform=self.output_transform, keep=self._kept,
             full_pass=getattr(self, "_full_pass", False), read=getattr(self, "_most_read", None) or None,
             eval_in_training=getattr(self, "_eval_in_training", None),
-            stream_starts=len(starts) if (starts := getattr(self, "_stream_starts", None)) is not None else None)
+            train_in_validation=getattr(self, "_train_in_validation", None),
+            stream_starts=getattr(self, "_stream_starts", None))
 
     def _plan(self, trainer: Any, pl_module: Any) -> PlanResult:
         """The planner on the assessment's estimate, loader and utility (rank 0)."""

@@ -392,7 +392,7 @@ class PlanResult:
         marked = self._marked()
 
         def marks(name: str) -> str:  # after a leakage, as in the report's table
-            return leakage_marks(marked[name]) if name in marked else ""
+            return _row_marks(marked, name)
         lines = [f"| scheme (report row) | per layer | predicted leakage | leakage | 80% interval | MIS "
                  f"| predicted {m} | {m} | bits/weight |",
                  "|---|---|---|---|---|---|---|---|---|"]
@@ -579,6 +579,13 @@ def _interval_row(r: Mapping[str, Any] | None) -> dict[str, Any]:
            "leakage_p90": iv[1] if iv else None}
     drop_nan_interval(row)  # an end read NaN is no interval (report.has_interval)
     return row
+
+
+def _row_marks(marked: Mapping[str, Mapping[str, Any]], name: str) -> str:
+    """The marks after report row ``name``'s leakage (``" *"``, ``" !"``, ...:
+    :func:`~mis_lightning.report.leakage_marks`), ``""`` for a name ``marked`` (the report's rows by
+    scheme) lacks: every line that quotes a re-assessed leakage carries them, as the tables do."""
+    return leakage_marks(dict(marked[name])) if name in marked else ""
 
 
 def _interval_text(r: Mapping[str, Any]) -> str:
@@ -1120,6 +1127,7 @@ def plan(
         p.result = report.schemes.get(p.name)
     budget = {k: getattr(cfg, k) for k in ("max_utility_loss", "max_bits", "target_mis")}
     warnings_ = list(report.warnings)
+    marked = {str(r["scheme"]): r for r in report.rows()}  # the leakages' marks, as the tables print them
     for p in [chosen, *(q for q in to_assess if q is not chosen)]:
         r = p.reassessed(metric)
         if r is None or math.isnan(r["leakage"]):
@@ -1131,7 +1139,8 @@ def plan(
             warnings_.append(f"plan {p.name!r}: re-assessed {miss} (the proxy predicted leakage {p.leakage:.4g}, "
                              f"{metric} {p.utility:.4g}); its release does not meet the budget")
         elif p.name not in uniform and abs(r["leakage"] - p.leakage) > 0.02 * max(r["leakage"], 1e-12):
-            warnings_.append(f"plan {p.name!r}: the re-assessed leakage {r['leakage']:.4g} differs from the "
+            warnings_.append(f"plan {p.name!r}: the re-assessed leakage {r['leakage']:.4g}{_row_marks(marked, p.name)} "
+                             "differs from the "
                              f"search's proxy {p.leakage:.4g} by more than 2% (the pipeline used "
                              f"{p.result.method!r}{_requantized(p.result)}); the reported value is the "
                              "pipeline's")
@@ -1167,8 +1176,8 @@ def plan(
                    and _unresolved(_interval_row(rc), _interval_row(rn)))
             why = (f"misses the budget once re-assessed ({missed})" if missed else
                    (f"ties on leakage with {new.name!r}" if tie else "is beaten") +
-                   f" once re-assessed (leakage {rc['leakage']:.4g}{_interval_text(rc)} vs {rn['leakage']:.4g}"
-                   f"{_interval_text(rn)}, {metric} {rc['utility']:.4g} vs {rn['utility']:.4g}, bits "
+                   f" once re-assessed (leakage {rc['leakage']:.4g}{_row_marks(marked, chosen.name)}{_interval_text(rc)}"
+                   f" vs {rn['leakage']:.4g}{_row_marks(marked, new.name)}{_interval_text(rn)}, {metric} {rc['utility']:.4g} vs {rn['utility']:.4g}, bits "
                    f"{rc['bits_per_weight']:.4g} vs {rn['bits_per_weight']:.4g})")
             predicted_over = cfg.max_utility_loss is not None and new.utility_loss > cfg.max_utility_loss
             how = " (predicted over max_utility_loss, measured within it)" if predicted_over else ""
@@ -1203,7 +1212,7 @@ def plan(
         if r is None or math.isnan(r["leakage"]) or abs(r["leakage"] - u.leakage) <= 0.02 * max(r["leakage"], 1e-12):
             continue
         warnings_.append(f"candidate {name!r}: the search's proxy {u.leakage:.4g} differs from its re-assessed "
-                         f"leakage {r['leakage']:.4g} by {100 * (u.leakage / r['leakage'] - 1):+.1f}% (the pipeline "
+                         f"leakage {r['leakage']:.4g}{_row_marks(marked, name)} by {100 * (u.leakage / r['leakage'] - 1):+.1f}% (the pipeline "
                          f"used {u.result.method!r}{_requantized(u.result)}); the frontier's plans that use it carry "
                          "an error of that order (the re-assessed rows are the pipeline's)")
     # The predicted utility adds the per-layer measured changes: say where that misses the

@@ -1755,8 +1755,8 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
     is a callback's loss several-fold above the one ``training_step`` returned on the same batches
     (``diagnostics["loss_mismatch"]``: :mod:`mis_lightning._loss_match`), and a model the callback's
     fit took no optimizer step on (``diagnostics["not_trained"]``: :data:`NOT_TRAINED`), and a callback's
-    records read from a stream cut by ``limit_train_batches`` whose passes began with other batches
-    (``diagnostics["stream_records_differ"]``: not the records trained on)."""
+    records read from a stream cut by ``limit_train_batches`` whose passes, or the copy's next pass, began
+    with other batches (``diagnostics["stream_records_differ"]``: not the records trained on)."""
     diagnostics = diagnostics or {}
     out = []
     if n > 0 and d / n > D_EFF_OVER_N_MAX:

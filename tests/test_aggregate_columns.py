@@ -85,6 +85,23 @@ def test_ties_pair_only_rows_of_one_training_setup(tmp_path):
     assert "2: int8_weight_only" not in ties[0]
 
 
+def test_a_seed_s_ties_line_names_its_job_once(tmp_path):
+    """The README's seed sweep: one job per seed, each assessing several schemes. Each seed's ties line
+    prefixed every name with its job after a prefix that already set the seed apart: "(seed=0) not
+    ranked beyond their intervals: 0: float8_weight_only (0.0986), 0: native_int8_dynamic (0.1001), ..."
+    (nux57). A setup of one job names it once, in the prefix."""
+    for num in range(2):
+        job = tmp_path / f"{num}"
+        job.mkdir()
+        rows = [{**_row(s, "bootstrap", 0.0), "leakage": 0.1001 + 1e-3 * k} for k, s in enumerate(["int8", "bf16"])]
+        (job / "result.json").write_text(json.dumps({
+            "job": {"num": num, "overrides": [f"seed={num}"]}, "status": "ok", "rows": rows, "warnings": []}))
+    agg.aggregate(tmp_path, verbose=False)
+    ties = [ln for ln in (tmp_path / "aggregate.md").read_text().splitlines() if "not ranked beyond their" in ln]
+    assert [t.split(" not ranked")[0] for t in ties] == ["(job 0, seed=0)", "(job 1, seed=1)"], ties
+    assert all("intervals: int8 (0.1001), bf16 (0.1011)" in t for t in ties), ties
+
+
 def test_zeros_column_and_its_legend_reach_the_aggregate(tmp_path):
     """Each job's table has a ``zeros`` column (share of quantized weights released as exactly 0);
     until session 42 aggregate.md dropped it. Its legend entry is the job table's, word for word."""

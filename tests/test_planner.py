@@ -820,6 +820,40 @@ def test_a_plan_swap_or_choice_inside_the_intervals_is_said_to_be_no_ranking(set
     assert res.to_dict()["not_ranked_against"] == res.not_ranked_against
 
 
+def test_the_planner_s_warnings_quote_re_assessed_leakages_with_their_marks(setup, monkeypatch):
+    """The swap warning quoted the two plans' re-assessed leakages bare while the plan's table and the
+    report marked them '*' (ux57 left (b), nu58): a figure read apart from its mark. A fit marked
+    outside the assumptions (here: "not trained in this fit", set on the estimate) and a search's
+    choice that reads 10x its leakage once re-assessed (beaten): each figure the warning quotes
+    carries its row's marks, as the table's."""
+    import dataclasses
+    import re
+
+    _ranked_headline(monkeypatch)
+    from mis_lightning import planning
+
+    model, tr, va, est, _ = setup
+    marked = dataclasses.replace(est, diagnostics={**est.diagnostics, "not_trained": True})
+    kw = dict(val_dataloader=va, estimate=marked, weight_decay=WD, reassess=3, max_utility_loss=0.5,
+              reassess_near_budget=0)
+    first = _search_choice(plan(model, CANDS, tr, loss, **kw)).choices
+    real = planning.PlanPoint.reassessed
+
+    def beaten(self, metric):  # the search's own choice reads 10x its leakage (and interval) once re-assessed
+        r = real(self, metric)
+        if r is not None and self.choices == first:
+            r = {**r, "leakage": 10 * r["leakage"], "interval": tuple(10 * x for x in r["interval"])}
+        return r
+
+    monkeypatch.setattr(planning.PlanPoint, "reassessed", beaten)
+    res = plan(model, CANDS, tr, loss, **kw)
+    (swap,) = [w for w in res.warnings if w.startswith("the search's choice '")]
+    assert "is beaten once re-assessed" in swap
+    number = r"[0-9.]+(?:e-?[0-9]+)?"
+    assert re.search(rf"\(leakage {number} \* \[{number}, {number}\] vs {number} \* \[", swap), swap
+    assert all(r.get("indicative") for r in res.report.rows() if not r.get("error"))  # the premise: all marked
+
+
 def test_a_frozen_layer_is_planned_as_the_release_quantizes_it(setup):
     """pl44: every scheme quantizes the whole model in its scored copy (fz44), a frozen layer
     too; the plans left it in float (a uniform choice's row quantized it while ``res.scheme``,

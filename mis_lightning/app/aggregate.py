@@ -362,14 +362,21 @@ def aggregate_ties(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
     one training setup only (:func:`training_key`: jobs that differ in more than their schemes,
     e.g. another seed, assessed other trained models, whose rows are no comparison), one
     line per utility the rows are judged by (the figure's panels; one line when there is one),
-    prefixed with the setup's overrides when the sweep has several."""
+    prefixed with the setup's overrides when the sweep has several. A setup of one job names it
+    once in that prefix (``"(job 0, seed=0) ..."``) and its rows by scheme alone; rows of several
+    jobs are named ``"<job>: <scheme>"``."""
     ok = [r for r in rows if not r.get("error") and _float(r.get("leakage")) is not None]
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in ok:
-        groups.setdefault(training_key(r), []).append(_labelled(r))
+        groups.setdefault(training_key(r), []).append(r)
     out = []
-    for key, group in groups.items():
-        where = f"({distinct_overrides(key, list(groups))}) " if len(groups) > 1 and key else ""
+    for key, rows_ in groups.items():
+        jobs = {r.get("job") for r in rows_}
+        one = jobs.pop() if len(jobs) == 1 else None  # one job: named once, before the line
+        group = [_labelled({**r, "job": None}) if one is not None else _labelled(r) for r in rows_]
+        what = [f"job {_fmt(one)}"] if one is not None else []
+        what += [distinct_overrides(key, list(groups))] if len(groups) > 1 and key else []
+        where = f"({', '.join(what)}) " if what else ""
         uks = utility_keys(group, utility_key) or [None]
         for uk in uks:
             part = group if len(uks) == 1 else [r for r in group if own_utility_key(r) == uk]
