@@ -533,10 +533,10 @@ def stream_records_note(trainer: Any, train: Any, starts: Sequence[tuple[str | N
     that differs while another, not constant over the batch (the targets), agrees: the same records
     at another random draw of the differing values (augmentation in the dataset), said as such
     (``other_records`` False: each record is assessed at one draw, as for a map-style dataset). Every
-    such leaf differing: other records (the stream reshuffles or draws anew each pass; nu57: 47 of
-    192 assessed never trained on after 3 epochs, nu58: 121 of 192 after one), or values augmented
+    such leaf differing: other records (the stream reshuffles or draws anew each pass: 47 of 192
+    assessed never trained on after 3 epochs, 121 of 192 after one, docs/benchmarks.md "nu58"), or values augmented
     in every leaf, which the text names too, or the training loader's worker processes each yielding a
-    part of the stream, interleaved, while the copy is read in one process (nu58: an unshuffled stream
+    part of the stream, interleaved, while the copy is read in one process (an unshuffled stream
     sharded over 2 workers, 3 batches of 64: trained on records 0-127 and the even ones to 254, the copy's
     0-191 assessed, 32 of them never trained on; with 2 batches the same 128 records, in another order),
     named where ``train`` has workers
@@ -1375,7 +1375,7 @@ def eval_mode_utility_note(layers: Sequence[str]) -> str:
     """The report's line where the validation loop ran ``layers`` (dropout, running-statistics
     normalisation) in train mode, as Monte Carlo dropout does: every utility figure is the quantized
     copy's in eval mode (:func:`~mis_lightning.evaluation.evaluate_utility`), deterministic, not the
-    figure the validation logs (nu58, Dropout(0.3): eval-mode loss 0.501; the validation's, dropout
+    figure the validation logs (docs/benchmarks.md "nu58", Dropout(0.3): eval-mode loss 0.501; the validation's, dropout
     on, 0.507-0.561 over 20 draws; the 20-draw averaged prediction's 0.509)."""
     shown = name_list([repr(n) for n in layers], 3)
     return (f"utility measured in eval mode: the validation loop ran {shown} in train mode (Monte Carlo dropout, "
