@@ -28,6 +28,20 @@ def loss(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(o, t, reduction="none")
 
 
+def trained_classifier(steps: int = 200) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """``(model, x, y)``: an 8-16-3 ReLU classifier trained ``steps`` full-batch Adam steps (lr 1e-2) on 256
+    seeded records (also benchmarks/dd58_pickled_metric.py's and tests/test_metric.py's)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 8), torch.randint(0, 3, (256,))
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, x, y
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--strong", action="store_true", help="LOSS_RANKS_WEAK = False (the bound method)")
@@ -35,14 +49,7 @@ def main() -> None:
     import mis_lightning as ml
     E = importlib.import_module("mis_lightning.estimation.estimate")
     E.LOSS_RANKS_WEAK = not args.strong
-    torch.manual_seed(0)
-    x, y = torch.randn(256, 8), torch.randint(0, 3, (256,))
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(200):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    model, x, y = trained_classifier()
 
     def make():
         m = ml.MISIndicator(model, loss, ["rtn_int8"], estimation="diagonal", hessian="ggn")

@@ -57,7 +57,14 @@ from .estimation.estimate import (
     name_coordinates,
 )
 from .estimation.linear_factors import KFAC_MAX_WIDTH
-from .estimation.per_sample import BatchFn, LossFn
+from .estimation.per_sample import (
+    FACTORS_OVER_BUDGET,
+    HOOK_CALLS_REFUSED,
+    OUTPUT_NOT_FLOATING,
+    WEIGHTS_OUTSIDE_OUTPUT,
+    BatchFn,
+    LossFn,
+)
 from .evaluation import OutputTransform, evaluate_utility, metric_side_fix
 from .functional._checks import check_finite
 from .functional.bounds import _SPLIT_STATE
@@ -110,6 +117,7 @@ from .report import (
     D_EFF_SCHEMES_MARK,
     FLOOR_SENSITIVITY_MAX,
     MINIMUM_CURE,
+    RESIDUAL_NOT_COMPUTED,
     UNDETERMINED_MOVE,
     UNSEEN_RECORDS_EXPLAIN_MAX,
     LayerResult,
@@ -845,15 +853,16 @@ def _exact_rank_note(mode: str, d: int, n: int, diagnostics: Mapping[str, Any]) 
 
 #: why the exact estimator's per-record leverage factors could not be formed (the first batch's
 #: exception, ``diagnostics["leverage_unavailable"]``) -> (the cause in short, what lets it run);
-#: the first entry whose text is in the exception's message (:func:`leverage_off_warning`)
+#: the first entry whose phrase (each written into its refusal's message: estimation.per_sample) is in
+#: the exception's message (:func:`leverage_off_warning`)
 LEVERAGE_OFF_CURES: tuple[tuple[str, str, str], ...] = (
-    # streaming._HookProgram._through_output
-    ("calls the model", "the loss hook calls the model not at all, or with outputs other than floating tensors",
+    # streaming._HookProgram._through_output / output_shape
+    (HOOK_CALLS_REFUSED, "the loss hook calls the model not at all, or with outputs other than floating tensors",
      "have the hook call the model, its outputs floating tensors"),
-    ("other than through the model's output", "the loss hook reads the weights other than through the model's output",
+    (WEIGHTS_OUTSIDE_OUTPUT, "the loss hook reads the weights other than through the model's output",
      "leave weight penalties out of the hook (weight_decay= counts them)"),
-    ("exceed budget", "the records' factors exceed budget=", "raise budget= or lower num_records="),
-    ("holding", "the model's output holds more than floating tensors",
+    (FACTORS_OVER_BUDGET, "the records' factors exceed budget=", "raise budget= or lower num_records="),
+    (OUTPUT_NOT_FLOATING, "the model's output holds more than floating tensors",
      "return only floating tensors, records in dim 0, from forward"),
 )
 
@@ -873,6 +882,20 @@ def leverage_off_warning(off: str, d_over_n: float) -> str:
             "(in-sample residuals) (measured: 7% low on an MLP at d / n = 0.12, 27% on an embedding + Conv1d "
             "model at d / n = 0.083, 6% on a loss hook adding a weight penalty at d / n = 0.23). The error: "
             f"{off}")
+
+
+def residual_not_computed_warning(missing: Mapping[str, Sequence[int]]) -> str:
+    """The warning where a DDP process left a block of the Hessian's residual term out of its sums
+    (``hessian="ggn_residual"``; ``missing``: ``{module: [ranks]}``, ``diagnostics["residual_not_computed"]``,
+    :func:`~mis_lightning.estimation.world_choice.world_residual`): its own first batch found the block
+    zero, every process's first batches together did not. The rows are marked ``*``."""
+    where = "; ".join(f"{m} on process{'es' if len(r) > 1 else ''} {', '.join(map(str, r))}" for m, r in missing.items())
+    return (f"{RESIDUAL_NOT_COMPUTED} (figures can read above or below the exact Hessian's): hessian='exact' "
+            "computes every block. The Hessian is assembled as Gauss-Newton + residual term (hessian='ggn_residual'), "
+            "each module's own block of the residual left out where a process's first batch found it zero; the "
+            f"blocks of {where} were left out of those processes' records, while the first batches of every "
+            "process together did not find them zero (a process's first batch atypical, e.g. every record's "
+            "loss gradient in the outputs zero), so the Hessian lacks those blocks' part from those records")
 
 
 def _diagonal_leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
@@ -2058,6 +2081,9 @@ def score_schemes(
         # its own warning, and the rows' * (report.regime_failures): the figures read low, never silently
         report.warnings.append(leverage_off_warning(off, est.d / n))
         report.diagnostics["leverage_not_run"] = off
+    missing = est.diagnostics.get("residual_not_computed")
+    if missing:  # its own warning and the rows' * (report.regime_failures)
+        report.warnings.append(residual_not_computed_warning(missing))
     if est.diagnostics.get("leverage_correction") and est.diagnostics.get("leverage_curvature") == "gauss_newton":
         report.warnings.append(
             "the leverages (finite-sample correction) are the records' Gauss-Newton factors J' L J at the model's "

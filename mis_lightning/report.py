@@ -1748,7 +1748,8 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
     transposed convolution called twice per forward; docs/benchmarks.md, "nu49", "tw51"). So is the
     exact estimator's mean leverage above the d / n bound where d / n is not (:func:`leverage_failure`), its
     finite-sample (leverage) correction not run where d / n makes it matter (``diagnostics["leverage_not_run"]``:
-    the figures read low; docs/benchmarks.md, "est57"), and
+    the figures read low; docs/benchmarks.md, "est57"), a Hessian whose residual block a DDP process left out
+    of its sums (``diagnostics["residual_not_computed"]``; docs/benchmarks.md, "dd58"), and
     the diagonal estimator's flag that its figures may read below the exact one's
     (``diagnostics["diagonal_low_read"]``: its mean leverage per loss direction not small; docs/benchmarks.md,
     "dg55"). So
@@ -1793,6 +1794,8 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
         out.append("diagonal sandwich over recurrent layers")
     if diagnostics.get("leverage_not_run"):  # est57: the exact estimator's figures read low, said in a warning only
         out.append("leverage correction not run")
+    if diagnostics.get("residual_not_computed"):  # dd58: a DDP process's Hessian lacks a residual block
+        out.append("Hessian's residual term not computed on every record")
     if diagnostics.get("kfac_lost"):  # nu49: a layer called twice lost it unmarked
         out.append("diagonal sigma without its K-FAC correction")
     low = diagnostics.get("diagonal_low_read")
@@ -1869,6 +1872,9 @@ NOT_TRAINED = "the model was not trained in this fit (no optimizer step): the fi
 #: the start of the callback's warning where a stream that yields other records first each pass was
 #: cut by ``limit_train_batches`` (nu57). ``diagnostics["stream_records_differ"]``.
 STREAM_RECORDS_DIFFER = "the stream's records assessed are not those trained on"
+#: the start of the warning where a DDP process left a block of the Hessian's residual term out of its sums
+#: (assess.residual_not_computed_warning; dd58)
+RESIDUAL_NOT_COMPUTED = "the Hessian's residual term was not computed on every record"
 
 
 #: the ``*`` mark's phrases (:func:`regime_failures`) and the warnings that say each in full: ``(the
@@ -1887,6 +1893,7 @@ STAR_WARNINGS: tuple[tuple[str, str, str | None], ...] = (
      "estimation='exact' if affordable, for the more conservative figure"),  # dg57: real attacks read below both
     # its warning's first sentence names the cause and what lets the correction run
     ("leverage correction not run", "the finite-sample (leverage) correction could not run", None),
+    ("Hessian's residual term not computed", RESIDUAL_NOT_COMPUTED, "hessian='exact' computes every block"),
     # the diagonal estimator's remedy line (dg56): the same failed assumption, its figures "rows marked *"
     ("diagonal estimator at mean leverage", "the diagonal estimator's figures may read below",
      "estimation='exact' if affordable, for the more conservative figure"),

@@ -54,6 +54,8 @@ from .estimation.output_reads import (
 )
 from .estimation.per_sample import (
     GRADIENT_CHECK_RECORDS,
+    HOOK_CALLS_REFUSED,
+    WEIGHTS_OUTSIDE_OUTPUT,
     BatchFn,
     LossFn,
     LossProgram,
@@ -70,6 +72,7 @@ from .estimation.per_sample import (
 from .estimation.world_choice import (
     choice_facts,
     gather_objects,
+    take_programs,
     world_choice,
     world_estimator,
     world_residual,
@@ -373,8 +376,7 @@ class _HookProgram(LossProgram):
             return losses, torch.cat([o.reshape(-1) for o in seen])
         if len(seen) != 1 or not (any_output or isinstance(seen[0], Tensor) or isinstance(layout, OutputTree)):
             what = f"{len(seen)} time(s)" if len(seen) != 1 else f"with a {type(seen[0]).__name__} output"
-            raise ValueError(f"{HOOK_NAME} calls the model {what}; the leverages need one call "
-                             "returning one tensor, or several returning tensors")
+            raise ValueError(f"{HOOK_NAME} calls the model {what}; {HOOK_CALLS_REFUSED}")
         return losses, seen[0]
 
     def _calls(self, batch: Any) -> list[Any]:
@@ -412,8 +414,7 @@ class _HookProgram(LossProgram):
         if self._joined:
             return (sum(o.numel() for o in calls),)
         if len(calls) != 1:
-            raise ValueError(f"{HOOK_NAME} calls the model {len(calls)} time(s); the leverages need one call "
-                             "returning one tensor, or several returning tensors")
+            raise ValueError(f"{HOOK_NAME} calls the model {len(calls)} time(s); {HOOK_CALLS_REFUSED}")
         out = calls[0]
         if isinstance(out, Tensor):
             def two() -> Tensor | None:  # (rv55: a sequence-first output read its steps as records)
@@ -445,7 +446,7 @@ class _HookProgram(LossProgram):
             if not isinstance(layout, OutputTree) or any(
                     k and not (isinstance(t, Tensor) and t.is_floating_point()) for t, k in zip(leaves, layout.kept)):
                 raise ValueError(f"{HOOK_NAME} calls the model with a {type(out).__name__} output holding more "
-                                 "than floating tensors; the leverages need them")
+                                 f"than floating tensors; {HOOK_CALLS_REFUSED}")
             self._hook_layout = layout
         elif isinstance(self._hook_layout, OutputTree) and self._hook_layout.dropped:
             # a leaf the first batch dropped and these records' losses read: put back (output_reads.read_later)
@@ -503,8 +504,7 @@ class _HookProgram(LossProgram):
                 tol = 1e-6 if self.dtype == torch.float64 else 1e-3
                 if not torch.allclose(via, grads[k], rtol=tol, atol=tol * float(grads[k].abs().max())):
                     raise ValueError(f"{HOOK_NAME}'s per-record gradient of {k!r} is not the model "
-                                     "output's Jacobian times dloss/doutput: the loss depends on the "
-                                     "parameters other than through the model's output")
+                                     f"output's Jacobian times dloss/doutput: {WEIGHTS_OUTSIDE_OUTPUT}")
             self._factors_checked = True
         return jac, L
 
@@ -546,7 +546,7 @@ def first_batch_facts(acc: MomentAccumulator, who: int | None = None) -> dict[st
     return {
         "resolved": not acc._probe_pending and (bool(acc._reused) or acc._forward_floats is not None),
         "choice": (list(acc._reused), acc._forward_floats, acc._choice_outputs),
-        "residual": (acc._residual_skip, acc._residual_info), "loss_directions": acc.loss_direction_part(who),
+        "residual": (acc._residual_skip, acc._residual_info, acc._residual_rows), "loss_directions": acc.loss_direction_part(who),
         "loss_directions_keyed": who is not None,
         "output_layout": acc.program.record_layout(),
         "normalised": None if acc._normalised_probe else acc._normalised,
@@ -633,7 +633,8 @@ def _align_first_batches(acc: MomentAccumulator, facts: list[dict[str, Any]],
         acc._normalised, acc._normalised_probe = facts[0]["normalised"], False
     stats = [f["input_stats"] for f in facts if f["input_stats"] is not None]
     acc.input_stats_synced = stats[0].merged([(t.sums, t.eps) for t in stats[1:]]) if stats else None
-    acc.residual_synced = world_residual([f["residual"][1] for f in facts])
+    acc.residual_synced = world_residual([f["residual"][1] for f in facts], [f["residual"][2] for f in facts],
+                                         [f.get("rank", i) for i, f in enumerate(facts)])
 
 
 class EstimationMetric(Metric):
@@ -770,7 +771,10 @@ class EstimationMetric(Metric):
                                  # dict, before a spawned process (ddp_spawn) maps its shared memory
                                  # ("unable to resize file" in the child)
                                  "generator": (acc.generator.get_state().numpy().tobytes()
-                                               if acc.generator is not None else None)}
+                                               if acc.generator is not None else None),
+                                 # every other decision of the pass, the loss directions' sample, the
+                                 # programs' kinds (dd58: lost, the figures moved)
+                                 "programs": choice_facts(acc)["programs"], "facts": acc.pass_facts()}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -816,6 +820,9 @@ class EstimationMetric(Metric):
             elif extra.get("factored_kind") == "LayerProgram" and type(acc.factored).__name__ != "LayerProgram":
                 acc.factored.close()  # the original fell back from nn.Linear factors to the per-layer path
                 acc.factored = acc._fast_program(LayerProgram)
+            if "programs" in extra:  # (a Metric pickled before dd58 has neither)
+                take_programs(acc, extra["programs"])
+                acc.take_pass_facts(extra["facts"])
         return acc
 
     # -- dtype ----------------------------------------------------------------------------
@@ -934,7 +941,7 @@ class EstimationMetric(Metric):
             if seen["resolved"] and (resolve or acc._residual_info is None):
                 # (rv56d: the callback's world_choice.agree resolved it already, resolve False: the block
                 # facts were not taken; its diagnostics are the world's, residual_synced, either way)
-                acc._residual_skip, acc._residual_info = seen["residual"]
+                acc._residual_skip, acc._residual_info = seen["residual"][:2]
             acc._probe_pending = False
         held = set(self._state_names.values())
         for m in metas:

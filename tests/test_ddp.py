@@ -87,6 +87,8 @@ def metric_workloads(rank: int, out_dir: str) -> None:
         json.dump(choice_workload(rank), fh)
     with open(os.path.join(out_dir, f"residual_rank{rank}.json"), "w") as fh:
         json.dump(residual_workload(rank), fh)
+    with open(os.path.join(out_dir, f"union_rank{rank}.json"), "w") as fh:
+        json.dump(residual_union_workload(rank), fh)
 
 
 EMPTY_CASES = {
@@ -774,20 +776,131 @@ def test_a_rank_without_records_reports_the_residual_checks_as_the_others(world)
 
 
 def test_the_residual_checks_reduce_over_the_ranks():
-    """``world_residual``: the diagnostics one process reading every rank's first batch states: each
-    ratio the largest, the zero blocks those every rank found zero; ``None`` where no rank checked."""
+    """``world_residual``: the diagnostics one process reading every rank's first batch states. With each
+    rank's check rows ``R v`` (dd58): the ratios of their sum, by hand here (d = 4; the block ``c2`` on
+    coordinates 2-3: rank 0's rows read 0 there of 1.0, rank 1's 0.5 of 0.5, the union 0.5 of 1.0: 0.5,
+    where the ranks' largest read 1.0), the decision the union's (not zero), and the block rank 0 left
+    out of its sums (its own check found it zero) named with the rank (3 for the second here). Without rows (a Metric
+    pickled before they were kept): the ranks' largest, said so; the zero blocks those every rank
+    found zero, a block one rank left out named likewise. ``None`` where no rank checked."""
     from mis_lightning.estimation.world_choice import world_residual
 
-    a = {"residual_skipped_block": ["c2.weight"], "residual_block_ratio": 0.0, "residual_columns": 39,
-         "residual_zero_blocks": [["c1.weight"], ["head.weight"]], "residual_block_ratios": {"c1": 0.0, "head": 1e-12}}
+    a = {"residual_skipped_block": ["c1.weight"], "residual_block_ratio": 0.0, "residual_columns": 39,
+         "residual_zero_blocks": [["c2.weight"], ["head.weight"]], "residual_block_ratios": {"c2": 0.0, "head": 1e-12}}
     b = {**a, "residual_block_ratio": 1e-17, "residual_zero_blocks": [["head.weight"]],
-         "residual_block_ratios": {"c1": 0.3, "head": 0.0}}
+         "residual_block_ratios": {"c2": 0.3, "head": 0.0}}
     assert world_residual([None, None]) is None
     assert world_residual([a, None]) == a
     w = world_residual([a, b])
     assert w == {**a, "residual_block_ratio": 1e-17, "residual_zero_blocks": [["head.weight"]],
-                 "residual_block_ratios": {"c1": 0.3, "head": 1e-12}}
-    assert world_residual([b, a]) == {**w, "residual_block_ratios": {"c1": 0.3, "head": 1e-12}}
+                 "residual_block_ratios": {"c2": 0.3, "head": 1e-12}, "residual_not_computed": {"c2": [0]},
+                 "residual_ratios": w["residual_ratios"]} and "not their union's" in w["residual_ratios"]
+    assert world_residual([b, a]) == {**w, "residual_not_computed": {"c2": [1]}}
+    # with rows: c1 (coordinates 0-1) the largest module, c2 (2-3) the other
+    c1, c2 = torch.tensor([0, 1]), torch.tensor([2, 3])
+
+    def rows(largest: list[float], other: list[float]) -> dict:
+        pad = [0.0, 0.0, 0.0, 0.0]
+        return {"largest": (["c1.weight"], c1, torch.tensor([largest, pad], dtype=torch.float64)),
+                "others": ([["c1.weight"], ["c2.weight"]], [c1, c2],
+                           torch.tensor([largest, pad, other, pad], dtype=torch.float64))}
+
+    ia = {"residual_skipped_block": [], "residual_block_ratio": 1.0, "residual_columns": 4,
+          "residual_zero_blocks": [["c2.weight"]], "residual_block_ratios": {"c1": 1.0, "c2": 0.0}}
+    ib = {**ia, "residual_zero_blocks": [], "residual_block_ratios": {"c1": 1.0, "c2": 1.0}}
+    ra, rb = rows([0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]), rows([0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.0])
+    assert world_residual([ia, ib], [ra, rb], [0, 3]) == {
+        "residual_skipped_block": [], "residual_block_ratio": 1.0, "residual_columns": 4,
+        "residual_zero_blocks": [], "residual_block_ratios": {"c1": 1.0, "c2": 0.5}, "residual_not_computed": {"c2": [0]}}
+    assert world_residual([ia, ia], [ra, ra]) == ia  # agreeing ranks: their own decisions, nothing missing
+
+
+# -- the residual checks' ratios are the union's; a block a rank left out is said (dd58) -----------------------
+class _TwoHeads(nn.Module):
+    """A shared tanh layer and two heads, ``b`` through a tanh (its first layer's own residual block
+    is not zero where its labels are read), 4 outputs: ``a``'s 2 logits, ``b``'s 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.shared, self.a = nn.Linear(4, 6), nn.Linear(6, 2)
+        self.b1, self.b2 = nn.Linear(6, 3), nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.shared(x))
+        return torch.cat([self.a(h), self.b2(torch.tanh(self.b1(h)))], 1)
+
+
+def _two_heads_loss(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Head ``a``'s cross-entropy, and head ``b``'s where the record carries its label (``t[:, 2]``)."""
+    ce = nn.functional.cross_entropy
+    return ce(o[:, :2], t[:, 0].long(), reduction="none") + t[:, 2] * ce(o[:, 2:], t[:, 1].long(), reduction="none")
+
+
+def _two_heads_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    t = torch.stack([torch.randint(0, 2, (64,), generator=g), torch.randint(0, 2, (64,), generator=g),
+                     (torch.rand(64, generator=g) < 0.7)], 1).double()
+    return x, t
+
+
+# this rank's records per case, and one process's batches (the union of the ranks' first batches first)
+UNION_SHARDS = {"union": ((0, 32), (32, 64)), "apart": ((0, 32), (32, 64))}
+UNION_ONE = [list(range(0, 16)) + list(range(32, 48)), list(range(16, 32)), list(range(48, 64))]
+
+
+def residual_union_workload(rank: int | None) -> dict:
+    """Per case of ``UNION_SHARDS`` (``rank=None``: one process reading batches ``UNION_ONE``):
+    ``[leakage of rtn_int4, the report's residual_* diagnostics, the rtn_int4 row's indicative phrases,
+    whether a warning says the residual was not computed]`` of ``_TwoHeads`` under
+    ``estimation="exact", hessian="ggn_residual"`` (batches of 16). ``"apart"``: rank 1's first batch
+    carries no ``b`` label (its ``b1`` residual block zero there, not on the union)."""
+    from mis_lightning.report import RESIDUAL_NOT_COMPUTED
+
+    x, t = _two_heads_data()
+    res = {}
+    for name in UNION_SHARDS if rank is not None else ["one"]:
+        tt = t.clone()
+        if name == "apart":
+            tt[32:48, 2] = 0.0
+        met = MISIndicator(_TwoHeads(), _two_heads_loss, ["rtn_int4"], uncertainty_draws=0, estimation="exact",
+                           hessian="ggn_residual", num_records=64)
+        batches = UNION_ONE if rank is None else [list(range(a, a + 16)) for a in range(*UNION_SHARDS[name][rank], 16)]
+        for idx in batches:
+            met.update(x[idx], tt[idx])
+        out = met.compute()
+        row = next(r for r in met.report.rows() if r["scheme"] == "rtn_int4")
+        res[name] = [float(out["rtn_int4"]["leakage"]),
+                     {k: v for k, v in met.report.diagnostics.items() if k.startswith("residual_")},
+                     row["indicative"], any(w.startswith(RESIDUAL_NOT_COMPUTED) for w in met.report.warnings)]
+    return res
+
+
+def test_the_ranks_report_the_residual_checks_of_their_union(world):
+    """dd58 (rv57a): under DDP each ``"ggn_residual"`` block check's ratio was the ranks' largest (0.342
+    where the union read 0.255 on a tanh CNN; below it elsewhere: not a bound). Now every rank sums the
+    ranks' rows ``R v`` (the same seeded tangents on each): the ratios and decisions equal those of one
+    process whose first batch is the union of the ranks' first batches (``residual_union_workload``:
+    ``UNION_ONE``), to 1e-9 relative (float64 sums in another order). And a block a rank left out of its
+    sums (``"apart"``: rank 1's first batch reads no ``b`` label, so its ``b1`` block was zero there and
+    left out of every batch of rank 1, while the union's is not zero) was reported as computed; now
+    ``residual_not_computed`` names it and the rank, the rows carry ``*`` and a warning says it."""
+    from mis_lightning.estimation.estimate import RESIDUAL_BLOCK_RTOL
+
+    one = residual_union_workload(None)["one"][1]
+    assert one["residual_skipped_block"] == [] and "b1" not in [g[0].split(".")[0] for g in one["residual_zero_blocks"]]
+    assert one["residual_block_ratios"]["b1"] > 1e3 * RESIDUAL_BLOCK_RTOL
+    for k in range(2):
+        r = json.loads((world.path / "metric" / f"union_rank{k}.json").read_text())
+        got = r["union"][1]
+        assert {a: v for a, v in got.items() if "ratio" not in a} == {a: v for a, v in one.items() if "ratio" not in a}
+        assert got["residual_block_ratio"] == pytest.approx(one["residual_block_ratio"], rel=1e-9)
+        assert got["residual_block_ratios"] == pytest.approx(one["residual_block_ratios"], rel=1e-9, abs=1e-15)
+        assert not r["union"][3] and "residual" not in r["union"][2], (k, r["union"])
+        apart = r["apart"]
+        assert apart[1]["residual_not_computed"] == {"b1": [1]}, (k, apart[1])
+        assert apart[3] and "Hessian's residual term not computed on every record" in apart[2], (k, apart)
 
 
 class _MeanConv(nn.Module):

@@ -67,3 +67,27 @@ def test_a_correction_that_cannot_run_marks_the_rows_and_says_what_lets_it_run()
         in star, star
     full = next(w for w in rep.warnings if w.startswith("the finite-sample (leverage) correction could not run"))
     assert "Its cause: the loss hook reads the weights other than through the model's output" in full, full
+
+
+def test_each_cure_is_matched_by_its_own_refusal_only() -> None:
+    """dd58: ``LEVERAGE_OFF_CURES`` matched words (``"holding"``, ``"calls the model"``), so a torch error
+    holding the word, or the missing-forward refusal ("the assessment calls the model as it is
+    released"), got a cure that was not theirs. Each key is now the phrase its refusal writes
+    (estimation.per_sample): each real refusal gets its cure (the messages as raised, with their
+    variable parts), anything else the generic one."""
+    from mis_lightning.assess import LEVERAGE_OFF_CURES, leverage_off_warning
+    from mis_lightning.estimation import per_sample as P
+
+    generic = "leverage_correction=True raises naming the cause"
+    raised = {P.HOOK_CALLS_REFUSED: f"ValueError: mis_per_sample_loss calls the model 2 time(s); {P.HOOK_CALLS_REFUSED}",
+              P.WEIGHTS_OUTSIDE_OUTPUT: "ValueError: mis_per_sample_loss's per-record gradient of 'w' is not the model "
+                                        f"output's Jacobian times dloss/doutput: {P.WEIGHTS_OUTSIDE_OUTPUT}",
+              P.FACTORS_OVER_BUDGET: f"ValueError: 3 outputs x 51 weights x 512 records: {P.FACTORS_OVER_BUDGET}100",
+              P.OUTPUT_NOT_FLOATING: f"ValueError: the model's output is a dict holding ['torch.int64']; {P.OUTPUT_NOT_FLOATING}"}
+    assert set(raised) == {key for key, _, _ in LEVERAGE_OFF_CURES}
+    for key, _, cure in LEVERAGE_OFF_CURES:
+        assert leverage_off_warning(raised[key], 0.1).split(". Its cause")[0].endswith(cure), key
+    for other in ("RuntimeError: a tensor holding a grad_fn cannot be converted (torch)",
+                  "TypeError: _NoForward defines no forward method: the assessment calls the model as it is released",
+                  "ValueError: the value exceeds budget for this call"):
+        assert leverage_off_warning(other, 0.1).split(". Its cause")[0].endswith(generic), other

@@ -275,6 +275,69 @@ def test_pickle_round_trip_goes_on_accumulating(kw):
     assert m.clone().model is net
 
 
+def _plain(v):
+    """``v`` as comparable plain data (tensors by shape, dtype and values; other objects by type)."""
+    if isinstance(v, (int, float, str, bool, type(None))):
+        return v
+    if isinstance(v, (list, tuple)):
+        return type(v)(_plain(a) for a in v)
+    if isinstance(v, dict):
+        return {k: _plain(a) for k, a in v.items()}
+    if isinstance(v, torch.Tensor):
+        return ("tensor", tuple(v.shape), v.dtype, v.detach().cpu().tolist())
+    if hasattr(v, "__dict__") and not callable(v) and not isinstance(v, (nn.Module, torch.Generator)):
+        return (type(v).__name__, _plain(vars(v)))
+    return type(v).__name__
+
+
+def _differing(acc, original) -> list[str]:
+    """The attributes of accumulator ``acc`` unlike ``original``'s (:func:`_plain`), its programs by kind, the
+    model, closures, generator, loss directions' sample and sums left out."""
+    kinds = ("program", "factored", "_kron_side")
+    skip = {"model", "loss_fn", "batch_fn", "generator", "_loss_rank", "state", "_draw_keys", "_shallow_of"}
+    mine, theirs = vars(acc), vars(original)
+    return sorted(k for k in {*mine, *theirs} - skip
+                  if ((type(mine.get(k)) is not type(theirs.get(k))) if k in kinds
+                      else _plain(mine.get(k)) != _plain(theirs.get(k))))
+
+
+@pytest.mark.parametrize("kw", [{"estimation": "diagonal", "hessian": "ggn"}, {"estimation": "diagonal", "hessian": "exact"},
+                                {"estimation": "exact"}])
+def test_a_pickled_or_deep_copied_metric_keeps_every_decision_of_its_pass(kw):
+    """rv57c / dd58: an unpickled Metric (or a deep copy of a module owning one) rebuilt its accumulator
+    from a few of the pass's decisions: the loss directions' sample was lost (the diagonal leverage then
+    counted one direction a record, noted "no record was seen by this process"), and so was the kind of
+    the K-FAC side program (a 3-class MLP's factors read as one output's: rtn_int4 0.352 -> 0.305
+    under the exact Hessian diagonal, lower). Now every attribute of the rebuilt accumulator other than
+    its programs and closures equals the original's (so an attribute added later is caught here), the
+    loss directions are measured on the same records, and the figures (1e-12 relative) and diagnostics
+    (equal: the same float64 operations) are the original's. The classifier of
+    benchmarks/dd58_pickled_metric.py (``rv57c_weak_measure.trained_classifier``)."""
+    import copy
+    import pickle
+
+    bench = pytest.importorskip("benchmarks.rv57c_weak_measure")
+    net, x, y = bench.trained_classifier()
+    m = MISIndicator(net, bench.loss, ["rtn_int4"], uncertainty_draws=0, **kw)
+    for a in range(0, 256, 64):
+        m.update(x[a:a + 64], y[a:a + 64])
+    owner = nn.Module()
+    owner.net, owner.metric = net, m
+    copies = {"pickle": pickle.loads(pickle.dumps(m)), "deepcopy of the owner": copy.deepcopy(owner).metric}
+    acc = m.accumulator
+    for how, c in copies.items():  # (before compute(), which adds what it finds)
+        other = c.accumulator
+        assert _differing(other, acc) == [], how
+        assert other.loss_directions() == acc.loss_directions(), how
+    ref = float(m.compute()["rtn_int4"]["leakage"])
+    for how, c in copies.items():
+        assert float(c.compute()["rtn_int4"]["leakage"]) == pytest.approx(ref, rel=1e-12), how
+        assert _plain(c.report.diagnostics) == _plain(m.report.diagnostics), how
+        assert "leverage_directions_note" not in c.report.diagnostics, how
+    if kw["estimation"] == "diagonal":
+        assert acc.loss_directions()[:2] == (2.0, "measured")
+
+
 class _SelfAssessing(nn.Module):
     """A module whose Metric assesses the module itself (a LightningModule owning
     ``MISIndicator(self, ...)``): the pickle holds a cycle, the model's state after the Metric's."""

@@ -83,6 +83,7 @@ from .linear_factors import (
 from .loss_directions import Held, LossDirectionSample
 from .output_reads import OutputShape, OutputTree, flat_outputs, output_numel
 from .per_sample import (
+    FACTORS_OVER_BUDGET,
     RECURRENT_LAYERS,
     BatchFn,
     ComputeDtypeLoss,
@@ -1068,6 +1069,8 @@ class MomentAccumulator:
         # on the first batch (residual_block_check); diagnostics for the report
         self._residual_skip: list[str] | None = None
         self._residual_info: dict[str, Any] | None = None
+        # the checks' rows R v (residual_block_rows: "largest" [2, d], "others" (groups, [2 G, d]))
+        self._residual_rows: dict[str, Any] | None = None
         mode, hessian, self.reason = choose_estimator(model, d, mode, hessian, n=n_hint, ggn=ggn_available)
         # "auto" chose an exact Hessian from the layer types: the first batch shows whether a
         # Linear is applied over atoms / positions (weight reuse the types do not show).
@@ -1186,6 +1189,45 @@ class MomentAccumulator:
         new.__dict__.update(self.__dict__)
         new._shallow_of = self  # (no cycle: this accumulator does not hold the copy)
         return new
+
+    #: what a pass decides outside the sums (at its first batches: the estimator's choice, the probes,
+    #: the leverage factors' shape or why they are off, the input statistics), plain data that
+    #: :meth:`finalize`, a DDP sync and the report read: :meth:`pass_facts` gives them (with the loss
+    #: directions' sample) to a rebuilt accumulator (an unpickled or deep-copied ``EstimationMetric``:
+    #: its programs hold closures and are built anew). dd58: an unpickled Metric lost them, its loss
+    #: directions counted one a record with the note "no record was seen by this process", and its
+    #: K-FAC side program taken as one output per record (rtn_int4 0.352 -> 0.305 on an MLP classifier)
+    PASS_FACTS: tuple[str, ...] = (
+        "mode", "hessian", "estimator", "reason", "_normalised", "_normalised_probe", "_data_buffers",
+        "_data_buffers_unchecked", "_input_stats", "_one_output", "_train_random", "records_per_update", "_c_out",
+        "_lev_shape", "_leverage_off", "_leverage_ggn", "keep_factors", "_kfac_refused", "_batch_rerun",
+        "_residual_skip", "_residual_info", "_residual_rows", "_choice_floats", "_choice_outputs", "_out_shape")
+
+    def pass_facts(self) -> dict[str, Any]:
+        """:data:`PASS_FACTS` (those set), the loss directions' sample (``(fixed, groups)``: its held
+        records, measured or not) and the Gauss-Newton choice of each per-layer program, for
+        :meth:`take_pass_facts` on a rebuilt accumulator (the tensors are this accumulator's own:
+        a pickle made now holds no temporary)."""
+        facts = {k: getattr(self, k) for k in self.PASS_FACTS if hasattr(self, k)}
+        facts["loss_directions"] = (self._loss_rank.fixed, list(self._loss_rank.groups))
+        facts["ggn_programs"] = {k: (p.ggn_choice, p.ggn_directions) for k in ("factored", "_kron_side")
+                                 if isinstance(p := getattr(self, k), LayerProgram)}
+        return facts
+
+    def take_pass_facts(self, facts: dict[str, Any]) -> None:
+        """Take :meth:`pass_facts` of the accumulator this one rebuilds, whose programs were rebuilt of
+        the same kinds (``EstimationMetric._rebuild_accumulator``): its decisions, its loss
+        directions' sample (measured here through this accumulator), the programs' Gauss-Newton
+        choices."""
+        facts = dict(facts)
+        fixed, groups = facts.pop("loss_directions", (None, []))
+        self._loss_rank = LossDirectionSample(_loss_ranks_of(self), LOSS_RANK_RECORDS, list(groups), fixed)
+        for k, (choice, dirs) in facts.pop("ggn_programs", {}).items():
+            if isinstance(p := getattr(self, k), LayerProgram):
+                p.ggn_choice, p.ggn_directions = choice, dirs
+        for k, v in facts.items():
+            setattr(self, k, v)
+        self.program.count_unread = self.keep_factors
 
     @property
     def choice_pending(self) -> bool:
@@ -1593,8 +1635,8 @@ class MomentAccumulator:
     def loss_directions(self) -> tuple[float, str, int] | None:
         """``(r, how, records)``: the mean ``rank(L_i)`` the diagonal leverage is spread over, how
         it was had (``"measured"``, else why not) and over how many records (0: not sampled); the
-        whole DDP world's where :attr:`directions_synced` holds it; ``None`` where no record was seen
-        (:mod:`~.loss_directions`)."""
+        whole DDP world's where :attr:`directions_synced` holds it; ``None`` where the sample holds no
+        record (none seen; a Metric pickled before :meth:`pass_facts` carried it) (:mod:`~.loss_directions`)."""
         if self.directions_synced is not None:
             return self.directions_synced
         if self._one_output:  # a fixed count of 1, not sampled
@@ -1637,7 +1679,10 @@ class MomentAccumulator:
         """The diagonal estimator's mean leverage per loss direction, applied or not
         (:func:`diagonal_leverage`); ``0.0`` where :attr:`leverage_correction` is ``False``."""
         rank, how, sampled = self.loss_directions() or (
-            1.0, "no record was seen by this process: one loss direction per record assumed", 0)
+            # (no record seen by this process, or an EstimationMetric pickled before its pass's
+            # decisions were carried: pass_facts)
+            1.0, "no record's loss directions were sampled (none read by this process, or the sample was not "
+            "carried by a copy of the Metric): one loss direction per record assumed (the largest correction)", 0)
         h = diagonal_leverage(trace, n, rank, diagnostics, correct=self.leverage_correction is not False)
         diagnostics["leverage_directions_records"] = sampled  # (0: one output per record, or not measured)
         # at most 1 each to the trace: what they could add to the mean leverage per direction
@@ -1734,8 +1779,8 @@ class MomentAccumulator:
                 self._lev_shape = self.program.output_shape(x)
                 self._c_out = output_numel(self._lev_shape)
                 if self.num_records * (self.d + self._c_out * (self.d + self._c_out)) > self.budget:
-                    raise ValueError(f"{self._c_out} outputs x {self.d} weights x {self.num_records} records "
-                                     f"exceed budget={self.budget}")
+                    raise ValueError(f"{self._c_out} outputs x {self.d} weights x {self.num_records} records: "
+                                     f"{FACTORS_OVER_BUDGET}{self.budget}")
             else:
                 shape = self.program.output_shape(x)
                 if output_numel(shape) != self._c_out and _late(shape) != _late(self._lev_shape):
@@ -1823,7 +1868,9 @@ class MomentAccumulator:
         if self._out_shape is None:
             self._out_shape = self.program.output_shape(inputs)
         block = self._largest_group
-        ratio = residual_block_check(self.program, inputs, targets, self.names, self.offsets, self.d, block)
+        ratio, rows = residual_block_check(self.program, inputs, targets, self.names, self.offsets, self.d, block)
+        # the checks' rows R v, summed over DDP processes at the sync for the union's ratios (world_residual)
+        self._residual_rows = {"largest": (list(block), residual_block_index(self.offsets, block), rows)}
         ok = ratio <= RESIDUAL_BLOCK_RTOL
         self._residual_skip = block if ok else None
         skipped = self._largest if ok else 0
@@ -1848,12 +1895,14 @@ class MomentAccumulator:
         if "residual_zero_blocks" not in info:
             # the other modules' own blocks, checked once (first batch) as the largest one's: those
             # found zero leave their own rows out of batch_residual's passes (cn29: cheaper, same R)
-            others = [g for g in parameter_groups(self.names) if not set(g) & set(self._residual_skip or ())]
-            zero, ratios = residual_zero_blocks(self.program, inputs, targets, self.names, self.offsets,
-                                                self.d, others)
+            every = parameter_groups(self.names)
+            others = [g for g in every if not set(g) & set(self._residual_skip or ())]
+            zero, ratios, rows = residual_zero_blocks(self.program, inputs, targets, self.names, self.offsets,
+                                                      self.d, others, drawn=every)
             info["residual_zero_blocks"] = [list(g) for g in zero]
-            info["residual_block_ratios"] = {g[0].rsplit(".", 1)[0] if "." in g[0] else g[0]: r
-                                             for g, r in zip(others, ratios)}
+            info["residual_block_ratios"] = {residual_group_key(g): r for g, r in zip(others, ratios)}
+            self._residual_rows = {**(self._residual_rows or {}), "others": (
+                [list(g) for g in others], [residual_block_index(self.offsets, g) for g in others], rows)}
         R = batch_residual(self.program, inputs, targets, self.names, self.offsets, self.d,
                            self._residual_skip, info["residual_zero_blocks"])
         st["H_sum"] += R.to(st["H_sum"].device)
@@ -4938,44 +4987,76 @@ def _residual_columns(program: LossProgram, inputs: Any, targets: Any, names: li
                          ).to(torch.float64)
 
 
+def residual_group_key(group: list[str]) -> str:
+    """The name a parameter group (:func:`parameter_groups`) is reported by: its module's
+    (``"c1"`` for ``["c1.weight", "c1.bias"]``)."""
+    return group[0].rsplit(".", 1)[0] if "." in group[0] else group[0]
+
+
+def residual_rows_ratios(rows: Tensor, idx: list[Tensor]) -> list[float]:
+    """Each block's ``max |(R v)_M| / max |R v|`` from the residual rows ``R v`` ``[2 G, d]`` of two
+    tangents per block (``idx[j]``: block ``j``'s coordinates; its tangents rows ``2j, 2j + 1``);
+    ``0.0`` where ``R v = 0``. The rows of one batch's ``R`` sum over batches (``R`` is a sum over
+    records): the union of several DDP processes' first batches reads the ratios of their sum
+    (:func:`~.world_choice.world_residual`)."""
+    out = []
+    for j, ix in enumerate(idx):
+        part = rows[2 * j: 2 * j + 2]
+        top = float(part.abs().max()) if part.numel() else 0.0
+        out.append(float(part[:, ix].abs().max()) / top if top > 0 else 0.0)
+    return out
+
+
+def residual_block_index(offsets: dict[str, tuple[int, int]], group: list[str]) -> Tensor:
+    """A parameter group's coordinates in the flat ``[d]`` vector (int64)."""
+    return torch.cat([torch.arange(*offsets[k]) for k in group])
+
+
+def residual_block_rows(program: LossProgram, inputs: Any, targets: Any, names: list[str],
+                        offsets: dict[str, tuple[int, int]], d: int, groups: list[list[str]],
+                        drawn: list[list[str]] | None = None) -> tuple[Tensor, list[Tensor]]:
+    """``(R v [2 G, d] float64, idx)``: the residual term's rows for two random tangents ``v`` per
+    block of ``groups`` (each supported on its block, ``idx[j]`` its coordinates), in one
+    forward-over-reverse pass. The tangents are drawn (seed 0, standard normal) for every block of
+    ``drawn`` (default ``groups``) in its order and those of ``groups`` used: a block's tangents are
+    then the same on every DDP process checking any part of ``drawn`` (the rows of several processes
+    sum: :func:`residual_rows_ratios`)."""
+    gen = torch.Generator().manual_seed(0)
+    span = {residual_group_key(g): residual_block_index(offsets, g) for g in drawn or groups}
+    tangents = {key: torch.randn(2, ix.numel(), generator=gen, dtype=torch.float64) for key, ix in span.items()}
+    idx = [span[residual_group_key(g)] for g in groups]
+    v = torch.zeros(2 * len(groups), d, dtype=torch.float64)
+    for j, g in enumerate(groups):
+        v[2 * j: 2 * j + 2, idx[j]] = tangents[residual_group_key(g)]
+    return _residual_columns(program, inputs, targets, names, offsets, d, v).cpu(), idx
+
+
 def residual_block_check(program: LossProgram, inputs: Any, targets: Any, names: list[str],
-                         offsets: dict[str, tuple[int, int]], d: int, block: list[str], generator: torch.Generator | None = None) -> float:
-    """``max |(R v)_B| / max |R v|`` over two random tangents ``v`` supported on ``block`` (one
-    module's parameters, ``B``): zero up to rounding where the model's outputs are affine in that
-    module's weights (then ``R_BB = 0``; a random ``v`` finds a non-zero ``R_BB`` almost surely).
-    Run in ``program``'s dtype (float64 in the accumulator)."""
-    idx = torch.cat([torch.arange(*offsets[k]) for k in block])
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    v = torch.zeros(2, d, dtype=torch.float64)
-    v[:, idx] = torch.randn(2, idx.numel(), generator=gen, dtype=torch.float64)
-    Rv = _residual_columns(program, inputs, targets, names, offsets, d, v)
-    top = float(Rv.abs().max())
-    return float(Rv[:, idx].abs().max()) / top if top > 0 else 0.0
+                         offsets: dict[str, tuple[int, int]], d: int, block: list[str]) -> tuple[float, Tensor]:
+    """``(ratio, R v)``: ``max |(R v)_B| / max |R v|`` over two random tangents ``v`` supported on
+    ``block`` (one module's parameters, ``B``; :func:`residual_block_rows`), and the rows: zero up
+    to rounding where the model's outputs are affine in that module's weights (then ``R_BB = 0``; a
+    random ``v`` finds a non-zero ``R_BB`` almost surely). Run in ``program``'s dtype (float64 in
+    the accumulator)."""
+    rows, idx = residual_block_rows(program, inputs, targets, names, offsets, d, [block])
+    return residual_rows_ratios(rows, idx)[0], rows
 
 
 def residual_zero_blocks(program: LossProgram, inputs: Any, targets: Any, names: list[str],
                          offsets: dict[str, tuple[int, int]], d: int, groups: list[list[str]],
-                         generator: torch.Generator | None = None) -> tuple[list[list[str]], list[float]]:
-    """``(zero, ratios)``: the modules (parameter groups, :func:`parameter_groups`) among ``groups``
+                         drawn: list[list[str]] | None = None) -> tuple[list[list[str]], list[float], Tensor]:
+    """``(zero, ratios, R v)``: the modules (parameter groups, :func:`parameter_groups`) among ``groups``
     whose own block ``R_MM`` of the residual term is zero on this batch, and each group's
     ``max |(R v)_M| / max |R v|`` over two random tangents ``v`` supported on it, all in one
-    forward-over-reverse pass (as :func:`residual_block_check` for one module; zero: at most
-    :data:`RESIDUAL_BLOCK_RTOL`). A module applied twice, or followed by a smooth function of its
-    outputs (a functional tanh), is not zero and keeps its own rows in :func:`batch_residual`."""
+    forward-over-reverse pass (:func:`residual_block_rows`, tangents drawn over ``drawn``; as
+    :func:`residual_block_check` for one module; zero: at most :data:`RESIDUAL_BLOCK_RTOL`), and the
+    rows. A module applied twice, or followed by a smooth function of its outputs (a functional tanh),
+    is not zero and keeps its own rows in :func:`batch_residual`."""
     if not groups:
-        return [], []
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    idx = [torch.cat([torch.arange(*offsets[k]) for k in g]) for g in groups]
-    v = torch.zeros(2 * len(groups), d, dtype=torch.float64)
-    for j, ix in enumerate(idx):
-        v[2 * j: 2 * j + 2, ix] = torch.randn(2, ix.numel(), generator=gen, dtype=torch.float64)
-    Rv = _residual_columns(program, inputs, targets, names, offsets, d, v)
-    ratios = []
-    for j, ix in enumerate(idx):
-        rows = Rv[2 * j: 2 * j + 2]
-        top = float(rows.abs().max())
-        ratios.append(float(rows[:, ix].abs().max()) / top if top > 0 else 0.0)
-    return [g for g, r in zip(groups, ratios) if r <= RESIDUAL_BLOCK_RTOL], ratios
+        return [], [], torch.zeros(0, d, dtype=torch.float64)
+    rows, idx = residual_block_rows(program, inputs, targets, names, offsets, d, groups, drawn)
+    ratios = residual_rows_ratios(rows, idx)
+    return [g for g, r in zip(groups, ratios) if r <= RESIDUAL_BLOCK_RTOL], ratios, rows
 
 
 def _residual_module_rows(outputs: Callable[[dict[str, Tensor]], Tensor], e: Tensor, params0: dict[str, Tensor],

@@ -273,6 +273,19 @@ def each_record(fn: Callable[..., Any], in_dims: tuple[int | None, ...], looped:
 # backward each instead of one batched backward with a gradient tensor (below: the import it avoids)
 LOSS_HESSIAN_LOOP_MAX = 16
 
+# The phrases of the refusals that leave the exact estimator without its per-record leverage factors,
+# each written into its message and matched by assess.LEVERAGE_OFF_CURES for what lets the correction
+# run: a phrase only that message holds (dd58: a key "holding" matched any message with the word, and
+# "calls the model" the missing-forward refusal's "the assessment calls the model as it is released").
+#: streaming._HookProgram: the hook calls the model other than once with a tensor, or with non-floating outputs
+HOOK_CALLS_REFUSED = "the leverages need one call returning one tensor, or several returning floating tensors"
+#: streaming._HookProgram: the hook's loss reads the weights other than through the model's output
+WEIGHTS_OUTSIDE_OUTPUT = "the loss depends on the parameters other than through the model's output"
+#: LossProgram.output_shape: an output holding more than floating tensors with the records in dim 0
+OUTPUT_NOT_FLOATING = "the Gauss-Newton factors need floating tensors with the batch in dim 0"
+#: MomentAccumulator._leverage_factors: the stored records' factors over ``budget=``
+FACTORS_OVER_BUDGET = "the records' leverage factors exceed budget="
+
 
 def record_loss_derivatives(one: Callable[[Tensor, Any], Tensor], outputs: Tensor, targets: Any,
                             second: bool = True) -> tuple[Tensor, Tensor | None]:
@@ -1534,8 +1547,8 @@ class LossProgram:
         bad = [type(t).__name__ if not isinstance(t, Tensor) else str(t.dtype) for t, k in zip(leaves, layout.kept)
                if k and not (isinstance(t, Tensor) and t.is_floating_point() and t.dim() >= 1 and t.shape[0] == 1)]
         if not leaves or bad:
-            raise ValueError(f"the model's output is a {type(out).__name__} holding {bad or 'no tensor'}; the "
-                             "Gauss-Newton factors need floating tensors with the batch in dim 0")
+            raise ValueError(f"the model's output is a {type(out).__name__} holding {bad or 'no tensor'}; "
+                             f"{OUTPUT_NOT_FLOATING}")
         return with_shapes(layout, out)  # these inputs' shapes (a sequence padded per batch)
 
     LAYOUT_ATTR = "output_layout"  # the attribute holding the output's layout the per-record reads use

@@ -26,7 +26,13 @@ from typing import Any
 
 import torch
 
-from .estimate import MomentAccumulator, choose_estimator
+from .estimate import (
+    RESIDUAL_BLOCK_RTOL,
+    MomentAccumulator,
+    choose_estimator,
+    residual_group_key,
+    residual_rows_ratios,
+)
 from .linear_factors import FactoredProgram, LayerProgram
 
 # the programs whose Gauss-Newton choice is made on the first batch: the estimation's, the K-FAC side one
@@ -73,24 +79,86 @@ def world_choice(facts: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "kfac_refused": next((f["kfac_refused"] for f in facts if f["kfac_refused"] is not None), None)}
 
 
-def world_residual(infos: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
+def world_residual(infos: Sequence[dict[str, Any] | None], rows: Sequence[dict[str, Any] | None] | None = None,
+                   ranks: Sequence[int] | None = None) -> dict[str, Any] | None:
     """The ``"ggn_residual"`` block checks' diagnostics (``MomentAccumulator._residual_info``: the
     largest module's block skipped, its ratio, the other modules' blocks found zero and their ratios)
-    over every process's first batch, from each process's (``None``: it ran no check; ``None`` where
-    none did): the zero blocks those every process found zero and the largest block skipped where
-    every process skipped it (the decisions one process reading the union of the first batches makes:
-    a block is zero on the union where it is on each); every ratio the largest over the processes, an
-    upper summary only, not the union's ratio (``max |(R v)_B| / max |R v|`` of the summed ``R``: on a
-    tanh CNN split 32 / 32 the union read 0.200 for a block the processes read 0.043 and 0.127;
-    docs/benchmarks.md "rv57a"). Every process reports this, one without records too (it
-    reported none). The sums are each process's own and unchanged."""
-    seen = [i for i in infos if i is not None]
+    of one process reading every process's first batch at once, from each process's (``infos``;
+    ``None``: it ran no check; ``None`` where none did), its checks' rows ``R v``
+    (``MomentAccumulator._residual_rows``, ``rows``) and its rank (``ranks``, default the index).
+
+    The residual term of the union of the first batches is the sum of theirs, and every process draws
+    a block's tangents alike (:func:`~.estimate.residual_block_rows`): the ratios here are those of
+    the summed rows, the union's exactly (formerly the processes' largest was reported, 0.342 on a tanh
+    CNN where the union read 0.255, and below it elsewhere: not even a bound; docs/benchmarks.md "dd58"), and so are the decisions
+    (a block zero where the union's ratio is at most ``RESIDUAL_BLOCK_RTOL``). Where a process left a
+    block out of its own sums (its first batch found it zero: the skipped largest block, a zero
+    block) that the union did not find zero, that block's residual was not computed on that process's
+    records: ``"residual_not_computed"`` ``{module: [ranks]}`` (the report marks the figures ``*``
+    and warns). Every process reports this, one without records too (it formerly reported none).
+    Processes whose rows are missing (a Metric pickled before they were kept): each ratio the
+    largest over the processes, said in ``"residual_ratios"``."""
+    ranks = list(range(len(infos))) if ranks is None else list(ranks)
+    rows = [None] * len(infos) if rows is None else list(rows)
+    seen = [(i, r, k) for i, r, k in zip(infos, rows, ranks) if i is not None]
     if not seen:
         return None
+    if len(seen) == 1:
+        return dict(seen[0][0])
+    out = _largest_residual([i for i, _, _ in seen]) if any(r is None or "largest" not in r for _, r, _ in seen) \
+        else _union_residual(seen)
+    left_out = {residual_group_key(g) for g in [out["residual_skipped_block"]] + out.get("residual_zero_blocks", []) if g}
+    missing: dict[str, list[int]] = {}
+    for info, _, k in seen:
+        for g in [info["residual_skipped_block"]] + info.get("residual_zero_blocks", []):
+            if g and residual_group_key(g) not in left_out:
+                missing.setdefault(residual_group_key(g), []).append(k)
+    out.pop("residual_not_computed", None)
+    if missing:
+        out["residual_not_computed"] = missing
+    return out
+
+
+def _union_residual(seen: Sequence[tuple[dict[str, Any], dict[str, Any], int]]) -> dict[str, Any]:
+    """:func:`world_residual`'s decisions and ratios from the processes' summed check rows."""
+    out = dict(seen[0][0])
+    block, idx, _ = seen[0][1]["largest"]
+    d = int(seen[0][1]["largest"][2].shape[1])
+    ratio = residual_rows_ratios(sum(r["largest"][2] for _, r, _ in seen), [idx])[0]
+    skip = ratio <= RESIDUAL_BLOCK_RTOL
+    out.update(residual_skipped_block=list(block) if skip else [], residual_block_ratio=ratio,
+               residual_columns=d - (int(idx.numel()) if skip else 0))
+    if all("residual_zero_blocks" in i and "others" in r for i, r, _ in seen):
+        # the union's other blocks: every module but the skipped one, in the parameters' order
+        at = {tuple(g): int(ix[0]) for _, r, _ in seen for g, ix in zip(r["others"][0], r["others"][1])}
+        at[tuple(block)] = int(idx[0])
+        groups = sorted((g for g in at if not (skip and list(g) == list(block))), key=at.__getitem__)
+        zero, ratios = [], {}
+        for g in groups:
+            parts = []
+            for _, r, _ in seen:
+                names, where, R = r["others"]
+                j = names.index(list(g)) if list(g) in names else None
+                parts.append(None if j is None else (R[2 * j: 2 * j + 2], where[j]))
+            if all(p is not None for p in parts):
+                ratios[residual_group_key(list(g))] = residual_rows_ratios(sum(p[0] for p in parts), [parts[0][1]])[0]
+            else:  # (the largest block, which a process skipped: its own check's rows, summed above)
+                ratios[residual_group_key(list(g))] = ratio
+            if ratios[residual_group_key(list(g))] <= RESIDUAL_BLOCK_RTOL:
+                zero.append(list(g))
+        out["residual_zero_blocks"], out["residual_block_ratios"] = zero, ratios
+    else:
+        out.pop("residual_zero_blocks", None)
+        out.pop("residual_block_ratios", None)
+    return out
+
+
+def _largest_residual(seen: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`world_residual` where a process's check rows are missing: the decisions (a block zero
+    where every process found it zero) and each ratio the largest over the processes, not the union's."""
     first = seen[0]
     out = dict(first)
-    same = all(i["residual_skipped_block"] == first["residual_skipped_block"] for i in seen)
-    if not same:
+    if not all(i["residual_skipped_block"] == first["residual_skipped_block"] for i in seen):
         out["residual_skipped_block"] = []
     out["residual_columns"] = max(i["residual_columns"] for i in seen)
     out["residual_block_ratio"] = max(float(i["residual_block_ratio"]) for i in seen)
@@ -102,6 +170,7 @@ def world_residual(infos: Sequence[dict[str, Any] | None]) -> dict[str, Any] | N
     else:
         out.pop("residual_zero_blocks", None)
         out.pop("residual_block_ratios", None)
+    out["residual_ratios"] = "the largest over the DDP processes, not their union's (a process's check rows were not kept)"
     return out
 
 
@@ -141,19 +210,29 @@ def force(acc: MomentAccumulator, world: dict[str, Any]) -> None:
     if kinds is None:  # (no process chose it: the programs of the first batch to come)
         acc._settle_ggn()
         return
-    if type(acc.factored).__name__ != kinds["factored"]:  # (a process without records kept the first one)
+    take_programs(acc, kinds)  # (a process without records kept the first one)
+    acc._kfac_refused = acc._kfac_refused or world["kfac_refused"]
+    for k in _PROGRAMS:
+        acc._apply_forced_ggn(getattr(acc, k), k)
+    acc._settle_ggn()
+
+
+def take_programs(acc: MomentAccumulator, kinds: dict[str, str]) -> None:
+    """Rebuild ``acc``'s first-batch programs (the estimation's ``factored``, the K-FAC side one) as
+    the kinds ``kinds`` names (``{attribute: class name}``, :func:`choice_facts`' ``"programs"``)
+    where they differ: those another process settled on (:func:`force`), or those of the accumulator
+    an unpickled Metric rebuilds (a fresh accumulator builds the K-FAC side program for one output
+    per record: dd58, a classifier's factors then read as one output's)."""
+    if type(acc.factored).__name__ != kinds["factored"]:
         if acc.factored is not None:
             acc.factored.close()
-        acc.factored = acc._fast_program(LayerProgram) if kinds["factored"] == "LayerProgram" else None
+        kind = {"LayerProgram": LayerProgram, "FactoredProgram": FactoredProgram}.get(kinds["factored"])
+        acc.factored = acc._fast_program(kind) if kind is not None else None
     if type(acc._kron_side).__name__ != kinds["_kron_side"]:
         acc._set_kron_side(LayerProgram if kinds["_kron_side"] == "LayerProgram" else FactoredProgram)
         if kinds["_kron_side"] == "NoneType" and acc._kron_side is not None:
             acc._kron_side.close()
             acc._kron_side = None
-    acc._kfac_refused = acc._kfac_refused or world["kfac_refused"]
-    for k in _PROGRAMS:
-        acc._apply_forced_ggn(getattr(acc, k), k)
-    acc._settle_ggn()
 
 
 def agree(acc: MomentAccumulator, read: bool, gather: Callable[[Any], list[Any]],
@@ -204,4 +283,5 @@ def gather_objects(obj: Any, group: Any = None) -> list[Any]:
     return out
 
 
-__all__ = ["agree", "choice_facts", "follows", "force", "gather_objects", "world_choice", "world_estimator", "world_residual"]
+__all__ = ["agree", "choice_facts", "follows", "force", "gather_objects", "take_programs", "world_choice", "world_estimator",
+           "world_residual"]
