@@ -222,7 +222,7 @@ def take_programs(acc: MomentAccumulator, kinds: dict[str, str]) -> None:
     the kinds ``kinds`` names (``{attribute: class name}``, :func:`choice_facts`' ``"programs"``)
     where they differ: those another process settled on (:func:`force`), or those of the accumulator
     an unpickled Metric rebuilds (a fresh accumulator builds the K-FAC side program for one output
-    per record: dd58, a classifier's factors then read as one output's)."""
+    per record: docs/benchmarks.md "dd58", a classifier's factors then read as one output's)."""
     if type(acc.factored).__name__ != kinds["factored"]:
         if acc.factored is not None:
             acc.factored.close()
