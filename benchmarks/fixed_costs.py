@@ -171,6 +171,13 @@ collection that, left alone, first runs inside the next scoring call: at the imp
 registry and of torchao): its CPU ms, the objects it found unreachable and the RSS it freed.
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/fixed_costs.py cycles /tmp/m1e7.pt --rounds 3
+
+``seed`` (p58a): the seeded ``isolated_rng`` block (``_rng._seed_global``) in fresh processes as
+scale.py's child, ``_rng.SEED_ISOLATED_ONLY`` on and off alternating (``--rounds`` pairs): the first
+block's CPU ms and minor faults (``torch.manual_seed``'s queued accelerator seeds each take a
+``traceback.format_stack()``, whose first reads the stack's source files) and the mean of the next 20.
+
+    python benchmarks/fixed_costs.py seed --rounds 3
 """
 
 from __future__ import annotations
@@ -1005,6 +1012,39 @@ def _est(path: str) -> None:
     print(f"load {os.getloadavg()[0]:.1f}")
 
 
+_SEED = """
+import sys, time, resource
+import lightning_fabric.utilities.seed, torch
+m = torch.nn.Linear(3, 3); o = torch.optim.Adam(m.parameters()); m(torch.randn(2, 3)).sum().backward(); o.step()
+import mis_lightning.assess
+import mis_lightning._rng as rng
+if {off}:
+    rng.SEED_ISOLATED_ONLY = False
+out = []
+for i in range(21):
+    c, f = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    with rng.isolated_rng(seed=i):
+        pass
+    out.append((time.process_time() - c, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f))
+print(out[0][0], out[0][1], sum(t for t, _ in out[1:]) / 20)
+"""
+
+
+def _seed(rounds: int) -> None:
+    """``seed`` (p58a): a seeded ``isolated_rng`` block (the estimation pass runs two) in fresh
+    processes as scale.py's child, ``_rng.SEED_ISOLATED_ONLY`` on and off alternating: the first
+    block's CPU ms and minor faults, and the mean of the next 20."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    for r in range(rounds):
+        for off in ((False, True) if r % 2 == 0 else (True, False)):
+            p = subprocess.run([sys.executable, "-c", _SEED.format(off=off)], env=env, capture_output=True, text=True,
+                               check=True)
+            first, faults, then = p.stdout.split()[-3:]
+            print(f"SEED_ISOLATED_ONLY {not off!s:5s}: first block {float(first) * 1e3:.2f} ms CPU "
+                  f"({int(faults):,} minor faults), then {float(then) * 1e3:.3f} ms each")
+    print(f"load {os.getloadavg()[0]:.1f}")
+
+
 def _cycles(path: str, rounds: int) -> None:
     """``cycles``: estimations with ``LOSS_RANKS_WEAK`` on and off, and what a ``gc.collect(1)``
     after each frees (see the module docstring)."""
@@ -1192,7 +1232,7 @@ def _tol(path: str, tol: float, calls: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("import", "aoparts", "aoneeds", "first", "params", "est", "heap", "tol", "once", "faults",
+    ap.add_argument("what", choices=("import", "aoparts", "aoneeds", "seed", "first", "params", "est", "heap", "tol", "once", "faults",
                                      "ops", "split", "scaling", "faultsby", "window", "gate", "cycles", "_faults_child"))
     ap.add_argument("path", nargs="?", help="a model saved by first_call.py train (first, params)")
     ap.add_argument("--rounds", type=int, default=3, help="fresh processes per case (import); pairs (cycles)")
@@ -1214,6 +1254,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.what == "aoparts":
         _aoparts(args.rounds, args.trainer)
+        return
+    if args.what == "seed":
+        _seed(args.rounds)
         return
     if args.what == "aoneeds":
         _aoneeds(args.path)
