@@ -29,7 +29,8 @@ most ``--small`` weights each grid's cell moments at theta-hat (``main``), in th
 
 ``est``: three default "assess" estimations in one process (lightning_fabric imported, one Adam
 step before), each split by the accumulator's own steps (CPU ms, inclusive: a step's time holds
-the steps it calls; the loader's batches are the part outside ``_update`` and ``finalize``).
+the steps it calls; the loader's batches are the part outside ``_update`` and ``finalize``), with
+its system CPU and minor page faults (p58a: the first pass's fresh heap pages).
 
 ``heap``: the C heap (glibc ``mallinfo2``: the arena mapped from the kernel and the bytes in use,
 MiB) and the minor page faults before and after the estimation and two scoring calls (torchao
@@ -116,6 +117,9 @@ builds, and each call's system CPU and the interpreter's collections (count and 
 from ``gc.callbacks``) are printed (p56b). ``--inside`` (p56b): torchao is not imported before; the first call imports it, as
 scale.py's does, and its import is timed there (the outermost
 ``torchao_backend._import_torchao_quantization`` calls), with the other modules the call imported.
+The rest's share of the optimised cell-moment paths' sample checks is printed too (p58a: the
+outermost ``fastpath.verify_sample`` calls of ``functional.affine`` and ``functional.table``,
+inclusive; the first call on a path checks ``FIRST_SAMPLE`` elements against the reference).
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/fixed_costs.py scaling /tmp/m1e5.pt --calls 5
 
@@ -167,6 +171,13 @@ collection that, left alone, first runs inside the next scoring call: at the imp
 registry and of torchao): its CPU ms, the objects it found unreachable and the RSS it freed.
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/fixed_costs.py cycles /tmp/m1e7.pt --rounds 3
+
+``seed`` (p58a): the seeded ``isolated_rng`` block (``_rng._seed_global``) in fresh processes as
+scale.py's child, ``_rng.SEED_ISOLATED_ONLY`` on and off alternating (``--rounds`` pairs): the first
+block's CPU ms and minor faults (``torch.manual_seed``'s queued accelerator seeds each take a
+``traceback.format_stack()``, whose first reads the stack's source files) and the mean of the next 20.
+
+    python benchmarks/fixed_costs.py seed --rounds 3
 """
 
 from __future__ import annotations
@@ -809,6 +820,9 @@ def _split(path: str, calls: int, inside: bool = False) -> None:
     # summary's fixed part then counted twice)
     _timed(reg, "_load_backends", "registry", once, depth=[0])
     _time_builds(once, label="builds", builds=tuple(b for b in _ONCE if b[1] != "_load_backends"))
+    checks = [0]  # (p58a) the optimised paths' sample checks (fastpath.verify_sample, outermost calls; inclusive)
+    for modname in ("mis_lightning.functional.affine", "mis_lightning.functional.table"):
+        _timed(importlib.import_module(modname), "verify_sample", "checks", once, depth=checks)
     lf = importlib.import_module("mis_lightning.estimation.linear_factors")
     f0 = lf.factored_power_sums
     unit: collections.Counter = collections.Counter()
@@ -874,12 +888,13 @@ def _split(path: str, calls: int, inside: bool = False) -> None:
         sys_ms = (resource.getrusage(resource.RUSAGE_SELF).ru_stime - s0) * 1e3
         # (the registry's load holds no table build; torchao's import holds neither)
         fixed = once["builds"] + once["registry"] + once["torchao"]
-        rows.append((t, f, unit["cpu"], unit["faults"], int(unit["calls"]), fixed))
+        rows.append((t, f, unit["cpu"], unit["faults"], int(unit["calls"]), fixed, once["checks"]))
         print(f"call {i + 1}: {t * 1e3:.1f} ms ({f:,} minor faults): "
               + (f"torchao's import {once['torchao'] * 1e3:.1f} ms, " if inside else "")
               + f"the registry's load {once['registry'] * 1e3:.1f} ms, the unit column's fourth powers "
               f"{unit['cpu'] * 1e3:.1f} ms ({int(unit['calls'])} calls, {unit['faults']:,} faults), one-time builds "
-              f"{once['builds'] * 1e3:.1f} ms, the rest {(t - unit['cpu'] - fixed) * 1e3:.1f} ms")
+              f"{once['builds'] * 1e3:.1f} ms, the rest {(t - unit['cpu'] - fixed) * 1e3:.1f} ms (of it the fast "
+              f"paths' sample checks {once['checks'] * 1e3:.1f} ms)")
         print(f"  of it system (kernel) CPU {sys_ms:.0f} ms; the collector: "
               + (", ".join(f"generation {g} {n} ({1e3 * c:.1f} ms)" for g, (n, c) in sorted(gcs.items())) or "none"))
         if inside and i == 0:
@@ -893,7 +908,7 @@ def _split(path: str, calls: int, inside: bool = False) -> None:
         d = [a - b for a, b in zip(rows[0], rows[1])]
         print(f"call 1 - call 2: {d[0] * 1e3:.1f} ms ({d[1]:,} faults) = the unit column's fourth powers "
               f"{d[2] * 1e3:.1f} + torchao's import, the registry's load and the one-time builds {d[5] * 1e3:.1f} "
-              f"+ the rest {(d[0] - d[2] - d[5]) * 1e3:.1f} ms")
+              f"+ the rest {(d[0] - d[2] - d[5]) * 1e3:.1f} ms (of it the sample checks {d[6] * 1e3:.1f} ms)")
     print(f"load {os.getloadavg()[0]:.1f}")
 
 
@@ -985,12 +1000,48 @@ def _est(path: str) -> None:
     _, model, loader, loss_fn, est_cfg, _ = load_saved(path)
     for i in range(3):
         acc.clear()
+        u0 = resource.getrusage(resource.RUSAGE_SELF)
         c = time.process_time()
         A.run_estimation(model, loader, loss_fn, est_cfg)
         t = time.process_time() - c
+        u1 = resource.getrusage(resource.RUSAGE_SELF)
         rest = t - acc["updates"] - acc["finalize"] - acc["set-up"]
         print(f"estimation {i + 1}: {t * 1e3:.1f} ms; " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in acc.items())
-              + f"; the loader's batches and the rest {rest * 1e3:.1f}")
+              + f"; the loader's batches and the rest {rest * 1e3:.1f}; system CPU {(u1.ru_stime - u0.ru_stime) * 1e3:.1f} "
+              f"ms, {u1.ru_minflt - u0.ru_minflt:,} minor faults (p58a)")
+    print(f"load {os.getloadavg()[0]:.1f}")
+
+
+_SEED = """
+import sys, time, resource
+import lightning_fabric.utilities.seed, torch
+m = torch.nn.Linear(3, 3); o = torch.optim.Adam(m.parameters()); m(torch.randn(2, 3)).sum().backward(); o.step()
+import mis_lightning.assess
+import mis_lightning._rng as rng
+if {off}:
+    rng.SEED_ISOLATED_ONLY = False
+out = []
+for i in range(21):
+    c, f = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    with rng.isolated_rng(seed=i):
+        pass
+    out.append((time.process_time() - c, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f))
+print(out[0][0], out[0][1], sum(t for t, _ in out[1:]) / 20)
+"""
+
+
+def _seed(rounds: int) -> None:
+    """``seed`` (p58a): a seeded ``isolated_rng`` block (the estimation pass runs two) in fresh
+    processes as scale.py's child, ``_rng.SEED_ISOLATED_ONLY`` on and off alternating: the first
+    block's CPU ms and minor faults, and the mean of the next 20."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    for r in range(rounds):
+        for off in ((False, True) if r % 2 == 0 else (True, False)):
+            p = subprocess.run([sys.executable, "-c", _SEED.format(off=off)], env=env, capture_output=True, text=True,
+                               check=True)
+            first, faults, then = p.stdout.split()[-3:]
+            print(f"SEED_ISOLATED_ONLY {not off!s:5s}: first block {float(first) * 1e3:.2f} ms CPU "
+                  f"({int(faults):,} minor faults), then {float(then) * 1e3:.3f} ms each")
     print(f"load {os.getloadavg()[0]:.1f}")
 
 
@@ -1181,7 +1232,7 @@ def _tol(path: str, tol: float, calls: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("import", "aoparts", "aoneeds", "first", "params", "est", "heap", "tol", "once", "faults",
+    ap.add_argument("what", choices=("import", "aoparts", "aoneeds", "seed", "first", "params", "est", "heap", "tol", "once", "faults",
                                      "ops", "split", "scaling", "faultsby", "window", "gate", "cycles", "_faults_child"))
     ap.add_argument("path", nargs="?", help="a model saved by first_call.py train (first, params)")
     ap.add_argument("--rounds", type=int, default=3, help="fresh processes per case (import); pairs (cycles)")
@@ -1203,6 +1254,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.what == "aoparts":
         _aoparts(args.rounds, args.trainer)
+        return
+    if args.what == "seed":
+        _seed(args.rounds)
         return
     if args.what == "aoneeds":
         _aoneeds(args.path)

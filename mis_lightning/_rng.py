@@ -60,6 +60,46 @@ def _isolate() -> Iterator[None]:
         random.setstate(python_state)
 
 
+# False: isolated_rng(seed=) seeds through torch.manual_seed on every device (A/B benchmarks; the
+# queued accelerator seeds below)
+SEED_ISOLATED_ONLY = True
+
+
+def _seed_global(seed: int) -> None:
+    """Seed the global streams :func:`_isolate` restores: the CPU stream as ``torch.manual_seed``
+    seeds it (``torch.default_generator``), and every CUDA device's where CUDA is initialised.
+
+    ``torch.manual_seed`` would also *queue* the seed for each accelerator not initialised yet
+    (CUDA, XPU, MTIA: a lazy call that holds ``traceback.format_stack()``, which reads the source
+    file of every frame on the stack the first time: ~4 ms of a fresh process's first estimation,
+    docs/benchmarks.md "p58a"). Such a queued seed is applied when the caller first initialises
+    that device, after the block, where :func:`_isolate` cannot take it back: the caller's
+    CUDA streams then started from the library's seed, and a ``torch.manual_seed`` of the
+    caller's own queued before the call was replaced by it. The block draws from neither.
+    Where MPS is built, XPU or MTIA is initialised, or a PrivateUse1 backend is registered (the
+    library does not restore their streams either), or with :data:`SEED_ISOLATED_ONLY` False:
+    ``torch.manual_seed(seed)`` as before. Raises as ``torch.manual_seed`` does (a seed out of range).
+    """
+    other = (torch.backends.mps.is_available() or any(_initialized(name) for name in ("xpu", "mtia"))
+             or torch._C._get_privateuse1_backend_name() != "privateuseone")
+    if not SEED_ISOLATED_ONLY or other:
+        torch.manual_seed(seed)
+        return
+    seed = int(seed)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
+    torch.default_generator.manual_seed(seed)
+
+
+def _initialized(name: str) -> bool:
+    """Whether the accelerator module ``torch.<name>`` is initialised (``False`` where this torch
+    has no such module; ``True`` where it has no ``is_initialized``: :func:`_seed_global` then
+    seeds through ``torch.manual_seed`` as before)."""
+    mod = getattr(torch, name, None)
+    check = getattr(mod, "is_initialized", None)
+    return mod is not None and (check is None or bool(check()))
+
+
 def loader_generators(*holders: Any) -> list[torch.Generator]:
     """Every ``torch.Generator`` that iterating ``holders`` can draw from, each once: a data
     loader's own (``generator=``), its sampler's, its batch sampler's and that one's sampler's;
@@ -119,7 +159,7 @@ def isolated_rng(*loaders: Any, seed: int | None = None) -> Iterator[None]:
     with _isolate():
         try:
             if seed is not None:
-                torch.manual_seed(seed)
+                _seed_global(seed)
                 for g in gens:
                     g.manual_seed(seed)
             yield

@@ -33,3 +33,35 @@ def test_isolated_rng_restores_torch_numpy_and_random(raises):
 
 # that an assessment in a fresh process leaves lightning_fabric and torchmetrics unimported:
 # tests/test_fresh_process.py
+
+
+def _queued_cuda_seeds():
+    """The seed calls torch has queued for CUDA (not initialised): its lazy seed tracker's
+    ``(seed_all, seed)`` entries (``None`` where none is queued)."""
+    tracker = getattr(torch.cuda, "_lazy_seed_tracker", None)
+    if tracker is None or torch.cuda.is_initialized():
+        pytest.skip("CUDA initialised, or a torch without the lazy seed tracker: nothing is queued")
+    return [None if c is None else c[0] for c in tracker.get_calls()]
+
+
+@pytest.mark.parametrize("isolated_only", [True, False])
+def test_a_seeded_block_leaves_the_callers_queued_cuda_seed(monkeypatch, isolated_only):
+    """``isolated_rng(seed=s)`` draws the CPU stream ``torch.manual_seed(s)`` gives, and leaves the
+    CUDA seed the caller queued (CUDA not initialised: applied when the caller initialises it) as it
+    was. Through ``torch.manual_seed`` (the switch off, as before) the block queued its own seed in
+    its place, which the restore after the block cannot take back: the caller's CUDA streams would
+    start from the library's seed."""
+    import mis_lightning._rng as rng
+
+    monkeypatch.setattr(rng, "SEED_ISOLATED_ONLY", isolated_only, raising=False)
+    torch.manual_seed(1234)  # the caller's seed, queued for CUDA too
+    before = _queued_cuda_seeds()
+    with isolated_rng(seed=3):
+        inside = torch.rand(5)
+    after = _queued_cuda_seeds()
+    after_draw = torch.rand(5)
+    torch.manual_seed(1234)
+    assert torch.equal(after_draw, torch.rand(5))  # the caller's CPU stream restored either way
+    torch.manual_seed(3)
+    assert torch.equal(inside, torch.rand(5))  # the same draws as under torch.manual_seed(3)
+    assert (after == before) is isolated_only

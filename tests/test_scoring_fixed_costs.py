@@ -409,3 +409,17 @@ def test_pattern_cells_through_the_guide_equal_the_binary_search(dtype, monkeypa
         special += math.isinf(x) or x == 0.0
     assert special == 4  # +-0 and +-inf were among them
 
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn])
+def test_table_layout_builds_its_step_changes_on_first_read(dtype):
+    """``TableLayout.changes`` (an isclose and a cumsum over the table: the 16-bit casts' ~65k
+    cells) is built when first read, not with the layout (the scoring of the 16-bit casts never
+    reads it), and is then the inline computation's, bitwise, and kept."""
+    from mis_lightning.quantization.casts import cast_cell_values
+
+    values = cast_cell_values(dtype) if torch.finfo(dtype).bits == 16 else representable_values(dtype)
+    lay = T.TableLayout(values, torch.device("cpu"))
+    assert "changes" not in vars(lay)
+    assert torch.equal(lay.changes, _inline_layout(values)[1])
+    assert lay.changes is lay.changes

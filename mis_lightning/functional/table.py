@@ -7,6 +7,7 @@ All tensors are per element (``[c]``, one chunk of a flattened parameter).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import weakref
@@ -97,9 +98,6 @@ class TableLayout:
         self.serial = next(_LAYOUT_SERIALS)  # (a key of per-layout caches that no later layout takes)
         v = self.values
         self.mids = 0.5 * (v[1:] + v[:-1])
-        widths = self.mids[1:] - self.mids[:-1]  # width of finite value cell k is widths[k - 1]
-        change = ~torch.isclose(widths[1:], widths[:-1], rtol=1e-9, atol=0.0)
-        self.changes = torch.cat([change.new_zeros(1, dtype=torch.long), change.long().cumsum(0)])
         self._guide = _bit_guide(self.mids.cpu().numpy()) if device.type == "cpu" else None
         if self._guide is not None:
             self.a_lo, self.a_hi, self.shift, self.neg0, self.pos0 = self._guide[:5]
@@ -115,6 +113,14 @@ class TableLayout:
         self._edges_by_bits: tuple[Tensor, Tensor] | None = None
         self._pattern_cells: tuple[Tensor, Tensor] | None = None
         self._edges_np: tuple[np.ndarray, np.ndarray] | None = None
+
+    @functools.cached_property
+    def changes(self) -> Tensor:
+        """``[V - 2]`` int64: the cumulative count of step changes between consecutive finite
+        cells (built on first read: the 16-bit casts' layouts are never asked for it)."""
+        widths = self.mids[1:] - self.mids[:-1]  # width of finite value cell k is widths[k - 1]
+        change = ~torch.isclose(widths[1:], widths[:-1], rtol=1e-9, atol=0.0)
+        return torch.cat([change.new_zeros(1, dtype=torch.long), change.long().cumsum(0)])
 
     def _format_edges(self) -> tuple[Tensor, Tensor]:
         """Per bit pattern ``m`` of a magnitude below the format's largest finite value (``[top]``
