@@ -9,7 +9,7 @@ from torch import nn
 
 from mis_lightning import EstimationConfig, assess
 from mis_lightning.estimation import estimate
-from mis_lightning.estimation.estimate import _leverage
+from mis_lightning.estimation.estimate import LEVERAGE_CAP, _leverage
 from mis_lightning.estimation.records import record_keys
 
 N, F = 60, 19  # d = 20 (19 weights + bias)
@@ -552,3 +552,87 @@ def test_box_mean_form_carries_each_records_self_term() -> None:
     own = torch.stack([box(Correlation(full=corr - beta[r] * torch.outer(x[r], x[r])), w[r:r + 1])[0] for r in rows])
     assert abs(float(carried.mean() / own.mean()) - 1) < 0.01
     assert float(shared.mean() / own.mean()) - 1 < -0.01  # the term matters here
+
+
+@pytest.mark.parametrize("stored", [40, 16])
+def test_multiclass_mlp_leverages_and_sigma_match_a_brute_force_reference(stored: int) -> None:
+    """A 3-5-3 tanh MLP (d = 38, n = 40, wd = 1e-2, three batches of 16 / 16 / 8) fitted to a
+    gradient below 1e-12 (L-BFGS, then Newton): the exact estimator's leverages against a
+    reference built apart from it, ``torch.autograd.functional.hessian`` (reverse over reverse) of
+    the whole objective for ``H`` and of each record's loss for ``d2l_i``, projected on the
+    span of the record's logit Jacobian (``P_i``, right singular vectors above ``sqrt(eps)``):
+    ``h_i = tr(H^-1 P_i d2l_i P_i) / n`` (method.md section 4, "Per-record factors"; two
+    directions per record, so ``h_i`` up to 2: 4 records above ``LEVERAGE_CAP`` here, counted);
+    with every record stored, ``sigma^2 = diag(H^-1 V_HC2 H^-1) / n``,
+    ``V_HC2 = V + mean a_i c_i c_i'``, ``a_i = h'_i / (1 - h'_i)``, ``h'_i = min(h_i, cap) / K_i``;
+    with 16 stored, the stored records' (the 16 smallest content hashes) mean and max. The
+    forward-over-reverse Hessian, the per-batch sums and the solves differ from the reference's
+    only in float64 rounding order: measured 1e-13 relative; tolerance 1e-9, while a wrong
+    decay, factor, cap or record pairing moves them far more (``weight_decay=0`` in the estimate of
+    this fit: mean leverage 0.537 -> 2.05, max 1.41 -> 21.7, 26 capped, sigma up to 53x). kf33's
+    ReLU 20-80-5 at n = 4,000, where session 56 printed a mean leverage of 0.365 that no commit
+    reproduces (0.156; docs/benchmarks.md, "ex58"), is too large for this reference: this is its
+    multi-class, multi-layer, multi-batch path."""
+    n, fan, hid, classes, wd = 40, 3, 5, 3, 1e-2
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, fan, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (n,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(fan, hid), nn.Tanh(), nn.Linear(hid, classes)).double()
+    names, shapes = zip(*[(k, p.shape) for k, p in model.named_parameters()])
+    sizes = [s.numel() for s in shapes]
+
+    def logits(t: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        parts = dict(zip(names, (p.reshape(s) for p, s in zip(t.split(sizes), shapes))))
+        return torch.func.functional_call(model, parts, (xs,))
+
+    def ce(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, t, reduction="none")
+
+    def objective(t: torch.Tensor) -> torch.Tensor:
+        return ce(logits(t, x), y).mean() + wd / 2 * t.square().sum()
+
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).requires_grad_(True)
+    opt = torch.optim.LBFGS([theta], max_iter=2000, tolerance_grad=1e-14, tolerance_change=1e-16,
+                            history_size=50, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        out = objective(theta)
+        out.backward()
+        return out
+
+    opt.step(closure)
+    theta = theta.detach()
+    for _ in range(5):
+        theta = theta - torch.linalg.solve(torch.autograd.functional.hessian(objective, theta),
+                                           torch.autograd.functional.jacobian(objective, theta))
+    assert float(torch.autograd.functional.jacobian(objective, theta).norm()) < 1e-12
+    torch.nn.utils.vector_to_parameters(theta, model.parameters())
+    Hinv = torch.linalg.inv(torch.autograd.functional.hessian(objective, theta))
+    h = torch.empty(n, dtype=torch.float64)
+    rank = torch.empty(n, dtype=torch.float64)
+    c = torch.empty(n, theta.numel(), dtype=torch.float64)
+    for i in range(n):
+        def loss_i(t: torch.Tensor, i: int = i) -> torch.Tensor:
+            return ce(logits(t, x[i:i + 1]), y[i:i + 1]).sum()
+        J = torch.autograd.functional.jacobian(lambda t, i=i: logits(t, x[i:i + 1])[0], theta)
+        _, s, vh = torch.linalg.svd(J, full_matrices=False)
+        Q = vh[s > s[0] * torch.finfo(torch.float64).eps ** 0.5]
+        S = Q @ torch.autograd.functional.hessian(loss_i, theta) @ Q.T
+        h[i] = torch.trace(Hinv @ Q.T @ S @ Q) / n
+        rank[i] = torch.linalg.matrix_rank(S)
+        c[i] = torch.autograd.functional.jacobian(loss_i, theta)
+    c = c - c.mean(0)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    est = estimate(model, loader, ce, mode="exact", weight_decay=wd, num_records=stored)
+    kept = torch.sort(record_keys([x, y], None, n), stable=True).indices[:stored]
+    assert est.diagnostics["mean_leverage"] == pytest.approx(float(h[kept].mean()), rel=1e-9)
+    assert est.diagnostics["max_leverage"] == pytest.approx(float(h[kept].max()), rel=1e-9)
+    assert est.diagnostics["leverage_capped"] == int((h[kept] > LEVERAGE_CAP).sum())
+    if stored == n:
+        assert est.diagnostics["leverage_capped"] == 4 and float(rank.max()) == 2
+        hp = h.clamp(max=LEVERAGE_CAP) / rank
+        V = c.T @ (c * (1 + hp / (1 - hp))[:, None]) / n
+        sigma = torch.diagonal(Hinv @ V @ Hinv).sqrt() / n**0.5
+        torch.testing.assert_close(torch.cat([est.sigma[k] for k in est.names]), sigma, rtol=1e-9, atol=0)

@@ -308,6 +308,9 @@ class Correlation:
     # (RecordCorrelation.in_sample; checked in _inverse_bias against IN_SAMPLE_TRACE_RTOL)
     trace_target: float | None = None
     _loo_cache: dict = field(default_factory=dict, repr=False)
+    # :meth:`restrict`'s full blocks by slice: {slice.indices(d): (the block's view, the ``full`` it
+    # was cut from, the block's ``_eigh``)}, shared by :meth:`RecordCorrelation.with_rcond`'s copies
+    _blocks: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if (self.self_term is None) != (self.self_weight is None):
@@ -385,12 +388,22 @@ class Correlation:
                    residual=(1.0 - FACTOR_SHRINKAGE) * residual + FACTOR_SHRINKAGE)
 
     def restrict(self, index: Tensor | slice) -> Correlation:
-        """The correlation of a subset of coordinates (a layer's block)."""
+        """The correlation of a subset of coordinates (a layer's block). A full block by a slice
+        is the same ``full`` view, with one shared eigendecomposition cache, on every call (and on
+        :meth:`RecordCorrelation.with_rcond`'s copies, which share ``_blocks``): each scheme's
+        per-layer form used to rebuild the view and redo its ``[d_l, d_l]`` eigh (:meth:`_basis`),
+        three times per weight layer for three schemes (docs/benchmarks.md, "ex58"); the forms
+        are the same bit for bit."""
         if self.full is not None:
             x = None if self.self_term is None else self.self_term[:, index]
             if isinstance(index, slice):
-                return Correlation(full=self.full[index, index], self_term=x, self_weight=self.self_weight,
-                                   rcond=self.rcond)
+                key = index.indices(self.d)
+                hit = self._blocks.get(key)
+                if hit is None or hit[1] is not self.full:
+                    self._blocks[key] = (self.full[index, index], self.full, {})
+                block, _, eigh = self._blocks[key]
+                return Correlation(full=block, self_term=x, self_weight=self.self_weight, rcond=self.rcond,
+                                   _eigh=eigh)
             return Correlation(full=self.full[index][:, index], self_term=x, self_weight=self.self_weight,
                                rcond=self.rcond)
         assert self.factor is not None and self.residual is not None
@@ -1505,7 +1518,7 @@ class RecordCorrelation:
         cutoff check (the only cutoff of the full form is this rule on ``R``)."""
         parts = [(i, Correlation(full=c.full, factor=c.factor, residual=c.residual, self_term=c.self_term,
                                  self_weight=c.self_weight, self_mean=c.self_mean, rcond=rcond,
-                                 sandwich=c.sandwich, _eigh=c._eigh))
+                                 sandwich=c.sandwich, _eigh=c._eigh, _blocks=c._blocks))
                  for i, c in self.parts]
         return RecordCorrelation(parts, self.kind, fit=self.fit)
 
