@@ -2,6 +2,12 @@
 
     OMP_NUM_THREADS=1 python benchmarks/iv58_saturated_interval.py mlp --records 4096
     OMP_NUM_THREADS=1 python benchmarks/iv58_saturated_interval.py gmean --records 128 --dim 168 --seeds 8
+    OMP_NUM_THREADS=1 python benchmarks/iv58_saturated_interval.py box
+
+``box``: ``tests/test_correlated.py``'s rows past the cap (64 records of rank 4 over 20 columns, column
+0 times 1e6; in-sample, own row out): ``beta``'s bound over ``kappa`` in [0.8, 0.95] with
+``CORRELATED_BETA_CAP`` off and on, against ``beta`` at 200 sampled points of the box (vertices and
+interior), and the low end's smallest ratio to a sampled record's form.
 
 ``mlp``: rv55r's 16-64-64-2 MLP (``benchmarks/rv55r_wide_gate_correlated.py``, d = 5,378; at 4,096
 records d / N = 1.31, every headline saturated at 1.0) assessed with rtn_int8 and
@@ -23,6 +29,7 @@ records: figure, interval (``-``: none given), whether it holds the exact advant
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import warnings
 
@@ -97,15 +104,45 @@ def mlp(records: int) -> None:
                 print("  warning:", w)
 
 
+def box() -> None:
+    import mis_lightning.functional.correlated as C
+    from mis_lightning.functional.correlated import RecordCorrelation
+    g = torch.Generator().manual_seed(6)
+    W = torch.randn(64, 4, dtype=torch.float64, generator=g) @ torch.randn(4, 20, dtype=torch.float64, generator=g)
+    W[:, 0] *= 1e6
+    rc = RecordCorrelation.in_sample(W)
+    corr = rc.parts[0][1]
+    x, b = corr.self_term.to(torch.float64), corr.self_weight.to(torch.float64)
+    k_lo, k_hi = torch.full((20,), 0.8, dtype=torch.float64), torch.full((20,), 0.95, dtype=torch.float64)
+    vv_lo, vv_hi = (corr._in_sample_loo_parts(W, x, b, k)[3] for k in (k_lo, k_hi))
+    print(f"b vv {float((b * vv_lo).min()):.3g}..{float((b * vv_hi).max()):.3g}, past the cap "
+          f"{float((b * vv_lo >= C.IN_SAMPLE_LOO_LEVERAGE_CAP).double().mean()):.2f}")
+    for cap in (False, True):
+        C.CORRELATED_BETA_CAP = cap
+        lo, _ = rc.gaussian_ends(W, k_lo, k_hi)
+        pts = torch.Generator().manual_seed(7)
+        betas, worst = [], math.inf
+        for i in range(200):
+            k = (torch.where(torch.rand(20, generator=pts) < 0.5, k_hi, k_lo) if i % 2 else
+                 k_lo + (k_hi - k_lo) * torch.rand(20, dtype=torch.float64, generator=pts))
+            betas.append(corr._in_sample_loo_parts(W, x, b, k)[2])
+            worst = min(worst, float((lo / rc.gaussian_mean_abs(W, k)).min()))
+        bound = corr._inverse_bias_range(vv_lo, vv_hi, b)
+        print(f"CORRELATED_BETA_CAP={cap}: beta's bound ({bound[0]:.3g}, {bound[1]:.4g}); sampled beta "
+              f"{min(betas):.3g}..{max(betas):.3g}; low end / sampled forms, smallest {worst:.3g}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("mode", choices=["mlp", "gmean"])
+    ap.add_argument("mode", choices=["mlp", "gmean", "box"])
     ap.add_argument("--records", type=int, default=4096)
     ap.add_argument("--dim", type=int, default=168)
     ap.add_argument("--seeds", type=int, default=8)
     a = ap.parse_args()
     if a.mode == "mlp":
         mlp(a.records)
+    elif a.mode == "box":
+        box()
     else:
         gmean(a.records, a.dim, a.seeds)
 

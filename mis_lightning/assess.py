@@ -450,11 +450,14 @@ def _point_interval_warning(schemes: Sequence[str], report: Report, est: Estimat
     record read the ceiling 1, or the same figure, which in-sample forms give with ``d`` at or above
     the stored records) and what the figure then is (docs/benchmarks.md, "iv58")."""
     saturated = all(report.schemes[s].leakage >= 1.0 - 1e-12 for s in schemes)
-    cause = ("every stored record reads the ceiling 1 (the first-order shift is far past where the "
-             "advantage saturates), so 1 is where the approximation ends, not a measured certainty"
-             if saturated else
-             "every stored record reads the same figure (with d at or above the stored records, "
-             f"here d = {est.d:,} and {est.num_records:,} records, each record's in-sample form equals the others')")
+    if saturated:
+        cause = ("every stored record reads the ceiling 1 (the first-order shift is far past where the "
+                 "advantage saturates), so 1 is where the approximation ends, not a measured certainty")
+    elif est.d >= est.num_records:
+        cause = ("every stored record reads the same figure (with d at or above the stored records, "
+                 f"here d = {est.d:,} and {est.num_records:,} records, each record's in-sample form equals the others')")
+    else:
+        cause = f"every stored record ({est.num_records:,}) reads the same figure"
     return (f"no 80% interval for {', '.join(schemes)}: {cause}; the interval, set by the records' spread "
             "and where the coarse weights sit, read a single point, which states a certainty the data do not "
             "give, so the row has none and differences from it are not judged. The figure is a point estimate "
