@@ -813,7 +813,8 @@ class Correlation:
         low-leverage records: rv56s), so each end pairs ``q_loo`` at its own corner with the
         extreme divisor over the whole box (the largest ``beta`` for the low end;
         :meth:`_inverse_bias_range`, ``CORRELATED_BETA_BOUNDS``; cf56 took the corners' betas, which
-        a mixed corner can pass), wider than the corners' values by ``beta``'s range."""
+        a mixed corner can pass), wider than the corners' values by ``beta``'s range. A box of one point
+        (``k_lo == k_hi``) gives the form there at both ends (``CORRELATED_BETA_CAP``)."""
         w = influence.to(torch.float64)
         lo, hi = (k.to(torch.float64).clamp(0.0, 1.0) for k in (k_lo, k_hi))
         if CORRELATED_BETA_CAP and torch.equal(lo, hi):
