@@ -441,6 +441,38 @@ def _position_warning(report: Report) -> str | None:
             "bound for these schemes")
 
 
+#: an interval narrower than this share of its figure is a point (iv58): every record read the same
+POINT_INTERVAL_RTOL = 1e-9
+
+
+def _point_interval(leakage: float, interval: tuple[float, float] | None) -> bool:
+    """Whether ``interval`` (leakage units) has no width around a positive ``leakage``: the records'
+    spread and the positions' range both read 0, so it states no uncertainty (:data:`POINT_INTERVAL_RTOL`
+    of the figure; a figure of 0 with ``[0, 0]`` is kept: no record leaks by the form, the lowest figure there is)."""
+    return (interval is not None and leakage > 0.0 and all(math.isfinite(v) for v in interval)
+            and interval[1] - interval[0] <= POINT_INTERVAL_RTOL * leakage)
+
+
+def _point_interval_warning(schemes: Sequence[str], report: Report, est: Estimate) -> str:
+    """The warning for the schemes whose 80% interval had no width and was dropped: why (every stored
+    record read the ceiling 1, or the same figure, which in-sample forms give with ``d`` at or above
+    the stored records) and what the figure then is (docs/benchmarks.md, "iv58")."""
+    saturated = all(report.schemes[s].leakage >= 1.0 - 1e-12 for s in schemes)
+    if saturated:
+        cause = ("every stored record reads the ceiling 1 (the first-order shift is far past where the "
+                 "advantage saturates), so 1 is where the approximation ends, not a measured certainty")
+    elif est.d >= est.num_records:
+        cause = ("every stored record reads the same figure (with d at or above the stored records, "
+                 f"here d = {est.d:,} and {est.num_records:,} records, each record's in-sample form equals the others')")
+    else:
+        cause = f"every stored record ({est.num_records:,}) reads the same figure"
+    return (f"no 80% interval for {', '.join(schemes)}: {cause}; the interval, set by the records' spread "
+            "and where the coarse weights sit, read a single point, which states a certainty the data do not "
+            "give, so the row has none and differences from it are not judged. The figure is a point estimate "
+            "without error bars (a Gaussian-mean model at d / n = 1.31 read 0.383 with such a point against "
+            "the exact advantage 0.434: docs/benchmarks.md, \"iv58\")")
+
+
 def _d_over_n_warning(d: int, n: int, d_eff_over_n: Mapping[str, float] | None = None,
                       num_schemes: int = 0, still: int = 0) -> str:
     """The warning for ``d / n`` above :data:`D_EFF_OVER_N_MAX`: the estimate itself (sigma, the
@@ -1805,6 +1837,7 @@ def score_schemes(
     prepared: list[_Prepared] = []
     failures: dict[str, str] = {}
     interval_lost: list[str] = []  # schemes whose interval read NaN at a corner (dropped, warned)
+    interval_point: list[str] = []  # schemes whose interval had no width (dropped, warned: iv58)
     layers_lost: dict[str, list[str]] = {}  # per scheme, the layers whose figure read NaN (warned)
     utility_records: int | None = None
     utility_errors: dict[str, dict[str, Any]] = {}  # Report.utility_errors
@@ -1995,6 +2028,12 @@ def score_schemes(
             # row clearly different: no interval then (the verdict's "cannot be judged"), said
             result.interval = None
             interval_lost.append(scheme.name)
+        elif result.error is None and _point_interval(result.leakage, result.interval):
+            # iv58: every stored record read the same figure (all saturated at 1, or d >= the stored
+            # records' rank): the interval's width, the records' spread and the positions', read 0, a
+            # certainty the data do not give (a Gaussian mean at d / n = 1.31: [0.383, 0.383], exact 0.434)
+            result.interval = None
+            interval_point.append(scheme.name)
         if result.error is None:  # rv56s: a layer's figure read NaN (its block's form uncertified), never silent
             nan_layers = [name for name, lr in result.layers.items() if not math.isfinite(lr.leakage)]
             if nan_layers:
@@ -2005,6 +2044,8 @@ def score_schemes(
             "per-layer figures not available (read NaN" + (": the correlated form on the layer's block lost its "
                                                           "digits" if rc is not None else "") + ") for " + "; ".join(f"{s}: {', '.join(v)}" for s, v in layers_lost.items())
             + "; the schemes' headlines do not read them")
+    if interval_point:
+        report.warnings.append(_point_interval_warning(interval_point, report, est))
     if interval_lost:
         report.warnings.append(interval_lost_warning(
             interval_lost, " (the correlated form lost its digits at a corner of the kappa box; covariance="

@@ -1447,6 +1447,42 @@ def test_the_interval_ends_hold_the_leave_one_out_form_where_beta_peaks_at_a_mix
     assert bool((lo <= v).all())
 
 
+def test_the_interval_ends_of_records_past_the_leverage_cap_are_not_vacuous(monkeypatch):
+    """iv58: ``_inverse_bias_range`` bounded ``a_K = sum(h inside) / sum(vv)`` with ``h <= b vv``, not
+    the ``h = min(b vv, cap)`` every ``a_K`` obeys, so with records past the cap (rv55r's MLP at d / N
+    = 1.31: every record, ``b vv ~ 1e8``) ``beta``'s upper bound grew with ``b vv`` (2e30 there, 3 at
+    the corners) and the low end of a saturated headline read 2.2e-11 around 1.0. Rows with one
+    column 1e6 times the rest (the others fall below the factor model's cut; 87% of the records past
+    the cap): on a box of one point (no ``kappa`` moves) the ends are the form there (base: 0.044 of
+    it); over ``kappa`` in [0.8, 0.95] ``beta``'s bound stays within its value with every record at the
+    cap (``a_K <= cap``; base 3.3e3) and the ends still hold every sampled point of the box."""
+    C = importlib.import_module("mis_lightning.functional.correlated")
+    g = torch.Generator().manual_seed(6)
+    W = torch.randn(64, 4, dtype=torch.float64, generator=g) @ torch.randn(4, 20, dtype=torch.float64, generator=g)
+    W[:, 0] *= 1e6
+    rc = RecordCorrelation.in_sample(W)
+    corr = rc.parts[0][1]
+    assert corr.self_mean
+    x, b = corr.self_term.to(torch.float64), corr.self_weight.to(torch.float64)
+    k = torch.full((20,), 0.9, dtype=torch.float64)
+    assert float((b * corr._in_sample_loo_parts(W, x, b, k)[3] >= C.IN_SAMPLE_LOO_LEVERAGE_CAP).double().mean()) > 0.8
+    v = rc.gaussian_mean_abs(W, k)
+    lo, hi = rc.gaussian_ends(W, k, k)
+    torch.testing.assert_close(lo, v, rtol=1e-12, atol=0)
+    torch.testing.assert_close(hi, v, rtol=1e-12, atol=0)
+    k_lo, k_hi = torch.full((20,), 0.8, dtype=torch.float64), torch.full((20,), 0.95, dtype=torch.float64)
+    vv_lo, vv_hi = (corr._in_sample_loo_parts(W, x, b, kk)[3] for kk in (k_lo, k_hi))
+    exact, approx1 = corr._loo_cache["unquantized"]
+    r = C.IN_SAMPLE_LOO_LEVERAGE_CAP / approx1
+    assert corr._inverse_bias_range(vv_lo, vv_hi, b)[1] <= (approx1 * r + (exact - approx1) * r * r) * (1 + 1e-12)
+    lo, hi = rc.gaussian_ends(W, k_lo, k_hi)
+    for i in range(40):
+        kk = (torch.where(torch.rand(20, generator=g) < 0.5, k_hi, k_lo) if i % 2 else
+              k_lo + (k_hi - k_lo) * torch.rand(20, dtype=torch.float64, generator=g))
+        f = rc.gaussian_mean_abs(W, kk)
+        assert bool((lo <= f).all()) and bool((f <= hi).all())
+
+
 def test_factor_form_rows_that_pass_the_woodbury_test_are_certified_too(monkeypatch):
     """rv56s: ``_factor_quadratic`` trusted the Woodbury difference of rows with ``s / q`` below
     ``QUADRATIC_TOLERANCE / (eps sqrt(d))`` (~2.6e3 here), a rounding bound that assumes an exact

@@ -151,6 +151,10 @@ FACTOR_FORM_WOODBURY_CHECK = True
 # mixed corner, and the corners' betas alone left records 0.9% below the low end); False: the
 # corners' betas (cf56; A/B)
 CORRELATED_BETA_BOUNDS = True
+# ... with each record's leverage h = min(b vv, cap) capped in the upper bound too (iv58: without it
+# the bound's a_K grew with b vv, past the cap every a_K obeys, and a saturated headline's low end read
+# 2e-11 around 1.0); False: the uncapped bound (A/B)
+CORRELATED_BETA_CAP = True
 # A narrow block's bracket (Correlation._narrow_quadratic) takes above also the stationary form plus
 # the residual's r'M^-1r <= |r|^2 / lambda_min(M) (Correlation._residual_gap, cf57): the variational
 # bound at t = A'x cancels |u| against |At| where the loadings dwarf the remainder, and read NaN for
@@ -822,9 +826,15 @@ class Correlation:
         low-leverage records), so each end pairs ``q_loo`` at its own corner with the
         extreme divisor over the whole box (the largest ``beta`` for the low end;
         :meth:`_inverse_bias_range`, ``CORRELATED_BETA_BOUNDS``; the corners' betas alone, taken formerly,
-        a mixed corner can pass beyond), wider than the corners' values by ``beta``'s range."""
+        a mixed corner can pass beyond), wider than the corners' values by ``beta``'s range. A box of one
+        point (``k_lo == k_hi``) gives the form there at both ends (``CORRELATED_BETA_CAP``)."""
         w = influence.to(torch.float64)
         lo, hi = (k.to(torch.float64).clamp(0.0, 1.0) for k in (k_lo, k_hi))
+        if CORRELATED_BETA_CAP and torch.equal(lo, hi):
+            # a box of one point (no coarse weight's kappa moves in it: cells far wider than the sd):
+            # the form there, whose divisor is known; the relaxation below is not tight on it (iv58)
+            q = self.quadratic(w, lo)
+            return q, q
         if not (self.self_mean and self.self_term is not None and self.self_weight is not None):
             return self.quadratic(w, lo), self.quadratic(w, hi)
         x = self.self_term.to(torch.float64)
@@ -865,11 +875,20 @@ class Correlation:
             return (0.0, math.inf) if bool(torch.isfinite(hi).all()) else (math.nan, math.nan)
         c1 = torch.where(vv1 > 0, 1.0 / vv1.clamp_min(1e-300), torch.zeros_like(vv1))
 
-        def top(lam: float) -> float:  # sum_j max_v (b v^2 - lam v): convex, at an end (h <= b vv, inside <= vv)
-            return float(torch.maximum(b * lo.square() - lam * lo, b * hi.square() - lam * hi).sum())
+        kink = torch.where(b > 0, cap / b.clamp_min(1e-300), hi)  # where h = b vv meets the cap
+
+        def top(lam: float) -> float:
+            # sum_j max_v (min(b v, cap) v - lam v) (h inside <= h vv): convex below the kink, linear
+            # above it, so at an end or the kink. Without the cap (b v^2) the bound grew with b vv: on a
+            # model whose every record sits at the cap (d / N = 1.31, b vv ~ 1e8) beta read 2e30 against
+            # 3 at the corners, the low end 1e-11 of a saturated headline (iv58)
+            if not CORRELATED_BETA_CAP:
+                return float(torch.maximum(b * lo.square() - lam * lo, b * hi.square() - lam * hi).sum())
+            vals = [(torch.minimum(b * v, torch.full_like(v, cap)) - lam) * v
+                    for v in (lo, hi, torch.minimum(torch.maximum(kink, lo), hi))]
+            return float(torch.stack(vals).max(0).values.sum())
 
         def low(lam: float) -> float:  # sum_j min_v (min(b v, cap) v^2 / vv_1 - lam v)
-            kink = torch.where(b > 0, cap / b.clamp_min(1e-300), hi)
             cands = [lo, hi, kink, (lam / (3.0 * b.clamp_min(1e-300) * c1.clamp_min(1e-300))).sqrt(),
                      lam / (2.0 * cap * c1.clamp_min(1e-300))]
             vals = [(torch.minimum(b * v, torch.full_like(v, cap)) * v.square() * c1 - lam * v)
@@ -882,9 +901,10 @@ class Correlation:
                 mid = 0.5 * (a + z)
                 a, z = (mid, z) if f(mid) >= 0 else (a, mid)
             return z if upward else a
-        crude = float((b * hi.square()).sum() / lo.sum()) if bool(lo.sum() > 0) else math.inf
+        peak = (torch.minimum(b * hi, torch.full_like(hi, cap)) if CORRELATED_BETA_CAP else b * hi) * hi
+        crude = float(peak.sum() / lo.sum()) if bool(lo.sum() > 0) else math.inf
         a_max = root(top, crude, True) if math.isfinite(crude) else math.inf
-        a_min = root(low, a_max if math.isfinite(a_max) else float((b * hi.square()).sum() / hi.sum()), False)
+        a_min = root(low, a_max if math.isfinite(a_max) else float(peak.sum() / hi.sum()), False)
 
         def beta(a: float) -> float:
             r = a / approx1
