@@ -93,7 +93,7 @@ def _innermost(skip: int) -> str:
     return "?"
 
 
-def _watched(path: str, by_op: bool) -> tuple[dict, dict, dict]:
+def _watched(path: str, by_op: bool) -> tuple[dict, dict]:
     """One steady call under a dispatch mode: per ``(scheme, param, role)`` the elements of its
     calls, and per ``(scheme, param, role, key)`` the operators and output elements, ``key`` the
     innermost function (or the operator and dtype with ``by_op``, with its own CPU time)."""
@@ -148,11 +148,11 @@ def _watched(path: str, by_op: bool) -> tuple[dict, dict, dict]:
             score_schemes(est, model, schemes, scoring_config=sc_cfg)
     finally:
         qb.ParamGrid.element_moments = orig
-    return elements, {"ops": ops, "el": out_el, "s": secs}, {}
+    return elements, {"ops": ops, "el": out_el, "s": secs}
 
 
 def _passes(path: str, scheme: str | None, param: str | None, role: str | None, top: int) -> None:
-    elements, got, _ = _watched(path, by_op=False)
+    elements, got = _watched(path, by_op=False)
     ops, el = got["ops"], got["el"]
     per: dict = collections.defaultdict(lambda: [0, 0])
     for k in ops:
@@ -183,7 +183,7 @@ def _passes(path: str, scheme: str | None, param: str | None, role: str | None, 
 
 
 def _ops(path: str, top: int) -> None:
-    elements, got, _ = _watched(path, by_op=True)
+    elements, got = _watched(path, by_op=True)
     ops, el, secs = got["ops"], got["el"], got["s"]
     by: dict = collections.defaultdict(lambda: [0, 0, 0.0])
     for k in ops:
