@@ -228,10 +228,10 @@ def _reveal_delta(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 # Affine grids bounded by the release: the weights fine_kappa_elements selects take
-# bounded_fine_moments, one pass of ~60-110 element-wise operations for what the fused kernel's
-# fine form (kernel._near_ends) and the outer-cell split (_split_chunk / the inner-bound fine form
-# of _bounded_block) compute in turn with ~300-400 (docs/benchmarks.md, "p58b": the 1e5 MLP's int4
-# grids' weights left by the wide-sd form, 3-5x). The same expansion and cut cells summed in
+# bounded_fine_moments, ~80 operators (~190 element passes a weight, the four edges' stacked) for
+# what the fused kernel's fine form (kernel._near_ends) and the outer-cell split (_split_chunk /
+# the inner-bound fine form of _bounded_block) compute in turn with ~410 (docs/benchmarks.md,
+# "p58b": the 1e5 MLP's int4 grids' weights left by the wide-sd form). The same expansion and cut cells summed in
 # another order: kappa and mean_abs within 1e-14 of the two-step form, m4 within 1e-11 (1.2e-12
 # measured: the two-step form adds the unbounded end cell's p mu^4 and takes it away again).
 # False: the kernel and the split (A/B)
