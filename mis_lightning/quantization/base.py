@@ -2579,8 +2579,16 @@ class ParamGrid:
 
         def fused(ii: Tensor | None) -> CellMoments:
             sel = (lambda t: t) if ii is None else (lambda t: t.index_select(0, ii))  # noqa: E731
-            k, ma, m4 = bounded_fine_moments(sel(th), sel(sg), sel(step), sel(low_edge), sel(high_edge), sel(lo),
-                                             sel(hi), kappa_only)
+            args = tuple(sel(t) for t in (th, sg, step, low_edge, high_edge, lo, hi))
+            m = args[0].shape[0]
+            k = torch.empty(m, dtype=torch.float64, device=theta.device)
+            ma, m4 = (None, None) if kappa_only else (torch.empty_like(k), torch.empty_like(k))
+            # in cache-sized blocks (element-wise: the same numbers, kernel.in_blocks' note)
+            for a in range(0, m, EAGER_BLOCK):
+                got = bounded_fine_moments(*(t[a:a + EAGER_BLOCK] for t in args), kappa_only=kappa_only)
+                k[a:a + EAGER_BLOCK] = got[0]
+                if ma is not None and m4 is not None:
+                    ma[a:a + EAGER_BLOCK], m4[a:a + EAGER_BLOCK] = got[1], got[2]
             if ma is not None and m4 is not None:
                 return _FreshMoments(kappa=k, mean_abs=ma, m4=m4, coverage=torch.ones_like(k))
             if KAPPA_ONLY_STANDINS:  # (the other three one NaN, stride 0, as the other kappa-only calls)
