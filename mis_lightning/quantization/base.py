@@ -2566,12 +2566,14 @@ class ParamGrid:
         The elements it takes count towards ``"auto"``'s threshold as if the kernel had run."""
         c = theta.shape[0]
         size = max(c, path_elements or 0)
-        if not _bounds.FUSED_FINE_MOMENTS or _kernel.compiled_due(size, compile_policy):
+        if not _bounds.FUSED_FINE_MOMENTS or self.storage_dtype is not None \
+                or _kernel.compiled_due(size, compile_policy):
             return None
         th, sg = theta.to(torch.float64), sigma.to(torch.float64)
         lo, hi = bounds[0].to(torch.float64), bounds[1].to(torch.float64)
         low_edge, high_edge, step = self._outer_edges(scale, zero_point)
-        assert step is not None
+        if step is None:  # (stored cells: not a uniform grid)
+            return None
         take = fine_kappa_elements(th, sg, step, lo, hi)
         n = count_set(take)
         if n == 0:
