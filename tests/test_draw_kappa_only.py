@@ -136,6 +136,9 @@ def test_kappa_only_moments_with_a_compiled_split_pass_its_self_check(monkeypatc
     import warnings
 
     monkeypatch.setattr(bounds, "_split_kernel", lambda policy: (bounds._split_chunk, True))
+    # (the split itself: these fine steps would otherwise take the one-pass form, which a
+    # compiled kernel leaves to the kernel and the split; tests/test_fine_moments.py)
+    monkeypatch.setattr(bounds, "FUSED_FINE_MOMENTS", False)
     # codes [-7, 7]: both bounds (+-absmax) in the end cells, cut by the split (no inner bound)
     g, w, _, gen = _grid_and_weights(64, 600, 7, seed=5, qmin=-7)
     # sd of 0.5-3 times each row's absmax: every bound within reach, the chunk-wide split

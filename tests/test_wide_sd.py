@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import mis_lightning.quantization.base as qb
+from mis_lightning.functional import bounds as fbounds
 from mis_lightning.functional.wide import (
     WIDE_MAX_WINDOW,
     WIDE_TOL,
@@ -195,6 +196,9 @@ def test_the_gate_dispatches_and_only_where_it_holds(monkeypatch):
         return kernel(th, *a, **k)
 
     monkeypatch.setattr(qb, "affine_cell_moments", spy)
+    # (the grid paths as such: the fine steps' one-pass bounded form would take most of the
+    # ungated weights before the kernel; tests/test_fine_moments.py)
+    monkeypatch.setattr(fbounds, "FUSED_FINE_MOMENTS", False)
     monkeypatch.setattr(qb, "WIDE_SD_CLOSED_FORM", True)
     new = g.moments(theta, sigma, 0, c)
     n_new = sum(seen)

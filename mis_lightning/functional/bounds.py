@@ -227,6 +227,110 @@ def _reveal_delta(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return rk - lk, rl - ll, r4 - l4
 
 
+# Affine grids bounded by the release: the weights fine_kappa_elements selects take
+# bounded_fine_moments, ~80 operators (~190 element passes a weight, the four edges' stacked) for
+# what the fused kernel's fine form (kernel._near_ends) and the outer-cell split (_split_chunk /
+# the inner-bound fine form of _bounded_block) compute in turn with ~410 (docs/benchmarks.md,
+# "p58b": the 1e5 MLP's int4 grids' weights left by the wide-sd form). The same expansion and cut cells summed in
+# another order: kappa and mean_abs within 1e-14 of the two-step form, m4 within 1e-11 (1.2e-12
+# measured: the two-step form adds the unbounded end cell's p mu^4 and takes it away again).
+# False: the kernel and the split (A/B)
+FUSED_FINE_MOMENTS = True
+
+
+def fine_kappa_elements(theta: Tensor, sigma: Tensor, step: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
+    """``[c]`` bool: the elements :func:`bounded_fine_moments` takes: bounds ``lower < upper``
+    both within ``CUTOFF_SIGMAS`` sd of the weight (inside them or not: a bootstrap draw may lie
+    beyond one), on a fine step (``0 < step <= FINE_STEP * sigma``, by the fused kernel's test
+    ``step / sigma <= FINE_STEP`` and the inner-bound form's alike). Every edge the two-step form
+    reads is then within reach (none counts as far) and its fine form applies on both sides.
+    ``[c]`` float64 each, parameter units (sd 0, NaN: False)."""
+    cut = CUTOFF_SIGMAS * sigma
+    return ((lower < upper) & ((upper - theta).abs() <= cut) & ((theta - lower).abs() <= cut)
+            & (step > 0) & (step / sigma <= FINE_STEP) & (step <= FINE_STEP * sigma))
+
+
+def bounded_fine_moments(theta: Tensor, sigma: Tensor, step: Tensor, low_edge: Tensor, high_edge: Tensor,
+                         lower: Tensor, upper: Tensor, kappa_only: bool = False
+                         ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(kappa, mean_abs, m4)`` ``[c]`` (float64) of weights on a fine uniform grid whose release
+    bounds them to ``[lower, upper]`` and gives the regions beyond away (``m(U) = U``), for the
+    elements of :func:`fine_kappa_elements`: the numbers of the fused kernel's fine form followed
+    by the outer-cell split (:func:`bounded_moments`) in one formula (``kappa_only``: ``mean_abs``
+    and ``m4`` ``None``, ``kappa`` the same).
+
+    In sd units let ``l``, ``u`` be the bounds (snapped to the grid's end edges within
+    ``_SNAP`` of its span, as :func:`_bounded_block`), ``a <= b`` the first and last grid edge
+    inside them (``low_edge + k step``, ``k`` in ``[0, K]``, ``K`` the inner edges' count less
+    one; none inside: ``a = b = u``), ``h`` the step. The partition is the revealed
+    ``(-inf, l]``, the cut cell ``[l, a]``, whole cells of width ``h`` from ``a`` to ``b``, the cut
+    cell ``[b, u]`` and the revealed ``[u, inf)``, so (method.md section 5; ``P(x, y) = Phi(y) -
+    Phi(x)``, ``Ik(a, b) = int_a^b x^k phi``)
+
+        kappa = Phi(l) - l phi(l) + Q(u) + u phi(u)                  (revealed: E U^2)
+              + I2(a, b) - (h^2/12 - h^4/144) P(a, b)                (the fine expansion)
+              + p mu^2 of [l, a] and of [b, u]                        (the cut cells)
+        m4    = 3 Phi(l) - (l^3 + 3 l) phi(l) + 3 Q(u) + (u^3 + 3 u) phi(u)
+              + I4(a, b) - h^2/2 I2(a, b) + 7 h^4/80 P(a, b) + p mu^4 of the cut cells
+        mean_abs = 2 phi(d), ``d`` the distance from the weight to the nearest edge of the
+              partition (its own cell's nearer edge; any partition: kernel.own_cell_mean_abs),
+              ``sqrt(2/pi)`` for a weight beyond its bounds (every cell on one side)
+
+    each cut cell's ``p mu^k`` from ``p mu = phi(x) - phi(y)`` with ``mu`` kept inside the cell,
+    0 for an empty one (:func:`_cell_term`); ``m4``'s ``h^4`` term as
+    :data:`~mis_lightning.functional.kernel.FINE_M4_H4` says. The fine expansion's errors are the
+    two-step form's (:func:`~mis_lightning.functional.kernel.fine_grid_moments`); the rounding
+    differs (tests/test_fine_moments.py). ``[c]`` float64 tensors, parameter units;
+    ``low_edge``, ``high_edge``: the upper edge of the lowest cell and the lower edge of the
+    highest (:meth:`ParamGrid._outer_edges`)."""
+    th, sg = theta.to(torch.float64), sigma.to(torch.float64)
+    le, he, st = low_edge.to(torch.float64), high_edge.to(torch.float64), step.to(torch.float64)
+    tol = _SNAP * (he - le).abs()
+    lo = torch.where((lower - le).abs() <= tol, le, lower.to(torch.float64))
+    hi = torch.where((upper - he).abs() <= tol, he, upper.to(torch.float64))
+    # the grid edges nearest inside the bounds (_bounded_block's; the end edges themselves where
+    # a bound is at or beyond them)
+    top_k = torch.floor((he - le) / st + 0.5)
+    a = torch.where(lo <= le, le, le + torch.minimum(torch.ceil((lo - le) / st).clamp_min(0.0), top_k) * st)
+    b = torch.where(hi >= he, he, le + torch.minimum(torch.floor((hi - le) / st), top_k) * st)
+    some = a <= b
+    a, b = torch.where(some, a, hi), torch.where(some, b, hi)
+    x = torch.stack([lo, a, b, hi]).sub_(th).div_(sg)  # [4, c]: l, a, b, u in sd units
+    cdf = torch.special.ndtr(x)
+    pdf = _pdf(x)
+    xp = x * pdf
+    h2 = (st / sg).square_()
+    p_in = (cdf[2] - cdf[1]).clamp_min(0.0)
+    i2 = p_in - (xp[2] - xp[1])
+    q_u = 1.0 - cdf[3]
+    kappa = i2 - (h2 / 12.0 - h2 * h2 / 144.0).mul_(p_in)
+    kappa += (cdf[0] - xp[0]).add_(q_u).add_(xp[3])
+    m4 = None
+    if not kappa_only:
+        x3p = (x.square() + 3.0).mul_(xp)  # (x^3 + 3 x) phi(x)
+        m4 = (3.0 * p_in - (x3p[2] - x3p[1])).sub_((0.5 * h2).mul_(i2))
+        if _kernel.FINE_M4_H4:
+            m4 += (_kernel._M4_H4 * (h2 * h2)).mul_(p_in)
+        m4 += (3.0 * cdf[0] - x3p[0]).add_(3.0 * q_u).add_(x3p[3])
+    for i, j in ((0, 1), (2, 3)):  # the cut cells [l, a] and [b, u]
+        prob = (cdf[j] - cdf[i]).clamp_min(0.0)
+        diff = pdf[i] - pdf[j]
+        r = diff / prob.clamp_min(1e-300)
+        r = torch.where(prob > 1e-300, torch.maximum(torch.minimum(r, x[j], out=r), x[i], out=r), 0.0)
+        sq = diff.mul_(r)
+        kappa += sq
+        if m4 is not None:
+            m4 += sq.mul_(r).mul_(r)
+    if kappa_only:
+        return kappa.clamp_(0.0, 1.0), None, None
+    # the nearest partition edge: the bounds, or the grid edge nearest the weight within [a, b]
+    near = torch.minimum(torch.maximum(le + torch.round((th - le) / st) * st, a), b)
+    d = torch.minimum(torch.minimum((th - lo).abs(), (hi - th).abs()), (th - near).abs()).div_(sg)
+    inside = (th > lo) & (th < hi)
+    mean_abs = torch.where(inside, (2.0 * _pdf(d)).clamp_(0.0, SQRT_2_OVER_PI), SQRT_2_OVER_PI)
+    return kappa.clamp_(0.0, 1.0), mean_abs, m4
+
+
 def _split_chunk(kappa: Tensor, mean_abs: Tensor, m4: Tensor, mask: Tensor, theta: Tensor, sigma: Tensor,
                  edge: Tensor, bound: Tensor, sign: Tensor, on_edge: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Elementwise over a chunk: the moments with the outer cell at ``edge`` cut at ``bound``
@@ -583,4 +687,5 @@ def _bounded_block(mm: CellMoments, th: Tensor, sg: Tensor, lo: Tensor, hi: Tens
     return out
 
 
-__all__ = ["bounded_moments", "bounds_in_reach", "clip_boundaries", "reveal_beyond_bounds"]
+__all__ = ["bounded_fine_moments", "bounded_moments", "bounds_in_reach", "clip_boundaries", "fine_kappa_elements",
+           "reveal_beyond_bounds"]

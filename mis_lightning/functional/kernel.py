@@ -502,6 +502,22 @@ class CompilePolicy:
         return self.mode == "always" or (self.mode == "auto" and elements > self.after)
 
 
+def count_fused(size: int, least: int) -> None:
+    """Count a call of ``size`` elements towards ``"auto"``'s threshold as the fused kernel does
+    (calls of at least ``least`` elements, ``affine.TABLE_MIN_ELEMENTS``) where its caller
+    computed them otherwise (``bounds.bounded_fine_moments``): the compile decision unchanged."""
+    if size >= least:
+        _FUSED_STATE["elements"] = int(_FUSED_STATE["elements"]) + size  # type: ignore[arg-type]
+
+
+def compiled_due(size: int, policy: CompilePolicy | None = None) -> bool:
+    """Whether a call of ``size`` elements would run the compiled fused kernel now
+    (:func:`_fused_kernel`'s test, the element count left as it is)."""
+    policy = policy or CompilePolicy()
+    return policy.wants(int(_FUSED_STATE["elements"]) + size) and not _FUSED_STATE["failed"] \
+        and COMPILED_PATH not in GUARD.disabled  # type: ignore[arg-type]
+
+
 def _fused_kernel(c: int, with_codes: bool, policy: CompilePolicy | None = None):
     """The fused kernel to run on a chunk of ``c`` elements, and whether it is compiled."""
     policy = policy or CompilePolicy()

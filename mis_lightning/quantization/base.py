@@ -39,15 +39,19 @@ from ..functional import (
     table_boundaries,
     table_cell_moments,
 )
+from ..functional import affine as _affine
+from ..functional import bounds as _bounds
 from ..functional import gather as _gather
 from ..functional import kernel as _kernel
 from ..functional import point_proof as _proof
 from ..functional import table as _table
 from ..functional.affine import affine_codes
 from ..functional.bounds import (
+    bounded_fine_moments,
     bounded_moments,
     bounds_in_reach,
     clip_boundaries,
+    fine_kappa_elements,
     reveal_beyond_bounds,
 )
 from ..functional.cells import _INV_SQRT_2PI, SQRT_2_OVER_PI
@@ -2500,14 +2504,15 @@ class ParamGrid:
                       code: Tensor | None, bounds: tuple[Tensor, Tensor] | None,
                       compile_policy: CompilePolicy | None, kappa_only: bool,
                       path_elements: int | None = None, wide: bool = True,
-                      known: Tensor | None = None) -> CellMoments:
+                      known: Tensor | None = None, fused: bool = True) -> CellMoments:
         """The grid's own cells on the grid paths (every element); those whose sd spans their
         bounded window in closed form (:meth:`_wide_sd`; after the point masses: sd-0 weights never
         qualify, and the gate's test then runs on a mostly-sd-0 chunk's live elements alone).
         ``path_elements`` (affine and value-table grids): the elements take the paths of a call of
         that many (the kernels' ``path_elements``; :meth:`_own_moments` gives a chunk's live
         elements alone). ``wide=False``: no closed form (:meth:`_wide_sd`'s rest); ``known``: as
-        :meth:`element_moments`, left off the paths after the closed form."""
+        :meth:`element_moments`, left off the paths after the closed form. ``fused=False``: no
+        fused bounded fine form (:meth:`_fine_moments`' others)."""
         if wide and WIDE_SD_CLOSED_FORM and bounds is not None:
             closed = self._wide_sd(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only,
                                    path_elements, known)
@@ -2522,6 +2527,11 @@ class ParamGrid:
             if bool(fine.any()):
                 return self._split_quotient_moments(fine, theta, sigma, scale, zero_point, code, bounds,
                                                     compile_policy, kappa_only)
+        if self.kind == "affine" and bounds is not None and fused:
+            got = self._fine_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only,
+                                     path_elements)
+            if got is not None:
+                return got
         if self.kind == "affine":
             mm = affine_cell_moments(theta, sigma, scale, zero_point, self.qmin, self.qmax, code=code,
                                      compile_policy=compile_policy, kappa_only=kappa_only,
@@ -2541,6 +2551,63 @@ class ParamGrid:
                                                            None if code is None else code[ii], m),
                                  compile_policy, kappa_only=kappa_only, path_elements=path_elements)
         return mm
+
+    def _fine_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
+                      bounds: tuple[Tensor, Tensor], compile_policy: CompilePolicy | None, kappa_only: bool,
+                      path_elements: int | None) -> CellMoments | None:
+        """The moments on a bounded affine grid (:meth:`_path_moments`' arguments) with the
+        elements of :func:`~mis_lightning.functional.bounds.fine_kappa_elements` in
+        :func:`~mis_lightning.functional.bounds.bounded_fine_moments` (``kappa_only``: the other
+        three fields NaN, :data:`KAPPA_ONLY_STANDINS`) and the others on the paths of the whole
+        call's size (their numbers as before); ``None`` where none qualifies, the switch is off
+        (:data:`~mis_lightning.functional.bounds.FUSED_FINE_MOMENTS`) or the call would run the
+        compiled kernel (:func:`~mis_lightning.functional.kernel.compiled_due`: it and the
+        compiled split then take every element, self-checked).
+        The elements it takes count towards ``"auto"``'s threshold as if the kernel had run."""
+        c = theta.shape[0]
+        size = max(c, path_elements or 0)
+        if not _bounds.FUSED_FINE_MOMENTS or self.storage_dtype is not None \
+                or _kernel.compiled_due(size, compile_policy):
+            return None
+        th, sg = theta.to(torch.float64), sigma.to(torch.float64)
+        lo, hi = bounds[0].to(torch.float64), bounds[1].to(torch.float64)
+        low_edge, high_edge, step = self._outer_edges(scale, zero_point)
+        if step is None:  # (stored cells: not a uniform grid)
+            return None
+        take = fine_kappa_elements(th, sg, step, lo, hi)
+        n = count_set(take)
+        if n == 0:
+            return None
+
+        def fused(ii: Tensor | None) -> CellMoments:
+            sel = (lambda t: t) if ii is None else (lambda t: t.index_select(0, ii))  # noqa: E731
+            args = tuple(sel(t) for t in (th, sg, step, low_edge, high_edge, lo, hi))
+            m = args[0].shape[0]
+            k = torch.empty(m, dtype=torch.float64, device=theta.device)
+            ma, m4 = (None, None) if kappa_only else (torch.empty_like(k), torch.empty_like(k))
+            # in cache-sized blocks (element-wise: the same numbers, kernel.in_blocks' note)
+            for a in range(0, m, EAGER_BLOCK):
+                got = bounded_fine_moments(*(t[a:a + EAGER_BLOCK] for t in args), kappa_only=kappa_only)
+                k[a:a + EAGER_BLOCK] = got[0]
+                if ma is not None and m4 is not None:
+                    ma[a:a + EAGER_BLOCK], m4[a:a + EAGER_BLOCK] = got[1], got[2]
+            if ma is not None and m4 is not None:
+                return _FreshMoments(kappa=k, mean_abs=ma, m4=m4, coverage=torch.ones_like(k))
+            if KAPPA_ONLY_STANDINS:  # (the other three one NaN, stride 0, as the other kappa-only calls)
+                nan = torch.full((1,), math.nan, dtype=torch.float64, device=k.device).expand(k.shape[0])
+                return _KappaOnlyMoments(kappa=k, mean_abs=nan, m4=nan, coverage=nan)
+            return _FreshMoments(kappa=k, mean_abs=torch.full_like(k, math.nan), m4=torch.full_like(k, math.nan),
+                                 coverage=torch.ones_like(k))
+
+        if n == c:
+            _kernel.count_fused(size, _affine.TABLE_MIN_ELEMENTS)  # (the rest's call counts itself)
+            return fused(None)
+        return _merge_moments(c, theta.device, [
+            (torch.nonzero(take).squeeze(-1), fused),
+            (torch.nonzero(~take).squeeze(-1),
+             lambda ii: self._path_moments(theta[ii], sigma[ii], scale[ii], zero_point[ii], _pick(code, ii),
+                                           _pick(bounds, ii), compile_policy, kappa_only, size, wide=False,
+                                           fused=False))])
 
     def boundaries(self, theta: Tensor, start: int, end: int, half_window: int) -> Tensor:
         """Cell edges ``[c, 2*half_window + 2]`` around elements ``start:end`` (parameter units)."""
