@@ -1620,6 +1620,33 @@ def test_the_stream_check_runs_the_hooks_in_train_mode_once_and_reads_no_uncopya
     assert any(w.startswith(STREAM_RECORDS_DIFFER) and "did not all begin" in w for w in cb.report.warnings)
 
 
+class _CountedCopies(_Stream):
+    """An unshuffled stream that counts its deep copies alive at once (``peak``)."""
+
+    live = peak = 0
+
+    def __deepcopy__(self, memo):
+        new = _CountedCopies.__new__(_CountedCopies)
+        new.X, new.y, new.copy = self.X.clone(), self.y.clone(), True
+        _CountedCopies.live += 1
+        _CountedCopies.peak = max(_CountedCopies.peak, _CountedCopies.live)
+        return new
+
+    def __del__(self):
+        _CountedCopies.live -= bool(getattr(self, "copy", False))
+
+
+def test_the_stream_check_s_copy_is_gone_before_the_assessed_copy_is_made(tmp_path):
+    """The stream check's private copy of the data was still alive while the assessment made its own:
+    an in-memory stream held three times (rv58a: 2 copies at once besides the user's). One at a time now."""
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    _CountedCopies.live = _CountedCopies.peak = 0
+    fit(tmp_path, Regressor, [cb], max_epochs=2, limit_train_batches=2,
+        data=(DataLoader(_CountedCopies(), batch_size=16), DataLoader(_Stream(), batch_size=32)))
+    assert any(w.startswith("limit_train_batches: the first 2 batches") for w in cb.report.warnings)
+    assert _CountedCopies.peak == 1
+
+
 class _MCDropout(Regressor):
     """Monte Carlo dropout at validation: dropout kept on by ``on_validation_model_eval``."""
 
