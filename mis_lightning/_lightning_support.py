@@ -192,13 +192,19 @@ def reloader(dl: Any, indices: list[int] | None, batch_size: int | None, limit: 
     if ds is None:
         # an iterable dataset: read from a copy, its own pass state stays as training left it
         out = private_stream(dl, warn=lambda m: rank_zero_warn(f"MISCallback: {m}"))
-        n = _finite_len(dl)
-        return _FirstBatches(out, limit) if isinstance(limit, int) and (n is None or limit < n) else out
+        return _FirstBatches(out, limit) if cuts_stream(dl, limit) else out
     idx = list(range(len(ds))) if indices is None else indices
     if items_are_batches(dl):  # indices of whole batches, read as they are
         return DataLoader(ds, batch_size=None, sampler=idx, collate_fn=dl.collate_fn, num_workers=0)
     bs = batch_size or dl.batch_size or 64
     return DataLoader(ds, batch_size=bs, sampler=idx, collate_fn=dl.collate_fn, num_workers=0)
+
+
+def cuts_stream(dl: Any, limit: Any) -> bool:
+    """Whether :func:`reloader` cuts ``dl``, a loader that is not over a sized map-style dataset,
+    to its first ``limit`` batches (an integer ``limit`` below its length, where it has one)."""
+    n = _finite_len(dl)
+    return map_items(dl) is None and isinstance(limit, int) and (n is None or limit < n)
 
 
 def _finite_len(obj: Any) -> int | None:
@@ -508,14 +514,24 @@ def batch_digests(batch: Any) -> tuple[str | None, ...]:
 
 def _training_view(trainer: Any, batch: Any, device: torch.device) -> Any:
     """``batch`` as the training loop hands it to the callbacks' ``on_train_batch_start``: the
-    precision plugin's ``convert_input``, then the batch-transfer hooks in the training stage
-    (Lightning 2.6 ``_TrainingEpochLoop.advance``); a private clone of its tensors goes in (a hook
+    precision plugin's ``convert_input``, then the batch-transfer hooks in the training stage, the
+    module in train mode (Lightning 2.6 ``_TrainingEpochLoop.advance``); a private clone of its tensors goes in (a hook
     that writes into its batch leaves ``batch`` as it was)."""
     from torch.utils._pytree import tree_map
 
     batch = tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, batch)
     convert = getattr(getattr(trainer, "precision_plugin", None), "convert_input", None)
-    return _transfer(trainer, convert(batch) if callable(convert) else batch, device, 0, stage="train")
+    # in train mode, as the training loop runs the hooks (a hook that augments `if self.training`); each
+    # layer's mode restored after
+    module = getattr(trainer, "lightning_module", None)
+    modes = [(m, m.training) for m in module.modules()] if isinstance(module, nn.Module) else []
+    if modes:
+        module.train()
+    try:
+        return _transfer(trainer, convert(batch) if callable(convert) else batch, device, 0, stage="train")
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def stream_records_note(trainer: Any, train: Any, starts: Sequence[tuple[str | None, ...]], device: torch.device,
@@ -526,7 +542,9 @@ def stream_records_note(trainer: Any, train: Any, starts: Sequence[tuple[str | N
 
     ``starts``: the distinct :func:`batch_digests` of the batches the training passes began with
     (the callback's ``on_train_batch_start``). The copy's first batch is read (RNG isolated) and
-    put through :func:`_training_view` twice: a leaf that differs between the two is drawn at random
+    put through :func:`_training_view`, a second time where it is not a pass's first batch (the
+    user's hooks see these calls); a stream without a private copy is not read (only ``starts``
+    are compared, from two on). A leaf that differs between the two views is drawn at random
     by the batch-transfer hooks (augmentation on the device: the assessment reads such batches in
     the validation stage, the records themselves) and is not compared. The other leaves of the
     passes' first batches and the copy's are compared: all equal, the same records (None). A leaf
@@ -542,17 +560,32 @@ def stream_records_note(trainer: Any, train: Any, starts: Sequence[tuple[str | N
     named where ``train`` has workers
     (``other_records`` True: the figures are marked ``*``).
     """
-    probe = reloader(train, None, None, limit=1)
-    with isolated_rng():  # the copy's read draws its workers' seed (and any shuffle) from the global streams
-        try:
-            raw = next(iter(probe), None)
-            if raw is None:
-                return None
-            view, again = _training_view(trainer, raw, device), _training_view(trainer, raw, device)
-        except Exception:  # noqa: BLE001 - the estimation's own read reports it
+    probe = private_stream(train, warn=lambda _m: None)
+    if not getattr(probe, "_mis_private", False):
+        # no private copy (a dataset that cannot be copied, a loader of another make): the copy is not read
+        # (that would advance the user's stream once more, and the assessment would read past the batch
+        # read here); the passes' first batches alone are compared, hooks' random values included
+        if len(starts) < 2:
             return None
-    leaves, first, second = _tensor_leaves(view), batch_digests(view), batch_digests(again)
-    kept = [i for i in range(len(first)) if first[i] is not None and first[i] == second[i]]
+        first = starts[-1]
+        leaves, kept = [(f"batch leaf {i}", None) for i in range(len(first))], list(range(len(first)))
+    else:
+        with isolated_rng():  # the copy's read draws its workers' seed (and any shuffle) from the global streams
+            try:
+                raw = next(iter(probe), None)
+                if raw is None:
+                    return None
+                view = _training_view(trainer, raw, device)
+                first = batch_digests(view)
+                # put through the hooks a second time only where the first view is not a pass's first batch:
+                # the user's hooks see one call more (two where the batches differ), in the training stage
+                again = first if all(s == first for s in starts) else batch_digests(_training_view(trainer, raw,
+                                                                                                   device))
+            except Exception:  # noqa: BLE001 - the estimation's own read reports it
+                return None
+        del probe  # the copy goes before the caller makes the one it assesses (in-memory data held once more)
+        leaves = _tensor_leaves(view)
+        kept = [i for i in range(len(first)) if first[i] is not None and first[i] == again[i]]
     if any(len(s) != len(first) for s in starts):  # another layout than the training's: no leaf to pair
         differ, agree = ["the batch's layout"], []
     else:
@@ -1255,13 +1288,14 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     aug = random_records_note(ds, records, collate_fn=getattr(train, "collate_fn", None)) \
         if ds is not None and records else None
     limit, what = trained_batches(trainer, full_pass, read)
-    loader = reloader(train, shard, batch_size, limit=limit)
     # a stream cut by limit_train_batches whose passes, or the copy's next one, began with other batches (it
     # reshuffles or draws anew each pass): the copy's first batches are not the records trained on (nu57: 47
     # of the 192 records assessed never trained on, said only as "when each pass yields the same records
     # first"; nu58: after one epoch, 121 of 192), unless only values a hook or the dataset draws at random differ
+    # (checked before the copy assessed is made: one copy of the stream at a time)
     checked = stream_records_note(trainer, train, stream_starts, next(pl_module.parameters()).device, limit, what) \
-        if isinstance(loader, _FirstBatches) and stream_starts else None
+        if cuts_stream(train, limit) and stream_starts else None
+    loader = reloader(train, shard, batch_size, limit=limit)
     stream_note, reshuffled = checked if checked is not None else (None, False)
     if isinstance(loader, _FirstBatches) and not reshuffled:
         note = "; ".join(x for x in (note, f"{what}: the first {limit} batches of the iterable training data are "

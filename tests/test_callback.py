@@ -1569,6 +1569,84 @@ def test_random_augmentation_of_a_stream_is_not_called_a_reshuffle(tmp_path):
     assert marks and not any("records assessed" in m for m in marks)
 
 
+class _ModeAugmenting(Regressor):
+    """Noise on the inputs in ``on_after_batch_transfer`` while the module is in train mode; counts the
+    hook's calls in the training stage."""
+
+    train_calls, noise = 0, 0.3
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        self.train_calls += bool(self.trainer.training)
+        x, y = batch
+        return (x + self.noise * torch.randn_like(x), y) if self.training and self.noise else (x, y)
+
+
+class _Uncopyable(_Reshuffling):
+    """A reshuffling stream that cannot be deep-copied (a lock, as one holding an open file)."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+
+        self.lock = threading.Lock()
+
+
+def test_the_stream_check_runs_the_hooks_in_train_mode_once_and_reads_no_uncopyable_stream(tmp_path):
+    """The copy's first batch went through the hooks with the module as the assessment left it (eval
+    mode): a hook augmenting `if self.training` read as augmentation in the dataset, said of an
+    unshuffled stream; the hooks ran twice in the training stage where once tells the batches equal
+    (rv58a). A stream that cannot be copied was read by the check itself (its user's stream advanced
+    one more pass, warned twice), then by the assessment."""
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    _, module = fit(tmp_path / "m", _ModeAugmenting, [cb], max_epochs=2, limit_train_batches=2,
+                    data=(DataLoader(_Stream(), batch_size=16), DataLoader(_Stream(), batch_size=32)))
+    assert not any("other values at each pass" in w or STREAM_RECORDS_DIFFER in w for w in cb.report.warnings)
+    assert module.train_calls == 2 * 2 + 2  # the training's batches, and the check's two calls (they differ)
+    _ModeAugmenting.noise = 0.0  # batches as they come: the first call tells them equal
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    try:
+        _, module = fit(tmp_path / "c", _ModeAugmenting, [cb], max_epochs=2, limit_train_batches=2,
+                        data=(DataLoader(_Stream(), batch_size=16), DataLoader(_Stream(), batch_size=32)))
+    finally:
+        _ModeAugmenting.noise = 0.3
+    assert module.train_calls == 2 * 2 + 1
+    ds = _Uncopyable()
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    with pytest.warns(UserWarning) as caught:
+        fit(tmp_path / "u", Regressor, [cb], max_epochs=2, limit_train_batches=2,
+            data=(DataLoader(ds, batch_size=16), DataLoader(_Stream(), batch_size=32)))
+    assert sum("cannot be copied" in str(w.message) for w in caught) == 1
+    assert ds.passes == 3  # two epochs and the assessment's read, as its warning says
+    assert any(w.startswith(STREAM_RECORDS_DIFFER) and "did not all begin" in w for w in cb.report.warnings)
+
+
+class _CountedCopies(_Stream):
+    """An unshuffled stream that counts its deep copies alive at once (``peak``)."""
+
+    live = peak = 0
+
+    def __deepcopy__(self, memo):
+        new = _CountedCopies.__new__(_CountedCopies)
+        new.X, new.y, new.copy = self.X.clone(), self.y.clone(), True
+        _CountedCopies.live += 1
+        _CountedCopies.peak = max(_CountedCopies.peak, _CountedCopies.live)
+        return new
+
+    def __del__(self):
+        _CountedCopies.live -= bool(getattr(self, "copy", False))
+
+
+def test_the_stream_check_s_copy_is_gone_before_the_assessed_copy_is_made(tmp_path):
+    """The stream check's private copy of the data was still alive while the assessment made its own:
+    an in-memory stream held three times (rv58a: 2 copies at once besides the user's). One at a time now."""
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    _CountedCopies.live = _CountedCopies.peak = 0
+    fit(tmp_path, Regressor, [cb], max_epochs=2, limit_train_batches=2,
+        data=(DataLoader(_CountedCopies(), batch_size=16), DataLoader(_Stream(), batch_size=32)))
+    assert any(w.startswith("limit_train_batches: the first 2 batches") for w in cb.report.warnings)
+    assert _CountedCopies.peak == 1
+
+
 class _MCDropout(Regressor):
     """Monte Carlo dropout at validation: dropout kept on by ``on_validation_model_eval``."""
 

@@ -106,8 +106,11 @@ _NOT_TAGS = {
     "triple32",  # Wellons' hash (docs/method.md, record draws)
     "cov80",  # the share of selections covered by the 80% interval (a table column)
     "cnn10", "logit50",  # case names of benchmarks/ggn_exact_sandwich.py and record_selection.py
-    "s22", "x32",  # symbols: the fourth-power cross sum (functional/leakage.py), x rounded to float32
 }
+# Symbols of that shape, no tags only inside a code span (``s2^2 / s22``): the fourth-power cross sum
+# (functional/leakage.py), x rounded to float32 (functional/point_proof.py); "(s22)" is a session's tag.
+_SYMBOLS = {"s22", "x32"}
+_CODE = re.compile(r"``[^`]+``|`[^`\n]+`")
 # The one place a tag may stand: in the name of a section of docs/benchmarks.md, where the figure is
 # recorded (`docs/benchmarks.md, "pl44"`, `docs/benchmarks.md "p47d", "tol47"`, `docs/benchmarks.md,
 # "Twenty-second session: fp8"`); each such name must be there.
@@ -123,8 +126,18 @@ def _blank_anchors(text: str) -> str:
 def _tags(text: str) -> list[tuple[int, str]]:
     """(line offset, tag) of every developer's tag in ``text`` outside a benchmarks.md anchor."""
     text = _blank_anchors(text)
+    code = [m.span() for m in _CODE.finditer(text)]
     return [(text.count("\n", 0, m.start()), m.group(0)) for m in _TAG.finditer(text)
-            if m.group(0) not in _NOT_TAGS]
+            if m.group(0) not in _NOT_TAGS
+            and not (m.group(0) in _SYMBOLS and any(a < m.start() < b for a, b in code))]
+
+
+def test_the_tag_allow_list_passes_symbols_in_code_alone():
+    """The symbols ``s22`` and ``x32`` were allowed anywhere: a session's tag "(s22)" passed (rv58a)."""
+    assert [t for _, t in _tags("fixed in s22 (s22, x32)")] == ["s22", "s22", "x32"]
+    assert _tags("``s2^2 / s22`` and `|x32 - x|`, float32, p90, bf16") == []
+    assert [t for _, t in _tags("nux52 #3, rv58a, before session 42, the ninth session")] == [
+        "nux52", "rv58a", "session 42", "ninth session"]
 
 
 def _user_docs():
