@@ -42,23 +42,29 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, "benchmarks")
 
 
-def gmean(records: int, dim: int, seeds: int, truth: float | None) -> None:
+def gmean_report(records: int, dim: int, seed: int):
+    """The Gaussian mean's report: ``records`` draws of ``N(mu, I_dim)`` (torch seed ``100 + seed``: a new
+    ``mu`` and ``z``), ``theta_hat`` their mean, assessed with rtn_int8, 8 uncertainty draws, warnings muted."""
     from mis_lightning import assess
+    torch.manual_seed(100 + seed)
+    z = torch.randn(dim) + torch.randn(records, dim)
+    m = nn.Linear(1, dim, bias=False)
+    with torch.no_grad():
+        m.weight.copy_(z.mean(0).unsqueeze(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return assess(m, ["rtn_int8"], DataLoader(TensorDataset(torch.ones(records, 1), z), batch_size=64),
+                      lambda o, t: 0.5 * (o - t).square().sum(-1), uncertainty_draws=8)
+
+
+def gmean(records: int, dim: int, seeds: int, truth: float | None) -> None:
     if truth is None:
         from mis_lightning.groundtruth.ground_truth import gaussian_mean_advantage
         truth = gaussian_mean_advantage(records, dim)
     print(f"N={records} d={dim} d/N={dim / records:.2f}: exact advantage {truth:.4f}")
     held = 0
     for s in range(seeds):
-        torch.manual_seed(100 + s)
-        z = torch.randn(dim) + torch.randn(records, dim)
-        m = nn.Linear(1, dim, bias=False)
-        with torch.no_grad():
-            m.weight.copy_(z.mean(0).unsqueeze(1))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            rep = assess(m, ["rtn_int8"], DataLoader(TensorDataset(torch.ones(records, 1), z), batch_size=64),
-                         lambda o, t: 0.5 * (o - t).square().sum(-1), uncertainty_draws=8)
+        rep = gmean_report(records, dim, s)
         r = rep.schemes["rtn_int8"]
         iv = "-" if r.interval is None else f"[{r.interval[0]:.4f}, {r.interval[1]:.4f}] {r.interval_regime}"
         held += r.interval is not None and r.interval[0] <= truth <= r.interval[1]

@@ -487,8 +487,19 @@ def _d_over_n_warning(d: int, n: int, d_eff_over_n: Mapping[str, float] | None =
             f"influences and the unquantized baseline ({_baseline_d_eff_words(d, still)}) come from a normal approximation "
             f"of the trained weights that needs d << n. {schemes}Every figure, low d_eff included, is therefore "
             "indicative only and can read below what real attacks achieve (8-10% below on a tanh MLP at "
-            "d / n = 0.10: docs/validation.md). To act: assess fewer weights (e.g. a head over a frozen "
-            "encoder) or use more records")
+            f"d / n = 0.10: docs/validation.md). {D_OVER_N_INTERVAL} To act: assess fewer weights (e.g. a head "
+            "over a frozen encoder) or use more records")
+
+
+#: what the d / n warning says of the 80% intervals (iv58b: ``benchmarks/iv58b_coverage_map.py map``, the
+#: Gaussian mean, whose advantage is known exactly, 20-40 draws of the records a point): they need d << n too;
+#: their record term is the in-sample forms' spread, which shrinks to 0 as d nears n, while the figure's own
+#: error does not, so the interval holds the truth less often than 80% from about d / n = 0.6 on
+D_OVER_N_INTERVAL = (
+    "The 80% intervals need d << n too and can miss the true advantage: on a Gaussian mean whose advantage is "
+    "known exactly (64 records) they held it 20 of 20 times at d / n = 0.2-0.33 and 40 of 40 at 0.5, but 26 of "
+    "40 at 0.7, 1 of 40 at 0.8 and 0 of 40 at 0.9 (too narrow: the records' in-sample forms spread less than "
+    "the truth's as d nears n, and the interval shrinks below the figure's own error).")
 
 
 def _baseline_d_eff_words(d: int, still: int) -> str:
