@@ -849,16 +849,17 @@ def _leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
         return None
     hmax = float(diagnostics["max_leverage"])
     what = (f"finite-sample (leverage) correction: mean leverage {h:.3g} (max {hmax:.3g}) of the stored records"
-            + (" (above 1 the fit is no projection: more weights than records, or a damped or indefinite "
-               "Hessian)" if hmax > 1.0 else "")
+            + (" (above 1: a record with several loss directions, up to one per direction; with one, the fit is "
+               "no projection: more weights than records, or a damped or indefinite Hessian)" if hmax > 1.0 else "")
             + f", above {D_EFF_OVER_N_MAX:g} (the figures are marked *: the asymptotic regime needs it small, as "
             "d / n). ")
     if diagnostics.get("leverage_correction"):
         capped = int(diagnostics.get("leverage_capped", 0))
         return what + ("Their influences are the leave-one-out shifts and the gradient covariance is "
                        "HC2-corrected (leverage_correction), which first-order theory does not cover"
-                       + (f". For that correction the leverage of {capped} record(s) above {LEVERAGE_CAP} "
-                          f"was capped at {LEVERAGE_CAP} (the mean and max above are before the cap)"
+                       + (f". For that correction {capped} record(s) with a leverage above {LEVERAGE_CAP} along "
+                          f"one loss direction (an eigenvalue of its leverage matrix) had it capped at "
+                          f"{LEVERAGE_CAP} (the mean and max above are before the cap)"
                           if capped else ""))
     return what + ("Not corrected: the first-order influences understate each record's leave-one-out shift by "
                    "about 1 / (1 - leverage); leverage_correction=True corrects them")

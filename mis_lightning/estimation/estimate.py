@@ -4097,7 +4097,8 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
         Hinv: ``[d, d]`` the (floored) inverse Hessian; ``J``: ``[R, K, d]``; ``L``: ``[R, K, K]``.
         n: records; ``correct``: return the corrected ``(C, V)`` (else the inputs).
         diagnostics: gets ``mean_leverage``, ``max_leverage`` (over the R kept records),
-            ``leverage_capped`` (records above :data:`LEVERAGE_CAP`, capped there) and
+            ``leverage_capped`` (records whose ``A_i`` has an eigenvalue above
+            :data:`LEVERAGE_CAP`: ``A_i`` scaled so that its largest is the cap) and
             ``leverage_correction`` (whether applied).
 
     Returns:
@@ -4110,13 +4111,17 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
     HJ = J @ Hinv  # [R, K, d] (Hinv symmetric)
     A = L @ (HJ @ J.transpose(1, 2)) / n  # [R, K, K]
     h = torch.diagonal(A, dim1=1, dim2=2).sum(-1)
-    capped = h > LEVERAGE_CAP
+    top = _top_leverage(A, h)
+    capped = top > LEVERAGE_CAP
     diagnostics.update(mean_leverage=float(h.mean()), max_leverage=float(h.max()),
                        leverage_capped=int(capped.sum()), leverage_correction=bool(correct))
     if not correct:
         return C, V, None, None
-    # Cap 1 / (1 - h): scale the records' A so that tr A = LEVERAGE_CAP (reported above).
-    scale = torch.where(capped, LEVERAGE_CAP / h.clamp_min(1e-300), torch.ones_like(h))
+    # Cap (I - A)^-1: scale the records' A so that its largest eigenvalue is LEVERAGE_CAP
+    # (reported above; one direction: tr A = h). Not the trace: with K directions a positive
+    # factor against a positive definite H has h up to K with every eigenvalue below 1, and a
+    # cap on h understated those records' leave-one-out shifts (docs/benchmarks.md, "lv58").
+    scale = torch.where(capped, LEVERAGE_CAP / top.clamp_min(1e-300), torch.ones_like(h))
     A = A * scale[:, None, None]
     h = h * scale
     K = A.shape[-1]
@@ -4146,6 +4151,17 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
     V = V * (1.0 + abar) + kappa * ((Ca - abar * C).T @ C)
     beta = (n - R) / (n * (R - 1)) * (a - abar)
     return C_loo, 0.5 * (V + V.T), hp, beta
+
+
+def _top_leverage(A: Tensor, h: Tensor) -> Tensor:
+    """``[R]`` the largest real part of each record's leverage matrix ``A_i`` ``[R, K, K]``'s
+    eigenvalues (``h = tr A_i`` ``[R]`` itself where ``K = 1``): what :data:`LEVERAGE_CAP` caps,
+    ``I - A_i`` being singular where an eigenvalue reaches 1. Each is below 1 for a positive
+    semi-definite ``L_i`` against a positive definite ``H`` (the record's own curvature is part of
+    ``H``), while ``h_i`` reaches up to ``K``."""
+    if A.shape[-1] == 1:
+        return h
+    return torch.linalg.eigvals(A).real.amax(-1).to(h.dtype)
 
 
 def _loss_rank(L: Tensor, like: Tensor) -> Tensor:
