@@ -188,3 +188,32 @@ def test_the_auto_count_is_the_kernels():
         assert counts[0] == counts[1] == w.numel()
     finally:
         kernel._FUSED_STATE["elements"] = before
+
+
+@pytest.mark.parametrize("qmin, qmax, zp, s", [(-8, 7, 0.0, 0.1), (0, 15, 7.3, 0.1), (-128, 127, 0.0, 0.0123)])
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_bound_an_ulp_off_a_grid_edge(qmin, qmax, zp, s, fused):
+    """A release bound within an ulp of an inner grid edge (either side, either bound): the edge
+    index ``ceil((lo - le) / step)`` rounds onto the edge the bound misses, and the two forms read
+    the cell below it unrevealed (two-step form: kappa 0.11 against 0.9998 exact) or merged two
+    cells (an index's ``le + K step`` an ulp above the end edge ``he``: 1.3e-3 low, both forms).
+    Against exact cell sums within the fine expansion's ``5e-4 h^2`` (docs/method.md section 5), the
+    weights on a step of 1/3 sd around the edge; the bound's ulp moves the exact value by ~1e-16."""
+    edges = [(k + 0.5 - zp) * s for k in range(qmin, qmax)]
+    sd, n = 3.0 * s, 7
+    g = ParamGrid(name="w", shape=(1, n), kind="affine", dequantized=torch.zeros(1, n), bits_per_weight=4.0,
+                  scale=torch.tensor([[s]], dtype=F64), block_size=(1, n),
+                  zero_point=torch.tensor([[zp]], dtype=F64), qmin=qmin, qmax=qmax)
+    worst = 0.0
+    for i in sorted({*range(1, len(edges) - 1, max(1, (len(edges) - 2) // 12)), len(edges) - 2}):
+        for lower in (True, False):
+            for toward in (-math.inf, math.inf):
+                v = math.nextafter(edges[i], toward)
+                lo, hi = ((v, min(edges[-1] + 0.3 * s, v + 8.0 * sd)) if lower
+                          else (max(edges[0] - 0.3 * s, v - 8.0 * sd), v))
+                g.support = (torch.tensor([[lo]], dtype=F64), torch.tensor([[hi]], dtype=F64))
+                th = torch.tensor([edges[i] + (j - 3) * 0.7 * sd for j in range(n)], dtype=F64)
+                got = _moments(g, th, torch.full((n,), sd, dtype=F64), False, fused=fused).kappa
+                for j in range(n):
+                    worst = max(worst, abs(float(got[j]) - _exact(float(th[j]), sd, s, zp, qmin, qmax, lo, hi)[0]))
+    assert worst <= 5e-4 * (1 / 3) ** 2, worst
