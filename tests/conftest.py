@@ -162,7 +162,7 @@ def layout_only_figures(request, monkeypatch):
         old = figure.get_dpi()
         figure.set_dpi(dpi)  # laid out at the dpi the real draw uses
         try:
-            figure.draw_without_rendering()
+            lay_out(figure)
             width, height = figure.canvas.get_width_height()
         finally:
             figure.set_dpi(old)
@@ -173,7 +173,7 @@ def layout_only_figures(request, monkeypatch):
     monkeypatch.setattr(tracking, "draw_figure", draw_figure)
 
     def savefig(self, fname, *args, **kwargs):
-        self.draw_without_rendering()
+        lay_out(self)
         if hasattr(fname, "write"):
             fname.write(LAYOUT_ONLY_NOTE)
         else:
@@ -186,3 +186,27 @@ def layout_only_figures(request, monkeypatch):
 
 # what layout_only_figures writes in place of an image
 LAYOUT_ONLY_NOTE = b"laid out, not rasterized: tests/conftest.py layout_only_figures\n"
+
+# st58: one Agg renderer per (width, height, dpi) for the process's layout-only draws
+_LAYOUT_RENDERERS: dict = {}
+
+
+def lay_out(figure) -> None:
+    """``figure.draw_without_rendering()`` (its layout engine, then every artist's draw with the
+    renderer's drawing disabled: text and mathtext laid out, what a save would raise raised), its
+    Agg canvas handed a renderer kept for the process, one per size and dpi, instead of a new one
+    per figure. Matplotlib caches text metrics per renderer (``text._get_text_metrics_with_cache``),
+    so the strings the report figures share (axis labels, legend entries, the notes' fixed wording)
+    are measured once per worker, not once per figure: the same metrics (a string that fails
+    raises each time: an exception is not cached). A canvas of another backend draws as before."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg
+
+    canvas = figure.canvas
+    if isinstance(canvas, FigureCanvasAgg):
+        w, h = canvas.get_width_height(physical=True)
+        key = w, h, figure.dpi  # FigureCanvasAgg.get_renderer's own key: it reuses a renderer of this key
+        if canvas._lastKey != key:
+            if key not in _LAYOUT_RENDERERS:
+                _LAYOUT_RENDERERS[key] = RendererAgg(w, h, figure.dpi)
+            canvas.renderer, canvas._lastKey = _LAYOUT_RENDERERS[key], key
+    figure.draw_without_rendering()
