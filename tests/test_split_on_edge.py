@@ -65,6 +65,9 @@ def test_bounded_moments_bitwise_the_same_with_fewer_ndtr(scheme, kappa_only, sp
         sigma = scale * torch.exp(torch.empty(c, dtype=F64).uniform_(-3.0, -1.0, generator=gen))
     # the wide-sd closed form off: every element on the grid paths and their bounds
     monkeypatch.setattr(qb, "WIDE_SD_CLOSED_FORM", False)
+    # the one-pass bounded fine form off too: it takes the fine-step elements past the split this
+    # test counts (docs/benchmarks.md "p58b"; tests/test_fine_moments.py checks that form)
+    monkeypatch.setattr(B, "FUSED_FINE_MOMENTS", False)
     # no self-check sample: the guard's periodic recheck (a process-wide call count) evaluates the
     # reference path's ndtr in whichever call it falls on (the full suite read 11 against 8)
     monkeypatch.setattr(fp.GUARD, "sample_size", lambda *a, **k: 0)

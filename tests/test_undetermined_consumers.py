@@ -77,7 +77,10 @@ def test_the_planner_ranks_no_plan_on_an_undetermined_headline(tied_lm):
     rows = res.report.rows()
     assert rows[0]["baseline_cutoff_sensitivity"] > UNDETERMINED_MOVE  # the case: undetermined
     why = undetermined_headline(rows)
-    assert why is not None and why.startswith("the headline is undetermined (undet.: the unquantized figure moves 23%")
+    # the figure's own move, whatever its size (23% before the multi-output leverage cap moved to A_i's
+    # eigenvalue, 22% after: docs/benchmarks.md "lv58"), in the verdict's words
+    move = f"{100 * float(rows[0]['baseline_cutoff_sensitivity']):.0f}%"
+    assert why is not None and why.startswith(f"the headline is undetermined (undet.: the unquantized figure moves {move}")
     assert verdict(rows) == f"verdict: none: {why}; no scheme is ranked (see warnings)"  # one wording
     assert res.undetermined == why and res.to_dict()["undetermined"] == why
     table = res.table()

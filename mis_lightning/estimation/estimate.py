@@ -4109,9 +4109,10 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
     """
     L = 0.5 * (L + L.transpose(1, 2))
     HJ = J @ Hinv  # [R, K, d] (Hinv symmetric)
-    A = L @ (HJ @ J.transpose(1, 2)) / n  # [R, K, K]
+    JHJ = HJ @ J.transpose(1, 2)  # [R, K, K]: J H^-1 J'
+    A = L @ JHJ / n  # [R, K, K]
     h = torch.diagonal(A, dim1=1, dim2=2).sum(-1)
-    top = _top_leverage(A, h)
+    top = _top_leverage(L, JHJ / n, h)
     capped = top > LEVERAGE_CAP
     diagnostics.update(mean_leverage=float(h.mean()), max_leverage=float(h.max()),
                        leverage_capped=int(capped.sum()), leverage_correction=bool(correct))
@@ -4153,15 +4154,23 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
     return C_loo, 0.5 * (V + V.T), hp, beta
 
 
-def _top_leverage(A: Tensor, h: Tensor) -> Tensor:
-    """``[R]`` the largest real part of each record's leverage matrix ``A_i`` ``[R, K, K]``'s
-    eigenvalues (``h = tr A_i`` ``[R]`` itself where ``K = 1``): what :data:`LEVERAGE_CAP` caps,
-    ``I - A_i`` being singular where an eigenvalue reaches 1. Each is below 1 for a positive
-    semi-definite ``L_i`` against a positive definite ``H`` (the record's own curvature is part of
-    ``H``), while ``h_i`` reaches up to ``K``."""
-    if A.shape[-1] == 1:
+def _top_leverage(L: Tensor, M: Tensor, h: Tensor) -> Tensor:
+    """``[R]`` the largest eigenvalue of each record's leverage matrix ``A_i = L_i M_i`` (``L``:
+    ``[R, K, K]`` the loss's output curvature, symmetric; ``M``: ``[R, K, K]`` ``J_i H^-1 J_i' / n``,
+    positive semi-definite against the floored ``H^-1``; ``h = tr A_i`` ``[R]`` itself where
+    ``K = 1``): what :data:`LEVERAGE_CAP` caps, ``I - A_i`` being singular where an eigenvalue
+    reaches 1. Each is below 1 for a positive semi-definite ``L_i`` against a positive definite
+    ``H`` (the record's own curvature is part of ``H``), while ``h_i`` reaches up to ``K``.
+
+    Read as the eigenvalues of the symmetric ``M^1/2 L M^1/2`` (``AB`` and ``BA`` share their
+    non-zero eigenvalues) by ``eigvalsh``: the general eigensolver on ``L M`` itself fails to
+    converge on the ill-conditioned records of floor-dependent fits (tests/test_ill_posed_fits.py)."""
+    if L.shape[-1] == 1:
         return h
-    return torch.linalg.eigvals(A).real.amax(-1).to(h.dtype)
+    m, U = torch.linalg.eigh(0.5 * (M + M.transpose(1, 2)))
+    root = (U * m.clamp_min(0.0).sqrt().unsqueeze(-2)) @ U.transpose(1, 2)  # M^1/2, [R, K, K]
+    S = root @ L @ root
+    return torch.linalg.eigvalsh(0.5 * (S + S.transpose(1, 2)))[..., -1].to(h.dtype)
 
 
 def _loss_rank(L: Tensor, like: Tensor) -> Tensor:
