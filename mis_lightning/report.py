@@ -1904,8 +1904,8 @@ STAR_WARNINGS: tuple[tuple[str, str, str | None], ...] = (
     ("not trained in this fit", NOT_TRAINED, "assess a trained model"),
     ("records assessed not those trained on", STREAM_RECORDS_DIFFER, "assess the records trained on with assess()"),
     ("negative curvature", "the Hessian has negative curvature", "train on, with the loss and weight decay assessed: "
-     "full-batch L-BFGS"),
-    ("saddle not excluded", "saddle not excluded", "train on: full-batch L-BFGS"),
+     "full-batch L-BFGS (ReLU kinks can stall it)"),
+    ("saddle not excluded", "saddle not excluded", "train on: full-batch L-BFGS (ReLU kinks can stall it)"),
     ("interpolating", "the model interpolates", "add weight decay, or assess fewer weights than records"),
 )
 #: the ``*`` line's lead on the console (:func:`console_warnings`)
@@ -1914,7 +1914,9 @@ STAR_LINE = "figures marked * are indicative only (they may read above or below 
 #: and the README say it (benchmarks/minibatch_polish.py: after 20 Adam epochs, one L-BFGS call of 1,000
 #: iterations cleared every warning and *); an L-BFGS fit that stopped short: more of it
 MINIMUM_CURE = ("after the minibatch epochs, full-batch L-BFGS (line_search_fn='strong_wolfe') on the same "
-                "objective, weight decay included, until the gradient is tiny (an L-BFGS fit: more iterations)")
+                "objective, weight decay included, until the gradient is tiny (an L-BFGS fit: more iterations; on "
+                "ReLU-type activations L-BFGS can stall at the kinks short of the minimum, where smooth ones such as "
+                "GELU or SiLU reach it: docs/lightning.md)")
 
 
 def console_warnings(warnings: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> list[str]:

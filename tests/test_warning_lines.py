@@ -156,3 +156,21 @@ def test_the_monte_carlo_hessian_line_says_the_error_and_the_fix():
     line = warning_line(w)
     assert "median relative standard error 0.11" in line and "raise ggn_mc_samples or use hessian='ggn'" in line, line
     assert len(line) <= WARNING_LINE_WIDTH + len(MORE)
+
+
+def test_the_l_bfgs_cures_say_relu_kinks_can_stall_it():
+    """A ReLU classifier trained by Adam, then by full-batch L-BFGS as the cure said, kept its negative
+    eigenvalue and every * (gradient 3e-3 to 6e-3: L-BFGS stalls at the kinks; the same model with GELU
+    reached 5e-5 and no *; docs/benchmarks.md "nux58", ``benchmarks/relu_lbfgs_stall.py``): the
+    curvature items of the * line and the not-at-a-minimum warning's cure say so; before, they named
+    full-batch L-BFGS alone."""
+    from mis_lightning.report import MINIMUM_CURE, STAR_LINE, console_warnings
+
+    saddle = ("saddle not excluded: the Hessian's lowest eigenvalue reads -0.0021 of the largest, within the precision "
+              "this gradient allows; the figures use its magnitude either way; train further")
+    neg = ("the Hessian has negative curvature (1 of 99 eigenvalues negative): the weights are not at a strict minimum "
+           "of the objective assessed; train to convergence")
+    for w, phrase in ((saddle, "saddle not excluded"), (neg, "negative curvature")):
+        (line,) = console_warnings([w], [{"indicative": phrase}])
+        assert line.startswith(STAR_LINE) and "full-batch L-BFGS (ReLU kinks can stall it)" in line, line
+    assert "ReLU-type activations L-BFGS can stall" in MINIMUM_CURE and "GELU or SiLU" in MINIMUM_CURE
