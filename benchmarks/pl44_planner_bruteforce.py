@@ -26,6 +26,7 @@ pipeline's figures over all plans and how it ranks them (Kendall's tau; rank of 
     python benchmarks/pl44_planner_bruteforce.py --models frozen
     python benchmarks/pl44_planner_bruteforce.py --models mlp_nobias
     python benchmarks/pl44_planner_bruteforce.py --models mlp_nobias clf --ab   # pl47
+    python benchmarks/pl44_planner_bruteforce.py --models mlp_nobias --show 3,2,4   # one plan's figures
 
 ``--ab`` runs ``plan()`` twice per budget, without and with the interaction search
 (``planning.INTERACTION_SEARCH``, pl47), alternated, and gives for each the choice, the gap, the
@@ -168,7 +169,7 @@ def plan_once(model, tr, va, lossf, est, cands, b, weights, float_u, cfg, bt, se
     return pt, gap, within, len(passes), cpu
 
 
-def run(kind, ab=False):
+def run(kind, ab=False, show=()):
     model, tr, va, lossf, cands = build(kind)
     est = run_estimation(model, tr, lossf, EstimationConfig(weight_decay=WD))
     sc = ScoringConfig()
@@ -216,6 +217,11 @@ def run(kind, ab=False):
           f"brute force {len(plans)} plans in {t_bf:.1f} CPU s")
     print(f"proxy vs pipeline over all {len(plans)} plans: leakage max rel. error {lk_err:.2%}, Kendall tau "
           f"{tau:.3f}; additive utility loss max abs. error {u_err:.4f} (relative to the float loss)")
+    for p in plans:
+        name = short(dict(zip(weights, p)), weights)
+        if name in show:
+            print(f"plan {name}: utility loss additive prediction {pred[p][1]:+.2%}, measured {truth[p][1]:+.2%}; "
+                  f"leakage proxy {pred[p][0]:.4f}, measured {truth[p][0]:.4f}")
     if ab:
         print("| budget | brute-force best (leak, loss, b/w) | additive search (before pl47) | gap | within | passes "
               "| CPU s | interaction search (pl47) | gap | within | passes | CPU s |")
@@ -253,7 +259,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=["mlp", "clf", "frozen"])
     ap.add_argument("--ab", action="store_true", help="plan() without and with the interaction search (pl47)")
+    ap.add_argument("--show", nargs="*", default=[], metavar="PLAN",
+                    help="plans (as in the tables: 3,2,4) whose predicted and measured figures to print")
     a = ap.parse_args()
     torch.set_num_threads(1)
     for k in a.models:
-        run(k, a.ab)
+        run(k, a.ab, tuple(a.show))
