@@ -277,7 +277,6 @@ def tv_mean(delta2: torch.Tensor) -> float:
 
 def reference(model: str, K: int, ratio: float, n: int, reps: int, boot: int, wd: float, seed: int = 0):
     pb = Problem(model, n, K, ratio, wd, seed)
-    d = pb.d
     g = torch.Generator().manual_seed(1000 + seed)
     yb = torch.multinomial(pb.p0.repeat(boot, 1, 1).view(-1, pb.C), 1, generator=g).view(boot, n)
     tb = pb.fit(pb.theta0.repeat(boot, 1), yb)
@@ -296,7 +295,7 @@ def reference(model: str, K: int, ratio: float, n: int, reps: int, boot: int, wd
     errs = {f: [] for f in FORMS}
     cov_only = {f: [] for f in FORMS}
     shift_err, refs, diag = [], [], {f: [] for f in FORMS}
-    hk_ratio, lev = [], []
+    lev = []
     yr = torch.multinomial(pb.p0.repeat(reps, 1, 1).view(-1, pb.C), 1, generator=g).view(reps, n)
     fits = pb.fit(pb.theta0.repeat(reps, 1), yr)
     skipped = 0
@@ -419,6 +418,7 @@ def gmean_mode(a) -> None:
     import sys
     sys.path.insert(0, "benchmarks")
     from iv58_saturated_interval import gmean_report
+
     import mis_lightning.estimation.estimate  # noqa: F401
     E = sys.modules["mis_lightning.estimation.estimate"]
     n = a.n
