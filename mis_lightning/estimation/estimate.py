@@ -4088,16 +4088,20 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
     ``A_i = L_i J_i H^{-1} J_i' / n`` ``[C, C]``, leverage ``h_i = tr A_i`` (ridge: the hat
     value). Woodbury for ``H_{-i} = H - J_i' L_i J_i / n``:
     ``H H_{-i}^{-1} c = c + J_i' (I - A_i)^{-1} L_i J_i H^{-1} c / n`` (one output and
-    ``c = J' e``: ``c / (1 - h_i)``). HC2: ``V + sum_i a_i c_i c_i' / n`` over the n records,
-    ``a_i = h'_i / (1 - h'_i)``, ``h'_i = h_i / rank(L_i)`` (the mean leverage per output
-    direction; ``h_i`` for one output). With every record kept (``R >= n``) that sum itself.
+    ``c = J' e``: ``c / (1 - h_i)``). HC2: ``V + sum_i D_i / n`` over the n records, the record's
+    own term ``D_i = a_i c_i c_i'``, ``a_i = h_i / (1 - h_i)``, for one loss direction (or an
+    indefinite ``L_i``), and with several (``rank(L_i) > 1``) the matrix form
+    ``D_i = c^_i c^_i' - c_i c_i'``, ``c^ = (I - J' L J H^-1 / n)^-1/2 c`` (:func:`_hc2_matrix`;
+    :data:`HC2_FORM` ``"per_direction"``: ``a_i`` at ``h'_i = h_i / rank(L_i)``, the former form).
+    With every record kept (``R >= n``) that sum itself.
     With ``R < n`` kept (method.md section 4, *Gradient covariance*) each kept record ``i``
     is scored through its own leave-one-out estimate, unbiased for that sum given ``i``:
-    its own term at ``a_i / n`` and the ``n - 1`` others by the regression (control-variate)
-    estimate ``a_bar V_{-i} + mean_{kept j != i} (a_j - a_bar) c_j c_j'``. That is one shared
-    ``V_bar = (1 + a_bar) V + kappa sum_kept (a_j - a_bar) c_j c_j'`` (``kappa = (n - 1) / (n (R - 1))``)
+    its own term at ``D_i / n`` and the ``n - 1`` others by the regression (control-variate)
+    estimate ``a_bar V_{-i} + mean_{kept j != i} (D_j - a_bar c_j c_j')``. That is one shared
+    ``V_bar = (1 + a_bar) V + kappa sum_kept (D_j - a_bar c_j c_j')`` (``kappa = (n - 1) / (n (R - 1))``)
     less a rank-one term per record, ``V_i = V_bar - beta_i c_i c_i'``,
-    ``beta_i = (n - R) / (n (R - 1)) (a_i - a_bar)``: the scoring applies it by Sherman-Morrison
+    ``beta_i = (n - R) / (n (R - 1)) (a_i - a_bar)`` (``a_i = c' D_i c / |c|^4`` for a matrix
+    record: its own term's part along ``c_i``, the rest ``O(1 / R)``): the scoring applies it by Sherman-Morrison
     (functional/correlated.py, ``Correlation.self_term``). ``R = 1``: ``(1 + a) V``.
 
     Args:
