@@ -223,7 +223,8 @@ LEVERAGE_CAP = 0.95
 # models); "per_direction" (A/B) inflates the whole gradient by 1 / (1 - h_i / rank(L_i)), the mean, which
 # understates the leverage along A_i's large directions, where the residual lies: against label draws on a
 # softmax regression the deficit along A_i's top direction read 0.19 (matrix 0.20, per direction 0.095;
-# docs/benchmarks.md "hc59"). One direction (rank 1), or an indefinite L_i: 1 / (1 - h_i) either way.
+# docs/benchmarks.md "hc59"). One direction (rank 1): 1 / (1 - h_i) either way; an indefinite L_i (no
+# L^1/2; not a covariance, so HC2's argument does not hold) keeps the per-direction form.
 HC2_FORM = "matrix"
 # The diagonal estimator's count of loss directions per record (rank(L_i), the denominator of its
 # mean leverage per direction; method.md section 4, "Finite-sample (leverage) correction"): the mean
@@ -4089,8 +4090,8 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
     value). Woodbury for ``H_{-i} = H - J_i' L_i J_i / n``:
     ``H H_{-i}^{-1} c = c + J_i' (I - A_i)^{-1} L_i J_i H^{-1} c / n`` (one output and
     ``c = J' e``: ``c / (1 - h_i)``). HC2: ``V + sum_i D_i / n`` over the n records, the record's
-    own term ``D_i = a_i c_i c_i'``, ``a_i = h_i / (1 - h_i)``, for one loss direction (or an
-    indefinite ``L_i``), and with several (``rank(L_i) > 1``) the matrix form
+    own term ``D_i = a_i c_i c_i'``, ``a_i = h_i / (1 - h_i)``, for one loss direction (an indefinite
+    ``L_i`` with several: ``a_i`` at ``h_i / rank(L_i)``), and with several (``rank(L_i) > 1``) the matrix form
     ``D_i = c^_i c^_i' - c_i c_i'``, ``c^ = (I - J' L J H^-1 / n)^-1/2 c`` (:func:`_hc2_matrix`;
     :data:`HC2_FORM` ``"per_direction"``: ``a_i`` at ``h'_i = h_i / rank(L_i)``, the former form).
     With every record kept (``R >= n``) that sum itself.
