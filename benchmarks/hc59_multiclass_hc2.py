@@ -1,13 +1,15 @@
 """The HC2 term's per-direction leverage with K = rank(L_i) > 1 loss directions against a simulation
 reference (docs/benchmarks.md, "hc59").
 
-    OMP_NUM_THREADS=1 python benchmarks/hc59_multiclass_hc2.py ref [--model mlr|mlp] [--ks 2,3,4,5]
+    OMP_NUM_THREADS=1 python benchmarks/hc59_multiclass_hc2.py ref [--model mlr|head|mlp] [--ks 2,3,4,5]
         [--ratios 0.1,0.3,0.5,0.7,0.9] [--n 100] [--reps 20] [--boot 3000]
     OMP_NUM_THREADS=1 python benchmarks/hc59_multiclass_hc2.py package [--model mlr|mlp] [--k 3] [--ratio 0.5]
     OMP_NUM_THREADS=1 python benchmarks/hc59_multiclass_hc2.py gmean [--n 64]
 
 A softmax classifier with ``C = K + 1`` classes and L2 ``wd`` (``mlr``: multinomial logistic regression
-``Linear(f, C)``; ``mlp``: ``Linear(f, 2) -> tanh -> Linear(2, C)``, every weight fitted), a fixed design
+``Linear(f, C)``; ``head``: the same on a fixed random ``tanh`` layer of 4 inputs (an MLP's softmax head);
+``mlp``: ``Linear(f, 2) -> tanh -> Linear(2, C)``, every weight fitted: slow, and its Newton refits leave the
+basin), a fixed design
 (``x ~ N(0, I_f)``, one record in 8 scaled 4x: high-leverage records) and labels drawn from the fitted
 model ``theta_0`` (the truth of this reference). Everything is float64 and fitted by Newton to convergence
 (batched over records and draws).
@@ -62,7 +64,7 @@ class Problem:
         self.model, self.n, self.C, self.wd = model, n, K + 1, wd
         C = self.C
         target = ratio * n
-        if model == "mlr":  # d = C (f + 1)
+        if model in ("mlr", "head"):  # d = C (f + 1)
             self.f, self.m = max(1, round(target / C) - 1), 0
         else:  # d = 2 (f + 1) + C (2 + 1)
             self.m = 2
@@ -74,6 +76,10 @@ class Problem:
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(n, self.f, generator=g)
         x[: max(1, n // 8)] *= 4.0
+        if model == "head":  # a softmax head on a fixed random tanh layer (4 inputs -> f features)
+            raw = torch.randn(n, 4, generator=g)
+            raw[: max(1, n // 8)] *= 4.0
+            x = torch.tanh(raw @ torch.randn(4, self.f, generator=g) + 0.5 * torch.randn(self.f, generator=g))
         self.x = x
         theta = 0.5 * torch.randn(self.d, generator=g) / math.sqrt(self.f + 1)
         self.y0 = torch.multinomial(torch.softmax(self.logits(theta, x), -1), 1, generator=g).squeeze(-1)
@@ -83,7 +89,7 @@ class Problem:
         self.p0 = torch.softmax(self.logits(self.theta0, x), -1)  # the truth's label law
 
     def _net(self) -> nn.Module:
-        if self.model == "mlr":
+        if self.model in ("mlr", "head"):
             return nn.Linear(self.f, self.C)
         return nn.Sequential(nn.Linear(self.f, self.m), nn.Tanh(), nn.Linear(self.m, self.C))
 
@@ -137,7 +143,7 @@ class Problem:
         w = torch.ones(B, self.n) if w is None else w
         lin = torch.zeros(B, self.d) if lin is None else lin
         out = []
-        gfun, hfun = (self._mlr_grad, self._mlr_hess) if self.model == "mlr" else (
+        gfun, hfun = (self._mlr_grad, self._mlr_hess) if self.model in ("mlr", "head") else (
             vmap(grad(self.objective)), vmap(hessian(self.objective)))
         ffun = vmap(self.objective)
         for s in range(0, B, chunk):
@@ -448,7 +454,7 @@ def gmean_mode(a) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["ref", "package", "gmean"])
-    ap.add_argument("--model", choices=["mlr", "mlp"], default="mlr")
+    ap.add_argument("--model", choices=["mlr", "head", "mlp"], default="mlr")
     ap.add_argument("--ks", default="2,3,4,5")
     ap.add_argument("--ratios", default="0.1,0.3,0.5,0.7,0.9")
     ap.add_argument("--n", type=int, default=100)
