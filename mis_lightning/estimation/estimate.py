@@ -217,6 +217,15 @@ GGN_MAX_OUTPUTS = 16  # "auto" uses the Gauss-Newton diagonal up to this many ou
 # (leverage) correction"): 1 / (1 - h) diverges at h = 1, which a GGN factor can only reach
 # against a damped or sign-flipped Hessian.
 LEVERAGE_CAP = 0.95
+# The HC2 term of a record with several loss directions (rank(L_i) > 1; method.md section 4, "Gradient
+# covariance"): "matrix" inflates its gradient by (I - A_i)^-1/2 in its own output directions, the form whose
+# expectation is right in each of them (E[r r'] = (I - A_i) L_i for the in-sample residual; exact for linear
+# models); "per_direction" (A/B) inflates the whole gradient by 1 / (1 - h_i / rank(L_i)), the mean, which
+# understates the leverage along A_i's large directions, where the residual lies: against label draws on a
+# softmax regression the deficit along A_i's top direction read 0.19 (matrix 0.20, per direction 0.095;
+# docs/benchmarks.md "hc59"). One direction (rank 1): 1 / (1 - h_i) either way; an indefinite L_i (no
+# L^1/2; not a covariance, so HC2's argument does not hold) keeps the per-direction form.
+HC2_FORM = "matrix"
 # The diagonal estimator's count of loss directions per record (rank(L_i), the denominator of its
 # mean leverage per direction; method.md section 4, "Finite-sample (leverage) correction"): the mean
 # over this many records, those with the smallest content keys of the whole pass (a sample that
@@ -4080,16 +4089,20 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
     ``A_i = L_i J_i H^{-1} J_i' / n`` ``[C, C]``, leverage ``h_i = tr A_i`` (ridge: the hat
     value). Woodbury for ``H_{-i} = H - J_i' L_i J_i / n``:
     ``H H_{-i}^{-1} c = c + J_i' (I - A_i)^{-1} L_i J_i H^{-1} c / n`` (one output and
-    ``c = J' e``: ``c / (1 - h_i)``). HC2: ``V + sum_i a_i c_i c_i' / n`` over the n records,
-    ``a_i = h'_i / (1 - h'_i)``, ``h'_i = h_i / rank(L_i)`` (the mean leverage per output
-    direction; ``h_i`` for one output). With every record kept (``R >= n``) that sum itself.
+    ``c = J' e``: ``c / (1 - h_i)``). HC2: ``V + sum_i D_i / n`` over the n records, the record's
+    own term ``D_i = a_i c_i c_i'``, ``a_i = h_i / (1 - h_i)``, for one loss direction (an indefinite
+    ``L_i`` with several: ``a_i`` at ``h_i / rank(L_i)``), and with several (``rank(L_i) > 1``) the matrix form
+    ``D_i = c^_i c^_i' - c_i c_i'``, ``c^ = (I - J' L J H^-1 / n)^-1/2 c`` (:func:`_hc2_matrix`;
+    :data:`HC2_FORM` ``"per_direction"``: ``a_i`` at ``h'_i = h_i / rank(L_i)``, the former form).
+    With every record kept (``R >= n``) that sum itself.
     With ``R < n`` kept (method.md section 4, *Gradient covariance*) each kept record ``i``
     is scored through its own leave-one-out estimate, unbiased for that sum given ``i``:
-    its own term at ``a_i / n`` and the ``n - 1`` others by the regression (control-variate)
-    estimate ``a_bar V_{-i} + mean_{kept j != i} (a_j - a_bar) c_j c_j'``. That is one shared
-    ``V_bar = (1 + a_bar) V + kappa sum_kept (a_j - a_bar) c_j c_j'`` (``kappa = (n - 1) / (n (R - 1))``)
+    its own term at ``D_i / n`` and the ``n - 1`` others by the regression (control-variate)
+    estimate ``a_bar V_{-i} + mean_{kept j != i} (D_j - a_bar c_j c_j')``. That is one shared
+    ``V_bar = (1 + a_bar) V + kappa sum_kept (D_j - a_bar c_j c_j')`` (``kappa = (n - 1) / (n (R - 1))``)
     less a rank-one term per record, ``V_i = V_bar - beta_i c_i c_i'``,
-    ``beta_i = (n - R) / (n (R - 1)) (a_i - a_bar)``: the scoring applies it by Sherman-Morrison
+    ``beta_i = (n - R) / (n (R - 1)) (a_i - a_bar)`` (``a_i = c' D_i c / |c|^4`` for a matrix
+    record: its own term's part along ``c_i``, the rest ``O(1 / R)``): the scoring applies it by Sherman-Morrison
     (functional/correlated.py, ``Correlation.self_term``). ``R = 1``: ``(1 + a) V``.
 
     Args:
@@ -4130,8 +4143,25 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
     rhs = torch.einsum("rkl,rl->rk", L * scale[:, None, None], u) / n
     v = torch.linalg.solve(torch.eye(K, dtype=A.dtype) - A, rhs.unsqueeze(-1)).squeeze(-1)
     C_loo = C + torch.einsum("rkd,rk->rd", J, v)
-    hp = h / _loss_rank(L, h)
+    rank = _loss_rank(L, h)
+    hp = h / rank
     a = hp / (1 - hp)
+    # Records with several loss directions (HC2_FORM "matrix"): their own term D_i = c^ c^' - c c',
+    # c^ = c + J' g(A_i) L_i J H^-1 c / n with g(x) = ((1 - x)^-1/2 - 1) / x, i.e. (I - P_i H^-1 / n)^-1/2 c
+    # (P_i = J' L J the record's factor; one direction: c / sqrt(1 - h_i) on its span)
+    Cm, Ch, m = _hc2_matrix(L * scale[:, None, None], JHJ / n, u / n, J, C, rank)
+    # a_eff: D_i's part along c_i (c' D c / |c|^4): the rank-one weight of the stored-subset forms below
+    a_eff = a.clone()
+    if m is not None:
+        cc = (Cm * Cm).sum(-1)
+        a_eff[m] = torch.where(cc > 0, (Cm * Ch).sum(-1) ** 2 / cc.clamp_min(1e-300) ** 2 - 1.0, a[m])
+        a = torch.where(m, torch.zeros_like(a), a)
+
+    # the stored records' own terms summed: a_j c_j c_j' (scalar records), D_j (matrix records)
+    own = (C * a.unsqueeze(-1)).T @ C
+    if m is not None:
+        own = own + Ch.T @ Ch - Cm.T @ Cm
+
     # HC2 adds (1/n) sum_j a_j c_j c_j' over all n records. With R < n stored, a mean over the
     # stored ones put each stored record's own c c' in at a_i / R and scored that record through
     # it, its c' V^-1 c lower by ~a_i d / R (rn28: OLS d = 201, R = 512 of 3,000, -1.8 %); a
@@ -4140,18 +4170,59 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
     # own term at a_i / n and the others' by a regression estimate on the known V (whose noise
     # is that of (a_j - a_bar) c_j c_j' alone: inverted, an unbiased but noisy sum reads high,
     # +0.2 % on that OLS with the plain mean), as V_bar less a rank-one term per record (beta).
+    # A matrix record's own term D_j enters the sums as itself; its rank-one self term is D_j's
+    # part along c_j (a_eff), the shape's remainder O(1 / R) of the record's own form.
     R = C.shape[0]
-    Ca = C * a.unsqueeze(-1)
     if R >= n:  # every record stored: the HC2 sum itself
-        V = V + Ca.T @ C / n
+        V = V + own / n
         return C_loo, 0.5 * (V + V.T), hp, None
-    abar = float(a.mean())
+    abar = float(a_eff.mean())
     if R == 1:  # no other stored record: the others at this record's a (its own term cancels)
         return C_loo, V * (1.0 + abar), hp, None
     kappa = (n - 1) / (n * (R - 1))
-    V = V * (1.0 + abar) + kappa * ((Ca - abar * C).T @ C)
-    beta = (n - R) / (n * (R - 1)) * (a - abar)
+    V = V * (1.0 + abar) + kappa * (own - abar * (C.T @ C))
+    beta = (n - R) / (n * (R - 1)) * (a_eff - abar)
     return C_loo, 0.5 * (V + V.T), hp, beta
+
+
+def _hc2_matrix(L: Tensor, M: Tensor, u: Tensor, J: Tensor, C: Tensor,
+                rank: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The matrix HC2 form's inflated gradients (:data:`HC2_FORM` ``"matrix"``; method.md section 4,
+    "Gradient covariance"): for each record with ``rank(L_i) > 1`` and ``L_i`` positive semi-definite,
+    ``c^ = (I - P_i H^-1 / n)^-1/2 c = c + J' L^1/2 g(B) L^1/2 u``, ``B = L^1/2 M L^1/2`` (eigenvalues
+    those of ``A_i = L M``), ``g(x) = ((1 - x)^-1/2 - 1) / x`` (``(L M)^k L = L^1/2 B^k L^1/2``: no inverse).
+    Its second moment is the loss's in every output direction where the in-sample residual's is
+    ``(I - A_i) L_i`` (first order; exact for linear models), while ``c / sqrt(1 - h_i / rank)`` is right in
+    trace only.
+
+    Args:
+        L: ``[R, K, K]`` symmetric, already scaled by the cap (``A_i``'s largest eigenvalue at most
+            :data:`LEVERAGE_CAP`); M: ``[R, K, K]`` ``J H^-1 J' / n``; u: ``[R, K]`` ``J H^-1 c / n``;
+            J: ``[R, K, d]``; C: ``[R, d]``; rank: ``[R]`` ``rank(L_i)``.
+
+    Returns:
+        ``(c, c^, mask)``: the selected records' ``[m, d]`` gradients and inflated gradients and the
+        ``[R]`` mask selecting them; ``(C[:0], C[:0], None)`` where none is selected (or the
+        per-direction form is chosen)."""
+    none = (C[:0], C[:0], None)
+    if HC2_FORM != "matrix" or L.shape[-1] == 1:
+        return none
+    lam, U = torch.linalg.eigh(L)
+    tol = LOSS_RANK_RTOL * lam.abs().amax(-1).clamp_min(1e-300)
+    m = (rank > 1) & (lam[:, 0] >= -tol)
+    if not bool(m.any()):
+        return none
+    lam, U = lam[m], U[m]
+    Lh = (U * lam.clamp_min(0.0).sqrt().unsqueeze(-2)) @ U.transpose(1, 2)
+    B = Lh @ M[m] @ Lh
+    b, W = torch.linalg.eigh(0.5 * (B + B.transpose(1, 2)))
+    b = b.clamp(max=LEVERAGE_CAP)  # the cap's scaling already holds it there, up to rounding
+    small = b.abs() < 1e-6
+    g = torch.where(small, 0.5 + 0.375 * b, ((1.0 - b).rsqrt() - 1.0) / torch.where(small, torch.ones_like(b), b))
+    G = (W * g.unsqueeze(-2)) @ W.transpose(1, 2)
+    v = torch.einsum("rkl,rl->rk", Lh @ G @ Lh, u[m])  # L^1/2 g(B) L^1/2 u
+    Cm = C[m]
+    return Cm, Cm + torch.einsum("rkd,rk->rd", J[m], v), m
 
 
 def _top_leverage(L: Tensor, M: Tensor, h: Tensor) -> Tensor:
