@@ -534,89 +534,160 @@ def _training_view(trainer: Any, batch: Any, device: torch.device) -> Any:
             m.training = mode
 
 
-def stream_records_note(trainer: Any, train: Any, starts: Sequence[tuple[str | None, ...]], device: torch.device,
-                        limit: int, what: str) -> tuple[str, bool] | None:
-    """Whether the first ``limit`` batches of a copy of the stream ``train`` (what the callback
-    assesses under ``limit_train_batches``) are the records trained on: ``(text, other_records)``
-    for the report, or None when nothing tells them apart.
+def _leaves_off(ref: tuple[str | None, ...], got: tuple[str | None, ...]) -> set[int] | None:
+    """The leaves of two :func:`batch_digests` that differ (a leaf unreadable on either side is not
+    compared), or None where the batches have another number of tensor leaves (another layout)."""
+    if len(ref) != len(got):
+        return None
+    return {i for i, (a, b) in enumerate(zip(ref, got)) if a is not None and b is not None and a != b}
 
-    ``starts``: the distinct :func:`batch_digests` of the batches the training passes began with
-    (the callback's ``on_train_batch_start``). The copy's first batch is read (RNG isolated) and
-    put through :func:`_training_view`, a second time where it is not a pass's first batch (the
-    user's hooks see these calls); a stream without a private copy is not read (only ``starts``
-    are compared, from two on). A leaf that differs between the two views is drawn at random
-    by the batch-transfer hooks (augmentation on the device: the assessment reads such batches in
-    the validation stage, the records themselves) and is not compared. The other leaves of the
-    passes' first batches and the copy's are compared: all equal, the same records (None). A leaf
-    that differs while another, not constant over the batch (the targets), agrees: the same records
-    at another random draw of the differing values (augmentation in the dataset), said as such
-    (``other_records`` False: each record is assessed at one draw, as for a map-style dataset). Every
-    such leaf differing: other records (the stream reshuffles or draws anew each pass: 47 of 192
-    assessed never trained on after 3 epochs, 121 of 192 after one, docs/benchmarks.md "nu58"), or values augmented
-    in every leaf, which the text names too, or the training loader's worker processes each yielding a
-    part of the stream, interleaved, while the copy is read in one process (an unshuffled stream
-    sharded over 2 workers, 3 batches of 64: trained on records 0-127 and the even ones to 254, the copy's
-    0-191 assessed, 32 of them never trained on; with 2 batches the same 128 records, in another order),
-    named where ``train`` has workers
-    (``other_records`` True: the figures are marked ``*``).
-    """
-    probe = private_stream(train, warn=lambda _m: None)
-    if not getattr(probe, "_mis_private", False):
-        # no private copy (a dataset that cannot be copied, a loader of another make): the copy is not read
-        # (that would advance the user's stream once more, and the assessment would read past the batch
-        # read here); the passes' first batches alone are compared, hooks' random values included
-        if len(starts) < 2:
+
+class StreamPasses:
+    """What the training passes over a stream read, for the stream check (:class:`StreamCheck`): the
+    :func:`batch_digests` of the batch at each position of the first pass that read it, for the first
+    ``limit`` positions of every pass (under an integer ``limit_train_batches``, every batch a pass reads: the
+    records the assessment reads are those batches; else the first batch only), and, where a later pass read
+    another batch at a position, the first such position of each leaf that differed. One digest tuple per
+    position (a few bytes a leaf) whatever the number of passes; one hashing of each batch recorded (its bytes
+    read on the host)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.passes = max(1, int(limit)), 0
+        self.first: dict[int, tuple[str | None, ...]] = {}
+        self.differ: dict[int, int] = {}  # leaf -> the first position a later pass read it otherwise
+        self.layout: int | None = None  # the first position a later pass read a batch of another layout
+
+    def see(self, position: int, batch: Any) -> None:
+        """The training batch at ``position`` (0-based) of its pass, as ``on_train_batch_start`` gets it."""
+        if position == 0:
+            self.passes += 1
+        if position >= self.limit:
+            return
+        got = batch_digests(batch)
+        ref = self.first.setdefault(position, got)
+        if ref is not got:
+            _note_off(self, _leaves_off(ref, got), position)
+
+
+def _note_off(where: Any, off: set[int] | None, position: int, skip: Iterable[int] = ()) -> None:
+    """Record on ``where`` (:class:`StreamPasses` or :class:`StreamCheck`: ``differ``, ``layout``) the leaves
+    ``off`` (None: another layout) found differing at ``position``, those in ``skip`` aside."""
+    if off is None:
+        where.layout = position if where.layout is None else min(where.layout, position)
+        return
+    for leaf in off.difference(skip):
+        where.differ[leaf] = min(where.differ.get(leaf, position), position)
+
+
+class StreamCheck:
+    """The stream check, on the batches the assessment reads (:meth:`batches` wraps its loader; the
+    raw batches pass through unchanged): each is put through :func:`_training_view` (the user's hooks see
+    that call, in the training stage; global random streams restored) and its :func:`batch_digests`
+    compared with those of the training passes' batch at the same position (:class:`StreamPasses`). Every
+    batch assessed that a pass read at its position is compared, not only the first (a stream whose passes
+    begin alike and differ later: docs/benchmarks.md "dd59"), and the batches compared are the assessed ones
+    themselves, read from a private copy or, for a stream that cannot be copied, from the stream itself (its
+    next pass: an uncopyable reshuffling stream trained one epoch is told too). A batch whose view differs in
+    a leaf not yet known to be drawn at random by the hooks (and the first batch compared, where the passes
+    differed among themselves) is put through them a second time: a leaf that differs between the two views
+    is drawn at random by the hooks (augmentation on the device; the assessment reads its batches in the
+    validation stage) and is not compared. :meth:`note` says what the comparison found."""
+
+    def __init__(self, trainer: Any, passes: StreamPasses, device: torch.device, private: bool) -> None:
+        self.trainer, self.passes, self.device, self.private = trainer, passes, device, private
+        self.names: list[str] | None = None  # the leaves' places in the batch, from the first batch compared
+        self.varies: list[bool] = []  # whether each leaf varies over the batch's records
+        self.random: set[int] = set()  # leaves the hooks draw at random
+        self.differ: dict[int, int] = {}
+        self.layout: int | None = None
+        self.compared, self.failed, self._probed = 0, False, False
+
+    def batches(self, loader: Iterable[Any]) -> Iterable[Any]:
+        for position, raw in enumerate(loader):
+            if not self.failed and position in self.passes.first:
+                self._see(position, raw)
+            yield raw
+
+    def _see(self, position: int, raw: Any) -> None:
+        ref = self.passes.first[position]
+        try:
+            with isolated_rng():  # a hook's random draws leave the assessment's streams as they were
+                view = _training_view(self.trainer, raw, self.device)
+                got = batch_digests(view)
+                if self.names is None:
+                    leaves = _tensor_leaves(view)
+                    self.names, self.varies = [n for n, _ in leaves], [not _constant_rows(t) for _, t in leaves]
+                off = _leaves_off(ref, got)
+                unsure = set(self.passes.differ) if not self._probed else set()
+                if off is None or (off | unsure) - self.random:
+                    self._probed = True
+                    again = batch_digests(_training_view(self.trainer, raw, self.device))
+                    self.random |= {i for i, d in enumerate(got) if d is None or i >= len(again) or again[i] != d}
+        except Exception:  # noqa: BLE001 - the estimation's own read of the batch reports its errors
+            self.failed = True
+            return
+        self.compared += 1
+        _note_off(self, off, position, self.random)
+
+    def note(self, train: Any, limit: int, what: str) -> tuple[str, bool] | None:
+        """``(text, other_records)`` for the report, or None where nothing compared differs. A leaf
+        that differs (between the passes, or between the batches assessed and the training's) while
+        another, not constant over the batch (the targets), agrees: the same records at another random
+        draw of the differing values (augmentation in the dataset; ``other_records`` False: each record is
+        assessed at one draw, as for a map-style dataset). Every such leaf differing: other records (the
+        stream reshuffles or draws anew each pass: 47 of 192 assessed never trained on after 3 epochs, 121
+        of 192 after one, docs/benchmarks.md "nu58"), or values augmented in every leaf, which the text
+        names too, or the training loader's worker processes each yielding a part of the stream,
+        interleaved, while the copy is read in one process (an unshuffled stream sharded over 2 workers, 3
+        batches of 64: trained on records 0-127 and the even ones to 254, the copy's 0-191 assessed, 32 of
+        them never trained on), named where ``train`` has workers (``other_records`` True: the figures
+        are marked ``*``)."""
+        if self.failed or self.names is None:
             return None
-        first = starts[-1]
-        leaves, kept = [(f"batch leaf {i}", None) for i in range(len(first))], list(range(len(first)))
-    else:
-        with isolated_rng():  # the copy's read draws its workers' seed (and any shuffle) from the global streams
-            try:
-                raw = next(iter(probe), None)
-                if raw is None:
-                    return None
-                view = _training_view(trainer, raw, device)
-                first = batch_digests(view)
-                # put through the hooks a second time only where the first view is not a pass's first batch:
-                # the user's hooks see one call more (two where the batches differ), in the training stage
-                again = first if all(s == first for s in starts) else batch_digests(_training_view(trainer, raw,
-                                                                                                   device))
-            except Exception:  # noqa: BLE001 - the estimation's own read reports it
-                return None
-        del probe  # the copy goes before the caller makes the one it assesses (in-memory data held once more)
-        leaves = _tensor_leaves(view)
-        kept = [i for i in range(len(first)) if first[i] is not None and first[i] == again[i]]
-    if any(len(s) != len(first) for s in starts):  # another layout than the training's: no leaf to pair
-        differ, agree = ["the batch's layout"], []
-    else:
-        diff_i = [i for i in kept if len({s[i] for s in starts} | {first[i]}) > 1]
-        if not diff_i:
+        kept = [i for i in range(len(self.names)) if i not in self.random]
+        trained = {i: p for i, p in self.passes.differ.items() if i in kept}
+        assessed = {i: p for i, p in self.differ.items() if i in kept}
+        layouts = [p for p in (self.passes.layout, self.layout) if p is not None]
+        if layouts:  # another layout than the training's: no leaf to pair
+            differ, agree = ["the batch's layout"], []
+        elif trained or assessed:
+            diff = sorted(set(trained) | set(assessed))
+            differ = [self.names[i] for i in diff]
+            agree = [self.names[i] for i in kept if i not in diff and self.varies[i]]
+        else:
             return None
-        differ = [leaves[i][0] for i in diff_i]
-        agree = [leaves[i][0] for i in kept if i not in diff_i and not _constant_rows(leaves[i][1])]
-    begun = ("the training passes over the iterable training data did not all begin with the same batch"
-             if len(starts) > 1 else "the copy of the iterable training data assessed (its next pass) begins with "
-             "another batch than the training's pass did")
-    hooks = " (values the batch-transfer hooks draw at random aside)" if len(kept) < len(first) else ""
-    if agree:
-        return (f"the iterable training data yields its records with other values at each pass: {begun}{hooks}, "
-                f"in {', '.join(differ)} while {', '.join(agree)} agree (random augmentation in the dataset "
-                f"or its collate_fn, {what}): each record is assessed at one random draw, not as the records "
-                "trained on; to assess the records themselves, assess over the stream without its random "
-                "transforms (mis_lightning.assess, or a MISIndicator updated on its batches)"), False
-    workers = int(getattr(train, "num_workers", 0) or 0)
-    # workers each yield their part of the stream (sharded by get_worker_info, interleaved batch by batch),
-    # the copy is read in one process: its first batches hold other records than the training's
-    split = (f", or its {workers} worker processes each yield a part of it, interleaved, while the copy assessed "
-             "is read in one process (the same records only where the batches trained on span whole rounds of the "
-             "workers' parts)") if workers else ""
-    return (f"{STREAM_RECORDS_DIFFER} ({what}): {begun}{hooks}, in every value that varies over the batch, so the "
-            f"stream yields other records at each pass (it reshuffles or draws anew){split}, or it augments every "
-            f"value of its records at random: the first {limit} batches of another pass, which are assessed, are not "
-            "the records trained on (reshuffled: some were never trained on and others trained on are missing; "
-            "augmented: the "
-            "records at another random draw); every figure is marked '*'. To assess the records trained on, collect "
-            "them and call mis_lightning.assess"), True
+        if trained or self.passes.layout is not None:
+            at = min([*trained.values(), *([self.passes.layout] if self.passes.layout is not None else [])])
+            begun = ("the training passes over the iterable training data did not all begin with the same batch"
+                     if at == 0 else "the training passes over the iterable training data began with the same "
+                     f"batch but did not all read the same batch {at + 1}")
+        else:
+            at = min([*assessed.values(), *([self.layout] if self.layout is not None else [])])
+            source = ("the copy of the iterable training data assessed (its next pass)" if self.private else
+                      "the pass of the iterable training data assessed (its next one, read from the stream itself: "
+                      "it cannot be copied)")
+            begun = (f"{source} begins with another batch than the training's pass did" if at == 0 else
+                     f"{source} begins with the training's batches but reads another batch {at + 1} than the "
+                     "training's pass did")
+        hooks = " (values the batch-transfer hooks draw at random aside)" if self.random else ""
+        if agree:
+            return (f"the iterable training data yields its records with other values at each pass: {begun}{hooks}, "
+                    f"in {', '.join(differ)} while {', '.join(agree)} agree (random augmentation in the dataset "
+                    f"or its collate_fn, {what}): each record is assessed at one random draw, not as the records "
+                    "trained on; to assess the records themselves, assess over the stream without its random "
+                    "transforms (mis_lightning.assess, or a MISIndicator updated on its batches)"), False
+        workers = int(getattr(train, "num_workers", 0) or 0)
+        # workers each yield their part of the stream (sharded by get_worker_info, interleaved batch by batch),
+        # the copy is read in one process: its batches hold other records than the training's
+        split = (f", or its {workers} worker processes each yield a part of it, interleaved, while the copy "
+                 "assessed is read in one process (the same records only where the batches trained on span whole "
+                 "rounds of the workers' parts)") if workers else ""
+        return (f"{STREAM_RECORDS_DIFFER} ({what}): {begun}{hooks}, in every value that varies over the batch, so "
+                f"the stream yields other records at each pass (it reshuffles or draws anew){split}, or it augments "
+                f"every value of its records at random: the first {limit} batches of another pass, which are "
+                "assessed, are not the records trained on (reshuffled: some were never trained on and others "
+                "trained on are missing; augmented: the records at another random draw); every figure is marked "
+                "'*'. To assess the records trained on, collect them and call mis_lightning.assess"), True
 
 
 def _constant_rows(t: Tensor) -> bool:
@@ -1238,7 +1309,7 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
                       output_transform: Any = None, keep: dict[str, Any] | None = None,
                       full_pass: bool = False, read: int | None = None,
                       eval_in_training: list[str] | None = None,
-                      stream_starts: Sequence[tuple[str | None, ...]] | None = None,
+                      stream_passes: StreamPasses | None = None,
                       train_in_validation: Sequence[str] | None = None) -> Report:
     """The pipeline on a Trainer's data: the estimation pass over this process's unpadded shard
     of ``trainer.train_dataloader.dataset`` (indices ``rank, rank + world, ...``; states synced
@@ -1253,15 +1324,16 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     training has read its loader to the end at least once; ``read``: the most batches one pass
     has read from its start (:func:`trained_batches`). ``eval_in_training``: the
     :func:`~mis_lightning.assess.mode_dependent_modules` the last training batch ran in eval mode
-    (``None``: no batch seen), as ``diagnostics["eval_mode_in_training"]``. ``stream_starts``: the
-    distinct first batches the training passes over an iterable dataset began with (the callback's
-    :func:`batch_digests`; ``None`` or empty: not known): under an integer ``limit_train_batches``, where
-    they or the copy's next pass differ in values no hook draws at random, the first batches assessed
-    are not the records trained on, which the report says and marks
-    (``diagnostics["stream_records_differ"]``), or the same records at another draw of their augmented
-    values, which it says (:func:`stream_records_note`). ``train_in_validation``: the
+    (``None``: no batch seen), as ``diagnostics["eval_mode_in_training"]``. ``stream_passes``: the
+    batches the training passes over an iterable dataset read (the callback's :class:`StreamPasses`; ``None``
+    or empty: not known): under an integer ``limit_train_batches``, where they or the batches assessed differ
+    in values no hook draws at random, the batches assessed are not the records trained on, which the report
+    says and marks (``diagnostics["stream_records_differ"]``), or the same records at another draw of their
+    augmented values, which it says (:class:`StreamCheck`). ``train_in_validation``: the
     mode-dependent layers the last validation ran in train mode (Monte Carlo dropout): the report
-    says the utility is the eval-mode model's (:func:`eval_mode_utility_note`).
+    says the utility is the eval-mode model's (:func:`eval_mode_utility_note`). Under DDP each of these
+    observations of a process's own batches is the world's (:func:`world_union`): every process's report
+    says and marks what any one saw.
 
     Raises:
         RuntimeError: the trainer has no training dataloader.
@@ -1288,19 +1360,15 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     aug = random_records_note(ds, records, collate_fn=getattr(train, "collate_fn", None)) \
         if ds is not None and records else None
     limit, what = trained_batches(trainer, full_pass, read)
-    # a stream cut by limit_train_batches whose passes, or the copy's next one, began with other batches (it
-    # reshuffles or draws anew each pass): the copy's first batches are not the records trained on (nu57: 47
-    # of the 192 records assessed never trained on, said only as "when each pass yields the same records
-    # first"; nu58: after one epoch, 121 of 192), unless only values a hook or the dataset draws at random differ
-    # (checked before the copy assessed is made: one copy of the stream at a time)
-    checked = stream_records_note(trainer, train, stream_starts, next(pl_module.parameters()).device, limit, what) \
-        if cuts_stream(train, limit) and stream_starts else None
     loader = reloader(train, shard, batch_size, limit=limit)
-    stream_note, reshuffled = checked if checked is not None else (None, False)
-    if isinstance(loader, _FirstBatches) and not reshuffled:
-        note = "; ".join(x for x in (note, f"{what}: the first {limit} batches of the iterable training data are "
-                                           "assessed (the records trained on when each pass yields the same "
-                                           "records first)") if x)
+    # a stream cut by limit_train_batches whose passes, or the pass assessed, read other batches (it reshuffles
+    # or draws anew each pass): the batches assessed are not the records trained on (nu57: 47 of the 192 records
+    # assessed never trained on, said only as "when each pass yields the same records first"; nu58: after one
+    # epoch, 121 of 192), unless only values a hook or the dataset draws at random differ; every batch the
+    # estimation reads is compared as it is read (dd59: batches after the first, an uncopyable stream)
+    check = StreamCheck(trainer, stream_passes, next(pl_module.parameters()).device,
+                        bool(getattr(loader.loader, "_mis_private", False))) \
+        if isinstance(loader, _FirstBatches) and stream_passes is not None and stream_passes.first else None
     val, num_val = validation_loaders(_validation_dataloaders(trainer))
     val_loader = _Converted(reloader(val, None, None), trainer, next(pl_module.parameters()).device) \
         if val is not None else None
@@ -1333,15 +1401,15 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     total = len(shard) if shard is not None and ds is not None else None
     with ProgressDisplay({"estimation": total, "schemes": len(schemes)}, enabled=shown) as show:
         # consecutive batches merged for the estimation pass (the same sums, fewer per-batch costs)
-        def read(met: EstimationMetric) -> None:
+        def read(met: EstimationMetric, checked: StreamCheck | None = None) -> None:
             done = 0
-            batches = (trainer_batch(trainer, batch, device) for batch in loader)
+            batches = (trainer_batch(trainer, batch, device) for batch in (checked.batches(loader) if checked else loader))
             for batch, rows in merge_batches(batches, lambda: met.accumulator.records_per_update):
                 met.update(batch)
                 done += rows or getattr(loader, "batch_size", None) or 1
                 show("estimation", done if total is None else min(done, total))
 
-        read(metric)
+        read(metric, check)  # the stream check on the first read (a re-read reads the same records)
         if world > 1 and "auto" in (estimation_config.mode, estimation_config.hessian):
             # "auto"'s first-batch choices from every process's first batches, as one process reading
             # them all makes them (uneven or masked shards chose apart: refused at the sync before)
@@ -1362,13 +1430,27 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
 
             agree_on_choice(metric.accumulator, not metric._fresh, gather_objects, reread)
         est = metric.estimate()
+        found = check.note(train, limit, what) if check is not None else None
+        # what each process saw of its own batches, the world's (dd59: a stream that reshuffles on one process
+        # only left process 0's written report unmarked)
+        seen = world_union(trainer, {
+            "stream_records_differ": found[0] if found and found[1] else None,
+            "stream_values_differ": found[0] if found and not found[1] else None,
+            "augmented_records": aug, "eval_mode_in_training": None if eval_in_training is None else list(eval_in_training),
+            "eval_mode_utility": eval_mode_utility_note(train_in_validation)
+            if val_loader is not None and train_in_validation else None})
+        reshuffled = seen["stream_records_differ"] is not None
+        if isinstance(loader, _FirstBatches) and not reshuffled:
+            note = "; ".join(x for x in (note, f"{what}: the first {limit} batches of the iterable training data are "
+                                               "assessed (the records trained on when each pass yields the same "
+                                               "records first)") if x)
         # the records are the trainer's training records: "records not trained on" cannot be the cause
         # of a stiff offset here (nux51 #2: said of the 600 records a tied LM was trained on)
         est.diagnostics["records_from_training_loader"] = not reshuffled
         if reshuffled:
             est.diagnostics["stream_records_differ"] = True
-        if eval_in_training is not None:  # how the training ran its mode-dependent layers (ux54c)
-            est.diagnostics["eval_mode_in_training"] = list(eval_in_training)
+        if seen["eval_mode_in_training"] is not None:  # how the training ran its mode-dependent layers (ux54c)
+            est.diagnostics["eval_mode_in_training"] = seen["eval_mode_in_training"]
         if items_are_batches(train):  # the report states the count "auto" assumed
             note_unknown_records(est, metric.accumulator, f"the training loader {UNKNOWN_RECORDS_SOURCE}")
         # metrics= only for their directions (report.utility_modes); utility_fn measures them
@@ -1391,18 +1473,42 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
         report.warnings.insert(0, counted)
     if note:
         report.warnings.append(note)
-    if stream_note:
-        report.warnings.append(stream_note)
-    if aug:
-        report.warnings.append(aug)
-    if val_loader is not None and train_in_validation:
-        report.warnings.append(eval_mode_utility_note(train_in_validation))
+    report.warnings.extend(seen[k] for k in ("stream_records_differ", "stream_values_differ", "augmented_records",
+                                             "eval_mode_utility") if seen[k])
     if val_loader is None:
         report.warnings.append(NO_VALIDATION_WARNING)
     elif num_val > 1:
         report.warnings.append(f"{num_val} validation dataloaders: the quantized copies' utility is measured "
                                "on the first (dataloader_idx 0)")
     return report
+
+
+def world_union(trainer: Any, local: Mapping[str, Any]) -> dict[str, Any]:
+    """Observations each process makes of its own batches (the callback's stream check, loss match, ...)
+    made the world's, so that every process's report says the same and marks what any one saw: under DDP
+    (``trainer.world_size`` > 1 and a process group open) every process's ``local`` is gathered (one
+    collective: every process calls it at the same point) and, for each key, a note (a string) is the
+    first one set in rank order, followed by the processes that made it where not every one did; a list
+    is the union of theirs in order (None where none is set). One process: ``local`` as it is."""
+    world = int(getattr(trainer, "world_size", 1) or 1)
+    if world < 2 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return dict(local)
+    every = gather_objects(dict(local))
+    out: dict[str, Any] = {}
+    for key, mine in local.items():
+        held = [(r, v.get(key)) for r, v in enumerate(every) if isinstance(v, Mapping) and v.get(key) is not None]
+        if not held:
+            out[key] = None
+        elif isinstance(mine, (list, tuple)) or isinstance(held[0][1], (list, tuple)):
+            out[key] = list(dict.fromkeys(x for _, v in held for x in v))
+        else:
+            seen = [r for r, v in held if v]
+            text = next((v for _, v in held if v), held[0][1])
+            if isinstance(text, str) and 0 < len(seen) < world:
+                text += (f" (seen by process{'es' if len(seen) > 1 else ''} {', '.join(map(str, seen))} of {world}: "
+                         "each process checks its own batches, and every process's report carries what any saw)")
+            out[key] = text
+    return out
 
 
 def eval_mode_utility_note(layers: Sequence[str]) -> str:
