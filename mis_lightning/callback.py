@@ -561,12 +561,12 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                 # each process's observations of its own batches and state, the world's (every process's report
                 # says and marks what any one saw: dd59)
                 seen = lt.world_union(trainer, {
-                    "loss_mismatch": loss_mismatch_note(
+                    "loss_mismatch": lambda: loss_mismatch_note(
                         pl_module, losses, self._loss(trainer, pl_module), self.batch_fn, self.loss_fn is not None,
                         float(report.diagnostics.get("weight_decay", 0.0) or 0.0)) if losses is not None else None,
-                    "not_trained": not_trained_note(trainer),
-                    "best_checkpoint": lt.best_checkpoint_note(trainer) if stage == "fit_end" else None,
-                    "training_sets": sets.note(trainer, report.n) if sets else None})
+                    "not_trained": lambda: not_trained_note(trainer),
+                    "best_checkpoint": lambda: lt.best_checkpoint_note(trainer) if stage == "fit_end" else None,
+                    "training_sets": lambda: sets.note(trainer, report.n) if sets else None})
                 if seen["loss_mismatch"]:
                     report.warnings.insert(0, seen["loss_mismatch"])  # first: it outweighs every other caveat
                     report.diagnostics["loss_mismatch"] = True  # every figure "*", the verdict says so
