@@ -693,7 +693,8 @@ class StreamCheck:
         # the copy is read in one process: its batches hold other records than the training's
         split = (f", or its {workers} worker processes each yield a part of it, interleaved, while the copy "
                  "assessed is read in one process (the same records only where the batches trained on span whole "
-                 "rounds of the workers' parts)") if workers else ""
+                 "rounds of the workers' parts), or each yields all of it (every record trained on once per worker: "
+                 "shard the stream by torch.utils.data.get_worker_info())") if workers else ""
         return (f"{STREAM_RECORDS_DIFFER} ({what}): {begun}{hooks}, in every value that varies over the batch, so "
                 f"the stream yields other records at each pass (it reshuffles or draws anew){split}, or it augments "
                 f"every value of its records at random: the first {limit} batches of another pass, which are "

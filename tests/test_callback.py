@@ -1529,6 +1529,19 @@ def test_a_stream_sharded_over_workers_under_limit_train_batches_is_said_and_mar
     assert cb.report.n == 48 and cb.report.diagnostics.get("stream_records_differ") is True
 
 
+def test_a_stream_every_worker_yields_whole_is_said_and_marked(tmp_path):
+    """Two workers each yielding the whole unsharded stream: the training's batches 1-3 are records 0-15, 0-15
+    again and 16-31, the copy assessed (one process) reads 0-47: 16 of 48 never trained on, 16 trained on
+    twice. The first batches agree, so the first-batch check said nothing (nu58 left it); the second batch
+    differs: marked, the warning naming the workers."""
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    fit(tmp_path, Regressor, [cb], max_epochs=1, limit_train_batches=3,
+        data=(DataLoader(_Stream(), batch_size=16, num_workers=2), DataLoader(_Stream(), batch_size=32)))
+    assert any(w.startswith(STREAM_RECORDS_DIFFER) and "begins with the training's batches but reads another batch 2"
+               in w and "or each yields all of it" in w for w in cb.report.warnings), cb.report.warnings
+    assert cb.report.diagnostics.get("stream_records_differ") is True
+
+
 class _Augmenting(Regressor):
     """Noise on the inputs in ``on_after_batch_transfer``, in training only (Lightning's pattern)."""
 
