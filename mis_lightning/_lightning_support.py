@@ -229,8 +229,8 @@ def _shuffled_draws(sampler: Any) -> list[int] | None:
     return None
 
 
-def training_records(trainer: Any, dl: Any, full_pass: bool = False, read: int | None = None
-                     ) -> tuple[list[int] | None, str | None]:
+def training_records(trainer: Any, dl: Any, full_pass: bool = False, read: int | None = None,
+                     cut: dict[str, int] | None = None) -> tuple[list[int] | None, str | None]:
     """The dataset indices the training draws from, and a note for the report when that set
     is uncertain: ``(None, None)`` for datasets that are not sized map-style (streamed as is).
 
@@ -239,7 +239,9 @@ def training_records(trainer: Any, dl: Any, full_pass: bool = False, read: int |
     under DDP, Lightning's ``DistributedSamplerWrapper`` is unwrapped to the user's sampler and
     a plain ``DistributedSampler`` means every record. ``limit_train_batches`` keeps the first
     batches of an unshuffled loader; with a shuffled one (different records each epoch) or a
-    sampler with replacement (a weighted objective) every record it can draw counts, with a note.
+    sampler with replacement (a weighted objective) every record it can draw counts, with a note;
+    there ``cut``, where given, receives ``{"limit": batches per epoch read, "batches": the loader's}``
+    (:func:`unread_note`: records never read can be assessed).
     """
     ds = map_items(dl)
     if ds is None:
@@ -303,6 +305,8 @@ def training_records(trainer: Any, dl: Any, full_pass: bool = False, read: int |
         # make counts as shuffled)
         shuffled = distributed_shuffle or not isinstance(sampler, (SequentialSampler, type(None)))
         if shuffled or replacement:
+            if cut is not None:
+                cut.update(limit=limit, batches=batches)
             notes.append(f"{what}: trained on {limit} of {batches} batches of a shuffled loader (records "
                          f"this pass cannot tell); n counts every record it can draw ({what_n(len(set(order)))})")
         elif batches_read is not None:
@@ -328,6 +332,33 @@ def check_training_size(trainer: Any, d: int | None = None) -> None:
         return
     records, _ = training_records(trainer, train, full_pass=True)
     check_enough_records(len(records), "MISCallback", d)
+
+
+# the expected share of the records assessed that a shuffled loader cut by limit_train_batches never read,
+# above which the figures are marked: records never trained on read as members (docs/benchmarks.md "dd59": one
+# epoch of 3 of 8 batches, 62% never read, read 0.26-0.59 against 0.55-0.94 on the 192 trained on)
+UNREAD_MAX = 0.01
+
+
+def unread_note(trainer: Any, limit: int, batches: int) -> str | None:
+    """The report's warning where a shuffled loader read ``limit`` of its ``batches`` batches per epoch
+    (``limit_train_batches``, or a stop within the first epoch) and every record it can draw is assessed:
+    over the ``E`` epochs begun, each a fresh draw, a share ``(1 - limit / batches) ** E`` of them is expected
+    never to have been read (the trained records are not known: the sampler's draws are not replayed), and
+    above :data:`UNREAD_MAX` every figure is marked (``diagnostics["stream_records_differ"]``, the stream
+    check's mark). ``None`` below it."""
+    progress = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_progress", None), "current", None)
+    epochs = max(1, int(getattr(progress, "started", 1) or 1))
+    unread = (1.0 - min(limit, batches) / batches) ** epochs
+    if unread <= UNREAD_MAX:
+        return None
+    return (f"{STREAM_RECORDS_DIFFER} (a shuffled loader cut to {limit} of {batches} batches per epoch): every record "
+            f"it can draw is assessed, but over the {epochs} epoch(s) trained, each reshuffled, about {unread:.0%} of "
+            "them were never read by the training (which ones is not known), and records never trained on are "
+            "read as trained on (one epoch of 3 of 8 batches read 0.26-0.59 against 0.55-0.94 on the 192 trained on, "
+            "docs/benchmarks.md \"dd59\"); every figure is marked '*'. To assess the records trained on, train on a "
+            "fixed subset (shuffle=False with limit_train_batches, or a Subset) or collect them and call "
+            "mis_lightning.assess")
 
 
 def trained_batches(trainer: Any, full_pass: bool = False, read: int | None = None) -> tuple[int | float, str]:
@@ -1366,7 +1397,10 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     if map_items(train) is None and world > 1:
         rank_zero_warn("MISCallback: the training data is not a sized map-style dataset; under DDP "
                        "each process streams its own loader and duplicated records count twice")
-    records, note = training_records(trainer, train, full_pass, read)
+    cut: dict[str, int] = {}
+    records, note = training_records(trainer, train, full_pass, read, cut)
+    # a shuffled loader cut to its first batches: records it never read are assessed (dd59)
+    unread = unread_note(trainer, cut["limit"], cut["batches"]) if cut else None
     shard = records[rank::world] if records is not None else None
     # random augmentation in __getitem__ or the collate_fn: each record is assessed at one draw (a few records
     # read twice, every random state restored); a stream cannot be read twice: not checked
@@ -1452,7 +1486,7 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
             "augmented_records": aug, "eval_mode_in_training": None if eval_in_training is None else list(eval_in_training),
             "eval_mode_utility": eval_mode_utility_note(train_in_validation)
             if val_loader is not None and train_in_validation else None})
-        reshuffled = seen["stream_records_differ"] is not None
+        reshuffled = seen["stream_records_differ"] is not None or unread is not None
         if isinstance(loader, _FirstBatches) and not reshuffled:
             note = "; ".join(x for x in (note, f"{what}: the first {limit} batches of the iterable training data are "
                                                "assessed (the records trained on when each pass yields the same "
@@ -1486,6 +1520,8 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
         report.warnings.insert(0, counted)
     if note:
         report.warnings.append(note)
+    if unread:
+        report.warnings.append(unread)
     report.warnings.extend(seen[k] for k in ("stream_records_differ", "stream_values_differ", "augmented_records",
                                              "eval_mode_utility") if seen[k])
     if val_loader is None:
