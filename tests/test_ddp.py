@@ -1077,3 +1077,32 @@ def test_a_condition_one_process_sees_is_in_every_process_s_report(tmp_path):
     assert reports[0]["warnings"] == reports[1]["warnings"] and reports[0]["marks"] == reports[1]["marks"]
     written = json.loads(next(tmp_path.rglob("mis_report.json")).read_text())  # rank 0's
     assert written["diagnostics"]["stream_records_differ"] is True and written["diagnostics"]["loss_mismatch"] is True
+
+
+def test_the_world_union_of_the_processes_observations(monkeypatch):
+    """``world_union`` without a world: rank 0 of 2 on a stand-in trainer, the gather stood in for by the
+    other process's observations. A note only process 1 made reaches process 0 naming process 1; a list is
+    the union; an observation that raises on this process raises after the gather (the other process,
+    waiting in it, is not left there)."""
+    import mis_lightning._lightning_support as LS
+
+    gathered = []
+
+    def gather(obj):
+        gathered.append(obj)
+        return [obj, {"note": "seen there", "both": "b1", "layers": ["b", "c"], "failing": None}]
+
+    monkeypatch.setattr(LS, "gather_objects", gather)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    trainer = SimpleNamespace(world_size=2)
+    out = LS.world_union(trainer, {"note": None, "both": "b0", "layers": ["a", "b"], "failing": lambda: None})
+    assert out["note"] == ("seen there (seen by process 1 of 2: each process checks its own batches, and every "
+                           "process's report carries what any saw)")
+    assert out["both"] == "b0" and out["layers"] == ["a", "b", "c"] and out["failing"] is None
+
+    def fails():
+        raise RuntimeError("this process's check failed")
+
+    with pytest.raises(RuntimeError, match="this process's check failed"):
+        LS.world_union(trainer, {"note": None, "both": None, "layers": None, "failing": fails})
+    assert len(gathered) == 2 and gathered[-1]["failing"] is None  # it took part in the gather first
