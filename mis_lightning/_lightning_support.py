@@ -508,7 +508,8 @@ def decoupled_decay_note(trainer: Any, pl_module: Any, names: list[str]) -> str 
 
 # values of a batch leaf a stream digest reads at most: a larger leaf (an image batch) is read at an even stride
 # (2^18 of a [64, 3, 224, 224] batch's 9.6e6: 36 ms on the host against 1.1 s for all its bytes at load 23 on 2
-# cores, docs/benchmarks.md "dd59"; records that differ in content differ at such a stride)
+# cores, docs/benchmarks.md "dd59"; dense records that differ differ there; sparse ones, a few non-zeros in a
+# large leaf, may not)
 DIGEST_VALUES = 1 << 18
 
 
