@@ -230,7 +230,7 @@ def _shuffled_draws(sampler: Any) -> list[int] | None:
 
 
 def training_records(trainer: Any, dl: Any, full_pass: bool = False, read: int | None = None,
-                     cut: dict[str, int] | None = None) -> tuple[list[int] | None, str | None]:
+                     cut: dict[str, Any] | None = None) -> tuple[list[int] | None, str | None]:
     """The dataset indices the training draws from, and a note for the report when that set
     is uncertain: ``(None, None)`` for datasets that are not sized map-style (streamed as is).
 
@@ -240,7 +240,8 @@ def training_records(trainer: Any, dl: Any, full_pass: bool = False, read: int |
     a plain ``DistributedSampler`` means every record. ``limit_train_batches`` keeps the first
     batches of an unshuffled loader; with a shuffled one (different records each epoch) or a
     sampler with replacement (a weighted objective) every record it can draw counts, with a note;
-    there ``cut``, where given, receives ``{"limit": batches per epoch read, "batches": the loader's}``
+    there ``cut``, where given, receives ``{"limit": batches per epoch read, "batches": the loader's, "what": what
+    limited them}``
     (:func:`unread_note`: records never read can be assessed).
     """
     ds = map_items(dl)
@@ -306,7 +307,7 @@ def training_records(trainer: Any, dl: Any, full_pass: bool = False, read: int |
         shuffled = distributed_shuffle or not isinstance(sampler, (SequentialSampler, type(None)))
         if shuffled or replacement:
             if cut is not None:
-                cut.update(limit=limit, batches=batches)
+                cut.update(limit=limit, batches=batches, what=what)
             notes.append(f"{what}: trained on {limit} of {batches} batches of a shuffled loader (records "
                          f"this pass cannot tell); n counts every record it can draw ({what_n(len(set(order)))})")
         elif batches_read is not None:
@@ -340,9 +341,10 @@ def check_training_size(trainer: Any, d: int | None = None) -> None:
 UNREAD_MAX = 0.01
 
 
-def unread_note(trainer: Any, limit: int, batches: int) -> str | None:
+def unread_note(trainer: Any, limit: int, batches: int, what: str) -> str | None:
     """The report's warning where a shuffled loader read ``limit`` of its ``batches`` batches per epoch
-    (``limit_train_batches``, or a stop within the first epoch) and every record it can draw is assessed:
+    (``what`` limited them: ``limit_train_batches``, ``fast_dev_run``, or a stop within the first epoch) and
+    every record it can draw is assessed:
     over the ``E`` epochs begun, each a fresh draw, a share ``(1 - limit / batches) ** E`` of them is expected
     never to have been read (the trained records are not known: the sampler's draws are not replayed), and
     above :data:`UNREAD_MAX` every figure is marked (``diagnostics["stream_records_differ"]``, the stream
@@ -352,12 +354,13 @@ def unread_note(trainer: Any, limit: int, batches: int) -> str | None:
     unread = (1.0 - min(limit, batches) / batches) ** epochs
     if unread <= UNREAD_MAX:
         return None
-    return (f"{STREAM_RECORDS_DIFFER} (a shuffled loader cut to {limit} of {batches} batches per epoch): every record "
+    return (f"{STREAM_RECORDS_DIFFER} ({what.split(' (')[0]}: a shuffled loader cut to {limit} of {batches} batches per "
+            "epoch): every record "
             f"it can draw is assessed, but over the {epochs} epoch(s) trained, each reshuffled, about {unread:.0%} of "
             "them were never read by the training (which ones is not known), and records never trained on are "
             "read as trained on (one epoch of 3 of 8 batches read 0.26-0.59 against 0.55-0.94 on the 192 trained on, "
             "docs/benchmarks.md \"dd59\"); every figure is marked '*'. To assess the records trained on, train on a "
-            "fixed subset (shuffle=False with limit_train_batches, or a Subset) or collect them and call "
+            "fixed subset (an unshuffled loader cut to its first batches, or a Subset) or collect them and call "
             "mis_lightning.assess")
 
 
@@ -1402,10 +1405,10 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     if map_items(train) is None and world > 1:
         rank_zero_warn("MISCallback: the training data is not a sized map-style dataset; under DDP "
                        "each process streams its own loader and duplicated records count twice")
-    cut: dict[str, int] = {}
+    cut: dict[str, Any] = {}
     records, note = training_records(trainer, train, full_pass, read, cut)
     # a shuffled loader cut to its first batches: records it never read are assessed (dd59)
-    unread = unread_note(trainer, cut["limit"], cut["batches"]) if cut else None
+    unread = unread_note(trainer, cut["limit"], cut["batches"], cut["what"]) if cut else None
     shard = records[rank::world] if records is not None else None
     # random augmentation in __getitem__ or the collate_fn: each record is assessed at one draw (a few records
     # read twice, every random state restored); a stream cannot be read twice: not checked
