@@ -229,8 +229,8 @@ def _shuffled_draws(sampler: Any) -> list[int] | None:
     return None
 
 
-def training_records(trainer: Any, dl: Any, full_pass: bool = False, read: int | None = None
-                     ) -> tuple[list[int] | None, str | None]:
+def training_records(trainer: Any, dl: Any, full_pass: bool = False, read: int | None = None,
+                     cut: dict[str, Any] | None = None) -> tuple[list[int] | None, str | None]:
     """The dataset indices the training draws from, and a note for the report when that set
     is uncertain: ``(None, None)`` for datasets that are not sized map-style (streamed as is).
 
@@ -239,7 +239,10 @@ def training_records(trainer: Any, dl: Any, full_pass: bool = False, read: int |
     under DDP, Lightning's ``DistributedSamplerWrapper`` is unwrapped to the user's sampler and
     a plain ``DistributedSampler`` means every record. ``limit_train_batches`` keeps the first
     batches of an unshuffled loader; with a shuffled one (different records each epoch) or a
-    sampler with replacement (a weighted objective) every record it can draw counts, with a note.
+    sampler with replacement (a weighted objective) every record it can draw counts, with a note;
+    there ``cut``, where given, receives ``{"limit": batches per epoch read, "batches": the loader's, "what": what
+    limited them}``
+    (:func:`unread_note`: records never read can be assessed).
     """
     ds = map_items(dl)
     if ds is None:
@@ -303,6 +306,8 @@ def training_records(trainer: Any, dl: Any, full_pass: bool = False, read: int |
         # make counts as shuffled)
         shuffled = distributed_shuffle or not isinstance(sampler, (SequentialSampler, type(None)))
         if shuffled or replacement:
+            if cut is not None:
+                cut.update(limit=limit, batches=batches, what=what)
             notes.append(f"{what}: trained on {limit} of {batches} batches of a shuffled loader (records "
                          f"this pass cannot tell); n counts every record it can draw ({what_n(len(set(order)))})")
         elif batches_read is not None:
@@ -328,6 +333,35 @@ def check_training_size(trainer: Any, d: int | None = None) -> None:
         return
     records, _ = training_records(trainer, train, full_pass=True)
     check_enough_records(len(records), "MISCallback", d)
+
+
+# the expected share of the records assessed that a shuffled loader cut by limit_train_batches never read,
+# above which the figures are marked: records never trained on read as members (docs/benchmarks.md "dd59": one
+# epoch of 3 of 8 batches, 62% never read, read 0.26-0.59 against 0.55-0.94 on the 192 trained on)
+UNREAD_MAX = 0.01
+
+
+def unread_note(trainer: Any, limit: int, batches: int, what: str) -> str | None:
+    """The report's warning where a shuffled loader read ``limit`` of its ``batches`` batches per epoch
+    (``what`` limited them: ``limit_train_batches``, ``fast_dev_run``, or a stop within the first epoch) and
+    every record it can draw is assessed:
+    over the ``E`` epochs begun, each a fresh draw, a share ``(1 - limit / batches) ** E`` of them is expected
+    never to have been read (the trained records are not known: the sampler's draws are not replayed), and
+    above :data:`UNREAD_MAX` every figure is marked (``diagnostics["stream_records_differ"]``, the stream
+    check's mark). ``None`` below it."""
+    progress = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_progress", None), "current", None)
+    epochs = max(1, int(getattr(progress, "started", 1) or 1))
+    unread = (1.0 - min(limit, batches) / batches) ** epochs
+    if unread <= UNREAD_MAX:
+        return None
+    return (f"{STREAM_RECORDS_DIFFER} ({what.split(' (')[0]}: a shuffled loader cut to {limit} of {batches} batches per "
+            "epoch): every record "
+            f"it can draw is assessed, but over the {epochs} epoch(s) trained, each reshuffled, about {unread:.0%} of "
+            "them were never read by the training (which ones is not known), and records never trained on are "
+            "read as trained on (one epoch of 3 of 8 batches read 0.26-0.59 against 0.55-0.94 on the 192 trained on, "
+            "docs/benchmarks.md \"dd59\"); every figure is marked '*'. To assess the records trained on, train on a "
+            "fixed subset (an unshuffled loader cut to its first batches, or a Subset) or collect them and call "
+            "mis_lightning.assess")
 
 
 def trained_batches(trainer: Any, full_pass: bool = False, read: int | None = None) -> tuple[int | float, str]:
@@ -475,9 +509,17 @@ def decoupled_decay_note(trainer: Any, pl_module: Any, names: list[str]) -> str 
             "to the assessed objective itself")
 
 
-def _tensors_digest(named: Iterable[tuple[str, Tensor]]) -> str | None:
-    """A digest of named tensors (names, dtypes, shapes, bytes); None where a tensor cannot be
-    read as bytes (a tensor subclass)."""
+# values of a batch leaf a stream digest reads at most: a larger leaf (an image batch) is read at an even stride
+# (2^18 of a [64, 3, 224, 224] batch's 9.6e6: 36 ms on the host against 1.1 s for all its bytes at load 23 on 2
+# cores, docs/benchmarks.md "dd59"; dense records that differ differ there; sparse ones, a few non-zeros in a
+# large leaf, may not)
+DIGEST_VALUES = 1 << 18
+
+
+def _tensors_digest(named: Iterable[tuple[str, Tensor]], values: int | None = None) -> str | None:
+    """A digest of named tensors (names, dtypes, shapes, bytes; with ``values``, of a tensor holding
+    more values than that, those at an even stride over its flattened values); None where a tensor
+    cannot be read as bytes (a tensor subclass)."""
     import hashlib
 
     h = hashlib.blake2b(digest_size=16)
@@ -485,7 +527,10 @@ def _tensors_digest(named: Iterable[tuple[str, Tensor]]) -> str | None:
         for name, t in named:
             t = t.detach()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-            h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+            flat = t.reshape(-1)
+            if values is not None and flat.numel() > values:
+                flat = flat[:: -(-flat.numel() // values)]
+            h.update(flat.contiguous().cpu().view(torch.uint8).numpy())
     except Exception:  # noqa: BLE001 - a tensor subclass without bytes: treat as changed
         return None
     return h.hexdigest()
@@ -508,8 +553,10 @@ def _tensor_leaves(batch: Any) -> list[tuple[str, Tensor]]:
 def batch_digests(batch: Any) -> tuple[str | None, ...]:
     """A digest of each tensor leaf of a batch (dtype, shape, bytes), in the batch's order: tells
     whether two passes of a stream began with the same batch, leaf by leaf (inputs a hook augments
-    at random apart from the targets it leaves); None for a leaf that cannot be read as bytes."""
-    return tuple(_tensors_digest([("", t)]) for _, t in _tensor_leaves(batch))
+    at random apart from the targets it leaves); None for a leaf that cannot be read as bytes. A leaf of more
+    than :data:`DIGEST_VALUES` values is read at an even stride (the same positions for every batch of its
+    shape)."""
+    return tuple(_tensors_digest([("", t)], DIGEST_VALUES) for _, t in _tensor_leaves(batch))
 
 
 def _training_view(trainer: Any, batch: Any, device: torch.device) -> Any:
@@ -534,89 +581,165 @@ def _training_view(trainer: Any, batch: Any, device: torch.device) -> Any:
             m.training = mode
 
 
-def stream_records_note(trainer: Any, train: Any, starts: Sequence[tuple[str | None, ...]], device: torch.device,
-                        limit: int, what: str) -> tuple[str, bool] | None:
-    """Whether the first ``limit`` batches of a copy of the stream ``train`` (what the callback
-    assesses under ``limit_train_batches``) are the records trained on: ``(text, other_records)``
-    for the report, or None when nothing tells them apart.
+def _leaves_off(ref: tuple[str | None, ...], got: tuple[str | None, ...]) -> set[int] | None:
+    """The leaves of two :func:`batch_digests` that differ (a leaf unreadable on either side is not
+    compared), or None where the batches have another number of tensor leaves (another layout)."""
+    if len(ref) != len(got):
+        return None
+    return {i for i, (a, b) in enumerate(zip(ref, got)) if a is not None and b is not None and a != b}
 
-    ``starts``: the distinct :func:`batch_digests` of the batches the training passes began with
-    (the callback's ``on_train_batch_start``). The copy's first batch is read (RNG isolated) and
-    put through :func:`_training_view`, a second time where it is not a pass's first batch (the
-    user's hooks see these calls); a stream without a private copy is not read (only ``starts``
-    are compared, from two on). A leaf that differs between the two views is drawn at random
-    by the batch-transfer hooks (augmentation on the device: the assessment reads such batches in
-    the validation stage, the records themselves) and is not compared. The other leaves of the
-    passes' first batches and the copy's are compared: all equal, the same records (None). A leaf
-    that differs while another, not constant over the batch (the targets), agrees: the same records
-    at another random draw of the differing values (augmentation in the dataset), said as such
-    (``other_records`` False: each record is assessed at one draw, as for a map-style dataset). Every
-    such leaf differing: other records (the stream reshuffles or draws anew each pass: 47 of 192
-    assessed never trained on after 3 epochs, 121 of 192 after one, docs/benchmarks.md "nu58"), or values augmented
-    in every leaf, which the text names too, or the training loader's worker processes each yielding a
-    part of the stream, interleaved, while the copy is read in one process (an unshuffled stream
-    sharded over 2 workers, 3 batches of 64: trained on records 0-127 and the even ones to 254, the copy's
-    0-191 assessed, 32 of them never trained on; with 2 batches the same 128 records, in another order),
-    named where ``train`` has workers
-    (``other_records`` True: the figures are marked ``*``).
-    """
-    probe = private_stream(train, warn=lambda _m: None)
-    if not getattr(probe, "_mis_private", False):
-        # no private copy (a dataset that cannot be copied, a loader of another make): the copy is not read
-        # (that would advance the user's stream once more, and the assessment would read past the batch
-        # read here); the passes' first batches alone are compared, hooks' random values included
-        if len(starts) < 2:
-            return None
-        first = starts[-1]
-        leaves, kept = [(f"batch leaf {i}", None) for i in range(len(first))], list(range(len(first)))
-    else:
-        with isolated_rng():  # the copy's read draws its workers' seed (and any shuffle) from the global streams
-            try:
-                raw = next(iter(probe), None)
-                if raw is None:
-                    return None
-                view = _training_view(trainer, raw, device)
-                first = batch_digests(view)
-                # put through the hooks a second time only where the first view is not a pass's first batch:
-                # the user's hooks see one call more (two where the batches differ), in the training stage
-                again = first if all(s == first for s in starts) else batch_digests(_training_view(trainer, raw,
-                                                                                                   device))
-            except Exception:  # noqa: BLE001 - the estimation's own read reports it
+
+class StreamPasses:
+    """What the training passes over a stream read, for the stream check (:class:`StreamCheck`): the
+    :func:`batch_digests` of the batch at each position of the first pass that read it, for the first
+    ``limit`` positions of every pass (under an integer ``limit_train_batches``, every batch a pass reads: the
+    records the assessment reads are those batches; else the first batch only), and, where a later pass read
+    another batch at a position, the first such position of each leaf that differed. One digest tuple per
+    position (a few bytes a leaf) whatever the number of passes; one hashing of each batch recorded (its bytes
+    read on the host)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.passes = max(1, int(limit)), 0
+        self.first: dict[int, tuple[str | None, ...]] = {}
+        self.differ: dict[int, int] = {}  # leaf -> the first position a later pass read it otherwise
+        self.layout: int | None = None  # the first position a later pass read a batch of another layout
+
+    def see(self, position: int, batch: Any) -> None:
+        """The training batch at ``position`` (0-based) of its pass, as ``on_train_batch_start`` gets it."""
+        if position == 0:
+            self.passes += 1
+        if position >= self.limit:
+            return
+        got = batch_digests(batch)
+        ref = self.first.setdefault(position, got)
+        if ref is not got:
+            _note_off(self, _leaves_off(ref, got), position)
+
+
+def _note_off(where: Any, off: set[int] | None, position: int, skip: Iterable[int] = ()) -> None:
+    """Record on ``where`` (:class:`StreamPasses` or :class:`StreamCheck`: ``differ``, ``layout``) the leaves
+    ``off`` (None: another layout) found differing at ``position``, those in ``skip`` aside."""
+    if off is None:
+        where.layout = position if where.layout is None else min(where.layout, position)
+        return
+    for leaf in off.difference(skip):
+        where.differ[leaf] = min(where.differ.get(leaf, position), position)
+
+
+class StreamCheck:
+    """The stream check, on the batches the assessment reads (:meth:`batches` wraps its loader; the
+    raw batches pass through unchanged): each is put through :func:`_training_view` (the user's hooks see
+    that call, in the training stage; global random streams restored) and its :func:`batch_digests`
+    compared with those of the training passes' batch at the same position (:class:`StreamPasses`). Every
+    batch assessed that a pass read at its position is compared, not only the first (a stream whose passes
+    begin alike and differ later: docs/benchmarks.md "dd59"), and the batches compared are the assessed ones
+    themselves, read from a private copy or, for a stream that cannot be copied, from the stream itself (its
+    next pass: an uncopyable reshuffling stream trained one epoch is told too). A batch whose view differs in
+    a leaf not yet known to be drawn at random by the hooks (and the first batch compared, where the passes
+    differed among themselves) is put through them a second time: a leaf that differs between the two views
+    is drawn at random by the hooks (augmentation on the device; the assessment reads its batches in the
+    validation stage) and is not compared. :meth:`note` says what the comparison found."""
+
+    def __init__(self, trainer: Any, passes: StreamPasses, device: torch.device, private: bool) -> None:
+        self.trainer, self.passes, self.device, self.private = trainer, passes, device, private
+        self.names: list[str] | None = None  # the leaves' places in the batch, from the first batch compared
+        self.varies: list[bool] = []  # whether each leaf varies over the batch's records
+        self.random: set[int] = set()  # leaves the hooks draw at random
+        self.differ: dict[int, int] = {}
+        self.layout: int | None = None
+        self.compared, self.failed, self._probed = 0, False, False
+
+    def batches(self, loader: Iterable[Any]) -> Iterable[Any]:
+        for position, raw in enumerate(loader):
+            if not self.failed and position in self.passes.first:
+                self._see(position, raw)
+            yield raw
+
+    def _see(self, position: int, raw: Any) -> None:
+        ref = self.passes.first[position]
+        try:
+            with isolated_rng():  # a hook's random draws leave the assessment's streams as they were
+                view = _training_view(self.trainer, raw, self.device)
+                got = batch_digests(view)
+                if self.names is None:
+                    leaves = _tensor_leaves(view)
+                    self.names, self.varies = [n for n, _ in leaves], [not _constant_rows(t) for _, t in leaves]
+                off = _leaves_off(ref, got)
+                unsure = set(self.passes.differ) if not self._probed else set()
+                if off is None or (off | unsure) - self.random:
+                    self._probed = True
+                    again = batch_digests(_training_view(self.trainer, raw, self.device))
+                    self.random |= {i for i, d in enumerate(got) if d is None or i >= len(again) or again[i] != d}
+        except Exception:  # noqa: BLE001 - the estimation's own read of the batch reports its errors
+            self.failed = True
+            return
+        self.compared += 1
+        _note_off(self, off, position, self.random)
+
+    def note(self, train: Any, limit: int, what: str) -> tuple[str, bool] | None:
+        """``(text, other_records)`` for the report, or None where nothing compared differs. A leaf
+        that differs (between the passes, or between the batches assessed and the training's) while
+        another, not constant over the batch (the targets), agrees: the same records at another random
+        draw of the differing values (augmentation in the dataset; ``other_records`` False: each record is
+        assessed at one draw, as for a map-style dataset). Every such leaf differing: other records (the
+        stream reshuffles or draws anew each pass: 47 of 192 assessed never trained on after 3 epochs, 121
+        of 192 after one, docs/benchmarks.md "nu58"), or values augmented in every leaf, which the text
+        names too, or the training loader's worker processes each yielding a part of the stream,
+        interleaved, while the copy is read in one process (an unshuffled stream sharded over 2 workers, 3
+        batches of 64: trained on records 0-127 and the even ones to 254, the copy's 0-191 assessed, 32 of
+        them never trained on), named where ``train`` has workers (``other_records`` True: the figures
+        are marked ``*``)."""
+        if self.names is None:  # no batch assessed compared (its hooks failed): the passes alone, every leaf kept
+            if not (self.passes.differ or self.passes.layout is not None):
                 return None
-        del probe  # the copy goes before the caller makes the one it assesses (in-memory data held once more)
-        leaves = _tensor_leaves(view)
-        kept = [i for i in range(len(first)) if first[i] is not None and first[i] == again[i]]
-    if any(len(s) != len(first) for s in starts):  # another layout than the training's: no leaf to pair
-        differ, agree = ["the batch's layout"], []
-    else:
-        diff_i = [i for i in kept if len({s[i] for s in starts} | {first[i]}) > 1]
-        if not diff_i:
+            width = len(next(iter(self.passes.first.values())))
+            self.names, self.varies, self.random, self.differ, self.layout = (
+                [f"batch leaf {i}" for i in range(width)], [True] * width, set(), {}, None)
+        kept = [i for i in range(len(self.names)) if i not in self.random]
+        trained = {i: p for i, p in self.passes.differ.items() if i in kept}
+        assessed = {i: p for i, p in self.differ.items() if i in kept}
+        layouts = [p for p in (self.passes.layout, self.layout) if p is not None]
+        if layouts:  # another layout than the training's: no leaf to pair
+            differ, agree = ["the batch's layout"], []
+        elif trained or assessed:
+            diff = sorted(set(trained) | set(assessed))
+            differ = [self.names[i] for i in diff]
+            agree = [self.names[i] for i in kept if i not in diff and self.varies[i]]
+        else:
             return None
-        differ = [leaves[i][0] for i in diff_i]
-        agree = [leaves[i][0] for i in kept if i not in diff_i and not _constant_rows(leaves[i][1])]
-    begun = ("the training passes over the iterable training data did not all begin with the same batch"
-             if len(starts) > 1 else "the copy of the iterable training data assessed (its next pass) begins with "
-             "another batch than the training's pass did")
-    hooks = " (values the batch-transfer hooks draw at random aside)" if len(kept) < len(first) else ""
-    if agree:
-        return (f"the iterable training data yields its records with other values at each pass: {begun}{hooks}, "
-                f"in {', '.join(differ)} while {', '.join(agree)} agree (random augmentation in the dataset "
-                f"or its collate_fn, {what}): each record is assessed at one random draw, not as the records "
-                "trained on; to assess the records themselves, assess over the stream without its random "
-                "transforms (mis_lightning.assess, or a MISIndicator updated on its batches)"), False
-    workers = int(getattr(train, "num_workers", 0) or 0)
-    # workers each yield their part of the stream (sharded by get_worker_info, interleaved batch by batch),
-    # the copy is read in one process: its first batches hold other records than the training's
-    split = (f", or its {workers} worker processes each yield a part of it, interleaved, while the copy assessed "
-             "is read in one process (the same records only where the batches trained on span whole rounds of the "
-             "workers' parts)") if workers else ""
-    return (f"{STREAM_RECORDS_DIFFER} ({what}): {begun}{hooks}, in every value that varies over the batch, so the "
-            f"stream yields other records at each pass (it reshuffles or draws anew){split}, or it augments every "
-            f"value of its records at random: the first {limit} batches of another pass, which are assessed, are not "
-            "the records trained on (reshuffled: some were never trained on and others trained on are missing; "
-            "augmented: the "
-            "records at another random draw); every figure is marked '*'. To assess the records trained on, collect "
-            "them and call mis_lightning.assess"), True
+        if trained or self.passes.layout is not None:
+            at = min([*trained.values(), *([self.passes.layout] if self.passes.layout is not None else [])])
+            begun = ("the training passes over the iterable training data did not all begin with the same batch"
+                     if at == 0 else "the training passes over the iterable training data began with the same "
+                     f"batch but did not all read the same batch {at + 1}")
+        else:
+            at = min([*assessed.values(), *([self.layout] if self.layout is not None else [])])
+            source = ("the copy of the iterable training data assessed (its next pass)" if self.private else
+                      "the pass of the iterable training data assessed (its next one, read from the stream itself: "
+                      "it cannot be copied)")
+            begun = (f"{source} begins with another batch than the training's pass did" if at == 0 else
+                     f"{source} begins with the training's batches but reads another batch {at + 1} than the "
+                     "training's pass did")
+        hooks = " (values the batch-transfer hooks draw at random aside)" if self.random else ""
+        if agree:
+            return (f"the iterable training data yields its records with other values at each pass: {begun}{hooks}, "
+                    f"in {', '.join(differ)} while {', '.join(agree)} agree (random augmentation in the dataset "
+                    f"or its collate_fn, {what}): each record is assessed at one random draw, not as the records "
+                    "trained on; to assess the records themselves, assess over the stream without its random "
+                    "transforms (mis_lightning.assess, or a MISIndicator updated on its batches)"), False
+        workers = int(getattr(train, "num_workers", 0) or 0)
+        # workers each yield their part of the stream (sharded by get_worker_info, interleaved batch by batch),
+        # the copy is read in one process: its batches hold other records than the training's
+        split = (f", or its {workers} worker processes each yield a part of it, interleaved, while the copy "
+                 "assessed is read in one process (the same records only where the batches trained on span whole "
+                 "rounds of the workers' parts), or each yields all of it (every record trained on once per worker: "
+                 "shard the stream by torch.utils.data.get_worker_info())") if workers else ""
+        return (f"{STREAM_RECORDS_DIFFER} ({what}): {begun}{hooks}, in every value that varies over the batch, so "
+                f"the stream yields other records at each pass (it reshuffles or draws anew){split}, or it augments "
+                f"every value of its records at random: the first {limit} batches of another pass, which are "
+                "assessed, are not the records trained on (reshuffled: some were never trained on and others "
+                "trained on are missing; augmented: the records at another random draw); every figure is marked "
+                "'*'. To assess the records trained on, collect them and call mis_lightning.assess"), True
 
 
 def _constant_rows(t: Tensor) -> bool:
@@ -1238,7 +1361,7 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
                       output_transform: Any = None, keep: dict[str, Any] | None = None,
                       full_pass: bool = False, read: int | None = None,
                       eval_in_training: list[str] | None = None,
-                      stream_starts: Sequence[tuple[str | None, ...]] | None = None,
+                      stream_passes: StreamPasses | None = None,
                       train_in_validation: Sequence[str] | None = None) -> Report:
     """The pipeline on a Trainer's data: the estimation pass over this process's unpadded shard
     of ``trainer.train_dataloader.dataset`` (indices ``rank, rank + world, ...``; states synced
@@ -1253,15 +1376,16 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     training has read its loader to the end at least once; ``read``: the most batches one pass
     has read from its start (:func:`trained_batches`). ``eval_in_training``: the
     :func:`~mis_lightning.assess.mode_dependent_modules` the last training batch ran in eval mode
-    (``None``: no batch seen), as ``diagnostics["eval_mode_in_training"]``. ``stream_starts``: the
-    distinct first batches the training passes over an iterable dataset began with (the callback's
-    :func:`batch_digests`; ``None`` or empty: not known): under an integer ``limit_train_batches``, where
-    they or the copy's next pass differ in values no hook draws at random, the first batches assessed
-    are not the records trained on, which the report says and marks
-    (``diagnostics["stream_records_differ"]``), or the same records at another draw of their augmented
-    values, which it says (:func:`stream_records_note`). ``train_in_validation``: the
+    (``None``: no batch seen), as ``diagnostics["eval_mode_in_training"]``. ``stream_passes``: the
+    batches the training passes over an iterable dataset read (the callback's :class:`StreamPasses`; ``None``
+    or empty: not known): under an integer ``limit_train_batches``, where they or the batches assessed differ
+    in values no hook draws at random, the batches assessed are not the records trained on, which the report
+    says and marks (``diagnostics["stream_records_differ"]``), or the same records at another draw of their
+    augmented values, which it says (:class:`StreamCheck`). ``train_in_validation``: the
     mode-dependent layers the last validation ran in train mode (Monte Carlo dropout): the report
-    says the utility is the eval-mode model's (:func:`eval_mode_utility_note`).
+    says the utility is the eval-mode model's (:func:`eval_mode_utility_note`). Under DDP each of these
+    observations of a process's own batches is the world's (:func:`world_union`): every process's report
+    says and marks what any one saw.
 
     Raises:
         RuntimeError: the trainer has no training dataloader.
@@ -1281,26 +1405,25 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     if map_items(train) is None and world > 1:
         rank_zero_warn("MISCallback: the training data is not a sized map-style dataset; under DDP "
                        "each process streams its own loader and duplicated records count twice")
-    records, note = training_records(trainer, train, full_pass, read)
+    cut: dict[str, Any] = {}
+    records, note = training_records(trainer, train, full_pass, read, cut)
+    # a shuffled loader cut to its first batches: records it never read are assessed (dd59)
+    unread = unread_note(trainer, cut["limit"], cut["batches"], cut["what"]) if cut else None
     shard = records[rank::world] if records is not None else None
     # random augmentation in __getitem__ or the collate_fn: each record is assessed at one draw (a few records
     # read twice, every random state restored); a stream cannot be read twice: not checked
     aug = random_records_note(ds, records, collate_fn=getattr(train, "collate_fn", None)) \
         if ds is not None and records else None
     limit, what = trained_batches(trainer, full_pass, read)
-    # a stream cut by limit_train_batches whose passes, or the copy's next one, began with other batches (it
-    # reshuffles or draws anew each pass): the copy's first batches are not the records trained on (nu57: 47
-    # of the 192 records assessed never trained on, said only as "when each pass yields the same records
-    # first"; nu58: after one epoch, 121 of 192), unless only values a hook or the dataset draws at random differ
-    # (checked before the copy assessed is made: one copy of the stream at a time)
-    checked = stream_records_note(trainer, train, stream_starts, next(pl_module.parameters()).device, limit, what) \
-        if cuts_stream(train, limit) and stream_starts else None
     loader = reloader(train, shard, batch_size, limit=limit)
-    stream_note, reshuffled = checked if checked is not None else (None, False)
-    if isinstance(loader, _FirstBatches) and not reshuffled:
-        note = "; ".join(x for x in (note, f"{what}: the first {limit} batches of the iterable training data are "
-                                           "assessed (the records trained on when each pass yields the same "
-                                           "records first)") if x)
+    # a stream cut by limit_train_batches whose passes, or the pass assessed, read other batches (it reshuffles
+    # or draws anew each pass): the batches assessed are not the records trained on (nu57: 47 of the 192 records
+    # assessed never trained on, said only as "when each pass yields the same records first"; nu58: after one
+    # epoch, 121 of 192), unless only values a hook or the dataset draws at random differ; every batch the
+    # estimation reads is compared as it is read (dd59: batches after the first, an uncopyable stream)
+    check = StreamCheck(trainer, stream_passes, next(pl_module.parameters()).device,
+                        bool(getattr(loader.loader, "_mis_private", False))) \
+        if isinstance(loader, _FirstBatches) and stream_passes is not None and stream_passes.first else None
     val, num_val = validation_loaders(_validation_dataloaders(trainer))
     val_loader = _Converted(reloader(val, None, None), trainer, next(pl_module.parameters()).device) \
         if val is not None else None
@@ -1333,15 +1456,15 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     total = len(shard) if shard is not None and ds is not None else None
     with ProgressDisplay({"estimation": total, "schemes": len(schemes)}, enabled=shown) as show:
         # consecutive batches merged for the estimation pass (the same sums, fewer per-batch costs)
-        def read(met: EstimationMetric) -> None:
+        def read(met: EstimationMetric, checked: StreamCheck | None = None) -> None:
             done = 0
-            batches = (trainer_batch(trainer, batch, device) for batch in loader)
+            batches = (trainer_batch(trainer, batch, device) for batch in (checked.batches(loader) if checked else loader))
             for batch, rows in merge_batches(batches, lambda: met.accumulator.records_per_update):
                 met.update(batch)
                 done += rows or getattr(loader, "batch_size", None) or 1
                 show("estimation", done if total is None else min(done, total))
 
-        read(metric)
+        read(metric, check)  # the stream check on the first read (a re-read reads the same records)
         if world > 1 and "auto" in (estimation_config.mode, estimation_config.hessian):
             # "auto"'s first-batch choices from every process's first batches, as one process reading
             # them all makes them (uneven or masked shards chose apart: refused at the sync before)
@@ -1362,13 +1485,27 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
 
             agree_on_choice(metric.accumulator, not metric._fresh, gather_objects, reread)
         est = metric.estimate()
+        found = check.note(train, limit, what) if check is not None else None
+        # what each process saw of its own batches, the world's (dd59: a stream that reshuffles on one process
+        # only left process 0's written report unmarked)
+        seen = world_union(trainer, {
+            "stream_records_differ": found[0] if found and found[1] else None,
+            "stream_values_differ": found[0] if found and not found[1] else None,
+            "augmented_records": aug, "eval_mode_in_training": None if eval_in_training is None else list(eval_in_training),
+            "eval_mode_utility": eval_mode_utility_note(train_in_validation)
+            if val_loader is not None and train_in_validation else None})
+        reshuffled = seen["stream_records_differ"] is not None or unread is not None
+        if isinstance(loader, _FirstBatches) and not reshuffled:
+            note = "; ".join(x for x in (note, f"{what}: the first {limit} batches of the iterable training data are "
+                                               "assessed (the records trained on when each pass yields the same "
+                                               "records first)") if x)
         # the records are the trainer's training records: "records not trained on" cannot be the cause
         # of a stiff offset here (nux51 #2: said of the 600 records a tied LM was trained on)
         est.diagnostics["records_from_training_loader"] = not reshuffled
         if reshuffled:
             est.diagnostics["stream_records_differ"] = True
-        if eval_in_training is not None:  # how the training ran its mode-dependent layers (ux54c)
-            est.diagnostics["eval_mode_in_training"] = list(eval_in_training)
+        if seen["eval_mode_in_training"] is not None:  # how the training ran its mode-dependent layers (ux54c)
+            est.diagnostics["eval_mode_in_training"] = seen["eval_mode_in_training"]
         if items_are_batches(train):  # the report states the count "auto" assumed
             note_unknown_records(est, metric.accumulator, f"the training loader {UNKNOWN_RECORDS_SOURCE}")
         # metrics= only for their directions (report.utility_modes); utility_fn measures them
@@ -1391,18 +1528,63 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
         report.warnings.insert(0, counted)
     if note:
         report.warnings.append(note)
-    if stream_note:
-        report.warnings.append(stream_note)
-    if aug:
-        report.warnings.append(aug)
-    if val_loader is not None and train_in_validation:
-        report.warnings.append(eval_mode_utility_note(train_in_validation))
+    if unread:
+        report.warnings.append(unread)
+    report.warnings.extend(seen[k] for k in ("stream_records_differ", "stream_values_differ", "augmented_records",
+                                             "eval_mode_utility") if seen[k])
     if val_loader is None:
         report.warnings.append(NO_VALIDATION_WARNING)
     elif num_val > 1:
         report.warnings.append(f"{num_val} validation dataloaders: the quantized copies' utility is measured "
                                "on the first (dataloader_idx 0)")
     return report
+
+
+def world_union(trainer: Any, local: Mapping[str, Any]) -> dict[str, Any]:
+    """Observations each process makes of its own batches (the callback's stream check, loss match, ...)
+    made the world's, so that every process's report says the same and marks what any one saw: under DDP
+    (``trainer.world_size`` > 1 and a process group open) every process's ``local`` is gathered (one
+    collective: every process calls it at the same point) and, for each key, a note (a string) is the
+    first one set in rank order, followed by the processes that made it where not every one did; a list
+    is the union of theirs in order (None where none is set). One process: ``local`` as it is. A value
+    may be a function of no argument, called here: one that raises on a process raises there after the
+    gather (the others are not left waiting in it)."""
+    failed: Exception | None = None
+
+    def value(v: Any) -> Any:
+        nonlocal failed
+        if not callable(v):
+            return v
+        try:
+            return v()
+        except Exception as exc:  # noqa: BLE001 - raised after the gather
+            failed = failed or exc
+            return None
+
+    local = {k: value(v) for k, v in local.items()}
+    world = int(getattr(trainer, "world_size", 1) or 1)
+    if world < 2 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if failed is not None:
+            raise failed
+        return local
+    every = gather_objects(local)
+    if failed is not None:
+        raise failed
+    out: dict[str, Any] = {}
+    for key, mine in local.items():
+        held = [(r, v.get(key)) for r, v in enumerate(every) if isinstance(v, Mapping) and v.get(key) is not None]
+        if not held:
+            out[key] = None
+        elif isinstance(mine, (list, tuple)) or isinstance(held[0][1], (list, tuple)):
+            out[key] = list(dict.fromkeys(x for _, v in held for x in v))
+        else:
+            seen = [r for r, v in held if v]
+            text = next((v for _, v in held if v), held[0][1])
+            if isinstance(text, str) and 0 < len(seen) < world:
+                text += (f" (seen by process{'es' if len(seen) > 1 else ''} {', '.join(map(str, seen))} of {world}: "
+                         "each process checks its own batches, and every process's report carries what any saw)")
+            out[key] = text
+    return out
 
 
 def eval_mode_utility_note(layers: Sequence[str]) -> str:

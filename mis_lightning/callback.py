@@ -67,8 +67,6 @@ __all__ = ["MISCallback", "lightning_callback"]  # LightningMISCallback: lazy, n
 
 # a run's stage as the strict mode's error says it ("MISCallback: the assessment at the end of fit ...")
 _WHEN = {"fit_end": "at the end of fit", "validation": "after a validation epoch"}
-# distinct first batches of a stream's passes kept (digests: a few bytes each; one hashing of a batch per epoch)
-STREAM_STARTS = 16
 
 
 def _plan_config(plan: PlanConfig | Mapping[str, Any] | None, metrics: Mapping[str, Any],
@@ -362,10 +360,13 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                                                           collate_fn=getattr(train, "collate_fn", None))):
             rank_zero_warn(f"MISCallback: {aug}")
         self._sets = TrainingSets()  # this fit's loaders only
-        # a stream: the first batch of each pass, to tell one that yields other records first each pass
+        # a stream: the batches each pass reads, to tell one that yields other records each pass
         # (limit_train_batches then trains on other records than a later pass's, or the copy's, first
-        # batches: nu57, nu58), leaf by leaf (a hook that augments the inputs leaves the targets)
-        self._stream_starts: list[tuple[str | None, ...]] | None = [] \
+        # batches: nu57, nu58), leaf by leaf (a hook that augments the inputs leaves the targets): under an
+        # integer limit_train_batches every batch of a pass (its passes may begin alike and differ later: dd59),
+        # else the first (a stop within the first pass assesses the batches read)
+        limit = getattr(trainer, "num_training_batches", math.inf)
+        self._stream_passes = lt.StreamPasses(limit if lt.cuts_stream(train, limit) else 1) \
             if train is not None and lt.map_items(train) is None else None
 
     @names_callback
@@ -400,10 +401,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         # dropout / running statistics the user runs in eval mode (e.g. a polish in eval mode, as
         # the not-at-a-minimum warning advises) are no cause of an objective mismatch (ux54c)
         self._eval_in_training = [n for n, m in getattr(self, "_mode_modules", ()) if not m.training]
-        starts = getattr(self, "_stream_starts", None)
-        if starts is not None and self._pass_read == 0 and len(starts) < STREAM_STARTS \
-                and (digests := lt.batch_digests(batch)) not in starts:
-            starts.append(digests)
+        if (passes := getattr(self, "_stream_passes", None)) is not None:
+            passes.see(self._pass_read, batch)
         if self._batch_unchecked:
             self._batch_unchecked = False
             res = self._loss(trainer, pl_module)
@@ -502,7 +501,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             full_pass=getattr(self, "_full_pass", False), read=getattr(self, "_most_read", None) or None,
             eval_in_training=getattr(self, "_eval_in_training", None),
             train_in_validation=getattr(self, "_train_in_validation", None),
-            stream_starts=getattr(self, "_stream_starts", None))
+            stream_passes=getattr(self, "_stream_passes", None))
 
     def _plan(self, trainer: Any, pl_module: Any) -> PlanResult:
         """The planner on the assessment's estimate, loader and utility (rank 0)."""
@@ -557,18 +556,24 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                 pl_module.eval()
                 self._kept = {}
                 report = self._assess(trainer, pl_module)
-                if (losses := getattr(self, "_train_losses", None)) is not None and (mismatch := loss_mismatch_note(
+                losses = getattr(self, "_train_losses", None)
+                sets = getattr(self, "_sets", None)
+                # each process's observations of its own batches and state, the world's (every process's report
+                # says and marks what any one saw: dd59)
+                seen = lt.world_union(trainer, {
+                    "loss_mismatch": lambda: loss_mismatch_note(
                         pl_module, losses, self._loss(trainer, pl_module), self.batch_fn, self.loss_fn is not None,
-                        float(report.diagnostics.get("weight_decay", 0.0) or 0.0))):
-                    report.warnings.insert(0, mismatch)  # first: it outweighs every other caveat
+                        float(report.diagnostics.get("weight_decay", 0.0) or 0.0)) if losses is not None else None,
+                    "not_trained": lambda: not_trained_note(trainer),
+                    "best_checkpoint": lambda: lt.best_checkpoint_note(trainer) if stage == "fit_end" else None,
+                    "training_sets": lambda: sets.note(trainer, report.n) if sets else None})
+                if seen["loss_mismatch"]:
+                    report.warnings.insert(0, seen["loss_mismatch"])  # first: it outweighs every other caveat
                     report.diagnostics["loss_mismatch"] = True  # every figure "*", the verdict says so
-                if (untrained := not_trained_note(trainer)) is not None:
-                    report.warnings.insert(0, untrained)  # first: no other caveat matters where nothing was trained
+                if seen["not_trained"]:
+                    report.warnings.insert(0, seen["not_trained"])  # first: no other caveat matters where nothing was trained
                     report.diagnostics["not_trained"] = True  # every figure "*", no verdict (undetermined_headline)
-                if stage == "fit_end" and (best_note := lt.best_checkpoint_note(trainer)):
-                    report.warnings.append(best_note)
-                if (sets := getattr(self, "_sets", None)) and (sets_note := sets.note(trainer, report.n)):
-                    report.warnings.append(sets_note)
+                report.warnings.extend(seen[k] for k in ("best_checkpoint", "training_sets") if seen[k])
                 if self._untrained_note:
                     if self.estimation_config.params is None:
                         # the parameters left out are the ones no optimizer holds, not trained ones

@@ -1756,8 +1756,9 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
     is a callback's loss several-fold above the one ``training_step`` returned on the same batches
     (``diagnostics["loss_mismatch"]``: :mod:`mis_lightning._loss_match`), and a model the callback's
     fit took no optimizer step on (``diagnostics["not_trained"]``: :data:`NOT_TRAINED`), and a callback's
-    records read from a stream cut by ``limit_train_batches`` whose passes, or the copy's next pass, began
-    with other batches (``diagnostics["stream_records_differ"]``: not the records trained on)."""
+    records read from a stream cut by ``limit_train_batches`` whose passes, or the pass assessed, read
+    other batches, or from a shuffled loader so cut that left records unread
+    (``diagnostics["stream_records_differ"]``: not the records trained on)."""
     diagnostics = diagnostics or {}
     out = []
     if n > 0 and d / n > D_EFF_OVER_N_MAX:
@@ -1869,9 +1870,10 @@ def baseline_marks(row: Mapping[str, Any]) -> str:
 #: records, so their true advantage is 0, yet the estimator reads the curvature and gradient spread
 #: of a model far from any minimum. ``diagnostics["not_trained"]``, ``row["not_trained"]``.
 NOT_TRAINED = "the model was not trained in this fit (no optimizer step): the figures are not membership leakage"
-#: the start of the callback's warning where a stream that yields other records first each pass was
-#: cut by ``limit_train_batches`` (nu57). ``diagnostics["stream_records_differ"]``.
-STREAM_RECORDS_DIFFER = "the stream's records assessed are not those trained on"
+#: the start of the callback's warning where a stream that yields other records each pass was cut by
+#: ``limit_train_batches`` (nu57), or a shuffled loader so cut left records unread (docs/benchmarks.md "dd59").
+#: ``diagnostics["stream_records_differ"]``.
+STREAM_RECORDS_DIFFER = "the training records assessed are not those trained on"
 #: the start of the warning where a DDP process left a block of the Hessian's residual term out of its sums
 #: (assess.residual_not_computed_warning; dd58)
 RESIDUAL_NOT_COMPUTED = "the Hessian's residual term was not computed on every record"

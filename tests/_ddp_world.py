@@ -74,3 +74,67 @@ class MetricWorkloads(pl.Callback):
         import test_ddp
 
         test_ddp.metric_workloads(trainer.global_rank, self.out)
+
+
+class RankStream(torch.utils.data.IterableDataset):
+    """A stream of 48 records per process (process ``k`` of 2 yields records ``k, k + 2, ...`` of 96):
+    process 0's in the same order at every pass, process 1's reshuffled at every pass from its own
+    generator (tests/test_ddp.py's world of conditions seen on one process only)."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.X = torch.randn(96, 4, generator=g)
+        self.y = self.X[:, 0] + 0.1 * torch.randn(96, generator=g)
+        self.passes = 0  # (a generator held by the dataset does not cross ddp_spawn here: the pass count seeds)
+
+    def __iter__(self):
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        X, y = self.X[rank::2], self.y[rank::2]
+        self.passes += 1
+        order = torch.randperm(len(X), generator=torch.Generator().manual_seed(self.passes)) if rank == 1 \
+            else torch.arange(len(X))
+        return iter(zip(X[order], y[order]))
+
+
+class RankScaledLoss(pl.LightningModule):
+    """A small regressor whose ``training_step`` returns a twentieth of its loss on process 1 only: there the
+    loss the assessment computes is about 10 times training's (the assessed objective ``0.5 (o - y)^2`` over
+    training's ``(o - y)^2 / 20``), on process 0 half of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return ((self(x) - y) ** 2).mean() / (20.0 if self.global_rank == 1 else 1.0)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", ((self(x) - y) ** 2).mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class ReportsOut(pl.Callback):
+    """Writes each process's MISCallback report (its marked conditions, warnings and rows' marks) to
+    ``<out>/report_rank{k}.json`` at the end of fit, after the MISCallback's own ``on_fit_end`` (placed
+    after it in the Trainer's callbacks)."""
+
+    KEYS = ("loss_mismatch", "stream_records_differ", "not_trained", "records_from_training_loader")
+
+    def __init__(self, out: Path) -> None:
+        self.out = str(out)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import json
+
+        cb = next(c for c in trainer.callbacks if type(c).__name__ == "MISCallback")
+        rep = cb.report
+        Path(self.out, f"report_rank{trainer.global_rank}.json").write_text(json.dumps({
+            "diagnostics": {k: rep.diagnostics.get(k) for k in self.KEYS}, "warnings": rep.warnings,
+            "marks": [r.get("indicative", "") for r in rep.rows() if not r.get("error")], "n": rep.n}))

@@ -1033,3 +1033,76 @@ def test_the_callbacks_reread_reads_the_records_of_its_first_read(monkeypatch):
     assert report.schemes["rtn_int4"].leakage == pytest.approx(float(single["rtn_int4"]["leakage"]), rel=1e-9)
     # the first pass's Metric (its private copies and sums) freed before the re-read's was built
     assert [alive for _, alive in built] == [False, False]
+
+
+# -- conditions one process sees (the callback's per-process checks) -------------------------------
+def test_a_condition_one_process_sees_is_in_every_process_s_report(tmp_path):
+    """The callback's checks of a process's own batches (the loss match, the stream check, ...) decided
+    each process's report alone (dd58 left it): a condition seen on process 1 only left process 0's report,
+    the one written, unmarked and the two reports disagreeing. Now every process's report carries the
+    union. A ddp_spawn world of its own (2 CPU processes, gloo; tests/_ddp_world.py): process 1's stream
+    reshuffles at every pass (one epoch, limit_train_batches=2: its assessed pass is not the one trained on)
+    and its training_step returns a twentieth of its loss (the assessed loss ~10 times training's);
+    process 0's stream is fixed and its loss half the assessed one (no condition)."""
+    import pytorch_lightning as pl
+    from _ddp_world import DestroyWorldAtExit, RankScaledLoss, RankStream, ReportsOut
+    from test_callback import FAST
+    from test_callback import mse as half_mse
+    from torch.utils.data import DataLoader
+
+    from mis_lightning import MISCallback
+    from mis_lightning.report import STREAM_RECORDS_DIFFER
+
+    torch.set_num_threads(1)
+    pl.seed_everything(0)
+    cb = MISCallback(["rtn_int8"], loss_fn=half_mse, uncertainty_draws=0, **FAST)
+    trainer = pl.Trainer(strategy="ddp_spawn", devices=2, accelerator="cpu", max_epochs=1, limit_train_batches=2,
+                         limit_val_batches=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[cb, ReportsOut(tmp_path), DestroyWorldAtExit(tmp_path)],
+                         default_root_dir=str(tmp_path))
+    trainer.fit(RankScaledLoss(), DataLoader(RankStream(), batch_size=16), DataLoader(RankStream(), batch_size=16))
+    reports = [json.loads((tmp_path / f"report_rank{k}.json").read_text()) for k in range(2)]
+    for rep in reports:
+        assert rep["n"] == 64
+        assert rep["diagnostics"]["stream_records_differ"] is True and rep["diagnostics"]["loss_mismatch"] is True
+        assert rep["diagnostics"]["records_from_training_loader"] is False
+        assert any(w.startswith(STREAM_RECORDS_DIFFER) and w.endswith(
+            "(seen by process 1 of 2: each process checks its own batches, and every process's report carries what "
+            "any saw)") for w in rep["warnings"]), rep["warnings"]
+        assert rep["warnings"][0].startswith("the assessed loss does not match") and "seen by process 1 of 2" in \
+            rep["warnings"][0]
+        assert rep["marks"] and all("records assessed not those trained on" in m and "assessed loss not the training "
+                                    "loss" in m for m in rep["marks"])
+        assert not any("limit_train_batches: the first 2 batches" in w for w in rep["warnings"])
+    assert reports[0]["warnings"] == reports[1]["warnings"] and reports[0]["marks"] == reports[1]["marks"]
+    written = json.loads(next(tmp_path.rglob("mis_report.json")).read_text())  # rank 0's
+    assert written["diagnostics"]["stream_records_differ"] is True and written["diagnostics"]["loss_mismatch"] is True
+
+
+def test_the_world_union_of_the_processes_observations(monkeypatch):
+    """``world_union`` without a world: rank 0 of 2 on a stand-in trainer, the gather stood in for by the
+    other process's observations. A note only process 1 made reaches process 0 naming process 1; a list is
+    the union; an observation that raises on this process raises after the gather (the other process,
+    waiting in it, is not left there)."""
+    import mis_lightning._lightning_support as LS
+
+    gathered = []
+
+    def gather(obj):
+        gathered.append(obj)
+        return [obj, {"note": "seen there", "both": "b1", "layers": ["b", "c"], "failing": None}]
+
+    monkeypatch.setattr(LS, "gather_objects", gather)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    trainer = SimpleNamespace(world_size=2)
+    out = LS.world_union(trainer, {"note": None, "both": "b0", "layers": ["a", "b"], "failing": lambda: None})
+    assert out["note"] == ("seen there (seen by process 1 of 2: each process checks its own batches, and every "
+                           "process's report carries what any saw)")
+    assert out["both"] == "b0" and out["layers"] == ["a", "b", "c"] and out["failing"] is None
+
+    def fails():
+        raise RuntimeError("this process's check failed")
+
+    with pytest.raises(RuntimeError, match="this process's check failed"):
+        LS.world_union(trainer, {"note": None, "both": None, "layers": None, "failing": fails})
+    assert len(gathered) == 2 and gathered[-1]["failing"] is None  # it took part in the gather first
