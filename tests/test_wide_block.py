@@ -122,6 +122,7 @@ def test_the_block_form_is_the_per_block_form(monkeypatch, blocks, qmin, qmax, z
     if gather is not None:
         monkeypatch.setattr(W, "WIDE_GATHER_BELOW", gather)
         monkeypatch.setattr(W, "WIDE_GATHER_BELOW_KAPPA", gather)
+        monkeypatch.setattr(W, "WIDE_GATHER_MIN", 0)
     calls = {"block": 0, "parts": 0}
     real_block, real_parts = W.wide_sd_block, qb.wide_sd_parts
 
@@ -203,6 +204,7 @@ def test_refused_blocks_skip_the_values(monkeypatch):
     n = W.wide_sd_block(th, sg, lo, hi, cube, None, kappa, ok, ma, own, scratch)
     assert n == int(ok.sum()) and 0 < n
     monkeypatch.setattr(W, "WIDE_GATHER_BELOW", 1.01)
+    monkeypatch.setattr(W, "WIDE_GATHER_MIN", 0)
     kappa2, ma2 = torch.empty_like(kappa), torch.empty_like(ma)
     assert W.wide_sd_block(th, sg, lo, hi, cube, None, kappa2, ok, ma2, own, scratch) == n
     assert asked == [c, n]

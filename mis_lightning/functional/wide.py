@@ -251,6 +251,9 @@ WIDE_GATHER_BELOW = 0.35
 # ... and kappa alone (four gathers, a nonzero and a scatter against ~10 operations): the whole
 # block was the cheaper down to 31% (gathered 1.14-1.15x there); gathered only where few are taken
 WIDE_GATHER_BELOW_KAPPA = 0.1
+# blocks of fewer elements never gather (each operation's fixed cost, ~5-10 us, outweighs the
+# elements it would skip)
+WIDE_GATHER_MIN = 4096
 
 
 class WideScratch:
@@ -259,14 +262,18 @@ class WideScratch:
 
     def __init__(self, n: int, device: torch.device) -> None:
         self.n = n
-        self.buf = torch.empty((4, n), dtype=torch.float64, device=device)
+        w, s, m2, t = torch.empty((4, n), dtype=torch.float64, device=device).unbind(0)
+        self.rows = (w, s, m2, t)
 
     def take(self, c: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Four ``[c]`` views, ``c <= n`` (``ValueError`` naming both otherwise)."""
+        """Four ``[c]`` views, ``c <= n`` (``ValueError`` naming both otherwise; the whole rows
+        when ``c = n``: no view made per block)."""
+        if c == self.n:
+            return self.rows
         if c > self.n:
             raise ValueError(f"WideScratch: a block of {c} elements exceeds the scratch's {self.n}")
-        b = self.buf[:, :c]
-        return b[0], b[1], b[2], b[3]
+        w, s, m2, t = (r[:c] for r in self.rows)
+        return w, s, m2, t
 
 
 def _fused_kappa(e: Tensor, s: Tensor, w: Tensor, t: Tensor, out: Tensor) -> None:
@@ -302,8 +309,9 @@ def wide_sd_block(th: Tensor, sg: Tensor, lower: Tensor, upper: Tensor, cube: Te
         window: ``[c]`` bool, ``ok``'s first three tests (as :func:`wide_sd_parts`), or ``None``.
         kappa, ok: ``[c]`` outputs; where ``ok`` is False, ``kappa`` (and ``mean_abs``) are
             meaningless (unwritten or partial sums). Where the gate holds for at most
-            ``WIDE_GATHER_BELOW`` of the block (``WIDE_GATHER_BELOW_KAPPA`` without ``mean_abs``),
-            the values are computed on those elements alone, else on the whole block.
+            ``WIDE_GATHER_BELOW`` of a block of at least ``WIDE_GATHER_MIN`` elements
+            (``WIDE_GATHER_BELOW_KAPPA`` without ``mean_abs``), the values are computed on those
+            elements alone, else on the whole block.
         mean_abs: ``[c]`` output or ``None`` (kappa alone).
         own: with ``mean_abs``: ``own(idx)`` the edges ``(own_lo, own_hi)`` of the own cells of the
             elements ``idx`` (``[k]`` int64 positions in the block, ``None``: all ``c``), float64
@@ -341,7 +349,7 @@ def wide_sd_block(th: Tensor, sg: Tensor, lower: Tensor, upper: Tensor, cube: Te
         return 0
     if own is None:
         mean_abs = None
-    if n > (WIDE_GATHER_BELOW_KAPPA if mean_abs is None else WIDE_GATHER_BELOW) * c:
+    if c < WIDE_GATHER_MIN or n > (WIDE_GATHER_BELOW_KAPPA if mean_abs is None else WIDE_GATHER_BELOW) * c:
         _fused_kappa(m2, s, w, t, kappa)
         if mean_abs is not None and own is not None:
             _fused_mean_abs(th, sg, mean_abs, *own(None), mean_abs)
@@ -379,6 +387,6 @@ def own_cell_mean_abs(th: Tensor, sg: Tensor, lower: Tensor, upper: Tensor, own_
     return (SQRT_2_OVER_PI + 2.0 * _INV_SQRT_2PI * torch.expm1(-0.5 * x * x)).clamp(0.0, SQRT_2_OVER_PI)
 
 
-__all__ = ["FUSED_WIDE_SD", "WIDE_GATHER_BELOW", "WIDE_GATHER_BELOW_KAPPA", "WIDE_MAX_WINDOW", "WIDE_TOL", "WideScratch", "affine_cube_sum", "own_cell_mean_abs",
+__all__ = ["FUSED_WIDE_SD", "WIDE_GATHER_BELOW", "WIDE_GATHER_BELOW_KAPPA", "WIDE_GATHER_MIN", "WIDE_MAX_WINDOW", "WIDE_TOL", "WideScratch", "affine_cube_sum", "own_cell_mean_abs",
            "table_cube_sum", "wide_deficit_bound", "wide_sd_block", "wide_sd_error_bound", "wide_sd_moments",
            "wide_sd_parts"]
