@@ -6,6 +6,7 @@ docs/benchmarks.md, "p58b"): what a fused kernel over the cascade would have to 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/cell_passes.py ops /tmp/m1e5.pt
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/cell_passes.py calls /tmp/m1e5.pt --rounds 5
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/cell_passes.py compiled /tmp/m1e5.pt --rounds 5
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/cell_passes.py wide /tmp/m1e5.pt --rounds 7
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/cell_passes.py unary
 
 Every mode but ``unary`` runs the default "assess" estimation on a model saved by
@@ -19,6 +20,9 @@ draws' calls), the element passes (output elements per element of the calls) and
 with ``--scheme S --param P --role R``, the same split by function for those calls alone (the
 largest ``--top``). The counts are those of the real call (the chunk facts the grids share are
 read as in any steady call); the mode's own cost inflates the time, so no time is printed.
+``--writes`` leaves out views and bare allocations (slices, selects, expands, ``empty``: they
+move no element, yet count their output's elements otherwise); ``--off MODULE.FLAG`` runs the
+call with a switch of the library off (an A/B of counts in two runs).
 
 ``ops``: the same steady call by ATen operator (name and output dtype): calls, elements, and the
 CPU time of the operators alone (``time.process_time`` around each, the mode's own cost outside:
@@ -34,6 +38,11 @@ kernels (``"always"``: the fused affine window kernel and the outer-cell split u
 ``torch.compile``, self-checked), alternating per round after one compiling pass (its wall time
 printed), and kappa's largest relative difference: what the fusion the library already has gives
 on these calls, and what it costs once.
+
+``wide``: the wide-sd closed form's calls (``ParamGrid._wide_closed``) of a steady call recorded
+and replayed with ``functional.wide.FUSED_WIDE_SD`` off and on, alternating: whether ``ok`` and
+``mean_abs`` agree bitwise where the gate holds, ``kappa``'s largest difference, and CPU ms by
+grid (the replay misses the chunk facts shared by tensor identity, as ``calls``).
 
 ``unary``: CPU ns per element of the element-wise operators the cascade is made of, on 32,768
 float64 elements (a block of ``kernel.EAGER_BLOCK``), the least of ``--rounds`` rounds of 200 calls.
@@ -93,10 +102,16 @@ def _innermost(skip: int) -> str:
     return "?"
 
 
-def _watched(path: str, by_op: bool) -> tuple[dict, dict]:
+# bare allocations: no element is read or written (with --writes, not counted)
+_ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty"}
+
+
+def _watched(path: str, by_op: bool, writes: bool = False) -> tuple[dict, dict]:
     """One steady call under a dispatch mode: per ``(scheme, param, role)`` the elements of its
     calls, and per ``(scheme, param, role, key)`` the operators and output elements, ``key`` the
-    innermost function (or the operator and dtype with ``by_op``, with its own CPU time)."""
+    innermost function (or the operator and dtype with ``by_op``, with its own CPU time).
+    ``writes``: views (``OpOverload.is_view``: slices, selects, expands, ...) and bare allocations
+    are not counted (they move no element)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -116,6 +131,8 @@ def _watched(path: str, by_op: bool) -> tuple[dict, dict]:
             out = func(*args, **(kwargs or {}))
             dt = time.process_time() - c0
             if where[0] is None:
+                return out
+            if writes and (func.is_view or func.overloadpacket.__name__ in _ALLOCATIONS):
                 return out
             o = out[0] if isinstance(out, (tuple, list)) and out else out
             n = o.numel() if isinstance(o, torch.Tensor) else 0
@@ -151,8 +168,11 @@ def _watched(path: str, by_op: bool) -> tuple[dict, dict]:
     return elements, {"ops": ops, "el": out_el, "s": secs}
 
 
-def _passes(path: str, scheme: str | None, param: str | None, role: str | None, top: int) -> None:
-    elements, got = _watched(path, by_op=False)
+def _passes(path: str, scheme: str | None, param: str | None, role: str | None, top: int,
+            writes: bool = False) -> None:
+    elements, got = _watched(path, by_op=False, writes=writes)
+    if writes:
+        print("(--writes: views and bare allocations not counted)")
     ops, el = got["ops"], got["el"]
     per: dict = collections.defaultdict(lambda: [0, 0])
     for k in ops:
@@ -243,6 +263,70 @@ def _calls(path: str, rounds: int, top: int) -> None:
             f"{per['float8_weight_only'] / t:.2f}" for t in ints) + " (int8_weight_only, intx_weight_only_int4)")
 
 
+def _wide(path: str, rounds: int, top: int) -> None:
+    """The wide-sd closed form's calls (``ParamGrid._wide_closed``) of a steady call recorded
+    (inputs copied) and replayed with ``functional.wide.FUSED_WIDE_SD`` off and on, alternating
+    per call and round: agreement where the gate holds, CPU ms (medians) by grid and call."""
+    import torch
+
+    from mis_lightning.assess import score_schemes
+    from mis_lightning.functional import wide as W
+    from mis_lightning.quantization import base as qb
+
+    est, model, schemes, sc_cfg = _steady(path)
+    orig = qb.ParamGrid._wide_closed
+    rec: list = []
+
+    def recording(self: Any, *a: Any) -> Any:
+        rec.append((self, tuple(t.clone() if isinstance(t, torch.Tensor) else
+                                tuple(x.clone() for x in t) if isinstance(t, tuple) else t for t in a)))
+        return orig(self, *a)
+
+    qb.ParamGrid._wide_closed = recording
+    try:
+        score_schemes(est, model, schemes, scoring_config=sc_cfg)
+    finally:
+        qb.ParamGrid._wide_closed = orig
+    saved = W.FUSED_WIDE_SD
+    times: dict = collections.defaultdict(list)
+    kappa_diff, mean_abs_equal, ok_equal, taken = 0.0, True, True, 0
+    try:
+        for r in range(rounds):
+            for i, (g, a) in enumerate(rec):
+                outs = {}
+                for on in ((False, True) if (r + i) % 2 == 0 else (True, False)):
+                    W.FUSED_WIDE_SD = on
+                    c0 = time.process_time()
+                    outs[on] = orig(g, *a)
+                    times[(i, on)].append(time.process_time() - c0)
+                if r or outs[False] is None or outs[True] is None:
+                    continue
+                (_, k0, m0, ok0), (_, k1, m1, ok1) = outs[False], outs[True]
+                ok_equal &= torch.equal(ok0, ok1)
+                taken += int(ok0.sum())
+                if bool(ok0.any()):
+                    kappa_diff = max(kappa_diff, float((k0[ok0] - k1[ok0]).abs().max()))
+                    if m0 is not None:
+                        mean_abs_equal &= torch.equal(m0[ok0], m1[ok0])
+    finally:
+        W.FUSED_WIDE_SD = saved
+    rows: dict = collections.defaultdict(lambda: [0.0, 0.0, 0, 0])
+    for i, (g, a) in enumerate(rec):
+        k = (g.name, g.kind, "kappa" if a[6] else "full")
+        rows[k][0] += statistics.median(times[(i, False)])
+        rows[k][1] += statistics.median(times[(i, True)])
+        rows[k][2] += a[0].shape[0]
+        rows[k][3] += 1
+    off, on = sum(v[0] for v in rows.values()), sum(v[1] for v in rows.values())
+    print(f"{len(rec)} calls, {sum(v[2] for v in rows.values()):,} elements, {taken:,} taken by the form: "
+          f"off {off * 1e3:.1f} ms, on {on * 1e3:.1f} ms (medians of {rounds}); ok equal {ok_equal}, "
+          f"mean_abs equal {mean_abs_equal}, kappa largest difference {kappa_diff:.1e}; load {os.getloadavg()[0]:.1f}")
+    for k in sorted(rows, key=lambda k: -rows[k][0])[:top]:
+        v = rows[k]
+        print(f"  {k[0]:9s} {k[1]:7s} {k[2]:6s} {v[3]:2d} calls {v[2]:7,} elements off {v[0] * 1e3:6.2f} ms "
+              f"on {v[1] * 1e3:6.2f} ms")
+
+
 def _compiled(path: str, rounds: int, top: int) -> None:
     from mis_lightning.functional.kernel import CompilePolicy
 
@@ -329,11 +413,16 @@ def main(argv: list[str] | None = None) -> int:
     ps.add_argument("--param", default=None)
     ps.add_argument("--role", choices=["main", "pool", "draws"], default=None)
     ps.add_argument("--top", type=int, default=25)
+    ps.add_argument("--writes", action="store_true",
+                    help="count only operators that write elements (no views, no bare allocations)")
+    ps.add_argument("--off", action="append", default=[], metavar="MODULE.FLAG",
+                    help="a mis_lightning switch set False for the run (e.g. functional.wide.FUSED_WIDE_SD)")
     op = sub.add_parser("ops", help="the cell moments of a steady call by ATen operator")
     op.add_argument("path")
     op.add_argument("--top", type=int, default=30)
     for name, helptext in (("calls", "the recorded calls replayed: ns an element"),
-                           ("compiled", "the recorded calls eager and with the library's compiled kernels")):
+                           ("compiled", "the recorded calls eager and with the library's compiled kernels"),
+                           ("wide", "the wide-sd closed form's calls replayed, FUSED_WIDE_SD off and on")):
         c = sub.add_parser(name, help=helptext)
         c.add_argument("path")
         c.add_argument("--rounds", type=int, default=5)
@@ -345,13 +434,18 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     if args.mode == "passes":
-        _passes(args.path, args.scheme, args.param, args.role, args.top)
+        from benchmarks.first_call import switch_off
+
+        switch_off(args.off)
+        _passes(args.path, args.scheme, args.param, args.role, args.top, args.writes)
     elif args.mode == "ops":
         _ops(args.path, args.top)
     elif args.mode == "calls":
         _calls(args.path, args.rounds, args.top)
     elif args.mode == "compiled":
         _compiled(args.path, args.rounds, args.top)
+    elif args.mode == "wide":
+        _wide(args.path, args.rounds, args.top)
     else:
         _unary(args.rounds)
     return 0

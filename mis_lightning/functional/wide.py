@@ -36,11 +36,13 @@ All tensors are per element (``[c]``, float64, parameter units).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .cells import _INV_SQRT_2PI, SQRT_2_OVER_PI, CellMoments
+from .masks import count_set
 from .runs import per_table
 
 # The closed form applies where the bounded window is at most this many sd wide (the error
@@ -234,6 +236,134 @@ def wide_sd_parts(theta: Tensor, sigma: Tensor, lower: Tensor, upper: Tensor, cu
     return kappa, own_cell_mean_abs(th, sg, lower, upper, own_lo, own_hi, own_fresh), ok
 
 
+# wide_sd_block: the closed form of a block on the caller's scratch and output slices, its gate
+# first (bitwise wide_sd_parts' ok) and kappa and mean_abs after it, on the whole block or, where
+# the gate holds for at most WIDE_GATHER_BELOW of the block, on those elements alone (gathered);
+# kappa = 1 - S / E + (6 M^2 S) W^2 E / 72 with E = exp(M^2 / 2) (one exp, not two, and the gate's
+# product reused): within 1e-15 of wide_sd_parts' (mean_abs and ok bitwise; docs/benchmarks.md
+# "p59a"). False: wide_sd_parts and own_cell_mean_abs per block, as before (tests, A/B)
+FUSED_WIDE_SD = True
+# the share of a block at or below which kappa and mean_abs are computed on the gate's elements
+# alone (nine gathers, a nonzero and two scatters against ~30 operations on the block, the own
+# cell's among them): measured on the 1e5 MLP's blocks, gathered / whole 0.92-0.98 at 31-35%,
+# 1.02-1.08 at 46-49% (docs/benchmarks.md "p59a") ...
+WIDE_GATHER_BELOW = 0.35
+# ... and kappa alone (four gathers, a nonzero and a scatter against ~10 operations): the whole
+# block was the cheaper down to 31% (gathered 1.14-1.15x there); gathered only where few are taken
+WIDE_GATHER_BELOW_KAPPA = 0.1
+# blocks of fewer elements never gather (each operation's fixed cost, ~5-10 us, outweighs the
+# elements it would skip)
+WIDE_GATHER_MIN = 4096
+
+
+class WideScratch:
+    """Four float64 buffers ``[n]`` for :func:`wide_sd_block` (one call's blocks of at most ``n``
+    elements reuse them: no block-sized allocations). ``device``: where the blocks are."""
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        self.n = n
+        w, s, m2, t = torch.empty((4, n), dtype=torch.float64, device=device).unbind(0)
+        self.rows = (w, s, m2, t)
+
+    def take(self, c: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Four ``[c]`` views, ``c <= n`` (``ValueError`` naming both otherwise; the whole rows
+        when ``c = n``: no view made per block)."""
+        if c == self.n:
+            return self.rows
+        if c > self.n:
+            raise ValueError(f"WideScratch: a block of {c} elements exceeds the scratch's {self.n}")
+        w, s, m2, t = (r[:c] for r in self.rows)
+        return w, s, m2, t
+
+
+def _fused_kappa(e: Tensor, s: Tensor, w: Tensor, t: Tensor, out: Tensor) -> None:
+    """``kappa = 1 - lambda S`` into ``out`` from ``e = M^2`` (sd units, squared), ``s = S``, ``w = W``
+    (sd units) and ``t = 6 M^2 S`` (all ``[c]`` float64, overwritten): ``lambda S = S / E -
+    M^2 W^2 E S / 12``, ``E = exp(M^2 / 2)``. Inside the window ``M, W <= 0.5`` and ``S <= phi(0)
+    W^3 / 12``, so ``0 < lambda S < 1`` (no clamp needed where the gate holds)."""
+    e.mul_(0.5).exp_()
+    t.mul_(w.mul_(w)).mul_(e).div_(72.0)
+    torch.sub(t, s.div_(e), out=out).add_(1.0)
+
+
+def _fused_mean_abs(th: Tensor, sg: Tensor, clip: Tensor, own_lo: Tensor, own_hi: Tensor, out: Tensor) -> None:
+    """:func:`own_cell_mean_abs` into ``out`` (``[c]`` float64) from ``clip = min(th - lower, upper -
+    th)`` and the own cell's edges (float64 temporaries, overwritten); ``out`` may be ``clip``.
+    Bitwise :func:`own_cell_mean_abs`: ``th - max(own_lo, lower) = min(th - own_lo, th - lower)``
+    exactly (rounding is monotone), then its operations in its order."""
+    x = torch.sub(th, own_lo, out=own_lo)
+    torch.minimum(x, own_hi.sub_(th), out=x)
+    torch.minimum(x, clip, out=out).div_(sg).clamp_min_(0.0)
+    e = torch.mul(out, -0.5, out=own_hi).mul_(out).expm1_().mul_(2.0 * _INV_SQRT_2PI)
+    torch.add(e, SQRT_2_OVER_PI, out=out).clamp_(0.0, SQRT_2_OVER_PI)
+
+
+def wide_sd_block(th: Tensor, sg: Tensor, lower: Tensor, upper: Tensor, cube: Tensor, window: Tensor | None,
+                  kappa: Tensor, ok: Tensor, mean_abs: Tensor | None,
+                  own: Callable[[Tensor | None], tuple[Tensor, Tensor]] | None, scratch: WideScratch) -> int:
+    """:func:`wide_sd_parts`' ``(kappa, mean_abs, ok)`` of one block written into ``kappa``,
+    ``mean_abs`` and ``ok`` (``[c]`` float64 / bool slices of the caller's outputs), the gate first.
+
+    Args:
+        th, sg, lower, upper, cube: ``[c]`` float64 (parameter units), as :func:`wide_sd_parts`.
+        window: ``[c]`` bool, ``ok``'s first three tests (as :func:`wide_sd_parts`), or ``None``.
+        kappa, ok: ``[c]`` outputs; where ``ok`` is False, ``kappa`` (and ``mean_abs``) are
+            meaningless (unwritten or partial sums). Where the gate holds for at most
+            ``WIDE_GATHER_BELOW`` of a block of at least ``WIDE_GATHER_MIN`` elements
+            (``WIDE_GATHER_BELOW_KAPPA`` without ``mean_abs``), the values are computed on those
+            elements alone, else on the whole block.
+        mean_abs: ``[c]`` output or ``None`` (kappa alone).
+        own: with ``mean_abs``: ``own(idx)`` the edges ``(own_lo, own_hi)`` of the own cells of the
+            elements ``idx`` (``[k]`` int64 positions in the block, ``None``: all ``c``), float64
+            temporaries of the caller's (overwritten here), as :func:`own_cell_mean_abs`'s;
+            called at most once, and only where the gate holds for some element.
+        scratch: at least ``c`` elements.
+
+    Returns:
+        the number of elements the gate holds for.
+
+    ``ok`` and ``mean_abs`` are bitwise :func:`wide_sd_parts`' (the gate's operations in its order;
+    :func:`_fused_mean_abs`); ``kappa`` (:func:`_fused_kappa`: ``exp(-M^2 / 2)`` read as ``1 /
+    exp(M^2 / 2)``, the sums in another order) within a few ulp of 1 and of ``S <= 4.2e-3``:
+    ``|kappa - kappa'| <= 1e-15``."""
+    c = th.shape[0]
+    w, s, m2, t = scratch.take(c)
+    torch.sub(upper, lower, out=w)
+    if window is None:
+        window = (w <= WIDE_MAX_WINDOW * sg) & (th > lower) & (th < upper)
+    w.div_(sg)
+    torch.mul(sg, sg, out=s).mul_(sg)
+    torch.div(torch.mul(cube, _INV_SQRT_2PI / 12.0, out=t), s, out=s)  # S
+    torch.sub(th, lower, out=m2)
+    torch.sub(upper, th, out=t)
+    if mean_abs is not None:
+        torch.minimum(m2, t, out=mean_abs)  # the nearer bound (mean_abs's clip)
+    torch.maximum(m2, t, out=m2).div_(sg)
+    m2.mul_(m2)
+    # the gate: 6 M^2 S <= WIDE_TOL inside the window (wide_sd_parts' mask, its operations)
+    torch.mul(m2, 6.0, out=t).mul_(s)
+    torch.le(t, WIDE_TOL, out=ok)
+    ok &= window
+    n = count_set(ok)
+    if n == 0:
+        return 0
+    if own is None:
+        mean_abs = None
+    if c < WIDE_GATHER_MIN or n > (WIDE_GATHER_BELOW_KAPPA if mean_abs is None else WIDE_GATHER_BELOW) * c:
+        _fused_kappa(m2, s, w, t, kappa)
+        if mean_abs is not None and own is not None:
+            _fused_mean_abs(th, sg, mean_abs, *own(None), mean_abs)
+        return n
+    idx = torch.nonzero(ok).squeeze(-1)
+    k = torch.empty(n, dtype=torch.float64, device=th.device)
+    _fused_kappa(m2.index_select(0, idx), s.index_select(0, idx), w.index_select(0, idx), t.index_select(0, idx), k)
+    kappa.index_copy_(0, idx, k)
+    if mean_abs is not None and own is not None:
+        _fused_mean_abs(th.index_select(0, idx), sg.index_select(0, idx), mean_abs.index_select(0, idx), *own(idx), k)
+        mean_abs.index_copy_(0, idx, k)
+    return n
+
+
 def own_cell_mean_abs(th: Tensor, sg: Tensor, lower: Tensor, upper: Tensor, own_lo: Tensor, own_hi: Tensor,
                       own_fresh: bool = False) -> Tensor:
     """``mean_abs`` ``[c]`` of weights strictly inside their bounds whose release reveals the regions
@@ -257,6 +387,6 @@ def own_cell_mean_abs(th: Tensor, sg: Tensor, lower: Tensor, upper: Tensor, own_
     return (SQRT_2_OVER_PI + 2.0 * _INV_SQRT_2PI * torch.expm1(-0.5 * x * x)).clamp(0.0, SQRT_2_OVER_PI)
 
 
-__all__ = ["WIDE_MAX_WINDOW", "WIDE_TOL", "affine_cube_sum", "own_cell_mean_abs", "table_cube_sum", "wide_deficit_bound",
-           "wide_sd_error_bound", "wide_sd_moments",
+__all__ = ["FUSED_WIDE_SD", "WIDE_GATHER_BELOW", "WIDE_GATHER_BELOW_KAPPA", "WIDE_GATHER_MIN", "WIDE_MAX_WINDOW", "WIDE_TOL", "WideScratch", "affine_cube_sum", "own_cell_mean_abs",
+           "table_cube_sum", "wide_deficit_bound", "wide_sd_block", "wide_sd_error_bound", "wide_sd_moments",
            "wide_sd_parts"]

@@ -23,6 +23,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from types import SimpleNamespace
 from typing import Any, ClassVar, Literal
 
@@ -45,6 +46,7 @@ from ..functional import gather as _gather
 from ..functional import kernel as _kernel
 from ..functional import point_proof as _proof
 from ..functional import table as _table
+from ..functional import wide as _wide
 from ..functional.affine import affine_codes
 from ..functional.bounds import (
     bounded_fine_moments,
@@ -1675,7 +1677,10 @@ class ParamGrid:
             # (kappa_only: kept only where the tensors are the chunk's grid, as the main and pool
             # calls read it, not the draws' other tensors; held, not copied)
             keep = blocks
-        # in cache-sized blocks: ~60 element-wise operations (kernel.EAGER_BLOCK)
+        # in cache-sized blocks: ~60 element-wise operations (kernel.EAGER_BLOCK); the one-pass form
+        # (functional.wide.FUSED_WIDE_SD) on one scratch for the call's blocks
+        fused = _wide.FUSED_WIDE_SD
+        scratch = _wide.WideScratch(min(m, EAGER_BLOCK), theta.device) if fused else None
         for a in range(0, m, EAGER_BLOCK):
             th, sg, sc, zp, lb, ub, *cd = (t[a:a + EAGER_BLOCK].to(torch.float64) for t in args)
             if kept is not None:
@@ -1691,6 +1696,12 @@ class ParamGrid:
                 cube = table_cube_sum(lb, ub, sc, self.values)
             if keep is not None and blocks is None:
                 keep[a:a + EAGER_BLOCK] = cube
+            if scratch is not None:
+                sl = slice(a, a + EAGER_BLOCK)
+                _wide.wide_sd_block(th, sg, lb, ub, cube, cand[sl] if same else None, kappa[sl], ok[sl],
+                                    None if mean_abs is None else mean_abs[sl],
+                                    partial(self._own_edges64, th, sc, zp, cd[0] if cd else None), scratch)
+                continue
             # kappa alone (the pool protocol's call, the draws): no own cell, mean_abs NaN
             own_lo, own_hi = (None, None) if kappa_only else self._own_edges(th, sc, zp, cd[0] if cd else None)
             k, ma, good = wide_sd_parts(th, sg, lb, ub, cube, own_lo, own_hi,
@@ -2473,6 +2484,17 @@ class ParamGrid:
             hi = torch.minimum(hi, bounds[1].to(torch.float64), out=hi)
         d = torch.sub(th, lo, out=lo)
         return torch.minimum(d, hi.sub_(th), out=d) > margin
+
+    def _own_edges64(self, th: Tensor, sc: Tensor, zp: Tensor, code: Tensor | None,
+                     idx: Tensor | None) -> tuple[Tensor, Tensor]:
+        """:meth:`_own_edges` of the elements ``idx`` (``[k]`` positions; ``None``: all) as float64
+        tensors of the call's own (free to overwrite)."""
+        if idx is not None:
+            th, sc, zp = th.index_select(0, idx), sc.index_select(0, idx), zp.index_select(0, idx)
+            code = None if code is None else code.index_select(0, idx)
+        lo, hi = self._own_edges(th, sc, zp, code)
+        return (lo if lo.dtype == torch.float64 else lo.to(torch.float64),
+                hi if hi.dtype == torch.float64 else hi.to(torch.float64))
 
     def _own_edges(self, th: Tensor, sc: Tensor, zp: Tensor, code: Tensor | None) -> tuple[Tensor, Tensor]:
         """The lower and upper edge ``[c]`` (parameter units, float64; ``-inf`` / ``inf`` for the
