@@ -178,6 +178,28 @@ block's CPU ms and minor faults (``torch.manual_seed``'s queued accelerator seed
 ``traceback.format_stack()``, whose first reads the stack's source files) and the mean of the next 20.
 
     python benchmarks/fixed_costs.py seed --rounds 3
+
+``overlap`` (p59b): whether torchao's import, started in a background thread, overlaps the
+estimation pass (torch's operators release the GIL) on this machine. Fresh processes as scale.py's
+child (lightning_fabric imported, one Adam step, the saved model loaded), ``--rounds`` rounds of
+three cases in alternating order: ``seq``, the library's filtered import of
+``torchao.quantization`` then the default "assess" estimation (what every front end does now:
+their scheme checks import it before the estimation); ``thread``, the same import in a
+``threading.Thread`` started just before the estimation and joined after it; ``none``, the
+estimation alone. Wall and CPU seconds of the whole, the estimation's own wall seconds and the wait
+for the import (``seq``: the import itself; ``thread``: the join). An overlap shows as ``thread``'s
+whole wall below ``seq``'s; CPU time cannot fall (both threads' CPU is the process's).
+
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/fixed_costs.py overlap /tmp/m1e5.pt --rounds 3
+
+``figure`` (p59b): the report figure the callback and the app write (``Report.plot`` and
+``tracking.draw_figure``, Agg, 120 dpi) from a saved report JSON, ``--rounds`` pairs in one process
+alternating as the library draws it and with ``report.figure_notes`` (the warnings and notes printed
+under the panels) left out: CPU seconds of the plot and of the draw, the notes' characters, and
+matplotlib's version (3.11 renders text glyph by glyph in Python, ``RendererAgg._draw_text_glyphs_and_boxes``).
+
+    python benchmarks/first_call.py assess /tmp/m1e5.pt --json /tmp/r1e5.json
+    python benchmarks/fixed_costs.py figure /tmp/r1e5.json --rounds 3
 """
 
 from __future__ import annotations
@@ -185,6 +207,7 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib
+import json
 import os
 import resource
 import subprocess
@@ -1045,6 +1068,91 @@ def _seed(rounds: int) -> None:
     print(f"load {os.getloadavg()[0]:.1f}")
 
 
+_OVERLAP = """
+import json, os, sys, threading, time
+sys.path.insert(0, os.getcwd())
+from benchmarks.fixed_costs import _adam_step
+_adam_step()
+from benchmarks.first_call import load_saved
+from mis_lightning.assess import run_estimation
+from mis_lightning.quantization.torchao_backend import _import_torchao_quantization
+saved, model, loader, loss_fn, est_cfg, sc_cfg = load_saved({path!r})
+failed = []
+def imp():
+    try:
+        _import_torchao_quantization()
+    except BaseException as exc:  # reported, not swallowed
+        failed.append(repr(exc))
+c0, t0 = time.process_time(), time.perf_counter()
+wait = 0.0
+if {mode!r} == "seq":
+    imp()
+    wait = time.perf_counter() - t0
+th = threading.Thread(target=imp, daemon=True) if {mode!r} == "thread" else None
+if th is not None:
+    th.start()
+te = time.perf_counter()
+run_estimation(model, loader, loss_fn, est_cfg)
+te = time.perf_counter() - te
+if th is not None:
+    tj = time.perf_counter()
+    th.join()
+    wait = time.perf_counter() - tj
+print(json.dumps({{"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0, "est_wall": te, "wait": wait,
+                  "torchao": "torchao.quantization" in sys.modules, "failed": failed}}))
+"""
+
+
+def _overlap(path: str, rounds: int) -> None:
+    """``overlap`` (p59b): torchao's import before the estimation, in a thread beside it, or not
+    at all, in fresh processes alternating (see the module docstring)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    modes = ("seq", "thread", "none")
+    for r in range(rounds):
+        for mode in (modes if r % 2 == 0 else modes[::-1]):
+            p = subprocess.run([sys.executable, "-c", _OVERLAP.format(path=path, mode=mode)], env=env,
+                               capture_output=True, text=True, check=True)
+            o = json.loads(p.stdout.strip().splitlines()[-1])
+            print(f"round {r + 1} {mode:6s}: whole {o['wall']:.3f} s wall, {o['cpu']:.3f} s CPU | estimation "
+                  f"{o['est_wall']:.3f} s wall | import / join wait {o['wait']:.3f} s | torchao imported "
+                  f"{o['torchao']}{' | FAILED ' + str(o['failed']) if o['failed'] else ''} | load "
+                  f"{os.getloadavg()[0]:.1f}", flush=True)
+
+
+def _figure(path: str, rounds: int) -> None:
+    """``figure`` (p59b): the report figure's plot and draw with and without its notes (see the
+    module docstring)."""
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import mis_lightning.report as R
+    from mis_lightning.tracking import draw_figure
+
+    rep = R.Report.from_json(path)
+    chars = sum(len(w) for w in rep.warnings)
+    print(f"matplotlib {matplotlib.__version__}; {len(rep.warnings)} warnings, {chars:,} characters")
+    own = R.figure_notes
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for notes in ((True, False) if r % 2 == 0 else (False, True)):
+                R.figure_notes = own if notes else (lambda *a, **k: None)
+                try:
+                    c0 = time.process_time()
+                    fig = rep.plot()
+                    c1 = time.process_time()
+                    draw_figure(fig, Path(tmp) / "figure.png")
+                    c2 = time.process_time()
+                    plt.close(fig)
+                finally:
+                    R.figure_notes = own
+                print(f"round {r + 1} {'with the notes   ' if notes else 'without the notes'}: plot {c1 - c0:.3f} s, "
+                      f"draw {c2 - c1:.3f} s CPU | load {os.getloadavg()[0]:.1f}", flush=True)
+
+
 def _cycles(path: str, rounds: int) -> None:
     """``cycles``: estimations with ``LOSS_RANKS_WEAK`` on and off, and what a ``gc.collect(1)``
     after each frees (see the module docstring)."""
@@ -1232,9 +1340,9 @@ def _tol(path: str, tol: float, calls: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("import", "aoparts", "aoneeds", "seed", "first", "params", "est", "heap", "tol", "once", "faults",
+    ap.add_argument("what", choices=("import", "aoparts", "aoneeds", "seed", "overlap", "figure", "first", "params", "est", "heap", "tol", "once", "faults",
                                      "ops", "split", "scaling", "faultsby", "window", "gate", "cycles", "_faults_child"))
-    ap.add_argument("path", nargs="?", help="a model saved by first_call.py train (first, params)")
+    ap.add_argument("path", nargs="?", help="a model saved by first_call.py train (first, params); figure: a report JSON")
     ap.add_argument("--rounds", type=int, default=3, help="fresh processes per case (import); pairs (cycles)")
     ap.add_argument("--calls", type=int, default=6, help="steady calls (params, tol); scoring calls (once, split, faultsby)")
     ap.add_argument("--small", type=int, default=4096, help="the small parameters' most weights (params)")
@@ -1260,6 +1368,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.what == "aoneeds":
         _aoneeds(args.path)
+        return
+    if args.what == "figure":
+        if not args.path:
+            ap.error("figure needs a report JSON's path")
+        _figure(args.path, args.rounds)
+        return
+    if args.what == "overlap":
+        if not args.path:
+            ap.error("overlap needs the saved model's path")
+        _overlap(args.path, args.rounds)
         return
     if not args.path:
         ap.error(f"{args.what} needs the saved model's path")

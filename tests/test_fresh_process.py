@@ -113,8 +113,15 @@ print("torchao: imported before" if "torchao" in sys.modules else "torchao: firs
 torch.manual_seed(0)
 X = torch.randn(64, 4); y = X.sum(-1)
 m = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
-ml.assess(m, ["int8_weight_only"], DataLoader(TensorDataset(X, y), batch_size=32),
-          lambda o, t: (o[:, 0] - t) ** 2, strict=False, uncertainty_draws=0)
+seen = []
+def loss(o, t):  # the estimation's first loss call: torchao imported by then (the scheme checks, up front)?
+    if not seen:
+        seen.append(1)
+        print("torchao: imported before the estimation" if "torchao.quantization" in sys.modules
+              else "torchao: not imported before the estimation")
+    return (o[:, 0] - t) ** 2
+ml.assess(m, ["int8_weight_only"], DataLoader(TensorDataset(X, y), batch_size=32), loss,
+          strict=False, uncertainty_draws=0)
 print("torchao: done")
 """
 
@@ -212,9 +219,13 @@ def test_first_torchao_import_of_an_assessment_prints_no_kernel_notices(fresh):
     unfiltered). ``assess`` with a torchao scheme is torchao's first import in the process (the
     earlier parts do not import it: asserted), and the process's whole stderr is checked. This
     can only fail on a machine where torchao cannot load those libraries, as the CPU machines
-    here."""
+    here. The import comes before the estimation's first loss call (``assess``' scheme checks
+    read the scheme's layer filter, torchao's own), as the Metric's construction, the callback's
+    ``setup`` and the app's availability check do theirs: no front end pays it between the
+    estimation and the scoring (docs/benchmarks.md "p59b": a background-thread import beside the
+    estimation did not overlap it)."""
     lines, stderr = fresh
-    assert lines["torchao"] == ["first import next", "done"]
+    assert lines["torchao"] == ["first import next", "imported before the estimation", "done"]
     assert "Failed to load" not in stderr and "Detected no triton" not in stderr, stderr[-2000:]
 
 
