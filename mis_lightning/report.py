@@ -22,6 +22,9 @@ RENAMED = {"frozen_fraction": "pinned_fraction", "sparsity": "zero_fraction"}
 UTILITY_TOLERANCE = 0.01
 #: where :meth:`Report.table`'s one-line warnings say their full text is
 WARNINGS_IN_FULL = "report.warnings_text(), table(verbose=True) or the JSON report"
+#: the figure's pointer to the report file a front end writes with it (:meth:`Report.plot`'s
+#: ``warnings_in_full``: the callback's ``mis_report.json``, the app's ``report.md``)
+WRITTEN_WITH_FIGURE = "{name}, written with this figure"
 
 
 def _renamed(old: str, new: str) -> tuple[Any, Any]:
@@ -675,12 +678,16 @@ class Report:
             text += f"\n\nwarnings:{cut}\n" + "\n".join(f"  - {w}" for w in lines)
         return text
 
-    def plot(self, path: str | Path | None = None, utility_key: str | None = None):
-        """Privacy-utility figure (leakage against the utility metric, one point per scheme); the
-        report's warnings are printed under it (a figure shared without the table keeps them).
+    def plot(self, path: str | Path | None = None, utility_key: str | None = None,
+             warnings_in_full: str = WARNINGS_IN_FULL):
+        """Privacy-utility figure (:func:`privacy_utility_figure`; saved if ``path``); the report's
+        warnings are printed under it as the console prints them, one line each (a figure shared
+        without the table keeps every caveat's headline), with a line pointing to where each is in
+        full: ``warnings_in_full`` (e.g. the file written beside the figure).
         ``utility_key``: ``None``: :attr:`utility_key`, else the default pick."""
         return privacy_utility_figure(self.rows(), path, utility_key if utility_key is not None else self.utility_key,
-                                      warnings=self.warnings, modes=self.utility_modes)
+                                      warnings=self.warnings, modes=self.utility_modes,
+                                      warnings_in_full=warnings_in_full)
 
 
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
@@ -2224,16 +2231,27 @@ def merge_identical(rows: list[dict[str, Any]], x_key: str | None) -> list[tuple
     return [(rs[0], " = ".join(str(r["scheme"]) for r in rs)) for rs in groups.values()]
 
 
-def figure_notes(fig: Any, warnings: Sequence[str], notes: Sequence[str] = ()) -> None:
-    """The warnings, wrapped, in red under the panels (the figure grows to hold them), after
-    ``notes`` (e.g. the schemes not ranked beyond their intervals, what the marks mean) in black:
-    the privacy-utility figure's and a sweep's ``frontier.png``. ``fig`` needs a layout engine
-    (``layout="constrained"``)."""
+def figure_notes(fig: Any, warnings: Sequence[str], notes: Sequence[str] = (),
+                 in_full: str | None = None) -> None:
+    """``warnings`` (lines as given: the console's, :func:`console_warnings`), wrapped, in red
+    under the panels (the figure grows to hold them), after ``notes`` (e.g. the schemes not ranked
+    beyond their intervals, what the marks mean) in black, each entry's first line after
+    ``"warning: "`` / ``"note: "``, an entry's own lines (the ``*`` entry's, ``"\n    - "``) kept;
+    then, where ``in_full`` is given, one red line ``"each warning in full: <in_full>"``. The
+    privacy-utility figure's, a sweep's ``frontier.png`` and the planner's figure. ``fig`` needs a
+    layout engine (``layout="constrained"``)."""
     def wrap(items: Sequence[str], head: str) -> list[str]:
-        return [f"{head}{ln}" if i == 0 else f"    {ln}" for w in items
-                for i, ln in enumerate(textwrap.wrap(" ".join(str(w).split()), 130))]
+        out: list[str] = []
+        for w in items:
+            for k, part in enumerate(str(w).split("\n")):  # the * entry: its lead, then "- " a line each
+                first, rest = (head, "    ") if k == 0 else ("    ", "      ")
+                out += textwrap.wrap(" ".join(part.split()), 130 + len(first), initial_indent=first,
+                                     subsequent_indent=rest, break_on_hyphens=False)  # "full-batch" whole
+        return out
 
     first, lines = wrap(notes, "note: "), wrap(warnings, "warning: ")
+    if in_full is not None and lines:
+        lines += textwrap.wrap(f"each warning in full: {in_full}", 130, subsequent_indent="    ")
     w, h = fig.get_size_inches()
     extra = 0.17 * (len(first) + len(lines)) + 0.15
     fig.set_size_inches(w, h + extra)
@@ -2249,17 +2267,20 @@ def figure_notes(fig: Any, warnings: Sequence[str], notes: Sequence[str] = ()) -
 
 def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None = None,
                            utility_key: str | None = None, warnings: Sequence[str] = (),
-                           modes: Mapping[str, str] | None = None):
+                           modes: Mapping[str, str] | None = None, warnings_in_full: str = WARNINGS_IN_FULL):
     """A matplotlib Figure of two aligned panels, one row per distinct result, sorted by
     leakage (safest on top): left, the leakage with its 80% interval and the unquantized
     baseline (dashed); right, the utility of the same scheme (bits per weight when no utility
     was measured). Schemes with identical figures share one row labelled ``"a = b"``; each
     row's label carries its bits per weight and the table's marks (:func:`scheme_marks` after each
     name, :func:`leakage_marks` after the label, explained by :func:`marks_legend`'s lines under the
-    panels). ``warnings`` (the report's) are printed under the
-    panels: a figure is often shared without the table, and its figures then carry their caveats;
-    so is the line naming the schemes not ranked beyond their intervals (:func:`ties_line`).
-    Saved if ``path``."""
+    panels). ``warnings`` (the report's) are printed under the panels as the console prints them
+    (:func:`console_warnings`: each by its first sentence, those the ``*`` mark stands for in one
+    entry naming each), with a line saying where each is in full (``warnings_in_full``; only where
+    a line leaves text out): a figure is often shared without the table, and its figures then
+    carry every caveat's headline (the full text drew ~0.75 s of glyphs on a report of five
+    warnings: docs/benchmarks.md "fg59"); so is the line naming the schemes not ranked beyond
+    their intervals (:func:`ties_line`). Saved if ``path``."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -2331,7 +2352,8 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
     ties = ties_line(ok)  # "safest on top" is no ranking where the intervals do not resolve it
     notes = ([ties] if ties else []) + [ln.strip() for ln in marks_legend(ok)]  # what the labels' marks mean
     if warnings or notes:
-        figure_notes(fig, warnings, notes)
+        lines = console_warnings(warnings, rows)
+        figure_notes(fig, lines, notes, in_full=warnings_in_full if lines != list(warnings) else None)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)

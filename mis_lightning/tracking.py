@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ._user_warnings import warn
-from .report import Report, undetermined_headline
+from .report import WRITTEN_WITH_FIGURE, Report, undetermined_headline
 
 
 def _head(prefix: str) -> str:
@@ -295,7 +295,8 @@ def publish_report(out: Path, report: Report, loggers: Iterable[Any], *, step: i
                    copy_name: str | None = None, epoch: int | None = None, version: str = "") -> tuple[Path, Path]:
     """Write ``<out>/mis_report.json`` (plus ``extra`` keys, and a copy as ``copy_name``) and
     the privacy-utility figure ``<out>/mis_privacy_utility.png`` (both names with ``version``
-    before the extension: :func:`free_version`), and log the report (and the
+    before the extension: :func:`free_version`; its warnings a line each, pointing to the JSON for
+    the full text: :meth:`~mis_lightning.report.Report.plot`), and log the report (and the
     figure, with ``log_figure``) to every logger at ``step`` (and ``epoch``: :func:`log_report`);
     the JSON goes to the loggers that keep files (:func:`log_files`). Returns ``(report, figure)``
     paths.
@@ -314,7 +315,7 @@ def publish_report(out: Path, report: Report, loggers: Iterable[Any], *, step: i
     if copy_name:
         (out / copy_name).write_text(text)
     figure_path = out / versioned(FIGURE_NAME, version)
-    fig = report.plot()
+    fig = report.plot(warnings_in_full=WRITTEN_WITH_FIGURE.format(name=report_path.name))
     loggers = list(loggers)
     try:
         # drawn once, for the file and the loggers (each draw is 0.3-0.4 s of CPU: fx33)

@@ -174,3 +174,81 @@ def test_the_l_bfgs_cures_say_relu_kinks_can_stall_it():
         (line,) = console_warnings([w], [{"indicative": phrase}])
         assert line.startswith(STAR_LINE) and "full-batch L-BFGS (ReLU kinks can stall it)" in line, line
     assert "ReLU-type activations L-BFGS can stall" in MINIMUM_CURE and "GELU or SiLU" in MINIMUM_CURE
+
+
+def test_the_figures_print_each_warning_by_its_console_line_and_say_where_it_is_in_full(tmp_path, monkeypatch):
+    """Issue 13 (docs/benchmarks.md "fg59"): the privacy-utility figure printed every warning in full
+    under its panels (a 1e5 MLP's five warnings: 4,336 characters, ~0.75 s of matplotlib's glyph-by-glyph
+    text, ~7 epochs of the callback's line). It prints the console's lines now (each warning's first
+    sentence, those the ``*`` stands for in one entry naming each): every one of them (a figure shared
+    without the table keeps each caveat's headline, and its ``*`` marks and their legend), no warning's
+    full text where its line leaves some out, and one line saying where each is in full, as each front
+    end writes it (the callback's JSON beside the figure)."""
+    import matplotlib.pyplot as plt
+
+    from mis_lightning import tracking
+    from mis_lightning.report import (
+        WARNINGS_IN_FULL,
+        Report,
+        SchemeResult,
+        console_warnings,
+        failure_warning,
+        privacy_utility_figure,
+    )
+
+    def shown(fig) -> str:
+        text = " ".join(" ".join(t.get_text().split()) for t in fig.texts)
+        plt.close(fig)
+        return text
+
+    def flat(s: str) -> str:
+        return " ".join(s.split())
+
+    dn = ("d / n = 2.63 is not small (5,258 assessed weights, 2,000 records): sigma, the influences and the unquantized "
+          "baseline come from a normal approximation that needs d << n. To act: assess fewer weights or use more records")
+    nam = ("the model is not at a minimum of the training loss (not converged, or another loss or weight decay): a "
+           "Newton step to the minimum would move the weights 1.14 of their sds; train to convergence with full-batch "
+           "L-BFGS (line_search_fn='strong_wolfe') on the same objective")
+    beyond = ("schemes 'a' and 'b' quantize Conv2d (c1.weight) beyond torchao's quantize_, which leaves them in "
+              "float. The figures are of this wider release, not of the model quantize_ makes")
+    fail = failure_warning("int4_weight_only_tinygemm", "SchemeUnavailableError: scheme 'int4_weight_only_tinygemm' "
+                           "is unavailable: torchao's tinygemm int4 layout needs a CUDA GPU (compute capability >= 8.0) "
+                           "and its kernels; this torch has no CUDA device")
+    short = "no validation dataloader: the quantized copies' utility was not measured"
+    said = [beyond, dn, fail, nam, short]
+    rows = [{"scheme": "a", "bits_per_weight": 8.5, "leakage": 0.1, "leakage_p10": 0.09, "leakage_p90": 0.11,
+             "baseline_leakage": 0.12, "indicative": "d / n = 2.6; not at a minimum"},
+            {"scheme": "b", "bits_per_weight": 4.5, "leakage": 0.2, "leakage_p10": 0.18, "leakage_p90": 0.22,
+             "baseline_leakage": 0.12, "indicative": "d / n = 2.6; not at a minimum"}]
+    lines = console_warnings(said, rows)
+    assert len(lines) == 4 and lines != said  # the * entry holds dn and nam; the others a line each
+    fig = privacy_utility_figure(rows, warnings=said)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    text = shown(fig)
+    for line in lines:  # each console line, whole (the * entry's lead and each of its items)
+        for part in line.split("\n"):
+            assert flat(part) in text, part
+    assert text.count("warning: ") == len(lines)
+    for w in (dn, nam, beyond, fail):  # each cut on the console: its headline here, not its full text
+        assert flat(w) not in text, w
+    assert f"warning: {short}" in text  # one short sentence: whole, as on the console
+    assert f"each warning in full: {WARNINGS_IN_FULL}" in text
+    assert all(lab.endswith("*") for lab in labels) and "note: *: indicative only" in text  # the marks stay
+    # nothing left out: no pointer; no warnings: no warning line
+    assert "each warning in full" not in shown(privacy_utility_figure(rows[:1], warnings=[short]))
+    assert "warning: " not in shown(privacy_utility_figure(rows[:1]))
+
+    # Report.plot points where the front end says; the callback's publish_report to the JSON it writes
+    res = SchemeResult(name="a", leakage=0.1, mis=0.9, baseline_leakage=0.12, d_eff=3.0, d=5, zero_fraction=0.0,
+                       pinned_fraction=0.0, bits_per_weight=8.0, method="clt", interval=(0.09, 0.11),
+                       quantized_fraction=1.0)
+    rep = Report(n=100, d=5, estimation={}, diagnostics={}, schemes={"a": res}, baseline_leakage=0.12,
+                 baseline_mis=0.88, warnings=[beyond, short])
+    assert "each warning in full: report.md, written with this figure" in shown(
+        rep.plot(warnings_in_full="report.md, written with this figure"))
+    drawn: list[str] = []
+    monkeypatch.setattr(tracking, "draw_figure", lambda fig, path, **kw: drawn.append(
+        " ".join(" ".join(t.get_text().split()) for t in fig.texts)))
+    json_path, _ = tracking.publish_report(tmp_path, rep, [], log_figure=False)
+    assert f"each warning in full: {json_path.name}, written with this figure" in drawn[0], drawn
+    assert flat(warning_line(beyond)) in drawn[0] and flat(beyond) not in drawn[0]

@@ -76,6 +76,7 @@ from mis_lightning.record_count import check_enough_records
 from mis_lightning.report import (
     CONSOLE_WIDTH,
     UTILITY_TOLERANCE,
+    WRITTEN_WITH_FIGURE,
     Report,
     not_trained_warning,
     to_plain,
@@ -1068,7 +1069,8 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             # the console's: 100 columns, the legend short (report.md has both in full: cv53)
             table = report.table(with_verdict=plan_cfg is None, warnings_in_full=warnings_in_full(out, names),
                                  width=CONSOLE_WIDTH)
-            fig = report.plot()
+            # the warnings a line each, as printed; in full in the report file written beside it
+            fig = report.plot(warnings_in_full=WRITTEN_WITH_FIGURE.format(name=names.get("report_table") or names.report_json))
             # drawn once, for the file and the loggers (TensorBoard logs its pixels: fx33)
             pixels = draw_figure(fig, out / names.figure)
             log_report(job_loggers, report, step=step, figure=fig, epoch=epoch, pixels=pixels)
