@@ -31,9 +31,6 @@ from mis_lightning.estimation.output_reads import (
     unflat_record,
 )
 
-# the callback's report figures are laid out, not rasterized: no test here reads one (tests/conftest.py)
-pytestmark = pytest.mark.usefixtures("layout_only_figures")
-
 SCHEMES = ["none", "int8_weight_only", "rtn_int4", "rtn_int2"]
 SAME_DRAWS = dict(covariance="independent", mc_draws=1024)
 KINDS = ("dict", "tuple", "list", "dict1", "tuple_detached")
