@@ -160,11 +160,21 @@ def _layout_only(mp: pytest.MonkeyPatch) -> None:
 
     def savefig(self, fname, *args, **kwargs):
         lay_out(self)
-        if hasattr(fname, "write"):
-            fname.write(LAYOUT_ONLY_NOTE)
-        else:
+        if not hasattr(fname, "write"):
             with open(fname, "wb") as f:
                 f.write(LAYOUT_ONLY_NOTE)
+        elif kwargs.get("format", "png") == "png":
+            # a library's buffer, decoded as an image (W&B's log_image: PIL opens it): blank pixels of the
+            # drawing's size, as draw_figure hands the loggers
+            import matplotlib
+            from PIL import Image
+
+            dpi = kwargs.get("dpi") or matplotlib.rcParams["savefig.dpi"]
+            scale = self.dpi if dpi == "figure" else dpi
+            w, h = (round(v * scale) for v in self.get_size_inches())
+            Image.new("RGB", (w, h)).save(fname, format="PNG")
+        else:
+            fname.write(LAYOUT_ONLY_NOTE)
 
     mp.setattr(tracking, "draw_figure", draw_figure)
     mp.setattr(Figure, "savefig", savefig)
@@ -195,9 +205,10 @@ def layout_only_figures(request, layout_only_session):
     size. Every report the callback, the planner, the app or ``Report.plot(path)`` publishes
     comes with a figure (0.35 s of CPU each rasterized, 74 of them in test_callback.py: 25 of its
     64 s) that almost no test reads. The figure is still built and laid out from each report. A
-    test that reads a figure (a PNG's bytes or pixels, a logger that decodes the saved image:
-    W&B's ``log_image``) is marked ``real_figure`` and saves for real (the note is no PNG: a
-    test reading one unmarked fails). Subprocesses (the CLI's runs, DDP ranks) draw for real.
+    test that reads a figure (a PNG's bytes or pixels) is marked ``real_figure`` and saves for
+    real (the note is no PNG: a test reading one unmarked fails). A PNG saved to a buffer (a
+    library that decodes it: W&B's ``log_image``) is blank pixels of the figure's size.
+    Subprocesses (the CLI's runs, DDP ranks) draw for real.
     ts36: since fx33 the report no longer went through ``savefig``, so every figure was
     rasterized again (35% of test_callback.py's CPU); st59: autouse (it was a fixture some files
     asked for; the others rasterized every figure)."""

@@ -60,7 +60,6 @@ def _loaders():
             DataLoader(TensorDataset(X[120:], y[120:]), batch_size=40))
 
 
-@pytest.mark.real_figure  # W&B's log_image decodes the saved figure (PIL)
 @pytest.mark.parametrize("package", ["pytorch_lightning", "lightning"])
 def test_callback_logs_to_csv_tensorboard_mlflow_wandb_and_reads_back(package, tmp_path, monkeypatch):
     pl = pytest.importorskip("lightning.pytorch" if package == "lightning" else "pytorch_lightning")
@@ -173,7 +172,6 @@ def test_report_logged_from_another_process_keeps_the_csv_training_rows(tmp_path
     assert float(rows[-1]["mis/rtn_int8/leakage"]) == pytest.approx(report.schemes["rtn_int8"].leakage)
 
 
-@pytest.mark.real_figure  # W&B's log_image decodes the saved figure (PIL)
 def test_a_wandb_run_gets_the_report_in_its_own_files_folder(tmp_path, monkeypatch):
     """ux56b's leftover: without checkpointing nor ``dirpath=``, Lightning's ``trainer.log_dir`` is a W&B
     logger's ``save_dir``, the root beside W&B's ``wandb/`` folder of every run: the report and figure
