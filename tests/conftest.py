@@ -138,21 +138,9 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.verbose += default
 
 
-@pytest.fixture
-def layout_only_figures(request, monkeypatch):
-    """``Figure.savefig`` and the report's one draw (``tracking.draw_figure``: the canvas's
-    draw, then the PNG; fx33) lay the figure out (every artist, its text and mathtext included:
-    ``draw_without_rendering``, which raises what a save would raise from them) and write a
-    short note, not an image; ``draw_figure`` hands the loggers blank pixels of the drawing's
-    size. For the tests that assess through the callback or the planner: they publish a
-    privacy-utility figure per report (0.35 s of CPU each, 74 of them in test_callback.py: 25 of
-    its 64 s) but never read it. The figure is still built and laid out from each report. A
-    test that reads a figure is marked ``real_figure`` and saves for real (the note is no PNG: a
-    test reading one unmarked fails). ts36: since fx33 the report no longer went through
-    ``savefig``, so every figure was rasterized again (35% of test_callback.py's CPU)."""
-    if request.node.get_closest_marker("real_figure"):
-        yield
-        return
+def _layout_only(mp: pytest.MonkeyPatch) -> None:
+    """Patch ``Figure.savefig`` and ``tracking.draw_figure`` through ``mp`` to lay figures out
+    only (see :func:`layout_only_figures`)."""
     import numpy as np
     from matplotlib.figure import Figure
 
@@ -170,18 +158,71 @@ def layout_only_figures(request, monkeypatch):
         Path(path).write_bytes(LAYOUT_ONLY_NOTE)
         return np.zeros((height, width, 3), dtype=np.uint8)
 
-    monkeypatch.setattr(tracking, "draw_figure", draw_figure)
-
     def savefig(self, fname, *args, **kwargs):
         lay_out(self)
-        if hasattr(fname, "write"):
-            fname.write(LAYOUT_ONLY_NOTE)
-        else:
+        if not hasattr(fname, "write"):
             with open(fname, "wb") as f:
                 f.write(LAYOUT_ONLY_NOTE)
+        elif kwargs.get("format", "png") == "png":
+            # a library's buffer, decoded as an image (W&B's log_image: PIL opens it): blank pixels of the
+            # drawing's size, as draw_figure hands the loggers
+            import matplotlib
+            from PIL import Image
 
-    monkeypatch.setattr(Figure, "savefig", savefig)
-    yield
+            dpi = kwargs.get("dpi") or matplotlib.rcParams["savefig.dpi"]
+            scale = self.dpi if dpi == "figure" else dpi
+            w, h = (round(v * scale) for v in self.get_size_inches())
+            Image.new("RGB", (w, h)).save(fname, format="PNG")
+        else:
+            fname.write(LAYOUT_ONLY_NOTE)
+
+    mp.setattr(tracking, "draw_figure", draw_figure)
+    mp.setattr(Figure, "savefig", savefig)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def layout_only_session():
+    """:func:`layout_only_figures`' patches for the whole session, from before the first module
+    fixture (a module-scoped fit with the callback publishes its figure at set-up), undone at the
+    end; the ``real_figure`` tests lift them for themselves (``layout_only_figures``)."""
+    from matplotlib.figure import Figure
+
+    from mis_lightning import tracking
+
+    real = {"draw_figure": tracking.draw_figure, "savefig": Figure.savefig}
+    with pytest.MonkeyPatch.context() as mp:
+        _layout_only(mp)
+        yield real
+
+
+@pytest.fixture(autouse=True)
+def layout_only_figures(request, layout_only_session):
+    """Every test (autouse; the patches are the session's, ``layout_only_session``):
+    ``Figure.savefig`` and the report's one draw (``tracking.draw_figure``: the canvas's draw,
+    then the PNG; fx33) lay the figure out (every artist, its text and mathtext included:
+    ``draw_without_rendering``, which raises what a save would raise from them) and write a
+    short note, not an image; ``draw_figure`` hands the loggers blank pixels of the drawing's
+    size. Every report the callback, the planner, the app or ``Report.plot(path)`` publishes
+    comes with a figure (0.35 s of CPU each rasterized, 74 of them in test_callback.py: 25 of its
+    64 s) that almost no test reads. The figure is still built and laid out from each report. A
+    test that reads a figure (a PNG's bytes or pixels) is marked ``real_figure`` and saves for
+    real (the note is no PNG: a test reading one unmarked fails). A PNG saved to a buffer (a
+    library that decodes it: W&B's ``log_image``) is blank pixels of the figure's size.
+    Subprocesses (the CLI's runs, DDP ranks) draw for real.
+    ts36: since fx33 the report no longer went through ``savefig``, so every figure was
+    rasterized again (35% of test_callback.py's CPU); st59: autouse (it was a fixture some files
+    asked for; the others rasterized every figure)."""
+    if not request.node.get_closest_marker("real_figure"):
+        yield
+        return
+    from matplotlib.figure import Figure
+
+    from mis_lightning import tracking
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tracking, "draw_figure", layout_only_session["draw_figure"])
+        mp.setattr(Figure, "savefig", layout_only_session["savefig"])
+        yield
 
 
 # what layout_only_figures writes in place of an image

@@ -179,6 +179,7 @@ def test_uncertainty_interval_brackets_plug_in_on_average():
     assert 0 <= lo <= hi <= rep.baseline_leakage * (1 + 1e-9)
 
 
+@pytest.mark.real_figure  # the PNG's size
 def test_table_and_figure(tmp_path):
     m, dl = _ridge_linear()
     rep = ml.assess(m, ["none", "rtn_int4"], dl, mse, num_records=100, val_dataloader=dl, uncertainty_draws=4)

@@ -19,9 +19,6 @@ from mis_lightning.callback import lightning_callback
 from mis_lightning.quantization import QuantizationScheme
 from mis_lightning.report import STREAM_RECORDS_DIFFER, Report
 
-# every report the callback publishes comes with a figure no test here reads but one (marked
-# real_figure): laid out, not rasterized (tests/conftest.py)
-pytestmark = pytest.mark.usefixtures("layout_only_figures")
 SCHEMES = ["rtn_int8", "rtn_int4", "rtn_int2"]
 # These tests are about the callback (training untouched, failures, loggers, state), not about
 # the correlated headline, which tests/test_correlated.py checks: the independent-coordinate

@@ -14,8 +14,6 @@ import mis_lightning as ml
 from mis_lightning import MISCallback
 from mis_lightning.evaluation import evaluate_utility
 
-# the report figures no test here reads: laid out, not rasterized (tests/conftest.py)
-pytestmark = pytest.mark.usefixtures("layout_only_figures")
 SCHEMES = ["rtn_int8", "rtn_int2"]
 # the independent form at the fewest Monte Carlo draws (1,024; the budget gave 32,768): these
 # tests compare two runs of the same options (the same draws) or the training itself

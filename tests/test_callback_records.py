@@ -23,7 +23,6 @@ from mis_lightning import MISCallback
 from mis_lightning._augmentation import random_records_note
 from mis_lightning._warning_lines import warning_line
 
-pytestmark = pytest.mark.usefixtures("layout_only_figures")
 SCHEMES = ["rtn_int8"]
 FAST = {"covariance": "independent", "uncertainty_draws": 0}
 

@@ -23,6 +23,7 @@ def report():
                   lambda o, t: 0.5 * (o.squeeze(-1) - t) ** 2, num_records=32, uncertainty_draws=2)
 
 
+@pytest.mark.real_figure  # reads both PNGs' pixels
 def test_draw_figure_writes_the_pixels_savefig_writes(report, tmp_path):
     import matplotlib.image
     import matplotlib.pyplot as plt
@@ -46,6 +47,7 @@ def test_draw_figure_writes_the_pixels_savefig_writes(report, tmp_path):
     assert fig.get_dpi() == plt.rcParams["figure.dpi"]  # restored: other loggers draw it as before
 
 
+@pytest.mark.real_figure  # reads the PNG's pixels
 def test_publish_report_draws_once_and_tensorboard_logs_the_files_pixels(report, tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     import matplotlib.figure

@@ -21,7 +21,6 @@ from mis_lightning import MISCallback
 from mis_lightning.estimation.batching import items_are_batches
 from mis_lightning.estimation.estimate import N_ASSUMED
 
-pytestmark = pytest.mark.usefixtures("layout_only_figures")
 # the callback's mechanics are under test, not the headline's Monte Carlo (tests/test_callback.py's FAST)
 FAST = {"covariance": "independent", "mc_draws": 1024, "uncertainty_draws": 0}
 

@@ -216,6 +216,7 @@ def _rows8():
     return rows
 
 
+@pytest.mark.real_figure  # reads the PNG's first bytes
 def test_figure_two_aligned_panels_sorted_by_leakage_with_baseline(tmp_path):
     """Issue 17: schemes sorted by leakage (safest on top) with their intervals, utility beside
     them in a second panel on the same rows, identical results merged, the unquantized baseline

@@ -29,9 +29,6 @@ from mis_lightning.report import (
 )
 from mis_lightning.tracking import metric_keys, report_metrics
 
-# the report and plan figures are laid out, not rasterized: no test here reads one (tests/conftest.py)
-pytestmark = pytest.mark.usefixtures("layout_only_figures")
-
 CANDIDATES = ["int8_weight_only", "intx_weight_only_int4", "intx_weight_only_int2"]
 
 

@@ -28,9 +28,6 @@ from mis_lightning._warning_lines import MORE, WARNING_LINE_WIDTH
 from mis_lightning.planning import plan
 from mis_lightning.report import STAR_LINE
 
-# the report and plan figures are laid out, not rasterized: no test here reads one (tests/conftest.py)
-pytestmark = pytest.mark.usefixtures("layout_only_figures")
-
 torch.set_num_threads(1)
 FAST = {"uncertainty_draws": 0, "covariance": "independent", "estimation": "diagonal"}
 
