@@ -1665,7 +1665,7 @@ def _running_statistics_note(model: nn.Module) -> str | None:
     if not names:
         return None
     shown = ", ".join(repr(k) for k in names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-    modules = dict(model.named_modules())
+    modules = {k or type(v).__name__: v for k, v in model.named_modules()}  # as _running_statistics_layers names them
     uncounted = [k for k in names if k in modules and int(modules[k].num_batches_tracked or 0) == 0]
     if uncounted:  # found by their values (_statistics_without_counter), not by the counter
         shown += (f"; {_shown(uncounted)} with num_batches_tracked 0 but statistics other than their reset values: "
