@@ -352,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--targets", type=int, default=2, help="models whose indicator is computed")
     ap.add_argument("--rounds", type=int, default=1, help="L-BFGS calls per fit (300 iterations each)")
     ap.add_argument("--schemes", nargs="+", default=None, help="default: the mode's list")
+    ap.add_argument("--estimation", nargs="+", default=["auto"], help="the indicator's estimators (assess's estimation=)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     if a.kind in OTHER_MODES:
@@ -386,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  attacks {sch:22s} " + " ".join(f"{k} {r.advantage:.4f}" for k, r in res.items())
               + f" | best {top} {res[top].advantage:.4f} +- {res[top].advantage_se:.4f}", flush=True)
     t_att = time.time() - t0 - t_fit
-    for m in range(min(a.targets, a.models)):
+    for m, mode in [(m, e) for m in range(min(a.targets, a.models)) for e in a.estimation]:
         idx = np.flatnonzero(member[m])
         xs = _f32(x[idx])
         if a.kind == "emb":
@@ -397,7 +398,8 @@ def main(argv: list[str] | None = None) -> None:
             kw = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            rep = assess(models[m], schemes, loader, ce, weight_decay=a.decay, strict=False, **kw)
+            rep = assess(models[m], schemes, loader, ce, weight_decay=a.decay, strict=False,
+                         estimation=mode, **kw)
         print(f"  indicator, target {m} ({rep.estimation.get('estimator') or rep.estimation.get('mode')}): baseline {rep.baseline_leakage:.4f} "
               f"pool {rep.baseline_pool_leakage:.4f}", flush=True)
         for sch in schemes:
