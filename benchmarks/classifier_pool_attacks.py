@@ -60,8 +60,9 @@ ATTACKS = ["loss", "lira_on", "lira_off", "rmia_on", "rmia_off"]
 
 @torch.no_grad()
 def signals(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``[N]`` negative loss, LiRA's logit-scaled confidence and ``p_y`` of ``model`` on the pool."""
-    logits = model(x.to(next(model.parameters()).dtype)).double()
+    """``[N]`` negative loss, LiRA's logit-scaled confidence and ``p_y`` of ``model`` on the pool
+    (float inputs in the model's dtype; token ids as they are)."""
+    logits = model(x.to(next(model.parameters()).dtype) if x.is_floating_point() else x).double()
     lp = torch.log_softmax(logits, 1)
     lpy = lp.gather(1, y.unsqueeze(1)).squeeze(1)
     others = lp.scatter(1, y.unsqueeze(1), float("-inf")).logsumexp(1)  # log(1 - p_y), stable

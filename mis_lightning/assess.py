@@ -1456,12 +1456,31 @@ def _running_statistics_layers(model: nn.Module) -> list[str]:
     """Normalisation layers whose running statistics were updated (BatchNorm or InstanceNorm with
     ``track_running_stats`` that ran in train mode): float buffers computed from the training
     batches, released with the weights and not scored (the report's
-    ``diagnostics["running_statistics_layers"]``, a line of the table)."""
+    ``diagnostics["running_statistics_layers"]``, a line of the table). A layer whose
+    ``num_batches_tracked`` is 0 counts too where its statistics are not their reset values
+    (:func:`_statistics_without_counter`: loaded from a state dict without the counter)."""
     from torch.nn.modules.batchnorm import _NormBase
 
     return [name or type(m).__name__ for name, m in model.named_modules()
             if isinstance(m, _NormBase) and m.track_running_stats and m.running_mean is not None
-            and (m.num_batches_tracked is None or int(m.num_batches_tracked) > 0)]
+            and (m.num_batches_tracked is None or int(m.num_batches_tracked) > 0
+                 or _statistics_without_counter(m))]
+
+
+def _statistics_without_counter(m: nn.Module) -> bool:
+    """Whether the normalisation layer ``m`` holds running statistics other than its reset values
+    (``running_mean`` 0, ``running_var`` 1) while its ``num_batches_tracked`` says no batch ran: a
+    state dict loaded without the counter (``load_state_dict(..., strict=False)`` after dropping the
+    ``num_batches_tracked`` keys, as checkpoint converters and a common idiom do; a state dict
+    without its version metadata gets the counter 0). Such statistics were computed from some data,
+    the training batches if the layer ran in train mode: read by the counter alone they were not
+    reported and the figures silently claimed the whole release (docs/benchmarks.md "rv59": the
+    running mean of 400 records in 8 dimensions, alone, leaks 0.057, exact, above the int2 model's
+    figure). An uninitialised lazy layer has none."""
+    mean, var = m.running_mean, m.running_var
+    if nn.parameter.is_lazy(mean) or mean.device.type == "meta":
+        return False
+    return bool(mean.detach().ne(0).any()) or (var is not None and bool(var.detach().ne(1).any()))
 
 
 def _stochastic_layers(model: nn.Module) -> list[str]:
@@ -1646,6 +1665,11 @@ def _running_statistics_note(model: nn.Module) -> str | None:
     if not names:
         return None
     shown = ", ".join(repr(k) for k in names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    modules = {k or type(v).__name__: v for k, v in model.named_modules()}  # as _running_statistics_layers names them
+    uncounted = [k for k in names if k in modules and int(modules[k].num_batches_tracked or 0) == 0]
+    if uncounted:  # found by their values (_statistics_without_counter), not by the counter
+        shown += (f"; {_shown(uncounted)} with num_batches_tracked 0 but statistics other than their reset values: "
+                  "loaded without the counter, computed from some data")
     return (f"the release holds the running statistics of {len(names)} normalisation layer(s) ({shown}): float "
             "buffers (running_mean, running_var) computed from the training batches, released with every scheme "
             "and not scored, so every figure here is a lower bound for the release. They leak membership too, the "

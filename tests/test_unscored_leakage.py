@@ -136,3 +136,35 @@ def test_batchnorm_running_statistics_are_said_to_be_released_and_not_scored():
         plain[0].bias.copy_(m[1].bias)
     report = ml.assess(plain, ["rtn_int4"], loader, mse, uncertainty_draws=0)
     assert not [w for w in report.warnings if "running statistics" in w] and "not scored:" not in report.table()
+
+
+def test_running_statistics_loaded_without_their_counter_are_named_too():
+    """A state dict without ``num_batches_tracked`` (dropped by a converter or by the idiom that filters
+    those keys out, loaded with ``strict=False``; a state dict without its version metadata gets 0 too)
+    leaves the counter at 0 while the running statistics are the training batches'. Read by the counter
+    alone they were not named, and the figures silently claimed the whole release: on BatchNorm1d(8) over
+    400 N(2, I) inputs (momentum=None: the running mean is the training mean) before a Linear(8, 2) fitted
+    in eval mode, rtn_int2 read 0.0182 [0.0168, 0.0197] with no mark and no warning, while the running mean
+    alone leaks 0.0547 (exact; a real attack on it 0.0557 +- 0.0020): docs/benchmarks.md "rv59",
+    ``python benchmarks/rv59_model_kinds.py bn-counter``. A layer never run (statistics at their reset
+    values, counter 0) is not named."""
+    m, x, y = _bn_model(True)
+    state = {k: v for k, v in m.state_dict().items() if "num_batches_tracked" not in k}
+    loaded, _, _ = _bn_model(True)
+    with torch.no_grad():
+        loaded[0].reset_running_stats()
+    loaded.load_state_dict(state, strict=False)
+    assert int(loaded[0].num_batches_tracked) == 0 and bool(loaded[0].running_mean.ne(0).any())
+    mse = lambda o, t: 0.5 * (o.squeeze(-1) - t) ** 2  # noqa: E731
+    loader = DataLoader(TensorDataset(x, y), batch_size=40)
+    report = ml.assess(loaded, ["rtn_int4"], loader, mse, uncertainty_draws=0)
+    (w,) = [w for w in report.warnings if "running statistics" in w and "not scored" in w]
+    assert "'0'" in w and "num_batches_tracked 0" in w
+    assert report.diagnostics["running_statistics_layers"] == ["0"] and "not scored: the running statistics" \
+        in report.table()
+    fresh = nn.Sequential(nn.BatchNorm1d(4, affine=False), nn.Linear(4, 1))  # never run: reset values, counter 0
+    with torch.no_grad():
+        fresh[1].weight.copy_(m[1].weight)
+        fresh[1].bias.copy_(m[1].bias)
+    report = ml.assess(fresh.eval(), ["rtn_int4"], loader, mse, uncertainty_draws=0)
+    assert "running_statistics_layers" not in report.diagnostics and "not scored:" not in report.table()
