@@ -1712,3 +1712,53 @@ def test_a_layers_block_is_decomposed_once_for_every_scheme(monkeypatch: pytest.
     other = F.correlated.RecordCorrelation.full(R.clone())
     other.restrict(slice(0, 8)).gaussian_mean_abs(w[:, :8], None)
     assert calls == [(8, 8), (4, 4), (8, 8)]
+
+
+@pytest.mark.parametrize("m, d, rank, kind", [(500, 9, 64, "scale"), (300, 3, 64, "collinear"), (200, 64, 64, "factor"),
+                                              (256, 64, 8, "factor"), (64, 200, 64, "wide")])
+def test_factor_models_take_the_smaller_second_moment_matrix(m, d, rank, kind, monkeypatch):
+    """The factor models (``Correlation.from_influences``, ``RecordCorrelation.in_sample``) read the
+    eigen-directions of ``W'W / m`` from the smaller of ``[d, d]`` and the Gram ``W W' / m [m, m]``
+    (``correlated._second_moment_eigh``; the Gram alone was an ``[m, m]`` eigh per Tyler step,
+    docs/benchmarks.md "st59b"). Reference: the same fits with the helper forced onto the Gram,
+    each from its own eigh. The models (``L L' + diag(residual)``), the kept rank and every
+    record's form agree to 1e-10 relative (measured: <= 1e-12; the two eigh differ in rounding,
+    and the in-sample solve's shrinkage 1e-6 amplifies it); with ``d >= m`` (``wide``) both are
+    the Gram's. The ``factor`` cases keep some directions: above the Marchenko-Pastur edge
+    (``4 d > m``), and the top ``rank = 8``."""
+    from mis_lightning.functional import correlated as C
+
+    g = torch.Generator().manual_seed(m + d)
+    W = torch.randn(m, d, dtype=torch.float64, generator=g)
+    if kind == "scale":  # a per-record scale, as a residual times the inputs
+        W = W * torch.randn(m, 1, dtype=torch.float64, generator=g).abs()
+    elif kind == "collinear":  # an exact null direction
+        W[:, 2] = W[:, 1]
+    elif kind == "factor":
+        W = torch.randn(m, 3, dtype=torch.float64, generator=g) @ torch.randn(3, d, dtype=torch.float64, generator=g) + 0.3 * W
+    real = C._second_moment_eigh
+
+    def gram_only(X):
+        n = X.shape[0]
+        evals, U = torch.linalg.eigh(X @ X.T / n)
+        return evals, lambda keep: X.T @ U[:, keep] / (math.sqrt(n) * evals[keep].clamp_min(0.0).sqrt())
+
+    def fits():
+        f = Correlation.from_influences(W, rank)
+        s = RecordCorrelation.in_sample(W)
+        return f, s, (None if s is None else s.parts[0][1])
+
+    got = fits()
+    monkeypatch.setattr(C, "_second_moment_eigh", gram_only)
+    want = fits()
+    monkeypatch.setattr(C, "_second_moment_eigh", real)
+    for a, b in ((got[0], want[0]),) + (((got[2], want[2]),) if want[2] is not None else ()):
+        assert a.factor.shape == b.factor.shape, kind
+        Sa = a.factor @ a.factor.T + torch.diag(a.residual)
+        Sb = b.factor @ b.factor.T + torch.diag(b.residual)
+        assert float((Sa - Sb).abs().max()) <= 1e-10 * float(Sb.abs().max()), kind
+        qa, qb = a.quadratic(W), b.quadratic(W)
+        assert torch.allclose(qa, qb, rtol=1e-10, atol=0), (kind, float(((qa - qb) / qb).abs().max()))
+    assert (got[1] is None) == (want[1] is None) == (kind == "wide")
+    if kind == "factor":  # the case keeps some directions and leaves others
+        assert 3 <= got[0].factor.shape[1] < d and got[0].factor.shape[1] <= rank
