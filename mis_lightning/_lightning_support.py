@@ -308,7 +308,7 @@ def training_records(trainer: Any, dl: Any, full_pass: bool = False, read: int |
         if shuffled or replacement:
             if cut is not None:
                 cut.update(limit=limit, batches=batches, what=what)
-            notes.append(f"{what}: trained on {limit} of {batches} batches of a shuffled loader (records "
+            notes.append(f"{what}: trained on {limit} of {batches} batches of a shuffled loader (which records, "
                          f"this pass cannot tell); n counts every record it can draw ({what_n(len(set(order)))})")
         elif batches_read is not None:
             order = [i for b in batches_read[:limit] for i in b]
@@ -357,7 +357,7 @@ def unread_note(trainer: Any, limit: int, batches: int, what: str) -> str | None
     return (f"{STREAM_RECORDS_DIFFER} ({what.split(' (')[0]}: a shuffled loader cut to {limit} of {batches} batches per "
             "epoch): every record "
             f"it can draw is assessed, but over the {epochs} epoch(s) trained, each reshuffled, about {unread:.0%} of "
-            "them were never read by the training (which ones is not known), and records never trained on are "
+            "them were never read in this fit (the callback sees this fit's batches alone; which ones is not known), and records never trained on are "
             "read as trained on (one epoch of 3 of 8 batches read 0.26-0.59 against 0.55-0.94 on the 192 trained on, "
             "docs/benchmarks.md \"dd59\"); every figure is marked '*'. To assess the records trained on, train on a "
             "fixed subset (an unshuffled loader cut to its first batches, or a Subset) or collect them and call "

@@ -1911,7 +1911,7 @@ STAR_WARNINGS: tuple[tuple[str, str, str | None], ...] = (
     ("records not trained on", "the model is not at a minimum", None),
     ("records not trained on", "the records assessed are not", None),
     ("not trained in this fit", NOT_TRAINED, "assess a trained model"),
-    ("records assessed not those trained on", STREAM_RECORDS_DIFFER, "assess the records trained on with assess()"),
+    ("records assessed not those trained on", STREAM_RECORDS_DIFFER, "train on a fixed subset, or pass the records trained on to assess()"),
     ("negative curvature", "the Hessian has negative curvature", "train on, with the loss and weight decay assessed: "
      "full-batch L-BFGS (ReLU kinks can stall it)"),
     ("saddle not excluded", "saddle not excluded", "train on: full-batch L-BFGS (ReLU kinks can stall it)"),
