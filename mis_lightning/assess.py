@@ -5547,16 +5547,19 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
         # saturation G so that the ends stay below 1 (method.md section 3).
         lo, hi = F.carry_interval(iv.lo, iv.hi, float(leak_independent.mean()), leakage)
         iv = dataclasses.replace(iv, lo=lo, hi=hi)
+    allowance = 0.0
     if est.leverage is not None and base_t is not None:
         # the spread term on the headline (method.md section 4, "Spread term"); the interval is
         # carried to it like the correlated headline above
-        first = leakage
+        first, first_leak = leakage, leak
         leak = F.with_spread(leak, base_t, est.leverage)
         leakage = float(leak.mean())
         if iv is not None:
             lo, hi = F.carry_interval(iv.lo, iv.hi, first, leakage)
             iv = dataclasses.replace(iv, lo=lo, hi=hi)
-    interval = None if iv is None else (iv.lo, iv.hi)
+            # the correction's remainder (method.md section 3, "The uncertainty interval")
+            allowance = F.correction_allowance(first_leak, leak, est.leverage,
+                                               float(est.diagnostics.get("mean_leverage", 0.0)))
     position_gap = None
     if iv is not None and iv.regime == "position-dominated":
         # how far the upper end reaches above the figure beyond the record average's widening
@@ -5564,6 +5567,10 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
         widening = F.interval.normal_quantile(0.9) * record_se / first_order if first_order > 0 else 0.0
         position_gap = (max(iv.hi / leakage - 1.0 - widening, 0.0) if leakage > 0
                         else (math.inf if iv.hi > 0 else 0.0))
+    if iv is not None and not _point_interval(leakage, (iv.lo, iv.hi)):
+        # a point interval stays one (dropped with its warning): the allowance is no record error
+        iv = dataclasses.replace(iv, **dict(zip(("lo", "hi"), F.widen_interval(iv.lo, iv.hi, leakage, allowance))))
+    interval = None if iv is None else (iv.lo, iv.hi)
     return SchemeResult(
         name=prep.scheme.name, leakage=leakage, mis=1.0 - leakage, baseline_leakage=baseline,
         d_eff=prep.d_eff, d=d, zero_fraction=prep.zero / prep.quant if prep.quant else 0.0,
