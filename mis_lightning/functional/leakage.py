@@ -222,6 +222,9 @@ def correction_allowance(first: Tensor, corrected: Tensor, h: Tensor, mean_lever
 
     Returns:
         The allowance in leakage units (``>= 0``; 0 where ``h_bar <= 0``).
+
+    Raises:
+        ValueError: ``first`` is not one-dimensional.
     """
     check_shape("first", first, 1, "[R]")
     rho = min(max(float(mean_leverage), 0.0), 1.0)
