@@ -42,9 +42,10 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, "benchmarks")
 
 
-def gmean_report(records: int, dim: int, seed: int):
+def gmean_report(records: int, dim: int, seed: int, **options):
     """The Gaussian mean's report: ``records`` draws of ``N(mu, I_dim)`` (torch seed ``100 + seed``: a new
-    ``mu`` and ``z``), ``theta_hat`` their mean, assessed with rtn_int8, 8 uncertainty draws, warnings muted."""
+    ``mu`` and ``z``), ``theta_hat`` their mean, assessed with rtn_int8, 8 uncertainty draws, warnings muted;
+    ``options``: more of ``assess``'s (e.g. ``leverage_correction=False``)."""
     from mis_lightning import assess
     torch.manual_seed(100 + seed)
     z = torch.randn(dim) + torch.randn(records, dim)
@@ -54,7 +55,7 @@ def gmean_report(records: int, dim: int, seed: int):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return assess(m, ["rtn_int8"], DataLoader(TensorDataset(torch.ones(records, 1), z), batch_size=64),
-                      lambda o, t: 0.5 * (o - t).square().sum(-1), uncertainty_draws=8)
+                      lambda o, t: 0.5 * (o - t).square().sum(-1), uncertainty_draws=8, **options)
 
 
 def gmean(records: int, dim: int, seeds: int, truth: float | None) -> None:

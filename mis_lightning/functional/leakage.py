@@ -201,6 +201,51 @@ def carry_interval(lo: float, hi: float, reference: float, target: float) -> tup
     return min(float(ends[0]), target), max(float(ends[1]), target)
 
 
+def correction_allowance(first: Tensor, corrected: Tensor, h: Tensor, mean_leverage: float) -> float:
+    """What the finite-sample (leverage) correction leaves unknown in a figure: the correction's
+    own size times the mean leverage (method.md section 3, "The uncertainty interval",
+    *The correction's remainder*).
+
+    The correction is exact to first order in the leverage (method.md section 4, "Finite-sample
+    (leverage) correction"); what it leaves is of the next order, its own size times the
+    expansion's parameter, the mean leverage ``h_bar = d_eff / n``. Its size per record is read
+    as the corrected figure against the first-order one with the shift's standardised length
+    ``t`` taken back by ``sqrt(1 - h_i)`` (``h_i`` the narrowing along the record's own
+    direction: one output, ``c~ = c / (1 - h)`` over ``V_HC2 ~ V / (1 - h)``; the diagonal
+    estimator's ``1 / sqrt(1 - h_bar)`` exactly) and without the spread term.
+
+    Args:
+        first: ``[R]`` the corrected first-order leakage (saturated, :func:`saturate`).
+        corrected: ``[R]`` the same with the spread term (:func:`with_spread`).
+        h: ``[R]`` the per-direction leverages the spread term took.
+        mean_leverage: ``h_bar``, the records' mean leverage (capped at 1 here).
+
+    Returns:
+        The allowance in leakage units (``>= 0``; 0 where ``h_bar <= 0``).
+
+    Raises:
+        ValueError: ``first`` is not one-dimensional.
+    """
+    check_shape("first", first, 1, "[R]")
+    rho = min(max(float(mean_leverage), 0.0), 1.0)
+    if rho == 0.0 or first.numel() == 0:
+        return 0.0
+    t = unsaturate(first.to(torch.float64))
+    uncorrected = saturate(t * (1.0 - h.to(torch.float64).clamp(max=1.0)).sqrt())
+    size = (corrected.to(torch.float64) - torch.where(torch.isfinite(t), uncorrected, corrected.to(torch.float64))).mean()
+    return rho * abs(float(size))
+
+
+def widen_interval(lo: float, hi: float, value: float, allowance: float) -> tuple[float, float]:
+    """``[lo, hi]`` around ``value`` with ``allowance`` added to each end's distance in
+    quadrature (an independent error: ``value -+ sqrt(distance^2 + allowance^2)``), clamped to
+    ``[0, 1]``; ``allowance <= 0`` returns the ends as given. Leakage units."""
+    if not (allowance > 0.0):
+        return lo, hi
+    return (max(value - math.hypot(value - lo, allowance), 0.0),
+            min(value + math.hypot(hi - value, allowance), 1.0))
+
+
 def mis_from_leakage(leakage: Tensor) -> Tensor:
     """MIS = 1 - mean over records of the saturated per-record leakage ``[R]``."""
     check_shape("leakage", leakage, 1, "[R]")
