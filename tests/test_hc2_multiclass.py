@@ -94,3 +94,25 @@ def test_one_direction_records_keep_the_scalar_form(monkeypatch) -> None:
         out[form] = E._leverage(C, C.T @ C / n, torch.linalg.inv(H), J, L, n, True, {})
     assert torch.equal(out["matrix"][1], out["per_direction"][1])
     assert torch.equal(out["matrix"][0], out["per_direction"][0])
+
+
+def test_the_matrix_form_with_a_record_of_tiny_gradient_stays_finite() -> None:
+    """A record whose gradient is tiny (a float64 softmax fitted to a logit gap of ~180: ``|c| < 1e-77``) with
+    ``R < n`` stored: its rank-one self-term weight ``(c' c^)^2 / |c|^4 - 1`` took ``|c|^4``, which underflows to 0,
+    and 0 / 0 made ``V_bar`` (every figure) NaN (docs/benchmarks.md "rv59b"). The weight does not depend on the
+    gradient's scale (``c^`` is linear in ``c``): the same ``beta`` at ``|c|`` scaled by 1e-100 as unscaled, and a
+    subnormal ``|c|^2`` (nothing left to read) takes the per-direction weight, finite."""
+    Q, L, H = _design()
+    g = torch.Generator().manual_seed(1)
+    R, n, d = 12, 40, H.shape[0]
+    C = torch.randn(R, d, generator=g, dtype=torch.float64)
+    V = C.T @ C / R
+    Hinv = torch.linalg.inv(H)
+    beta = {}
+    for scale in (1.0, 1e-100, 1e-160):
+        Cs = C.clone()
+        Cs[0] *= scale
+        _, Vs, _, beta[scale] = E._leverage(Cs, V, Hinv, Q[:R], L[:R], n, True, {})
+        assert torch.isfinite(Vs).all() and torch.isfinite(beta[scale]).all(), scale
+    # exact in real arithmetic; the ratio of two sums of R products: round-off of a few 1e-16
+    torch.testing.assert_close(beta[1e-100], beta[1.0], rtol=1e-12, atol=0.0)

@@ -4153,8 +4153,12 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
     # a_eff: D_i's part along c_i (c' D c / |c|^4): the rank-one weight of the stored-subset forms below
     a_eff = a.clone()
     if m is not None:
+        # (c' c^ / c'c)^2 - 1, the ratio taken before squaring: |c|^4 underflows where |c| < 1e-77 (a record fitted
+        # to a float64 logit gap of ~180), and 0 / 0 made every figure NaN (docs/benchmarks.md "rv59b"); a
+        # subnormal c'c (no precision left) keeps the per-direction weight
         cc = (Cm * Cm).sum(-1)
-        a_eff[m] = torch.where(cc > 0, (Cm * Ch).sum(-1) ** 2 / cc.clamp_min(1e-300) ** 2 - 1.0, a[m])
+        ok = cc >= torch.finfo(cc.dtype).tiny
+        a_eff[m] = torch.where(ok, ((Cm * Ch).sum(-1) / torch.where(ok, cc, torch.ones_like(cc))) ** 2 - 1.0, a[m])
         a = torch.where(m, torch.zeros_like(a), a)
 
     # the stored records' own terms summed: a_j c_j c_j' (scalar records), D_j (matrix records)
