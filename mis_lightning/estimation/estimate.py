@@ -4161,10 +4161,10 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
         a_eff[m] = torch.where(ok, ((Cm * Ch).sum(-1) / torch.where(ok, cc, torch.ones_like(cc))) ** 2 - 1.0, a[m])
         a = torch.where(m, torch.zeros_like(a), a)
 
-    # the stored records' own terms summed: a_j c_j c_j' (scalar records), D_j (matrix records)
-    own = (C * a.unsqueeze(-1)).T @ C
-    if m is not None:
-        own = own + Ch.T @ Ch - Cm.T @ Cm
+    # the stored records' own terms: a_j c_j c_j' (scalar records, summed below as before the matrix form: with
+    # none, the figures are bitwise those of the scalar form, also with R < n stored), D_j (matrix records) summed
+    Ca = C * a.unsqueeze(-1)
+    mine = None if m is None else Ch.T @ Ch - Cm.T @ Cm
 
     # HC2 adds (1/n) sum_j a_j c_j c_j' over all n records. With R < n stored, a mean over the
     # stored ones put each stored record's own c c' in at a_i / R and scored that record through
@@ -4178,13 +4178,14 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
     # part along c_j (a_eff), the shape's remainder O(1 / R) of the record's own form.
     R = C.shape[0]
     if R >= n:  # every record stored: the HC2 sum itself
-        V = V + own / n
+        V = V + (Ca.T @ C if mine is None else Ca.T @ C + mine) / n
         return C_loo, 0.5 * (V + V.T), hp, None
     abar = float(a_eff.mean())
     if R == 1:  # no other stored record: the others at this record's a (its own term cancels)
         return C_loo, V * (1.0 + abar), hp, None
     kappa = (n - 1) / (n * (R - 1))
-    V = V * (1.0 + abar) + kappa * (own - abar * (C.T @ C))
+    own = (Ca - abar * C).T @ C
+    V = V * (1.0 + abar) + kappa * (own if mine is None else own + mine)
     beta = (n - R) / (n * (R - 1)) * (a_eff - abar)
     return C_loo, 0.5 * (V + V.T), hp, beta
 
