@@ -4227,7 +4227,8 @@ def _hc2_matrix(L: Tensor, M: Tensor, u: Tensor, J: Tensor, C: Tensor,
     G = (W * g.unsqueeze(-2)) @ W.transpose(1, 2)
     v = torch.zeros_like(u)
     v[m] = torch.einsum("rkl,rl->rk", Lh @ G @ Lh, u[m])  # L^1/2 g(B) L^1/2 u (0 on the records not selected)
-    # J whole, not J[m]: indexing copied it (+176 MiB peak on J's 195 at K = 100, docs/benchmarks.md "rv59b")
+    # J whole, not J[m]: indexing copied it (peak rise +553 MiB, was +652, per direction +379, medians of 3 at
+    # K = 100, R = 256, d = 1000, J 195 MiB: docs/benchmarks.md "rv59b")
     return C[m], (C + torch.einsum("rkd,rk->rd", J, v))[m], m
 
 
