@@ -256,6 +256,8 @@ def training_records(trainer: Any, dl: Any, full_pass: bool = False, read: int |
         sampler = getattr(batch_sampler, "sampler", _UNKNOWN)
     notes = []
     batches_read: list[list[int]] | None = None
+    limit, what = trained_batches(trainer, full_pass, read)
+    fixed = False  # a sampler of the user's own whose passes read the same batches first (a fixed order)
     with isolated_rng(dl):  # the loader's own generator too: reading the sampler draws from it
         distributed_shuffle, replicas = False, 1
         if isinstance(sampler, DistributedSampler):  # DDP: the user's sampler, if Lightning wrapped one
@@ -286,6 +288,16 @@ def training_records(trainer: Any, dl: Any, full_pass: bool = False, read: int |
                 notes.append(f"the training loader is shuffled with {why}: each epoch leaves other records out; "
                              f"n counts every record it can draw ({what_n(len(set(drawable)))})")
                 order, batches_read = drawable, None
+            elif drawable is None and isinstance(limit, int) and limit < len(batches_read) \
+                    and not isinstance(sampler, (SequentialSampler, WeightedRandomSampler, type(None))) \
+                    and not getattr(sampler, "replacement", False) \
+                    and not any(hasattr(x, "set_epoch") for x in (sampler, batch_sampler)):
+                # limit_train_batches on a sampler of the user's own (a list of indices, a fixed bucketing):
+                # a second pass (the global streams advanced by the first) tells a fixed order, whose first
+                # batches are the records trained on every epoch, from a shuffling one (docs/benchmarks.md
+                # "rv59b": a fixed order counted as shuffled assessed every record, unmarked after 12 epochs)
+                fixed = [[int(i) for i in b] for b in itertools.islice(iter(batch_sampler), limit)] \
+                    == batches_read[:limit]
         elif sampler is not _UNKNOWN and _finite_len(sampler) is not None:
             order = [int(i) for i in itertools.islice(iter(sampler), _finite_len(sampler))]
         else:
@@ -299,12 +311,11 @@ def training_records(trainer: Any, dl: Any, full_pass: bool = False, read: int |
                      "weighted objective, other records each epoch), which the assessment does not model; "
                      "n counts every record of the dataset")
         order = list(range(total))
-    limit, what = trained_batches(trainer, full_pass, read)
     batches = _finite_len(dl)
     if isinstance(limit, int) and batches is not None and limit < batches:
         # the same records every epoch only when the order is fixed (a batch sampler of unknown
         # make counts as shuffled)
-        shuffled = distributed_shuffle or not isinstance(sampler, (SequentialSampler, type(None)))
+        shuffled = distributed_shuffle or not (fixed or isinstance(sampler, (SequentialSampler, type(None))))
         if shuffled or replacement:
             if cut is not None:
                 cut.update(limit=limit, batches=batches, what=what)

@@ -933,6 +933,43 @@ def test_optimizer_weight_decay_unknown_to_the_assessment_is_warned_before_train
         assert sum("applies weight decay (0.1)" in w for w in saved["warnings"]) == expect, saved["warnings"]
 
 
+def test_a_fixed_order_sampler_cut_by_limit_train_batches_assesses_its_first_batches(tmp_path):
+    """limit_train_batches on a sampler of the user's own in a fixed order (a list of indices): every epoch
+    trains on the same first batches, and those are assessed, unmarked; it counted as shuffled, so every
+    record was assessed (72 of 120 never trained on) and, after 12 epochs, left unmarked (docs/benchmarks.md
+    "rv59b"). A sampler of the user's own that reshuffles each pass is still said and marked."""
+    import torch
+    from torch.utils.data import Sampler
+
+    train, val = loaders(n_train=120)
+    ds = train.dataset
+    order = list(range(119, -1, -1))
+    for epochs in (1, 12):
+        cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+        fit(tmp_path / f"f{epochs}", Regressor, [cb], max_epochs=epochs,
+            data=(DataLoader(ds, batch_size=16, sampler=order), val), limit_train_batches=3)
+        assert cb.report.n == 48, (epochs, cb.report.n)
+        assert not any(STREAM_RECORDS_DIFFER in w or "shuffled" in w for w in cb.report.warnings), cb.report.warnings
+        assert cb.report.diagnostics.get("records_from_training_loader") is True
+
+    class _Shuffling(Sampler):
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+        def __iter__(self):
+            return iter(torch.randperm(self.n).tolist())
+
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    fit(tmp_path / "s", Regressor, [cb], max_epochs=1, data=(DataLoader(ds, batch_size=16, sampler=_Shuffling(120)),
+                                                             val), limit_train_batches=3)
+    assert cb.report.n == 120
+    assert any(w.startswith(STREAM_RECORDS_DIFFER) and "about 62% of them were never read" in w
+               for w in cb.report.warnings), cb.report.warnings
+
+
 def test_records_counted_are_those_the_training_draws_from(tmp_path, monkeypatch):
     """A sampler over part of the dataset (a train split by index) and ``limit_train_batches``
     on an unshuffled loader: n is the records the training used, not the dataset's length (the

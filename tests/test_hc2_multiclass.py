@@ -94,3 +94,46 @@ def test_one_direction_records_keep_the_scalar_form(monkeypatch) -> None:
         out[form] = E._leverage(C, C.T @ C / n, torch.linalg.inv(H), J, L, n, True, {})
     assert torch.equal(out["matrix"][1], out["per_direction"][1])
     assert torch.equal(out["matrix"][0], out["per_direction"][0])
+
+
+def test_the_matrix_form_with_a_record_of_tiny_gradient_stays_finite() -> None:
+    """A record whose gradient is tiny (a float64 softmax fitted to a logit gap of ~180: ``|c| < 1e-77``) with
+    ``R < n`` stored: its rank-one self-term weight ``(c' c^)^2 / |c|^4 - 1`` took ``|c|^4``, which underflows to 0,
+    and 0 / 0 made ``V_bar`` (every figure) NaN (docs/benchmarks.md "rv59b"). The weight does not depend on the
+    gradient's scale (``c^`` is linear in ``c``): the same ``beta`` at ``|c|`` scaled by 1e-100 as unscaled, and a
+    subnormal ``|c|^2`` (nothing left to read) takes the per-direction weight, finite."""
+    Q, L, H = _design()
+    g = torch.Generator().manual_seed(1)
+    R, n, d = 12, 40, H.shape[0]
+    C = torch.randn(R, d, generator=g, dtype=torch.float64)
+    V = C.T @ C / R
+    Hinv = torch.linalg.inv(H)
+    beta = {}
+    for scale in (1.0, 1e-100, 1e-160):
+        Cs = C.clone()
+        Cs[0] *= scale
+        _, Vs, _, beta[scale] = E._leverage(Cs, V, Hinv, Q[:R], L[:R], n, True, {})
+        assert torch.isfinite(Vs).all() and torch.isfinite(beta[scale]).all(), scale
+    # exact in real arithmetic; the ratio of two sums of R products: round-off of a few 1e-16
+    torch.testing.assert_close(beta[1e-100], beta[1.0], rtol=1e-12, atol=0.0)
+
+
+def test_one_direction_records_with_a_stored_subset_are_bitwise_the_scalar_sum() -> None:
+    """With ``R < n`` stored and every record of one loss direction, ``V_bar`` is the scalar form's
+    ``(1 + a_bar) V + kappa (C a - a_bar C)' C`` as summed before the matrix form (the matrix records' terms
+    summed apart, none here): bitwise, as docs/benchmarks.md "hc59" says one direction's figures do not move
+    (the sum regrouped read 8e-17 of V off it: docs/benchmarks.md "rv59b")."""
+    g = torch.Generator().manual_seed(5)
+    R, n, d = 50, 400, 30
+    C = torch.randn(R, d, generator=g, dtype=torch.float64)
+    J = torch.randn(R, 1, d, generator=g, dtype=torch.float64)
+    L = torch.rand(R, 1, 1, generator=g, dtype=torch.float64) + 0.1
+    Hinv = torch.linalg.inv(torch.einsum("ikd,ikl,ile->de", J, L, J) / R + torch.eye(d, dtype=torch.float64))
+    V = C.T @ C / R
+    _, got, hp, beta = E._leverage(C, V, Hinv, J, L, n, True, {})
+    a = hp / (1 - hp)
+    abar, kappa = float(a.mean()), (n - 1) / (n * (R - 1))
+    Ca = C * a.unsqueeze(-1)
+    want = V * (1.0 + abar) + kappa * ((Ca - abar * C).T @ C)
+    assert torch.equal(got, 0.5 * (want + want.T))
+    assert torch.equal(beta, (n - R) / (n * (R - 1)) * (a - abar))

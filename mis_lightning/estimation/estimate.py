@@ -4153,14 +4153,18 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
     # a_eff: D_i's part along c_i (c' D c / |c|^4): the rank-one weight of the stored-subset forms below
     a_eff = a.clone()
     if m is not None:
+        # (c' c^ / c'c)^2 - 1, the ratio taken before squaring: |c|^4 underflows where |c| < 1e-77 (a record fitted
+        # to a float64 logit gap of ~180), and 0 / 0 made every figure NaN (docs/benchmarks.md "rv59b"); a
+        # subnormal c'c (no precision left) keeps the per-direction weight
         cc = (Cm * Cm).sum(-1)
-        a_eff[m] = torch.where(cc > 0, (Cm * Ch).sum(-1) ** 2 / cc.clamp_min(1e-300) ** 2 - 1.0, a[m])
+        ok = cc >= torch.finfo(cc.dtype).tiny
+        a_eff[m] = torch.where(ok, ((Cm * Ch).sum(-1) / torch.where(ok, cc, torch.ones_like(cc))) ** 2 - 1.0, a[m])
         a = torch.where(m, torch.zeros_like(a), a)
 
-    # the stored records' own terms summed: a_j c_j c_j' (scalar records), D_j (matrix records)
-    own = (C * a.unsqueeze(-1)).T @ C
-    if m is not None:
-        own = own + Ch.T @ Ch - Cm.T @ Cm
+    # the stored records' own terms: a_j c_j c_j' (scalar records, summed below as before the matrix form: with
+    # none, the figures are bitwise those of the scalar form, also with R < n stored), D_j (matrix records) summed
+    Ca = C * a.unsqueeze(-1)
+    mine = None if m is None else Ch.T @ Ch - Cm.T @ Cm
 
     # HC2 adds (1/n) sum_j a_j c_j c_j' over all n records. With R < n stored, a mean over the
     # stored ones put each stored record's own c c' in at a_i / R and scored that record through
@@ -4174,13 +4178,14 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
     # part along c_j (a_eff), the shape's remainder O(1 / R) of the record's own form.
     R = C.shape[0]
     if R >= n:  # every record stored: the HC2 sum itself
-        V = V + own / n
+        V = V + (Ca.T @ C if mine is None else Ca.T @ C + mine) / n
         return C_loo, 0.5 * (V + V.T), hp, None
     abar = float(a_eff.mean())
     if R == 1:  # no other stored record: the others at this record's a (its own term cancels)
         return C_loo, V * (1.0 + abar), hp, None
     kappa = (n - 1) / (n * (R - 1))
-    V = V * (1.0 + abar) + kappa * (own - abar * (C.T @ C))
+    own = (Ca - abar * C).T @ C
+    V = V * (1.0 + abar) + kappa * (own if mine is None else own + mine)
     beta = (n - R) / (n * (R - 1)) * (a_eff - abar)
     return C_loo, 0.5 * (V + V.T), hp, beta
 
@@ -4220,9 +4225,11 @@ def _hc2_matrix(L: Tensor, M: Tensor, u: Tensor, J: Tensor, C: Tensor,
     small = b.abs() < 1e-6
     g = torch.where(small, 0.5 + 0.375 * b, ((1.0 - b).rsqrt() - 1.0) / torch.where(small, torch.ones_like(b), b))
     G = (W * g.unsqueeze(-2)) @ W.transpose(1, 2)
-    v = torch.einsum("rkl,rl->rk", Lh @ G @ Lh, u[m])  # L^1/2 g(B) L^1/2 u
-    Cm = C[m]
-    return Cm, Cm + torch.einsum("rkd,rk->rd", J[m], v), m
+    v = torch.zeros_like(u)
+    v[m] = torch.einsum("rkl,rl->rk", Lh @ G @ Lh, u[m])  # L^1/2 g(B) L^1/2 u (0 on the records not selected)
+    # J whole, not J[m]: indexing copied it (peak rise +553 MiB, was +652, per direction +379, medians of 3 at
+    # K = 100, R = 256, d = 1000, J 195 MiB: docs/benchmarks.md "rv59b")
+    return C[m], (C + torch.einsum("rkd,rk->rd", J, v))[m], m
 
 
 def _top_leverage(L: Tensor, M: Tensor, h: Tensor) -> Tensor:
