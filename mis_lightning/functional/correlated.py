@@ -1489,12 +1489,12 @@ class RecordCorrelation:
         # last bit whatever order they arrive in (processes, batch sizes); the solve's
         # conditioning (shrinkage 1e-6) amplified a permutation's rounding to 3e-8
         W = W[_value_order(W)]
-        evals, directions = _second_moment_eigh(W)
+        evals, evecs = torch.linalg.eigh(W @ W.T / m)  # [m, m]: the nonzero spectrum of W'W / m
         keep = evals > RCOND * max(float(evals[-1]), 1e-300)
         r = int(keep.sum())
         if r >= m or (d >= m and r > IN_SAMPLE_MAX_RANK_SHARE * m):
             return None
-        L = directions(keep) * evals[keep].sqrt()  # [d, r], L L' = W'W / m
+        L = W.T @ (evecs[:, keep] / math.sqrt(m))  # [d, r], L L' = W'W / m
         loo = loo and r <= IN_SAMPLE_LOO_MAX_RANK_SHARE * m  # where it was checked (the constant's comment)
         # each record scored with its own row taken out, the inverse's bias removed (docstring;
         # Correlation.self_mean); the rows in the callers' order, as the scored influences
@@ -1575,36 +1575,23 @@ def _value_order(W: Tensor) -> Tensor:
     return torch.argsort(W @ probe)
 
 
-def _second_moment_eigh(W: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """The eigenvalues ``[min(m, d)]`` or ``[m]`` (ascending) of ``W'W / m`` for ``W [m, d]``, and a map from a
-    boolean mask over them to the masked eigenvalues' unit eigenvectors ``[d, k]``: from the smaller of
-    ``W'W / m [d, d]`` and the Gram ``W W' / m [m, m]`` (the same nonzero spectrum; the Gram's other
-    ``m - d`` eigenvalues are 0 up to rounding, and a mask must leave them out: its eigenvectors are
-    mapped through ``W' U / sqrt(m lam)``). The Gram alone cost an eigh of ``[m, m]`` per call: 0.45 ->
-    0.015 CPU s for a factor model of 500 records of 9 weights, 27 -> 0.17 s for 2,048 of 100
-    (docs/benchmarks.md, "st59b")."""
-    m, d = W.shape
-    if d < m:
-        evals, V = torch.linalg.eigh(W.T @ W / m)
-        return evals, lambda keep: V[:, keep]
-    evals, U = torch.linalg.eigh(W @ W.T / m)
-    return evals, lambda keep: W.T @ U[:, keep] / (math.sqrt(m) * evals[keep].clamp_min(0.0).sqrt().clamp_min(1e-300))
-
-
 def _factor_fit(Ws: Tensor, rank: int, inflate: bool) -> tuple[Tensor, Tensor]:
     """Loadings ``L [d, k]`` and residual variances ``[d]`` of the factor model of the records
     ``Ws [m, d]`` (second moments; see :meth:`Correlation.from_influences`): the top ``rank``
     principal directions (above the Marchenko-Pastur edge when ``4 d > m``) at their excess
     over the left-out directions' mean eigenvalue, times ``m / (m - k - 1)`` with ``inflate``."""
     m, d = Ws.shape
-    evals, directions = _second_moment_eigh(Ws)
-    floor = RCOND * max(float(evals[-1]), 1e-300)             # > 0: the Gram's null eigenvalues fall below it
+    gram = Ws @ Ws.T / m                                      # [m, m], same nonzero spectrum
+    evals, evecs = torch.linalg.eigh(gram)
+    k = min(rank, m)
+    lam, U = evals[-k:].clamp_min(0.0), evecs[:, -k:]
+    floor = RCOND * max(float(evals[-1]), 1e-300)
     if 4 * d > m:
         floor = max(floor, (1.0 + math.sqrt(d / m)) ** 2)
-    keep = evals > floor
-    keep[: max(evals.numel() - rank, 0)] = False              # the top ``rank`` at most
-    lam, V = evals[keep], directions(keep)                    # V: unit eigenvectors of Ws'Ws/m
+    keep = lam > floor
+    lam, U = lam[keep], U[:, keep]
     kept = int(lam.numel())
+    V = Ws.T @ U / (math.sqrt(m) * lam.sqrt().clamp_min(1e-300))  # unit eigenvectors of Ws'Ws/m
     diag = Ws.square().mean(0)
     sig2 = max((float(diag.sum()) - float(lam.sum())) / (d - kept), 0.0) if kept < d else 0.0
     excess = (lam - sig2).clamp_min(0.0)
