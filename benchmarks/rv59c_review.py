@@ -134,7 +134,7 @@ def mlr_mode(a) -> None:
         schemes = ["fp16", "rtn_int8"]
         cfg = EstimationConfig(mode="exact", weight_decay=a.wd, num_records=n)
 
-        def run():
+        def run(model=model, loader=loader, cfg=cfg, schemes=schemes):
             rep = ml.assess(model, schemes, loader, lambda o, t: nn.functional.cross_entropy(o, t, reduction="none"),
                             strict=False, estimation_config=cfg)
             return _rows(rep, schemes), rep
