@@ -218,7 +218,7 @@ def correction_allowance(first: Tensor, corrected: Tensor, h: Tensor, mean_lever
         first: ``[R]`` the corrected first-order leakage (saturated, :func:`saturate`).
         corrected: ``[R]`` the same with the spread term (:func:`with_spread`).
         h: ``[R]`` the per-direction leverages the spread term took.
-        mean_leverage: ``h_bar``, the records' mean leverage (capped at 1 here).
+        mean_leverage: ``h_bar``, the records' mean leverage (capped at 1 here; NaN: 1).
 
     Returns:
         The allowance in leakage units (``>= 0``; 0 where ``h_bar <= 0``).
@@ -227,12 +227,18 @@ def correction_allowance(first: Tensor, corrected: Tensor, h: Tensor, mean_lever
         ValueError: ``first`` is not one-dimensional.
     """
     check_shape("first", first, 1, "[R]")
-    rho = min(max(float(mean_leverage), 0.0), 1.0)
+    # a mean leverage that could not be read (NaN) takes the cap: the widest allowance, not none
+    rho = 1.0 if math.isnan(float(mean_leverage)) else min(max(float(mean_leverage), 0.0), 1.0)
     if rho == 0.0 or first.numel() == 0:
         return 0.0
     t = unsaturate(first.to(torch.float64))
-    uncorrected = saturate(t * (1.0 - h.to(torch.float64).clamp(max=1.0)).sqrt())
-    size = (corrected.to(torch.float64) - torch.where(torch.isfinite(t), uncorrected, corrected.to(torch.float64))).mean()
+    h = h.to(torch.float64)
+    uncorrected = saturate(t * (1.0 - h.clamp(max=1.0)).sqrt())
+    # a saturated record (t infinite) or one without a finite leverage (no spread term there either: with_spread)
+    # adds nothing; a NaN leverage made the mean, so the allowance, NaN, and widen_interval then left the interval
+    # as it was (docs/benchmarks.md "rv59c")
+    read = torch.isfinite(t) & torch.isfinite(h)
+    size = (corrected.to(torch.float64) - torch.where(read, uncorrected, corrected.to(torch.float64))).mean()
     return rho * abs(float(size))
 
 
