@@ -502,8 +502,11 @@ D_OVER_N_INTERVAL = (
     "d_eff / n), which widens them as d nears n. Against exact references they then held the truth "
     "in 40 of 40 draws of the records at every d / n from 0.05 to 0.95 (a Gaussian mean, 64 and 128 "
     "records; 0 of 40 at 0.9 without the remainder) and in 33-40 of 40 trainings at 0.1-0.75 (least squares, "
-    "whose figure read up to 21% high); with leverage_correction=False they carry no such term and were not "
-    "checked there.")
+    "whose figure read up to 21% high): references of one loss direction per record. With several (a softmax "
+    "classifier) the remainder is read short: multinomial logistic models read 5-16% above their exact-refit "
+    "reference, and the widened interval missed it at d / n 0.5 and 0.9 (one dataset each; docs/benchmarks.md "
+    "\"hc59\", \"rv59c\"). With "
+    "leverage_correction=False they carry no such term and were not checked there.")
 
 
 def _baseline_d_eff_words(d: int, still: int) -> str:
