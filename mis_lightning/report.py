@@ -1223,8 +1223,11 @@ def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
                 "on these figures")
         low, high = (f(float(r["leakage"]) for r in ranked) for f in (min, max))
         if len(ranked) > 1 and high > 0 and (high - low) / high <= gap:
+            # an accuracy at chance is said here too: the model's own utility, whatever the leakage
             return (f"verdict: none: every figure is indicative only (*) and they differ by at most "
-                    f"{100 * (high - low) / high:.0f}%, within the bias shown: {said}; no scheme is ranked (see warnings)")
+                    f"{100 * (high - low) / high:.0f}%, within the bias shown: {said}; no scheme is ranked (see warnings)"
+                    + utility_noise_note(ranked, utility_key, utility_tolerance, modes, records, classes, extra,
+                                         errors, band=False))
         return (text + f"; indicative only (*): {every}, and {said}: differences between schemes under "
                 f"{100 * gap:.0f}% are not a ranking")
     if marked:
@@ -1286,7 +1289,7 @@ CHANCE_SE = 2.0
 def utility_noise_note(ranked: list[dict[str, Any]], utility_key: str | None, utility_tolerance: float,
                        modes: Mapping[str, str] | None = None, records: int | None = None,
                        classes: Mapping[str, int] | None = None, extra: int = 0,
-                       errors: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+                       errors: Mapping[str, Mapping[str, Any]] | None = None, band: bool = True) -> str:
     """The verdict's clause on the validation set's sampling noise: ``""`` unless the
     utility is a top-1 accuracy (:data:`ACCURACY_NAMES`, larger is better, values in [0, 1]) and
     ``records`` (m, the validation records) is known. Its standard error se at the best scheme's
@@ -1300,7 +1303,8 @@ def utility_noise_note(ranked: list[dict[str, Any]], utility_key: str | None, ut
     se0 (guessing's own error at c = 1/K: ``errors[name]["chance_se"]``, else sqrt(c (1 - c) / m)):
     the model's accuracy is at chance (below it under 1/K - CHANCE_SE se0). se is each accuracy's
     own error; the difference of two schemes on the same records is paired and can be resolved
-    more finely. Nothing chosen changes. ``ranked``: the verdict's ranked rows (:func:`_ranked_rows`)."""
+    more finely. Nothing chosen changes. ``ranked``: the verdict's ranked rows (:func:`_ranked_rows`).
+    ``band=False``: (b) alone (a verdict that chooses no scheme has no band's choice to qualify)."""
     if not records or records <= 0:
         return ""
     uk = pick_utility_key(ranked, utility_key, modes)
@@ -1332,7 +1336,7 @@ def utility_noise_note(ranked: list[dict[str, Any]], utility_key: str | None, ut
 
     def fmt(v: float, digits: int = extra) -> str:  # accuracies as the verdict prints them
         return _fmt(float(v), digits)
-    if gaps and min(gaps) < se:
+    if band and gaps and min(gaps) < se:
         out += (f"; the utility band's choice rests on {metric} gaps below its standard error (down to "
                 f"{fmt(min(gaps), 0)} from the band's edge; se {fmt(se, 0)} on {records:,} validation records, "
                 f"{formula}; a paired difference on the same records can be finer)")

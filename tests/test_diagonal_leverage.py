@@ -191,7 +191,8 @@ def test_the_report_says_what_the_diagonal_correction_did():
                                   "record"), line[0]
         assert 'docs/validation.md, "the diagonal estimator\'s leverage correction"' in line[0] and "-16%" not in line[0]
         (dn,) = [w for w in rep.warnings if w.startswith("d / n = 0.16 is not small")]
-        assert "leverage" not in dn and dn.endswith(
+        # the leverage note is not in it (the interval's lines name the option leverage_correction=False)
+        assert "mean leverage" not in dn and "finite-sample (leverage) correction:" not in dn and dn.endswith(
             "To act: assess fewer weights (e.g. a head over a frozen encoder) or use more records"), dn
     assert on.estimation["leverage_correction"] and not off.estimation["leverage_correction"]
     assert on.baseline_leakage > off.baseline_leakage * 1.05
